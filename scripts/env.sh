@@ -1,0 +1,10 @@
+# Sourced by the other scripts: where the Python environment with libtorch lives,
+# and the variables tch's build needs. Kept outside the clone (a versioned folder
+# under ~/.cache) so that fresh clones and CI reuse the 4.7 GB install.
+PEFT_RS_TORCH_VERSION=2.11.0
+PEFT_RS_CACHE="${PEFT_RS_CACHE:-$HOME/.cache/peft-rs}"
+PEFT_RS_VENV="${PEFT_RS_VENV:-$PEFT_RS_CACHE/torch-$PEFT_RS_TORCH_VERSION}"
+export VIRTUAL_ENV="$PEFT_RS_VENV"
+export PATH="$PEFT_RS_VENV/bin:$PATH"
+export LIBTORCH_USE_PYTORCH=1
+export PYTHON="$PEFT_RS_VENV/bin/python"

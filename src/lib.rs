@@ -1,0 +1,16 @@
+//! peft-rs: train, load, save and merge LoRA/PEFT adapters for causal
+//! language models on libtorch.
+//!
+//! The crate owns models, data, training and the command line; adapter
+//! methods live in [`peft_adapters`] and regularizers in [`peft_regularizers`].
+
+pub mod cli;
+pub mod device;
+pub mod generate;
+pub mod models;
+pub mod nn;
+pub mod tokenizer;
+pub mod weights;
+
+pub use peft_adapters as adapters;
+pub use peft_regularizers as regularizers;

@@ -1,0 +1,122 @@
+//! Reading `config.json` with errors that name the file and the field.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// A parsed `config.json` with field accessors that report the file and field.
+pub struct RawConfig {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The JSON object.
+    pub json: serde_json::Map<String, Value>,
+}
+
+impl RawConfig {
+    /// Reads `DIR/config.json`.
+    pub fn read(model_dir: &Path) -> Result<Self> {
+        let path = model_dir.join("config.json");
+        if !model_dir.is_dir() {
+            bail!(
+                "{}: model directory not found (pass a Hugging Face model directory with --model)",
+                model_dir.display()
+            );
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{}: cannot read (a Hugging Face model directory has a config.json)",
+                path.display()
+            )
+        })?;
+        let json: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let Value::Object(json) = json else {
+            bail!("{}: expected a JSON object", path.display());
+        };
+        Ok(Self { path, json })
+    }
+
+    /// `model_type`, e.g. `llama`.
+    pub fn model_type(&self) -> Result<&str> {
+        self.json
+            .get("model_type")
+            .and_then(Value::as_str)
+            .with_context(|| format!("{}: field `model_type` missing", self.path.display()))
+    }
+
+    /// A required positive integer.
+    pub fn usize(&self, field: &str) -> Result<usize> {
+        self.opt_usize(field)?
+            .with_context(|| format!("{}: field `{field}` missing", self.path.display()))
+    }
+
+    /// An optional non-negative integer (absent or null gives `None`).
+    pub fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
+        match self.json.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).with_context(|| {
+                format!(
+                    "{}: field `{field}` must be a non-negative integer, found {v}",
+                    self.path.display()
+                )
+            }),
+        }
+    }
+
+    /// An optional number.
+    pub fn opt_f64(&self, field: &str) -> Result<Option<f64>> {
+        match self.json.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).with_context(|| {
+                format!(
+                    "{}: field `{field}` must be a number, found {v}",
+                    self.path.display()
+                )
+            }),
+        }
+    }
+
+    /// An optional boolean.
+    pub fn opt_bool(&self, field: &str) -> Result<Option<bool>> {
+        match self.json.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_bool().map(Some).with_context(|| {
+                format!(
+                    "{}: field `{field}` must be true or false, found {v}",
+                    self.path.display()
+                )
+            }),
+        }
+    }
+
+    /// An optional string.
+    pub fn opt_str(&self, field: &str) -> Result<Option<&str>> {
+        match self.json.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_str().map(Some).with_context(|| {
+                format!(
+                    "{}: field `{field}` must be a string, found {v}",
+                    self.path.display()
+                )
+            }),
+        }
+    }
+
+    /// Fails with a message naming the field when `ok` is false.
+    pub fn ensure(&self, ok: bool, field: &str, why: &str) -> Result<()> {
+        if !ok {
+            bail!("{}: field `{field}`: {why}", self.path.display());
+        }
+        Ok(())
+    }
+
+    /// The token ids listed in `field` (an integer or a list of integers).
+    pub fn token_ids(&self, field: &str) -> Vec<i64> {
+        match self.json.get(field) {
+            Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+            _ => vec![],
+        }
+    }
+}

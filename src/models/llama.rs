@@ -1,0 +1,578 @@
+//! The Llama decoder, as transformers' `modeling_llama.py` computes it.
+//!
+//! Struct and field names mirror the Hugging Face module paths
+//! (`model.layers.N.self_attn.q_proj`, `model.norm`, `lm_head`), so loading is
+//! a walk over names and the file reads next to transformers' code. Mistral
+//! (sliding-window attention) and Qwen2 (q/k/v bias) are this decoder with a
+//! different configuration; see `mistral.rs` and `qwen2.rs`.
+
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::config::RawConfig;
+use super::loader::Weights;
+use crate::nn::{Linear, ModuleHooks, RmsNorm};
+
+/// How rotary frequencies are derived from `rope_theta`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// `inv_freq = 1 / theta^(2i/d)`.
+    Default,
+    /// Positions divided by `factor`.
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        /// Overall scaling factor.
+        factor: f64,
+        /// Wavelengths above `original / low_freq_factor` are scaled fully.
+        low_freq_factor: f64,
+        /// Wavelengths below `original / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The context length the model was trained with.
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Everything the decoder needs from `config.json`.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    /// `model_type` as read.
+    pub model_type: String,
+    /// Rows of `embed_tokens`.
+    pub vocab_size: usize,
+    /// `d`, the width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than query heads).
+    pub num_key_value_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// RMS norm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE scaling.
+    pub rope_scaling: RopeScaling,
+    /// Whether `lm_head` shares `embed_tokens`' weight.
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    /// Bias on gate/up/down projections.
+    pub mlp_bias: bool,
+    /// Sliding attention window per layer (`None`: full causal attention).
+    pub sliding_window: Vec<Option<usize>>,
+    /// Token ids that end generation.
+    pub eos_token_ids: Vec<i64>,
+    /// The dtype the checkpoint was saved in (`dtype`/`torch_dtype`), if stated.
+    pub saved_dtype: Option<String>,
+}
+
+impl LlamaConfig {
+    /// Reads the fields every Llama-family config shares.
+    pub fn from_raw(raw: &RawConfig) -> Result<Self> {
+        let hidden_size = raw.usize("hidden_size")?;
+        let num_attention_heads = raw.usize("num_attention_heads")?;
+        raw.ensure(
+            num_attention_heads > 0,
+            "num_attention_heads",
+            "must be positive",
+        )?;
+        let num_key_value_heads = raw
+            .opt_usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
+        raw.ensure(
+            num_key_value_heads > 0 && num_attention_heads % num_key_value_heads == 0,
+            "num_key_value_heads",
+            "must divide num_attention_heads",
+        )?;
+        let head_dim = raw
+            .opt_usize("head_dim")?
+            .unwrap_or(hidden_size / num_attention_heads);
+        raw.ensure(
+            head_dim % 2 == 0 && head_dim > 0,
+            "head_dim",
+            "must be even and positive",
+        )?;
+        if let Some(act) = raw.opt_str("hidden_act")? {
+            raw.ensure(act == "silu", "hidden_act", "only `silu` is supported")?;
+        }
+        let (rope_theta, rope_scaling) = rope(raw)?;
+        let attention_bias = raw.opt_bool("attention_bias")?.unwrap_or(false);
+        let num_hidden_layers = raw.usize("num_hidden_layers")?;
+        Ok(Self {
+            model_type: raw.model_type()?.to_owned(),
+            vocab_size: raw.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: raw.usize("intermediate_size")?,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: raw.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: raw.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias: attention_bias,
+            o_bias: attention_bias,
+            mlp_bias: raw.opt_bool("mlp_bias")?.unwrap_or(false),
+            sliding_window: vec![None; num_hidden_layers],
+            eos_token_ids: raw.token_ids("eos_token_id"),
+            saved_dtype: raw
+                .opt_str("dtype")?
+                .or(raw.opt_str("torch_dtype")?)
+                .map(str::to_owned),
+        })
+    }
+}
+
+/// RoPE settings from `rope_parameters` (transformers 5) or
+/// `rope_theta` + `rope_scaling` (earlier versions).
+fn rope(raw: &RawConfig) -> Result<(f64, RopeScaling)> {
+    let params = raw
+        .json
+        .get("rope_parameters")
+        .filter(|v| !v.is_null())
+        .or_else(|| raw.json.get("rope_scaling").filter(|v| !v.is_null()));
+    let field = if raw.json.contains_key("rope_parameters") {
+        "rope_parameters"
+    } else {
+        "rope_scaling"
+    };
+    let get = |k: &str| params.and_then(|p| p.get(k)).and_then(|v| v.as_f64());
+    let theta = get("rope_theta")
+        .or(raw.opt_f64("rope_theta")?)
+        .unwrap_or(10000.0);
+    let rope_type = params
+        .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let need = |k: &str| {
+        get(k).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: field `{field}.{k}` missing for rope_type {rope_type}",
+                raw.path.display()
+            )
+        })
+    };
+    let scaling = match rope_type {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear {
+            factor: need("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: need("factor")?,
+            low_freq_factor: need("low_freq_factor")?,
+            high_freq_factor: need("high_freq_factor")?,
+            original_max_position_embeddings: need("original_max_position_embeddings")?,
+        },
+        other => bail!(
+            "{}: field `{field}.rope_type` is `{other}`; supported: default, linear, llama3",
+            raw.path.display()
+        ),
+    };
+    Ok((theta, scaling))
+}
+
+/// Precomputed rotary frequencies.
+pub struct RotaryEmbedding {
+    inv_freq: Tensor,
+}
+
+impl RotaryEmbedding {
+    fn new(cfg: &LlamaConfig, device: Device) -> Self {
+        // Computed with the same fp32 tensor operations as transformers'
+        // `_compute_default_rope_parameters` / `_compute_llama3_parameters`,
+        // so that frequencies agree to the last bit.
+        let d = cfg.head_dim as i64;
+        let exponent = Tensor::arange_start_step(0, d, 2, (Kind::Int64, Device::Cpu))
+            .to_kind(Kind::Float)
+            / d as f64;
+        let inv_freq = Tensor::pow_scalar(cfg.rope_theta, &exponent).reciprocal();
+        let inv_freq = match cfg.rope_scaling {
+            RopeScaling::Default => inv_freq,
+            RopeScaling::Linear { factor } => inv_freq / factor,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                let wavelen = 2.0 * std::f64::consts::PI / &inv_freq;
+                let scaled = (&inv_freq / factor).where_self(&wavelen.gt(low_wavelen), &inv_freq);
+                let smooth =
+                    (old / &wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smoothed: Tensor = (1.0 - &smooth) * &scaled / factor + &smooth * &scaled;
+                let medium = wavelen
+                    .lt(high_wavelen)
+                    .logical_not()
+                    .logical_and(&wavelen.gt(low_wavelen).logical_not());
+                smoothed.where_self(&medium, &scaled)
+            }
+        };
+        Self {
+            inv_freq: inv_freq.to_device(device),
+        }
+    }
+
+    /// `cos` and `sin` for positions `offset..offset+len`, `[1, 1, len, head_dim]`.
+    fn cos_sin(&self, offset: i64, len: i64, kind: Kind) -> (Tensor, Tensor) {
+        let device = self.inv_freq.device();
+        let pos = Tensor::arange_start(offset, offset + len, (Kind::Float, device));
+        let freqs = pos.unsqueeze(1) * self.inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(0).unsqueeze(0);
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size().last().copied().unwrap_or(0) / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[&x2.neg(), &x1], -1)
+}
+
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    x * cos + rotate_half(x) * sin
+}
+
+/// Keys and values of earlier positions, one entry per layer.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache for `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> i64 {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.size()[2],
+            _ => 0,
+        }
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `model.layers.N.self_attn`.
+pub struct Attention {
+    /// `q_proj`.
+    pub q_proj: Linear,
+    /// `k_proj`.
+    pub k_proj: Linear,
+    /// `v_proj`.
+    pub v_proj: Linear,
+    /// `o_proj`.
+    pub o_proj: Linear,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+    sliding_window: Option<i64>,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden states are [batch, seq, hidden]");
+        let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
+        let q = apply_rotary(&heads(self.q_proj.forward(x), self.num_heads), cos, sin);
+        let mut k = apply_rotary(&heads(self.k_proj.forward(x), self.num_kv_heads), cos, sin);
+        let mut v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let mut past = 0;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                past = pk.size()[2];
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        }
+        let mask = self.mask(t, past, x.device());
+        // With right padding, `is_causal` alone is exact for every real token:
+        // real tokens never see later pads, and pad positions are masked in the loss.
+        let is_causal = mask.is_none() && t > 1;
+        let gqa = self.num_kv_heads != self.num_heads;
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            mask.as_ref(),
+            0.0,
+            is_causal,
+            Some(1.0 / (self.head_dim as f64).sqrt()),
+            gqa,
+        );
+        let y = y
+            .transpose(1, 2)
+            .reshape([b, t, self.num_heads * self.head_dim]);
+        self.o_proj.forward(&y)
+    }
+
+    /// An explicit boolean mask, only where `is_causal` cannot express the
+    /// pattern: a sliding window that bites, or queries after cached keys.
+    fn mask(&self, t: i64, past: i64, device: Device) -> Option<Tensor> {
+        let total = past + t;
+        let window_bites = self.sliding_window.is_some_and(|w| total > w);
+        if !window_bites && (past == 0 || t == 1) {
+            return None;
+        }
+        let q = Tensor::arange_start(past, total, (Kind::Int64, device)).unsqueeze(1);
+        let k = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+        let mut allowed = k.le_tensor(&q);
+        if let Some(w) = self.sliding_window {
+            allowed = allowed.logical_and(&(&q - &k).lt(w));
+        }
+        Some(allowed)
+    }
+}
+
+/// `model.layers.N.mlp`.
+pub struct Mlp {
+    /// `gate_proj`.
+    pub gate_proj: Linear,
+    /// `up_proj`.
+    pub up_proj: Linear,
+    /// `down_proj`.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj
+            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+}
+
+/// `model.layers.N`.
+pub struct DecoderLayer {
+    /// `self_attn`.
+    pub self_attn: Attention,
+    /// `mlp`.
+    pub mlp: Mlp,
+    /// `input_layernorm`.
+    pub input_layernorm: RmsNorm,
+    /// `post_attention_layernorm`.
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// One pre-norm residual block.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
+        let h = x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), cos, sin, cache);
+        let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
+        h + out
+    }
+}
+
+/// `model`: embeddings, decoder layers and the final norm.
+pub struct LlamaModel {
+    /// `embed_tokens.weight`, `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    /// `layers`.
+    pub layers: Vec<DecoderLayer>,
+    /// `norm`.
+    pub norm: RmsNorm,
+    /// Rotary frequencies (not a weight).
+    pub rotary_emb: RotaryEmbedding,
+}
+
+/// A Llama-family causal language model: `model` plus `lm_head`.
+pub struct LlamaForCausalLM {
+    /// The configuration it was built from.
+    pub config: LlamaConfig,
+    /// `model`.
+    pub model: LlamaModel,
+    /// `lm_head`; shares `model.embed_tokens` when embeddings are tied.
+    pub lm_head: Linear,
+    kind: Kind,
+    device: Device,
+}
+
+impl LlamaForCausalLM {
+    /// Builds the model from checkpoint tensors, checking every shape against the config.
+    pub fn load(config: LlamaConfig, w: &Weights) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size as i64, c.head_dim as i64);
+        let (nh, nkv) = (c.num_attention_heads as i64, c.num_key_value_heads as i64);
+        let inter = c.intermediate_size as i64;
+        let m = w.pp("model");
+        let embed_tokens = m.get("embed_tokens.weight", &[c.vocab_size as i64, h])?;
+        let norm = |w: &Weights, name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: w.get(&format!("{name}.weight"), &[h])?,
+                eps: c.rms_norm_eps,
+            })
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for (i, window) in c.sliding_window.iter().enumerate() {
+            let l = m.pp(&format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let mm = l.pp("mlp");
+            layers.push(DecoderLayer {
+                self_attn: Attention {
+                    q_proj: a.linear("q_proj", h, nh * hd, c.qkv_bias)?,
+                    k_proj: a.linear("k_proj", h, nkv * hd, c.qkv_bias)?,
+                    v_proj: a.linear("v_proj", h, nkv * hd, c.qkv_bias)?,
+                    o_proj: a.linear("o_proj", nh * hd, h, c.o_bias)?,
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: hd,
+                    sliding_window: window.map(|w| w as i64),
+                },
+                mlp: Mlp {
+                    gate_proj: mm.linear("gate_proj", h, inter, c.mlp_bias)?,
+                    up_proj: mm.linear("up_proj", h, inter, c.mlp_bias)?,
+                    down_proj: mm.linear("down_proj", inter, h, c.mlp_bias)?,
+                },
+                input_layernorm: norm(&l, "input_layernorm")?,
+                post_attention_layernorm: norm(&l, "post_attention_layernorm")?,
+            });
+        }
+        let lm_head = if c.tie_word_embeddings {
+            Linear::new(embed_tokens.shallow_clone(), None)
+        } else {
+            w.linear("lm_head", h, c.vocab_size as i64, false)?
+        };
+        let model = LlamaModel {
+            embed_tokens,
+            layers,
+            norm: norm(&m, "norm")?,
+            rotary_emb: RotaryEmbedding::new(c, w.device()),
+        };
+        Ok(Self {
+            kind: w.kind(),
+            device: w.device(),
+            config,
+            model,
+            lm_head,
+        })
+    }
+
+    /// The dtype of the frozen weights.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Where the weights live.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// `model.embed_tokens(input_ids)`: `[batch, seq]` ids to `[batch, seq, hidden]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.model.embed_tokens, input_ids, -1, false, false)
+    }
+
+    /// Runs the decoder on token ids and returns the final hidden states
+    /// (after `model.norm`). `hooks` sees `model.embed_tokens` and each
+    /// `model.layers.N` output; `cache` makes this an incremental step.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        mut hooks: Option<&mut dyn ModuleHooks>,
+    ) -> Tensor {
+        let mut x = self.embed(input_ids);
+        if let Some(hk) = hooks.as_deref_mut() {
+            x = hk.after_module("model.embed_tokens", x);
+        }
+        let past = cache.as_deref().map_or(0, KvCache::len);
+        let t = x.size()[1];
+        let (cos, sin) = self.model.rotary_emb.cos_sin(past, t, x.kind());
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, &cos, &sin, slot);
+            if let Some(hk) = hooks.as_deref_mut() {
+                x = hk.after_module(&format!("model.layers.{i}"), x);
+            }
+        }
+        self.model.norm.forward(&x)
+    }
+
+    /// `lm_head(hidden)`: `[..., hidden]` to `[..., vocab]` logits.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        self.lm_head.forward(hidden)
+    }
+
+    /// Logits for every position of a right-padded batch `[batch, seq]`.
+    pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        self.logits(&self.forward_hidden(input_ids, None, None))
+    }
+
+    /// Every linear layer with its Hugging Face module path, in model order.
+    pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut l.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut l.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out.push(("lm_head".to_owned(), &mut self.lm_head));
+        out
+    }
+
+    /// Number of frozen parameters (tied weights counted once).
+    pub fn num_parameters(&self) -> i64 {
+        let c = &self.config;
+        let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
+        let mut n = v * h + h;
+        for l in &self.model.layers {
+            for lin in [
+                &l.self_attn.q_proj,
+                &l.self_attn.k_proj,
+                &l.self_attn.v_proj,
+                &l.self_attn.o_proj,
+                &l.mlp.gate_proj,
+                &l.mlp.up_proj,
+                &l.mlp.down_proj,
+            ] {
+                n += lin.weight.numel() as i64 + lin.bias.as_ref().map_or(0, |b| b.numel() as i64);
+            }
+            n += 2 * h;
+        }
+        if !c.tie_word_embeddings {
+            n += v * h;
+        }
+        n
+    }
+}

@@ -1,0 +1,24 @@
+//! Mistral: the Llama decoder with sliding-window attention
+//! (transformers' `modeling_mistral.py`).
+
+use anyhow::Result;
+
+use super::config::RawConfig;
+use super::llama::LlamaConfig;
+
+/// Reads a `model_type: mistral` config.
+pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {
+    let mut c = LlamaConfig::from_raw(raw)?;
+    // Mistral has no attention or MLP bias, whatever the file says.
+    c.qkv_bias = false;
+    c.o_bias = false;
+    c.mlp_bias = false;
+    let window = raw.opt_usize("sliding_window")?;
+    raw.ensure(
+        window != Some(0),
+        "sliding_window",
+        "must be positive or null",
+    )?;
+    c.sliding_window = vec![window; c.num_hidden_layers];
+    Ok(c)
+}

@@ -1,0 +1,118 @@
+//! Base models: reading a Hugging Face model directory into a frozen decoder.
+//!
+//! One file per architecture. Llama, Mistral and Qwen2 share the decoder in
+//! `llama.rs`; the other files say how their configuration differs.
+
+pub mod config;
+pub mod llama;
+pub mod loader;
+pub mod mistral;
+pub mod qwen2;
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use tch::{Device, Kind};
+
+pub use llama::{KvCache, LlamaConfig, LlamaForCausalLM};
+
+use crate::weights::WeightFiles;
+use config::RawConfig;
+use loader::Weights;
+
+/// The architectures peft-rs reads, by `model_type`.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
+
+/// Parses `DIR/config.json` for a supported architecture.
+pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
+    let raw = RawConfig::read(dir)?;
+    match raw.model_type()? {
+        "llama" => LlamaConfig::from_raw(&raw),
+        "mistral" => mistral::config(&raw),
+        "qwen2" => qwen2::config(&raw),
+        other => bail!(
+            "{}: field `model_type` is `{other}`, which peft-rs does not support (supported: {})",
+            raw.path.display(),
+            SUPPORTED_MODEL_TYPES.join(", ")
+        ),
+    }
+}
+
+/// Loads a Hugging Face model directory: `config.json` plus
+/// `model.safetensors` or sharded safetensors with their index.
+///
+/// Weights are converted to `kind` on `device` and never require grad.
+pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<LlamaForCausalLM> {
+    let config = read_config(dir)?;
+    let files = WeightFiles::from_model_dir(dir)?;
+    let used = RefCell::new(BTreeSet::new());
+    let model = LlamaForCausalLM::load(config, &Weights::new(&files, kind, device, &used))?;
+    let used = used.into_inner();
+    let ignorable = |n: &str| n == "lm_head.weight" || n.ends_with("rotary_emb.inv_freq");
+    let unused: Vec<&str> = files
+        .names()
+        .filter(|n| !used.contains(*n) && !ignorable(n))
+        .collect();
+    if !unused.is_empty() {
+        eprintln!(
+            "warning: {}: {} tensor(s) not used by the {} model, e.g. {}",
+            dir.display(),
+            unused.len(),
+            model.config.model_type,
+            unused[0]
+        );
+    }
+    Ok(model)
+}
+
+/// A base model with its tokenizer, ready for generation or training.
+pub struct Pretrained {
+    /// The model directory.
+    pub dir: std::path::PathBuf,
+    /// The frozen decoder.
+    pub model: LlamaForCausalLM,
+    /// Its tokenizer and chat template.
+    pub tokenizer: crate::tokenizer::Tokenizer,
+    /// Token ids that end generation: `generation_config.json`, else
+    /// `config.json`, else the tokenizer's `eos_token`.
+    pub eos_token_ids: Vec<i64>,
+}
+
+impl Pretrained {
+    /// Loads model and tokenizer and checks that they belong together.
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        let tokenizer = crate::tokenizer::Tokenizer::from_model_dir(dir)?;
+        let model = load(dir, kind, device)?;
+        tokenizer.check_fits(model.config.vocab_size, &dir.join("config.json"))?;
+        let mut eos = generation_eos(dir)?;
+        if eos.is_empty() {
+            eos = model.config.eos_token_ids.clone();
+        }
+        if eos.is_empty() {
+            eos.extend(tokenizer.eos_token_id().map(i64::from));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            model,
+            tokenizer,
+            eos_token_ids: eos,
+        })
+    }
+}
+
+fn generation_eos(dir: &Path) -> Result<Vec<i64>> {
+    let path = dir.join("generation_config.json");
+    if !path.exists() {
+        return Ok(vec![]);
+    }
+    let text = std::fs::read_to_string(&path)?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
+    Ok(match json.get("eos_token_id") {
+        Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
+        _ => vec![],
+    })
+}

@@ -1,0 +1,282 @@
+//! Reading safetensors checkpoints: one file or a sharded set with its index.
+//!
+//! Files are memory-mapped and each header is validated up front (a truncated
+//! file, a header whose offsets point past the end, or an index naming a
+//! missing shard is reported before any tensor is built). A tensor is then
+//! copied once, from the mapping into libtorch memory, in the dtype and on the
+//! device asked for; no second copy of the checkpoint is ever held.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorInfo};
+use safetensors::SafeTensors;
+use tch::{Device, Kind, Tensor};
+
+/// The file name of an unsharded Hugging Face checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The index file of a sharded Hugging Face checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+/// A set of memory-mapped safetensors files addressed by tensor name.
+pub struct WeightFiles {
+    shards: Vec<Shard>,
+    /// tensor name -> index into `shards`
+    location: BTreeMap<String, usize>,
+}
+
+impl WeightFiles {
+    /// Opens the checkpoint of a Hugging Face model directory:
+    /// `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join(INDEX_FILE);
+        let single = dir.join(SINGLE_FILE);
+        if index.exists() {
+            Self::from_index(&index)
+        } else if single.exists() {
+            Self::from_files(&[single])
+        } else {
+            let pickles: Vec<_> = ["pytorch_model.bin", "model.pt"]
+                .iter()
+                .filter(|f| dir.join(f).exists())
+                .collect();
+            if !pickles.is_empty() {
+                bail!(
+                    "{}: only a pickle checkpoint ({}) is there; pickles can run code when loaded, \
+                     so peft-rs reads safetensors only (convert with `model.save_pretrained(dir, safe_serialization=True)`)",
+                    dir.display(),
+                    pickles[0]
+                );
+            }
+            bail!(
+                "{}: no {SINGLE_FILE} or {INDEX_FILE} in this directory (is it a Hugging Face model directory?)",
+                dir.display()
+            );
+        }
+    }
+
+    /// Opens the shards named by a `model.safetensors.index.json`.
+    pub fn from_index(index: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(index)
+            .with_context(|| format!("{}: cannot read", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", index.display()))?;
+        let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+            bail!("{}: no `weight_map` object", index.display());
+        };
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<String> = map
+            .values()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<_>>()
+            .with_context(|| {
+                format!(
+                    "{}: `weight_map` values must be file names",
+                    index.display()
+                )
+            })?;
+        files.sort();
+        files.dedup();
+        for f in &files {
+            if !dir.join(f).exists() {
+                bail!(
+                    "{}: the index names shard {f}, which is not in {}",
+                    index.display(),
+                    dir.display()
+                );
+            }
+        }
+        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+        let set = Self::from_files(&paths)?;
+        for (name, file) in map {
+            let file = file.as_str().unwrap_or_default();
+            match set.location.get(name) {
+                Some(&i) if set.shards[i].path.ends_with(file) => {}
+                Some(&i) => bail!(
+                    "{}: tensor {name} is listed in {file} but found in {}",
+                    index.display(),
+                    set.shards[i].path.display()
+                ),
+                None => bail!(
+                    "{}: tensor {name} is listed in {file} but that file does not contain it",
+                    index.display()
+                ),
+            }
+        }
+        Ok(set)
+    }
+
+    /// Opens and validates a list of safetensors files.
+    pub fn from_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut shards = Vec::with_capacity(paths.len());
+        let mut location = BTreeMap::new();
+        for path in paths {
+            let shard = Shard::open(path)?;
+            let i = shards.len();
+            for name in shard.tensors.keys() {
+                if let Some(&j) = location.get(name) {
+                    let other: &Shard = &shards[j];
+                    bail!(
+                        "tensor {name} is in both {} and {}",
+                        other.path.display(),
+                        path.display()
+                    );
+                }
+                location.insert(name.clone(), i);
+            }
+            shards.push(shard);
+        }
+        Ok(Self { shards, location })
+    }
+
+    /// Names of all tensors, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.location.keys().map(String::as_str)
+    }
+
+    /// Whether a tensor of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    /// The files, in the order they were opened.
+    pub fn paths(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    /// The file holding a tensor.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.location
+            .get(name)
+            .map(|&i| self.shards[i].path.as_path())
+    }
+
+    /// Shape and dtype of a tensor as recorded in its file header.
+    pub fn info(&self, name: &str) -> Option<(&[usize], Dtype)> {
+        let &i = self.location.get(name)?;
+        let info = &self.shards[i].tensors[name];
+        Some((&info.shape, info.dtype))
+    }
+
+    /// Builds the tensor `name`, checking its shape, converted to `kind` on `device`.
+    pub fn load(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        let Some(&i) = self.location.get(name) else {
+            let files: Vec<String> = self
+                .shards
+                .iter()
+                .map(|s| s.path.display().to_string())
+                .collect();
+            bail!("tensor {name} is missing from {}", files.join(", "));
+        };
+        let shard = &self.shards[i];
+        let info = &shard.tensors[name];
+        let found: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        if found != shape {
+            bail!(
+                "{}: tensor {name} has shape {found:?}, but the model config implies {shape:?}",
+                shard.path.display()
+            );
+        }
+        let file_kind = kind_of(info.dtype).with_context(|| {
+            format!(
+                "{}: tensor {name} has dtype {:?}",
+                shard.path.display(),
+                info.dtype
+            )
+        })?;
+        let (start, end) = info.data_offsets;
+        let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
+        let t = Tensor::f_from_data_size(bytes, &found, file_kind)
+            .with_context(|| format!("{}: tensor {name}", shard.path.display()))?;
+        // On CUDA, move first and convert there: the host never holds a second copy.
+        Ok(t.to_device(device).to_kind(kind))
+    }
+}
+
+impl Shard {
+    fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        // SAFETY: the mapping is read-only and the file is not modified while we hold it;
+        // every slice taken from it is bounds-checked against the validated header.
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("{}: cannot map into memory", path.display()))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a valid safetensors file ({}); the file is truncated or its header is wrong — re-download or re-save it",
+                path.display(),
+                describe(&e)
+            )
+        })?;
+        let tensors = metadata
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + header_len,
+            tensors,
+        })
+    }
+}
+
+fn describe(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::MetadataIncompleteBuffer => {
+            "the data section is shorter or longer than the header says".into()
+        }
+        E::InvalidHeaderLength => "the header length is larger than the file".into(),
+        E::HeaderTooSmall => "the file is shorter than the 8-byte header length".into(),
+        E::InvalidOffset(name) => {
+            format!("tensor {name} has data offsets outside the data section")
+        }
+        E::TensorInvalidInfo => "a tensor's shape does not match its byte size".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The libtorch kind of a safetensors dtype (the float and integer dtypes checkpoints use).
+pub fn kind_of(dtype: Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        other => bail!("unsupported dtype {other:?}"),
+    })
+}
+
+/// The safetensors dtype of a libtorch kind.
+pub fn dtype_of(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        other => bail!("unsupported kind {other:?}"),
+    })
+}
