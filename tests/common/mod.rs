@@ -1,0 +1,116 @@
+//! Shared helpers for the integration tests: the Python reference
+//! environment, the cached reference fixtures, and running the binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python with torch, transformers and peft that `scripts/setup.sh` installs.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PEFT_RS_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    PathBuf::from(home).join(".cache/peft-rs/torch-2.11.0/bin/python")
+}
+
+/// The default model converted by `scripts/setup.sh`.
+pub fn default_model() -> PathBuf {
+    let d = repo().join("models/SmolLM2-135M-Instruct");
+    assert!(
+        d.join("config.json").exists(),
+        "{} is missing: run ./scripts/setup.sh first (./scripts/test.sh does)",
+        d.display()
+    );
+    d
+}
+
+fn hash_file(p: &Path) -> u64 {
+    // FNV-1a: enough to notice that a fixture script changed.
+    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// Runs a fixture script once per content hash and returns its output folder
+/// (cached under `target/test-fixtures`, written to a temporary folder and renamed).
+pub fn fixture(script: &str, args: &[&Path]) -> PathBuf {
+    let script = repo().join("tests/fixtures").join(script);
+    let key = format!(
+        "{}-{:016x}",
+        script.file_stem().unwrap().to_string_lossy(),
+        hash_file(&script)
+    );
+    let root = repo().join("target/test-fixtures");
+    let out = root.join(&key);
+    if out.join("COMPLETE").exists() {
+        return out;
+    }
+    std::fs::create_dir_all(&root).unwrap();
+    let tmp = root.join(format!("{key}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let status = Command::new(python())
+        .arg(&script)
+        .arg(&tmp)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python().display()));
+    assert!(status.success(), "{} failed", script.display());
+    if std::fs::rename(&tmp, &out).is_err() {
+        // Another test binary finished first; use its copy.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    assert!(out.join("COMPLETE").exists());
+    out
+}
+
+/// The transformers reference for the tiny models and the default model.
+pub fn reference() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| fixture("reference.py", &[&default_model()]))
+}
+
+/// The model directory of a reference model (`llama`, `mistral`, `qwen2`, `smollm2`).
+pub fn model_dir(name: &str) -> PathBuf {
+    if name == "smollm2" {
+        default_model()
+    } else {
+        reference().join("models").join(name)
+    }
+}
+
+/// Runs the `peft-rs` binary.
+pub fn peft_rs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_peft-rs"))
+        .args(args)
+        .output()
+        .expect("run peft-rs")
+}
+
+/// Asserts that a run failed as a user error should: non-zero exit, no panic,
+/// one line on stderr starting with `error:` and containing every `needle`.
+pub fn assert_user_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
+    for n in needles {
+        assert!(
+            errors[0].contains(n),
+            "error line lacks {n:?}: {}",
+            errors[0]
+        );
+    }
+}
