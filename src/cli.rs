@@ -9,7 +9,9 @@ use serde::Deserialize;
 
 use crate::device::{dtype_name, parse_device, parse_dtype, resolve_model_dir};
 use crate::generate::{generate, GenerationConfig};
+use crate::merge::{merge_to_dir, MergeOptions};
 use crate::models::Pretrained;
+use crate::peft_model;
 use crate::tokenizer::Message;
 
 /// Train, load, save and merge LoRA/PEFT adapters for causal language models.
@@ -24,8 +26,10 @@ pub struct Cli {
 enum Command {
     /// Print the libtorch build, the devices it sees and whether CUDA is usable.
     Env,
-    /// Generate text from a base model (greedy unless --temperature > 0).
+    /// Generate text from a base model, with or without adapters (greedy unless --temperature > 0).
     Generate(GenerateArgs),
+    /// Merge adapters into the base weights and write a Hugging Face model directory.
+    Merge(MergeArgs),
 }
 
 /// Where the model comes from and where it runs.
@@ -53,10 +57,24 @@ impl ModelArgs {
     }
 }
 
+/// Adapters to apply on top of the base model.
+#[derive(Args, Debug, Clone)]
+pub struct AdapterArgs {
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors);
+    /// repeat to combine several, with --weights.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Vec<PathBuf>,
+    /// One weight per adapter, combined as PEFT's add_weighted_adapter(combination_type="linear").
+    #[arg(long, value_delimiter = ',', value_name = "W,W,...")]
+    pub weights: Vec<f64>,
+}
+
 #[derive(Args, Debug)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    adapters: AdapterArgs,
     /// Plain-text prompt, tokenized as `tokenizer(text)` (repeatable).
     #[arg(long, value_name = "TEXT")]
     prompt: Vec<String>,
@@ -96,6 +114,7 @@ pub fn main() -> Result<()> {
     match cli.command {
         Command::Env => env(),
         Command::Generate(a) => generate_cmd(a),
+        Command::Merge(a) => merge_cmd(a),
     }
 }
 
@@ -172,7 +191,8 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         eos_token_ids: vec![],
     };
     cfg.validate()?;
-    let base = a.model.load()?;
+    let mut base = a.model.load()?;
+    peft_model::load_adapters(&mut base.model, &a.adapters.adapter, &a.adapters.weights)?;
     let cfg = GenerationConfig {
         eos_token_ids: base.eos_token_ids.clone(),
         ..cfg
@@ -273,4 +293,51 @@ fn read_prompts(file: &Path) -> Result<Vec<Request>> {
         bail!("{}: no prompts in the file", file.display());
     }
     Ok(out)
+}
+
+#[derive(Args, Debug)]
+struct MergeArgs {
+    /// Base model directory (defaults to the embedded default model).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    adapters: AdapterArgs,
+    /// Output model directory (written to a temporary directory, then renamed).
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
+    /// dtype of the written weights: fp32, bf16 or fp16 (default: as in the base).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Replace --output if it exists.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+fn merge_cmd(a: MergeArgs) -> Result<()> {
+    let dtype = a
+        .dtype
+        .as_deref()
+        .map(|d| parse_dtype(d, tch::Device::Cpu))
+        .transpose()?;
+    let opts = MergeOptions {
+        base: resolve_model_dir(a.model)?,
+        adapters: a.adapters.adapter,
+        weights: a.adapters.weights,
+        output: a.output,
+        dtype,
+        overwrite: a.overwrite,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let r = merge_to_dir(&opts)?;
+    eprintln!(
+        "merged {} adapter(s) into {} of {} tensors ({:.1} MB, largest tensor {:.1} MB) in {:.1} s",
+        opts.adapters.len(),
+        r.tensors_merged,
+        r.tensors_written,
+        r.bytes_written as f64 / 1e6,
+        r.largest_tensor_bytes as f64 / 1e6,
+        r.seconds
+    );
+    println!("{}", opts.output.display());
+    Ok(())
 }

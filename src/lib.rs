@@ -7,8 +7,10 @@
 pub mod cli;
 pub mod device;
 pub mod generate;
+pub mod merge;
 pub mod models;
 pub mod nn;
+pub mod peft_model;
 pub mod tokenizer;
 pub mod weights;
 

@@ -2,7 +2,7 @@
 //! carry an adapter, an embedding, an RMS norm, and the hook interface through
 //! which activations can be observed or changed at named module paths.
 
-use peft_adapters::LinearAdapter;
+use peft_adapters::{BaseLinear, LinearAdapter};
 use tch::Tensor;
 
 /// A frozen `y = x Wᵀ + b` whose output an adapter may change.
@@ -40,7 +40,14 @@ impl Linear {
         let base = x.linear(&self.weight, self.bias.as_ref());
         match &self.adapter {
             None => base,
-            Some(adapter) => adapter.forward(x, base, &self.weight),
+            Some(adapter) => adapter.forward(
+                x,
+                base,
+                &BaseLinear {
+                    weight: &self.weight,
+                    bias: self.bias.as_ref(),
+                },
+            ),
         }
     }
 }

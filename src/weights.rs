@@ -280,3 +280,129 @@ pub fn dtype_of(kind: Kind) -> Result<Dtype> {
         other => bail!("unsupported kind {other:?}"),
     })
 }
+
+/// Writes one safetensors file tensor by tensor: the header is written first
+/// from the planned names, dtypes and shapes, then each tensor's bytes in
+/// order, so that no more than one tensor is ever held in memory. The file is
+/// written under a temporary name and renamed by [`StreamingWriter::finish`].
+pub struct StreamingWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: std::io::BufWriter<File>,
+    plan: Vec<(String, usize)>,
+    next: usize,
+}
+
+impl StreamingWriter {
+    /// Plans the file: tensors will be written in exactly this order.
+    pub fn create(
+        path: &Path,
+        plan: &[(String, Dtype, Vec<usize>)],
+        metadata: Option<HashMap<String, String>>,
+    ) -> Result<Self> {
+        use std::io::Write;
+        let mut header = serde_json::Map::new();
+        if let Some(m) = metadata {
+            header.insert("__metadata__".into(), serde_json::to_value(m)?);
+        }
+        let mut offset = 0usize;
+        let mut sizes = Vec::with_capacity(plan.len());
+        for (name, dtype, shape) in plan {
+            let n = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}),
+            );
+            offset += n;
+            sizes.push((name.clone(), n));
+        }
+        let mut bytes = serde_json::to_vec(&header)?;
+        // Pad with spaces so the data section starts 8-byte aligned, as the
+        // reference implementation does.
+        while bytes.len() % 8 != 0 {
+            bytes.push(b' ');
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        let f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let mut file = std::io::BufWriter::with_capacity(1 << 22, f);
+        file.write_all(&(bytes.len() as u64).to_le_bytes())?;
+        file.write_all(&bytes)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tmp,
+            file,
+            plan: sizes,
+            next: 0,
+        })
+    }
+
+    /// Writes the next planned tensor's raw little-endian bytes.
+    pub fn write(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let Some((planned, n)) = self.plan.get(self.next) else {
+            bail!("{}: tensor {name} was not planned", self.path.display());
+        };
+        if planned != name || *n != data.len() {
+            bail!(
+                "{}: expected tensor {planned} of {n} bytes next, got {name} of {} bytes",
+                self.path.display(),
+                data.len()
+            );
+        }
+        self.file.write_all(data)?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Syncs and renames the file into place once every tensor is written.
+    pub fn finish(self) -> Result<()> {
+        use std::io::Write;
+        if self.next != self.plan.len() {
+            bail!(
+                "{}: only {} of {} tensors written",
+                self.path.display(),
+                self.next,
+                self.plan.len()
+            );
+        }
+        let mut file = self.file;
+        file.flush()?;
+        file.get_ref().sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("{}: cannot rename into place", self.path.display()))
+    }
+}
+
+/// The raw bytes of a tensor (moved to the CPU and made contiguous).
+pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.detach().to_device(Device::Cpu).contiguous();
+    let mut data = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut data, t.numel())?;
+    Ok(data)
+}
+
+impl WeightFiles {
+    /// The names of the tensors in file `i`, in the order of their data.
+    pub fn names_in_file(&self, i: usize) -> Vec<String> {
+        let shard = &self.shards[i];
+        let mut v: Vec<(&String, usize)> = shard
+            .tensors
+            .iter()
+            .map(|(k, t)| (k, t.data_offsets.0))
+            .collect();
+        v.sort_by_key(|&(_, o)| o);
+        v.into_iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    /// The raw bytes of a tensor as stored (no copy: a view of the mapping).
+    pub fn raw(&self, name: &str) -> Option<&[u8]> {
+        let &i = self.location.get(name)?;
+        let shard = &self.shards[i];
+        let (s, e) = shard.tensors[name].data_offsets;
+        Some(&shard.mmap[shard.data_start + s..shard.data_start + e])
+    }
+}

@@ -135,6 +135,40 @@ impl LlamaConfig {
     }
 }
 
+impl LlamaConfig {
+    /// Every linear module as (Hugging Face path, in_features, out_features),
+    /// in the order of [`LlamaForCausalLM::linear_layers_mut`]; lets tools such
+    /// as `merge` plan without loading the model.
+    pub fn linear_modules(&self) -> Vec<(String, i64, i64)> {
+        let (h, hd) = (self.hidden_size as i64, self.head_dim as i64);
+        let (q, kv) = (
+            self.num_attention_heads as i64 * hd,
+            self.num_key_value_heads as i64 * hd,
+        );
+        let inter = self.intermediate_size as i64;
+        let mut v = Vec::new();
+        for i in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            for (name, i_, o) in [
+                ("self_attn.q_proj", h, q),
+                ("self_attn.k_proj", h, kv),
+                ("self_attn.v_proj", h, kv),
+                ("self_attn.o_proj", q, h),
+                ("mlp.gate_proj", h, inter),
+                ("mlp.up_proj", h, inter),
+                ("mlp.down_proj", inter, h),
+            ] {
+                v.push((format!("{p}.{name}"), i_, o));
+            }
+        }
+        v.push((OUTPUT_HEAD.to_owned(), h, self.vocab_size as i64));
+        v
+    }
+}
+
+/// The output projection's module path (excluded by `all-linear`).
+pub const OUTPUT_HEAD: &str = "lm_head";
+
 /// RoPE settings from `rope_parameters` (transformers 5) or
 /// `rope_theta` + `rope_scaling` (earlier versions).
 fn rope(raw: &RawConfig) -> Result<(f64, RopeScaling)> {

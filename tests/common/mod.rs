@@ -39,14 +39,22 @@ fn hash_file(p: &Path) -> u64 {
     })
 }
 
-/// Runs a fixture script once per content hash and returns its output folder
+/// Runs `script LEADING... OUT ARGS...` once per content hash of the script and returns OUT
 /// (cached under `target/test-fixtures`, written to a temporary folder and renamed).
-pub fn fixture(script: &str, args: &[&Path]) -> PathBuf {
+pub fn fixture(script: &str, leading: &[&str], args: &[&Path]) -> PathBuf {
     let script = repo().join("tests/fixtures").join(script);
+    // The arguments are part of the key: they name other fixtures, themselves keyed by content.
+    let arg_text: String = args
+        .iter()
+        .map(|a| a.display().to_string())
+        .collect::<Vec<_>>()
+        .join("\0");
+    let arg_hash = arg_text.bytes().fold(hash_file(&script), |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
     let key = format!(
-        "{}-{:016x}",
-        script.file_stem().unwrap().to_string_lossy(),
-        hash_file(&script)
+        "{}-{arg_hash:016x}",
+        script.file_stem().unwrap().to_string_lossy()
     );
     let root = repo().join("target/test-fixtures");
     let out = root.join(&key);
@@ -58,6 +66,7 @@ pub fn fixture(script: &str, args: &[&Path]) -> PathBuf {
     let _ = std::fs::remove_dir_all(&tmp);
     let status = Command::new(python())
         .arg(&script)
+        .args(leading)
         .arg(&tmp)
         .args(args)
         .status()
@@ -74,7 +83,7 @@ pub fn fixture(script: &str, args: &[&Path]) -> PathBuf {
 /// The transformers reference for the tiny models and the default model.
 pub fn reference() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| fixture("reference.py", &[&default_model()]))
+    DIR.get_or_init(|| fixture("reference.py", &[], &[&default_model()]))
 }
 
 /// The model directory of a reference model (`llama`, `mistral`, `qwen2`, `smollm2`).

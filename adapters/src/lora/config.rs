@@ -1,0 +1,459 @@
+//! `LoraConfig`: PEFT's field names and meanings, read from and written to
+//! `adapter_config.json`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use regex::Regex;
+use serde_json::{json, Map, Value};
+
+/// Which linear layers get an adapter (PEFT's `target_modules`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetModules {
+    /// Module names; a module matches when its path equals a name or ends with `.name`.
+    Names(Vec<String>),
+    /// A regular expression that must match the whole module path.
+    Regex(String),
+    /// Every linear layer except the output head.
+    AllLinear,
+}
+
+/// How new adapter weights start (PEFT's `init_lora_weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitLoraWeights {
+    /// `true`: A ~ kaiming-uniform(a=√5) = U(-1/√in, 1/√in), B = 0.
+    Default,
+    /// `"gaussian"`: A ~ N(0, 1/r), B = 0.
+    Gaussian,
+    /// `false`: A and B both as `nn.Linear`'s default; the adapter is not a no-op.
+    Random,
+}
+
+/// A LoRA adapter's configuration, with PEFT's field names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank.
+    pub r: usize,
+    /// Scaling numerator: scaling = lora_alpha / r (or / √r with rsLoRA).
+    pub lora_alpha: f64,
+    /// Dropout on the adapter branch's input, in training only.
+    pub lora_dropout: f64,
+    /// Which modules get adapters.
+    pub target_modules: TargetModules,
+    /// Modules never adapted: a regex (whole path) or names (suffix match).
+    pub exclude_modules: Option<TargetModules>,
+    /// Only these decoder-layer indices.
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// Per-module rank overrides: pattern (suffix regex) -> r.
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides: pattern (suffix regex) -> alpha.
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Scale by alpha/√r (rsLoRA) instead of alpha/r.
+    pub use_rslora: bool,
+    /// Weight-decomposed LoRA.
+    pub use_dora: bool,
+    /// Initialisation of new adapters.
+    pub init_lora_weights: InitLoraWeights,
+    /// The base model the adapter was trained on (recorded, not enforced).
+    pub base_model_name_or_path: Option<String>,
+}
+
+impl Default for LoraConfig {
+    /// PEFT's defaults: r = 8, lora_alpha = 8, no dropout, q_proj and v_proj
+    /// (PEFT's default for Llama-family models).
+    fn default() -> Self {
+        Self {
+            r: 8,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+            exclude_modules: None,
+            layers_to_transform: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            use_rslora: false,
+            use_dora: false,
+            init_lora_weights: InitLoraWeights::Default,
+            base_model_name_or_path: None,
+        }
+    }
+}
+
+/// PEFT fields we read and understand.
+const KNOWN: &[&str] = &[
+    "peft_type",
+    "task_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+    "init_lora_weights",
+    "bias",
+    "base_model_name_or_path",
+    "inference_mode",
+    "fan_in_fan_out",
+    "modules_to_save",
+];
+
+/// PEFT fields that record where an adapter came from and change nothing.
+const INFORMATIONAL: &[&str] = &[
+    "revision",
+    "auto_mapping",
+    "peft_version",
+    "megatron_core",
+    "qalora_group_size",
+];
+
+/// Any other field is accepted only at its "off" value (null, false, empty);
+/// otherwise it asks for a PEFT feature peft-rs does not implement.
+fn is_off(v: &Value) -> bool {
+    v.is_null() || v == &json!(false) || v == &json!({}) || v == &json!([])
+}
+
+impl LoraConfig {
+    /// scaling for a module with rank `r` and alpha `alpha`.
+    pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+
+    /// Checks values PEFT would also refuse, with the field named.
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            bail!("`r` (--lora-rank) must be at least 1");
+        }
+        if !(self.lora_alpha > 0.0 && self.lora_alpha.is_finite()) {
+            bail!("`lora_alpha` must be > 0, got {}", self.lora_alpha);
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            bail!(
+                "`lora_dropout` must be in [0, 1), got {}",
+                self.lora_dropout
+            );
+        }
+        if let TargetModules::Names(names) = &self.target_modules {
+            if names.is_empty() {
+                bail!("`target_modules` is empty");
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for n in names {
+                if !seen.insert(n) {
+                    bail!("`target_modules` lists `{n}` twice");
+                }
+            }
+        }
+        for (k, &r) in &self.rank_pattern {
+            if r == 0 {
+                bail!("`rank_pattern` gives `{k}` rank 0");
+            }
+        }
+        for (k, &a) in &self.alpha_pattern {
+            if a.is_nan() || a <= 0.0 {
+                bail!("`alpha_pattern` gives `{k}` alpha {a}; it must be > 0");
+            }
+        }
+        for pattern in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
+            Regex::new(pattern).with_context(|| {
+                format!("`rank_pattern`/`alpha_pattern` key `{pattern}` is not a regex")
+            })?;
+        }
+        if let TargetModules::Regex(r) = &self.target_modules {
+            Regex::new(r).with_context(|| format!("`target_modules` regex `{r}`"))?;
+        }
+        Ok(())
+    }
+
+    /// Reads `DIR/adapter_config.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{}: cannot read (a PEFT adapter directory has adapter_config.json)",
+                path.display()
+            )
+        })?;
+        let json: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        Self::from_json(&json).with_context(|| path.display().to_string())
+    }
+
+    /// Parses PEFT's JSON, refusing options peft-rs does not implement.
+    pub fn from_json(json: &Value) -> Result<Self> {
+        let Some(obj) = json.as_object() else {
+            bail!("expected a JSON object");
+        };
+        match obj.get("peft_type").and_then(Value::as_str) {
+            Some("LORA") => {}
+            Some(other) => bail!("`peft_type` is `{other}`; peft-rs reads LORA adapters only"),
+            None => bail!("`peft_type` missing (PEFT writes \"LORA\")"),
+        }
+        if let Some(t) = obj.get("task_type").and_then(Value::as_str) {
+            if t != "CAUSAL_LM" {
+                bail!("`task_type` is `{t}`; peft-rs adapts causal language models (CAUSAL_LM)");
+            }
+        }
+        for (k, v) in obj {
+            if !KNOWN.contains(&k.as_str()) && !INFORMATIONAL.contains(&k.as_str()) && !is_off(v) {
+                bail!("`{k}` = {v} is a PEFT option peft-rs does not support");
+            }
+        }
+        let bias = obj.get("bias").and_then(Value::as_str).unwrap_or("none");
+        if bias != "none" {
+            bail!("`bias` is `{bias}`; only \"none\" is supported (biases stay frozen)");
+        }
+        if obj.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+            bail!("`fan_in_fan_out` = true is for GPT-2-style Conv1D layers, which Llama-family models do not have");
+        }
+        if obj
+            .get("modules_to_save")
+            .is_some_and(|v| !(v.is_null() || v == &json!([])))
+        {
+            bail!("`modules_to_save` is not supported (only LoRA weights are trained and loaded)");
+        }
+        let d = Self::default();
+        let r = match obj.get("r") {
+            None => d.r,
+            Some(v) => v
+                .as_u64()
+                .with_context(|| format!("`r` must be a positive integer, found {v}"))?
+                as usize,
+        };
+        let f64_field = |k: &str, default: f64| -> Result<f64> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => v
+                    .as_f64()
+                    .with_context(|| format!("`{k}` must be a number, found {v}")),
+            }
+        };
+        let bool_field = |k: &str| -> Result<bool> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(false),
+                Some(v) => v
+                    .as_bool()
+                    .with_context(|| format!("`{k}` must be true or false, found {v}")),
+            }
+        };
+        let target_modules = match obj.get("target_modules") {
+            None | Some(Value::Null) => bail!("`target_modules` missing"),
+            Some(v) => parse_targets(v, "target_modules")?,
+        };
+        let exclude_modules = match obj.get("exclude_modules") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(parse_targets(v, "exclude_modules")?),
+        };
+        let layers_to_transform = match obj.get("layers_to_transform") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(vec![n
+                .as_u64()
+                .context("`layers_to_transform` must be >= 0")?
+                as usize]),
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|v| v.as_u64().map(|x| x as usize))
+                    .collect::<Option<Vec<_>>>()
+                    .context("`layers_to_transform` must list layer indices")?,
+            ),
+            Some(v) => bail!("`layers_to_transform` must be an index or a list, found {v}"),
+        };
+        let init_lora_weights = match obj.get("init_lora_weights") {
+            None | Some(Value::Bool(true)) => InitLoraWeights::Default,
+            Some(Value::Bool(false)) => InitLoraWeights::Random,
+            Some(Value::String(s)) if s == "gaussian" => InitLoraWeights::Gaussian,
+            Some(v) => {
+                bail!("`init_lora_weights` = {v} is not supported (true, false or \"gaussian\")")
+            }
+        };
+        let map = |k: &str| -> Result<Map<String, Value>> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(Map::new()),
+                Some(Value::Object(m)) => Ok(m.clone()),
+                Some(v) => bail!("`{k}` must be an object, found {v}"),
+            }
+        };
+        let rank_pattern = map("rank_pattern")?
+            .into_iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    v.as_u64()
+                        .with_context(|| format!("`rank_pattern.{k}` must be an integer"))?
+                        as usize,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let alpha_pattern = map("alpha_pattern")?
+            .into_iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    v.as_f64()
+                        .with_context(|| format!("`alpha_pattern.{k}` must be a number"))?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let c = Self {
+            r,
+            lora_alpha: f64_field("lora_alpha", d.lora_alpha)?,
+            lora_dropout: f64_field("lora_dropout", 0.0)?,
+            target_modules,
+            exclude_modules,
+            layers_to_transform,
+            rank_pattern,
+            alpha_pattern,
+            use_rslora: bool_field("use_rslora")?,
+            use_dora: bool_field("use_dora")?,
+            init_lora_weights,
+            base_model_name_or_path: obj
+                .get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The `adapter_config.json` PEFT writes for this configuration.
+    pub fn to_json(&self) -> Value {
+        let targets = |t: &TargetModules| match t {
+            TargetModules::Names(n) => json!(n),
+            TargetModules::Regex(r) => json!(r),
+            TargetModules::AllLinear => json!("all-linear"),
+        };
+        json!({
+            "alpha_pattern": self.alpha_pattern,
+            "auto_mapping": null,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "bias": "none",
+            "exclude_modules": self.exclude_modules.as_ref().map(targets),
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": match self.init_lora_weights {
+                InitLoraWeights::Default => json!(true),
+                InitLoraWeights::Random => json!(false),
+                InitLoraWeights::Gaussian => json!("gaussian"),
+            },
+            "layers_pattern": null,
+            "layers_to_transform": self.layers_to_transform,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "modules_to_save": null,
+            "peft_type": "LORA",
+            "r": self.r,
+            "rank_pattern": self.rank_pattern,
+            "revision": null,
+            "target_modules": targets(&self.target_modules),
+            "task_type": "CAUSAL_LM",
+            "use_dora": self.use_dora,
+            "use_rslora": self.use_rslora,
+        })
+    }
+
+    /// Rank and alpha for the module at `path` (after `rank_pattern` / `alpha_pattern`).
+    pub fn rank_and_alpha(&self, path: &str) -> (usize, f64) {
+        let r = pattern_value(&self.rank_pattern, path).unwrap_or(self.r);
+        let alpha = pattern_value(&self.alpha_pattern, path).unwrap_or(self.lora_alpha);
+        (r, alpha)
+    }
+
+    /// Which of `linear_paths` get an adapter. Stricter than PEFT: every
+    /// listed target name must match at least one module, so a typo in one of
+    /// several names is an error that lists the model's linear modules.
+    pub fn select<'a>(&self, linear_paths: &[&'a str], output_head: &str) -> Result<Vec<&'a str>> {
+        let layer_of = Regex::new(r"^.*?\.[^.]*\.(\d+)\.").expect("valid regex");
+        let in_layers = |p: &str| match &self.layers_to_transform {
+            None => true,
+            Some(ls) => layer_of
+                .captures(p)
+                .and_then(|c| c[1].parse::<usize>().ok())
+                .is_some_and(|i| ls.contains(&i)),
+        };
+        let excluded = |p: &str| {
+            self.exclude_modules
+                .as_ref()
+                .is_some_and(|e| matches(e, p, output_head))
+        };
+        let chosen: Vec<&str> = linear_paths
+            .iter()
+            .copied()
+            .filter(|p| {
+                matches(&self.target_modules, p, output_head) && !excluded(p) && in_layers(p)
+            })
+            .collect();
+        let names = || {
+            let mut short: Vec<&str> = linear_paths
+                .iter()
+                .map(|p| p.rsplit('.').next().unwrap_or(p))
+                .collect();
+            short.sort();
+            short.dedup();
+            short.join(", ")
+        };
+        if let TargetModules::Names(list) = &self.target_modules {
+            for n in list {
+                if !linear_paths.iter().any(|p| suffix_match(n, p)) {
+                    bail!("target module `{n}` matches no linear layer of this model (its linear modules: {})", names());
+                }
+            }
+        }
+        if chosen.is_empty() {
+            bail!(
+                "`target_modules` {:?} selects no linear layer of this model (its linear modules: {})",
+                self.target_modules,
+                names()
+            );
+        }
+        Ok(chosen)
+    }
+}
+
+fn parse_targets(v: &Value, field: &str) -> Result<TargetModules> {
+    Ok(match v {
+        Value::String(s) if s == "all-linear" => TargetModules::AllLinear,
+        Value::String(s) => TargetModules::Regex(s.clone()),
+        Value::Array(a) => TargetModules::Names(
+            a.iter()
+                .map(|x| x.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .with_context(|| format!("`{field}` must list module names"))?,
+        ),
+        other => {
+            bail!("`{field}` must be a list of names, a regex or \"all-linear\", found {other}")
+        }
+    })
+}
+
+fn suffix_match(name: &str, path: &str) -> bool {
+    path == name || path.ends_with(&format!(".{name}"))
+}
+
+fn matches(t: &TargetModules, path: &str, output_head: &str) -> bool {
+    match t {
+        TargetModules::AllLinear => path != output_head,
+        TargetModules::Names(names) => names.iter().any(|n| suffix_match(n, path)),
+        TargetModules::Regex(r) => {
+            Regex::new(&format!("^(?:{r})$")).is_ok_and(|re| re.is_match(path))
+        }
+    }
+}
+
+/// PEFT's `get_pattern_key`: the first pattern `p` with `(.*\.)?(p)$` matching.
+fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Option<T> {
+    patterns.iter().find_map(|(p, &v)| {
+        Regex::new(&format!(r"^(.*\.)?({p})$"))
+            .ok()
+            .filter(|re| re.is_match(path))
+            .map(|_| v)
+    })
+}

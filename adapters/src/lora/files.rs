@@ -1,0 +1,203 @@
+//! PEFT's adapter directory: `adapter_config.json` and
+//! `adapter_model.safetensors` (metadata `{"format": "pt"}`), with keys such as
+//! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, View};
+use safetensors::SafeTensors;
+use tch::{Device, Kind, Tensor};
+
+/// The adapter configuration file.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The adapter weights file.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The prefix PEFT puts before module paths (`PeftModel.base_model.model`).
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// The file key of tensor `suffix` (`lora_A.weight`, ...) of module `path`.
+pub fn key(path: &str, suffix: &str) -> String {
+    format!("{KEY_PREFIX}{path}.{suffix}")
+}
+
+/// Reads every tensor of `DIR/adapter_model.safetensors` (on the CPU, as stored).
+pub fn read_weights(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let path = dir.join(WEIGHTS_FILE);
+    if !path.exists() {
+        if dir.join("adapter_model.bin").exists() {
+            bail!(
+                "{}: only adapter_model.bin (a pickle) is there; pickles can run code when loaded, \
+                 so re-save the adapter with safe_serialization=True",
+                dir.display()
+            );
+        }
+        bail!(
+            "{}: not found (a PEFT adapter directory has {WEIGHTS_FILE})",
+            path.display()
+        );
+    }
+    let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a valid safetensors file ({e}); it is truncated or corrupt",
+            path.display()
+        )
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            Dtype::F32 => Kind::Float,
+            Dtype::F16 => Kind::Half,
+            Dtype::BF16 => Kind::BFloat16,
+            other => bail!(
+                "{}: tensor {name} has dtype {other:?}; adapters are floating point",
+                path.display()
+            ),
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .with_context(|| format!("{}: tensor {name}", path.display()))?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+struct Bytes {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &Bytes {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn to_bytes(t: &Tensor) -> Result<Bytes> {
+    let dtype = match t.kind() {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        other => bail!("cannot save a tensor of kind {other:?}"),
+    };
+    let t = t.detach().to_device(Device::Cpu).contiguous();
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    let mut data = vec![0u8; n];
+    t.f_copy_data_u8(&mut data, t.numel())?;
+    Ok(Bytes {
+        dtype,
+        shape: t.size().iter().map(|&d| d as usize).collect(),
+        data,
+    })
+}
+
+/// Writes `path` as safetensors with PEFT's metadata, through a temporary
+/// file in the same directory that is synced and renamed, so that a crash
+/// never leaves half a file.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let bytes: Vec<(String, Bytes)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            Ok((
+                k.clone(),
+                to_bytes(t).with_context(|| format!("tensor {k}"))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let mut seen = std::collections::BTreeSet::new();
+    for (k, _) in &bytes {
+        if !seen.insert(k) {
+            bail!("tensor {k} would be written twice to {}", path.display());
+        }
+    }
+    let metadata: HashMap<String, String> = [("format".to_owned(), "pt".to_owned())].into();
+    let buf = safetensors::serialize(bytes.iter().map(|(k, b)| (k.as_str(), b)), Some(metadata))?;
+    write_atomic(path, &buf)
+}
+
+/// Writes bytes to `path` via a synced temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot rename into place", path.display()))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// The keys and shapes an adapter file must hold for module `path` of a base
+/// layer with `in_features` and `out_features`.
+pub fn expected_tensors(
+    config: &super::LoraConfig,
+    path: &str,
+    in_features: i64,
+    out_features: i64,
+) -> Vec<(String, Vec<i64>)> {
+    let (r, _) = config.rank_and_alpha(path);
+    let r = r as i64;
+    let mut v = vec![
+        (key(path, "lora_A.weight"), vec![r, in_features]),
+        (key(path, "lora_B.weight"), vec![out_features, r]),
+    ];
+    if config.use_dora {
+        v.push((key(path, "lora_magnitude_vector"), vec![out_features]));
+    }
+    v
+}
+
+/// Checks that `found` holds exactly the `expected` keys with the expected
+/// shapes; the error names the key and both shapes, or the extra key.
+pub fn check_tensors(
+    file: &Path,
+    expected: &[(String, Vec<i64>)],
+    found: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    for (k, shape) in expected {
+        match found.get(k) {
+            None => bail!(
+                "{}: tensor {k} is missing (the adapter_config.json targets this module); \
+                 the adapter was saved for another base model or is incomplete",
+                file.display()
+            ),
+            Some(t) if &t.size() != shape => bail!(
+                "{}: tensor {k} has shape {:?}, but this base model needs {shape:?}; the adapter belongs to another base model",
+                file.display(),
+                t.size()
+            ),
+            Some(_) => {}
+        }
+    }
+    let expected_keys: std::collections::BTreeSet<&str> =
+        expected.iter().map(|(k, _)| k.as_str()).collect();
+    if let Some(extra) = found.keys().find(|k| !expected_keys.contains(k.as_str())) {
+        bail!(
+            "{}: unexpected tensor {extra} (not a LoRA weight of a module the adapter_config.json targets in this base model)",
+            file.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,319 @@
+//! The LoRA layer: `y = W x + b + scaling · B(A(dropout(x)))`, with the DoRA
+//! variant, several named adapters per layer, and merge/unmerge.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::config::InitLoraWeights;
+use crate::{BaseLinear, LinearAdapter};
+
+/// One adapter's weights on one layer. Always fp32, whatever the base dtype.
+pub struct LoraWeights {
+    /// `lora_A.weight`, `[r, in_features]`.
+    pub a: Tensor,
+    /// `lora_B.weight`, `[out_features, r]`.
+    pub b: Tensor,
+    /// DoRA's `lora_magnitude_vector`, `[out_features]`.
+    pub magnitude: Option<Tensor>,
+    /// alpha / r, or alpha / √r with rsLoRA.
+    pub scaling: f64,
+    /// Dropout probability on the adapter input (training only).
+    pub dropout: f64,
+}
+
+impl LoraWeights {
+    /// Fresh weights with PEFT's initialisation, drawn from libtorch's
+    /// generator (seed it with `tch::manual_seed` for reproducible runs).
+    /// `weight` is the frozen base weight, used for DoRA's magnitude.
+    pub fn init(
+        weight: &Tensor,
+        r: usize,
+        scaling: f64,
+        dropout: f64,
+        init: InitLoraWeights,
+        dora: bool,
+        device: Device,
+    ) -> Self {
+        let (out_f, in_f) = (weight.size()[0], weight.size()[1]);
+        let r = r as i64;
+        let opts = (Kind::Float, device);
+        // kaiming_uniform_(a=√5) on a [fan_out, fan_in] weight is U(-1/√fan_in, 1/√fan_in).
+        let kaiming = |rows: i64, fan_in: i64| {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            Tensor::empty([rows, fan_in], opts).uniform_(-bound, bound)
+        };
+        let (a, b) = match init {
+            InitLoraWeights::Default => (kaiming(r, in_f), Tensor::zeros([out_f, r], opts)),
+            InitLoraWeights::Gaussian => (
+                Tensor::empty([r, in_f], opts).normal_(0.0, 1.0 / r as f64),
+                Tensor::zeros([out_f, r], opts),
+            ),
+            InitLoraWeights::Random => (kaiming(r, in_f), kaiming(out_f, r)),
+        };
+        let mut w = Self {
+            a: a.set_requires_grad(true),
+            b: b.set_requires_grad(true),
+            magnitude: None,
+            scaling,
+            dropout,
+        };
+        if dora {
+            let m = tch::no_grad(|| row_norm(&(weight.to_kind(Kind::Float) + w.delta())));
+            w.magnitude = Some(m.set_requires_grad(true));
+        }
+        w
+    }
+
+    /// `scaling · B @ A`, `[out, in]`, fp32.
+    pub fn delta(&self) -> Tensor {
+        self.b.matmul(&self.a) * self.scaling
+    }
+
+    /// Rank.
+    pub fn rank(&self) -> i64 {
+        self.a.size()[0]
+    }
+
+    /// The tensors in PEFT's naming (without prefix and adapter name).
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![
+            ("lora_A.weight".to_owned(), self.a.shallow_clone()),
+            ("lora_B.weight".to_owned(), self.b.shallow_clone()),
+        ];
+        if let Some(m) = &self.magnitude {
+            v.push(("lora_magnitude_vector".to_owned(), m.shallow_clone()));
+        }
+        v
+    }
+}
+
+/// How [`LoraWeights::combine`] combines adapters (PEFT's `combination_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combination {
+    /// PEFT's `linear`: one rank for all; A and B are weighted sums, so the
+    /// product has cross terms between adapters.
+    Linear,
+    /// PEFT's `cat`: ranks concatenated, so the delta is exactly Σ wᵢ·sᵢ·BᵢAᵢ.
+    Cat,
+}
+
+impl LoraWeights {
+    /// A new adapter combining `parts` (adapter, weight), as PEFT's
+    /// `add_weighted_adapter`; its scaling is 1 and it has no dropout.
+    pub fn combine(parts: &[(&LoraWeights, f64)], how: Combination) -> Result<LoraWeights> {
+        if parts.iter().any(|(a, _)| a.magnitude.is_some()) {
+            bail!("DoRA adapters cannot be combined (PEFT refuses this too)");
+        }
+        let Some((first, _)) = parts.first() else {
+            bail!("nothing to combine");
+        };
+        let (a, b) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
+            Ok(match how {
+                Combination::Linear => {
+                    if parts.iter().any(|(a, _)| a.rank() != first.rank()) {
+                        bail!("`linear` combination needs adapters of one rank; use `cat`");
+                    }
+                    let mut a = first.a.zeros_like();
+                    let mut b = first.b.zeros_like();
+                    for (w, weight) in parts {
+                        let s = weight.abs().sqrt() * weight.signum();
+                        a += &w.a * (s * w.scaling);
+                        b += &w.b * weight.abs().sqrt();
+                    }
+                    (a, b)
+                }
+                Combination::Cat => {
+                    let a: Vec<Tensor> = parts
+                        .iter()
+                        .map(|(w, weight)| &w.a * (weight * w.scaling))
+                        .collect();
+                    let b: Vec<Tensor> = parts.iter().map(|(w, _)| w.b.shallow_clone()).collect();
+                    (Tensor::cat(&a, 0), Tensor::cat(&b, 1))
+                }
+            })
+        })?;
+        Ok(LoraWeights {
+            a: a.set_requires_grad(true),
+            b: b.set_requires_grad(true),
+            magnitude: None,
+            scaling: 1.0,
+            dropout: 0.0,
+        })
+    }
+}
+
+/// The L2 norm of each row (PEFT's `get_weight_norm` over dim 1).
+fn row_norm(w: &Tensor) -> Tensor {
+    w.norm_scalaropt_dim(2, [1i64].as_slice(), false)
+}
+
+/// The adapters attached to one linear layer.
+pub struct LoraLayer {
+    adapters: BTreeMap<String, LoraWeights>,
+    active: Vec<String>,
+    training: bool,
+    /// Merged adapters in merge order, with DoRA's weight norm kept for unmerge.
+    merged: Vec<(String, Option<Tensor>)>,
+}
+
+impl LoraLayer {
+    /// A layer carrying one adapter, which is active.
+    pub fn new(name: &str, weights: LoraWeights) -> Self {
+        let mut adapters = BTreeMap::new();
+        adapters.insert(name.to_owned(), weights);
+        Self {
+            adapters,
+            active: vec![name.to_owned()],
+            training: false,
+            merged: vec![],
+        }
+    }
+
+    /// Adds another named adapter (inactive until [`LoraLayer::set_active`]).
+    pub fn add(&mut self, name: &str, weights: LoraWeights) -> Result<()> {
+        if self.adapters.contains_key(name) {
+            bail!("an adapter named `{name}` is already loaded");
+        }
+        self.adapters.insert(name.to_owned(), weights);
+        Ok(())
+    }
+
+    /// Chooses which adapters are summed in the forward pass.
+    pub fn set_active(&mut self, names: &[String]) {
+        self.active = names
+            .iter()
+            .filter(|n| self.adapters.contains_key(*n))
+            .cloned()
+            .collect();
+    }
+
+    /// The adapter named `name`.
+    pub fn get(&self, name: &str) -> Option<&LoraWeights> {
+        self.adapters.get(name)
+    }
+
+    /// Names of the adapters on this layer.
+    pub fn names(&self) -> Vec<String> {
+        self.adapters.keys().cloned().collect()
+    }
+
+    /// Whether any adapter is merged into the base weight.
+    pub fn is_merged(&self) -> bool {
+        !self.merged.is_empty()
+    }
+
+    fn active_unmerged(&self) -> impl Iterator<Item = &LoraWeights> {
+        self.active
+            .iter()
+            .filter(|n| !self.merged.iter().any(|(m, _)| m == *n))
+            .filter_map(|n| self.adapters.get(n))
+    }
+}
+
+impl LinearAdapter for LoraLayer {
+    fn forward(&self, x: &Tensor, base_output: Tensor, base: &BaseLinear) -> Tensor {
+        let mut result = base_output;
+        let kind = result.kind();
+        for w in self.active_unmerged() {
+            // Adapters compute in fp32 (they are stored in fp32), as PEFT casts
+            // the input to lora_A's dtype.
+            let x32 = x.to_kind(Kind::Float);
+            let dropout_on = self.training && w.dropout > 0.0;
+            let xd = if dropout_on {
+                x32.dropout(w.dropout, true)
+            } else {
+                x32
+            };
+            let lora = xd.matmul(&w.a.tr()).matmul(&w.b.tr());
+            let added = match &w.magnitude {
+                None => lora * w.scaling,
+                Some(m) => {
+                    let w32 = base.weight.to_kind(Kind::Float);
+                    // The norm is a constant for backprop, as in the DoRA paper (§4.3) and PEFT.
+                    let norm = row_norm(&(&w32 + w.delta().detach())).detach();
+                    let scale = m / norm;
+                    // The base output without bias; with dropout on, recomputed on the
+                    // dropped-out input so both terms see the same x.
+                    let base_nb = if dropout_on {
+                        xd.matmul(&w32.tr())
+                    } else {
+                        let y = result.to_kind(Kind::Float);
+                        match base.bias {
+                            Some(b) => y - b.to_kind(Kind::Float),
+                            None => y,
+                        }
+                    };
+                    (&scale - 1.0) * base_nb + &scale * lora * w.scaling
+                }
+            };
+            result = result + added.to_kind(kind);
+        }
+        result
+    }
+
+    fn trainable_tensors(&self) -> Vec<(String, Tensor)> {
+        self.active
+            .iter()
+            .filter_map(|n| self.adapters.get(n))
+            .flat_map(|w| w.named())
+            .collect()
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    fn merge(&mut self, weight: &mut Tensor) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        let active: Vec<String> = self
+            .active
+            .iter()
+            .filter(|n| !self.merged.iter().any(|(m, _)| m == *n))
+            .cloned()
+            .collect();
+        for name in active {
+            let w = &self.adapters[&name];
+            let w32 = weight.to_kind(Kind::Float);
+            let (new, norm) = match &w.magnitude {
+                None => (w32 + w.delta(), None),
+                Some(m) => {
+                    let sum = w32 + w.delta();
+                    let norm = row_norm(&sum);
+                    ((m / &norm).unsqueeze(1) * sum, Some(norm))
+                }
+            };
+            // PEFT's safe_merge: refuse to write NaN/inf into the base.
+            if !bool::try_from(new.isfinite().all())? {
+                bail!("merging adapter `{name}` gives NaN or inf weights; the adapter is broken");
+            }
+            *weight = new.to_kind(weight.kind());
+            self.merged.push((name, norm));
+        }
+        Ok(())
+    }
+
+    fn unmerge(&mut self, weight: &mut Tensor) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        while let Some((name, norm)) = self.merged.pop() {
+            let w = &self.adapters[&name];
+            let w32 = weight.to_kind(Kind::Float);
+            let base = match (&w.magnitude, norm) {
+                (Some(m), Some(norm)) => w32 / (m / norm).unsqueeze(1) - w.delta(),
+                _ => w32 - w.delta(),
+            };
+            *weight = base.to_kind(weight.kind());
+        }
+        Ok(())
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,306 @@
+//! `peft-rs merge`: fold adapters into the base weights and write a complete
+//! Hugging Face model directory that transformers loads as a plain model.
+//!
+//! The base is streamed tensor by tensor: each tensor is read from the
+//! memory-mapped checkpoint, merged in fp32 if an adapter targets it, cast,
+//! and written to its place in the output file, so memory stays near the
+//! size of the largest tensor. Untouched tensors in an unchanged dtype are
+//! copied byte for byte. Everything is written into a temporary directory
+//! that is renamed at the end.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use safetensors::tensor::Dtype;
+use tch::{Device, Kind, Tensor};
+
+use crate::models::{self, llama::OUTPUT_HEAD};
+use crate::weights::{
+    dtype_of, kind_of, tensor_bytes, StreamingWriter, WeightFiles, INDEX_FILE, SINGLE_FILE,
+};
+use peft_adapters::lora::files::{self, check_tensors, expected_tensors, key};
+use peft_adapters::lora::{Combination, LoraConfig, LoraLayer, LoraWeights};
+use peft_adapters::LinearAdapter;
+
+/// What to merge and where.
+pub struct MergeOptions {
+    /// The base model directory.
+    pub base: PathBuf,
+    /// Adapter directories (PEFT format).
+    pub adapters: Vec<PathBuf>,
+    /// One weight per adapter when several are given (PEFT's `linear` combination).
+    pub weights: Vec<f64>,
+    /// The output model directory.
+    pub output: PathBuf,
+    /// Output dtype; `None` keeps each tensor's dtype.
+    pub dtype: Option<Kind>,
+    /// Replace an existing output directory.
+    pub overwrite: bool,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// What a merge did.
+#[derive(Debug)]
+pub struct MergeReport {
+    /// Base tensors an adapter changed.
+    pub tensors_merged: usize,
+    /// All tensors written.
+    pub tensors_written: usize,
+    /// Bytes of tensor data written.
+    pub bytes_written: u64,
+    /// Size of the largest tensor in the output, in bytes.
+    pub largest_tensor_bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// The adapters, read and checked against the base, per module path.
+fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, LoraWeights>> {
+    let config = models::read_config(base)?;
+    let modules = config.linear_modules();
+    let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
+    match (opts.adapters.len(), opts.weights.len()) {
+        (0, _) => bail!("give at least one --adapter DIR"),
+        (1, 0) => {}
+        (n, w) if n == w => {}
+        (n, 0) => {
+            bail!("{n} adapters given: add --weights with one weight each (e.g. --weights 0.7,0.3)")
+        }
+        (n, w) => bail!("--weights has {w} values for {n} adapters"),
+    }
+    let mut per_module: BTreeMap<String, Vec<(LoraWeights, f64)>> = BTreeMap::new();
+    for (i, dir) in opts.adapters.iter().enumerate() {
+        let lora = LoraConfig::read(dir)?;
+        let chosen = lora
+            .select(&paths, OUTPUT_HEAD)
+            .with_context(|| dir.join(files::CONFIG_FILE).display().to_string())?;
+        if config.tie_word_embeddings && chosen.contains(&OUTPUT_HEAD) {
+            bail!(
+                "{}: targets lm_head, which shares its weight with model.embed_tokens in this base",
+                dir.display()
+            );
+        }
+        let mut tensors = files::read_weights(dir)?;
+        let expected: Vec<_> = modules
+            .iter()
+            .filter(|(p, _, _)| chosen.contains(&p.as_str()))
+            .flat_map(|(p, i, o)| expected_tensors(&lora, p, *i, *o))
+            .collect();
+        check_tensors(&dir.join(files::WEIGHTS_FILE), &expected, &tensors)?;
+        let mut take = |k: String| tensors.remove(&k).expect("checked").to_kind(Kind::Float);
+        for path in chosen {
+            let (r, alpha) = lora.rank_and_alpha(path);
+            let w = LoraWeights {
+                a: take(key(path, "lora_A.weight")),
+                b: take(key(path, "lora_B.weight")),
+                magnitude: lora
+                    .use_dora
+                    .then(|| take(key(path, "lora_magnitude_vector"))),
+                scaling: lora.scaling(r, alpha),
+                dropout: 0.0,
+            };
+            per_module
+                .entry(path.to_owned())
+                .or_default()
+                .push((w, opts.weights.get(i).copied().unwrap_or(1.0)));
+        }
+    }
+    per_module
+        .into_iter()
+        .map(|(path, parts)| {
+            let w = if opts.weights.is_empty() {
+                parts.into_iter().next().expect("one adapter").0
+            } else {
+                let refs: Vec<(&LoraWeights, f64)> = parts.iter().map(|(w, x)| (w, *x)).collect();
+                LoraWeights::combine(&refs, Combination::Linear).with_context(|| path.clone())?
+            };
+            Ok((path, w))
+        })
+        .collect()
+}
+
+/// Merges and writes the output directory.
+pub fn merge_to_dir(opts: &MergeOptions) -> Result<MergeReport> {
+    let start = Instant::now();
+    let base = &opts.base;
+    if opts.output.exists() && !opts.overwrite {
+        bail!(
+            "{}: already exists (choose another --output, or pass --overwrite)",
+            opts.output.display()
+        );
+    }
+    if opts.output.canonicalize().ok() == base.canonicalize().ok() && opts.output.exists() {
+        bail!("--output must not be the base model directory");
+    }
+    let mut deltas = plan_deltas(base, opts)?;
+    let files_in = WeightFiles::from_model_dir(base)?;
+    let parent = opts
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("{}: cannot create", parent.display()))?;
+    let name = opts
+        .output
+        .file_name()
+        .context("--output needs a directory name")?
+        .to_string_lossy();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let result = write_model(base, &files_in, &mut deltas, &tmp, opts);
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if opts.output.exists() {
+        std::fs::remove_dir_all(&opts.output)
+            .with_context(|| format!("{}: cannot replace", opts.output.display()))?;
+    }
+    std::fs::rename(&tmp, &opts.output)
+        .with_context(|| format!("{}: cannot rename into place", opts.output.display()))?;
+    Ok(MergeReport {
+        seconds: start.elapsed().as_secs_f64(),
+        ..report
+    })
+}
+
+fn write_model(
+    base: &Path,
+    files_in: &WeightFiles,
+    deltas: &mut BTreeMap<String, LoraWeights>,
+    out: &Path,
+    opts: &MergeOptions,
+) -> Result<MergeReport> {
+    let total: usize = files_in.names().count();
+    let bar = if opts.progress {
+        let b = ProgressBar::new(total as u64);
+        b.set_style(
+            ProgressStyle::with_template("merging {bar:40} {pos}/{len} tensors {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut report = MergeReport {
+        tensors_merged: 0,
+        tensors_written: 0,
+        bytes_written: 0,
+        largest_tensor_bytes: 0,
+        seconds: 0.0,
+    };
+    let mut weight_map = serde_json::Map::new();
+    for (i, path) in files_in.paths().iter().enumerate() {
+        let file_name = path
+            .file_name()
+            .context("shard name")?
+            .to_string_lossy()
+            .into_owned();
+        let names = files_in.names_in_file(i);
+        let plan: Vec<(String, Dtype, Vec<usize>)> = names
+            .iter()
+            .map(|n| {
+                let (shape, dtype) = files_in.info(n).expect("listed");
+                let out_dtype = match (opts.dtype, dtype) {
+                    (Some(k), Dtype::F32 | Dtype::F16 | Dtype::BF16) => dtype_of(k)?,
+                    _ => dtype,
+                };
+                Ok((n.clone(), out_dtype, shape.to_vec()))
+            })
+            .collect::<Result<_>>()?;
+        let mut writer = StreamingWriter::create(
+            &out.join(&file_name),
+            &plan,
+            Some([("format".to_owned(), "pt".to_owned())].into()),
+        )?;
+        for (n, out_dtype, shape) in &plan {
+            let (_, in_dtype) = files_in.info(n).expect("listed");
+            let module = n.strip_suffix(".weight");
+            let delta = module.and_then(|m| deltas.remove(m));
+            let bytes = match delta {
+                None if *out_dtype == in_dtype => files_in.raw(n).expect("listed").to_vec(),
+                None => {
+                    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                    let t = files_in.load(n, &shape, kind_of(*out_dtype)?, Device::Cpu)?;
+                    tensor_bytes(&t)?
+                }
+                Some(w) => {
+                    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                    let mut t: Tensor = files_in.load(n, &shape, Kind::Float, Device::Cpu)?;
+                    let mut layer = LoraLayer::new("merge", w);
+                    layer.merge(&mut t).with_context(|| format!("{n}"))?;
+                    report.tensors_merged += 1;
+                    tensor_bytes(&t.to_kind(kind_of(*out_dtype)?))?
+                }
+            };
+            report.largest_tensor_bytes = report.largest_tensor_bytes.max(bytes.len() as u64);
+            report.bytes_written += bytes.len() as u64;
+            writer.write(n, &bytes)?;
+            report.tensors_written += 1;
+            weight_map.insert(n.clone(), file_name.clone().into());
+            bar.inc(1);
+        }
+        writer.finish()?;
+    }
+    bar.finish_and_clear();
+    if let Some(left) = deltas.keys().next() {
+        bail!("{}: no tensor {left}.weight to merge into", base.display());
+    }
+    if base.join(INDEX_FILE).exists() {
+        let index = serde_json::json!({
+            "metadata": {"total_size": report.bytes_written},
+            "weight_map": weight_map,
+        });
+        std::fs::write(out.join(INDEX_FILE), serde_json::to_string_pretty(&index)?)?;
+    } else {
+        debug_assert!(out.join(SINGLE_FILE).exists());
+    }
+    copy_other_files(base, out, opts.dtype)?;
+    Ok(report)
+}
+
+/// Copies config, tokenizer and generation files; records the new dtype in config.json.
+fn copy_other_files(base: &Path, out: &Path, dtype: Option<Kind>) -> Result<()> {
+    for entry in
+        std::fs::read_dir(base).with_context(|| format!("{}: cannot list", base.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_weights = name.ends_with(".safetensors")
+            || name == INDEX_FILE
+            || name.ends_with(".bin")
+            || name.ends_with(".pt");
+        if is_weights || !entry.file_type()?.is_file() || name.starts_with('.') {
+            continue;
+        }
+        if name == "config.json" {
+            let mut cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(entry.path())?)?;
+            if let (Some(k), Some(obj)) = (dtype, cfg.as_object_mut()) {
+                let s = match k {
+                    Kind::BFloat16 => "bfloat16",
+                    Kind::Half => "float16",
+                    _ => "float32",
+                };
+                obj.insert("dtype".into(), s.into());
+                if obj.contains_key("torch_dtype") {
+                    obj.insert("torch_dtype".into(), s.into());
+                }
+            }
+            std::fs::write(out.join(&name), serde_json::to_string_pretty(&cfg)?)?;
+        } else {
+            std::fs::copy(entry.path(), out.join(&name))
+                .with_context(|| format!("{}: cannot copy", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}

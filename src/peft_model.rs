@@ -1,0 +1,306 @@
+//! Attaching LoRA adapters to a loaded base model by Hugging Face module
+//! path: inject fresh ones, load and save PEFT adapter directories, choose or
+//! combine adapters, merge and unmerge — what PEFT's `PeftModel` and
+//! `LoraModel` do.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::{Kind, Tensor};
+
+use crate::models::llama::OUTPUT_HEAD;
+use crate::models::LlamaForCausalLM;
+use crate::nn::Linear;
+use peft_adapters::lora::files::{self, check_tensors, expected_tensors, key};
+use peft_adapters::lora::{Combination, LoraConfig, LoraLayer, LoraWeights};
+
+/// The name PEFT gives an adapter when none is given.
+pub const DEFAULT_ADAPTER: &str = "default";
+
+fn lora_layer(lin: &Linear) -> Option<&LoraLayer> {
+    lin.adapter
+        .as_ref()
+        .and_then(|a| a.as_any().downcast_ref::<LoraLayer>())
+}
+
+fn lora_layer_mut(lin: &mut Linear) -> Option<&mut LoraLayer> {
+    lin.adapter
+        .as_mut()
+        .and_then(|a| a.as_any_mut().downcast_mut::<LoraLayer>())
+}
+
+fn attach(lin: &mut Linear, name: &str, weights: LoraWeights) -> Result<()> {
+    match lin.adapter.as_mut() {
+        None => {
+            lin.adapter = Some(Box::new(LoraLayer::new(name, weights)));
+            Ok(())
+        }
+        Some(a) => match a.as_any_mut().downcast_mut::<LoraLayer>() {
+            Some(l) => l.add(name, weights),
+            None => bail!("the layer already carries an adapter of another method"),
+        },
+    }
+}
+
+/// The module paths `config` selects in `model`, refusing a tied output head.
+fn select(model: &mut LlamaForCausalLM, config: &LoraConfig) -> Result<Vec<String>> {
+    config.validate()?;
+    let modules = model.config.linear_modules();
+    let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
+    let chosen: Vec<String> = config
+        .select(&paths, OUTPUT_HEAD)?
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    if model.config.tie_word_embeddings && chosen.iter().any(|p| p == OUTPUT_HEAD) {
+        bail!("lm_head shares its weight with model.embed_tokens in this model; leave it out of target_modules");
+    }
+    Ok(chosen)
+}
+
+/// Injects a freshly initialised adapter `name` into every module `config`
+/// selects and returns their paths. Initial weights follow PEFT
+/// (`init_lora_weights`), so the model's output is unchanged by default.
+pub fn inject(
+    model: &mut LlamaForCausalLM,
+    name: &str,
+    config: &LoraConfig,
+) -> Result<Vec<String>> {
+    let chosen = select(model, config)?;
+    let device = model.device();
+    for (path, lin) in model.linear_layers_mut() {
+        if !chosen.contains(&path) {
+            continue;
+        }
+        let (r, alpha) = config.rank_and_alpha(&path);
+        let w = LoraWeights::init(
+            &lin.weight,
+            r,
+            config.scaling(r, alpha),
+            config.lora_dropout,
+            config.init_lora_weights,
+            config.use_dora,
+            device,
+        );
+        attach(lin, name, w).with_context(|| path.clone())?;
+    }
+    Ok(chosen)
+}
+
+/// Loads a PEFT adapter directory as adapter `name`, checking every tensor
+/// against the base: a missing key, an extra key or a wrong shape is an error
+/// naming the key (and both shapes).
+pub fn load_adapter(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Result<LoraConfig> {
+    let config = LoraConfig::read(dir)?;
+    let chosen = select(model, &config)
+        .with_context(|| dir.join(files::CONFIG_FILE).display().to_string())?;
+    let mut tensors = files::read_weights(dir)?;
+    let modules = model.config.linear_modules();
+    let expected: Vec<(String, Vec<i64>)> = modules
+        .iter()
+        .filter(|(p, _, _)| chosen.contains(p))
+        .flat_map(|(p, i, o)| expected_tensors(&config, p, *i, *o))
+        .collect();
+    check_tensors(&dir.join(files::WEIGHTS_FILE), &expected, &tensors)?;
+    let device = model.device();
+    let mut take = |k: String| -> Tensor {
+        let t = tensors.remove(&k).expect("checked above");
+        t.to_kind(Kind::Float)
+            .to_device(device)
+            .set_requires_grad(true)
+    };
+    for (path, lin) in model.linear_layers_mut() {
+        if !chosen.contains(&path) {
+            continue;
+        }
+        let (r, alpha) = config.rank_and_alpha(&path);
+        let w = LoraWeights {
+            a: take(key(&path, "lora_A.weight")),
+            b: take(key(&path, "lora_B.weight")),
+            magnitude: config
+                .use_dora
+                .then(|| take(key(&path, "lora_magnitude_vector"))),
+            scaling: config.scaling(r, alpha),
+            dropout: config.lora_dropout,
+        };
+        attach(lin, name, w).with_context(|| path.clone())?;
+    }
+    Ok(config)
+}
+
+/// The tensors of adapter `name` under their PEFT file keys.
+pub fn adapter_tensors(model: &mut LlamaForCausalLM, name: &str) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    for (path, lin) in model.linear_layers_mut() {
+        if let Some(w) = lora_layer(lin).and_then(|l| l.get(name)) {
+            out.extend(w.named().into_iter().map(|(s, t)| (key(&path, &s), t)));
+        }
+    }
+    out
+}
+
+/// Saves adapter `name` as a PEFT adapter directory (each file written to a
+/// temporary name and renamed).
+pub fn save_adapter(
+    model: &mut LlamaForCausalLM,
+    name: &str,
+    config: &LoraConfig,
+    dir: &Path,
+) -> Result<()> {
+    let tensors = adapter_tensors(model, name);
+    if tensors.is_empty() {
+        bail!("no adapter named `{name}` is attached to the model");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    files::write_safetensors(&dir.join(files::WEIGHTS_FILE), &tensors)?;
+    let json = serde_json::to_string_pretty(&config.to_json())?;
+    files::write_atomic(&dir.join(files::CONFIG_FILE), json.as_bytes())
+}
+
+/// Makes `names` the adapters summed in every forward pass.
+pub fn set_active(model: &mut LlamaForCausalLM, names: &[String]) {
+    for (_, lin) in model.linear_layers_mut() {
+        if let Some(l) = lora_layer_mut(lin) {
+            l.set_active(names);
+        }
+    }
+}
+
+/// Switches dropout in every adapter on (training) or off.
+pub fn set_training(model: &mut LlamaForCausalLM, training: bool) {
+    for (_, lin) in model.linear_layers_mut() {
+        if let Some(a) = lin.adapter.as_mut() {
+            a.set_training(training);
+        }
+    }
+}
+
+/// Builds adapter `new_name` as a weighted combination of loaded adapters, as
+/// PEFT's `add_weighted_adapter` does. The new adapter is not activated.
+pub fn add_weighted_adapter(
+    model: &mut LlamaForCausalLM,
+    names: &[String],
+    weights: &[f64],
+    new_name: &str,
+    combination: Combination,
+) -> Result<()> {
+    if names.len() != weights.len() || names.is_empty() {
+        bail!(
+            "give one weight per adapter ({} adapters, {} weights)",
+            names.len(),
+            weights.len()
+        );
+    }
+    for (path, lin) in model.linear_layers_mut() {
+        let Some(layer) = lora_layer_mut(lin) else {
+            continue;
+        };
+        let parts: Vec<(&LoraWeights, f64)> = names
+            .iter()
+            .zip(weights)
+            .filter_map(|(n, &w)| layer.get(n).map(|a| (a, w)))
+            .collect();
+        if parts.is_empty() {
+            continue;
+        }
+        let combined = LoraWeights::combine(&parts, combination).with_context(|| path.clone())?;
+        layer
+            .add(new_name, combined)
+            .with_context(|| path.clone())?;
+    }
+    Ok(())
+}
+
+/// Folds the active adapters into the base weights in memory (PEFT's `merge_adapter`).
+pub fn merge(model: &mut LlamaForCausalLM) -> Result<()> {
+    for (path, lin) in model.linear_layers_mut() {
+        if let Some(a) = lin.adapter.as_mut() {
+            a.merge(&mut lin.weight).with_context(|| path.clone())?;
+        }
+    }
+    Ok(())
+}
+
+/// Restores the base weights after [`merge`] (PEFT's `unmerge_adapter`).
+pub fn unmerge(model: &mut LlamaForCausalLM) -> Result<()> {
+    for (path, lin) in model.linear_layers_mut() {
+        if let Some(a) = lin.adapter.as_mut() {
+            a.unmerge(&mut lin.weight).with_context(|| path.clone())?;
+        }
+    }
+    Ok(())
+}
+
+/// Trainable tensors of the active adapters, keyed by PEFT file key.
+pub fn trainable_parameters(model: &mut LlamaForCausalLM) -> BTreeMap<String, Tensor> {
+    let mut out = BTreeMap::new();
+    for (path, lin) in model.linear_layers_mut() {
+        if let Some(a) = lin.adapter.as_ref() {
+            for (s, t) in a.trainable_tensors() {
+                out.insert(key(&path, &s), t);
+            }
+        }
+    }
+    out
+}
+
+/// PEFT's `print_trainable_parameters` line:
+/// `trainable params: 1,843,200 || all params: 136,358,784 || trainable%: 1.3517`.
+pub fn trainable_parameters_line(model: &mut LlamaForCausalLM) -> String {
+    let trainable: i64 = trainable_parameters(model)
+        .values()
+        .map(|t| t.numel() as i64)
+        .sum();
+    let all = model.num_parameters() + trainable;
+    format!(
+        "trainable params: {} || all params: {} || trainable%: {:.4}",
+        thousands(trainable),
+        thousands(all),
+        100.0 * trainable as f64 / all as f64
+    )
+}
+
+fn thousands(n: i64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Loads the adapters given on the command line: one is activated as is;
+/// several need one weight each and are combined into `combined`.
+pub fn load_adapters(
+    model: &mut LlamaForCausalLM,
+    dirs: &[std::path::PathBuf],
+    weights: &[f64],
+) -> Result<()> {
+    if dirs.is_empty() {
+        if !weights.is_empty() {
+            bail!("--weights needs --adapter");
+        }
+        return Ok(());
+    }
+    let names: Vec<String> = (0..dirs.len()).map(|i| format!("adapter{i}")).collect();
+    for (dir, name) in dirs.iter().zip(&names) {
+        load_adapter(model, dir, name)?;
+    }
+    match (dirs.len(), weights.len()) {
+        (1, 0) => set_active(model, &names),
+        (_, n) if n == dirs.len() => {
+            add_weighted_adapter(model, &names, weights, "combined", Combination::Linear)?;
+            set_active(model, &["combined".to_owned()]);
+        }
+        (_, 0) => bail!(
+            "{} adapters given: add --weights with one weight each (e.g. --weights 0.7,0.3)",
+            dirs.len()
+        ),
+        (d, w) => bail!("--weights has {w} values for {d} adapters"),
+    }
+    Ok(())
+}
