@@ -118,10 +118,11 @@ impl LoraWeights {
                     }
                     let mut a = first.a.zeros_like();
                     let mut b = first.b.zeros_like();
+                    // PEFT splits √|wᵢ·sᵢ| between A (with the sign) and B.
                     for (w, weight) in parts {
-                        let s = weight.abs().sqrt() * weight.signum();
-                        a += &w.a * (s * w.scaling);
-                        b += &w.b * weight.abs().sqrt();
+                        let ws = weight * w.scaling;
+                        a += &w.a * (ws.abs().sqrt() * ws.signum());
+                        b += &w.b * ws.abs().sqrt();
                     }
                     (a, b)
                 }

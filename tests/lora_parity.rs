@@ -1,0 +1,440 @@
+//! LoRA parity with Python PEFT, both directions, for LoRA, rsLoRA and DoRA;
+//! `peft-rs merge` against PEFT's `merge_and_unload`; initialisation; weighted
+//! combinations. References come from `tests/fixtures/peft_reference.py`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use peft_rs::adapters::lora::{InitLoraWeights, LoraConfig, TargetModules};
+use peft_rs::models::{self, LlamaForCausalLM};
+use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
+use tch::{Device, Kind, Tensor};
+
+const VARIANTS: [&str; 3] = ["lora", "rslora", "dora"];
+
+/// The PEFT fixtures: adapters, logits and merged states.
+fn peft_fx() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let tiny = common::model_dir("llama");
+        let default = common::default_model();
+        common::fixture("peft_reference.py", &["make"], &[&tiny, &default])
+    })
+}
+
+fn base_dir(base: &str) -> PathBuf {
+    match base {
+        "tiny" => common::model_dir("llama"),
+        _ => common::default_model(),
+    }
+}
+
+fn read(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+fn inputs(base: &str) -> (PathBuf, Tensor, Tensor) {
+    let p = peft_fx().join(base).join("inputs.safetensors");
+    let t = read(&p);
+    (
+        p,
+        t["input_ids"].shallow_clone(),
+        t["attention_mask"].shallow_clone(),
+    )
+}
+
+/// Max |a - b| over real (non-pad) positions.
+fn max_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    let keep = mask.to_kind(Kind::Bool).unsqueeze(-1);
+    (a - b)
+        .abs()
+        .masked_fill(&keep.logical_not(), 0.0)
+        .max()
+        .double_value(&[])
+}
+
+fn load_base(base: &str) -> LlamaForCausalLM {
+    models::load(&base_dir(base), Kind::Float, Device::Cpu).unwrap()
+}
+
+/// Runs `peft_reference.py logits ...` and returns the logits it wrote.
+fn python_logits(model_dir: &Path, inputs: &Path, adapter: Option<&Path>, merge: bool) -> Tensor {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let mut cmd = Command::new(common::python());
+    cmd.arg(common::repo().join("tests/fixtures/peft_reference.py"))
+        .arg("logits")
+        .arg(model_dir)
+        .arg(inputs)
+        .arg(&out);
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(a);
+    }
+    if merge {
+        cmd.arg("--merge");
+    }
+    let status = cmd.status().unwrap();
+    assert!(status.success(), "peft_reference.py logits failed");
+    read(&out).remove("logits").unwrap()
+}
+
+fn python_adapter_matches(base: &str, variant: &str) {
+    let (_, ids, mask) = inputs(base);
+    let mut model = load_base(base);
+    let dir = peft_fx().join(base).join(variant).join("adapter");
+    peft_model::load_adapter(&mut model, &dir, DEFAULT_ADAPTER).unwrap();
+    let ours = tch::no_grad(|| model.forward(&ids));
+    let expected = read(
+        &peft_fx()
+            .join(base)
+            .join(variant)
+            .join("logits.safetensors"),
+    )["logits"]
+        .shallow_clone();
+    let plain = tch::no_grad(|| load_base(base).forward(&ids));
+    let effect = max_diff(&plain, &expected, &mask);
+    let d = max_diff(&ours, &expected, &mask);
+    eprintln!(
+        "{base}/{variant}: PEFT adapter in peft-rs: max diff {d:.2e} (adapter effect {effect:.2e})"
+    );
+    assert!(
+        effect > 1e-2,
+        "the reference adapter must change the logits"
+    );
+    assert!(d < 1e-4, "{base}/{variant}: {d}");
+}
+
+#[test]
+fn peft_adapters_load_with_peft_logits_tiny() {
+    for v in VARIANTS {
+        python_adapter_matches("tiny", v);
+    }
+}
+
+#[test]
+fn peft_adapters_load_with_peft_logits_smollm2() {
+    for v in VARIANTS {
+        python_adapter_matches("smollm2", v);
+    }
+}
+
+/// An adapter made by peft-rs, with random B (and magnitude), saved and read back by PEFT.
+fn our_adapter_matches(base: &str, variant: &str) {
+    let (inputs_path, ids, mask) = inputs(base);
+    let mut model = load_base(base);
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 12.0,
+        target_modules: if base == "tiny" {
+            TargetModules::AllLinear
+        } else {
+            TargetModules::Names(vec!["k_proj".into(), "o_proj".into(), "up_proj".into()])
+        },
+        use_rslora: variant == "rslora",
+        use_dora: variant == "dora",
+        ..LoraConfig::default()
+    };
+    tch::manual_seed(7);
+    peft_model::inject(&mut model, DEFAULT_ADAPTER, &config).unwrap();
+    tch::no_grad(|| {
+        for (k, t) in peft_model::trainable_parameters(&mut model) {
+            let mut t = t.shallow_clone();
+            if k.ends_with("lora_B.weight") {
+                let _ = t.normal_(0.0, 0.05);
+            } else if k.ends_with("lora_magnitude_vector") {
+                let noise = t.randn_like() * 0.05 + 1.0;
+                t *= noise;
+            }
+        }
+    });
+    let ours = tch::no_grad(|| model.forward(&ids));
+    let tmp = tempfile::tempdir().unwrap();
+    peft_model::save_adapter(&mut model, DEFAULT_ADAPTER, &config, tmp.path()).unwrap();
+    let theirs = python_logits(&base_dir(base), &inputs_path, Some(tmp.path()), false);
+    let d = max_diff(&ours, &theirs, &mask);
+    eprintln!("{base}/{variant}: peft-rs adapter in PEFT: max diff {d:.2e}");
+    assert!(d < 1e-4, "{base}/{variant}: {d}");
+}
+
+#[test]
+fn our_adapters_load_in_peft_tiny() {
+    for v in VARIANTS {
+        our_adapter_matches("tiny", v);
+    }
+}
+
+#[test]
+fn our_adapter_loads_in_peft_smollm2() {
+    our_adapter_matches("smollm2", "dora");
+}
+
+fn merge_cli(base: &str, adapters: &[PathBuf], extra: &[&str], out: &Path) {
+    let mut args: Vec<String> = vec![
+        "merge".into(),
+        "--model".into(),
+        base_dir(base).display().to_string(),
+    ];
+    for a in adapters {
+        args.push("--adapter".into());
+        args.push(a.display().to_string());
+    }
+    args.push("--output".into());
+    args.push(out.display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = common::peft_rs(&refs);
+    assert!(
+        o.status.success(),
+        "merge failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn merged_matches(base: &str, variant: &str) {
+    let (inputs_path, _, mask) = inputs(base);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    merge_cli(
+        base,
+        &[peft_fx().join(base).join(variant).join("adapter")],
+        &[],
+        &out,
+    );
+    let theirs = python_logits(&out, &inputs_path, None, false);
+    let expected = read(
+        &peft_fx()
+            .join(base)
+            .join(variant)
+            .join("merged_logits.safetensors"),
+    )["logits"]
+        .shallow_clone();
+    let d = max_diff(&theirs, &expected, &mask);
+    eprintln!("{base}/{variant}: transformers on peft-rs merge vs PEFT merge_and_unload: {d:.2e}");
+    assert!(d < 1e-4, "{base}/{variant}: {d}");
+}
+
+#[test]
+fn merge_matches_peft_merge_and_unload_tiny() {
+    for v in VARIANTS {
+        merged_matches("tiny", v);
+    }
+}
+
+#[test]
+fn merge_matches_peft_merge_and_unload_smollm2() {
+    merged_matches("smollm2", "lora");
+}
+
+#[test]
+fn merge_in_bf16_is_peft_merge_rounded_to_bf16() {
+    for v in VARIANTS {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        merge_cli(
+            "tiny",
+            &[peft_fx().join("tiny").join(v).join("adapter")],
+            &["--dtype", "bf16"],
+            &out,
+        );
+        let ours = read(&out.join("model.safetensors"));
+        let reference = read(
+            &peft_fx()
+                .join("tiny")
+                .join(v)
+                .join("merged_state.safetensors"),
+        );
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["dtype"], "bfloat16");
+        let mut merged_checked = 0;
+        for (k, t) in &ours {
+            assert_eq!(t.kind(), Kind::BFloat16, "{k}");
+            let r = &reference[k];
+            // PEFT merges in fp32; rounding its result to bf16 must give our tensor,
+            // up to one bf16 step where the fp32 values differ in their last bits.
+            let rounded = r.to_kind(Kind::BFloat16).to_kind(Kind::Float);
+            let ulp = (r.abs() * 2f64.powi(-7)).clamp_min(1e-30);
+            let excess = ((t.to_kind(Kind::Float) - rounded).abs() - ulp)
+                .max()
+                .double_value(&[]);
+            assert!(
+                excess <= 0.0,
+                "{v} {k}: more than one bf16 step from PEFT's merge"
+            );
+            if k.contains("q_proj") {
+                merged_checked += 1;
+            }
+        }
+        assert!(merged_checked > 0);
+    }
+}
+
+#[test]
+fn fresh_adapters_leave_logits_exactly_unchanged() {
+    let (_, ids, _) = inputs("tiny");
+    let mut model = load_base("tiny");
+    let before = tch::no_grad(|| model.forward(&ids));
+    for (name, dora) in [("a", false), ("b", true)] {
+        let config = LoraConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            target_modules: TargetModules::AllLinear,
+            use_dora: dora,
+            ..LoraConfig::default()
+        };
+        peft_model::inject(&mut model, name, &config).unwrap();
+        peft_model::set_active(&mut model, &[name.to_owned()]);
+        let after = tch::no_grad(|| model.forward(&ids));
+        assert!(
+            after.equal(&before),
+            "fresh adapter {name} (dora {dora}) changed the logits"
+        );
+    }
+}
+
+#[test]
+fn initial_a_has_the_variance_of_peft_init() {
+    let stats: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(peft_fx().join("tiny/init_stats.json")).unwrap(),
+    )
+    .unwrap();
+    for (init, key) in [
+        (InitLoraWeights::Default, "default"),
+        (InitLoraWeights::Gaussian, "gaussian"),
+    ] {
+        let mut model = load_base("tiny");
+        let config = LoraConfig {
+            r: 64,
+            lora_alpha: 16.0,
+            target_modules: TargetModules::AllLinear,
+            init_lora_weights: init,
+            ..LoraConfig::default()
+        };
+        tch::manual_seed(11);
+        peft_model::inject(&mut model, DEFAULT_ADAPTER, &config).unwrap();
+        let params = peft_model::trainable_parameters(&mut model);
+        let a = &params["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+        let n = a.numel() as f64;
+        let var = a.var(true).double_value(&[]);
+        let s = if key == "default" {
+            &stats
+        } else {
+            &stats["gaussian"]
+        };
+        let peft_var = s["var"].as_f64().unwrap();
+        let in_f = stats["in_features"].as_f64().unwrap();
+        let theory = if key == "default" {
+            1.0 / (3.0 * in_f)
+        } else {
+            1.0 / (64.0f64 * 64.0)
+        };
+        // Standard error of a sample variance: var·√(2/(n-1)) for a normal,
+        // var·√(0.8/(n-1)) for a uniform (kurtosis 1.8). Allow 5 standard errors.
+        let se = theory * (2.0 / (n - 1.0)).sqrt();
+        eprintln!("{key}: var {var:.4e}, PEFT {peft_var:.4e}, theory {theory:.4e}, se {se:.1e}");
+        assert!(
+            (var - theory).abs() < 5.0 * se,
+            "{key}: variance {var} vs {theory}"
+        );
+        assert!(
+            (var - peft_var).abs() < 7.0 * se,
+            "{key}: variance {var} vs PEFT's {peft_var}"
+        );
+        if key == "default" {
+            let bound = 1.0 / in_f.sqrt();
+            assert!(a.abs().max().double_value(&[]) <= bound);
+            // A U(-b, b) sample of this size reaches close to the bound; the ReLU-gain
+            // kaiming init (2.45x wider) would exceed it.
+            assert!(a.abs().max().double_value(&[]) > 0.99 * bound);
+        }
+        for (k, t) in &params {
+            if k.ends_with("lora_B.weight") {
+                assert_eq!(
+                    t.abs().max().double_value(&[]),
+                    0.0,
+                    "{k} must start at zero"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn weighted_linear_combination_matches_peft() {
+    let (inputs_path, ids, mask) = inputs("tiny");
+    let w = peft_fx().join("tiny/weighted");
+    let mut model = load_base("tiny");
+    peft_model::load_adapters(&mut model, &[w.join("a"), w.join("b")], &[0.7, 0.3]).unwrap();
+    let ours = tch::no_grad(|| model.forward(&ids));
+    let expected = read(&w.join("ab_logits.safetensors"))["logits"].shallow_clone();
+    let d = max_diff(&ours, &expected, &mask);
+    eprintln!("weighted linear: {d:.2e}");
+    assert!(d < 1e-4, "{d}");
+
+    // Only adapter a active.
+    let mut model = load_base("tiny");
+    peft_model::load_adapters(&mut model, &[w.join("a")], &[]).unwrap();
+    let only_a = tch::no_grad(|| model.forward(&ids));
+    assert!(
+        max_diff(
+            &only_a,
+            &read(&w.join("a_logits.safetensors"))["logits"],
+            &mask
+        ) < 1e-4
+    );
+
+    // The merge command with weights gives PEFT's merged combination.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    merge_cli(
+        "tiny",
+        &[w.join("a"), w.join("b")],
+        &["--weights", "0.7,0.3"],
+        &out,
+    );
+    let theirs = python_logits(&out, &inputs_path, None, false);
+    let expected = read(&w.join("ab_merged_logits.safetensors"))["logits"].shallow_clone();
+    let d = max_diff(&theirs, &expected, &mask);
+    eprintln!("weighted merge: {d:.2e}");
+    assert!(d < 1e-4, "{d}");
+}
+
+#[test]
+fn unmerge_restores_base_weights() {
+    for v in VARIANTS {
+        let mut model = load_base("tiny");
+        let before: Vec<Tensor> = model
+            .linear_layers_mut()
+            .into_iter()
+            .map(|(_, l)| l.weight.copy())
+            .collect();
+        peft_model::load_adapter(
+            &mut model,
+            &peft_fx().join("tiny").join(v).join("adapter"),
+            DEFAULT_ADAPTER,
+        )
+        .unwrap();
+        peft_model::merge(&mut model).unwrap();
+        let changed = model
+            .linear_layers_mut()
+            .into_iter()
+            .zip(&before)
+            .filter(|((_, l), b)| !l.weight.equal(b))
+            .count();
+        assert!(changed > 0, "{v}: merge changed nothing");
+        peft_model::unmerge(&mut model).unwrap();
+        for ((path, l), b) in model.linear_layers_mut().into_iter().zip(&before) {
+            let rel = ((&l.weight - b).abs().max() / b.abs().max()).double_value(&[]);
+            assert!(rel < 1e-5, "{v} {path}: relative error {rel} after unmerge");
+        }
+    }
+}
