@@ -13,6 +13,7 @@ use crate::merge::{merge_to_dir, MergeOptions};
 use crate::models::Pretrained;
 use crate::peft_model;
 use crate::tokenizer::Message;
+use crate::train::{Schedule, TrainConfig, Trainer};
 
 /// Train, load, save and merge LoRA/PEFT adapters for causal language models.
 #[derive(Parser, Debug)]
@@ -30,6 +31,10 @@ enum Command {
     Generate(GenerateArgs),
     /// Merge adapters into the base weights and write a Hugging Face model directory.
     Merge(MergeArgs),
+    /// Fine-tune LoRA adapters on instruction data (NEFTune with --neftune-alpha).
+    Train(Box<TrainArgs>),
+    /// Print the loss and perplexity of a model (with or without adapters) on a data file.
+    Eval(EvalArgs),
 }
 
 /// Where the model comes from and where it runs.
@@ -115,6 +120,8 @@ pub fn main() -> Result<()> {
         Command::Env => env(),
         Command::Generate(a) => generate_cmd(a),
         Command::Merge(a) => merge_cmd(a),
+        Command::Train(a) => train_cmd(*a),
+        Command::Eval(a) => eval_cmd(a),
     }
 }
 
@@ -339,5 +346,302 @@ fn merge_cmd(a: MergeArgs) -> Result<()> {
         r.seconds
     );
     println!("{}", opts.output.display());
+    Ok(())
+}
+
+/// `peft-rs train` flags; each one overrides the same setting from --config.
+#[derive(Args, Debug, Default)]
+pub struct TrainArgs {
+    /// TOML or YAML file with the settings (field names as in training_args.json); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Base model directory (default: the embedded SmolLM2-135M-Instruct).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Training data: Alpaca JSON/JSONL, or JSONL with messages, prompt/completion or text.
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
+    /// Data format: alpaca, messages, prompt-completion or text (default: detected).
+    #[arg(long)]
+    format: Option<String>,
+    /// Output directory: adapter, checkpoint-N/, metrics.jsonl, training_args.json [default: runs/peft-rs].
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
+    /// Evaluation data file (evaluated with noise and dropout off).
+    #[arg(long, value_name = "FILE")]
+    eval_data: Option<PathBuf>,
+    /// Hold out this many training examples for evaluation instead of --eval-data.
+    #[arg(long, value_name = "N")]
+    eval_holdout: Option<usize>,
+    /// Evaluate every N steps (and always at the end).
+    #[arg(long, value_name = "N")]
+    eval_steps: Option<u64>,
+    /// LoRA rank r [default: 16].
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA alpha; scaling = alpha / r [default: 32].
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Dropout on the LoRA branch [default: 0.05].
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// all-linear, or a comma-separated list such as q_proj,v_proj [default: all-linear].
+    #[arg(long, value_delimiter = ',')]
+    target_modules: Option<Vec<String>>,
+    /// rsLoRA scaling (alpha / sqrt(r)).
+    #[arg(long)]
+    use_rslora: bool,
+    /// DoRA (weight-decomposed LoRA).
+    #[arg(long)]
+    use_dora: bool,
+    /// NEFTune noise alpha (TRL's neftune_noise_alpha); 0 or absent is off. The paper uses 5, 10, 15.
+    #[arg(long)]
+    neftune_alpha: Option<f64>,
+    /// paper: L = each example's real length, no noise on padding (default); hf: L = padded batch length, as TRL.
+    #[arg(long)]
+    neftune_mode: Option<String>,
+    /// uniform (the paper) or gaussian (its ablation).
+    #[arg(long)]
+    neftune_noise: Option<String>,
+    /// Examples per micro-batch [default: 4].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Peak learning rate [default: 2e-4].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// AdamW weight decay [default: 0].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// AdamW beta1 [default: 0.9].
+    #[arg(long)]
+    adam_beta1: Option<f64>,
+    /// AdamW beta2 [default: 0.999].
+    #[arg(long)]
+    adam_beta2: Option<f64>,
+    /// AdamW epsilon [default: 1e-8].
+    #[arg(long)]
+    adam_epsilon: Option<f64>,
+    /// constant, linear or cosine [default: linear].
+    #[arg(long)]
+    lr_scheduler: Option<String>,
+    /// Warmup steps (overrides --warmup-ratio).
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Warmup as a fraction of the steps [default: 0.03].
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    /// Clip the gradient norm to this (0: off) [default: 1].
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// Passes over the data [default: 1].
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Stop after N optimizer steps (overrides --epochs).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Truncate examples to N tokens [default: 512].
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// Compute the loss on prompt tokens too.
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// Do not group examples of similar length into batches.
+    #[arg(long)]
+    no_group_by_length: bool,
+    /// Seed of adapter init, data order, dropout and noise [default: 42].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// auto, cpu, cuda or cuda:N [default: auto].
+    #[arg(long)]
+    device: Option<String>,
+    /// Base weights dtype: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Recompute each decoder layer in the backward pass (less memory, about a third more compute).
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// Rows of logits per cross-entropy chunk [default: 1024].
+    #[arg(long)]
+    loss_chunk_size: Option<i64>,
+    /// Write a metrics.jsonl line every N steps [default: 1].
+    #[arg(long)]
+    logging_steps: Option<u64>,
+    /// Save a checkpoint every N steps (0: none).
+    #[arg(long)]
+    save_steps: Option<u64>,
+    /// Keep only the newest N checkpoints (0: all).
+    #[arg(long)]
+    save_total_limit: Option<usize>,
+    /// Continue from the newest complete checkpoint in --output.
+    #[arg(long)]
+    resume: bool,
+}
+
+impl TrainArgs {
+    /// The settings: defaults, then --config, then the flags given.
+    pub fn to_config(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => TrainConfig::from_file(p)?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($flag:ident => $field:ident) => {
+                if let Some(v) = self.$flag.clone() {
+                    c.$field = v.into();
+                }
+            };
+        }
+        set!(model => model);
+        set!(data => data);
+        set!(format => format);
+        set!(output => output);
+        set!(eval_data => eval_data);
+        set!(eval_holdout => eval_holdout);
+        set!(eval_steps => eval_steps);
+        set!(lora_rank => lora_rank);
+        set!(lora_alpha => lora_alpha);
+        set!(lora_dropout => lora_dropout);
+        set!(target_modules => target_modules);
+        set!(neftune_alpha => neftune_noise_alpha);
+        set!(neftune_mode => neftune_mode);
+        set!(neftune_noise => neftune_noise);
+        set!(batch_size => per_device_train_batch_size);
+        set!(grad_accum => gradient_accumulation_steps);
+        set!(lr => learning_rate);
+        set!(weight_decay => weight_decay);
+        set!(adam_beta1 => adam_beta1);
+        set!(adam_beta2 => adam_beta2);
+        set!(adam_epsilon => adam_epsilon);
+        set!(warmup_steps => warmup_steps);
+        set!(warmup_ratio => warmup_ratio);
+        set!(max_grad_norm => max_grad_norm);
+        set!(epochs => num_train_epochs);
+        set!(max_steps => max_steps);
+        set!(max_seq_len => max_seq_length);
+        set!(seed => seed);
+        set!(device => device);
+        set!(dtype => dtype);
+        set!(loss_chunk_size => loss_chunk_size);
+        set!(logging_steps => logging_steps);
+        set!(save_steps => save_steps);
+        set!(save_total_limit => save_total_limit);
+        if let Some(s) = &self.lr_scheduler {
+            c.lr_scheduler_type = match s.as_str() {
+                "constant" => Schedule::Constant,
+                "linear" => Schedule::Linear,
+                "cosine" => Schedule::Cosine,
+                other => bail!("--lr-scheduler `{other}`: expected constant, linear or cosine"),
+            };
+        }
+        c.use_rslora |= self.use_rslora;
+        c.use_dora |= self.use_dora;
+        c.train_on_prompt |= self.train_on_prompt;
+        c.gradient_checkpointing |= self.gradient_checkpointing;
+        c.resume |= self.resume;
+        if self.no_group_by_length {
+            c.group_by_length = false;
+        }
+        if self.target_modules.is_none()
+            && c.target_modules.len() == 1
+            && c.target_modules[0].contains(',')
+        {
+            c.target_modules = c.target_modules[0].split(',').map(str::to_owned).collect();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn train_cmd(a: TrainArgs) -> Result<()> {
+    let cfg = a.to_config()?;
+    let mut trainer = Trainer::new(cfg, vec![])?;
+    let s = trainer.run()?;
+    println!(
+        "== training finished: {} steps in {:.1} s ({:.0} tokens/s)",
+        s.steps, s.seconds, s.tokens_per_second
+    );
+    println!("final training loss: {:.4}", s.final_train_loss);
+    if let (Some(b), Some(after)) = (s.eval_loss_before, s.eval_loss_after) {
+        println!(
+            "eval loss: {b:.4} -> {after:.4} (perplexity {:.2} -> {:.2})",
+            b.exp(),
+            after.exp()
+        );
+    } else if let Some(after) = s.eval_loss_after {
+        println!("eval loss: {after:.4} (perplexity {:.2})", after.exp());
+    }
+    println!("adapter (PEFT format): {}", s.output.display());
+    println!("metrics: {}", s.output.join("metrics.jsonl").display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    adapters: AdapterArgs,
+    /// Data file (same formats as train).
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Data format (default: detected).
+    #[arg(long)]
+    format: Option<String>,
+    /// Truncate examples to N tokens.
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// Examples per batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Include prompt tokens in the loss.
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn eval_cmd(a: EvalArgs) -> Result<()> {
+    let mut base = a.model.load()?;
+    peft_model::load_adapters(&mut base.model, &a.adapters.adapter, &a.adapters.weights)?;
+    let eos = *base
+        .eos_token_ids
+        .first()
+        .context("the model defines no EOS token")?;
+    let opts = crate::data::DataOptions {
+        format: a.format.as_deref().map(str::parse).transpose()?,
+        max_seq_len: a.max_seq_len,
+        train_on_prompt: a.train_on_prompt,
+    };
+    let ds = crate::data::load_dataset(&a.data, &base.tokenizer, eos, &opts)?;
+    let pad = base.tokenizer.pad_token_id().map(i64::from).unwrap_or(eos);
+    let tokens: usize = ds
+        .examples
+        .iter()
+        .map(|e| e.labels.iter().filter(|&&l| l != -100).count())
+        .sum();
+    let loss = crate::train::mean_loss(
+        &base.model,
+        &ds,
+        a.batch_size,
+        pad,
+        1024,
+        &mut Default::default(),
+    )?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "examples": ds.examples.len(), "label_tokens": tokens})
+        );
+    } else {
+        println!(
+            "loss {loss:.4}  perplexity {:.3}  ({} examples, {tokens} label tokens)",
+            loss.exp(),
+            ds.examples.len()
+        );
+    }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! methods live in [`peft_adapters`] and regularizers in [`peft_regularizers`].
 
 pub mod cli;
+pub mod data;
 pub mod device;
 pub mod generate;
 pub mod merge;
@@ -12,6 +13,7 @@ pub mod models;
 pub mod nn;
 pub mod peft_model;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use peft_adapters as adapters;

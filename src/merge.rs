@@ -237,7 +237,7 @@ fn write_model(
                     let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
                     let mut t: Tensor = files_in.load(n, &shape, Kind::Float, Device::Cpu)?;
                     let mut layer = LoraLayer::new("merge", w);
-                    layer.merge(&mut t).with_context(|| format!("{n}"))?;
+                    layer.merge(&mut t).with_context(|| n.to_string())?;
                     report.tensors_merged += 1;
                     tensor_bytes(&t.to_kind(kind_of(*out_dtype)?))?
                 }

@@ -8,6 +8,9 @@ use minijinja::{Environment, Error as JinjaError, ErrorKind, Value as JinjaValue
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// A byte range `start..end` of a text.
+pub type Span = (usize, usize);
+
 /// One chat turn, as in transformers' `messages` lists.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
@@ -123,6 +126,19 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with the byte span of each token in `text`.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow::anyhow!("{}: cannot encode text: {e}", self.path.display()))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
@@ -139,6 +155,14 @@ impl Tokenizer {
     pub fn eos_token_id(&self) -> Option<u32> {
         self.special_tokens
             .get("eos_token")
+            .and_then(Value::as_str)
+            .and_then(|t| self.token_to_id(t))
+    }
+
+    /// The id of `pad_token` from `tokenizer_config.json`.
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.special_tokens
+            .get("pad_token")
             .and_then(Value::as_str)
             .and_then(|t| self.token_to_id(t))
     }

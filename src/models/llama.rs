@@ -556,6 +556,12 @@ impl LlamaForCausalLM {
         self.model.norm.forward(&x)
     }
 
+    /// RoPE `cos` and `sin` for positions `offset..offset+len`, for callers
+    /// that run the decoder layers themselves (the trainer does).
+    pub fn rope(&self, offset: i64, len: i64, kind: Kind) -> (Tensor, Tensor) {
+        self.model.rotary_emb.cos_sin(offset, len, kind)
+    }
+
     /// `lm_head(hidden)`: `[..., hidden]` to `[..., vocab]` logits.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         self.lm_head.forward(hidden)

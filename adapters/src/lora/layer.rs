@@ -250,7 +250,7 @@ impl LinearAdapter for LoraLayer {
                     (&scale - 1.0) * base_nb + &scale * lora * w.scaling
                 }
             };
-            result = result + added.to_kind(kind);
+            result += added.to_kind(kind);
         }
         result
     }

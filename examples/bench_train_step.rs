@@ -1,0 +1,103 @@
+//! Rust side of the training-step benchmark (see `bench/run.sh`): the same
+//! LoRA r=16 all-linear step as `bench/train_step.py`, through the trainer's
+//! own `forward_backward`, clipping and AdamW.
+//!
+//! cargo run --release --example bench_train_step -- MODEL_DIR BATCH SEQ STEPS [--gradient-checkpointing]
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use peft_rs::adapters::lora::{LoraConfig, TargetModules};
+use peft_rs::data::Batch;
+use peft_rs::models;
+use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
+use peft_rs::regularizers::{Neftune, NeftuneMode, NoiseDistribution, RegularizerStack};
+use peft_rs::train::optim::{clip_grad_norm, AdamW};
+use peft_rs::train::{forward_backward, StepOptions};
+use tch::{Device, Kind, Tensor};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let model_dir = PathBuf::from(&args[0]);
+    let (batch, seq, steps): (i64, i64, usize) =
+        (args[1].parse()?, args[2].parse()?, args[3].parse()?);
+    let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
+    let device = Device::cuda_if_available();
+    let kind = if device == Device::Cpu {
+        Kind::Float
+    } else {
+        Kind::BFloat16
+    };
+    let mut model = models::load(&model_dir, kind, device)?;
+    tch::manual_seed(0);
+    let lora = LoraConfig {
+        r: 16,
+        lora_alpha: 32.0,
+        lora_dropout: 0.05,
+        target_modules: TargetModules::AllLinear,
+        ..LoraConfig::default()
+    };
+    peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora)?;
+    peft_model::set_training(&mut model, true);
+    let params = peft_model::trainable_parameters(&mut model);
+    let trainable: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    let mut optim = AdamW::new(&params, (0.9, 0.999), 1e-8, 0.0);
+    let mut regs = RegularizerStack::new();
+    regs.push(Box::new(Neftune {
+        alpha: 5.0,
+        mode: NeftuneMode::Hf,
+        noise: NoiseDistribution::Uniform,
+    }));
+    tch::manual_seed(1);
+    let ids = Tensor::randint_low(3, 40000, [batch, seq], (Kind::Int64, Device::Cpu));
+    let b = Batch {
+        input_ids: ids.shallow_clone(),
+        labels: ids.shallow_clone(),
+        attention_mask: ids.ones_like(),
+        num_tokens: batch * seq,
+        num_label_tokens: batch * (seq - 1),
+    };
+    let opts = StepOptions {
+        gradient_checkpointing: checkpointing,
+        loss_chunk_size: 1024,
+    };
+    let mut step = |i: u64| -> Result<f64> {
+        let loss = forward_backward(
+            &model,
+            &mut regs,
+            &trainable,
+            &b,
+            i,
+            i,
+            b.num_label_tokens as f64,
+            opts,
+        )?;
+        clip_grad_norm(&params, 1.0);
+        optim.step(&params, 2e-4);
+        for p in params.values() {
+            p.shallow_clone().zero_grad();
+        }
+        Ok(loss)
+    };
+    step(0)?; // warm-up
+    if device != Device::Cpu {
+        tch::Cuda::synchronize(0);
+    }
+    let t0 = Instant::now();
+    let mut loss = 0.0;
+    for i in 1..=steps as u64 {
+        loss = step(i)?;
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"stack": "peft-rs", "tokens_per_second": (batch * seq) as f64 * steps as f64 / dt,
+            "seconds_per_step": dt / steps as f64, "loss": loss, "threads": tch::get_num_threads(),
+            "gradient_checkpointing": checkpointing, "device": format!("{device:?}")})
+    );
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! NEFTune: noisy embedding fine-tuning (Jain et al., arXiv 2310.05914).
+//!
+//! Noise `ε · α/√(L·d)` is added to the token embeddings in training forward
+//! passes only, with `ε ~ U(-1, 1)` and `d` the hidden size. Implementations
+//! disagree on `L`:
+//!
+//! * [`NeftuneMode::Paper`] — the authors' training code: `L` is each
+//!   example's number of real tokens (`attention_mask.sum(1)`), and padding
+//!   gets no noise. With packing, each packed segment uses its own length.
+//! * [`NeftuneMode::Hf`] — transformers' `neftune_post_forward_hook`, which
+//!   TRL, Axolotl and Unsloth use: `L` is the padded length of the batch and
+//!   every position is noised. For runs that must match a Python TRL run.
+
+use std::str::FromStr;
+
+use anyhow::bail;
+use tch::{Kind, Tensor};
+
+use crate::{HookContext, HookPoint, Regularizer};
+
+/// How `L` is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NeftuneMode {
+    /// Per-example real length; no noise on padding (the paper's code).
+    Paper,
+    /// Padded batch length; noise everywhere (transformers/TRL).
+    Hf,
+}
+
+impl FromStr for NeftuneMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "paper" => Ok(Self::Paper),
+            "hf" => Ok(Self::Hf),
+            other => bail!("--neftune-mode `{other}`: expected paper or hf"),
+        }
+    }
+}
+
+/// The distribution of `ε`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoiseDistribution {
+    /// `U(-1, 1)`, as in the paper.
+    Uniform,
+    /// `N(0, 1)`, the paper's ablation.
+    Gaussian,
+}
+
+impl FromStr for NoiseDistribution {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "uniform" => Ok(Self::Uniform),
+            "gaussian" => Ok(Self::Gaussian),
+            other => bail!("--neftune-noise `{other}`: expected uniform or gaussian"),
+        }
+    }
+}
+
+/// The NEFTune regularizer.
+#[derive(Debug, Clone)]
+pub struct Neftune {
+    /// α (TRL's `neftune_noise_alpha`); 0 adds nothing.
+    pub alpha: f64,
+    /// How `L` is measured.
+    pub mode: NeftuneMode,
+    /// The distribution of `ε`.
+    pub noise: NoiseDistribution,
+}
+
+impl Neftune {
+    /// NEFTune with the paper's length rule and uniform noise.
+    pub fn new(alpha: f64) -> Self {
+        Self {
+            alpha,
+            mode: NeftuneMode::Paper,
+            noise: NoiseDistribution::Uniform,
+        }
+    }
+
+    /// The noise that would be added to `embeddings` (`[batch, seq, d]`), in fp32.
+    /// Drawn from libtorch's generator seeded with `ctx.seed`.
+    pub fn noise(&self, embeddings: &Tensor, ctx: &HookContext) -> Tensor {
+        let _g = tch::no_grad_guard();
+        let (_, t, d) = embeddings
+            .size3()
+            .expect("embeddings are [batch, seq, hidden]");
+        let opts = (Kind::Float, embeddings.device());
+        tch::manual_seed(ctx.seed as i64 & i64::MAX);
+        let eps = match self.noise {
+            NoiseDistribution::Uniform => {
+                Tensor::empty(embeddings.size(), opts).uniform_(-1.0, 1.0)
+            }
+            NoiseDistribution::Gaussian => Tensor::empty(embeddings.size(), opts).normal_(0.0, 1.0),
+        };
+        match self.mode {
+            NeftuneMode::Hf => eps * (self.alpha / ((t * d) as f64).sqrt()),
+            NeftuneMode::Paper => {
+                let mask = ctx
+                    .attention_mask
+                    .to_kind(Kind::Float)
+                    .to_device(embeddings.device());
+                let lengths = match ctx.segment_ids {
+                    // Each position's segment length: positions of its row with the same id.
+                    Some(seg) => {
+                        let seg = seg.to_device(embeddings.device());
+                        seg.unsqueeze(2)
+                            .eq_tensor(&seg.unsqueeze(1))
+                            .to_kind(Kind::Float)
+                            .sum_dim_intlist(2, false, Kind::Float)
+                    }
+                    None => mask
+                        .sum_dim_intlist(1, true, Kind::Float)
+                        .expand([mask.size()[0], t], false),
+                };
+                // clamp: an all-padding row has length 0 and gets no noise anyway.
+                let scale = (lengths.clamp_min(1.0) * d as f64).rsqrt() * self.alpha * &mask;
+                eps * scale.unsqueeze(-1)
+            }
+        }
+    }
+}
+
+impl Regularizer for Neftune {
+    fn name(&self) -> String {
+        format!(
+            "neftune(alpha={}, mode={}, noise={})",
+            self.alpha,
+            match self.mode {
+                NeftuneMode::Paper => "paper",
+                NeftuneMode::Hf => "hf",
+            },
+            match self.noise {
+                NoiseDistribution::Uniform => "uniform",
+                NoiseDistribution::Gaussian => "gaussian",
+            }
+        )
+    }
+
+    fn hook_points(&self) -> Vec<HookPoint> {
+        vec![HookPoint::EmbeddingOutput]
+    }
+
+    fn apply(&mut self, _point: HookPoint, value: Tensor, ctx: &HookContext) -> Tensor {
+        if !ctx.training || self.alpha == 0.0 {
+            return value;
+        }
+        let noise = self.noise(&value, ctx).to_kind(value.kind());
+        value + noise
+    }
+}

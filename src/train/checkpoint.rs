@@ -1,0 +1,112 @@
+//! Checkpoints that survive being killed at any moment.
+//!
+//! `OUTPUT/checkpoint-STEP/` holds the adapter (PEFT format), the optimizer
+//! moments and a small trainer state. It is written into a hidden temporary
+//! directory, completed by a `COMPLETE` manifest of file sizes written last,
+//! and renamed into place; resume takes the newest folder whose manifest
+//! matches its files and ignores anything else.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tch::Tensor;
+
+use peft_adapters::lora::files::{write_atomic, write_safetensors};
+
+const MANIFEST: &str = "COMPLETE";
+/// Optimizer moments.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Step and settings.
+pub const STATE_FILE: &str = "trainer_state.json";
+
+/// Writes a checkpoint directory atomically. `write_adapter` writes the
+/// adapter files into the directory it is given.
+pub fn save(
+    output: &Path,
+    step: u64,
+    optimizer_state: &[(String, Tensor)],
+    trainer_state: &serde_json::Value,
+    write_adapter: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let final_dir = output.join(format!("checkpoint-{step}"));
+    let tmp = output.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    write_adapter(&tmp)?;
+    write_safetensors(&tmp.join(OPTIMIZER_FILE), optimizer_state)?;
+    write_atomic(
+        &tmp.join(STATE_FILE),
+        serde_json::to_string_pretty(trainer_state)?.as_bytes(),
+    )?;
+    let mut sizes = BTreeMap::new();
+    for e in std::fs::read_dir(&tmp)? {
+        let e = e?;
+        sizes.insert(
+            e.file_name().to_string_lossy().into_owned(),
+            e.metadata()?.len(),
+        );
+    }
+    write_atomic(
+        &tmp.join(MANIFEST),
+        serde_json::to_string_pretty(&json!(sizes))?.as_bytes(),
+    )?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("{}: cannot rename into place", final_dir.display()))?;
+    Ok(final_dir)
+}
+
+/// Whether a checkpoint folder is complete: its manifest lists every file with its size.
+pub fn is_complete(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(MANIFEST)) else {
+        return false;
+    };
+    let Ok(sizes) = serde_json::from_str::<BTreeMap<String, u64>>(&text) else {
+        return false;
+    };
+    !sizes.is_empty()
+        && sizes
+            .iter()
+            .all(|(f, &n)| std::fs::metadata(dir.join(f)).is_ok_and(|m| m.len() == n))
+}
+
+/// Complete checkpoints in `output`, oldest first, with their steps.
+pub fn list(output: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(output)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            is_complete(&e.path()).then(|| (step, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Removes the oldest checkpoints so that at most `keep` remain (0: keep all),
+/// and any temporary folder a killed run left behind.
+pub fn prune(output: &Path, keep: usize) -> Result<()> {
+    for e in std::fs::read_dir(output)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".checkpoint-") && !name.ends_with(&format!("-{}", std::process::id()))
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    if keep == 0 {
+        return Ok(());
+    }
+    let all = list(output);
+    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("{}: cannot remove", dir.display()))?;
+    }
+    Ok(())
+}

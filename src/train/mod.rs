@@ -1,0 +1,708 @@
+//! `peft-rs train`: LoRA fine-tuning of a frozen base with pluggable regularizers.
+//!
+//! The run is: set up (model, data, adapters, regularizers, optimizer, resume)
+//! → for each step, [`Trainer::train_step`] → evaluate and checkpoint on
+//! schedule → save the adapter. Everything random (adapter init, data order,
+//! dropout, NEFTune noise) is derived from `seed` and the step, so the same
+//! settings give the same loss curve, and a resumed run continues it exactly.
+
+pub mod checkpoint;
+pub mod config;
+pub mod optim;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tch::{Kind, Reduction, Tensor};
+
+pub use config::{Schedule, TrainConfig};
+
+use crate::data::{self, Batch, DataOptions, Dataset};
+use crate::device::{parse_device, parse_dtype, resolve_model_dir};
+use crate::models::{LlamaForCausalLM, Pretrained};
+use crate::nn::ModuleHooks;
+use crate::peft_model::{self, DEFAULT_ADAPTER};
+use optim::{clip_grad_norm, lr_at, AdamW};
+use peft_adapters::lora::LoraConfig;
+use peft_regularizers::{mix, HookContext, HookPoint, Neftune, Regularizer, RegularizerStack};
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Optimizer steps taken in total (including before a resume).
+    pub steps: u64,
+    /// Training loss of the last step (measured with regularizers on).
+    pub final_train_loss: f64,
+    /// Evaluation loss before the first step, if there is eval data.
+    pub eval_loss_before: Option<f64>,
+    /// Evaluation loss at the end.
+    pub eval_loss_after: Option<f64>,
+    /// Wall time of this process's training loop.
+    pub seconds: f64,
+    /// Real (non-pad) tokens processed per second.
+    pub tokens_per_second: f64,
+    /// Where the adapter was written.
+    pub output: PathBuf,
+}
+
+/// One optimizer step's numbers.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// Mean cross-entropy over the step's label tokens (plus loss-point regularizers).
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Real tokens in the step.
+    pub tokens: i64,
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    /// The settings.
+    pub cfg: TrainConfig,
+    /// The base with adapters attached.
+    pub model: LlamaForCausalLM,
+    /// The adapter's configuration as saved.
+    pub lora: LoraConfig,
+    regs: RegularizerStack,
+    params: BTreeMap<String, Tensor>,
+    trainable: Vec<(String, Tensor)>,
+    optim: AdamW,
+    train: Dataset,
+    eval: Option<Dataset>,
+    pad_id: i64,
+    order_cache: Option<(u64, Vec<Vec<usize>>)>,
+    /// Optimizer steps per run.
+    pub total_steps: u64,
+    warmup: u64,
+}
+
+impl Trainer {
+    /// Loads the base, the data and fresh adapters; adds NEFTune when
+    /// `neftune_noise_alpha > 0` and then `extra` regularizers, in that order.
+    pub fn new(cfg: TrainConfig, extra: Vec<Box<dyn Regularizer>>) -> Result<Self> {
+        cfg.validate()?;
+        let device = parse_device(&cfg.device)?;
+        let kind = parse_dtype(&cfg.dtype, device)?;
+        let model_dir = resolve_model_dir(cfg.model.clone())?;
+        let Some(data_path) = cfg.data.clone() else {
+            bail!("no training data: pass --data FILE (Alpaca JSON, or JSONL with messages, prompt/completion or text)");
+        };
+        let base = Pretrained::load(&model_dir, kind, device)?;
+        let eos = *base
+            .eos_token_ids
+            .first()
+            .context("the model defines no EOS token (generation_config.json, config.json or tokenizer_config.json)")?;
+        let opts = DataOptions {
+            format: cfg.format.as_deref().map(str::parse).transpose()?,
+            max_seq_len: cfg.max_seq_length,
+            train_on_prompt: cfg.train_on_prompt,
+        };
+        let mut train = data::load_dataset(&data_path, &base.tokenizer, eos, &opts)?;
+        let eval = match (&cfg.eval_data, cfg.eval_holdout) {
+            (Some(p), _) => Some(data::load_dataset(p, &base.tokenizer, eos, &opts)?),
+            (None, 0) => None,
+            (None, n) => {
+                if n >= train.examples.len() {
+                    bail!(
+                        "--eval-holdout {n} leaves no training data ({} examples)",
+                        train.examples.len()
+                    );
+                }
+                let (t, e) = data::split_holdout(train, n, cfg.seed);
+                train = t;
+                Some(e)
+            }
+        };
+        let pad_id = base.tokenizer.pad_token_id().map(i64::from).unwrap_or(eos);
+        let mut model = base.model;
+        let lora = cfg.lora_config(&model_dir);
+        tch::manual_seed(cfg.seed as i64 & i64::MAX);
+        peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora)?;
+        peft_model::set_training(&mut model, true);
+        let params = peft_model::trainable_parameters(&mut model);
+        let trainable = params
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
+            .collect();
+        let optim = AdamW::new(
+            &params,
+            (cfg.adam_beta1, cfg.adam_beta2),
+            cfg.adam_epsilon,
+            cfg.weight_decay,
+        );
+        let mut regs = RegularizerStack::new();
+        if cfg.neftune_noise_alpha > 0.0 {
+            regs.push(Box::new(Neftune {
+                alpha: cfg.neftune_noise_alpha,
+                mode: cfg.neftune_mode.parse()?,
+                noise: cfg.neftune_noise.parse()?,
+            }));
+        }
+        for r in extra {
+            regs.push(r);
+        }
+        let batches_per_epoch = train
+            .examples
+            .len()
+            .div_ceil(cfg.per_device_train_batch_size) as u64;
+        let total_steps = if cfg.max_steps > 0 {
+            cfg.max_steps
+        } else {
+            ((cfg.num_train_epochs * batches_per_epoch as f64)
+                / cfg.gradient_accumulation_steps as f64)
+                .ceil() as u64
+        }
+        .max(1);
+        let warmup = if cfg.warmup_steps > 0 {
+            cfg.warmup_steps
+        } else {
+            (cfg.warmup_ratio * total_steps as f64).ceil() as u64
+        };
+        Ok(Self {
+            cfg,
+            model,
+            lora,
+            regs,
+            params,
+            trainable,
+            optim,
+            train,
+            eval,
+            pad_id,
+            order_cache: None,
+            total_steps,
+            warmup,
+        })
+    }
+
+    /// The micro-batches of optimizer step `step`: a pure function of
+    /// (seed, step), which is what makes resume exact.
+    fn batches_for_step(&mut self, step: u64) -> Vec<Batch> {
+        let ga = self.cfg.gradient_accumulation_steps as u64;
+        let bs = self.cfg.per_device_train_batch_size;
+        let mut out = Vec::with_capacity(ga as usize);
+        for k in step * ga..(step + 1) * ga {
+            let n_batches = self.train.examples.len().div_ceil(bs) as u64;
+            let (epoch, i) = (k / n_batches, (k % n_batches) as usize);
+            if self.order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
+                let lengths: Vec<usize> = self
+                    .train
+                    .examples
+                    .iter()
+                    .map(|e| e.input_ids.len())
+                    .collect();
+                let order =
+                    data::batch_order(&lengths, bs, self.cfg.group_by_length, self.cfg.seed, epoch);
+                self.order_cache = Some((epoch, order));
+            }
+            let order = &self.order_cache.as_ref().expect("set above").1;
+            let examples: Vec<&data::Example> =
+                order[i].iter().map(|&j| &self.train.examples[j]).collect();
+            out.push(data::collate(&examples, self.pad_id));
+        }
+        out
+    }
+
+    /// One optimizer step: forward and backward on each micro-batch (the loss
+    /// normalised by the step's label tokens, as transformers' Trainer does),
+    /// clip, update, clear the gradients.
+    pub fn train_step(&mut self, step: u64) -> Result<StepStats> {
+        let batches = self.batches_for_step(step);
+        let label_tokens: i64 = batches.iter().map(|b| b.num_label_tokens).sum();
+        let mut loss = 0.0;
+        for (micro, batch) in batches.iter().enumerate() {
+            let seed = mix(mix(self.cfg.seed, step), micro as u64);
+            let opts = StepOptions {
+                gradient_checkpointing: self.cfg.gradient_checkpointing,
+                loss_chunk_size: self.cfg.loss_chunk_size,
+            };
+            let denom = label_tokens.max(1) as f64;
+            loss += forward_backward(
+                &self.model,
+                &mut self.regs,
+                &self.trainable,
+                batch,
+                step,
+                seed,
+                denom,
+                opts,
+            )?;
+        }
+        if !loss.is_finite() {
+            bail!("the loss became {loss} at step {}; stopping (the last complete checkpoint is kept)", step + 1);
+        }
+        let grad_norm = clip_grad_norm(&self.params, self.cfg.max_grad_norm);
+        let lr = lr_at(
+            self.cfg.lr_scheduler_type,
+            self.cfg.learning_rate,
+            step,
+            self.warmup,
+            self.total_steps,
+        );
+        self.optim.step(&self.params, lr);
+        for p in self.params.values_mut() {
+            p.zero_grad();
+        }
+        Ok(StepStats {
+            loss,
+            lr,
+            grad_norm,
+            tokens: batches.iter().map(|b| b.num_tokens).sum(),
+        })
+    }
+
+    /// Mean cross-entropy over the evaluation data, with training-only
+    /// regularizers and dropout off.
+    pub fn evaluate(&mut self) -> Result<Option<f64>> {
+        let Some(eval) = &self.eval else {
+            return Ok(None);
+        };
+        peft_model::set_training(&mut self.model, false);
+        let r = mean_loss(
+            &self.model,
+            eval,
+            self.cfg.per_device_train_batch_size * 2,
+            self.pad_id,
+            self.cfg.loss_chunk_size,
+            &mut self.regs,
+        );
+        peft_model::set_training(&mut self.model, true);
+        r.map(Some)
+    }
+
+    /// Writes the adapter (PEFT format) into `dir`.
+    pub fn save_adapter(&mut self, dir: &Path) -> Result<()> {
+        peft_model::save_adapter(&mut self.model, DEFAULT_ADAPTER, &self.lora, dir)
+    }
+
+    fn save_checkpoint(&mut self, step: u64) -> Result<PathBuf> {
+        let state = json!({
+            "global_step": step,
+            "seed": self.cfg.seed,
+            "total_steps": self.total_steps,
+            "settings": self.cfg,
+        });
+        let optim = self.optim.state();
+        let output = self.cfg.output.clone();
+        let model = &mut self.model;
+        let lora = &self.lora;
+        let dir = checkpoint::save(&output, step, &optim, &state, |d| {
+            peft_model::save_adapter(model, DEFAULT_ADAPTER, lora, d)
+        })?;
+        checkpoint::prune(&output, self.cfg.save_total_limit)?;
+        Ok(dir)
+    }
+
+    /// Loads the newest complete checkpoint; returns the step to continue from.
+    fn resume(&mut self) -> Result<u64> {
+        let Some((step, dir)) = checkpoint::list(&self.cfg.output).pop() else {
+            bail!(
+                "--resume: no complete checkpoint in {}",
+                self.cfg.output.display()
+            );
+        };
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(checkpoint::STATE_FILE))?)?;
+        let saved: TrainConfig = serde_json::from_value(state["settings"].clone())
+            .with_context(|| format!("{}: unreadable settings", dir.display()))?;
+        for (field, same) in [
+            ("data", saved.data == self.cfg.data),
+            ("model", saved.model == self.cfg.model),
+            ("lora_rank", saved.lora_rank == self.cfg.lora_rank),
+            (
+                "target_modules",
+                saved.target_modules == self.cfg.target_modules,
+            ),
+            (
+                "per_device_train_batch_size",
+                saved.per_device_train_batch_size == self.cfg.per_device_train_batch_size,
+            ),
+            (
+                "gradient_accumulation_steps",
+                saved.gradient_accumulation_steps == self.cfg.gradient_accumulation_steps,
+            ),
+            ("seed", saved.seed == self.cfg.seed),
+        ] {
+            if !same {
+                bail!("--resume: `{field}` differs from the run saved in {}; resume with the same settings", dir.display());
+            }
+        }
+        let adapter = peft_adapters::lora::files::read_weights(&dir)?;
+        tch::no_grad(|| -> Result<()> {
+            for (k, p) in &self.params {
+                let t = adapter
+                    .get(k)
+                    .with_context(|| format!("{}: checkpoint lacks {k}", dir.display()))?;
+                p.shallow_clone().copy_(t);
+            }
+            Ok(())
+        })?;
+        let optim = Tensor::read_safetensors(dir.join(checkpoint::OPTIMIZER_FILE))
+            .with_context(|| format!("{}: cannot read optimizer state", dir.display()))?;
+        self.optim.load_state(optim.into_iter().collect())?;
+        Ok(step)
+    }
+
+    /// Runs the whole training loop with a progress bar, metrics, evaluation
+    /// and checkpoints, and saves the final adapter.
+    pub fn run(&mut self) -> Result<Summary> {
+        let output = self.cfg.output.clone();
+        std::fs::create_dir_all(&output)
+            .with_context(|| format!("{}: cannot create", output.display()))?;
+        let metrics_path = output.join("metrics.jsonl");
+        let start_step = if self.cfg.resume {
+            let s = self.resume()?;
+            keep_metrics_until(&metrics_path, s)?;
+            eprintln!(
+                "resuming from {} at step {s}",
+                output.join(format!("checkpoint-{s}")).display()
+            );
+            s
+        } else {
+            if !checkpoint::list(&output).is_empty()
+                || output.join("adapter_model.safetensors").exists()
+            {
+                bail!(
+                    "{}: already holds a run; pass --resume to continue it or choose another --output",
+                    output.display()
+                );
+            }
+            let _ = std::fs::remove_file(&metrics_path);
+            0
+        };
+        eprintln!("{}", peft_model::trainable_parameters_line(&mut self.model));
+        eprintln!(
+            "{} training examples ({}; {} truncated to {} tokens, {} dropped), {} steps of {} x {}{}",
+            self.train.examples.len(),
+            self.train.format.name(),
+            self.train.truncated,
+            self.cfg.max_seq_length,
+            self.train.dropped,
+            self.total_steps,
+            self.cfg.per_device_train_batch_size,
+            self.cfg.gradient_accumulation_steps,
+            if self.regs.is_empty() { String::new() } else { format!(", regularizers: {}", self.regs.names().join(", ")) }
+        );
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)?;
+        let eval_before = if start_step == 0 {
+            self.evaluate()?
+        } else {
+            None
+        };
+        if let Some(l) = eval_before {
+            writeln!(metrics, "{}", json!({"step": 0, "eval_loss": l}))?;
+        }
+        let bar = ProgressBar::new(self.total_steps).with_position(start_step);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let t0 = Instant::now();
+        let (mut tokens, mut last_loss) = (0i64, f64::NAN);
+        let mut eval_after = None;
+        for step in start_step..self.total_steps {
+            let s = self.train_step(step)?;
+            tokens += s.tokens;
+            last_loss = s.loss;
+            let done = step + 1;
+            let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+                s.loss, s.lr, tps
+            ));
+            bar.inc(1);
+            let mut line = json!({
+                "step": done, "epoch": self.epoch_at(done), "loss": s.loss, "lr": s.lr,
+                "grad_norm": s.grad_norm, "tokens_per_second": tps,
+            });
+            let eval_now = self.cfg.eval_steps > 0 && done % self.cfg.eval_steps == 0
+                || done == self.total_steps;
+            if eval_now {
+                if let Some(l) = self.evaluate()? {
+                    line["eval_loss"] = json!(l);
+                    eval_after = Some(l);
+                    bar.println(format!("step {done}: eval loss {l:.4}"));
+                }
+            }
+            if done % self.cfg.logging_steps == 0 || eval_now {
+                writeln!(metrics, "{line}")?;
+                metrics.flush()?;
+            }
+            if self.cfg.save_steps > 0 && done % self.cfg.save_steps == 0 && done < self.total_steps
+            {
+                self.save_checkpoint(done)?;
+            }
+        }
+        bar.finish_and_clear();
+        self.save_adapter(&output)?;
+        let args = serde_json::to_string_pretty(&self.cfg)?;
+        peft_adapters::lora::files::write_atomic(
+            &output.join("training_args.json"),
+            args.as_bytes(),
+        )?;
+        let seconds = t0.elapsed().as_secs_f64();
+        Ok(Summary {
+            steps: self.total_steps,
+            final_train_loss: last_loss,
+            eval_loss_before: eval_before,
+            eval_loss_after: eval_after,
+            seconds,
+            tokens_per_second: tokens as f64 / seconds.max(1e-9),
+            output,
+        })
+    }
+
+    fn epoch_at(&self, step: u64) -> f64 {
+        let n = self
+            .train
+            .examples
+            .len()
+            .div_ceil(self.cfg.per_device_train_batch_size) as f64;
+        step as f64 * self.cfg.gradient_accumulation_steps as f64 / n
+    }
+}
+
+/// How [`forward_backward`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOptions {
+    /// Recompute each decoder layer in the backward pass.
+    pub gradient_checkpointing: bool,
+    /// Rows of logits per cross-entropy chunk.
+    pub loss_chunk_size: i64,
+}
+
+/// Forward and backward of one micro-batch, accumulating into the adapters'
+/// `.grad`; returns its share of the step loss (cross-entropy summed over its
+/// label tokens, divided by `denom`, the step's label tokens).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward(
+    model: &LlamaForCausalLM,
+    regs: &mut RegularizerStack,
+    trainable: &[(String, Tensor)],
+    batch: &Batch,
+    step: u64,
+    seed: u64,
+    denom: f64,
+    opts: StepOptions,
+) -> Result<f64> {
+    let device = model.device();
+    let ids = batch.input_ids.to_device(device);
+    let labels = batch.labels.to_device(device);
+    let mask = batch.attention_mask.to_device(device);
+    let ctx = HookContext {
+        training: true,
+        step,
+        attention_mask: &mask,
+        segment_ids: None,
+        seed,
+        trainable,
+    };
+    // Each layer reseeds the generator, so that a recomputed layer
+    // (gradient checkpointing) draws the same dropout masks.
+    let layer_seed = |i: usize| (mix(seed, 10_000 + i as u64) & i64::MAX as u64) as i64;
+
+    // 1. Token embeddings, then embedding-output regularizers (NEFTune).
+    let mut x = model.embed(&ids);
+    if regs.wants(HookPoint::EmbeddingOutput, true) {
+        x = regs.apply(HookPoint::EmbeddingOutput, x, &ctx);
+    }
+
+    // 2. Decoder layers. With checkpointing, run them without a graph and keep only their inputs.
+    let (cos, sin) = model.rope(0, x.size()[1], x.kind());
+    let checkpointing = opts.gradient_checkpointing;
+    let mut layer_inputs = Vec::new();
+    {
+        let _no_grad = checkpointing.then(tch::no_grad_guard);
+        for (i, layer) in model.model.layers.iter().enumerate() {
+            if checkpointing {
+                layer_inputs.push(x.detach());
+            }
+            tch::manual_seed(layer_seed(i));
+            x = layer.forward(&x, &cos, &sin, None);
+            let point = HookPoint::DecoderLayerOutput(i);
+            if regs.wants(point, true) {
+                x = regs.apply(point, x, &ctx);
+            }
+        }
+    }
+    let top = if checkpointing {
+        x.detach().set_requires_grad(true)
+    } else {
+        x
+    };
+
+    // 3. Final norm and cross-entropy in chunks; backward down to `top`.
+    let normed = model.model.norm.forward(&top);
+    let ce_sum = chunked_cross_entropy(model, &normed, &labels, opts.loss_chunk_size, Some(denom))?;
+    let mut loss = ce_sum / denom;
+
+    // 4. Loss-point regularizers may add terms with their own gradient.
+    if regs.wants(HookPoint::Loss, true) {
+        let l = regs.apply(HookPoint::Loss, Tensor::from(loss).to_device(device), &ctx);
+        if l.requires_grad() {
+            l.backward();
+        }
+        loss = l.double_value(&[]);
+    }
+
+    // 5. With checkpointing, recompute each layer (last to first) and backpropagate through it.
+    if checkpointing {
+        let mut grad = top.grad();
+        for (i, layer) in model.model.layers.iter().enumerate().rev() {
+            let input = if i > 0 {
+                layer_inputs[i].detach().set_requires_grad(true)
+            } else {
+                layer_inputs[i].shallow_clone()
+            };
+            tch::manual_seed(layer_seed(i));
+            let mut out = layer.forward(&input, &cos, &sin, None);
+            let point = HookPoint::DecoderLayerOutput(i);
+            if regs.wants(point, true) {
+                out = regs.apply(point, out, &ctx);
+            }
+            (out * &grad).sum(Kind::Float).backward();
+            if i > 0 {
+                grad = input.grad();
+            }
+        }
+    }
+    Ok(loss)
+}
+
+/// Sum of cross-entropy over label tokens, computed on at most `chunk` rows of
+/// logits at a time so that the full fp32 logits never sit in memory. With
+/// `backward_scale`, each chunk's loss divided by it is backpropagated at once
+/// (and the chunks' gradients then flow into `hidden` together).
+pub fn chunked_cross_entropy(
+    model: &LlamaForCausalLM,
+    hidden: &Tensor,
+    labels: &Tensor,
+    chunk: i64,
+    backward_scale: Option<f64>,
+) -> Result<f64> {
+    let (_, t, h) = hidden.size3()?;
+    // Position i predicts token i+1.
+    let hs = hidden.narrow(1, 0, t - 1).reshape([-1, h]);
+    let ys = labels.narrow(1, 1, t - 1).reshape([-1]);
+    let idx = ys.ne(-100).nonzero().squeeze_dim(1);
+    let n = idx.size()[0];
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let sel = hs.index_select(0, &idx);
+    let targets = ys.index_select(0, &idx);
+    let leaf = if backward_scale.is_some() {
+        sel.detach().set_requires_grad(true)
+    } else {
+        sel.shallow_clone()
+    };
+    let mut total = 0.0;
+    for s in (0..n).step_by(chunk as usize) {
+        let m = chunk.min(n - s);
+        let logits = model.logits(&leaf.narrow(0, s, m)).to_kind(Kind::Float);
+        let ce = logits.cross_entropy_loss::<Tensor>(
+            &targets.narrow(0, s, m),
+            None,
+            Reduction::Sum,
+            -100,
+            0.0,
+        );
+        total += ce.double_value(&[]);
+        if let Some(scale) = backward_scale {
+            (ce / scale).backward();
+        }
+    }
+    if backward_scale.is_some() && sel.requires_grad() {
+        (sel * leaf.grad()).sum(Kind::Float).backward();
+    }
+    Ok(total)
+}
+
+/// Routes the model's module hooks to evaluation-time regularizers.
+struct EvalHooks<'a> {
+    regs: &'a mut RegularizerStack,
+    mask: &'a Tensor,
+}
+
+impl ModuleHooks for EvalHooks<'_> {
+    fn after_module(&mut self, path: &str, output: Tensor) -> Tensor {
+        let Some(point) = HookPoint::from_module_path(path) else {
+            return output;
+        };
+        if !self.regs.wants(point, false) {
+            return output;
+        }
+        let ctx = HookContext {
+            training: false,
+            step: 0,
+            attention_mask: self.mask,
+            segment_ids: None,
+            seed: 0,
+            trainable: &[],
+        };
+        self.regs.apply(point, output, &ctx)
+    }
+}
+
+/// Mean cross-entropy per label token over a dataset, without gradients.
+pub fn mean_loss(
+    model: &LlamaForCausalLM,
+    ds: &Dataset,
+    batch_size: usize,
+    pad_id: i64,
+    chunk: i64,
+    regs: &mut RegularizerStack,
+) -> Result<f64> {
+    let _g = tch::no_grad_guard();
+    let device = model.device();
+    // Sorted by length: little padding, and the result does not depend on order.
+    let mut order: Vec<usize> = (0..ds.examples.len()).collect();
+    order.sort_by_key(|&i| ds.examples[i].input_ids.len());
+    let (mut sum, mut count) = (0.0, 0i64);
+    for chunk_idx in order.chunks(batch_size) {
+        let ex: Vec<&data::Example> = chunk_idx.iter().map(|&i| &ds.examples[i]).collect();
+        let b = data::collate(&ex, pad_id);
+        let mask = b.attention_mask.to_device(device);
+        let mut hooks = EvalHooks { regs, mask: &mask };
+        let hidden = model.forward_hidden(&b.input_ids.to_device(device), None, Some(&mut hooks));
+        sum += chunked_cross_entropy(model, &hidden, &b.labels.to_device(device), chunk, None)?;
+        count += b.num_label_tokens;
+    }
+    if count == 0 {
+        bail!("{}: no label tokens to evaluate", ds.path.display());
+    }
+    Ok(sum / count as f64)
+}
+
+fn keep_metrics_until(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    peft_adapters::lora::files::write_atomic(path, out.as_bytes())
+}

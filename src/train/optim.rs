@@ -1,0 +1,159 @@
+//! AdamW with state we can save (tch's optimizer exposes none), the
+//! learning-rate schedules of transformers' `get_scheduler`, and gradient-norm
+//! clipping as `torch.nn.utils.clip_grad_norm_` does it.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use tch::{Kind, Tensor};
+
+use super::config::Schedule;
+
+/// AdamW over named parameters (PyTorch's `torch.optim.AdamW` update).
+pub struct AdamW {
+    /// β1, β2.
+    pub betas: (f64, f64),
+    /// ε.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Steps taken.
+    pub step: u64,
+    /// First moments by parameter name.
+    pub exp_avg: BTreeMap<String, Tensor>,
+    /// Second moments by parameter name.
+    pub exp_avg_sq: BTreeMap<String, Tensor>,
+}
+
+impl AdamW {
+    /// Zero moments for every parameter.
+    pub fn new(
+        params: &BTreeMap<String, Tensor>,
+        betas: (f64, f64),
+        eps: f64,
+        weight_decay: f64,
+    ) -> Self {
+        let zeros = |t: &Tensor| t.zeros_like().detach();
+        Self {
+            betas,
+            eps,
+            weight_decay,
+            step: 0,
+            exp_avg: params.iter().map(|(k, t)| (k.clone(), zeros(t))).collect(),
+            exp_avg_sq: params.iter().map(|(k, t)| (k.clone(), zeros(t))).collect(),
+        }
+    }
+
+    /// One update with learning rate `lr` from the parameters' `.grad`.
+    pub fn step(&mut self, params: &BTreeMap<String, Tensor>, lr: f64) {
+        let _g = tch::no_grad_guard();
+        self.step += 1;
+        let (b1, b2) = self.betas;
+        let bc1 = 1.0 - b1.powi(self.step as i32);
+        let bc2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
+        for (k, p) in params {
+            let g = p.grad();
+            if !g.defined() {
+                continue;
+            }
+            let mut p = p.shallow_clone();
+            let mut m = self.exp_avg[k].shallow_clone();
+            let mut v = self.exp_avg_sq[k].shallow_clone();
+            if self.weight_decay != 0.0 {
+                let _ = p.f_mul_scalar_(1.0 - lr * self.weight_decay);
+            }
+            let _ = m.lerp_(&g, 1.0 - b1);
+            let _ = v.f_mul_scalar_(b2);
+            let _ = v.f_add_(&(&g * &g * (1.0 - b2)));
+            let denom = v.sqrt() / bc2_sqrt + self.eps;
+            let _ = p.f_sub_(&(&m / denom * (lr / bc1)));
+        }
+    }
+
+    /// The state as tensors (moments, and the step count) for a checkpoint.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = Vec::new();
+        for (k, t) in &self.exp_avg {
+            v.push((format!("exp_avg.{k}"), t.shallow_clone()));
+        }
+        for (k, t) in &self.exp_avg_sq {
+            v.push((format!("exp_avg_sq.{k}"), t.shallow_clone()));
+        }
+        v.push(("step".into(), Tensor::from_slice(&[self.step as i64])));
+        v
+    }
+
+    /// Restores the state written by [`AdamW::state`].
+    pub fn load_state(&mut self, mut state: BTreeMap<String, Tensor>) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        for (prefix, map) in [
+            ("exp_avg", &mut self.exp_avg),
+            ("exp_avg_sq", &mut self.exp_avg_sq),
+        ] {
+            for (k, t) in map.iter_mut() {
+                let key = format!("{prefix}.{k}");
+                let Some(s) = state.remove(&key) else {
+                    bail!("optimizer state lacks {key}");
+                };
+                if s.size() != t.size() {
+                    bail!(
+                        "optimizer state {key} has shape {:?}, expected {:?}",
+                        s.size(),
+                        t.size()
+                    );
+                }
+                t.copy_(&s.to_kind(Kind::Float));
+            }
+        }
+        let step = state
+            .remove("step")
+            .map(|s| s.int64_value(&[0]))
+            .unwrap_or(0);
+        self.step = step as u64;
+        Ok(())
+    }
+}
+
+/// transformers' schedule multipliers (`get_linear_schedule_with_warmup` and
+/// friends), for the 0-based optimizer step `step` of `total`.
+pub fn lr_at(schedule: Schedule, base_lr: f64, step: u64, warmup: u64, total: u64) -> f64 {
+    let s = step as f64;
+    if step < warmup {
+        return base_lr * s / (warmup.max(1) as f64);
+    }
+    let progress = (s - warmup as f64) / ((total.saturating_sub(warmup)).max(1) as f64);
+    base_lr
+        * match schedule {
+            Schedule::Constant => 1.0,
+            Schedule::Linear => (1.0 - progress).max(0.0),
+            Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+        }
+}
+
+/// The global gradient norm, and gradients scaled down to `max_norm` when
+/// above it (`clip_grad_norm_`: coefficient max_norm / (norm + 1e-6)).
+pub fn clip_grad_norm(params: &BTreeMap<String, Tensor>, max_norm: f64) -> f64 {
+    let _g = tch::no_grad_guard();
+    let grads: Vec<Tensor> = params
+        .values()
+        .map(|p| p.grad())
+        .filter(|g| g.defined())
+        .collect();
+    if grads.is_empty() {
+        return 0.0;
+    }
+    let norms: Vec<Tensor> = grads
+        .iter()
+        .map(|g| g.norm().to_kind(Kind::Float))
+        .collect();
+    let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
+    if max_norm > 0.0 {
+        let coef = max_norm / (total + 1e-6);
+        if coef < 1.0 {
+            for g in &grads {
+                let _ = g.shallow_clone().f_mul_scalar_(coef);
+            }
+        }
+    }
+    total
+}

@@ -1,0 +1,241 @@
+//! NEFTune: bounds, padding, modes, determinism and statistics of the noise,
+//! and the `hf` mode against transformers' `neftune_post_forward_hook`.
+
+mod common;
+
+use std::process::Command;
+
+use peft_rs::regularizers::{
+    HookContext, HookPoint, Neftune, NeftuneMode, NoiseDistribution, Regularizer,
+};
+use tch::{Device, Kind, Tensor};
+
+const D: i64 = 64;
+
+/// A right-padded batch: real lengths 12, 5 and 30 of a padded length 30.
+fn batch() -> (Tensor, Tensor, Vec<i64>) {
+    let lengths = vec![12i64, 5, 30];
+    let t = 30;
+    let mask: Vec<i64> = lengths
+        .iter()
+        .flat_map(|&l| (0..t).map(move |i| (i < l) as i64))
+        .collect();
+    let mask = Tensor::from_slice(&mask).view([3, t]);
+    tch::manual_seed(3);
+    let emb = Tensor::randn([3, t, D], (Kind::Float, Device::Cpu));
+    (emb, mask, lengths)
+}
+
+fn ctx<'a>(mask: &'a Tensor, training: bool, seed: u64) -> HookContext<'a> {
+    HookContext {
+        training,
+        step: 0,
+        attention_mask: mask,
+        segment_ids: None,
+        seed,
+        trainable: &[],
+    }
+}
+
+fn noise_of(n: &mut Neftune, emb: &Tensor, mask: &Tensor, training: bool, seed: u64) -> Tensor {
+    n.apply(
+        HookPoint::EmbeddingOutput,
+        emb.shallow_clone(),
+        &ctx(mask, training, seed),
+    ) - emb
+}
+
+#[test]
+fn paper_mode_uses_each_examples_length_and_spares_padding() {
+    let (emb, mask, lengths) = batch();
+    let mut n = Neftune::new(5.0);
+    let noise = noise_of(&mut n, &emb, &mask, true, 1);
+    for (i, &l) in lengths.iter().enumerate() {
+        let bound = 5.0 / ((l * D) as f64).sqrt();
+        let real = noise.get(i as i64).narrow(0, 0, l);
+        let max = real.abs().max().double_value(&[]);
+        assert!(max <= bound * (1.0 + 1e-6), "example {i}: {max} > {bound}");
+        // Uniform noise reaches close to its bound with hundreds of draws.
+        assert!(
+            max > 0.95 * bound,
+            "example {i}: max {max} far below the bound {bound}"
+        );
+        if l < 30 {
+            let pad = noise.get(i as i64).narrow(0, l, 30 - l);
+            assert_eq!(
+                pad.abs().max().double_value(&[]),
+                0.0,
+                "example {i}: noise on padding"
+            );
+        }
+    }
+}
+
+#[test]
+fn hf_mode_uses_the_padded_length_everywhere() {
+    let (emb, mask, _) = batch();
+    let mut n = Neftune {
+        alpha: 5.0,
+        mode: NeftuneMode::Hf,
+        noise: NoiseDistribution::Uniform,
+    };
+    let noise = noise_of(&mut n, &emb, &mask, true, 1);
+    let bound = 5.0 / ((30 * D) as f64).sqrt();
+    let max = noise.abs().max().double_value(&[]);
+    assert!(max <= bound * (1.0 + 1e-6) && max > 0.99 * bound);
+    // Padding positions are noised too (example 1 has 25 of them).
+    let pad = noise.get(1).narrow(0, 5, 25);
+    assert!(pad.abs().max().double_value(&[]) > 0.9 * bound);
+}
+
+#[test]
+fn uniform_noise_has_the_predicted_mean_and_variance() {
+    // One long example: 4096 x 64 draws.
+    let emb = Tensor::zeros([1, 4096, D], (Kind::Float, Device::Cpu));
+    let mask = Tensor::ones([1, 4096], (Kind::Int64, Device::Cpu));
+    let mut n = Neftune::new(10.0);
+    let noise = noise_of(&mut n, &emb, &mask, true, 9);
+    let scale = 10.0 / ((4096 * D) as f64).sqrt();
+    let eps = noise / scale; // should be U(-1, 1)
+    let count = (4096 * D) as f64;
+    let mean = eps.mean(Kind::Float).double_value(&[]);
+    let var = eps.var(true).double_value(&[]);
+    // U(-1,1): mean 0 (sd of the sample mean √(1/3/n)), variance 1/3 (sd of the sample variance √(4/45/n)).
+    assert!(mean.abs() < 5.0 * (1.0 / 3.0 / count).sqrt(), "mean {mean}");
+    assert!(
+        (var - 1.0 / 3.0).abs() < 5.0 * (4.0 / 45.0 / count).sqrt(),
+        "variance {var}"
+    );
+    let mut g = Neftune {
+        alpha: 10.0,
+        mode: NeftuneMode::Paper,
+        noise: NoiseDistribution::Gaussian,
+    };
+    let gauss = noise_of(&mut g, &emb, &mask, true, 9) / scale;
+    let gvar = gauss.var(true).double_value(&[]);
+    assert!(
+        (gvar - 1.0).abs() < 5.0 * (2.0 / count).sqrt(),
+        "gaussian variance {gvar}"
+    );
+}
+
+#[test]
+fn no_noise_in_evaluation_or_at_alpha_zero() {
+    let (emb, mask, _) = batch();
+    let mut n = Neftune::new(5.0);
+    assert_eq!(
+        noise_of(&mut n, &emb, &mask, false, 1)
+            .abs()
+            .max()
+            .double_value(&[]),
+        0.0
+    );
+    let mut zero = Neftune::new(0.0);
+    assert_eq!(
+        noise_of(&mut zero, &emb, &mask, true, 1)
+            .abs()
+            .max()
+            .double_value(&[]),
+        0.0
+    );
+}
+
+#[test]
+fn same_seed_same_noise_new_seed_new_noise() {
+    let (emb, mask, _) = batch();
+    let mut n = Neftune::new(5.0);
+    let a = noise_of(&mut n, &emb, &mask, true, 100);
+    let b = noise_of(&mut n, &emb, &mask, true, 100);
+    let c = noise_of(&mut n, &emb, &mask, true, 101);
+    assert!(a.equal(&b));
+    assert!(!a.equal(&c));
+}
+
+#[test]
+fn packed_segments_use_their_own_lengths() {
+    // One row packing examples of lengths 3 and 7, then 2 pads.
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]).view([1, 12]);
+    let seg = Tensor::from_slice(&[1i64, 1, 1, 2, 2, 2, 2, 2, 2, 2, 0, 0]).view([1, 12]);
+    let emb = Tensor::zeros([1, 12, D], (Kind::Float, Device::Cpu));
+    let mut n = Neftune::new(5.0);
+    let c = HookContext {
+        training: true,
+        step: 0,
+        attention_mask: &mask,
+        segment_ids: Some(&seg),
+        seed: 4,
+        trainable: &[],
+    };
+    let noise = n.apply(HookPoint::EmbeddingOutput, emb.shallow_clone(), &c);
+    let first = noise.get(0).narrow(0, 0, 3).abs().max().double_value(&[]);
+    let second = noise.get(0).narrow(0, 3, 7).abs().max().double_value(&[]);
+    assert!(
+        first > 5.0 / ((7 * D) as f64).sqrt(),
+        "segment 1 must use L = 3, not 7 or 10"
+    );
+    assert!(first <= 5.0 / ((3 * D) as f64).sqrt() * (1.0 + 1e-6));
+    assert!(second <= 5.0 / ((7 * D) as f64).sqrt() * (1.0 + 1e-6));
+    assert_eq!(
+        noise.get(0).narrow(0, 10, 2).abs().max().double_value(&[]),
+        0.0
+    );
+}
+
+#[test]
+fn hf_mode_matches_transformers_hook() {
+    let (emb, mask, _) = batch();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("emb.safetensors");
+    let output = tmp.path().join("noise.safetensors");
+    Tensor::write_safetensors(&[("embeddings", &emb)], &input).unwrap();
+    let status = Command::new(common::python())
+        .arg(common::repo().join("tests/fixtures/neftune_reference.py"))
+        .arg(&input)
+        .arg("5")
+        .arg(&output)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let theirs: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&output)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let mut n = Neftune {
+        alpha: 5.0,
+        mode: NeftuneMode::Hf,
+        noise: NoiseDistribution::Uniform,
+    };
+    let ours = noise_of(&mut n, &emb, &mask, true, 1);
+    let stats = |t: &Tensor| {
+        (
+            t.abs().max().double_value(&[]),
+            t.mean(Kind::Float).double_value(&[]),
+            t.var(true).double_value(&[]),
+        )
+    };
+    let (om, omean, ovar) = stats(&ours);
+    let (tm, tmean, tvar) = stats(&theirs["noise"]);
+    let bound = 5.0 / ((30 * D) as f64).sqrt();
+    eprintln!("ours max {om:.5} var {ovar:.3e}; transformers max {tm:.5} var {tvar:.3e}; bound {bound:.5}");
+    for m in [om, tm] {
+        assert!(m <= bound * (1.0 + 1e-6) && m > 0.99 * bound);
+    }
+    let count = ours.numel() as f64;
+    let var_sd = bound * bound * (4.0 / 45.0 / count).sqrt();
+    assert!(
+        (ovar - tvar).abs() < 7.0 * var_sd,
+        "variances {ovar} vs {tvar}"
+    );
+    assert!((omean - tmean).abs() < 7.0 * bound * (1.0 / 3.0 / count).sqrt());
+    // Both noise every position, padding included, and nothing in eval mode.
+    assert_eq!(theirs["eval_noise"].abs().max().double_value(&[]), 0.0);
+    assert!(
+        theirs["noise"]
+            .get(1)
+            .narrow(0, 5, 25)
+            .abs()
+            .max()
+            .double_value(&[])
+            > 0.9 * bound
+    );
+}
