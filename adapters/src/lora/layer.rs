@@ -250,7 +250,9 @@ impl LinearAdapter for LoraLayer {
                     (&scale - 1.0) * base_nb + &scale * lora * w.scaling
                 }
             };
-            result += added.to_kind(kind);
+            // Not in place: DoRA's backward keeps `result` (the base output) alive.
+            let sum = &result + added.to_kind(kind);
+            result = sum;
         }
         result
     }

@@ -1,0 +1,377 @@
+//! `peft-rs train` end to end on the tiny model: reproducibility, NEFTune on
+//! and off, kill-and-resume, config files, and errors; and a short run on the
+//! default model that lowers the held-out loss.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_user_error, peft_rs};
+use tch::Tensor;
+
+/// The first `n` records of the shared Alpaca subset, as a JSON array file.
+fn alpaca(dir: &Path, n: usize) -> PathBuf {
+    let src = common::repo().join("../shared/data/alpaca_5000.json");
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    let p = dir.join("alpaca.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&all[..n]).unwrap()).unwrap();
+    p
+}
+
+fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "train",
+        "--data",
+        data,
+        "--output",
+        out,
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--max-seq-len",
+        "96",
+        "--lora-rank",
+        "4",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "7",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn tiny() -> String {
+    common::model_dir("llama").display().to_string()
+}
+
+fn run_train(data: &Path, out: &Path, extra: &[&str]) {
+    let (d, o, m) = (
+        data.display().to_string(),
+        out.display().to_string(),
+        tiny(),
+    );
+    let mut args = train_args(&d, &o, &["--model", &m]);
+    args.extend_from_slice(extra);
+    let r = peft_rs(&args);
+    assert!(
+        r.status.success(),
+        "train failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn losses(out: &Path) -> Vec<f64> {
+    metrics(out)
+        .iter()
+        .filter_map(|m| m["loss"].as_f64())
+        .collect()
+}
+
+fn adapter(out: &Path) -> Vec<(String, Tensor)> {
+    let mut v = Tensor::read_safetensors(out.join("adapter_model.safetensors")).unwrap();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn same_seed_same_curve_and_neftune_alpha_zero_is_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca(tmp.path(), 40);
+    let steps = ["--max-steps", "5", "--eval-holdout", "8"];
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    let zero = tmp.path().join("zero");
+    let noisy = tmp.path().join("noisy");
+    run_train(&data, &a, &steps);
+    run_train(&data, &b, &steps);
+    run_train(
+        &data,
+        &zero,
+        &[&steps[..], &["--neftune-alpha", "0"]].concat(),
+    );
+    run_train(
+        &data,
+        &noisy,
+        &[&steps[..], &["--neftune-alpha", "5"]].concat(),
+    );
+    let la = losses(&a);
+    assert_eq!(la.len(), 5);
+    assert_eq!(
+        la,
+        losses(&b),
+        "same seed, same data: the loss curve must repeat bit for bit"
+    );
+    assert_eq!(
+        la,
+        losses(&zero),
+        "--neftune-alpha 0 must equal no regularizer"
+    );
+    let ln = losses(&noisy);
+    assert_ne!(la, ln, "alpha 5 must change the training loss");
+    // The first step's loss is measured with noise on; the evaluation before it has noise off.
+    let eval0 = |o: &Path| metrics(o)[0]["eval_loss"].as_f64().unwrap();
+    assert_eq!(eval0(&a), eval0(&noisy), "evaluation must not be noised");
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(noisy.join("training_args.json")).unwrap())
+            .unwrap();
+    assert_eq!(args["neftune_noise_alpha"], 5.0);
+    assert_eq!(args["neftune_mode"], "paper");
+}
+
+#[test]
+fn kill_and_resume_gives_the_uninterrupted_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca(tmp.path(), 64);
+    let extra = [
+        "--max-steps",
+        "12",
+        "--save-steps",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lora-dropout",
+        "0.1",
+        "--neftune-alpha",
+        "5",
+    ];
+    let full = tmp.path().join("full");
+    run_train(&data, &full, &extra);
+
+    let cut = tmp.path().join("cut");
+    let (d, o, m) = (
+        data.display().to_string(),
+        cut.display().to_string(),
+        tiny(),
+    );
+    let mut args = train_args(&d, &o, &["--model", &m]);
+    args.extend_from_slice(&extra);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_peft-rs"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // SIGKILL once a mid-run checkpoint exists.
+    let t0 = Instant::now();
+    while !cut.join("checkpoint-6").join("COMPLETE").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !cut.join("adapter_model.safetensors").exists(),
+        "killed before the end"
+    );
+
+    let mut resume = args.clone();
+    resume.push("--resume");
+    let r = peft_rs(&resume);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let (x, y) = (adapter(&full), adapter(&cut));
+    assert_eq!(x.len(), y.len());
+    for ((k1, t1), (k2, t2)) in x.iter().zip(&y) {
+        assert_eq!(k1, k2);
+        assert!(t1.equal(t2), "{k1} differs after kill and resume");
+    }
+    assert_eq!(
+        losses(&full),
+        losses(&cut),
+        "the resumed loss curve must continue the original"
+    );
+}
+
+#[test]
+fn config_file_with_flag_overrides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca(tmp.path(), 24);
+    let out = tmp.path().join("out");
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\ndata = {:?}\noutput = {:?}\nlora_rank = 2\nmax_steps = 2\nlearning_rate = 5e-4\ndevice = \"cpu\"\nmax_seq_length = 64\n",
+            tiny(),
+            data.display().to_string(),
+            out.display().to_string()
+        ),
+    )
+    .unwrap();
+    let r = peft_rs(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--lora-rank",
+        "3",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training_args.json")).unwrap())
+            .unwrap();
+    assert_eq!(args["lora_rank"], 3, "the flag overrides the file");
+    assert_eq!(
+        args["learning_rate"], 5e-4,
+        "the file overrides the default"
+    );
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg_json["r"], 3);
+
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(&bad, "lora_rnak: 4\n").unwrap();
+    assert_user_error(
+        &peft_rs(&["train", "--config", bad.to_str().unwrap()]),
+        &["bad.yaml", "lora_rnak"],
+    );
+}
+
+#[test]
+fn bad_data_and_flags_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny();
+    let out = tmp.path().join("o").display().to_string();
+    let jsonl = tmp.path().join("d.jsonl");
+    std::fs::write(&jsonl, "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"c\", \"outptu\": \"d\"}\n").unwrap();
+    let j = jsonl.display().to_string();
+    assert_user_error(
+        &peft_rs(&train_args(&j, &out, &["--model", &m])),
+        &["d.jsonl:2", "`output`"],
+    );
+    std::fs::write(&jsonl, "{\"instruction\": \"a\", \"output\": 3}\n").unwrap();
+    assert_user_error(
+        &peft_rs(&train_args(&j, &out, &["--model", &m])),
+        &["d.jsonl:1", "`output`", "string"],
+    );
+    std::fs::write(
+        &jsonl,
+        "{\"instruction\": \"a\", \"output\": \"b\"}\nnot json\n",
+    )
+    .unwrap();
+    assert_user_error(
+        &peft_rs(&train_args(&j, &out, &["--model", &m])),
+        &["d.jsonl:2", "JSON"],
+    );
+    std::fs::write(&jsonl, "").unwrap();
+    assert_user_error(
+        &peft_rs(&train_args(&j, &out, &["--model", &m])),
+        &["d.jsonl", "empty"],
+    );
+    let arr = tmp.path().join("a.json");
+    std::fs::write(
+        &arr,
+        "[\n {\"instruction\": \"a\", \"output\": \"b\"},\n {\"instruction\": \"a\"}\n]",
+    )
+    .unwrap();
+    let a = arr.display().to_string();
+    assert_user_error(
+        &peft_rs(&train_args(&a, &out, &["--model", &m])),
+        &["a.json:3", "`output`"],
+    );
+    std::fs::write(&arr, "[{\"instruction\": \"a\", \"output\": \"b\"}]").unwrap();
+    assert_user_error(
+        &peft_rs(&train_args(&a, &out, &["--model", &m, "--lora-alpha", "0"])),
+        &["--lora-alpha"],
+    );
+    assert_user_error(
+        &peft_rs(&train_args(
+            &a,
+            &out,
+            &["--model", &m, "--neftune-mode", "trl"],
+        )),
+        &["--neftune-mode", "trl"],
+    );
+    assert_user_error(
+        &peft_rs(&train_args(
+            &a,
+            &out,
+            &["--model", &m, "--target-modules", "q_proj,qkv"],
+        )),
+        &["qkv", "matches no linear layer"],
+    );
+}
+
+#[test]
+fn a_diverging_run_stops_with_the_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca(tmp.path(), 16);
+    let out = tmp.path().join("out");
+    let (d, o, m) = (
+        data.display().to_string(),
+        out.display().to_string(),
+        tiny(),
+    );
+    let mut args = train_args(
+        &d,
+        &o,
+        &[
+            "--model",
+            &m,
+            "--max-steps",
+            "6",
+            "--max-grad-norm",
+            "0",
+            "--warmup-steps",
+            "0",
+        ],
+    );
+    let lr_pos = args.iter().position(|a| *a == "--lr").unwrap();
+    args[lr_pos + 1] = "1e30";
+    assert_user_error(&peft_rs(&args), &["loss became", "at step"]);
+}
+
+#[test]
+fn training_the_default_model_lowers_held_out_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca(tmp.path(), 160);
+    let out = tmp.path().join("out");
+    let (d, o) = (data.display().to_string(), out.display().to_string());
+    let args = [
+        "train",
+        "--data",
+        &d,
+        "--output",
+        &o,
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--max-seq-len",
+        "128",
+        "--max-steps",
+        "12",
+        "--lr",
+        "1e-3",
+        "--eval-holdout",
+        "16",
+        "--neftune-alpha",
+        "5",
+    ];
+    let r = peft_rs(&args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let m = metrics(&out);
+    let before = m.first().unwrap()["eval_loss"].as_f64().unwrap();
+    let after = m.last().unwrap()["eval_loss"].as_f64().unwrap();
+    eprintln!("held-out loss {before:.4} -> {after:.4}");
+    assert!(after < before, "held-out loss {before} -> {after}");
+}
