@@ -35,6 +35,8 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Print the loss and perplexity of a model (with or without adapters) on a data file.
     Eval(EvalArgs),
+    /// Draw training and evaluation loss against step for one or more runs into a PNG.
+    Plot(PlotArgs),
 }
 
 /// Where the model comes from and where it runs.
@@ -122,6 +124,7 @@ pub fn main() -> Result<()> {
         Command::Merge(a) => merge_cmd(a),
         Command::Train(a) => train_cmd(*a),
         Command::Eval(a) => eval_cmd(a),
+        Command::Plot(a) => plot_cmd(a),
     }
 }
 
@@ -599,6 +602,12 @@ struct EvalArgs {
     /// Include prompt tokens in the loss.
     #[arg(long)]
     train_on_prompt: bool,
+    /// Also generate greedily from each prompt and score exact matches with the reference answer.
+    #[arg(long)]
+    exact_match: bool,
+    /// With --exact-match, print this many (prompt answer, reference) pairs.
+    #[arg(long, default_value_t = 0)]
+    show: usize,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -631,17 +640,99 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         1024,
         &mut Default::default(),
     )?;
+    let exact = if a.exact_match {
+        Some(exact_match(&base, &a.data, opts.format, a.show)?)
+    } else {
+        None
+    };
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "examples": ds.examples.len(), "label_tokens": tokens})
+            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "examples": ds.examples.len(),
+                "label_tokens": tokens, "exact_match": exact})
         );
     } else {
-        println!(
-            "loss {loss:.4}  perplexity {:.3}  ({} examples, {tokens} label tokens)",
-            loss.exp(),
-            ds.examples.len()
-        );
+        print!("loss {loss:.4}  perplexity {:.3}", loss.exp());
+        if let Some(e) = exact {
+            print!("  exact match {:.1}%", 100.0 * e);
+        }
+        println!("  ({} examples, {tokens} label tokens)", ds.examples.len());
     }
     Ok(())
+}
+
+#[derive(Args, Debug)]
+struct PlotArgs {
+    /// Run directories (each with the metrics.jsonl that `train` writes).
+    #[arg(required = true, value_name = "RUN_DIR")]
+    runs: Vec<PathBuf>,
+    /// The PNG to write.
+    #[arg(long, value_name = "FILE.png")]
+    output: PathBuf,
+    /// Title of the picture.
+    #[arg(long, default_value = "LoRA fine-tuning loss")]
+    title: String,
+    /// Width in pixels.
+    #[arg(long, default_value_t = 1200)]
+    width: u32,
+    /// Height in pixels.
+    #[arg(long, default_value_t = 700)]
+    height: u32,
+}
+
+fn plot_cmd(a: PlotArgs) -> Result<()> {
+    let runs = a
+        .runs
+        .iter()
+        .map(|r| crate::plot::read_run(r))
+        .collect::<Result<Vec<_>>>()?;
+    crate::plot::plot(&runs, &a.output, &a.title, (a.width, a.height))?;
+    println!("{}", a.output.display());
+    Ok(())
+}
+
+/// Fraction of prompts whose greedy answer equals the reference (whitespace-trimmed).
+fn exact_match(
+    base: &Pretrained,
+    data: &Path,
+    format: Option<crate::data::DataFormat>,
+    show: usize,
+) -> Result<f64> {
+    let cases = crate::data::generation_cases(data, &base.tokenizer, format)?;
+    let bar = indicatif::ProgressBar::new(cases.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("generating {bar:30} {pos}/{len} [{eta}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut hits = 0;
+    for (i, c) in cases.iter().enumerate() {
+        let reference_len = base.tokenizer.encode(&c.reference, false)?.len();
+        let cfg = GenerationConfig {
+            max_new_tokens: (reference_len + 16).min(512),
+            eos_token_ids: base.eos_token_ids.clone(),
+            ..GenerationConfig::default()
+        };
+        let new: Vec<u32> = generate(&base.model, &c.prompt_ids, &cfg)?
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let answer = base.tokenizer.decode(&new, true)?;
+        let hit = answer.trim() == c.reference.trim();
+        hits += hit as usize;
+        if i < show {
+            // Printed directly: indicatif drops println while its bar is hidden (no terminal).
+            eprintln!(
+                "{}",
+                format!(
+                    "{} {:?} (reference {:?})",
+                    if hit { "✓" } else { "✗" },
+                    answer.trim(),
+                    c.reference.trim()
+                )
+            );
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(hits as f64 / cases.len().max(1) as f64)
 }

@@ -182,7 +182,7 @@ pub fn load_dataset(
 }
 
 /// (line number, record) pairs from a JSON array or JSONL text.
-fn parse_records(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
+pub fn parse_records(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
     let line_of = |offset: usize| text[..offset].bytes().filter(|&b| b == b'\n').count() + 1;
     if text.trim_start().starts_with('[') {
         let raws: Vec<&serde_json::value::RawValue> = serde_json::from_str(text).map_err(|e| {
@@ -507,4 +507,70 @@ pub fn split_holdout(mut ds: Dataset, n: usize, seed: u64) -> (Dataset, Dataset)
     };
     ds.examples = train;
     (ds, eval_ds)
+}
+
+/// A prompt to generate from and the reference answer, for exact-match scoring.
+pub struct GenerationCase {
+    /// Prompt token ids, exactly as the model sees them in training.
+    pub prompt_ids: Vec<u32>,
+    /// The reference completion text.
+    pub reference: String,
+}
+
+/// The prompts and reference answers of a data file: Alpaca and
+/// prompt/completion records, or chats whose last message is the
+/// assistant's answer (the turns before it are the prompt).
+pub fn generation_cases(
+    path: &Path,
+    tok: &Tokenizer,
+    format: Option<DataFormat>,
+) -> Result<Vec<GenerationCase>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let records = parse_records(path, &text)?;
+    let Some(first) = records.first() else {
+        bail!("{}: no records (the dataset is empty)", path.display());
+    };
+    let format = match format {
+        Some(f) => f,
+        None => DataFormat::detect(&first.1)
+            .with_context(|| format!("{}: cannot tell the format", path.display()))?,
+    };
+    records
+        .iter()
+        .map(|(_, rec)| {
+            let case = match format {
+                DataFormat::Alpaca => {
+                    let input = rec.get("input").and_then(Value::as_str).unwrap_or("");
+                    let prompt = alpaca_prompt(string_field(rec, "instruction", format)?, input);
+                    GenerationCase {
+                        prompt_ids: tok.encode(&prompt, true)?,
+                        reference: string_field(rec, "output", format)?.to_owned(),
+                    }
+                }
+                DataFormat::PromptCompletion => GenerationCase {
+                    prompt_ids: tok.encode(string_field(rec, "prompt", format)?, true)?,
+                    reference: string_field(rec, "completion", format)?.to_owned(),
+                },
+                DataFormat::Messages => {
+                    let messages: Vec<Message> =
+                        serde_json::from_value(rec.get("messages").cloned().unwrap_or_default())
+                            .map_err(|e| anyhow::anyhow!("field `messages`: {e}"))?;
+                    match messages.split_last() {
+                        Some((last, before)) if last.role == "assistant" && !before.is_empty() => {
+                            GenerationCase {
+                                prompt_ids: tok.encode_chat(before, true)?,
+                                reference: last.content.clone(),
+                            }
+                        }
+                        _ => bail!("field `messages` must end with an assistant answer to score"),
+                    }
+                }
+                DataFormat::Text => bail!("plain `text` records have no answer to score"),
+            };
+            Ok(case)
+        })
+        .enumerate()
+        .map(|(i, r)| r.with_context(|| format!("{}:{}", path.display(), records[i].0)))
+        .collect()
 }

@@ -12,6 +12,7 @@ pub mod merge;
 pub mod models;
 pub mod nn;
 pub mod peft_model;
+pub mod plot;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
