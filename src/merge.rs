@@ -226,12 +226,14 @@ fn write_model(
             let (_, in_dtype) = files_in.info(n).expect("listed");
             let module = n.strip_suffix(".weight");
             let delta = module.and_then(|m| deltas.remove(m));
-            let bytes = match delta {
-                None if *out_dtype == in_dtype => files_in.raw(n).expect("listed").to_vec(),
+            let converted;
+            let bytes: &[u8] = match delta {
+                None if *out_dtype == in_dtype => files_in.raw(n).expect("listed"),
                 None => {
                     let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
                     let t = files_in.load(n, &shape, kind_of(*out_dtype)?, Device::Cpu)?;
-                    tensor_bytes(&t)?
+                    converted = tensor_bytes(&t)?;
+                    &converted
                 }
                 Some(w) => {
                     let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
@@ -239,12 +241,14 @@ fn write_model(
                     let mut layer = LoraLayer::new("merge", w);
                     layer.merge(&mut t).with_context(|| n.to_string())?;
                     report.tensors_merged += 1;
-                    tensor_bytes(&t.to_kind(kind_of(*out_dtype)?))?
+                    converted = tensor_bytes(&t.to_kind(kind_of(*out_dtype)?))?;
+                    &converted
                 }
             };
             report.largest_tensor_bytes = report.largest_tensor_bytes.max(bytes.len() as u64);
             report.bytes_written += bytes.len() as u64;
-            writer.write(n, &bytes)?;
+            writer.write(n, bytes)?;
+            files_in.release(n);
             report.tensors_written += 1;
             weight_map.insert(n.clone(), file_name.clone().into());
             bar.inc(1);

@@ -398,6 +398,30 @@ impl WeightFiles {
         v.into_iter().map(|(k, _)| k.clone()).collect()
     }
 
+    /// Lets the kernel drop the mapped pages of a tensor that has been used,
+    /// so that streaming through a checkpoint does not grow the resident set.
+    pub fn release(&self, name: &str) {
+        let Some(&i) = self.location.get(name) else {
+            return;
+        };
+        let shard = &self.shards[i];
+        let (s, e) = shard.tensors[name].data_offsets;
+        let page = 4096;
+        let start = (shard.data_start + s).div_ceil(page) * page;
+        let end = (shard.data_start + e) / page * page;
+        if end > start {
+            // SAFETY: the mapping is private and read-only; dropped pages are
+            // read back from the file if touched again.
+            let _ = unsafe {
+                shard.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+
     /// The raw bytes of a tensor as stored (no copy: a view of the mapping).
     pub fn raw(&self, name: &str) -> Option<&[u8]> {
         let &i = self.location.get(name)?;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use peft_rs::adapters::lora::{InitLoraWeights, LoraConfig, TargetModules};
+use peft_rs::adapters::lora::{Combination, InitLoraWeights, LoraConfig, TargetModules};
 use peft_rs::models::{self, LlamaForCausalLM};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use tch::{Device, Kind, Tensor};
@@ -378,6 +378,28 @@ fn weighted_linear_combination_matches_peft() {
     let expected = read(&w.join("ab_logits.safetensors"))["logits"].shallow_clone();
     let d = max_diff(&ours, &expected, &mask);
     eprintln!("weighted linear: {d:.2e}");
+    assert!(d < 1e-4, "{d}");
+
+    // PEFT's `cat` combination (exact sum of the weighted deltas), through the library.
+    let mut model = load_base("tiny");
+    peft_model::load_adapter(&mut model, &w.join("a"), "a").unwrap();
+    peft_model::load_adapter(&mut model, &w.join("b"), "b").unwrap();
+    peft_model::add_weighted_adapter(
+        &mut model,
+        &["a".into(), "b".into()],
+        &[0.7, 0.3],
+        "ab",
+        Combination::Cat,
+    )
+    .unwrap();
+    peft_model::set_active(&mut model, &["ab".to_owned()]);
+    let cat = tch::no_grad(|| model.forward(&ids));
+    let d = max_diff(
+        &cat,
+        &read(&w.join("ab_cat_logits.safetensors"))["logits"],
+        &mask,
+    );
+    eprintln!("weighted cat: {d:.2e}");
     assert!(d < 1e-4, "{d}");
 
     // Only adapter a active.
