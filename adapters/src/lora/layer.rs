@@ -228,7 +228,7 @@ impl LinearAdapter for LoraLayer {
             } else {
                 x32
             };
-            let lora = xd.matmul(&w.a.tr()).matmul(&w.b.tr());
+            let lora = xd.linear::<Tensor>(&w.a, None).linear::<Tensor>(&w.b, None);
             let added = match &w.magnitude {
                 None => lora * w.scaling,
                 Some(m) => {
