@@ -722,13 +722,10 @@ fn exact_match(
         if i < show {
             // Printed directly: indicatif drops println while its bar is hidden (no terminal).
             eprintln!(
-                "{}",
-                format!(
-                    "{} {:?} (reference {:?})",
-                    if hit { "✓" } else { "✗" },
-                    answer.trim(),
-                    c.reference.trim()
-                )
+                "{} {:?} (reference {:?})",
+                if hit { "✓" } else { "✗" },
+                answer.trim(),
+                c.reference.trim()
             );
         }
         bar.inc(1);

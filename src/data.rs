@@ -1,16 +1,21 @@
 //! Instruction data: reading Alpaca, chat `messages`, `prompt`/`completion`
 //! and plain `text` records, tokenizing them with the loss on completions
 //! only, and batching with right padding.
+//!
+//! A malformed record is an error naming `file:line` and the field, raised
+//! before any training starts: silently skipping records would train on a
+//! different dataset than the user believes.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
 use serde_json::Value;
 use tch::Tensor;
 
-use crate::tokenizer::{Message, Tokenizer};
+use crate::tokenizer::{Message, Span, Tokenizer};
 
 /// Label value that takes no loss (PyTorch's `ignore_index`).
 pub const IGNORE: i64 = -100;
@@ -18,7 +23,8 @@ pub const IGNORE: i64 = -100;
 /// The record shapes peft-rs reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataFormat {
-    /// `instruction`, `input`, `output`, with the Stanford Alpaca prompt template.
+    /// `instruction`, optional `input`, `output`, with the Stanford Alpaca
+    /// prompt template.
     Alpaca,
     /// `messages`: a list of `{role, content}` rendered with the chat template.
     Messages,
@@ -43,8 +49,18 @@ impl FromStr for DataFormat {
     }
 }
 
+impl fmt::Display for DataFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What each format needs, for error messages.
+const SHAPES: &str = "Alpaca {instruction, input, output}, {messages: [{role, content}, ...]}, \
+                      {prompt, completion} or {text}";
+
 impl DataFormat {
-    /// The name used on the command line.
+    /// The name used on the command line (`--format`).
     pub fn name(&self) -> &'static str {
         match self {
             Self::Alpaca => "alpaca",
@@ -54,18 +70,28 @@ impl DataFormat {
         }
     }
 
-    fn required(&self) -> &'static [&'static str] {
+    /// The sentence that ends a missing- or wrong-field error.
+    fn needs(&self) -> &'static str {
         match self {
-            Self::Alpaca => &["instruction", "output"],
-            Self::Messages => &["messages"],
-            Self::PromptCompletion => &["prompt", "completion"],
-            Self::Text => &["text"],
+            Self::Alpaca => {
+                "Alpaca records need `instruction` and `output` strings, and optionally `input`"
+            }
+            Self::Messages => {
+                "messages records need `messages`: a list of {\"role\": ..., \"content\": ...} strings"
+            }
+            Self::PromptCompletion => {
+                "prompt-completion records need `prompt` and `completion` strings"
+            }
+            Self::Text => "text records need a `text` string",
         }
     }
 
+    /// The format of a record from its keys. A record with only half of a
+    /// shape (`instruction` without `output`) still picks that shape, so the
+    /// error names the missing field instead of "unknown format".
     fn detect(record: &Value) -> Option<Self> {
         let has = |k: &str| record.get(k).is_some();
-        if has("instruction") && has("output") {
+        if has("instruction") {
             Some(Self::Alpaca)
         } else if has("messages") {
             Some(Self::Messages)
@@ -73,6 +99,8 @@ impl DataFormat {
             Some(Self::PromptCompletion)
         } else if has("text") {
             Some(Self::Text)
+        } else if has("prompt") || has("completion") {
+            Some(Self::PromptCompletion)
         } else {
             None
         }
@@ -84,9 +112,9 @@ impl DataFormat {
 pub struct DataOptions {
     /// The format, or `None` to detect it from the first record.
     pub format: Option<DataFormat>,
-    /// Longer examples are truncated to this many tokens.
+    /// Longer examples are truncated to their first `max_seq_len` tokens.
     pub max_seq_len: usize,
-    /// Take the loss on prompt tokens too.
+    /// Take the loss on prompt tokens (and non-assistant turns) too.
     pub train_on_prompt: bool,
 }
 
@@ -95,9 +123,18 @@ pub struct DataOptions {
 pub struct Example {
     /// Token ids.
     pub input_ids: Vec<i64>,
-    /// The target at each position ([`IGNORE`] where no loss is taken);
-    /// the model's prediction at position i is scored against `labels[i+1]`.
+    /// The target at each position ([`IGNORE`] where no loss is taken), the
+    /// same length as `input_ids`. Labels are not shifted: the model's
+    /// prediction at position i is scored against `labels[i+1]`, so
+    /// `labels[0]` never takes a loss.
     pub labels: Vec<i64>,
+}
+
+impl Example {
+    /// Positions that take a loss (`labels[1..]` that are not [`IGNORE`]).
+    pub fn num_label_tokens(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l != IGNORE).count()
+    }
 }
 
 /// A tokenized data file.
@@ -105,7 +142,7 @@ pub struct Example {
 pub struct Dataset {
     /// Where it was read from.
     pub path: PathBuf,
-    /// Its record format.
+    /// Its record format (given or detected).
     pub format: DataFormat,
     /// The examples, in file order.
     pub examples: Vec<Example>,
@@ -115,40 +152,34 @@ pub struct Dataset {
     pub dropped: usize,
 }
 
-/// Reads and tokenizes a data file: a JSON array or JSONL. A malformed record
-/// stops everything with its file, line and field named.
+/// `FILE:LINE: message` as one error, so that the location survives however
+/// the error is printed (`{}` shows only the outermost context).
+fn at(path: &Path, line: usize, e: impl fmt::Display) -> anyhow::Error {
+    anyhow!("{}:{line}: {e:#}", path.display())
+}
+
+/// Reads and tokenizes a data file: a JSON array or JSONL (one object a
+/// line). A malformed record stops everything with its file, line and field
+/// named; examples keep the file order.
 pub fn load_dataset(
     path: &Path,
     tok: &Tokenizer,
     eos_token_id: i64,
     opts: &DataOptions,
 ) -> Result<Dataset> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let records = parse_records(path, &text)?;
-    if records.is_empty() {
-        bail!("{}: no records (the dataset is empty)", path.display());
-    }
-    let format = match opts.format {
-        Some(f) => f,
-        None => DataFormat::detect(&records[0].1).with_context(|| {
-            format!(
-                "{}:{}: cannot tell the format: expected Alpaca {{instruction, input, output}}, \
-                 {{messages: [...]}}, {{prompt, completion}} or {{text}} (or pass --format)",
-                path.display(),
-                records[0].0
-            )
-        })?,
-    };
+    let records = read_records(path)?;
+    let format = resolve_format(path, &records, opts.format)?;
+    let eos = Eos::new(tok, eos_token_id)?;
+    // Tokenizing dominates loading; rayon keeps the output in file order.
     let tokenized: Vec<Result<Example>> = records
         .par_iter()
         .map(|(line, rec)| {
-            tokenize(rec, format, tok, eos_token_id, opts.train_on_prompt)
-                .with_context(|| format!("{}:{line}", path.display()))
+            tokenize(rec, format, tok, &eos, opts.train_on_prompt).map_err(|e| at(path, *line, e))
         })
         .collect();
     let mut examples = Vec::with_capacity(tokenized.len());
     let (mut truncated, mut dropped) = (0, 0);
+    // The first bad record in file order is the one reported.
     for ex in tokenized {
         let mut ex = ex?;
         if ex.input_ids.len() > opts.max_seq_len {
@@ -156,8 +187,7 @@ pub fn load_dataset(
             ex.labels.truncate(opts.max_seq_len);
             truncated += 1;
         }
-        // Position 0 is never a target (nothing predicts it).
-        if ex.labels.iter().skip(1).all(|&l| l == IGNORE) {
+        if ex.num_label_tokens() == 0 {
             dropped += 1;
             continue;
         }
@@ -165,8 +195,8 @@ pub fn load_dataset(
     }
     if examples.is_empty() {
         bail!(
-            "{}: no example has a token to learn from ({dropped} of {} left only prompt tokens within --max-seq-len {}); \
-             raise --max-seq-len or check the completions",
+            "{}: no example has a token to learn from: all {} records were dropped because \
+             nothing but prompt tokens fits in max_seq_len {}; raise --max-seq-len or shorten the prompts",
             path.display(),
             records.len(),
             opts.max_seq_len
@@ -181,22 +211,76 @@ pub fn load_dataset(
     })
 }
 
-/// (line number, record) pairs from a JSON array or JSONL text.
+/// Reads a data file into (line number, record) pairs; an empty file is an error.
+fn read_records(path: &Path) -> Result<Vec<(usize, Value)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read the data file", path.display()))?;
+    let records = parse_records(path, &text)?;
+    if records.is_empty() {
+        bail!(
+            "{}: the file is empty (no records); expected a JSON array of objects or JSONL with one object a line",
+            path.display()
+        );
+    }
+    Ok(records)
+}
+
+fn resolve_format(
+    path: &Path,
+    records: &[(usize, Value)],
+    given: Option<DataFormat>,
+) -> Result<DataFormat> {
+    if let Some(f) = given {
+        return Ok(f);
+    }
+    let (line, first) = &records[0];
+    DataFormat::detect(first).ok_or_else(|| {
+        let keys: Vec<&str> = first
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        at(
+            path,
+            *line,
+            format!(
+                "cannot tell the data format from the keys {{{}}}; expected {SHAPES} \
+                 (rename the fields, or pass --format)",
+                keys.join(", ")
+            ),
+        )
+    })
+}
+
+/// (line number, record) pairs from a JSON array (first non-space character
+/// `[`) or JSONL text (blank lines skipped). Every record must be an object.
 pub fn parse_records(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
-    let line_of = |offset: usize| text[..offset].bytes().filter(|&b| b == b'\n').count() + 1;
+    // Editors on Windows write a byte-order mark that JSON parsers reject.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.trim_start().starts_with('[') {
         let raws: Vec<&serde_json::value::RawValue> = serde_json::from_str(text).map_err(|e| {
-            anyhow::anyhow!(
-                "{}:{}: not a valid JSON array: {e}",
-                path.display(),
-                e.line()
+            at(
+                path,
+                e.line(),
+                format!(
+                    "not a valid JSON array: {} (column {})",
+                    json_message(&e),
+                    e.column()
+                ),
             )
         })?;
+        // Offsets grow through the array, so counting newlines from the last
+        // record keeps this linear in the file size.
+        let (mut pos, mut line) = (0usize, 1usize);
         raws.iter()
             .map(|raw| {
                 let offset = raw.get().as_ptr() as usize - text.as_ptr() as usize;
-                let v: Value = serde_json::from_str(raw.get())?;
-                check_object(path, line_of(offset), v)
+                line += text.as_bytes()[pos..offset]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count();
+                pos = offset;
+                let v: Value = serde_json::from_str(raw.get()).map_err(|e| at(path, line, e))?;
+                check_object(path, line, v)
             })
             .collect()
     } else {
@@ -205,7 +289,16 @@ pub fn parse_records(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
                 let v: Value = serde_json::from_str(l).map_err(|e| {
-                    anyhow::anyhow!("{}:{}: not valid JSON: {e}", path.display(), i + 1)
+                    at(
+                        path,
+                        i + 1,
+                        format!(
+                            "not valid JSON: {} (column {}); JSONL needs one complete object \
+                             a line, or make the whole file a JSON array",
+                            json_message(&e),
+                            e.column()
+                        ),
+                    )
                 })?;
                 check_object(path, i + 1, v)
             })
@@ -213,13 +306,24 @@ pub fn parse_records(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
     }
 }
 
+/// serde_json's message without its "at line L column C" suffix, which
+/// counts within one JSONL line and would contradict the file line we report.
+fn json_message(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    s.strip_suffix(&suffix).map(str::to_owned).unwrap_or(s)
+}
+
 fn check_object(path: &Path, line: usize, v: Value) -> Result<(usize, Value)> {
     if !v.is_object() {
-        bail!(
-            "{}:{line}: expected a JSON object, found {}",
-            path.display(),
-            kind_name(&v)
-        );
+        return Err(at(
+            path,
+            line,
+            format!(
+                "expected a JSON object per record, found {}; expected {SHAPES}",
+                kind_name(&v)
+            ),
+        ));
     }
     Ok((line, v))
 }
@@ -237,15 +341,12 @@ fn kind_name(v: &Value) -> &'static str {
 
 fn string_field<'a>(rec: &'a Value, field: &str, format: DataFormat) -> Result<&'a str> {
     match rec.get(field) {
-        None => bail!(
-            "field `{field}` is missing ({} records need {})",
-            format.name(),
-            format.required().join(", ")
-        ),
+        None => bail!("field `{field}` is missing ({})", format.needs()),
         Some(Value::String(s)) => Ok(s),
         Some(other) => bail!(
-            "field `{field}` must be a string, found {}",
-            kind_name(other)
+            "field `{field}` must be a string, found {} ({})",
+            kind_name(other),
+            format.needs()
         ),
     }
 }
@@ -266,13 +367,83 @@ pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
     }
 }
 
+/// The prompt and the answer of an Alpaca record.
+fn alpaca_parts(rec: &Value) -> Result<(String, &str)> {
+    let format = DataFormat::Alpaca;
+    let instruction = string_field(rec, "instruction", format)?;
+    let output = string_field(rec, "output", format)?;
+    // Many Alpaca exports write `null` for "no input".
+    let input = match rec.get("input") {
+        None | Some(Value::Null) => "",
+        Some(_) => string_field(rec, "input", format)?,
+    };
+    Ok((alpaca_prompt(instruction, input), output))
+}
+
+/// The `messages` of a chat record, checked field by field so that the error
+/// names the turn (serde's own message would not).
+fn chat_messages(rec: &Value) -> Result<Vec<Message>> {
+    let needs = DataFormat::Messages.needs();
+    let list = match rec.get("messages") {
+        None => bail!("field `messages` is missing ({needs})"),
+        Some(Value::Array(a)) => a,
+        Some(other) => bail!(
+            "field `messages` must be a list, found {} ({needs})",
+            kind_name(other)
+        ),
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !m.is_object() {
+                bail!(
+                    "field `messages[{i}]` must be an object, found {} ({needs})",
+                    kind_name(m)
+                );
+            }
+            let get = |key: &str| -> Result<String> {
+                match m.get(key) {
+                    None => bail!("field `messages[{i}].{key}` is missing ({needs})"),
+                    Some(Value::String(s)) => Ok(s.clone()),
+                    Some(other) => bail!(
+                        "field `messages[{i}].{key}` must be a string, found {} ({needs})",
+                        kind_name(other)
+                    ),
+                }
+            };
+            Ok(Message {
+                role: get("role")?,
+                content: get("content")?,
+            })
+        })
+        .collect()
+}
+
 fn ids(v: Vec<u32>) -> Vec<i64> {
     v.into_iter().map(i64::from).collect()
 }
 
+/// The EOS id and its text: chat templates write the end-of-turn token as
+/// text, and the masking compares against it.
+struct Eos {
+    id: i64,
+    text: String,
+}
+
+impl Eos {
+    fn new(tok: &Tokenizer, id: i64) -> Result<Self> {
+        let id32 = u32::try_from(id).map_err(|_| anyhow!("EOS token id {id} is not a token id"))?;
+        Ok(Self {
+            id,
+            text: tok.decode(&[id32], false)?,
+        })
+    }
+}
+
 /// Prompt and completion tokenized apart (the prompt with the tokenizer's
 /// special tokens, the completion without, then EOS), so that the boundary
-/// between them is exact.
+/// between them is exact: tokenizing the joined text could merge the last
+/// prompt character with the first completion character into one token.
 fn prompt_completion(
     tok: &Tokenizer,
     prompt: &str,
@@ -297,102 +468,120 @@ fn tokenize(
     rec: &Value,
     format: DataFormat,
     tok: &Tokenizer,
-    eos: i64,
+    eos: &Eos,
     train_on_prompt: bool,
 ) -> Result<Example> {
     match format {
         DataFormat::Alpaca => {
-            let instruction = string_field(rec, "instruction", format)?;
-            let output = string_field(rec, "output", format)?;
-            let input = match rec.get("input") {
-                None | Some(Value::Null) => "",
-                Some(_) => string_field(rec, "input", format)?,
-            };
-            prompt_completion(
-                tok,
-                &alpaca_prompt(instruction, input),
-                output,
-                eos,
-                train_on_prompt,
-            )
+            let (prompt, output) = alpaca_parts(rec)?;
+            prompt_completion(tok, &prompt, output, eos.id, train_on_prompt)
         }
         DataFormat::PromptCompletion => {
             let prompt = string_field(rec, "prompt", format)?;
             let completion = string_field(rec, "completion", format)?;
-            prompt_completion(tok, prompt, completion, eos, train_on_prompt)
+            prompt_completion(tok, prompt, completion, eos.id, train_on_prompt)
         }
         DataFormat::Text => {
             let mut input_ids = ids(tok.encode(string_field(rec, "text", format)?, true)?);
-            input_ids.push(eos);
+            input_ids.push(eos.id);
             Ok(Example {
                 labels: input_ids.clone(),
                 input_ids,
             })
         }
-        DataFormat::Messages => chat_example(rec, tok, eos, train_on_prompt),
+        DataFormat::Messages => chat_example(&chat_messages(rec)?, tok, eos, train_on_prompt),
     }
 }
 
-/// A chat rendered with the model's template; the loss covers the assistant
-/// turns: for turn i, the text between the rendering of the turns before it
-/// (with the generation prompt) and the rendering up to it.
-fn chat_example(rec: &Value, tok: &Tokenizer, eos: i64, train_on_prompt: bool) -> Result<Example> {
-    let messages: Vec<Message> = match rec.get("messages") {
-        None => {
-            bail!("field `messages` is missing (messages records need a list of {{role, content}})")
-        }
-        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-            anyhow::anyhow!("field `messages` must be a list of {{role, content}} strings: {e}")
-        })?,
-    };
+/// A chat rendered with the model's template, the loss on the assistant
+/// turns. Assistant turn i is the text between the rendering of the turns
+/// before it with the generation prompt and the rendering up to it: that is
+/// exactly what the model must write when it generates that turn, whatever
+/// the template's markup.
+fn chat_example(
+    messages: &[Message],
+    tok: &Tokenizer,
+    eos: &Eos,
+    train_on_prompt: bool,
+) -> Result<Example> {
     if !messages.iter().any(|m| m.role == "assistant") {
-        bail!("field `messages` has no assistant turn to learn from");
+        bail!(
+            "field `messages` has no assistant turn to learn from (roles: {})",
+            messages
+                .iter()
+                .map(|m| m.role.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
-    let full = tok.apply_chat_template(&messages, false)?;
-    let mut spans = Vec::new();
+    let full = tok.apply_chat_template(messages, false)?;
+    let mut spans: Vec<Span> = Vec::new();
+    // With the loss on every token there is nothing to locate, which also
+    // lets templates that fail the prefix check below be used.
     for (i, m) in messages.iter().enumerate() {
-        if m.role != "assistant" {
+        if train_on_prompt || m.role != "assistant" {
             continue;
         }
         let before = tok.apply_chat_template(&messages[..i], true)?;
         let upto = tok.apply_chat_template(&messages[..=i], false)?;
-        if !full.starts_with(&before) || !full.starts_with(&upto) {
-            bail!("the chat template does not render turns as prefixes of the whole conversation; cannot find the assistant turns");
+        if !full.starts_with(&before) || !full.starts_with(&upto) || before.len() > upto.len() {
+            bail!(
+                "the chat template does not render the turns before `messages[{i}]` as a prefix \
+                 of the whole conversation, so the assistant turn cannot be located for masking; \
+                 use --train-on-prompt, or the prompt-completion format with the prompt rendered beforehand"
+            );
         }
-        spans.push((before.len(), upto.len()));
+        let (start, mut end) = (before.len(), upto.len());
+        // Templates write a separator (SmolLM2: "\n") after the end-of-turn
+        // token; generation stops at that token, so the separator is no part
+        // of the answer and must not be learned.
+        let trimmed = full[start..end].trim_end();
+        if !eos.text.is_empty() && trimmed.ends_with(&eos.text) {
+            end = start + trimmed.len();
+        }
+        spans.push((start, end));
     }
     let (tokens, offsets) = tok.encode_with_offsets(&full, false)?;
     let mut input_ids = ids(tokens);
+    // A token takes a loss when it covers any byte of a turn, as
+    // transformers' `return_assistant_tokens_mask` does: a generation prompt
+    // ending in a space ("assistant: ") merges with the first word of the
+    // answer into one token, which must not be lost.
     let mut labels: Vec<i64> = input_ids
         .iter()
         .zip(&offsets)
         .map(|(&t, &(s, e))| {
-            let inside = spans.iter().any(|&(a, b)| s >= a && e <= b && e > s);
-            if inside || train_on_prompt {
+            if train_on_prompt || spans.iter().any(|&(a, b)| e > a && s < b) {
                 t
             } else {
                 IGNORE
             }
         })
         .collect();
-    if input_ids.last() != Some(&eos) {
-        input_ids.push(eos);
-        labels.push(eos);
+    // "Ends with EOS" ignores the trailing separator, or SmolLM2 chats would
+    // end "<|im_end|>\n<|im_end|>".
+    let content_end = full.trim_end().len();
+    let last_real = offsets.iter().rposition(|&(s, _)| s < content_end);
+    if last_real.map(|i| input_ids[i]) != Some(eos.id) {
+        input_ids.push(eos.id);
+        labels.push(eos.id);
     }
     Ok(Example { input_ids, labels })
 }
 
 /// A right-padded batch.
+#[derive(Debug)]
 pub struct Batch {
-    /// `[B, T]` token ids (padding with the pad id).
+    /// `[B, T]` token ids (i64), padded with the pad id.
     pub input_ids: Tensor,
-    /// `[B, T]` targets, [`IGNORE`] on padding and prompts.
+    /// `[B, T]` targets (i64), [`IGNORE`] on padding and masked prompts.
     pub labels: Tensor,
-    /// `[B, T]`, 1 on real tokens.
+    /// `[B, T]` (i64), 1 on real tokens and 0 on padding.
     pub attention_mask: Tensor,
-    /// Real tokens in the batch.
+    /// Real (non-padding) tokens in the batch.
     pub num_tokens: i64,
-    /// Positions that take a loss (labels at 1..T that are not ignored).
+    /// Positions that take a loss (labels at 1..T that are not ignored), the
+    /// denominator of a token-mean loss across gradient-accumulation steps.
     pub num_label_tokens: i64,
 }
 
@@ -412,6 +601,7 @@ pub fn collate(examples: &[&Example], pad_id: i64) -> Batch {
     let (mut num_tokens, mut num_label_tokens) = (0i64, 0i64);
     for e in examples {
         let n = e.input_ids.len();
+        debug_assert_eq!(n, e.labels.len(), "input_ids and labels differ in length");
         ids.extend(
             e.input_ids
                 .iter()
@@ -426,7 +616,7 @@ pub fn collate(examples: &[&Example], pad_id: i64) -> Batch {
         );
         mask.extend(std::iter::repeat_n(1i64, n).chain(std::iter::repeat_n(0, t - n)));
         num_tokens += n as i64;
-        num_label_tokens += e.labels.iter().skip(1).filter(|&&l| l != IGNORE).count() as i64;
+        num_label_tokens += e.num_label_tokens() as i64;
     }
     let shape = [b as i64, t as i64];
     Batch {
@@ -438,7 +628,9 @@ pub fn collate(examples: &[&Example], pad_id: i64) -> Batch {
     }
 }
 
-/// SplitMix64, so that data order depends on the seed alone.
+/// SplitMix64: data order must depend on the seed alone, identical across
+/// platforms and libtorch versions, which libtorch's and `rand`'s generators
+/// do not promise.
 struct Rng(u64);
 
 impl Rng {
@@ -450,6 +642,7 @@ impl Rng {
         z ^ (z >> 31)
     }
 
+    /// Fisher-Yates (the modulo bias is below 2^-40 for any real dataset).
     fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
             let j = (self.next() % (i as u64 + 1)) as usize;
@@ -458,10 +651,15 @@ impl Rng {
     }
 }
 
-/// The batches of one epoch as lists of example indices: a shuffle seeded by
-/// (seed, epoch); with `group_by_length`, mega-batches of 50 batches sorted by
-/// length (as transformers' `LengthGroupedSampler`) so padding is small, then
-/// the batch order shuffled. The last batch may be smaller.
+/// The batches of one epoch as lists of example indices, from a shuffle
+/// seeded by (seed, epoch). With `group_by_length`, the shuffled indices are
+/// cut into mega-batches of 50 batches, each sorted by length (longest
+/// first) and cut into batches, as transformers' `LengthGroupedSampler`
+/// does, so that a batch holds examples of similar length and little
+/// padding; the batch order is then shuffled. The last batch may be smaller.
+///
+/// # Panics
+/// If `batch_size` is 0.
 pub fn batch_order(
     lengths: &[usize],
     batch_size: usize,
@@ -469,6 +667,7 @@ pub fn batch_order(
     seed: u64,
     epoch: u64,
 ) -> Vec<Vec<usize>> {
+    assert!(batch_size > 0, "batch_order: batch_size must be at least 1");
     let mut rng = Rng(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
     let mut idx: Vec<usize> = (0..lengths.len()).collect();
     rng.shuffle(&mut idx);
@@ -478,6 +677,7 @@ pub fn batch_order(
     let mut batches: Vec<Vec<usize>> = Vec::new();
     for mega in idx.chunks(batch_size * 50) {
         let mut mega = mega.to_vec();
+        // Stable, so that equal lengths keep the shuffled order.
         mega.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
         batches.extend(mega.chunks(batch_size).map(<[usize]>::to_vec));
     }
@@ -485,25 +685,31 @@ pub fn batch_order(
     batches
 }
 
-/// Splits off `n` examples, chosen by `seed`, as a held-out evaluation set.
+/// Splits off `n` examples, chosen by `seed`, as a held-out evaluation set
+/// (returned second); both keep the file order. The held-out set reports no
+/// truncated or dropped examples: those counts belong to the file.
 pub fn split_holdout(mut ds: Dataset, n: usize, seed: u64) -> (Dataset, Dataset) {
     let mut idx: Vec<usize> = (0..ds.examples.len()).collect();
     Rng(seed ^ 0x5EED).shuffle(&mut idx);
-    let held: std::collections::BTreeSet<usize> = idx.into_iter().take(n).collect();
+    let mut held = vec![false; ds.examples.len()];
+    for &i in idx.iter().take(n) {
+        held[i] = true;
+    }
     let all = std::mem::take(&mut ds.examples);
     let (mut train, mut eval) = (Vec::new(), Vec::new());
-    for (i, e) in all.into_iter().enumerate() {
-        if held.contains(&i) {
+    for (e, h) in all.into_iter().zip(held) {
+        if h {
             eval.push(e);
         } else {
             train.push(e);
         }
     }
     let eval_ds = Dataset {
+        path: ds.path.clone(),
+        format: ds.format,
         examples: eval,
         truncated: 0,
         dropped: 0,
-        ..ds.clone()
     };
     ds.examples = train;
     (ds, eval_ds)
@@ -525,52 +731,43 @@ pub fn generation_cases(
     tok: &Tokenizer,
     format: Option<DataFormat>,
 ) -> Result<Vec<GenerationCase>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let records = parse_records(path, &text)?;
-    let Some(first) = records.first() else {
-        bail!("{}: no records (the dataset is empty)", path.display());
-    };
-    let format = match format {
-        Some(f) => f,
-        None => DataFormat::detect(&first.1)
-            .with_context(|| format!("{}: cannot tell the format", path.display()))?,
-    };
+    let records = read_records(path)?;
+    let format = resolve_format(path, &records, format)?;
     records
         .iter()
-        .map(|(_, rec)| {
-            let case = match format {
-                DataFormat::Alpaca => {
-                    let input = rec.get("input").and_then(Value::as_str).unwrap_or("");
-                    let prompt = alpaca_prompt(string_field(rec, "instruction", format)?, input);
-                    GenerationCase {
-                        prompt_ids: tok.encode(&prompt, true)?,
-                        reference: string_field(rec, "output", format)?.to_owned(),
-                    }
-                }
-                DataFormat::PromptCompletion => GenerationCase {
-                    prompt_ids: tok.encode(string_field(rec, "prompt", format)?, true)?,
-                    reference: string_field(rec, "completion", format)?.to_owned(),
-                },
-                DataFormat::Messages => {
-                    let messages: Vec<Message> =
-                        serde_json::from_value(rec.get("messages").cloned().unwrap_or_default())
-                            .map_err(|e| anyhow::anyhow!("field `messages`: {e}"))?;
-                    match messages.split_last() {
-                        Some((last, before)) if last.role == "assistant" && !before.is_empty() => {
-                            GenerationCase {
-                                prompt_ids: tok.encode_chat(before, true)?,
-                                reference: last.content.clone(),
-                            }
-                        }
-                        _ => bail!("field `messages` must end with an assistant answer to score"),
-                    }
-                }
-                DataFormat::Text => bail!("plain `text` records have no answer to score"),
-            };
-            Ok(case)
-        })
-        .enumerate()
-        .map(|(i, r)| r.with_context(|| format!("{}:{}", path.display(), records[i].0)))
+        .map(|(line, rec)| generation_case(rec, format, tok).map_err(|e| at(path, *line, e)))
         .collect()
+}
+
+fn generation_case(rec: &Value, format: DataFormat, tok: &Tokenizer) -> Result<GenerationCase> {
+    Ok(match format {
+        DataFormat::Alpaca => {
+            let (prompt, output) = alpaca_parts(rec)?;
+            GenerationCase {
+                prompt_ids: tok.encode(&prompt, true)?,
+                reference: output.to_owned(),
+            }
+        }
+        DataFormat::PromptCompletion => GenerationCase {
+            prompt_ids: tok.encode(string_field(rec, "prompt", format)?, true)?,
+            reference: string_field(rec, "completion", format)?.to_owned(),
+        },
+        DataFormat::Messages => {
+            let messages = chat_messages(rec)?;
+            match messages.split_last() {
+                Some((last, before)) if last.role == "assistant" && !before.is_empty() => {
+                    GenerationCase {
+                        prompt_ids: tok.encode_chat(before, true)?,
+                        reference: last.content.clone(),
+                    }
+                }
+                _ => bail!(
+                    "field `messages` must end with an assistant answer to score, after at least one other turn"
+                ),
+            }
+        }
+        DataFormat::Text => bail!(
+            "plain `text` records have no answer to score; use Alpaca, messages or prompt-completion data"
+        ),
+    })
 }

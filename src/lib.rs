@@ -3,6 +3,7 @@
 //!
 //! The crate owns models, data, training and the command line; adapter
 //! methods live in [`peft_adapters`] and regularizers in [`peft_regularizers`].
+#![warn(missing_docs)]
 
 pub mod cli;
 pub mod data;

@@ -8,6 +8,7 @@
 //!
 //! [`lora`] holds LoRA with its rsLoRA and DoRA variants: the configuration
 //! (`adapter_config.json`), the layer, and PEFT's file format.
+#![warn(missing_docs)]
 
 pub mod lora;
 

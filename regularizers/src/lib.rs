@@ -10,6 +10,7 @@
 //!
 //! In evaluation and generation nothing is called unless a regularizer asks
 //! for it with [`Regularizer::active_in_eval`].
+#![warn(missing_docs)]
 
 pub mod neftune;
 
