@@ -28,29 +28,29 @@ echo "== scoring the base model on all $(wc -l < "$test") held-out examples"
 $bin eval --data "$test" --exact-match --json > "$run/eval_before.json"
 
 echo
-if [ -f "$run/adapter/adapter_model.safetensors" ]; then
-  echo "== reusing the adapter trained earlier in $run/adapter (delete it to train again)"
+if [ -f "$run/lora-r16-neftune5/adapter_model.safetensors" ]; then
+  echo "== reusing the adapter trained earlier in $run/lora-r16-neftune5 (delete it to train again)"
 else
   echo "== training: LoRA r=16 on all linear layers, NEFTune alpha 5, $steps steps"
-  rm -rf "$run/adapter"
-  $bin train --data "$train" --eval-data "$test" --eval-steps 20 --output "$run/adapter" \
+  rm -rf "$run/lora-r16-neftune5"
+  $bin train --data "$train" --eval-data "$test" --eval-steps 20 --output "$run/lora-r16-neftune5" \
     --lora-rank 16 --neftune-alpha 5 --batch-size 8 --lr 1e-3 --max-steps "$steps" --max-seq-len 128
 fi
 
 echo
 echo "== the trained model on the same held-out prompts"
-$bin eval --data "$run/show.jsonl" --adapter "$run/adapter" --exact-match --show 5 > /dev/null
-$bin eval --data "$test" --adapter "$run/adapter" --exact-match --json > "$run/eval_after.json"
+$bin eval --data "$run/show.jsonl" --adapter "$run/lora-r16-neftune5" --exact-match --show 5 > /dev/null
+$bin eval --data "$test" --adapter "$run/lora-r16-neftune5" --exact-match --json > "$run/eval_after.json"
 
 echo
 echo "== loss curves"
-$bin plot "$run/adapter" --output "$run/loss.png" --title "SmolLM2-135M-Instruct, LoRA r=16 + NEFTune (alpha 5), dates task" > /dev/null
+$bin plot "$run/lora-r16-neftune5" --output "$run/loss.png" --title "SmolLM2-135M-Instruct, LoRA r=16 + NEFTune (alpha 5), dates task" > /dev/null
 echo "   $run/loss.png"
 
 echo
 echo "== merging the adapter into the base weights"
-$bin merge --adapter "$run/adapter" --output "$run/merged" --overwrite > /dev/null
-$bin generate --prompts "$run/show.jsonl" --adapter "$run/adapter" --max-new-tokens 24 --json 2>/dev/null > "$run/answers_adapter.jsonl"
+$bin merge --adapter "$run/lora-r16-neftune5" --output "$run/merged" --overwrite > /dev/null
+$bin generate --prompts "$run/show.jsonl" --adapter "$run/lora-r16-neftune5" --max-new-tokens 24 --json 2>/dev/null > "$run/answers_adapter.jsonl"
 $bin generate --prompts "$run/show.jsonl" --model "$run/merged" --max-new-tokens 24 --json 2>/dev/null > "$run/answers_merged.jsonl"
 "$PYTHON" - "$run" <<'PY'
 import json, sys, pathlib

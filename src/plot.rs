@@ -138,11 +138,18 @@ pub fn plot(runs: &[RunCurves], output: &Path, title: &str, size: (u32, u32)) ->
                     });
             }
             if !run.eval.is_empty() {
-                let style = color.stroke_width(3);
+                // Evaluation: dashed, with a marker at each evaluation, so it reads
+                // apart from the training curve of the same colour.
+                let style = color.stroke_width(2);
                 chart
-                    .draw_series(LineSeries::new(run.eval.iter().copied(), style).point_size(5))?
-                    .label(format!("{} eval", run.label))
-                    .legend(move |(x, y)| Circle::new((x + 10, y), 5, style.filled()));
+                    .draw_series(DashedLineSeries::new(run.eval.iter().copied(), 8, 5, style))?
+                    .label(format!("{} eval (noise off)", run.label))
+                    .legend(move |(x, y)| {
+                        EmptyElement::at((x, y))
+                            + PathElement::new(vec![(0, 0), (8, 0)], style)
+                            + PathElement::new(vec![(12, 0), (20, 0)], style)
+                    });
+                chart.draw_series(run.eval.iter().map(|&p| Circle::new(p, 5, color.filled())))?;
             }
         }
         chart
