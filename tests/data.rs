@@ -1,6 +1,8 @@
 //! Data loading: format detection, loss masks, truncation, error messages,
 //! padding and batch order, with the default model's tokenizer.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -12,7 +14,6 @@ use peft_rs::data::{
 };
 use peft_rs::tokenizer::Tokenizer;
 
-const ALPACA_5000: &str = "/work/shared/data/alpaca_5000.json";
 const IM_END: &str = "<|im_end|>";
 const SYSTEM: &str =
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
@@ -731,7 +732,8 @@ fn padding(lengths: &[usize], batches: &[Vec<usize>]) -> usize {
 
 #[test]
 fn alpaca_5000_loads_and_grouping_saves_padding() {
-    let path = Path::new(ALPACA_5000);
+    let alpaca = common::shared("data/alpaca_5000.json");
+    let path = alpaca.as_path();
     // Time the loading alone, not reading tokenizer.json.
     tok();
     let start = Instant::now();

@@ -13,7 +13,7 @@ use tch::Tensor;
 
 /// The first `n` records of the shared Alpaca subset, as a JSON array file.
 fn alpaca(dir: &Path, n: usize) -> PathBuf {
-    let src = common::repo().join("../shared/data/alpaca_5000.json");
+    let src = common::shared("data/alpaca_5000.json");
     let all: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
     let p = dir.join("alpaca.json");

@@ -20,6 +20,21 @@ pub fn python() -> PathBuf {
     PathBuf::from(home).join(".cache/peft-rs/torch-2.11.0/bin/python")
 }
 
+/// A file of the project's shared folder, which sits beside the repository
+/// (`../shared`, as on developer machines and in CI), or under `$PEFT_RS_SHARED`.
+pub fn shared(rel: &str) -> PathBuf {
+    let root = std::env::var_os("PEFT_RS_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared"));
+    let p = root.join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: the shared folder belongs beside the repository (or set PEFT_RS_SHARED)",
+        p.display()
+    );
+    p
+}
+
 /// The default model converted by `scripts/setup.sh`.
 pub fn default_model() -> PathBuf {
     let d = repo().join("models/SmolLM2-135M-Instruct");
