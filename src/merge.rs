@@ -21,7 +21,7 @@ use crate::models::{self, llama::OUTPUT_HEAD};
 use crate::weights::{
     dtype_of, kind_of, tensor_bytes, StreamingWriter, WeightFiles, INDEX_FILE, SINGLE_FILE,
 };
-use peft_adapters::lora::files::{self, check_tensors, expected_tensors, key};
+use peft_adapters::lora::files::{self, check_tensors, expected_tensors};
 use peft_adapters::lora::{Combination, LoraConfig, LoraLayer, LoraWeights};
 use peft_adapters::LinearAdapter;
 
@@ -91,17 +91,11 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Lora
             .flat_map(|(p, i, o)| expected_tensors(&lora, p, *i, *o))
             .collect();
         check_tensors(&dir.join(files::WEIGHTS_FILE), &expected, &tensors)?;
-        let mut take = |k: String| tensors.remove(&k).expect("checked").to_kind(Kind::Float);
         for path in chosen {
-            let (r, alpha) = lora.rank_and_alpha(path);
+            // Merging is inference: no dropout.
             let w = LoraWeights {
-                a: take(key(path, "lora_A.weight")),
-                b: take(key(path, "lora_B.weight")),
-                magnitude: lora
-                    .use_dora
-                    .then(|| take(key(path, "lora_magnitude_vector"))),
-                scaling: lora.scaling(r, alpha),
                 dropout: 0.0,
+                ..files::take_weights(&lora, path, &mut tensors, Device::Cpu)?
             };
             per_module
                 .entry(path.to_owned())

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::models::llama::OUTPUT_HEAD;
 use crate::models::LlamaForCausalLM;
@@ -104,26 +104,11 @@ pub fn load_adapter(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Res
         .collect();
     check_tensors(&dir.join(files::WEIGHTS_FILE), &expected, &tensors)?;
     let device = model.device();
-    let mut take = |k: String| -> Tensor {
-        let t = tensors.remove(&k).expect("checked above");
-        t.to_kind(Kind::Float)
-            .to_device(device)
-            .set_requires_grad(true)
-    };
     for (path, lin) in model.linear_layers_mut() {
         if !chosen.contains(&path) {
             continue;
         }
-        let (r, alpha) = config.rank_and_alpha(&path);
-        let w = LoraWeights {
-            a: take(key(&path, "lora_A.weight")),
-            b: take(key(&path, "lora_B.weight")),
-            magnitude: config
-                .use_dora
-                .then(|| take(key(&path, "lora_magnitude_vector"))),
-            scaling: config.scaling(r, alpha),
-            dropout: config.lora_dropout,
-        };
+        let w = files::take_weights(&config, &path, &mut tensors, device)?;
         attach(lin, name, w).with_context(|| path.clone())?;
     }
     Ok(config)

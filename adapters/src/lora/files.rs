@@ -201,3 +201,35 @@ pub fn check_tensors(
     }
     Ok(())
 }
+
+/// Takes module `path`'s LoRA weights out of checked file tensors (see
+/// [`check_tensors`]) as fp32 on `device`, with the scaling and dropout the
+/// configuration gives that module.
+pub fn take_weights(
+    config: &super::LoraConfig,
+    path: &str,
+    tensors: &mut BTreeMap<String, Tensor>,
+    device: Device,
+) -> Result<super::LoraWeights> {
+    let mut take = |suffix: &str| -> Result<Tensor> {
+        let k = key(path, suffix);
+        let t = tensors
+            .remove(&k)
+            .with_context(|| format!("tensor {k} is missing"))?;
+        Ok(t.to_kind(Kind::Float)
+            .to_device(device)
+            .set_requires_grad(true))
+    };
+    let (r, alpha) = config.rank_and_alpha(path);
+    Ok(super::LoraWeights {
+        a: take("lora_A.weight")?,
+        b: take("lora_B.weight")?,
+        magnitude: if config.use_dora {
+            Some(take("lora_magnitude_vector")?)
+        } else {
+            None
+        },
+        scaling: config.scaling(r, alpha),
+        dropout: config.lora_dropout,
+    })
+}
