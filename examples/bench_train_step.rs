@@ -12,9 +12,10 @@ use peft_rs::adapters::lora::{LoraConfig, TargetModules};
 use peft_rs::data::Batch;
 use peft_rs::models;
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
+use peft_rs::regularizers::rng::with_torch_seed;
 use peft_rs::regularizers::{Neftune, NeftuneMode, NoiseDistribution, RegularizerStack};
 use peft_rs::train::optim::{clip_grad_norm, AdamW};
-use peft_rs::train::{forward_backward, StepOptions};
+use peft_rs::train::{forward_backward, MicroBatch, StepOptions};
 use tch::{Device, Kind, Tensor};
 
 fn main() -> Result<()> {
@@ -30,7 +31,6 @@ fn main() -> Result<()> {
         Kind::BFloat16
     };
     let mut model = models::load(&model_dir, kind, device)?;
-    tch::manual_seed(0);
     let lora = LoraConfig {
         r: 16,
         lora_alpha: 32.0,
@@ -38,7 +38,7 @@ fn main() -> Result<()> {
         target_modules: TargetModules::AllLinear,
         ..LoraConfig::default()
     };
-    peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora)?;
+    with_torch_seed(0, || peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora))?;
     peft_model::set_training(&mut model, true);
     let params = peft_model::trainable_parameters(&mut model);
     let trainable: Vec<(String, Tensor)> = params
@@ -52,8 +52,9 @@ fn main() -> Result<()> {
         mode: NeftuneMode::Hf,
         noise: NoiseDistribution::Uniform,
     }));
-    tch::manual_seed(1);
-    let ids = Tensor::randint_low(3, 40000, [batch, seq], (Kind::Int64, Device::Cpu));
+    let ids = with_torch_seed(1, || {
+        Tensor::randint_low(3, 40000, [batch, seq], (Kind::Int64, Device::Cpu))
+    });
     let b = Batch {
         input_ids: ids.shallow_clone(),
         labels: ids.shallow_clone(),
@@ -66,16 +67,15 @@ fn main() -> Result<()> {
         loss_chunk_size: 1024,
     };
     let mut step = |i: u64| -> Result<f64> {
-        let loss = forward_backward(
-            &model,
-            &mut regs,
-            &trainable,
-            &b,
-            i,
-            i,
-            b.num_label_tokens as f64,
-            opts,
-        )?;
+        let mb = MicroBatch {
+            step: i,
+            index: 0,
+            count: 1,
+            seed: i,
+            denom: b.num_label_tokens as f64,
+            loss_scale: 1.0,
+        };
+        let loss = forward_backward(&model, &mut regs, &trainable, &b, &mb, opts)?;
         clip_grad_norm(&params, 1.0);
         optim.step(&params, 2e-4);
         for p in params.values() {

@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use peft_rs::regularizers::rng::with_torch_seed;
 use peft_rs::regularizers::{HookContext, HookPoint, Regularizer};
 use peft_rs::train::{TrainConfig, Trainer};
 use tch::{Kind, Tensor};
@@ -27,15 +28,15 @@ impl Regularizer for HiddenStateNoise {
         vec![HookPoint::DecoderLayerOutput(self.layer)]
     }
     fn apply(&mut self, _at: HookPoint, hidden: Tensor, ctx: &HookContext) -> Tensor {
-        // Seeding from the context makes the noise reproducible and identical
-        // when gradient checkpointing recomputes the layer.
-        tch::manual_seed(ctx.seed as i64 & i64::MAX);
-        let noise = hidden.randn_like().detach() * self.sigma;
+        // Drawn from the context's seed: reproducible, and identical when
+        // gradient checkpointing recomputes the layer.
+        let noise = with_torch_seed(ctx.seed, || hidden.randn_like().detach()) * self.sigma;
         hidden + noise
     }
 }
 
-/// λ times the sum of squares of every adapter weight, added to the loss.
+/// λ times the sum of squares of every adapter weight, added to the loss
+/// once per optimizer step.
 struct AdapterL2 {
     lambda: f64,
 }

@@ -4,16 +4,17 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::device::{dtype_name, parse_device, parse_dtype, resolve_model_dir};
+use crate::device::{dtype_name, resolve_model_dir, DeviceArg, DtypeArg};
 use crate::generate::{generate, GenerationConfig};
 use crate::merge::{merge_to_dir, MergeOptions};
 use crate::models::Pretrained;
 use crate::peft_model;
 use crate::tokenizer::Message;
-use crate::train::{Schedule, TrainConfig, Trainer};
+use crate::train::{TrainConfig, Trainer};
 
 /// Train, load, save and merge LoRA/PEFT adapters for causal language models.
 #[derive(Parser, Debug)]
@@ -47,18 +48,18 @@ pub struct ModelArgs {
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N; auto uses CUDA when libtorch can.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Dtype of the frozen weights: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    #[arg(long, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Dtype of the frozen weights: auto is fp32 on CPU (bf16 is far slower there), bf16 on CUDA.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
 }
 
 impl ModelArgs {
     /// Loads the model and tokenizer these arguments name.
     pub fn load(&self) -> Result<Pretrained> {
-        let device = parse_device(&self.device)?;
-        let kind = parse_dtype(&self.dtype, device)?;
+        let device = self.device.resolve()?;
+        let kind = self.dtype.resolve(device);
         let dir = resolve_model_dir(self.model.clone())?;
         Pretrained::load(&dir, kind, device)
     }
@@ -117,15 +118,48 @@ struct GenerateArgs {
 
 /// Parses the command line and runs it.
 pub fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => usage_error(e)?,
+    };
+    let cli = Cli::from_arg_matches(&matches).or_else(usage_error)?;
     match cli.command {
         Command::Env => env(),
         Command::Generate(a) => generate_cmd(a),
         Command::Merge(a) => merge_cmd(a),
-        Command::Train(a) => train_cmd(*a),
+        Command::Train(a) => train_cmd(
+            *a,
+            matches
+                .subcommand_matches("train")
+                .expect("the train subcommand was parsed"),
+        ),
         Command::Eval(a) => eval_cmd(a),
         Command::Plot(a) => plot_cmd(a),
     }
+}
+
+/// Help and version print as clap prints them; a usage error becomes one
+/// line (clap's message with its hint, without the usage block).
+fn usage_error<T>(e: clap::Error) -> Result<T> {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    bail!("{}", line.strip_prefix("error: ").unwrap_or(&line))
 }
 
 fn env() -> Result<()> {
@@ -315,9 +349,9 @@ struct MergeArgs {
     /// Output model directory (written to a temporary directory, then renamed).
     #[arg(long, value_name = "DIR")]
     output: PathBuf,
-    /// dtype of the written weights: fp32, bf16 or fp16 (default: as in the base).
-    #[arg(long)]
-    dtype: Option<String>,
+    /// dtype of the written weights: fp32, bf16 or fp16 (default, or auto: as in the base).
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
     /// Replace --output if it exists.
     #[arg(long)]
     overwrite: bool,
@@ -326,9 +360,8 @@ struct MergeArgs {
 fn merge_cmd(a: MergeArgs) -> Result<()> {
     let dtype = a
         .dtype
-        .as_deref()
-        .map(|d| parse_dtype(d, tch::Device::Cpu))
-        .transpose()?;
+        .filter(|d| *d != DtypeArg::Auto)
+        .map(|d| d.resolve(tch::Device::Cpu));
     let opts = MergeOptions {
         base: resolve_model_dir(a.model)?,
         adapters: a.adapters.adapter,
@@ -352,214 +385,92 @@ fn merge_cmd(a: MergeArgs) -> Result<()> {
     Ok(())
 }
 
-/// `peft-rs train` flags; each one overrides the same setting from --config.
-#[derive(Args, Debug, Default)]
+/// `peft-rs train`: the settings of [`TrainConfig`], each a flag, plus a settings file.
+#[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// TOML or YAML file with the settings (field names as in training_args.json); flags override it.
+    /// TOML or YAML file with the settings (field names as in training_args.json); flags given on the command line override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Base model directory (default: the embedded SmolLM2-135M-Instruct).
-    #[arg(long, value_name = "DIR")]
-    model: Option<PathBuf>,
-    /// Training data: Alpaca JSON/JSONL, or JSONL with messages, prompt/completion or text.
-    #[arg(long, value_name = "FILE")]
-    data: Option<PathBuf>,
-    /// Data format: alpaca, messages, prompt-completion or text (default: detected).
-    #[arg(long)]
-    format: Option<String>,
-    /// Output directory: adapter, checkpoint-N/, metrics.jsonl, training_args.json [default: runs/peft-rs].
-    #[arg(long, value_name = "DIR")]
-    output: Option<PathBuf>,
-    /// Evaluation data file (evaluated with noise and dropout off).
-    #[arg(long, value_name = "FILE")]
-    eval_data: Option<PathBuf>,
-    /// Hold out this many training examples for evaluation instead of --eval-data.
-    #[arg(long, value_name = "N")]
-    eval_holdout: Option<usize>,
-    /// Evaluate every N steps (and always at the end).
-    #[arg(long, value_name = "N")]
-    eval_steps: Option<u64>,
-    /// LoRA rank r [default: 16].
-    #[arg(long)]
-    lora_rank: Option<usize>,
-    /// LoRA alpha; scaling = alpha / r [default: 32].
-    #[arg(long)]
-    lora_alpha: Option<f64>,
-    /// Dropout on the LoRA branch [default: 0.05].
-    #[arg(long)]
-    lora_dropout: Option<f64>,
-    /// all-linear, or a comma-separated list such as q_proj,v_proj [default: all-linear].
-    #[arg(long, value_delimiter = ',')]
-    target_modules: Option<Vec<String>>,
-    /// rsLoRA scaling (alpha / sqrt(r)).
-    #[arg(long)]
-    use_rslora: bool,
-    /// DoRA (weight-decomposed LoRA).
-    #[arg(long)]
-    use_dora: bool,
-    /// NEFTune noise alpha (TRL's neftune_noise_alpha); 0 or absent is off. The paper uses 5, 10, 15.
-    #[arg(long)]
-    neftune_alpha: Option<f64>,
-    /// paper: L = each example's real length, no noise on padding (default); hf: L = padded batch length, as TRL.
-    #[arg(long)]
-    neftune_mode: Option<String>,
-    /// uniform (the paper) or gaussian (its ablation).
-    #[arg(long)]
-    neftune_noise: Option<String>,
-    /// Examples per micro-batch [default: 4].
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Micro-batches per optimizer step [default: 1].
-    #[arg(long)]
-    grad_accum: Option<usize>,
-    /// Peak learning rate [default: 2e-4].
-    #[arg(long)]
-    lr: Option<f64>,
-    /// AdamW weight decay [default: 0].
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    /// AdamW beta1 [default: 0.9].
-    #[arg(long)]
-    adam_beta1: Option<f64>,
-    /// AdamW beta2 [default: 0.999].
-    #[arg(long)]
-    adam_beta2: Option<f64>,
-    /// AdamW epsilon [default: 1e-8].
-    #[arg(long)]
-    adam_epsilon: Option<f64>,
-    /// constant, linear or cosine [default: linear].
-    #[arg(long)]
-    lr_scheduler: Option<String>,
-    /// Warmup steps (overrides --warmup-ratio).
-    #[arg(long)]
-    warmup_steps: Option<u64>,
-    /// Warmup as a fraction of the steps [default: 0.03].
-    #[arg(long)]
-    warmup_ratio: Option<f64>,
-    /// Clip the gradient norm to this (0: off) [default: 1].
-    #[arg(long)]
-    max_grad_norm: Option<f64>,
-    /// Passes over the data [default: 1].
-    #[arg(long)]
-    epochs: Option<f64>,
-    /// Stop after N optimizer steps (overrides --epochs).
-    #[arg(long)]
-    max_steps: Option<u64>,
-    /// Truncate examples to N tokens [default: 512].
-    #[arg(long)]
-    max_seq_len: Option<usize>,
-    /// Compute the loss on prompt tokens too.
-    #[arg(long)]
-    train_on_prompt: bool,
-    /// Do not group examples of similar length into batches.
-    #[arg(long)]
+    #[command(flatten)]
+    settings: TrainConfig,
+    /// Same as --group-by-length false.
+    #[arg(long, hide = true)]
     no_group_by_length: bool,
-    /// Seed of adapter init, data order, dropout and noise [default: 42].
-    #[arg(long)]
-    seed: Option<u64>,
-    /// auto, cpu, cuda or cuda:N [default: auto].
-    #[arg(long)]
-    device: Option<String>,
-    /// Base weights dtype: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16.
-    #[arg(long)]
-    dtype: Option<String>,
-    /// Recompute each decoder layer in the backward pass (less memory, about a third more compute).
-    #[arg(long)]
-    gradient_checkpointing: bool,
-    /// Rows of logits per cross-entropy chunk [default: 1024].
-    #[arg(long)]
-    loss_chunk_size: Option<i64>,
-    /// Write a metrics.jsonl line every N steps [default: 1].
-    #[arg(long)]
-    logging_steps: Option<u64>,
-    /// Save a checkpoint every N steps (0: none).
-    #[arg(long)]
-    save_steps: Option<u64>,
-    /// Keep only the newest N checkpoints (0: all).
-    #[arg(long)]
-    save_total_limit: Option<usize>,
-    /// Continue from the newest complete checkpoint in --output.
-    #[arg(long)]
-    resume: bool,
 }
 
 impl TrainArgs {
-    /// The settings: defaults, then --config, then the flags given.
-    pub fn to_config(&self) -> Result<TrainConfig> {
-        let mut c = match &self.config {
-            Some(p) => TrainConfig::from_file(p)?,
-            None => TrainConfig::default(),
-        };
-        macro_rules! set {
-            ($flag:ident => $field:ident) => {
-                if let Some(v) = self.$flag.clone() {
-                    c.$field = v.into();
+    /// The settings: defaults, then --config, then the flags given on the
+    /// command line (`matches` tells which were given).
+    pub fn to_config(&self, matches: &ArgMatches) -> Result<TrainConfig> {
+        let file = self
+            .config
+            .as_deref()
+            .map(TrainConfig::from_file)
+            .transpose()?;
+        let given: Vec<String> = train_setting_args()
+            .filter(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
+            .collect();
+        let mut c = match &file {
+            None => self.settings.clone(),
+            Some(from_file) => {
+                // Field by field, through JSON: only what was typed replaces the file's value.
+                let mut merged = serde_json::to_value(from_file)?;
+                let flags = serde_json::to_value(&self.settings)?;
+                for id in &given {
+                    merged[id.as_str()] = flags[id.as_str()].clone();
                 }
-            };
-        }
-        set!(model => model);
-        set!(data => data);
-        set!(format => format);
-        set!(output => output);
-        set!(eval_data => eval_data);
-        set!(eval_holdout => eval_holdout);
-        set!(eval_steps => eval_steps);
-        set!(lora_rank => lora_rank);
-        set!(lora_alpha => lora_alpha);
-        set!(lora_dropout => lora_dropout);
-        set!(target_modules => target_modules);
-        set!(neftune_alpha => neftune_noise_alpha);
-        set!(neftune_mode => neftune_mode);
-        set!(neftune_noise => neftune_noise);
-        set!(batch_size => per_device_train_batch_size);
-        set!(grad_accum => gradient_accumulation_steps);
-        set!(lr => learning_rate);
-        set!(weight_decay => weight_decay);
-        set!(adam_beta1 => adam_beta1);
-        set!(adam_beta2 => adam_beta2);
-        set!(adam_epsilon => adam_epsilon);
-        set!(warmup_steps => warmup_steps);
-        set!(warmup_ratio => warmup_ratio);
-        set!(max_grad_norm => max_grad_norm);
-        set!(epochs => num_train_epochs);
-        set!(max_steps => max_steps);
-        set!(max_seq_len => max_seq_length);
-        set!(seed => seed);
-        set!(device => device);
-        set!(dtype => dtype);
-        set!(loss_chunk_size => loss_chunk_size);
-        set!(logging_steps => logging_steps);
-        set!(save_steps => save_steps);
-        set!(save_total_limit => save_total_limit);
-        if let Some(s) = &self.lr_scheduler {
-            c.lr_scheduler_type = match s.as_str() {
-                "constant" => Schedule::Constant,
-                "linear" => Schedule::Linear,
-                "cosine" => Schedule::Cosine,
-                other => bail!("--lr-scheduler `{other}`: expected constant, linear or cosine"),
-            };
-        }
-        c.use_rslora |= self.use_rslora;
-        c.use_dora |= self.use_dora;
-        c.train_on_prompt |= self.train_on_prompt;
-        c.gradient_checkpointing |= self.gradient_checkpointing;
-        c.resume |= self.resume;
+                serde_json::from_value(merged)?
+            }
+        };
         if self.no_group_by_length {
             c.group_by_length = false;
         }
-        if self.target_modules.is_none()
-            && c.target_modules.len() == 1
-            && c.target_modules[0].contains(',')
-        {
-            c.target_modules = c.target_modules[0].split(',').map(str::to_owned).collect();
+        if c.target_modules.len() == 1 && c.target_modules[0].contains(',') {
+            c.target_modules = c.target_modules[0]
+                .split(',')
+                .map(|m| m.trim().to_owned())
+                .collect();
         }
-        c.validate()?;
+        if let Err(e) = c.validate() {
+            let value = serde_json::to_value(&c)?[e.field].to_string();
+            if given.iter().any(|g| g == e.field) {
+                bail!("{} {value}: {}", flag_of(e.field), e.problem);
+            }
+            match &self.config {
+                Some(f) => bail!(
+                    "{}: field `{}` = {value}: {}",
+                    f.display(),
+                    e.field,
+                    e.problem
+                ),
+                None => bail!("{e}"),
+            }
+        }
         Ok(c)
     }
 }
 
-fn train_cmd(a: TrainArgs) -> Result<()> {
-    let cfg = a.to_config()?;
+/// The ids (= field names) of the arguments [`TrainConfig`] defines.
+fn train_setting_args() -> impl Iterator<Item = String> {
+    <TrainConfig as Args>::augment_args(clap::Command::new("train"))
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+/// `--lr` for `learning_rate`: the flag that sets a [`TrainConfig`] field.
+pub fn flag_of(field: &str) -> String {
+    <TrainConfig as Args>::augment_args(clap::Command::new("train"))
+        .get_arguments()
+        .find(|a| a.get_id() == field)
+        .and_then(|a| a.get_long())
+        .map(|l| format!("--{l}"))
+        .unwrap_or_else(|| format!("`{field}`"))
+}
+
+fn train_cmd(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
+    let cfg = a.to_config(matches)?;
     let mut trainer = Trainer::new(cfg, vec![])?;
     let s = trainer.run()?;
     println!(
@@ -591,8 +502,8 @@ struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     data: PathBuf,
     /// Data format (default: detected).
-    #[arg(long)]
-    format: Option<String>,
+    #[arg(long, value_enum)]
+    format: Option<crate::data::DataFormat>,
     /// Truncate examples to N tokens.
     #[arg(long, default_value_t = 512)]
     max_seq_len: usize,
@@ -616,12 +527,9 @@ struct EvalArgs {
 fn eval_cmd(a: EvalArgs) -> Result<()> {
     let mut base = a.model.load()?;
     peft_model::load_adapters(&mut base.model, &a.adapters.adapter, &a.adapters.weights)?;
-    let eos = *base
-        .eos_token_ids
-        .first()
-        .context("the model defines no EOS token")?;
+    let eos = base.completion_eos()?;
     let opts = crate::data::DataOptions {
-        format: a.format.as_deref().map(str::parse).transpose()?,
+        format: a.format,
         max_seq_len: a.max_seq_len,
         train_on_prompt: a.train_on_prompt,
     };

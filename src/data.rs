@@ -16,12 +16,16 @@ use serde_json::Value;
 use tch::Tensor;
 
 use crate::tokenizer::{Message, Span, Tokenizer};
+use peft_regularizers::rng::SplitMix64;
 
 /// Label value that takes no loss (PyTorch's `ignore_index`).
 pub const IGNORE: i64 = -100;
 
 /// The record shapes peft-rs reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum DataFormat {
     /// `instruction`, optional `input`, `output`, with the Stanford Alpaca
     /// prompt template.
@@ -160,7 +164,9 @@ fn at(path: &Path, line: usize, e: impl fmt::Display) -> anyhow::Error {
 
 /// Reads and tokenizes a data file: a JSON array or JSONL (one object a
 /// line). A malformed record stops everything with its file, line and field
-/// named; examples keep the file order.
+/// named; examples keep the file order. `eos_token_id` ends completions and
+/// texts (`tokenizer.eos_token`, see [`crate::models::Pretrained::completion_eos`]);
+/// chats end with what their template writes.
 pub fn load_dataset(
     path: &Path,
     tok: &Tokenizer,
@@ -169,12 +175,12 @@ pub fn load_dataset(
 ) -> Result<Dataset> {
     let records = read_records(path)?;
     let format = resolve_format(path, &records, opts.format)?;
-    let eos = Eos::new(tok, eos_token_id)?;
     // Tokenizing dominates loading; rayon keeps the output in file order.
     let tokenized: Vec<Result<Example>> = records
         .par_iter()
         .map(|(line, rec)| {
-            tokenize(rec, format, tok, &eos, opts.train_on_prompt).map_err(|e| at(path, *line, e))
+            tokenize(rec, format, tok, eos_token_id, opts.train_on_prompt)
+                .map_err(|e| at(path, *line, e))
         })
         .collect();
     let mut examples = Vec::with_capacity(tokenized.len());
@@ -423,27 +429,12 @@ fn ids(v: Vec<u32>) -> Vec<i64> {
     v.into_iter().map(i64::from).collect()
 }
 
-/// The EOS id and its text: chat templates write the end-of-turn token as
-/// text, and the masking compares against it.
-struct Eos {
-    id: i64,
-    text: String,
-}
-
-impl Eos {
-    fn new(tok: &Tokenizer, id: i64) -> Result<Self> {
-        let id32 = u32::try_from(id).map_err(|_| anyhow!("EOS token id {id} is not a token id"))?;
-        Ok(Self {
-            id,
-            text: tok.decode(&[id32], false)?,
-        })
-    }
-}
-
-/// Prompt and completion tokenized apart (the prompt with the tokenizer's
-/// special tokens, the completion without, then EOS), so that the boundary
-/// between them is exact: tokenizing the joined text could merge the last
-/// prompt character with the first completion character into one token.
+/// Prompt and completion tokenized together, as the model sees them, with
+/// the loss on every token that covers a byte of the completion, then the
+/// EOS. Tokenizing the two apart would be wrong for SentencePiece tokenizers
+/// (Llama-2, Mistral, Gemma): the completion alone starts a new "word" and
+/// gets a `▁` that the joined text does not have. This is what TRL does
+/// (tokenize prompt + completion, mask the prompt's share).
 fn prompt_completion(
     tok: &Tokenizer,
     prompt: &str,
@@ -451,16 +442,26 @@ fn prompt_completion(
     eos: i64,
     train_on_prompt: bool,
 ) -> Result<Example> {
-    let p = ids(tok.encode(prompt, true)?);
-    let mut c = ids(tok.encode(completion, false)?);
-    c.push(eos);
-    let labels = p
+    let text = format!("{prompt}{completion}");
+    let (tokens, offsets) = tok.encode_with_offsets(&text, true)?;
+    let mut input_ids = ids(tokens);
+    let boundary = prompt.len();
+    let mut labels: Vec<i64> = input_ids
         .iter()
-        .map(|&t| if train_on_prompt { t } else { IGNORE })
-        .chain(c.iter().copied())
+        .zip(&offsets)
+        .map(|(&t, &(_, end))| {
+            if train_on_prompt || end > boundary {
+                t
+            } else {
+                IGNORE
+            }
+        })
         .collect();
-    let mut input_ids = p;
-    input_ids.extend(c);
+    // TRL appends `tokenizer.eos_token` unless the completion already ends with it.
+    if input_ids.last() != Some(&eos) {
+        input_ids.push(eos);
+        labels.push(eos);
+    }
     Ok(Example { input_ids, labels })
 }
 
@@ -468,40 +469,43 @@ fn tokenize(
     rec: &Value,
     format: DataFormat,
     tok: &Tokenizer,
-    eos: &Eos,
+    eos: i64,
     train_on_prompt: bool,
 ) -> Result<Example> {
     match format {
         DataFormat::Alpaca => {
             let (prompt, output) = alpaca_parts(rec)?;
-            prompt_completion(tok, &prompt, output, eos.id, train_on_prompt)
+            prompt_completion(tok, &prompt, output, eos, train_on_prompt)
         }
         DataFormat::PromptCompletion => {
             let prompt = string_field(rec, "prompt", format)?;
             let completion = string_field(rec, "completion", format)?;
-            prompt_completion(tok, prompt, completion, eos.id, train_on_prompt)
+            prompt_completion(tok, prompt, completion, eos, train_on_prompt)
         }
         DataFormat::Text => {
-            let mut input_ids = ids(tok.encode(string_field(rec, "text", format)?, true)?);
-            input_ids.push(eos.id);
-            Ok(Example {
-                labels: input_ids.clone(),
-                input_ids,
-            })
+            prompt_completion(tok, "", string_field(rec, "text", format)?, eos, true)
         }
         DataFormat::Messages => chat_example(&chat_messages(rec)?, tok, eos, train_on_prompt),
     }
 }
 
 /// A chat rendered with the model's template, the loss on the assistant
-/// turns. Assistant turn i is the text between the rendering of the turns
-/// before it with the generation prompt and the rendering up to it: that is
-/// exactly what the model must write when it generates that turn, whatever
-/// the template's markup.
+/// turns.
+///
+/// Where the template marks assistant text with `{% generation %}` blocks,
+/// those blocks are the turns, exactly as transformers'
+/// `return_assistant_tokens_mask` reads them. Otherwise assistant turn i is
+/// the text between the rendering of the turns before it with the generation
+/// prompt and the rendering up to it: what the model must write when it
+/// generates that turn, whatever the template's markup. That text ends with
+/// the template's end-of-turn token (`<|eot_id|>`, `<|im_end|>`,
+/// `<end_of_turn>`, `</s>`) and possibly a separator after it; the turn is
+/// learned through its last special token and not beyond, since generation
+/// stops there.
 fn chat_example(
     messages: &[Message],
     tok: &Tokenizer,
-    eos: &Eos,
+    eos: i64,
     train_on_prompt: bool,
 ) -> Result<Example> {
     if !messages.iter().any(|m| m.role == "assistant") {
@@ -514,12 +518,62 @@ fn chat_example(
                 .join(", ")
         );
     }
-    let full = tok.apply_chat_template(messages, false)?;
-    let mut spans: Vec<Span> = Vec::new();
-    // With the loss on every token there is nothing to locate, which also
-    // lets templates that fail the prefix check below be used.
+    let marked = tok.has_generation_blocks();
+    let (full, spans) = if marked {
+        tok.apply_chat_template_with_generation_spans(messages)?
+    } else if train_on_prompt {
+        // With the loss on every token there is nothing to locate, which also
+        // lets templates that fail the prefix check below be used.
+        (tok.apply_chat_template(messages, false)?, vec![])
+    } else {
+        let full = tok.apply_chat_template(messages, false)?;
+        let spans = assistant_spans(tok, messages, &full)?;
+        (full, spans)
+    };
+    let (tokens, offsets) = tok.encode_with_offsets(&full, false)?;
+    let mut input_ids = ids(tokens);
+    let mut labels = vec![IGNORE; input_ids.len()];
+    if train_on_prompt {
+        labels.clone_from(&input_ids);
+    }
+    for &(a, b) in &spans {
+        // A token takes a loss when it covers any byte of a turn, as
+        // transformers' `return_assistant_tokens_mask` does: a generation
+        // prompt ending in a space ("assistant: ") merges with the first word
+        // of the answer into one token, which must not be lost.
+        let covering: Vec<usize> = (0..input_ids.len())
+            .filter(|&i| offsets[i].1 > a && offsets[i].0 < b)
+            .collect();
+        let last = match covering
+            .iter()
+            .rposition(|&i| tok.is_special(input_ids[i] as u32))
+        {
+            Some(k) if !marked => k,
+            _ => covering.len().saturating_sub(1),
+        };
+        for &i in covering.iter().take(last + 1) {
+            labels[i] = input_ids[i];
+        }
+    }
+    // A template that writes no special token after the last turn gives the
+    // model no way to stop: append the EOS, as for the other formats.
+    let content_end = full.trim_end().len();
+    let last_real = offsets.iter().rposition(|&(s, _)| s < content_end);
+    let ends_special = last_real.is_some_and(|i| tok.is_special(input_ids[i] as u32));
+    if !marked && !ends_special {
+        input_ids.push(eos);
+        labels.push(eos);
+    }
+    Ok(Example { input_ids, labels })
+}
+
+/// The byte spans of the assistant turns in `full` (the whole chat rendered),
+/// each from the end of the generation prompt before it to the end of its
+/// rendering.
+fn assistant_spans(tok: &Tokenizer, messages: &[Message], full: &str) -> Result<Vec<Span>> {
+    let mut spans = Vec::new();
     for (i, m) in messages.iter().enumerate() {
-        if train_on_prompt || m.role != "assistant" {
+        if m.role != "assistant" {
             continue;
         }
         let before = tok.apply_chat_template(&messages[..i], true)?;
@@ -531,42 +585,9 @@ fn chat_example(
                  use --train-on-prompt, or the prompt-completion format with the prompt rendered beforehand"
             );
         }
-        let (start, mut end) = (before.len(), upto.len());
-        // Templates write a separator (SmolLM2: "\n") after the end-of-turn
-        // token; generation stops at that token, so the separator is no part
-        // of the answer and must not be learned.
-        let trimmed = full[start..end].trim_end();
-        if !eos.text.is_empty() && trimmed.ends_with(&eos.text) {
-            end = start + trimmed.len();
-        }
-        spans.push((start, end));
+        spans.push((before.len(), upto.len()));
     }
-    let (tokens, offsets) = tok.encode_with_offsets(&full, false)?;
-    let mut input_ids = ids(tokens);
-    // A token takes a loss when it covers any byte of a turn, as
-    // transformers' `return_assistant_tokens_mask` does: a generation prompt
-    // ending in a space ("assistant: ") merges with the first word of the
-    // answer into one token, which must not be lost.
-    let mut labels: Vec<i64> = input_ids
-        .iter()
-        .zip(&offsets)
-        .map(|(&t, &(s, e))| {
-            if train_on_prompt || spans.iter().any(|&(a, b)| e > a && s < b) {
-                t
-            } else {
-                IGNORE
-            }
-        })
-        .collect();
-    // "Ends with EOS" ignores the trailing separator, or SmolLM2 chats would
-    // end "<|im_end|>\n<|im_end|>".
-    let content_end = full.trim_end().len();
-    let last_real = offsets.iter().rposition(|&(s, _)| s < content_end);
-    if last_real.map(|i| input_ids[i]) != Some(eos.id) {
-        input_ids.push(eos.id);
-        labels.push(eos.id);
-    }
-    Ok(Example { input_ids, labels })
+    Ok(spans)
 }
 
 /// A right-padded batch.
@@ -628,29 +649,6 @@ pub fn collate(examples: &[&Example], pad_id: i64) -> Batch {
     }
 }
 
-/// SplitMix64: data order must depend on the seed alone, identical across
-/// platforms and libtorch versions, which libtorch's and `rand`'s generators
-/// do not promise.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Fisher-Yates (the modulo bias is below 2^-40 for any real dataset).
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
 /// The batches of one epoch as lists of example indices, from a shuffle
 /// seeded by (seed, epoch). With `group_by_length`, the shuffled indices are
 /// cut into mega-batches of 50 batches, each sorted by length (longest
@@ -668,7 +666,9 @@ pub fn batch_order(
     epoch: u64,
 ) -> Vec<Vec<usize>> {
     assert!(batch_size > 0, "batch_order: batch_size must be at least 1");
-    let mut rng = Rng(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    // SplitMix64, not libtorch: the order must depend on the seed alone,
+    // the same across platforms and libtorch versions.
+    let mut rng = SplitMix64::new(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
     let mut idx: Vec<usize> = (0..lengths.len()).collect();
     rng.shuffle(&mut idx);
     if !group_by_length {
@@ -690,7 +690,7 @@ pub fn batch_order(
 /// truncated or dropped examples: those counts belong to the file.
 pub fn split_holdout(mut ds: Dataset, n: usize, seed: u64) -> (Dataset, Dataset) {
     let mut idx: Vec<usize> = (0..ds.examples.len()).collect();
-    Rng(seed ^ 0x5EED).shuffle(&mut idx);
+    SplitMix64::new(seed ^ 0x5EED).shuffle(&mut idx);
     let mut held = vec![false; ds.examples.len()];
     for &i in idx.iter().take(n) {
         held[i] = true;

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
 use crate::models::{KvCache, LlamaForCausalLM};
+use peft_regularizers::rng::SplitMix64;
 
 /// How tokens are chosen.
 #[derive(Debug, Clone)]
@@ -74,7 +75,8 @@ pub fn generate(
     }
     let _guard = tch::no_grad_guard();
     let device = model.device();
-    let mut rng = cfg.seed;
+    // Sampling depends on --seed alone, not on libtorch's global generator.
+    let mut rng = SplitMix64::new(cfg.seed);
     let mut cache = KvCache::new(model.config.num_hidden_layers);
     let mut seen: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     let mut input = Tensor::from_slice(&seen).unsqueeze(0).to_device(device);
@@ -94,7 +96,7 @@ pub fn generate(
     Ok(out)
 }
 
-fn choose(mut logits: Tensor, seen: &[i64], cfg: &GenerationConfig, rng: &mut u64) -> i64 {
+fn choose(mut logits: Tensor, seen: &[i64], cfg: &GenerationConfig, rng: &mut SplitMix64) -> i64 {
     if cfg.repetition_penalty != 1.0 {
         let idx = Tensor::from_slice(seen).to_device(logits.device());
         let picked = logits.index_select(0, &idx);
@@ -123,7 +125,7 @@ fn choose(mut logits: Tensor, seen: &[i64], cfg: &GenerationConfig, rng: &mut u6
     }
     let probs = Vec::<f32>::try_from(logits.softmax(-1, Kind::Float).to_device(tch::Device::Cpu))
         .unwrap_or_default();
-    sample(&probs, next_uniform(rng)) as i64
+    sample(&probs, rng.next_f64()) as i64
 }
 
 fn sample(probs: &[f32], u: f64) -> usize {
@@ -136,15 +138,4 @@ fn sample(probs: &[f32], u: f64) -> usize {
         }
     }
     probs.iter().rposition(|&p| p > 0.0).unwrap_or(0)
-}
-
-/// SplitMix64: a small, seedable generator, so that sampling depends only on
-/// `--seed` and not on libtorch's global generator.
-fn next_uniform(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -151,6 +151,15 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Whether `id` is a special added token (`<|eot_id|>`, `<|im_end|>`,
+    /// `</s>`, ...), as the tokenizer's `added_tokens` mark it.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special)
+    }
+
     /// The id of `eos_token` from `tokenizer_config.json`.
     pub fn eos_token_id(&self) -> Option<u32> {
         self.special_tokens
@@ -172,6 +181,26 @@ impl Tokenizer {
         self.chat_template.is_some()
     }
 
+    /// Whether the chat template marks assistant text with
+    /// `{% generation %}...{% endgeneration %}` (what transformers'
+    /// `return_assistant_tokens_mask` reads).
+    pub fn has_generation_blocks(&self) -> bool {
+        self.chat_template
+            .as_deref()
+            .is_some_and(|t| generation_tag().is_match(t))
+    }
+
+    /// Renders `messages` (no generation prompt) and returns the text with the
+    /// byte spans of its `{% generation %}` blocks, as transformers'
+    /// `apply_chat_template(..., return_assistant_tokens_mask=True)` locates them.
+    pub fn apply_chat_template_with_generation_spans(
+        &self,
+        messages: &[Message],
+    ) -> Result<(String, Vec<Span>)> {
+        let marked = self.render(messages, false)?;
+        Ok(split_generation_marks(&marked))
+    }
+
     /// Renders `messages` with the chat template, as
     /// `tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
     pub fn apply_chat_template(
@@ -179,6 +208,15 @@ impl Tokenizer {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        let text = self.render(messages, add_generation_prompt)?;
+        if text.contains([GENERATION_START, GENERATION_END]) {
+            return Ok(split_generation_marks(&text).0);
+        }
+        Ok(text)
+    }
+
+    /// The template's output, with generation blocks marked.
+    fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let Some(template) = &self.chat_template else {
             bail!(
                 "{}: the model has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja); \
@@ -241,10 +279,56 @@ fn read_chat_template(
     })
 }
 
+/// Marks written where a `{% generation %}` block starts and ends (Unicode
+/// private-use characters, which no chat content is expected to hold).
+const GENERATION_START: char = '\u{E000}';
+const GENERATION_END: char = '\u{E001}';
+
+fn generation_tag() -> &'static regex::Regex {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| {
+        regex::Regex::new(r"\{%(-?)\s*(end)?generation\s*(-?)%\}").expect("a valid regex")
+    })
+}
+
+/// `{% generation %}` is a transformers extension of Jinja; minijinja does
+/// not know it, so each tag becomes an expression writing a mark, keeping the
+/// tag's whitespace control.
+fn mark_generation_blocks(template: &str) -> std::borrow::Cow<'_, str> {
+    generation_tag().replace_all(template, |c: &regex::Captures| {
+        let mark = if c.get(2).is_some() {
+            GENERATION_END
+        } else {
+            GENERATION_START
+        };
+        format!("{{{{{} '{mark}' {}}}}}", &c[1], &c[3])
+    })
+}
+
+/// Removes the generation marks and returns the spans they enclosed.
+fn split_generation_marks(marked: &str) -> (String, Vec<Span>) {
+    let mut text = String::with_capacity(marked.len());
+    let mut spans = Vec::new();
+    let mut open = None;
+    for ch in marked.chars() {
+        match ch {
+            GENERATION_START => open = Some(text.len()),
+            GENERATION_END => {
+                if let Some(start) = open.take() {
+                    spans.push((start, text.len()));
+                }
+            }
+            c => text.push(c),
+        }
+    }
+    (text, spans)
+}
+
 /// Renders a chat template with the settings transformers uses: `trim_blocks`,
 /// `lstrip_blocks`, loop controls, Python string methods, `raise_exception`,
 /// `strftime_now`, and a `tojson` that writes like Python's `json.dumps`.
-pub fn render_chat_template(
+/// `{% generation %}` blocks are kept as marks (see [`split_generation_marks`]).
+fn render_chat_template(
     template: &str,
     messages: &[Message],
     add_generation_prompt: bool,
@@ -264,7 +348,8 @@ pub fn render_chat_template(
         chrono::Local::now().format(&fmt).to_string()
     });
     env.add_filter("tojson", python_tojson);
-    env.add_template("chat", template)
+    let template = mark_generation_blocks(template);
+    env.add_template("chat", &template)
         .map_err(|e| anyhow::anyhow!("does not parse: {e}"))?;
     let mut ctx = special_tokens.clone();
     ctx.insert("messages".into(), serde_json::to_value(messages)?);

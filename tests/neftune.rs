@@ -33,6 +33,8 @@ fn ctx<'a>(mask: &'a Tensor, training: bool, seed: u64) -> HookContext<'a> {
         attention_mask: mask,
         segment_ids: None,
         seed,
+        micro_batch: 0,
+        micro_batches: 1,
         trainable: &[],
     }
 }
@@ -164,6 +166,8 @@ fn packed_segments_use_their_own_lengths() {
         attention_mask: &mask,
         segment_ids: Some(&seg),
         seed: 4,
+        micro_batch: 0,
+        micro_batches: 1,
         trainable: &[],
     };
     let noise = n.apply(HookPoint::EmbeddingOutput, emb.shallow_clone(), &c);

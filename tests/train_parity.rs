@@ -12,7 +12,7 @@ use peft_rs::data::Batch;
 use peft_rs::models;
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::RegularizerStack;
-use peft_rs::train::{forward_backward, StepOptions};
+use peft_rs::train::{forward_backward, MicroBatch, StepOptions};
 use tch::{Device, Kind, Tensor};
 
 fn fx() -> &'static Path {
@@ -54,17 +54,15 @@ fn our_grads(variant: &str, opts: StepOptions) -> (HashMap<String, Tensor>, f64)
         labels,
     };
     let mut regs = RegularizerStack::new();
-    let loss = forward_backward(
-        &model,
-        &mut regs,
-        &trainable,
-        &batch,
-        0,
-        1,
-        batch.num_label_tokens as f64,
-        opts,
-    )
-    .unwrap();
+    let mb = MicroBatch {
+        step: 0,
+        index: 0,
+        count: 1,
+        seed: 1,
+        denom: batch.num_label_tokens as f64,
+        loss_scale: 1.0,
+    };
+    let loss = forward_backward(&model, &mut regs, &trainable, &batch, &mb, opts).unwrap();
     (
         params
             .iter()

@@ -13,8 +13,10 @@
 #![warn(missing_docs)]
 
 pub mod neftune;
+pub mod rng;
 
 pub use neftune::{Neftune, NeftuneMode, NoiseDistribution};
+pub use rng::{mix, with_torch_seed};
 
 use tch::Tensor;
 
@@ -25,7 +27,10 @@ pub enum HookPoint {
     EmbeddingOutput,
     /// The output of decoder layer `i`, `[batch, seq, hidden]`.
     DecoderLayerOutput(usize),
-    /// The training loss (a scalar), after it is computed and before backward.
+    /// The training loss of the whole optimizer step (a scalar: the mean
+    /// over the step's label tokens, all micro-batches together), once per
+    /// step. A term added here is backpropagated with its own gradient, so a
+    /// penalty counts once per step whatever the gradient accumulation.
     Loss,
 }
 
@@ -75,6 +80,13 @@ pub struct HookContext<'a> {
     /// step, the micro-batch and the hook point: the same seed gives the
     /// same noise, whatever ran before (a resumed run included).
     pub seed: u64,
+    /// Which micro-batch of the optimizer step this is (0-based). The
+    /// [`HookPoint::Loss`] point is called once per optimizer step, after the
+    /// last micro-batch, with the step's whole loss.
+    pub micro_batch: usize,
+    /// How many micro-batches this optimizer step has (gradient accumulation;
+    /// the last step of an epoch may have fewer).
+    pub micro_batches: usize,
     /// The trainable tensors (for penalties on adapter weights), by PEFT key.
     pub trainable: &'a [(String, Tensor)],
 }
@@ -86,7 +98,15 @@ pub trait Regularizer: Send {
     /// The points where this regularizer wants to be called.
     fn hook_points(&self) -> Vec<HookPoint>;
     /// Called at each of [`Regularizer::hook_points`] with the activation (or
-    /// the loss); returns the value the model continues with.
+    /// the loss); returns the value the model continues with, which the
+    /// stack casts back to the activation's dtype and device.
+    ///
+    /// Random draws: the state of libtorch's generator on entry is
+    /// unspecified. Draw only inside [`rng::with_torch_seed`]`(ctx.seed, ..)`
+    /// (or from a [`rng::SplitMix64`] seeded with `ctx.seed`), so that what is
+    /// drawn depends on the seed alone: a decoder-layer point is called again
+    /// with the same context when gradient checkpointing recomputes the layer,
+    /// and a resumed run must draw what the interrupted one would have.
     fn apply(&mut self, point: HookPoint, value: Tensor, ctx: &HookContext) -> Tensor;
     /// Whether to be called in evaluation too (default: no).
     fn active_in_eval(&self) -> bool {
@@ -137,19 +157,14 @@ impl RegularizerStack {
             }
             let seed = mix(mix(ctx.seed, point.salt()), i as u64);
             let own = HookContext { seed, ..*ctx };
+            let (kind, device) = (value.kind(), value.device());
             value = r.apply(point, value, &own);
+            // A regularizer computing in fp32 (noise on a bf16 base, say)
+            // must not change what the next layer receives.
+            if point != HookPoint::Loss && (value.kind() != kind || value.device() != device) {
+                value = value.to_device(device).to_kind(kind);
+            }
         }
         value
     }
-}
-
-/// Mixes two numbers into a well-spread seed (SplitMix64's finaliser).
-pub fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b
-        .wrapping_add(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(a << 6)
-        .wrapping_add(a >> 2);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }

@@ -11,15 +11,18 @@
 //!   TRL, Axolotl and Unsloth use: `L` is the padded length of the batch and
 //!   every position is noised. For runs that must match a Python TRL run.
 
+use std::fmt;
 use std::str::FromStr;
 
 use anyhow::bail;
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::{HookContext, HookPoint, Regularizer};
+use crate::{rng, HookContext, HookPoint, Regularizer};
 
 /// How `L` is measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum NeftuneMode {
     /// Per-example real length; no noise on padding (the paper's code).
     Paper,
@@ -38,8 +41,18 @@ impl FromStr for NeftuneMode {
     }
 }
 
+impl fmt::Display for NeftuneMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Paper => "paper",
+            Self::Hf => "hf",
+        })
+    }
+}
+
 /// The distribution of `ε`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum NoiseDistribution {
     /// `U(-1, 1)`, as in the paper.
     Uniform,
@@ -55,6 +68,15 @@ impl FromStr for NoiseDistribution {
             "gaussian" => Ok(Self::Gaussian),
             other => bail!("--neftune-noise `{other}`: expected uniform or gaussian"),
         }
+    }
+}
+
+impl fmt::Display for NoiseDistribution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Uniform => "uniform",
+            Self::Gaussian => "gaussian",
+        })
     }
 }
 
@@ -80,20 +102,19 @@ impl Neftune {
     }
 
     /// The noise that would be added to `embeddings` (`[batch, seq, d]`), in fp32.
-    /// Drawn from libtorch's generator seeded with `ctx.seed`.
+    /// Drawn from libtorch's generator seeded with `ctx.seed` (see [`rng`]).
     pub fn noise(&self, embeddings: &Tensor, ctx: &HookContext) -> Tensor {
         let _g = tch::no_grad_guard();
         let (_, t, d) = embeddings
             .size3()
             .expect("embeddings are [batch, seq, hidden]");
         let opts = (Kind::Float, embeddings.device());
-        tch::manual_seed(ctx.seed as i64 & i64::MAX);
-        let eps = match self.noise {
+        let eps = rng::with_torch_seed(ctx.seed, || match self.noise {
             NoiseDistribution::Uniform => {
                 Tensor::empty(embeddings.size(), opts).uniform_(-1.0, 1.0)
             }
             NoiseDistribution::Gaussian => Tensor::empty(embeddings.size(), opts).normal_(0.0, 1.0),
-        };
+        });
         match self.mode {
             NeftuneMode::Hf => eps * (self.alpha / ((t * d) as f64).sqrt()),
             NeftuneMode::Paper => {
@@ -126,15 +147,7 @@ impl Regularizer for Neftune {
     fn name(&self) -> String {
         format!(
             "neftune(alpha={}, mode={}, noise={})",
-            self.alpha,
-            match self.mode {
-                NeftuneMode::Paper => "paper",
-                NeftuneMode::Hf => "hf",
-            },
-            match self.noise {
-                NoiseDistribution::Uniform => "uniform",
-                NoiseDistribution::Gaussian => "gaussian",
-            }
+            self.alpha, self.mode, self.noise
         )
     }
 

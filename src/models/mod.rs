@@ -112,6 +112,26 @@ impl Pretrained {
     }
 }
 
+impl Pretrained {
+    /// The token appended to completions and texts in training data:
+    /// `tokenizer.eos_token`, as TRL appends it, else the first id of
+    /// `generation_config.eos_token_id`. (Llama-3-Instruct's generation config
+    /// starts with `<|end_of_text|>` while its tokenizer's EOS is
+    /// `<|eot_id|>`, the token that ends a turn.)
+    pub fn completion_eos(&self) -> Result<i64> {
+        match self.tokenizer.eos_token_id() {
+            Some(id) => Ok(i64::from(id)),
+            None => self.eos_token_ids.first().copied().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: the model defines no EOS token (tokenizer_config.json `eos_token`, \
+                     generation_config.json or config.json `eos_token_id`)",
+                    self.dir.display()
+                )
+            }),
+        }
+    }
+}
+
 fn generation_eos(dir: &Path) -> Result<Vec<i64>> {
     let path = dir.join("generation_config.json");
     if !path.exists() {

@@ -10,8 +10,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::Tensor;
+
+use super::{LossScaler, TrainConfig};
 
 use peft_adapters::lora::files::{write_atomic, write_safetensors};
 
@@ -21,13 +24,49 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Step and settings.
 pub const STATE_FILE: &str = "trainer_state.json";
 
+/// What a checkpoint records besides the weights and optimizer moments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub global_step: u64,
+    /// Fractional epoch after those steps.
+    pub epoch: f64,
+    /// Steps the run plans in total.
+    pub total_steps: u64,
+    /// Steps skipped because fp16 gradients overflowed.
+    pub skipped_steps: u64,
+    /// The fp16 loss scaler's state (None unless training in fp16).
+    pub loss_scaler: Option<LossScaler>,
+    /// The peft-rs version that wrote the checkpoint.
+    pub peft_rs_version: String,
+    /// Every setting of the run.
+    pub settings: TrainConfig,
+}
+
+impl TrainerState {
+    /// Reads `DIR/trainer_state.json`, naming the file when it is unreadable.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a trainer state written by this peft-rs ({e}); the checkpoint is damaged \
+                 or from another version: delete that checkpoint folder to resume from an earlier one",
+                path.display()
+            )
+        })
+    }
+}
+
 /// Writes a checkpoint directory atomically. `write_adapter` writes the
 /// adapter files into the directory it is given.
 pub fn save(
     output: &Path,
     step: u64,
     optimizer_state: &[(String, Tensor)],
-    trainer_state: &serde_json::Value,
+    trainer_state: &TrainerState,
     write_adapter: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let final_dir = output.join(format!("checkpoint-{step}"));

@@ -1,112 +1,202 @@
-//! Every training setting in one typed struct, filled from defaults, then a
-//! `--config` file (TOML or YAML), then command-line flags. It is written to
-//! `training_args.json` next to the adapter.
+//! Every training setting in one typed struct, [`TrainConfig`]. It is the
+//! single source of the `peft-rs train` flags (clap derives them from it),
+//! of `--config` files (TOML or YAML with the same field names) and of
+//! `training_args.json`. Defaults live in one place, [`Default`]; a config
+//! file is read over the defaults and then only the flags actually given on
+//! the command line override it.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use clap::ArgAction;
 use serde::{Deserialize, Serialize};
 
-/// Learning-rate schedules (transformers' `get_scheduler` names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+use crate::data::DataFormat;
+use crate::device::{DeviceArg, DtypeArg};
+use peft_regularizers::{NeftuneMode, NoiseDistribution};
+
+/// Learning-rate schedules, with transformers' `SchedulerType` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Schedule {
-    /// Warmup, then constant.
+    /// Constant, without warmup (transformers' `constant` ignores warmup).
     Constant,
-    /// Warmup, then linear decay to 0.
+    /// Linear warmup, then constant.
+    ConstantWithWarmup,
+    /// Linear warmup, then linear decay to 0.
     Linear,
-    /// Warmup, then half a cosine down to 0.
+    /// Linear warmup, then half a cosine down to 0.
     Cosine,
 }
 
+impl Schedule {
+    /// Whether the schedule has a warmup phase.
+    pub fn has_warmup(self) -> bool {
+        self != Schedule::Constant
+    }
+}
+
+/// Settings a resumed run may change: they affect where things are written,
+/// what is logged, or how fast, but not the loss curve or the adapter.
+pub const RESUMABLE_CHANGES: &[&str] = &[
+    "output",
+    "resume",
+    "device",
+    "eval_steps",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "gradient_checkpointing",
+    "loss_chunk_size",
+];
+
+fn defaults() -> TrainConfig {
+    TrainConfig::default()
+}
+
 /// A complete training run's settings. Field names follow PEFT/TRL/transformers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Base model directory (None: the default model).
+    /// Base model directory (default: the SmolLM2-135M-Instruct that ./scripts/setup.sh converts).
+    #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// Training data file.
+    /// Training data: Alpaca JSON/JSONL, or JSONL with messages, prompt/completion or text.
+    #[arg(long, value_name = "FILE")]
     pub data: Option<PathBuf>,
-    /// `alpaca`, `messages`, `prompt-completion` or `text` (None: detect).
-    pub format: Option<String>,
-    /// Output directory for the adapter, checkpoints and metrics.
+    /// Data format (default: detected from the first record).
+    #[arg(long, value_enum)]
+    pub format: Option<DataFormat>,
+    /// Output directory: adapter, checkpoint-N/, metrics.jsonl, training_args.json.
+    #[arg(long, value_name = "DIR", default_value_os_t = defaults().output)]
     pub output: PathBuf,
-    /// Evaluation data file.
+    /// Evaluation data file (evaluated with noise and dropout off).
+    #[arg(long, value_name = "FILE")]
     pub eval_data: Option<PathBuf>,
-    /// Hold out this many training examples for evaluation (when no eval_data).
+    /// Hold out this many training examples for evaluation (when no --eval-data).
+    #[arg(long, value_name = "N", default_value_t = defaults().eval_holdout)]
     pub eval_holdout: usize,
-    /// Evaluate every N steps (0: only at the end).
+    /// Evaluate every N steps (0: only before the first step and at the end).
+    #[arg(long, value_name = "N", default_value_t = defaults().eval_steps)]
     pub eval_steps: u64,
 
-    /// LoRA rank.
+    /// LoRA rank r.
+    #[arg(long = "lora-rank", alias = "r", value_name = "R", default_value_t = defaults().lora_rank)]
     pub lora_rank: usize,
-    /// LoRA alpha (scaling = alpha / r).
+    /// LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with rsLoRA).
+    #[arg(long, default_value_t = defaults().lora_alpha)]
     pub lora_alpha: f64,
-    /// Dropout on the LoRA branch.
+    /// Dropout on the LoRA branch's input.
+    #[arg(long, default_value_t = defaults().lora_dropout)]
     pub lora_dropout: f64,
-    /// `all-linear`, or module names.
+    /// all-linear, or a comma-separated list such as q_proj,v_proj.
+    #[arg(long, value_delimiter = ',', default_values_t = defaults().target_modules)]
     pub target_modules: Vec<String>,
-    /// rsLoRA scaling alpha / √r.
+    /// rsLoRA scaling (alpha / sqrt(r)).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().use_rslora)]
     pub use_rslora: bool,
-    /// DoRA.
+    /// DoRA (weight-decomposed LoRA).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().use_dora)]
     pub use_dora: bool,
 
-    /// NEFTune α (TRL's `neftune_noise_alpha`); 0 is off.
+    /// NEFTune noise alpha (TRL's neftune_noise_alpha); 0 is off. The paper uses 5, 10, 15.
+    #[arg(long = "neftune-alpha", alias = "neftune-noise-alpha", value_name = "ALPHA",
+          default_value_t = defaults().neftune_noise_alpha)]
     pub neftune_noise_alpha: f64,
-    /// `paper` (per-example length, no noise on padding) or `hf` (padded length).
-    pub neftune_mode: String,
-    /// `uniform` or `gaussian`.
-    pub neftune_noise: String,
+    /// paper: L = each example's real length, no noise on padding; hf: L = padded batch length, as TRL.
+    #[arg(long, value_enum, default_value_t = defaults().neftune_mode)]
+    pub neftune_mode: NeftuneMode,
+    /// uniform (the paper) or gaussian (its ablation).
+    #[arg(long, value_enum, default_value_t = defaults().neftune_noise)]
+    pub neftune_noise: NoiseDistribution,
 
     /// Examples per micro-batch.
+    #[arg(long = "batch-size", alias = "per-device-train-batch-size", value_name = "N",
+          default_value_t = defaults().per_device_train_batch_size)]
     pub per_device_train_batch_size: usize,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[arg(long = "grad-accum", alias = "gradient-accumulation-steps", value_name = "N",
+          default_value_t = defaults().gradient_accumulation_steps)]
     pub gradient_accumulation_steps: usize,
     /// Peak learning rate.
+    #[arg(long = "lr", alias = "learning-rate", value_name = "LR", default_value_t = defaults().learning_rate)]
     pub learning_rate: f64,
-    /// AdamW weight decay.
+    /// AdamW weight decay (decoupled).
+    #[arg(long, default_value_t = defaults().weight_decay)]
     pub weight_decay: f64,
-    /// AdamW β1.
+    /// AdamW beta1.
+    #[arg(long, default_value_t = defaults().adam_beta1)]
     pub adam_beta1: f64,
-    /// AdamW β2.
+    /// AdamW beta2.
+    #[arg(long, default_value_t = defaults().adam_beta2)]
     pub adam_beta2: f64,
-    /// AdamW ε.
+    /// AdamW epsilon.
+    #[arg(long, default_value_t = defaults().adam_epsilon)]
     pub adam_epsilon: f64,
-    /// Learning-rate schedule.
+    /// Learning-rate schedule (transformers' names; `constant` has no warmup).
+    #[arg(long = "lr-scheduler", alias = "lr-scheduler-type", value_enum,
+          default_value_t = defaults().lr_scheduler_type)]
     pub lr_scheduler_type: Schedule,
-    /// Warmup steps (takes precedence over the ratio when > 0).
+    /// Warmup steps (take precedence over --warmup-ratio when > 0).
+    #[arg(long, value_name = "N", default_value_t = defaults().warmup_steps)]
     pub warmup_steps: u64,
-    /// Warmup as a fraction of all steps.
+    /// Warmup as a fraction of all optimizer steps.
+    #[arg(long, default_value_t = defaults().warmup_ratio)]
     pub warmup_ratio: f64,
-    /// Gradient-norm clipping (0: off).
+    /// Clip the gradient norm to this (0: off).
+    #[arg(long, default_value_t = defaults().max_grad_norm)]
     pub max_grad_norm: f64,
-    /// Passes over the data (ignored when max_steps > 0).
+    /// Passes over the data (ignored when --max-steps > 0); may be fractional.
+    #[arg(long = "epochs", alias = "num-train-epochs", value_name = "E",
+          default_value_t = defaults().num_train_epochs)]
     pub num_train_epochs: f64,
-    /// Stop after this many optimizer steps (0: use epochs).
+    /// Stop after N optimizer steps (overrides --epochs; 0: use --epochs).
+    #[arg(long, value_name = "N", default_value_t = defaults().max_steps)]
     pub max_steps: u64,
-    /// Truncate examples to this many tokens.
+    /// Truncate examples to N tokens.
+    #[arg(long = "max-seq-len", alias = "max-seq-length", value_name = "N",
+          default_value_t = defaults().max_seq_length)]
     pub max_seq_length: usize,
-    /// Train on prompt tokens too.
+    /// Compute the loss on prompt tokens (and non-assistant turns) too.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().train_on_prompt)]
     pub train_on_prompt: bool,
-    /// Batch examples of similar length together.
+    /// Batch examples of similar length together (less padding); --group-by-length false to turn off.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().group_by_length)]
     pub group_by_length: bool,
-    /// Seed of everything random: init, order, dropout, noise.
+    /// Seed of adapter init, data order, dropout and noise.
+    #[arg(long, default_value_t = defaults().seed)]
     pub seed: u64,
-    /// `auto`, `cpu`, `cuda`, `cuda:N`.
-    pub device: String,
-    /// dtype of the frozen base: `auto`, `fp32`, `bf16`, `fp16`.
-    pub dtype: String,
-    /// Recompute each decoder layer in the backward pass to save memory.
+    /// auto, cpu, cuda or cuda:N; auto uses CUDA when libtorch can.
+    #[arg(long, default_value_t = defaults().device)]
+    pub device: DeviceArg,
+    /// Dtype of the frozen base (adapters and the loss are fp32): auto is fp32 on CPU, bf16 on CUDA.
+    #[arg(long, value_enum, default_value_t = defaults().dtype)]
+    pub dtype: DtypeArg,
+    /// Recompute each decoder layer in the backward pass (less memory, about a third more compute).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().gradient_checkpointing)]
     pub gradient_checkpointing: bool,
-    /// Rows of logits computed at once by the cross-entropy.
+    /// Rows of logits per cross-entropy chunk.
+    #[arg(long, value_name = "N", default_value_t = defaults().loss_chunk_size)]
     pub loss_chunk_size: i64,
-    /// Log a metrics line every N steps.
+    /// Write a metrics.jsonl line every N steps.
+    #[arg(long, value_name = "N", default_value_t = defaults().logging_steps)]
     pub logging_steps: u64,
-    /// Checkpoint every N steps (0: no checkpoints).
+    /// Save a checkpoint every N steps (0: none).
+    #[arg(long, value_name = "N", default_value_t = defaults().save_steps)]
     pub save_steps: u64,
-    /// Keep only the newest N checkpoints (0: keep all).
+    /// Keep only the newest N checkpoints (0: all).
+    #[arg(long, value_name = "N", default_value_t = defaults().save_total_limit)]
     pub save_total_limit: usize,
-    /// Continue from the newest complete checkpoint in `output`.
+    /// Continue from the newest complete checkpoint in --output.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().resume)]
     pub resume: bool,
 }
 
@@ -127,8 +217,8 @@ impl Default for TrainConfig {
             use_rslora: false,
             use_dora: false,
             neftune_noise_alpha: 0.0,
-            neftune_mode: "paper".into(),
-            neftune_noise: "uniform".into(),
+            neftune_mode: NeftuneMode::Paper,
+            neftune_noise: NoiseDistribution::Uniform,
             per_device_train_batch_size: 4,
             gradient_accumulation_steps: 1,
             learning_rate: 2e-4,
@@ -146,8 +236,8 @@ impl Default for TrainConfig {
             train_on_prompt: false,
             group_by_length: true,
             seed: 42,
-            device: "auto".into(),
-            dtype: "auto".into(),
+            device: DeviceArg::Auto,
+            dtype: DtypeArg::Auto,
             gradient_checkpointing: false,
             loss_chunk_size: 1024,
             logging_steps: 1,
@@ -158,8 +248,37 @@ impl Default for TrainConfig {
     }
 }
 
+/// A setting with a value that cannot work: the field and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidSetting {
+    /// The field name (as in config files and `training_args.json`).
+    pub field: &'static str,
+    /// What is wrong, e.g. "must be at least 1".
+    pub problem: String,
+}
+
+impl fmt::Display for InvalidSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "setting `{}` {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for InvalidSetting {}
+
+/// One setting that differs between a saved run and the present settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Difference {
+    /// The field name.
+    pub field: String,
+    /// Its value in the saved run (JSON).
+    pub saved: serde_json::Value,
+    /// Its value now (JSON).
+    pub now: serde_json::Value,
+}
+
 impl TrainConfig {
-    /// Reads a TOML (`.toml`) or YAML (`.yaml`/`.yml`) file of settings.
+    /// Reads a TOML (`.toml`) or YAML (`.yaml`/`.yml`) file of settings
+    /// (any field left out keeps its default).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
@@ -167,79 +286,158 @@ impl TrainConfig {
         match ext {
             "toml" => toml::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string()))),
-            "yaml" | "yml" => {
-                serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-            }
+            "yaml" | "yml" => serde_yaml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string()))),
             _ => bail!("{}: give a .toml, .yaml or .yml file", path.display()),
         }
     }
 
-    /// Rejects settings that cannot work, naming the flag.
-    pub fn validate(&self) -> Result<()> {
-        let pos = |ok: bool, what: &str| -> Result<()> {
-            if !ok {
-                bail!("{what}");
+    /// Rejects settings that cannot work, naming the field.
+    pub fn validate(&self) -> std::result::Result<(), InvalidSetting> {
+        let check = |ok: bool, field: &'static str, problem: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(InvalidSetting {
+                    field,
+                    problem: problem.to_owned(),
+                })
             }
-            Ok(())
         };
-        pos(self.lora_rank > 0, "--lora-rank must be at least 1")?;
-        pos(self.lora_alpha > 0.0, "--lora-alpha must be > 0")?;
-        pos(
+        let finite = |x: f64| x.is_finite();
+        check(self.lora_rank > 0, "lora_rank", "must be at least 1")?;
+        check(
+            self.lora_rank <= 65_536,
+            "lora_rank",
+            "must be at most 65536",
+        )?;
+        check(
+            self.lora_alpha > 0.0 && finite(self.lora_alpha),
+            "lora_alpha",
+            "must be a finite number > 0",
+        )?;
+        check(
             (0.0..1.0).contains(&self.lora_dropout),
-            "--lora-dropout must be in [0, 1)",
+            "lora_dropout",
+            "must be in [0, 1)",
         )?;
-        pos(
-            self.neftune_noise_alpha >= 0.0,
-            "--neftune-alpha must be >= 0 (0 is off)",
+        check(
+            self.neftune_noise_alpha >= 0.0 && finite(self.neftune_noise_alpha),
+            "neftune_noise_alpha",
+            "must be a finite number >= 0 (0 is off)",
         )?;
-        pos(
+        check(
             self.per_device_train_batch_size > 0,
-            "--batch-size must be at least 1",
+            "per_device_train_batch_size",
+            "must be at least 1",
         )?;
-        pos(
+        check(
             self.gradient_accumulation_steps > 0,
-            "--grad-accum must be at least 1",
+            "gradient_accumulation_steps",
+            "must be at least 1",
         )?;
-        pos(
-            self.learning_rate > 0.0 && self.learning_rate.is_finite(),
-            "--lr must be > 0",
+        check(
+            self.learning_rate > 0.0 && finite(self.learning_rate),
+            "learning_rate",
+            "must be a finite number > 0",
         )?;
-        pos(self.weight_decay >= 0.0, "--weight-decay must be >= 0")?;
-        pos(
-            (0.0..1.0).contains(&self.adam_beta1) && (0.0..1.0).contains(&self.adam_beta2),
-            "--adam-beta1/--adam-beta2 must be in [0, 1)",
+        check(
+            self.weight_decay >= 0.0 && finite(self.weight_decay),
+            "weight_decay",
+            "must be a finite number >= 0",
         )?;
-        pos(self.adam_epsilon > 0.0, "--adam-epsilon must be > 0")?;
-        pos(
+        check(
+            (0.0..1.0).contains(&self.adam_beta1),
+            "adam_beta1",
+            "must be in [0, 1)",
+        )?;
+        check(
+            (0.0..1.0).contains(&self.adam_beta2),
+            "adam_beta2",
+            "must be in [0, 1)",
+        )?;
+        check(
+            self.adam_epsilon > 0.0 && finite(self.adam_epsilon),
+            "adam_epsilon",
+            "must be a finite number > 0",
+        )?;
+        check(
             (0.0..=1.0).contains(&self.warmup_ratio),
-            "--warmup-ratio must be in [0, 1]",
+            "warmup_ratio",
+            "must be in [0, 1]",
         )?;
-        pos(
-            self.max_grad_norm >= 0.0,
-            "--max-grad-norm must be >= 0 (0 is off)",
+        check(
+            self.max_grad_norm >= 0.0 && finite(self.max_grad_norm),
+            "max_grad_norm",
+            "must be a finite number >= 0 (0 is off)",
         )?;
-        pos(
+        check(
+            finite(self.num_train_epochs) && self.num_train_epochs >= 0.0,
+            "num_train_epochs",
+            "must be a finite number >= 0",
+        )?;
+        check(
+            self.num_train_epochs <= 1e6,
+            "num_train_epochs",
+            "must be at most 1000000",
+        )?;
+        check(
             self.max_steps > 0 || self.num_train_epochs > 0.0,
-            "give --epochs > 0 or --max-steps > 0",
+            "num_train_epochs",
+            "must be > 0 when max_steps is 0",
         )?;
-        pos(self.max_seq_length >= 2, "--max-seq-len must be at least 2")?;
-        pos(
+        check(
+            self.max_steps <= 1 << 40,
+            "max_steps",
+            "must be at most 2^40",
+        )?;
+        check(
+            self.max_seq_length >= 2,
+            "max_seq_length",
+            "must be at least 2",
+        )?;
+        check(
+            self.max_seq_length <= 1 << 20,
+            "max_seq_length",
+            "must be at most 1048576",
+        )?;
+        check(
             self.loss_chunk_size > 0,
-            "--loss-chunk-size must be at least 1",
+            "loss_chunk_size",
+            "must be at least 1",
         )?;
-        pos(self.logging_steps > 0, "--logging-steps must be at least 1")?;
-        pos(
-            !self.target_modules.is_empty(),
-            "--target-modules must name at least one module",
+        check(
+            self.logging_steps > 0,
+            "logging_steps",
+            "must be at least 1",
         )?;
-        self.neftune_mode
-            .parse::<peft_regularizers::NeftuneMode>()?;
-        self.neftune_noise
-            .parse::<peft_regularizers::NoiseDistribution>()?;
-        if let Some(f) = &self.format {
-            f.parse::<crate::data::DataFormat>()?;
-        }
+        check(
+            !self.target_modules.is_empty() && self.target_modules.iter().all(|m| !m.is_empty()),
+            "target_modules",
+            "must name at least one module",
+        )?;
         Ok(())
+    }
+
+    /// The settings that differ from `saved` among those that change the
+    /// data, the model or the loss curve (all but [`RESUMABLE_CHANGES`]).
+    pub fn differences_from(&self, saved: &TrainConfig) -> Vec<Difference> {
+        let as_map = |c: &TrainConfig| match serde_json::to_value(c) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => unreachable!("TrainConfig serialises to an object"),
+        };
+        let (now, before) = (as_map(self), as_map(saved));
+        now.into_iter()
+            .filter(|(k, _)| !RESUMABLE_CHANGES.contains(&k.as_str()))
+            .filter_map(|(k, v)| {
+                let old = before.get(&k).cloned().unwrap_or(serde_json::Value::Null);
+                (old != v).then_some(Difference {
+                    field: k,
+                    saved: old,
+                    now: v,
+                })
+            })
+            .collect()
     }
 
     /// The LoRA configuration these settings describe.

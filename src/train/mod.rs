@@ -10,6 +10,9 @@ pub mod checkpoint;
 pub mod config;
 pub mod optim;
 
+pub mod plan;
+pub mod scaler;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,22 +23,28 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::{Kind, Reduction, Tensor};
 
+pub use checkpoint::TrainerState;
 pub use config::{Schedule, TrainConfig};
+pub use plan::EpochPlan;
+pub use scaler::LossScaler;
 
 use crate::data::{self, Batch, DataOptions, Dataset};
-use crate::device::{parse_device, parse_dtype, resolve_model_dir};
+use crate::device::resolve_model_dir;
 use crate::models::{LlamaForCausalLM, Pretrained};
 use crate::nn::ModuleHooks;
 use crate::peft_model::{self, DEFAULT_ADAPTER};
-use optim::{clip_grad_norm, lr_at, AdamW};
+use optim::{clip_grads, grad_norm, lr_at, AdamW};
 use peft_adapters::lora::LoraConfig;
-use peft_regularizers::{mix, HookContext, HookPoint, Neftune, Regularizer, RegularizerStack};
+use peft_regularizers::rng::{mix, with_torch_seed};
+use peft_regularizers::{HookContext, HookPoint, Neftune, Regularizer, RegularizerStack};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct Summary {
     /// Optimizer steps taken in total (including before a resume).
     pub steps: u64,
+    /// Steps skipped because fp16 gradients overflowed (loss scaling).
+    pub skipped_steps: u64,
     /// Training loss of the last step (measured with regularizers on).
     pub final_train_loss: f64,
     /// Evaluation loss before the first step, if there is eval data.
@@ -61,11 +70,13 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Real tokens in the step.
     pub tokens: i64,
+    /// True when the update was skipped (fp16 overflow; the loss scale was lowered).
+    pub skipped: bool,
 }
 
 /// A training run in progress.
 pub struct Trainer {
-    /// The settings.
+    /// The settings (`model` resolved to the directory actually loaded).
     pub cfg: TrainConfig,
     /// The base with adapters attached.
     pub model: LlamaForCausalLM,
@@ -75,10 +86,14 @@ pub struct Trainer {
     params: BTreeMap<String, Tensor>,
     trainable: Vec<(String, Tensor)>,
     optim: AdamW,
+    scaler: Option<LossScaler>,
+    skipped_steps: u64,
     train: Dataset,
     eval: Option<Dataset>,
     pad_id: i64,
     order_cache: Option<(u64, Vec<Vec<usize>>)>,
+    /// How optimizer steps map to epochs and micro-batches.
+    pub plan: EpochPlan,
     /// Optimizer steps per run.
     pub total_steps: u64,
     warmup: u64,
@@ -87,21 +102,19 @@ pub struct Trainer {
 impl Trainer {
     /// Loads the base, the data and fresh adapters; adds NEFTune when
     /// `neftune_noise_alpha > 0` and then `extra` regularizers, in that order.
-    pub fn new(cfg: TrainConfig, extra: Vec<Box<dyn Regularizer>>) -> Result<Self> {
+    pub fn new(mut cfg: TrainConfig, extra: Vec<Box<dyn Regularizer>>) -> Result<Self> {
         cfg.validate()?;
-        let device = parse_device(&cfg.device)?;
-        let kind = parse_dtype(&cfg.dtype, device)?;
+        let device = cfg.device.resolve()?;
+        let kind = cfg.dtype.resolve(device);
         let model_dir = resolve_model_dir(cfg.model.clone())?;
+        cfg.model = Some(model_dir.clone());
         let Some(data_path) = cfg.data.clone() else {
             bail!("no training data: pass --data FILE (Alpaca JSON, or JSONL with messages, prompt/completion or text)");
         };
         let base = Pretrained::load(&model_dir, kind, device)?;
-        let eos = *base
-            .eos_token_ids
-            .first()
-            .context("the model defines no EOS token (generation_config.json, config.json or tokenizer_config.json)")?;
+        let eos = base.completion_eos()?;
         let opts = DataOptions {
-            format: cfg.format.as_deref().map(str::parse).transpose()?,
+            format: cfg.format,
             max_seq_len: cfg.max_seq_length,
             train_on_prompt: cfg.train_on_prompt,
         };
@@ -124,8 +137,9 @@ impl Trainer {
         let pad_id = base.tokenizer.pad_token_id().map(i64::from).unwrap_or(eos);
         let mut model = base.model;
         let lora = cfg.lora_config(&model_dir);
-        tch::manual_seed(cfg.seed as i64 & i64::MAX);
-        peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora)?;
+        with_torch_seed(cfg.seed, || {
+            peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora)
+        })?;
         peft_model::set_training(&mut model, true);
         let params = peft_model::trainable_parameters(&mut model);
         let trainable = params
@@ -142,30 +156,31 @@ impl Trainer {
         if cfg.neftune_noise_alpha > 0.0 {
             regs.push(Box::new(Neftune {
                 alpha: cfg.neftune_noise_alpha,
-                mode: cfg.neftune_mode.parse()?,
-                noise: cfg.neftune_noise.parse()?,
+                mode: cfg.neftune_mode,
+                noise: cfg.neftune_noise,
             }));
         }
         for r in extra {
             regs.push(r);
         }
-        let batches_per_epoch = train
-            .examples
-            .len()
-            .div_ceil(cfg.per_device_train_batch_size) as u64;
-        let total_steps = if cfg.max_steps > 0 {
-            cfg.max_steps
-        } else {
-            ((cfg.num_train_epochs * batches_per_epoch as f64)
-                / cfg.gradient_accumulation_steps as f64)
-                .ceil() as u64
-        }
-        .max(1);
-        let warmup = if cfg.warmup_steps > 0 {
+        let plan = EpochPlan {
+            batches_per_epoch: train
+                .examples
+                .len()
+                .div_ceil(cfg.per_device_train_batch_size) as u64,
+            gradient_accumulation_steps: cfg.gradient_accumulation_steps as u64,
+        };
+        let total_steps = plan.total_steps(cfg.num_train_epochs, cfg.max_steps);
+        let warmup = if !cfg.lr_scheduler_type.has_warmup() {
+            0
+        } else if cfg.warmup_steps > 0 {
             cfg.warmup_steps
         } else {
             (cfg.warmup_ratio * total_steps as f64).ceil() as u64
         };
+        // fp16 gradients underflow without loss scaling (torch's GradScaler);
+        // bf16 has fp32's range and needs none.
+        let scaler = (kind == Kind::Half).then(LossScaler::default);
         Ok(Self {
             cfg,
             model,
@@ -174,10 +189,13 @@ impl Trainer {
             params,
             trainable,
             optim,
+            scaler,
+            skipped_steps: 0,
             train,
             eval,
             pad_id,
             order_cache: None,
+            plan,
             total_steps,
             warmup,
         })
@@ -186,60 +204,86 @@ impl Trainer {
     /// The micro-batches of optimizer step `step`: a pure function of
     /// (seed, step), which is what makes resume exact.
     fn batches_for_step(&mut self, step: u64) -> Vec<Batch> {
-        let ga = self.cfg.gradient_accumulation_steps as u64;
         let bs = self.cfg.per_device_train_batch_size;
-        let mut out = Vec::with_capacity(ga as usize);
-        for k in step * ga..(step + 1) * ga {
-            let n_batches = self.train.examples.len().div_ceil(bs) as u64;
-            let (epoch, i) = (k / n_batches, (k % n_batches) as usize);
-            if self.order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
-                let lengths: Vec<usize> = self
-                    .train
-                    .examples
-                    .iter()
-                    .map(|e| e.input_ids.len())
-                    .collect();
-                let order =
-                    data::batch_order(&lengths, bs, self.cfg.group_by_length, self.cfg.seed, epoch);
-                self.order_cache = Some((epoch, order));
-            }
-            let order = &self.order_cache.as_ref().expect("set above").1;
-            let examples: Vec<&data::Example> =
-                order[i].iter().map(|&j| &self.train.examples[j]).collect();
-            out.push(data::collate(&examples, self.pad_id));
+        let (epoch, range) = self.plan.micro_batches(step);
+        if self.order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            let lengths: Vec<usize> = self
+                .train
+                .examples
+                .iter()
+                .map(|e| e.input_ids.len())
+                .collect();
+            let order =
+                data::batch_order(&lengths, bs, self.cfg.group_by_length, self.cfg.seed, epoch);
+            self.order_cache = Some((epoch, order));
         }
-        out
+        let order = &self.order_cache.as_ref().expect("set above").1;
+        range
+            .map(|i| {
+                let examples: Vec<&data::Example> = order[i as usize]
+                    .iter()
+                    .map(|&j| &self.train.examples[j])
+                    .collect();
+                data::collate(&examples, self.pad_id)
+            })
+            .collect()
     }
 
     /// One optimizer step: forward and backward on each micro-batch (the loss
     /// normalised by the step's label tokens, as transformers' Trainer does),
-    /// clip, update, clear the gradients.
+    /// the loss-point regularizers once, then a check that the gradients are
+    /// finite, clipping, the update, and clearing the gradients.
+    ///
+    /// Non-finite gradients never reach the adapter: with fp16 the step is
+    /// skipped and the loss scale halved (torch's GradScaler); otherwise the
+    /// run stops with the step number.
     pub fn train_step(&mut self, step: u64) -> Result<StepStats> {
         let batches = self.batches_for_step(step);
         let label_tokens: i64 = batches.iter().map(|b| b.num_label_tokens).sum();
+        let denom = label_tokens.max(1) as f64;
+        let loss_scale = self.scaler.as_ref().map_or(1.0, LossScaler::scale);
+        let step_seed = mix(self.cfg.seed, step);
+        let opts = StepOptions {
+            gradient_checkpointing: self.cfg.gradient_checkpointing,
+            loss_chunk_size: self.cfg.loss_chunk_size,
+        };
         let mut loss = 0.0;
         for (micro, batch) in batches.iter().enumerate() {
-            let seed = mix(mix(self.cfg.seed, step), micro as u64);
-            let opts = StepOptions {
-                gradient_checkpointing: self.cfg.gradient_checkpointing,
-                loss_chunk_size: self.cfg.loss_chunk_size,
+            let mb = MicroBatch {
+                step,
+                index: micro,
+                count: batches.len(),
+                seed: mix(step_seed, micro as u64),
+                denom,
+                loss_scale,
             };
-            let denom = label_tokens.max(1) as f64;
             loss += forward_backward(
                 &self.model,
                 &mut self.regs,
                 &self.trainable,
                 batch,
-                step,
-                seed,
-                denom,
+                &mb,
                 opts,
             )?;
         }
-        if !loss.is_finite() {
+        loss = apply_loss_regularizers(
+            &mut self.regs,
+            &self.trainable,
+            loss,
+            &MicroBatch {
+                step,
+                index: batches.len() - 1,
+                count: batches.len(),
+                seed: step_seed,
+                denom,
+                loss_scale,
+            },
+            self.model.device(),
+        )?;
+        if !loss.is_finite() && self.scaler.is_none() {
             bail!("the loss became {loss} at step {}; stopping (the last complete checkpoint is kept)", step + 1);
         }
-        let grad_norm = clip_grad_norm(&self.params, self.cfg.max_grad_norm);
+        let tokens = batches.iter().map(|b| b.num_tokens).sum();
         let lr = lr_at(
             self.cfg.lr_scheduler_type,
             self.cfg.learning_rate,
@@ -247,16 +291,48 @@ impl Trainer {
             self.warmup,
             self.total_steps,
         );
+        if loss_scale != 1.0 {
+            optim::scale_grads(&self.params, 1.0 / loss_scale);
+        }
+        let norm = grad_norm(&self.params);
+        if !norm.is_finite() || !loss.is_finite() {
+            self.zero_grads();
+            let Some(scaler) = self.scaler.as_mut() else {
+                bail!(
+                    "the gradient norm became {norm} at step {}; stopping before the update, \
+                     so no non-finite weight is applied or saved (the last complete checkpoint is kept)",
+                    step + 1
+                );
+            };
+            scaler.update(true);
+            self.skipped_steps += 1;
+            return Ok(StepStats {
+                loss,
+                lr,
+                grad_norm: norm,
+                tokens,
+                skipped: true,
+            });
+        }
+        clip_grads(&self.params, self.cfg.max_grad_norm, norm);
         self.optim.step(&self.params, lr);
-        for p in self.params.values_mut() {
-            p.zero_grad();
+        self.zero_grads();
+        if let Some(s) = self.scaler.as_mut() {
+            s.update(false);
         }
         Ok(StepStats {
             loss,
             lr,
-            grad_norm,
-            tokens: batches.iter().map(|b| b.num_tokens).sum(),
+            grad_norm: norm,
+            tokens,
+            skipped: false,
         })
+    }
+
+    fn zero_grads(&mut self) {
+        for p in self.params.values_mut() {
+            p.zero_grad();
+        }
     }
 
     /// Mean cross-entropy over the evaluation data, with training-only
@@ -278,18 +354,38 @@ impl Trainer {
         r.map(Some)
     }
 
+    /// Refuses to write adapter weights that are not finite.
+    fn check_finite(&self) -> Result<()> {
+        for (k, p) in &self.params {
+            if !bool::try_from(p.isfinite().all())? {
+                bail!("adapter tensor {k} holds NaN or inf; refusing to save it");
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the adapter (PEFT format) into `dir`.
     pub fn save_adapter(&mut self, dir: &Path) -> Result<()> {
+        self.check_finite()?;
         peft_model::save_adapter(&mut self.model, DEFAULT_ADAPTER, &self.lora, dir)
     }
 
+    /// The state saved with a checkpoint after `step` steps.
+    pub fn state(&self, step: u64) -> TrainerState {
+        TrainerState {
+            global_step: step,
+            epoch: self.plan.epoch_after(step),
+            total_steps: self.total_steps,
+            skipped_steps: self.skipped_steps,
+            loss_scaler: self.scaler.clone(),
+            peft_rs_version: env!("CARGO_PKG_VERSION").to_owned(),
+            settings: self.cfg.clone(),
+        }
+    }
+
     fn save_checkpoint(&mut self, step: u64) -> Result<PathBuf> {
-        let state = json!({
-            "global_step": step,
-            "seed": self.cfg.seed,
-            "total_steps": self.total_steps,
-            "settings": self.cfg,
-        });
+        self.check_finite()?;
+        let state = self.state(step);
         let optim = self.optim.state();
         let output = self.cfg.output.clone();
         let model = &mut self.model;
@@ -309,31 +405,28 @@ impl Trainer {
                 self.cfg.output.display()
             );
         };
-        let state: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join(checkpoint::STATE_FILE))?)?;
-        let saved: TrainConfig = serde_json::from_value(state["settings"].clone())
-            .with_context(|| format!("{}: unreadable settings", dir.display()))?;
-        for (field, same) in [
-            ("data", saved.data == self.cfg.data),
-            ("model", saved.model == self.cfg.model),
-            ("lora_rank", saved.lora_rank == self.cfg.lora_rank),
-            (
-                "target_modules",
-                saved.target_modules == self.cfg.target_modules,
-            ),
-            (
-                "per_device_train_batch_size",
-                saved.per_device_train_batch_size == self.cfg.per_device_train_batch_size,
-            ),
-            (
-                "gradient_accumulation_steps",
-                saved.gradient_accumulation_steps == self.cfg.gradient_accumulation_steps,
-            ),
-            ("seed", saved.seed == self.cfg.seed),
-        ] {
-            if !same {
-                bail!("--resume: `{field}` differs from the run saved in {}; resume with the same settings", dir.display());
-            }
+        let state = TrainerState::read(&dir)?;
+        let diffs = self.cfg.differences_from(&state.settings);
+        if !diffs.is_empty() {
+            let list: Vec<String> = diffs
+                .iter()
+                .map(|d| format!("{} (saved {}, now {})", d.field, d.saved, d.now))
+                .collect();
+            bail!(
+                "--resume: {} differ from the run saved in {}: {}; resume with the same settings, or start a new run in another --output",
+                if diffs.len() == 1 { "this setting" } else { "these settings" },
+                dir.display(),
+                list.join(", ")
+            );
+        }
+        if state.total_steps != self.total_steps {
+            bail!(
+                "--resume: the run saved in {} plans {} steps, these settings and data give {}; \
+                 the training data changed",
+                dir.display(),
+                state.total_steps,
+                self.total_steps
+            );
         }
         let adapter = peft_adapters::lora::files::read_weights(&dir)?;
         tch::no_grad(|| -> Result<()> {
@@ -348,6 +441,10 @@ impl Trainer {
         let optim = Tensor::read_safetensors(dir.join(checkpoint::OPTIMIZER_FILE))
             .with_context(|| format!("{}: cannot read optimizer state", dir.display()))?;
         self.optim.load_state(optim.into_iter().collect())?;
+        self.skipped_steps = state.skipped_steps;
+        if self.scaler.is_some() {
+            self.scaler = state.loss_scaler;
+        }
         Ok(step)
     }
 
@@ -380,7 +477,7 @@ impl Trainer {
         };
         eprintln!("{}", peft_model::trainable_parameters_line(&mut self.model));
         eprintln!(
-            "{} training examples ({}; {} truncated to {} tokens, {} dropped), {} steps of {} x {}{}",
+            "{} training examples ({}; {} truncated to {} tokens, {} dropped), {} steps of {} x {}{}{}",
             self.train.examples.len(),
             self.train.format.name(),
             self.train.truncated,
@@ -389,7 +486,8 @@ impl Trainer {
             self.total_steps,
             self.cfg.per_device_train_batch_size,
             self.cfg.gradient_accumulation_steps,
-            if self.regs.is_empty() { String::new() } else { format!(", regularizers: {}", self.regs.names().join(", ")) }
+            if self.regs.is_empty() { String::new() } else { format!(", regularizers: {}", self.regs.names().join(", ")) },
+            if self.scaler.is_some() { ", fp16 with dynamic loss scaling" } else { "" }
         );
         let mut metrics = std::fs::OpenOptions::new()
             .create(true)
@@ -425,9 +523,13 @@ impl Trainer {
             ));
             bar.inc(1);
             let mut line = json!({
-                "step": done, "epoch": self.epoch_at(done), "loss": s.loss, "lr": s.lr,
+                "step": done, "epoch": self.plan.epoch_after(done), "loss": s.loss, "lr": s.lr,
                 "grad_norm": s.grad_norm, "tokens_per_second": tps,
             });
+            if let Some(sc) = &self.scaler {
+                line["loss_scale"] = json!(sc.scale());
+                line["skipped"] = json!(s.skipped);
+            }
             let eval_now = self.cfg.eval_steps > 0 && done % self.cfg.eval_steps == 0
                 || done == self.total_steps;
             if eval_now {
@@ -456,6 +558,7 @@ impl Trainer {
         let seconds = t0.elapsed().as_secs_f64();
         Ok(Summary {
             steps: self.total_steps,
+            skipped_steps: self.skipped_steps,
             final_train_loss: last_loss,
             eval_loss_before: eval_before,
             eval_loss_after: eval_after,
@@ -463,15 +566,6 @@ impl Trainer {
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
             output,
         })
-    }
-
-    fn epoch_at(&self, step: u64) -> f64 {
-        let n = self
-            .train
-            .examples
-            .len()
-            .div_ceil(self.cfg.per_device_train_batch_size) as f64;
-        step as f64 * self.cfg.gradient_accumulation_steps as f64 / n
     }
 }
 
@@ -484,18 +578,32 @@ pub struct StepOptions {
     pub loss_chunk_size: i64,
 }
 
+/// Which micro-batch of which step is computed, and how its loss is scaled.
+#[derive(Debug, Clone, Copy)]
+pub struct MicroBatch {
+    /// The optimizer step (0-based).
+    pub step: u64,
+    /// This micro-batch's index within the step.
+    pub index: usize,
+    /// Micro-batches in the step.
+    pub count: usize,
+    /// Seed of this micro-batch's draws (dropout, noise).
+    pub seed: u64,
+    /// The step's label tokens: each micro-batch's summed cross-entropy is divided by it.
+    pub denom: f64,
+    /// Multiplies what is backpropagated (fp16 loss scaling; 1 otherwise).
+    pub loss_scale: f64,
+}
+
 /// Forward and backward of one micro-batch, accumulating into the adapters'
-/// `.grad`; returns its share of the step loss (cross-entropy summed over its
-/// label tokens, divided by `denom`, the step's label tokens).
-#[allow(clippy::too_many_arguments)]
+/// `.grad` (times `mb.loss_scale`); returns its share of the step loss
+/// (cross-entropy summed over its label tokens, divided by `mb.denom`).
 pub fn forward_backward(
     model: &LlamaForCausalLM,
     regs: &mut RegularizerStack,
     trainable: &[(String, Tensor)],
     batch: &Batch,
-    step: u64,
-    seed: u64,
-    denom: f64,
+    mb: &MicroBatch,
     opts: StepOptions,
 ) -> Result<f64> {
     let device = model.device();
@@ -504,15 +612,22 @@ pub fn forward_backward(
     let mask = batch.attention_mask.to_device(device);
     let ctx = HookContext {
         training: true,
-        step,
+        step: mb.step,
         attention_mask: &mask,
         segment_ids: None,
-        seed,
+        seed: mb.seed,
+        micro_batch: mb.index,
+        micro_batches: mb.count,
         trainable,
     };
-    // Each layer reseeds the generator, so that a recomputed layer
-    // (gradient checkpointing) draws the same dropout masks.
-    let layer_seed = |i: usize| (mix(seed, 10_000 + i as u64) & i64::MAX as u64) as i64;
+    // Each layer draws its dropout masks from its own seed, so that a
+    // recomputed layer (gradient checkpointing) draws the same masks.
+    let layer_seed = |i: usize| mix(mb.seed, 10_000 + i as u64);
+    let run_layer = |i: usize, x: &Tensor, cos: &Tensor, sin: &Tensor| {
+        with_torch_seed(layer_seed(i), || {
+            model.model.layers[i].forward(x, cos, sin, None)
+        })
+    };
 
     // 1. Token embeddings, then embedding-output regularizers (NEFTune).
     let mut x = model.embed(&ids);
@@ -526,12 +641,11 @@ pub fn forward_backward(
     let mut layer_inputs = Vec::new();
     {
         let _no_grad = checkpointing.then(tch::no_grad_guard);
-        for (i, layer) in model.model.layers.iter().enumerate() {
+        for i in 0..model.model.layers.len() {
             if checkpointing {
                 layer_inputs.push(x.detach());
             }
-            tch::manual_seed(layer_seed(i));
-            x = layer.forward(&x, &cos, &sin, None);
+            x = run_layer(i, &x, &cos, &sin);
             let point = HookPoint::DecoderLayerOutput(i);
             if regs.wants(point, true) {
                 x = regs.apply(point, x, &ctx);
@@ -546,29 +660,24 @@ pub fn forward_backward(
 
     // 3. Final norm and cross-entropy in chunks; backward down to `top`.
     let normed = model.model.norm.forward(&top);
-    let ce_sum = chunked_cross_entropy(model, &normed, &labels, opts.loss_chunk_size, Some(denom))?;
-    let mut loss = ce_sum / denom;
+    let ce_sum = chunked_cross_entropy(
+        model,
+        &normed,
+        &labels,
+        opts.loss_chunk_size,
+        Some(mb.denom / mb.loss_scale),
+    )?;
 
-    // 4. Loss-point regularizers may add terms with their own gradient.
-    if regs.wants(HookPoint::Loss, true) {
-        let l = regs.apply(HookPoint::Loss, Tensor::from(loss).to_device(device), &ctx);
-        if l.requires_grad() {
-            l.backward();
-        }
-        loss = l.double_value(&[]);
-    }
-
-    // 5. With checkpointing, recompute each layer (last to first) and backpropagate through it.
+    // 4. With checkpointing, recompute each layer (last to first) and backpropagate through it.
     if checkpointing {
         let mut grad = top.grad();
-        for (i, layer) in model.model.layers.iter().enumerate().rev() {
+        for i in (0..model.model.layers.len()).rev() {
             let input = if i > 0 {
                 layer_inputs[i].detach().set_requires_grad(true)
             } else {
                 layer_inputs[i].shallow_clone()
             };
-            tch::manual_seed(layer_seed(i));
-            let mut out = layer.forward(&input, &cos, &sin, None);
+            let mut out = run_layer(i, &input, &cos, &sin);
             let point = HookPoint::DecoderLayerOutput(i);
             if regs.wants(point, true) {
                 out = regs.apply(point, out, &ctx);
@@ -579,7 +688,39 @@ pub fn forward_backward(
             }
         }
     }
-    Ok(loss)
+    Ok(ce_sum / mb.denom)
+}
+
+/// Runs the loss-point regularizers once for the whole step: they receive
+/// the step's loss (the sum of the micro-batches' shares) and whatever they
+/// add is backpropagated (times the loss scale). Returns the new step loss.
+pub fn apply_loss_regularizers(
+    regs: &mut RegularizerStack,
+    trainable: &[(String, Tensor)],
+    loss: f64,
+    mb: &MicroBatch,
+    device: tch::Device,
+) -> Result<f64> {
+    if !regs.wants(HookPoint::Loss, true) {
+        return Ok(loss);
+    }
+    let mask = Tensor::zeros([0, 0], (Kind::Int64, device));
+    let ctx = HookContext {
+        training: true,
+        step: mb.step,
+        attention_mask: &mask,
+        segment_ids: None,
+        seed: mb.seed,
+        micro_batch: mb.index,
+        micro_batches: mb.count,
+        trainable,
+    };
+    let value = Tensor::from(loss).to_device(device);
+    let l = regs.apply(HookPoint::Loss, value, &ctx);
+    if l.requires_grad() {
+        (&l * mb.loss_scale).backward();
+    }
+    Ok(l.double_value(&[]))
 }
 
 /// Sum of cross-entropy over label tokens, computed on at most `chunk` rows of
@@ -651,6 +792,8 @@ impl ModuleHooks for EvalHooks<'_> {
             attention_mask: self.mask,
             segment_ids: None,
             seed: 0,
+            micro_batch: 0,
+            micro_batches: 1,
             trainable: &[],
         };
         self.regs.apply(point, output, &ctx)

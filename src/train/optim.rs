@@ -115,45 +115,63 @@ impl AdamW {
 }
 
 /// transformers' schedule multipliers (`get_linear_schedule_with_warmup` and
-/// friends), for the 0-based optimizer step `step` of `total`.
+/// friends), for the 0-based optimizer step `step` of `total`. `warmup` is
+/// ignored by [`Schedule::Constant`], as transformers ignores it.
 pub fn lr_at(schedule: Schedule, base_lr: f64, step: u64, warmup: u64, total: u64) -> f64 {
     let s = step as f64;
+    let warmup = if schedule.has_warmup() { warmup } else { 0 };
     if step < warmup {
         return base_lr * s / (warmup.max(1) as f64);
     }
     let progress = (s - warmup as f64) / ((total.saturating_sub(warmup)).max(1) as f64);
     base_lr
         * match schedule {
-            Schedule::Constant => 1.0,
+            Schedule::Constant | Schedule::ConstantWithWarmup => 1.0,
             Schedule::Linear => (1.0 - progress).max(0.0),
             Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
         }
 }
 
-/// The global gradient norm, and gradients scaled down to `max_norm` when
-/// above it (`clip_grad_norm_`: coefficient max_norm / (norm + 1e-6)).
-pub fn clip_grad_norm(params: &BTreeMap<String, Tensor>, max_norm: f64) -> f64 {
+/// The global L2 norm of all gradients, as `clip_grad_norm_` computes it
+/// (the norm of the per-tensor norms); NaN or inf when any gradient is.
+pub fn grad_norm(params: &BTreeMap<String, Tensor>) -> f64 {
     let _g = tch::no_grad_guard();
-    let grads: Vec<Tensor> = params
+    let norms: Vec<Tensor> = params
         .values()
         .map(|p| p.grad())
         .filter(|g| g.defined())
-        .collect();
-    if grads.is_empty() {
-        return 0.0;
-    }
-    let norms: Vec<Tensor> = grads
-        .iter()
         .map(|g| g.norm().to_kind(Kind::Float))
         .collect();
-    let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
+    if norms.is_empty() {
+        return 0.0;
+    }
+    Tensor::stack(&norms, 0).norm().double_value(&[])
+}
+
+/// Scales gradients down so that their global norm `total` becomes
+/// `max_norm` when above it (`clip_grad_norm_`: coefficient
+/// max_norm / (total + 1e-6)); `max_norm` 0 is off.
+pub fn clip_grads(params: &BTreeMap<String, Tensor>, max_norm: f64, total: f64) {
     if max_norm > 0.0 {
         let coef = max_norm / (total + 1e-6);
         if coef < 1.0 {
-            for g in &grads {
-                let _ = g.shallow_clone().f_mul_scalar_(coef);
-            }
+            scale_grads(params, coef);
         }
     }
+}
+
+/// Multiplies every gradient by `factor` in place.
+pub fn scale_grads(params: &BTreeMap<String, Tensor>, factor: f64) {
+    let _g = tch::no_grad_guard();
+    for g in params.values().map(|p| p.grad()).filter(|g| g.defined()) {
+        let _ = g.shallow_clone().f_mul_scalar_(factor);
+    }
+}
+
+/// The global gradient norm, and gradients clipped to `max_norm` (see
+/// [`grad_norm`] and [`clip_grads`]).
+pub fn clip_grad_norm(params: &BTreeMap<String, Tensor>, max_norm: f64) -> f64 {
+    let total = grad_norm(params);
+    clip_grads(params, max_norm, total);
     total
 }
