@@ -73,6 +73,6 @@ print(f"   {'exact match':16}{100 * b['exact_match']:>9.1f}%{100 * a['exact_matc
 print(f"   {'eval loss':16}{b['loss']:>10.4f}{a['loss']:>10.4f}")
 print(f"   {'perplexity':16}{b['perplexity']:>10.3f}{a['perplexity']:>10.3f}")
 print(f"   time taken: {time.time() - start:.0f} s")
-print(f"   adapter (PEFT format): {run}/adapter   metrics: {run}/adapter/metrics.jsonl")
+print(f"   adapter (PEFT format): {run}/lora-r16-neftune5   metrics: {run}/lora-r16-neftune5/metrics.jsonl")
 print(f"   loss plot: {run}/loss.png   merged model: {run}/merged")
 PY

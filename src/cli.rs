@@ -29,12 +29,15 @@ enum Command {
     /// Print the libtorch build, the devices it sees and whether CUDA is usable.
     Env,
     /// Generate text from a base model, with or without adapters (greedy unless --temperature > 0).
+    #[command(allow_negative_numbers = true)]
     Generate(GenerateArgs),
     /// Merge adapters into the base weights and write a Hugging Face model directory.
     Merge(MergeArgs),
     /// Fine-tune LoRA adapters on instruction data (NEFTune with --neftune-alpha).
+    #[command(allow_negative_numbers = true)]
     Train(Box<TrainArgs>),
     /// Print the loss and perplexity of a model (with or without adapters) on a data file.
+    #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
     /// Draw training and evaluation loss against step for one or more runs into a PNG.
     Plot(PlotArgs),

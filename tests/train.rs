@@ -244,6 +244,69 @@ fn config_file_with_flag_overrides() {
         &peft_rs(&["train", "--config", bad.to_str().unwrap()]),
         &["bad.yaml", "lora_rnak"],
     );
+    // A bad value names the field and the file when it comes from the file,
+    // and the flag when it comes from the command line.
+    let zero = tmp.path().join("zero.toml");
+    std::fs::write(&zero, "lora_rank = 0\nlearning_rate = 1e-3\n").unwrap();
+    let z = zero.to_str().unwrap();
+    assert_user_error(
+        &peft_rs(&["train", "--config", z]),
+        &["zero.toml", "field `lora_rank` = 0", "at least 1"],
+    );
+    assert_user_error(
+        &peft_rs(&["train", "--config", z, "--lora-rank", "2", "--lr", "-1"]),
+        &["--lr -1", "> 0"],
+    );
+    std::fs::write(&zero, "scheduler = \"constant\"\n").unwrap();
+    assert_user_error(
+        &peft_rs(&["train", "--config", z]),
+        &["zero.toml", "scheduler"],
+    );
+    std::fs::write(&zero, "lr_scheduler_type = \"step\"\n").unwrap();
+    assert_user_error(
+        &peft_rs(&["train", "--config", z]),
+        &["zero.toml", "step", "constant_with_warmup"],
+    );
+}
+
+#[test]
+fn a_flag_turns_off_a_boolean_from_the_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca(tmp.path(), 12);
+    let out = tmp.path().join("out");
+    let cfg = tmp.path().join("run.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model: {:?}\ndata: {:?}\noutput: {:?}\nuse_dora: true\ngroup_by_length: true\nmax_steps: 1\ndevice: cpu\nmax_seq_length: 48\nlora_rank: 2\nlr_scheduler_type: constant_with_warmup\n",
+            tiny(),
+            data.display().to_string(),
+            out.display().to_string()
+        ),
+    )
+    .unwrap();
+    let r = peft_rs(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--use-dora",
+        "false",
+        "--no-group-by-length",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training_args.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        args["use_dora"], false,
+        "the flag turns the file's true off"
+    );
+    assert_eq!(args["group_by_length"], false);
+    assert_eq!(args["lr_scheduler_type"], "constant_with_warmup");
+    assert_eq!(
+        args["lora_rank"], 2,
+        "the file's value stays where no flag is given"
+    );
 }
 
 #[test]

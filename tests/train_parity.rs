@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use peft_rs::data::Batch;
 use peft_rs::models;
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
-use peft_rs::regularizers::RegularizerStack;
+use peft_rs::regularizers::{Neftune, RegularizerStack};
 use peft_rs::train::{forward_backward, MicroBatch, StepOptions};
 use tch::{Device, Kind, Tensor};
 
@@ -26,13 +26,23 @@ fn read(p: &Path) -> HashMap<String, Tensor> {
 
 /// Our gradients for `variant`, by adapter key, and the loss.
 fn our_grads(variant: &str, opts: StepOptions) -> (HashMap<String, Tensor>, f64) {
-    let mut model = models::load(&common::model_dir("llama"), Kind::Float, Device::Cpu).unwrap();
-    peft_model::load_adapter(
-        &mut model,
+    grads_with(
         &fx().join(variant).join("adapter"),
-        DEFAULT_ADAPTER,
+        Kind::Float,
+        opts,
+        RegularizerStack::new(),
     )
-    .unwrap();
+}
+
+/// Our gradients for the adapter in `adapter_dir` on the tiny base in `kind`.
+fn grads_with(
+    adapter_dir: &Path,
+    kind: Kind,
+    opts: StepOptions,
+    mut regs: RegularizerStack,
+) -> (HashMap<String, Tensor>, f64) {
+    let mut model = models::load(&common::model_dir("llama"), kind, Device::Cpu).unwrap();
+    peft_model::load_adapter(&mut model, adapter_dir, DEFAULT_ADAPTER).unwrap();
     peft_model::set_training(&mut model, true);
     let params = peft_model::trainable_parameters(&mut model);
     let trainable: Vec<(String, Tensor)> = params
@@ -53,7 +63,6 @@ fn our_grads(variant: &str, opts: StepOptions) -> (HashMap<String, Tensor>, f64)
             .int64_value(&[]),
         labels,
     };
-    let mut regs = RegularizerStack::new();
     let mb = MicroBatch {
         step: 0,
         index: 0,
@@ -130,4 +139,94 @@ fn gradient_checkpointing_gives_identical_gradients() {
             );
         }
     }
+}
+
+/// Worst relative error over tensors: max |a - b| / max |b|.
+fn worst_error(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f64 {
+    assert_eq!(a.len(), b.len());
+    b.iter()
+        .map(|(k, g)| {
+            let o = a.get(k).unwrap_or_else(|| panic!("no gradient for {k}"));
+            (o - g).abs().max().double_value(&[]) / g.abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn bf16_base_gradients_match_peft_in_bf16() {
+    let dir = fx().join("lora_bf16");
+    let (ours, loss) = grads_with(
+        &dir.join("adapter"),
+        Kind::BFloat16,
+        PLAIN,
+        RegularizerStack::new(),
+    );
+    let peft_bf16 = read(&dir.join("grads.safetensors"));
+    let peft_fp32 = read(&dir.join("grads_fp32.safetensors"));
+    let ref_loss: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("loss.json")).unwrap()).unwrap();
+    let ref_loss = ref_loss["loss"].as_f64().unwrap();
+    let ours_vs_peft = worst_error(&ours, &peft_bf16);
+    // How far bf16 itself is from exact: PEFT in bf16 against PEFT in fp32.
+    let bf16_floor = worst_error(&peft_bf16, &peft_fp32);
+    eprintln!(
+        "bf16: loss {loss:.6} (PEFT {ref_loss:.6}); worst relative gradient error vs PEFT bf16 {ours_vs_peft:.2e}, \
+         PEFT bf16 vs fp32 {bf16_floor:.2e}"
+    );
+    assert!(
+        (loss - ref_loss).abs() < 1e-2 * ref_loss.abs(),
+        "loss {loss} vs {ref_loss}"
+    );
+    // Both compute in bf16 with fp32 adapters; rounding can differ only where
+    // kernels accumulate in another order, so we must be closer to PEFT than
+    // bf16 is to fp32.
+    assert!(
+        ours_vs_peft < 0.5 * bf16_floor,
+        "ours vs PEFT bf16 {ours_vs_peft} is not well below bf16's own error {bf16_floor}"
+    );
+}
+
+#[test]
+fn gradient_checkpointing_with_dropout_and_neftune_gives_identical_gradients() {
+    // The PEFT adapter with dropout 0.1 on every module.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fx().join("lora").join("adapter");
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let cfg_path = tmp.path().join("adapter_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["lora_dropout"] = serde_json::json!(0.1);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let regs = || {
+        let mut r = RegularizerStack::new();
+        r.push(Box::new(Neftune::new(5.0)));
+        r
+    };
+    let (plain, l1) = grads_with(tmp.path(), Kind::Float, PLAIN, regs());
+    let (ckpt, l2) = grads_with(
+        tmp.path(),
+        Kind::Float,
+        StepOptions {
+            gradient_checkpointing: true,
+            ..PLAIN
+        },
+        regs(),
+    );
+    let (no_noise, _) = grads_with(tmp.path(), Kind::Float, PLAIN, RegularizerStack::new());
+    assert_eq!(l1, l2, "same loss with checkpointing");
+    for (k, g) in &plain {
+        assert!(g.equal(&ckpt[k]), "{k} differs with checkpointing");
+    }
+    // The test has teeth: the dropout and the noise do change the gradients.
+    let (clean, _) = our_grads("lora", PLAIN);
+    assert!(
+        worst_error(&no_noise, &clean) > 1e-3,
+        "dropout changes the gradients"
+    );
+    assert!(
+        worst_error(&plain, &no_noise) > 1e-3,
+        "NEFTune changes the gradients"
+    );
 }

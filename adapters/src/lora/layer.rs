@@ -216,9 +216,15 @@ impl LoraLayer {
 
 impl LinearAdapter for LoraLayer {
     fn forward(&self, x: &Tensor, base_output: Tensor, base: &BaseLinear) -> Tensor {
-        let mut result = base_output;
-        let kind = result.kind();
-        for w in self.active_unmerged() {
+        let kind = base_output.kind();
+        let mut active = self.active_unmerged().peekable();
+        if active.peek().is_none() {
+            return base_output;
+        }
+        // As PEFT: the adapters' outputs are added to the base output in fp32
+        // and the sum is cast back once, so a bf16 base rounds only there.
+        let mut sum = base_output.to_kind(Kind::Float);
+        for w in active {
             // Adapters compute in fp32 (they are stored in fp32), as PEFT casts
             // the input to lora_A's dtype.
             let x32 = x.to_kind(Kind::Float);
@@ -236,25 +242,24 @@ impl LinearAdapter for LoraLayer {
                     // The norm is a constant for backprop, as in the DoRA paper (§4.3) and PEFT.
                     let norm = row_norm(&(&w32 + w.delta().detach())).detach();
                     let scale = m / norm;
-                    // The base output without bias; with dropout on, recomputed on the
+                    // The base output without bias (in the base dtype, as PEFT
+                    // subtracts it); with dropout on, recomputed on the
                     // dropped-out input so both terms see the same x.
                     let base_nb = if dropout_on {
                         xd.matmul(&w32.tr())
                     } else {
-                        let y = result.to_kind(Kind::Float);
                         match base.bias {
-                            Some(b) => y - b.to_kind(Kind::Float),
-                            None => y,
+                            Some(b) => (&base_output - b).to_kind(Kind::Float),
+                            None => base_output.to_kind(Kind::Float),
                         }
                     };
                     (&scale - 1.0) * base_nb + &scale * lora * w.scaling
                 }
             };
-            // Not in place: DoRA's backward keeps `result` (the base output) alive.
-            let sum = &result + added.to_kind(kind);
-            result = sum;
+            // Not in place: DoRA's backward keeps the base output alive.
+            sum = &sum + added;
         }
-        result
+        sum.to_kind(kind)
     }
 
     fn trainable_tensors(&self) -> Vec<(String, Tensor)> {

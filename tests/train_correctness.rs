@@ -1,0 +1,415 @@
+//! Training paths that silently went wrong before: fp16 without loss
+//! scaling, non-finite gradients applied and saved, loss-point regularizers
+//! counted once per micro-batch, resume accepting changed settings, and
+//! epochs counted differently from transformers. All on the tiny model.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use peft_rs::adapters::lora::{InitLoraWeights, LoraConfig, TargetModules};
+use peft_rs::data::Batch;
+use peft_rs::device::DeviceArg;
+use peft_rs::models;
+use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
+use peft_rs::regularizers::rng::with_torch_seed;
+use peft_rs::regularizers::{HookContext, HookPoint, Regularizer, RegularizerStack};
+use peft_rs::train::{forward_backward, MicroBatch, StepOptions, TrainConfig, Trainer};
+use tch::{Device, Kind, Tensor};
+
+fn tiny() -> PathBuf {
+    common::model_dir("llama")
+}
+
+/// The first `n` records of the shared Alpaca subset, as a JSON array file.
+fn alpaca(dir: &Path, n: usize) -> PathBuf {
+    let src = common::shared("data/alpaca_5000.json");
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    let p = dir.join("alpaca.json");
+    std::fs::write(&p, serde_json::to_string(&all[..n]).unwrap()).unwrap();
+    p
+}
+
+fn config(dir: &Path, records: usize, out: &str) -> TrainConfig {
+    TrainConfig {
+        model: Some(tiny()),
+        data: Some(alpaca(dir, records)),
+        output: dir.join(out),
+        device: DeviceArg::Cpu,
+        per_device_train_batch_size: 4,
+        max_seq_length: 96,
+        lora_rank: 4,
+        learning_rate: 1e-3,
+        seed: 7,
+        ..TrainConfig::default()
+    }
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn read_adapter(dir: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(dir.join("adapter_model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn all_finite(t: &HashMap<String, Tensor>) -> bool {
+    t.values()
+        .all(|x| bool::try_from(x.isfinite().all()).unwrap())
+}
+
+/// Multiplies decoder layer 0's output by a huge factor at one step: fp16
+/// activations overflow there.
+struct OverflowAt(u64);
+
+impl Regularizer for OverflowAt {
+    fn name(&self) -> String {
+        "overflow".into()
+    }
+    fn hook_points(&self) -> Vec<HookPoint> {
+        vec![HookPoint::DecoderLayerOutput(0)]
+    }
+    fn apply(&mut self, _: HookPoint, x: Tensor, ctx: &HookContext) -> Tensor {
+        if ctx.step == self.0 {
+            x * 1e6
+        } else {
+            x
+        }
+    }
+}
+
+/// At one step, adds `sqrt(0·p)` to the loss: 0 in value, NaN in gradient.
+struct NanGradientAt(u64);
+
+impl Regularizer for NanGradientAt {
+    fn name(&self) -> String {
+        "nan-gradient".into()
+    }
+    fn hook_points(&self) -> Vec<HookPoint> {
+        vec![HookPoint::Loss]
+    }
+    fn apply(&mut self, _: HookPoint, loss: Tensor, ctx: &HookContext) -> Tensor {
+        if ctx.step != self.0 {
+            return loss;
+        }
+        let p = &ctx.trainable[0].1;
+        loss + (p * 0.0).sqrt().sum(Kind::Float)
+    }
+}
+
+/// λ·Σ‖w‖² over the adapter weights, a loss-point penalty.
+struct L2(f64);
+
+impl Regularizer for L2 {
+    fn name(&self) -> String {
+        "l2".into()
+    }
+    fn hook_points(&self) -> Vec<HookPoint> {
+        vec![HookPoint::Loss]
+    }
+    fn apply(&mut self, _: HookPoint, loss: Tensor, ctx: &HookContext) -> Tensor {
+        let penalty = ctx
+            .trainable
+            .iter()
+            .map(|(_, w)| w.pow_tensor_scalar(2).sum(Kind::Float))
+            .fold(Tensor::from(0.0f32), |a, b| a + b);
+        loss + penalty * self.0
+    }
+}
+
+#[test]
+fn fp16_loss_scaling_keeps_small_gradients() {
+    // One batch of real Alpaca records, its loss divided as if the step had
+    // 4096 times as many label tokens (a long accumulation over large
+    // batches): per-token gradients then fall below fp16's normal range, as
+    // they do in real runs with small initial weights.
+    let tmp = tempfile::tempdir().unwrap();
+    let base = models::Pretrained::load(&tiny(), Kind::Float, Device::Cpu).unwrap();
+    let ds = peft_rs::data::load_dataset(
+        &alpaca(tmp.path(), 16),
+        &base.tokenizer,
+        base.completion_eos().unwrap(),
+        &peft_rs::data::DataOptions {
+            format: None,
+            max_seq_len: 256,
+            train_on_prompt: false,
+        },
+    )
+    .unwrap();
+    let ex: Vec<&peft_rs::data::Example> = ds.examples.iter().collect();
+    let batch: Batch = peft_rs::data::collate(&ex, 2);
+    let grads = |kind: Kind, loss_scale: f64| -> HashMap<String, Tensor> {
+        let mut model = models::load(&tiny(), kind, Device::Cpu).unwrap();
+        let lora = LoraConfig {
+            r: 4,
+            target_modules: TargetModules::AllLinear,
+            init_lora_weights: InitLoraWeights::Random,
+            ..LoraConfig::default()
+        };
+        with_torch_seed(3, || peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora)).unwrap();
+        let params = peft_model::trainable_parameters(&mut model);
+        let trainable: Vec<(String, Tensor)> = params
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
+            .collect();
+        let mb = MicroBatch {
+            step: 0,
+            index: 0,
+            count: 1,
+            seed: 1,
+            denom: batch.num_label_tokens as f64 * 4096.0,
+            loss_scale,
+        };
+        let opts = StepOptions {
+            gradient_checkpointing: false,
+            loss_chunk_size: 1024,
+        };
+        forward_backward(
+            &model,
+            &mut RegularizerStack::new(),
+            &trainable,
+            &batch,
+            &mb,
+            opts,
+        )
+        .unwrap();
+        params
+            .iter()
+            .map(|(k, t)| (k.clone(), t.grad() / loss_scale))
+            .collect()
+    };
+    let exact = grads(Kind::Float, 1.0);
+    let norm = |g: &HashMap<String, Tensor>| -> f64 {
+        g.values()
+            .map(|t| t.pow_tensor_scalar(2).sum(Kind::Double).double_value(&[]))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let error = |g: &HashMap<String, Tensor>| -> f64 {
+        let diff: HashMap<String, Tensor> =
+            g.iter().map(|(k, t)| (k.clone(), t - &exact[k])).collect();
+        norm(&diff) / norm(&exact)
+    };
+    let unscaled = error(&grads(Kind::Half, 1.0));
+    let scaled = error(&grads(Kind::Half, 65536.0));
+    eprintln!(
+        "fp16 gradient error against fp32 (loss over {} x 4096 label tokens): unscaled {unscaled:.3e}, scaled by 2^16 {scaled:.3e}",
+        batch.num_label_tokens
+    );
+    assert!(
+        scaled < 0.5 * unscaled,
+        "loss scaling must recover the gradients fp16 flushes to zero"
+    );
+}
+
+#[test]
+fn fp16_training_skips_overflowing_steps_and_learns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        dtype: peft_rs::device::DtypeArg::Fp16,
+        max_steps: 10,
+        eval_holdout: 8,
+        learning_rate: 3e-3,
+        ..config(tmp.path(), 64, "fp16")
+    };
+    let out = cfg.output.clone();
+    let mut t = Trainer::new(cfg, vec![Box::new(OverflowAt(3))]).unwrap();
+    let s = t.run().unwrap();
+    let m = metrics(&out);
+    let steps: Vec<&serde_json::Value> = m.iter().filter(|l| l.get("loss").is_some()).collect();
+    assert_eq!(steps.len(), 10);
+    let skipped: Vec<u64> = steps
+        .iter()
+        .filter(|l| l["skipped"] == true)
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        skipped,
+        vec![4],
+        "the overflowing step (the 4th) is skipped"
+    );
+    assert_eq!(s.skipped_steps, 1);
+    assert_eq!(steps[2]["loss_scale"], 65536.0);
+    assert_eq!(
+        steps[3]["loss_scale"], 32768.0,
+        "the scale halves after an overflow"
+    );
+    assert!(
+        all_finite(&read_adapter(&out)),
+        "no NaN reaches the adapter"
+    );
+    let (before, after) = (s.eval_loss_before.unwrap(), s.eval_loss_after.unwrap());
+    eprintln!(
+        "fp16: eval loss {before:.4} -> {after:.4}, {} step skipped",
+        s.skipped_steps
+    );
+    assert!(after < before, "fp16 training learns: {before} -> {after}");
+}
+
+#[test]
+fn a_nan_gradient_is_never_applied_or_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        max_steps: 8,
+        save_steps: 1,
+        save_total_limit: 1,
+        ..config(tmp.path(), 48, "nan")
+    };
+    let out = cfg.output.clone();
+    let mut t = Trainer::new(cfg, vec![Box::new(NanGradientAt(3))]).unwrap();
+    let err = format!("{:#}", t.run().unwrap_err());
+    assert!(
+        err.contains("gradient norm became NaN at step 4"),
+        "error: {err}"
+    );
+    assert!(!out.join("adapter_model.safetensors").exists());
+    assert!(
+        !out.join("checkpoint-4").exists(),
+        "no checkpoint after the bad step"
+    );
+    let last = out.join("checkpoint-3");
+    assert!(
+        last.join("COMPLETE").exists(),
+        "the last good checkpoint survives pruning"
+    );
+    assert!(all_finite(&read_adapter(&last)));
+}
+
+#[test]
+fn a_loss_penalty_counts_once_per_step_whatever_the_accumulation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |out: &str, batch: usize, accum: usize| {
+        let cfg = TrainConfig {
+            per_device_train_batch_size: batch,
+            gradient_accumulation_steps: accum,
+            group_by_length: false,
+            lora_dropout: 0.0,
+            max_steps: 3,
+            ..config(tmp.path(), 64, out)
+        };
+        let out = cfg.output.clone();
+        Trainer::new(cfg, vec![Box::new(L2(0.05))])
+            .unwrap()
+            .run()
+            .unwrap();
+        let losses: Vec<f64> = metrics(&out)
+            .iter()
+            .filter_map(|l| l["loss"].as_f64())
+            .collect();
+        (losses, read_adapter(&out))
+    };
+    let (l1, a1) = run("b8", 8, 1);
+    let (l4, a4) = run("b2x4", 2, 4);
+    for (a, b) in l1.iter().zip(&l4) {
+        assert!((a - b).abs() < 1e-5 * a.abs(), "losses {l1:?} vs {l4:?}");
+    }
+    let mut worst: f64 = 0.0;
+    for (k, t) in &a1 {
+        worst = worst.max((t - &a4[k]).abs().max().double_value(&[]));
+    }
+    eprintln!("1 x B8 vs 4 x B2 with an L2 penalty: losses {l1:?} vs {l4:?}, adapter max diff {worst:.2e}");
+    assert!(worst < 1e-5, "adapters differ by {worst}");
+}
+
+fn train_args<'a>(data: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--data",
+        data,
+        "--output",
+        out,
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--max-seq-len",
+        "96",
+        "--lora-rank",
+        "4",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "7",
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+    ]
+}
+
+#[test]
+fn resume_refuses_every_setting_that_changes_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca(tmp.path(), 32);
+    let (d, m) = (data.display().to_string(), tiny().display().to_string());
+    let out = tmp.path().join("run").display().to_string();
+    let first = common::peft_rs(&train_args(&d, &out, &m));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for (change, field) in [
+        (&["--max-seq-len", "64"][..], "max_seq_length"),
+        (&["--eval-holdout", "4"], "eval_holdout"),
+        (&["--format", "alpaca"], "format"),
+        (&["--train-on-prompt"], "train_on_prompt"),
+        (&["--group-by-length", "false"], "group_by_length"),
+        (&["--lora-alpha", "16"], "lora_alpha"),
+        (&["--use-rslora"], "use_rslora"),
+        (&["--use-dora"], "use_dora"),
+        (&["--lr", "5e-4"], "learning_rate"),
+        (&["--lr-scheduler", "cosine"], "lr_scheduler_type"),
+        (&["--warmup-steps", "2"], "warmup_steps"),
+        (&["--epochs", "2"], "num_train_epochs"),
+        (&["--max-steps", "6"], "max_steps"),
+        (&["--neftune-alpha", "5"], "neftune_noise_alpha"),
+        (&["--dtype", "bf16"], "dtype"),
+    ] {
+        let mut args = train_args(&d, &out, &m);
+        let pos = args.iter().position(|a| *a == change[0]);
+        match pos {
+            Some(p) => args[p + 1] = change[1],
+            None => args.extend_from_slice(change),
+        }
+        args.push("--resume");
+        common::assert_user_error(&common::peft_rs(&args), &["--resume", field]);
+    }
+    // What only changes logging or saving is accepted.
+    let mut args = train_args(&d, &out, &m);
+    args.extend_from_slice(&["--logging-steps", "2", "--resume"]);
+    let r = common::peft_rs(&args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
+#[test]
+fn epochs_are_counted_as_transformers_counts_them() {
+    // 40 examples in batches of 4: 10 micro-batches per epoch; 4 per step
+    // gives steps of 4, 4 and 2 micro-batches, so 3 epochs are 9 steps.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca(tmp.path(), 40);
+    let (d, m) = (data.display().to_string(), tiny().display().to_string());
+    let out = tmp.path().join("run");
+    let o = out.display().to_string();
+    let mut args = train_args(&d, &o, &m);
+    args.truncate(args.len() - 4);
+    args.extend_from_slice(&["--grad-accum", "4", "--epochs", "3"]);
+    let r = common::peft_rs(&args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let epochs: Vec<f64> = metrics(&out)
+        .iter()
+        .filter_map(|l| l["epoch"].as_f64())
+        .collect();
+    assert_eq!(epochs, [0.4, 0.8, 1.0, 1.4, 1.8, 2.0, 2.4, 2.8, 3.0]);
+}
