@@ -29,15 +29,16 @@ enum Command {
     /// Print the libtorch build, the devices it sees and whether CUDA is usable.
     Env,
     /// Generate text from a base model, with or without adapters (greedy unless --temperature > 0).
-    #[command(allow_negative_numbers = true)]
+    #[command(allow_negative_numbers = true, args_override_self = true)]
     Generate(GenerateArgs),
     /// Merge adapters into the base weights and write a Hugging Face model directory.
+    #[command(args_override_self = true)]
     Merge(MergeArgs),
     /// Fine-tune LoRA adapters on instruction data (NEFTune with --neftune-alpha).
-    #[command(allow_negative_numbers = true)]
+    #[command(allow_negative_numbers = true, args_override_self = true)]
     Train(Box<TrainArgs>),
     /// Print the loss and perplexity of a model (with or without adapters) on a data file.
-    #[command(allow_negative_numbers = true)]
+    #[command(allow_negative_numbers = true, args_override_self = true)]
     Eval(EvalArgs),
     /// Draw training and evaluation loss against step for one or more runs into a PNG.
     Plot(PlotArgs),
@@ -121,6 +122,7 @@ struct GenerateArgs {
 
 /// Parses the command line and runs it.
 pub fn main() -> Result<()> {
+    crate::signals::ignore_file_size_limit();
     let matches = match Cli::command().try_get_matches() {
         Ok(m) => m,
         Err(e) => usage_error(e)?,
@@ -307,8 +309,7 @@ struct PromptLine {
 }
 
 fn read_prompts(file: &Path) -> Result<Vec<Request>> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let text = peft_adapters::fsio::read_regular_string(file, 1 << 30, "prompts file")?;
     let jsonl = file.extension().is_some_and(|e| e == "jsonl");
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -361,6 +362,7 @@ struct MergeArgs {
 }
 
 fn merge_cmd(a: MergeArgs) -> Result<()> {
+    crate::signals::install();
     let dtype = a
         .dtype
         .filter(|d| *d != DtypeArg::Auto)
@@ -474,6 +476,7 @@ pub fn flag_of(field: &str) -> String {
 
 fn train_cmd(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let cfg = a.to_config(matches)?;
+    crate::signals::install();
     let mut trainer = Trainer::new(cfg, vec![])?;
     let s = trainer.run()?;
     println!(
@@ -528,6 +531,12 @@ struct EvalArgs {
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if a.max_seq_len < 2 {
+        bail!("--max-seq-len must be at least 2");
+    }
     let mut base = a.model.load()?;
     peft_model::load_adapters(&mut base.model, &a.adapters.adapter, &a.adapters.weights)?;
     let eos = base.completion_eos()?;
@@ -583,21 +592,42 @@ struct PlotArgs {
     /// Title of the picture.
     #[arg(long, default_value = "LoRA fine-tuning loss")]
     title: String,
-    /// Width in pixels.
+    /// Width in pixels (100 to 8192).
     #[arg(long, default_value_t = 1200)]
     width: u32,
-    /// Height in pixels.
+    /// Height in pixels (100 to 8192).
     #[arg(long, default_value_t = 700)]
     height: u32,
+    /// A logarithmic loss axis (useful when runs start far above where they end).
+    #[arg(long)]
+    log_y: bool,
+    /// Legend labels, one per run, comma-separated (default: the run directories' names).
+    #[arg(long, value_delimiter = ',', value_name = "LABEL,LABEL,...")]
+    labels: Vec<String>,
 }
 
 fn plot_cmd(a: PlotArgs) -> Result<()> {
-    let runs = a
+    if !a.labels.is_empty() && a.labels.len() != a.runs.len() {
+        bail!(
+            "--labels has {} labels for {} runs; give one per run",
+            a.labels.len(),
+            a.runs.len()
+        );
+    }
+    let mut runs = a
         .runs
         .iter()
         .map(|r| crate::plot::read_run(r))
         .collect::<Result<Vec<_>>>()?;
-    crate::plot::plot(&runs, &a.output, &a.title, (a.width, a.height))?;
+    for (run, label) in runs.iter_mut().zip(&a.labels) {
+        run.label.clone_from(label);
+    }
+    let opts = crate::plot::PlotOptions {
+        title: a.title,
+        size: (a.width, a.height),
+        log_y: a.log_y,
+    };
+    crate::plot::plot(&runs, &a.output, &opts)?;
     println!("{}", a.output.display());
     Ok(())
 }
@@ -643,4 +673,25 @@ fn exact_match(
     }
     bar.finish_and_clear();
     Ok(hits as f64 / cases.len().max(1) as f64)
+}
+
+/// One line for a panic: libtorch's own message when tch panicked with one
+/// (`Torch("... not enough memory: you tried to allocate ...\nException raised from ...")`),
+/// otherwise an internal error to report.
+pub fn describe_panic(text: &str) -> String {
+    if let Some(start) = text.find("Torch(") {
+        let msg = text[start + 6..]
+            .trim_start_matches("TchError(")
+            .trim_start_matches('"');
+        let first = msg
+            .split("\\n")
+            .next()
+            .unwrap_or(msg)
+            .trim_end_matches(['"', ')']);
+        return format!("libtorch: {first}");
+    }
+    format!(
+        "internal error (please report it): {}",
+        text.lines().next().unwrap_or(text)
+    )
 }

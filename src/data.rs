@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use rayon::prelude::*;
 use serde_json::Value;
 use tch::Tensor;
@@ -123,7 +123,7 @@ pub struct DataOptions {
 }
 
 /// One tokenized example.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Example {
     /// Token ids.
     pub input_ids: Vec<i64>,
@@ -175,11 +175,12 @@ pub fn load_dataset(
 ) -> Result<Dataset> {
     let records = read_records(path)?;
     let format = resolve_format(path, &records, opts.format)?;
+    let budget = text_budget(tok, opts.max_seq_len);
     // Tokenizing dominates loading; rayon keeps the output in file order.
     let tokenized: Vec<Result<Example>> = records
         .par_iter()
         .map(|(line, rec)| {
-            tokenize(rec, format, tok, eos_token_id, opts.train_on_prompt)
+            tokenize(rec, format, tok, eos_token_id, opts.train_on_prompt, budget)
                 .map_err(|e| at(path, *line, e))
         })
         .collect();
@@ -219,8 +220,8 @@ pub fn load_dataset(
 
 /// Reads a data file into (line number, record) pairs; an empty file is an error.
 fn read_records(path: &Path) -> Result<Vec<(usize, Value)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read the data file", path.display()))?;
+    // A data file may be large; it must still be a file.
+    let text = peft_adapters::fsio::read_regular_string(path, u64::MAX / 2, "data file")?;
     let records = parse_records(path, &text)?;
     if records.is_empty() {
         bail!(
@@ -257,6 +258,45 @@ fn resolve_format(
     })
 }
 
+/// The largest record read, in bytes of JSON.
+pub const MAX_RECORD_BYTES: usize = 16 << 20;
+/// The most turns a chat record may have.
+pub const MAX_MESSAGES: usize = 1024;
+
+/// Bytes of text that surely hold more than `max_seq_len` tokens: no token
+/// covers more than twice its vocabulary string's length, and a margin keeps
+/// the tokens before the cut exactly as the whole text would give them.
+/// Text past it is cut before tokenizing, so that one huge record costs
+/// memory and time in proportion to what is kept, not to its size.
+fn text_budget(tok: &Tokenizer, max_seq_len: usize) -> usize {
+    max_seq_len
+        .saturating_mul(2 * tok.max_token_bytes())
+        .saturating_add(64 << 10)
+}
+
+/// `text` cut to at most `budget` bytes, at a character boundary.
+fn cut(text: &str, budget: usize) -> &str {
+    if text.len() <= budget {
+        return text;
+    }
+    let mut end = budget;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+fn check_record_size(path: &Path, line: usize, len: usize) -> Result<()> {
+    if len > MAX_RECORD_BYTES {
+        return Err(at(
+            path,
+            line,
+            format!("the record is {len} bytes, more than the {MAX_RECORD_BYTES} a record may have; split or shorten it"),
+        ));
+    }
+    Ok(())
+}
+
 /// (line number, record) pairs from a JSON array (first non-space character
 /// `[`) or JSONL text (blank lines skipped). Every record must be an object.
 pub fn parse_records(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
@@ -285,6 +325,7 @@ pub fn parse_records(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
                     .filter(|&&b| b == b'\n')
                     .count();
                 pos = offset;
+                check_record_size(path, line, raw.get().len())?;
                 let v: Value = serde_json::from_str(raw.get()).map_err(|e| at(path, line, e))?;
                 check_object(path, line, v)
             })
@@ -294,6 +335,7 @@ pub fn parse_records(path: &Path, text: &str) -> Result<Vec<(usize, Value)>> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
+                check_record_size(path, i + 1, l.len())?;
                 let v: Value = serde_json::from_str(l).map_err(|e| {
                     at(
                         path,
@@ -398,6 +440,12 @@ fn chat_messages(rec: &Value) -> Result<Vec<Message>> {
             kind_name(other)
         ),
     };
+    if list.len() > MAX_MESSAGES {
+        bail!(
+            "field `messages` has {} turns, more than the {MAX_MESSAGES} a record may have; split the conversation",
+            list.len()
+        );
+    }
     list.iter()
         .enumerate()
         .map(|(i, m)| {
@@ -441,9 +489,11 @@ fn prompt_completion(
     completion: &str,
     eos: i64,
     train_on_prompt: bool,
+    budget: usize,
 ) -> Result<Example> {
-    let text = format!("{prompt}{completion}");
-    let (tokens, offsets) = tok.encode_with_offsets(&text, true)?;
+    let joined = format!("{prompt}{completion}");
+    let text = cut(&joined, budget);
+    let (tokens, offsets) = tok.encode_with_offsets(text, true)?;
     let mut input_ids = ids(tokens);
     let boundary = prompt.len();
     let mut labels: Vec<i64> = input_ids
@@ -471,22 +521,63 @@ fn tokenize(
     tok: &Tokenizer,
     eos: i64,
     train_on_prompt: bool,
+    budget: usize,
 ) -> Result<Example> {
     match format {
         DataFormat::Alpaca => {
             let (prompt, output) = alpaca_parts(rec)?;
-            prompt_completion(tok, &prompt, output, eos, train_on_prompt)
+            prompt_completion(tok, &prompt, output, eos, train_on_prompt, budget)
         }
         DataFormat::PromptCompletion => {
             let prompt = string_field(rec, "prompt", format)?;
             let completion = string_field(rec, "completion", format)?;
-            prompt_completion(tok, prompt, completion, eos, train_on_prompt)
+            prompt_completion(tok, prompt, completion, eos, train_on_prompt, budget)
         }
-        DataFormat::Text => {
-            prompt_completion(tok, "", string_field(rec, "text", format)?, eos, true)
+        DataFormat::Text => prompt_completion(
+            tok,
+            "",
+            string_field(rec, "text", format)?,
+            eos,
+            true,
+            budget,
+        ),
+        DataFormat::Messages => {
+            let messages = chat_messages(rec)?;
+            if !messages.iter().any(|m| m.role == "assistant") {
+                bail!(
+                    "field `messages` has no assistant turn to learn from (roles: {})",
+                    messages
+                        .iter()
+                        .map(|m| m.role.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let messages = within_budget(messages, budget);
+            if !messages.iter().any(|m| m.role == "assistant") {
+                // Every answer lies past max_seq_len: dropped and counted.
+                return Ok(Example::default());
+            }
+            chat_example(&messages, tok, eos, train_on_prompt)
         }
-        DataFormat::Messages => chat_example(&chat_messages(rec)?, tok, eos, train_on_prompt),
     }
+}
+
+/// The turns of a chat that can reach the model within `budget` bytes of
+/// content: later turns would be truncated away, so they are not rendered
+/// (rendering every prefix of a chat costs the square of its length).
+fn within_budget(mut messages: Vec<Message>, budget: usize) -> Vec<Message> {
+    let mut used = 0usize;
+    for (i, m) in messages.iter_mut().enumerate() {
+        if used + m.content.len() > budget {
+            let keep = cut(&m.content, budget - used).len();
+            m.content.truncate(keep);
+            messages.truncate(i + 1);
+            break;
+        }
+        used += m.content.len();
+    }
+    messages
 }
 
 /// A chat rendered with the model's template, the loss on the assistant
@@ -508,16 +599,6 @@ fn chat_example(
     eos: i64,
     train_on_prompt: bool,
 ) -> Result<Example> {
-    if !messages.iter().any(|m| m.role == "assistant") {
-        bail!(
-            "field `messages` has no assistant turn to learn from (roles: {})",
-            messages
-                .iter()
-                .map(|m| m.role.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
     let marked = tok.has_generation_blocks();
     let (full, spans) = if marked {
         tok.apply_chat_template_with_generation_spans(messages)?

@@ -7,6 +7,9 @@ use tch::{Kind, Tensor};
 use crate::models::{KvCache, LlamaForCausalLM};
 use peft_regularizers::rng::SplitMix64;
 
+/// The most new tokens one prompt may ask for.
+pub const MAX_NEW_TOKENS: usize = 1 << 20;
+
 /// How tokens are chosen.
 #[derive(Debug, Clone)]
 pub struct GenerationConfig {
@@ -53,6 +56,12 @@ impl GenerationConfig {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("--top-p must be in (0, 1], got {}", self.top_p);
         }
+        if self.max_new_tokens > MAX_NEW_TOKENS {
+            bail!(
+                "--max-new-tokens {} is above {MAX_NEW_TOKENS}",
+                self.max_new_tokens
+            );
+        }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             bail!(
                 "--repetition-penalty must be > 0 (1 is off), got {}",
@@ -80,11 +89,19 @@ pub fn generate(
     let mut cache = KvCache::new(model.config.num_hidden_layers);
     let mut seen: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     let mut input = Tensor::from_slice(&seen).unsqueeze(0).to_device(device);
-    let mut out = Vec::with_capacity(cfg.max_new_tokens);
-    for _ in 0..cfg.max_new_tokens {
+    let mut out = Vec::with_capacity(cfg.max_new_tokens.min(4096));
+    for i in 0..cfg.max_new_tokens {
         let hidden = model.forward_hidden(&input, Some(&mut cache), None);
         let last = hidden.select(1, -1);
         let logits = model.logits(&last).squeeze_dim(0).to_kind(Kind::Float);
+        // Broken weights or settings give NaN logits, whose argmax is token 0
+        // forever: an empty answer that looks like success.
+        if bool::try_from(logits.isnan().any())? {
+            bail!(
+                "the model's output became NaN at new token {}; check the weights, the adapter and config.json (rms_norm_eps, rope settings)",
+                i + 1
+            );
+        }
         let next = choose(logits, &seen, cfg, &mut rng);
         out.push(next);
         seen.push(next);

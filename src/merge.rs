@@ -18,6 +18,7 @@ use safetensors::tensor::Dtype;
 use tch::{Device, Kind, Tensor};
 
 use crate::models::{self, llama::OUTPUT_HEAD};
+use crate::outputs;
 use crate::weights::{
     dtype_of, kind_of, tensor_bytes, StreamingWriter, WeightFiles, INDEX_FILE, SINGLE_FILE,
 };
@@ -63,15 +64,6 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Lora
     let config = models::read_config(base)?;
     let modules = config.linear_modules();
     let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
-    match (opts.adapters.len(), opts.weights.len()) {
-        (0, _) => bail!("give at least one --adapter DIR"),
-        (1, 0) => {}
-        (n, w) if n == w => {}
-        (n, 0) => {
-            bail!("{n} adapters given: add --weights with one weight each (e.g. --weights 0.7,0.3)")
-        }
-        (n, w) => bail!("--weights has {w} values for {n} adapters"),
-    }
     let mut per_module: BTreeMap<String, Vec<(LoraWeights, f64)>> = BTreeMap::new();
     for (i, dir) in opts.adapters.iter().enumerate() {
         let lora = LoraConfig::read(dir)?;
@@ -95,7 +87,8 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Lora
             // Merging is inference: no dropout.
             let w = LoraWeights {
                 dropout: 0.0,
-                ..files::take_weights(&lora, path, &mut tensors, Device::Cpu)?
+                ..files::take_weights(&lora, path, &mut tensors, Device::Cpu)
+                    .with_context(|| dir.join(files::WEIGHTS_FILE).display().to_string())?
             };
             per_module
                 .entry(path.to_owned())
@@ -117,21 +110,23 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Lora
         .collect()
 }
 
-/// Merges and writes the output directory.
+/// Merges and writes the output directory: refuses an output that overlaps
+/// an input or that peft-rs did not write, holds a lock beside the output,
+/// writes into a temporary directory and publishes it in one rename (an
+/// atomic exchange when replacing an earlier merge).
 pub fn merge_to_dir(opts: &MergeOptions) -> Result<MergeReport> {
     let start = Instant::now();
+    crate::peft_model::check_adapter_weights(opts.adapters.len(), &opts.weights)?;
     let base = &opts.base;
-    if opts.output.exists() && !opts.overwrite {
-        bail!(
-            "{}: already exists (choose another --output, or pass --overwrite)",
-            opts.output.display()
-        );
-    }
-    if opts.output.canonicalize().ok() == base.canonicalize().ok() && opts.output.exists() {
-        bail!("--output must not be the base model directory");
-    }
-    let mut deltas = plan_deltas(base, opts)?;
-    let files_in = WeightFiles::from_model_dir(base)?;
+    let mut inputs = vec![("base model", base.as_path())];
+    inputs.extend(opts.adapters.iter().map(|a| ("adapter", a.as_path())));
+    outputs::refuse_overlap("--output", &opts.output, &inputs)?;
+    let name = opts
+        .output
+        .file_name()
+        .context("--output needs a directory name")?
+        .to_string_lossy()
+        .into_owned();
     let parent = opts
         .output
         .parent()
@@ -139,15 +134,30 @@ pub fn merge_to_dir(opts: &MergeOptions) -> Result<MergeReport> {
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)
         .with_context(|| format!("{}: cannot create", parent.display()))?;
-    let name = opts
-        .output
-        .file_name()
-        .context("--output needs a directory name")?
-        .to_string_lossy();
+    let _lock = outputs::OutputLock::acquire(&parent.join(format!(".{name}.lock")), &opts.output)?
+        .remove_on_drop();
+    if opts.output.exists() || opts.output.is_symlink() {
+        if !opts.overwrite {
+            bail!(
+                "{}: already exists (choose another --output, or pass --overwrite)",
+                opts.output.display()
+            );
+        }
+        if !opts.output.is_dir() || !outputs::is_ours(&opts.output, "merge") {
+            bail!(
+                "--output {}: exists and was not written by peft-rs merge; --overwrite replaces only an earlier merge — remove it yourself or choose another --output",
+                opts.output.display()
+            );
+        }
+    }
+    let mut deltas = plan_deltas(base, opts)?;
+    let files_in = WeightFiles::from_model_dir(base)?;
+    // Holding the lock, any temporary of this output is a killed run's.
+    outputs::remove_temporaries(parent, &format!("{name}.tmp-"))?;
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let result = write_model(base, &files_in, &mut deltas, &tmp, opts);
+    let result = write_model(base, &files_in, &mut deltas, &tmp, opts)
+        .and_then(|r| outputs::mark(&tmp, "merge").map(|()| r));
     let report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -155,12 +165,7 @@ pub fn merge_to_dir(opts: &MergeOptions) -> Result<MergeReport> {
             return Err(e);
         }
     };
-    if opts.output.exists() {
-        std::fs::remove_dir_all(&opts.output)
-            .with_context(|| format!("{}: cannot replace", opts.output.display()))?;
-    }
-    std::fs::rename(&tmp, &opts.output)
-        .with_context(|| format!("{}: cannot rename into place", opts.output.display()))?;
+    outputs::publish_dir(&tmp, &opts.output)?;
     Ok(MergeReport {
         seconds: start.elapsed().as_secs_f64(),
         ..report
@@ -217,6 +222,17 @@ fn write_model(
             Some([("format".to_owned(), "pt".to_owned())].into()),
         )?;
         for (n, out_dtype, shape) in &plan {
+            if let Some(sig) = crate::signals::pending() {
+                return Err(crate::signals::Interrupted {
+                    signal: sig,
+                    message: format!(
+                        "stopped by {} while merging; nothing was written to {}",
+                        crate::signals::name(sig),
+                        opts.output.display()
+                    ),
+                }
+                .into());
+            }
             let (_, in_dtype) = files_in.info(n).expect("listed");
             let module = n.strip_suffix(".weight");
             let delta = module.and_then(|m| deltas.remove(m));
@@ -258,7 +274,10 @@ fn write_model(
             "metadata": {"total_size": report.bytes_written},
             "weight_map": weight_map,
         });
-        std::fs::write(out.join(INDEX_FILE), serde_json::to_string_pretty(&index)?)?;
+        peft_adapters::fsio::write_atomic(
+            &out.join(INDEX_FILE),
+            serde_json::to_string_pretty(&index)?.as_bytes(),
+        )?;
     } else {
         debug_assert!(out.join(SINGLE_FILE).exists());
     }
@@ -277,12 +296,19 @@ fn copy_other_files(base: &Path, out: &Path, dtype: Option<Kind>) -> Result<()> 
             || name == INDEX_FILE
             || name.ends_with(".bin")
             || name.ends_with(".pt");
-        if is_weights || !entry.file_type()?.is_file() || name.starts_with('.') {
+        // Follow symlinks: the Hugging Face cache's snapshot folders are made of them.
+        let is_file = std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file());
+        if is_weights || !is_file || name.starts_with('.') {
             continue;
         }
         if name == "config.json" {
-            let mut cfg: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(entry.path())?)?;
+            let text = peft_adapters::fsio::read_regular_string(
+                &entry.path(),
+                peft_adapters::fsio::MAX_JSON_BYTES,
+                "model config",
+            )?;
+            let mut cfg: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", entry.path().display()))?;
             if let (Some(k), Some(obj)) = (dtype, cfg.as_object_mut()) {
                 let s = match k {
                     Kind::BFloat16 => "bfloat16",
@@ -294,7 +320,10 @@ fn copy_other_files(base: &Path, out: &Path, dtype: Option<Kind>) -> Result<()> 
                     obj.insert("torch_dtype".into(), s.into());
                 }
             }
-            std::fs::write(out.join(&name), serde_json::to_string_pretty(&cfg)?)?;
+            peft_adapters::fsio::write_atomic(
+                &out.join(&name),
+                serde_json::to_string_pretty(&cfg)?.as_bytes(),
+            )?;
         } else {
             std::fs::copy(entry.path(), out.join(&name))
                 .with_context(|| format!("{}: cannot copy", entry.path().display()))?;

@@ -108,7 +108,8 @@ pub fn load_adapter(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Res
         if !chosen.contains(&path) {
             continue;
         }
-        let w = files::take_weights(&config, &path, &mut tensors, device)?;
+        let w = files::take_weights(&config, &path, &mut tensors, device)
+            .with_context(|| dir.join(files::WEIGHTS_FILE).display().to_string())?;
         attach(lin, name, w).with_context(|| path.clone())?;
     }
     Ok(config)
@@ -271,21 +272,33 @@ pub fn load_adapters(
         }
         return Ok(());
     }
+    check_adapter_weights(dirs.len(), weights)?;
     let names: Vec<String> = (0..dirs.len()).map(|i| format!("adapter{i}")).collect();
     for (dir, name) in dirs.iter().zip(&names) {
         load_adapter(model, dir, name)?;
     }
-    match (dirs.len(), weights.len()) {
-        (1, 0) => set_active(model, &names),
-        (_, n) if n == dirs.len() => {
-            add_weighted_adapter(model, &names, weights, "combined", Combination::Linear)?;
-            set_active(model, &["combined".to_owned()]);
-        }
-        (_, 0) => bail!(
-            "{} adapters given: add --weights with one weight each (e.g. --weights 0.7,0.3)",
-            dirs.len()
-        ),
-        (d, w) => bail!("--weights has {w} values for {d} adapters"),
+    if weights.is_empty() {
+        set_active(model, &names);
+    } else {
+        add_weighted_adapter(model, &names, weights, "combined", Combination::Linear)?;
+        set_active(model, &["combined".to_owned()]);
     }
     Ok(())
+}
+
+/// `--weights` for `adapters` adapters: none for one adapter, else one
+/// finite weight each.
+pub fn check_adapter_weights(adapters: usize, weights: &[f64]) -> Result<()> {
+    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+        bail!("--weights {w}: each weight must be a finite number");
+    }
+    match (adapters, weights.len()) {
+        (0, _) => bail!("give at least one --adapter DIR"),
+        (1, 0) => Ok(()),
+        (n, w) if n == w => Ok(()),
+        (n, 0) => {
+            bail!("{n} adapters given: add --weights with one weight each (e.g. --weights 0.7,0.3)")
+        }
+        (n, w) => bail!("--weights has {w} values for {n} adapters"),
+    }
 }

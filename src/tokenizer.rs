@@ -8,6 +8,8 @@ use minijinja::{Environment, Error as JinjaError, ErrorKind, Value as JinjaValue
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use peft_adapters::fsio::{self, read_regular, read_regular_string};
+
 /// A byte range `start..end` of a text.
 pub type Span = (usize, usize);
 
@@ -36,6 +38,7 @@ pub struct Tokenizer {
     path: PathBuf,
     chat_template: Option<String>,
     special_tokens: serde_json::Map<String, Value>,
+    max_token_bytes: std::sync::OnceLock<usize>,
 }
 
 impl Tokenizer {
@@ -43,20 +46,20 @@ impl Tokenizer {
     /// `chat_template.jinja` (or `chat_template.json`) from a model directory.
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        if !path.exists() {
+        if !path.exists() && !path.is_symlink() {
             bail!(
                 "{}: not found (peft-rs needs the fast-tokenizer file tokenizer.json; \
                  save it with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`)",
                 path.display()
             );
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
+        let bytes = read_regular(&path, fsio::MAX_TOKENIZER_BYTES, "tokenizer")?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
             anyhow::anyhow!("{}: cannot be read as a tokenizer: {e}", path.display())
         })?;
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Map<String, Value> = if config_path.exists() {
-            let text = std::fs::read_to_string(&config_path)
-                .with_context(|| format!("{}: cannot read", config_path.display()))?;
+            let text = read_regular_string(&config_path, fsio::MAX_JSON_BYTES, "tokenizer config")?;
             serde_json::from_str(&text)
                 .with_context(|| format!("{}: not a valid JSON object", config_path.display()))?
         } else {
@@ -82,6 +85,7 @@ impl Tokenizer {
             path,
             chat_template,
             special_tokens,
+            max_token_bytes: std::sync::OnceLock::new(),
         })
     }
 
@@ -149,6 +153,21 @@ impl Tokenizer {
     /// The id of a token string, if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// The length in bytes of the longest vocabulary entry (added tokens
+    /// included): an upper bound on the text one token stands for, up to
+    /// what normalization changes.
+    pub fn max_token_bytes(&self) -> usize {
+        *self.max_token_bytes.get_or_init(|| {
+            self.inner
+                .get_vocab(true)
+                .keys()
+                .map(String::len)
+                .max()
+                .unwrap_or(1)
+                .max(1)
+        })
     }
 
     /// Whether `id` is a special added token (`<|eot_id|>`, `<|im_end|>`,
@@ -251,14 +270,11 @@ fn read_chat_template(
 ) -> Result<Option<String>> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.exists() {
-        return std::fs::read_to_string(&jinja)
-            .map(Some)
-            .with_context(|| format!("{}: cannot read", jinja.display()));
+        return read_regular_string(&jinja, fsio::MAX_JSON_BYTES, "chat template").map(Some);
     }
     let json = dir.join("chat_template.json");
     if json.exists() {
-        let text = std::fs::read_to_string(&json)
-            .with_context(|| format!("{}: cannot read", json.display()))?;
+        let text = read_regular_string(&json, fsio::MAX_JSON_BYTES, "chat template")?;
         let v: Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: not valid JSON", json.display()))?;
         return Ok(v
@@ -335,6 +351,7 @@ fn render_chat_template(
     special_tokens: &serde_json::Map<String, Value>,
 ) -> Result<String> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -358,8 +375,39 @@ fn render_chat_template(
         Value::Bool(add_generation_prompt),
     );
     let tmpl = env.get_template("chat")?;
-    tmpl.render(JinjaValue::from_serialize(&ctx))
-        .map_err(|e| anyhow::anyhow!("cannot render: {e}"))
+    let mut out = LimitedWriter(Vec::new());
+    tmpl.render_captured_to(JinjaValue::from_serialize(&ctx), &mut out)
+        .map_err(|e| match e.kind() {
+            ErrorKind::OutOfFuel => anyhow::anyhow!(
+                "cannot render: the template ran more than {TEMPLATE_FUEL} steps (a template loop that does not end?)"
+            ),
+            _ => anyhow::anyhow!("cannot render: {e}"),
+        })?;
+    String::from_utf8(out.0).map_err(|e| anyhow::anyhow!("cannot render: not UTF-8 ({e})"))
+}
+
+/// Instructions a chat template may run for one rendering: real templates
+/// need a few hundred per turn.
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+/// The longest text a chat template may render.
+pub const TEMPLATE_OUTPUT_LIMIT: usize = 256 << 20;
+
+/// A writer that refuses to grow past [`TEMPLATE_OUTPUT_LIMIT`].
+struct LimitedWriter(Vec<u8>);
+
+impl std::io::Write for LimitedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > TEMPLATE_OUTPUT_LIMIT {
+            return Err(std::io::Error::other(format!(
+                "the template writes more than {TEMPLATE_OUTPUT_LIMIT} bytes"
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `json.dumps(x, ensure_ascii=False, indent=indent)`, as transformers'

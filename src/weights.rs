@@ -67,8 +67,11 @@ impl WeightFiles {
 
     /// Opens the shards named by a `model.safetensors.index.json`.
     pub fn from_index(index: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(index)
-            .with_context(|| format!("{}: cannot read", index.display()))?;
+        let text = peft_adapters::fsio::read_regular_string(
+            index,
+            peft_adapters::fsio::MAX_JSON_BYTES,
+            "weights index",
+        )?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: not valid JSON", index.display()))?;
         let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
@@ -88,6 +91,14 @@ impl WeightFiles {
         files.sort();
         files.dedup();
         for f in &files {
+            // Shards live beside the index; a path could read outside the
+            // model directory, and two folders could hold the same name.
+            if !crate::outputs::is_plain_file_name(f) {
+                bail!(
+                    "{}: `weight_map` names the shard `{f}`, which is not a plain file name in the model directory",
+                    index.display()
+                );
+            }
             if !dir.join(f).exists() {
                 bail!(
                     "{}: the index names shard {f}, which is not in {}",
@@ -205,7 +216,7 @@ impl WeightFiles {
 
 impl Shard {
     fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let (file, _) = peft_adapters::fsio::open_regular(path, "weights file")?;
         // SAFETY: the mapping is read-only and the file is not modified while we hold it;
         // every slice taken from it is bounds-checked against the validated header.
         let mmap = unsafe { Mmap::map(&file) }
@@ -329,8 +340,9 @@ impl StreamingWriter {
         let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
         let f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         let mut file = std::io::BufWriter::with_capacity(1 << 22, f);
-        file.write_all(&(bytes.len() as u64).to_le_bytes())?;
-        file.write_all(&bytes)?;
+        file.write_all(&(bytes.len() as u64).to_le_bytes())
+            .and_then(|()| file.write_all(&bytes))
+            .with_context(|| format!("{}: cannot write", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
             tmp,
@@ -353,7 +365,9 @@ impl StreamingWriter {
                 data.len()
             );
         }
-        self.file.write_all(data)?;
+        self.file
+            .write_all(data)
+            .with_context(|| format!("{}: cannot write", self.path.display()))?;
         self.next += 1;
         Ok(())
     }
@@ -370,8 +384,9 @@ impl StreamingWriter {
             );
         }
         let mut file = self.file;
-        file.flush()?;
-        file.get_ref().sync_all()?;
+        file.flush()
+            .and_then(|()| file.get_ref().sync_all())
+            .with_context(|| format!("{}: cannot write", self.path.display()))?;
         std::fs::rename(&self.tmp, &self.path)
             .with_context(|| format!("{}: cannot rename into place", self.path.display()))
     }

@@ -10,6 +10,7 @@
 //! (`adapter_config.json`), the layer, and PEFT's file format.
 #![warn(missing_docs)]
 
+pub mod fsio;
 pub mod lora;
 
 use std::any::Any;

@@ -23,12 +23,11 @@ impl RawConfig {
                 model_dir.display()
             );
         }
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "{}: cannot read (a Hugging Face model directory has a config.json)",
-                path.display()
-            )
-        })?;
+        let text = peft_adapters::fsio::read_regular_string(
+            &path,
+            peft_adapters::fsio::MAX_JSON_BYTES,
+            "model config (a Hugging Face model directory has a config.json)",
+        )?;
         let json: Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: not valid JSON", path.display()))?;
         let Value::Object(json) = json else {

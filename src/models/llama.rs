@@ -109,16 +109,45 @@ impl LlamaConfig {
         let (rope_theta, rope_scaling) = rope(raw)?;
         let attention_bias = raw.opt_bool("attention_bias")?.unwrap_or(false);
         let num_hidden_layers = raw.usize("num_hidden_layers")?;
+        let vocab_size = raw.usize("vocab_size")?;
+        let intermediate_size = raw.usize("intermediate_size")?;
+        // Sizes are checked before anything is allocated from them; the
+        // weights are then checked against the config tensor by tensor.
+        for (field, value, max) in [
+            ("num_hidden_layers", num_hidden_layers, 1 << 12),
+            ("hidden_size", hidden_size, 1 << 20),
+            ("intermediate_size", intermediate_size, 1 << 22),
+            ("vocab_size", vocab_size, 1 << 24),
+            ("num_attention_heads", num_attention_heads, 1 << 12),
+            ("head_dim", head_dim, 1 << 14),
+        ] {
+            raw.ensure(
+                value > 0 && value <= max,
+                field,
+                &format!("{value} is outside 1..={max}"),
+            )?;
+        }
+        let rms_norm_eps = raw.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
+        raw.ensure(
+            rms_norm_eps > 0.0 && rms_norm_eps < 1.0,
+            "rms_norm_eps",
+            &format!("{rms_norm_eps} must be a small positive number"),
+        )?;
+        raw.ensure(
+            rope_theta.is_finite() && rope_theta > 1.0,
+            "rope_theta",
+            &format!("{rope_theta} must be a finite number above 1"),
+        )?;
         Ok(Self {
             model_type: raw.model_type()?.to_owned(),
-            vocab_size: raw.usize("vocab_size")?,
+            vocab_size,
             hidden_size,
-            intermediate_size: raw.usize("intermediate_size")?,
+            intermediate_size,
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: raw.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps,
             rope_theta,
             rope_scaling,
             tie_word_embeddings: raw.opt_bool("tie_word_embeddings")?.unwrap_or(false),

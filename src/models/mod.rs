@@ -55,6 +55,7 @@ fn load_with_config(
     device: Device,
 ) -> Result<LlamaForCausalLM> {
     let files = WeightFiles::from_model_dir(dir)?;
+    check_layer_count(dir, &config, &files)?;
     let used = RefCell::new(BTreeSet::new());
     let model = LlamaForCausalLM::load(config, &Weights::new(&files, kind, device, &used))?;
     let used = used.into_inner();
@@ -73,6 +74,29 @@ fn load_with_config(
         );
     }
     Ok(model)
+}
+
+/// `num_hidden_layers` must be the number of layers the checkpoint holds.
+fn check_layer_count(dir: &Path, config: &LlamaConfig, files: &WeightFiles) -> Result<()> {
+    let present = files
+        .names()
+        .filter_map(|n| {
+            n.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1);
+    if present != config.num_hidden_layers {
+        bail!(
+            "{}: field `num_hidden_layers` is {}, but the weights hold {present} layers; the config does not belong to these weights",
+            dir.join("config.json").display(),
+            config.num_hidden_layers
+        );
+    }
+    Ok(())
 }
 
 /// A base model with its tokenizer, ready for generation or training.
@@ -134,10 +158,14 @@ impl Pretrained {
 
 fn generation_eos(dir: &Path) -> Result<Vec<i64>> {
     let path = dir.join("generation_config.json");
-    if !path.exists() {
+    if !path.exists() && !path.is_symlink() {
         return Ok(vec![]);
     }
-    let text = std::fs::read_to_string(&path)?;
+    let text = peft_adapters::fsio::read_regular_string(
+        &path,
+        peft_adapters::fsio::MAX_JSON_BYTES,
+        "generation config",
+    )?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
     Ok(match json.get("eos_token_id") {

@@ -48,8 +48,11 @@ impl TrainerState {
     /// Reads `DIR/trainer_state.json`, naming the file when it is unreadable.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = peft_adapters::fsio::read_regular_string(
+            &path,
+            peft_adapters::fsio::MAX_JSON_BYTES,
+            "trainer state",
+        )?;
         serde_json::from_str(&text).map_err(|e| {
             anyhow::anyhow!(
                 "{}: not a trainer state written by this peft-rs ({e}); the checkpoint is damaged \
@@ -73,14 +76,29 @@ pub fn save(
     let tmp = output.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    write_adapter(&tmp)?;
+    let written = write_checkpoint_files(&tmp, optimizer_state, trainer_state, write_adapter);
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    crate::outputs::publish_dir(&tmp, &final_dir)?;
+    Ok(final_dir)
+}
+
+fn write_checkpoint_files(
+    tmp: &Path,
+    optimizer_state: &[(String, Tensor)],
+    trainer_state: &TrainerState,
+    write_adapter: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    write_adapter(tmp)?;
     write_safetensors(&tmp.join(OPTIMIZER_FILE), optimizer_state)?;
     write_atomic(
         &tmp.join(STATE_FILE),
         serde_json::to_string_pretty(trainer_state)?.as_bytes(),
     )?;
     let mut sizes = BTreeMap::new();
-    for e in std::fs::read_dir(&tmp)? {
+    for e in std::fs::read_dir(tmp)? {
         let e = e?;
         sizes.insert(
             e.file_name().to_string_lossy().into_owned(),
@@ -90,13 +108,7 @@ pub fn save(
     write_atomic(
         &tmp.join(MANIFEST),
         serde_json::to_string_pretty(&json!(sizes))?.as_bytes(),
-    )?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)?;
-    }
-    std::fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("{}: cannot rename into place", final_dir.display()))?;
-    Ok(final_dir)
+    )
 }
 
 /// Whether a checkpoint folder is complete: its manifest lists every file with its size.
@@ -129,16 +141,8 @@ pub fn list(output: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
-/// Removes the oldest checkpoints so that at most `keep` remain (0: keep all),
-/// and any temporary folder a killed run left behind.
+/// Removes the oldest checkpoints so that at most `keep` remain (0: keep all).
 pub fn prune(output: &Path, keep: usize) -> Result<()> {
-    for e in std::fs::read_dir(output)?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".checkpoint-") && !name.ends_with(&format!("-{}", std::process::id()))
-        {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
     if keep == 0 {
         return Ok(());
     }

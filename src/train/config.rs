@@ -8,7 +8,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::ArgAction;
 use serde::{Deserialize, Serialize};
 
@@ -280,8 +280,11 @@ impl TrainConfig {
     /// Reads a TOML (`.toml`) or YAML (`.yaml`/`.yml`) file of settings
     /// (any field left out keeps its default).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = peft_adapters::fsio::read_regular_string(
+            path,
+            peft_adapters::fsio::MAX_JSON_BYTES,
+            "settings file",
+        )?;
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         match ext {
             "toml" => toml::from_str(&text)

@@ -32,7 +32,9 @@ use crate::data::{self, Batch, DataOptions, Dataset};
 use crate::device::resolve_model_dir;
 use crate::models::{LlamaForCausalLM, Pretrained};
 use crate::nn::ModuleHooks;
+use crate::outputs;
 use crate::peft_model::{self, DEFAULT_ADAPTER};
+use crate::signals::{self, Interrupted};
 use optim::{clip_grads, grad_norm, lr_at, AdamW};
 use peft_adapters::lora::LoraConfig;
 use peft_regularizers::rng::{mix, with_torch_seed};
@@ -97,6 +99,7 @@ pub struct Trainer {
     /// Optimizer steps per run.
     pub total_steps: u64,
     warmup: u64,
+    _lock: outputs::OutputLock,
 }
 
 impl Trainer {
@@ -111,6 +114,16 @@ impl Trainer {
         let Some(data_path) = cfg.data.clone() else {
             bail!("no training data: pass --data FILE (Alpaca JSON, or JSONL with messages, prompt/completion or text)");
         };
+        // Claimed before anything slow, so that a second writer fails at once.
+        let mut inputs = vec![
+            ("base model", model_dir.as_path()),
+            ("training data", data_path.as_path()),
+        ];
+        if let Some(e) = &cfg.eval_data {
+            inputs.push(("evaluation data", e.as_path()));
+        }
+        outputs::refuse_overlap("--output", &cfg.output, &inputs)?;
+        let lock = outputs::claim_dir("--output", &cfg.output, "train")?;
         let base = Pretrained::load(&model_dir, kind, device)?;
         let eos = base.completion_eos()?;
         let opts = DataOptions {
@@ -182,6 +195,7 @@ impl Trainer {
         // bf16 has fp32's range and needs none.
         let scaler = (kind == Kind::Half).then(LossScaler::default);
         Ok(Self {
+            _lock: lock,
             cfg,
             model,
             lora,
@@ -329,6 +343,36 @@ impl Trainer {
         })
     }
 
+    /// After a first signal: save a checkpoint at `step` (when a step was
+    /// done since the start) and stop with [`Interrupted`].
+    fn stop_if_signalled(&mut self, step: u64, save: bool) -> Result<()> {
+        let Some(sig) = signals::pending() else {
+            return Ok(());
+        };
+        let message = if save {
+            let dir = match checkpoint::list(&self.cfg.output).last() {
+                Some((s, d)) if *s == step => d.clone(),
+                _ => self.save_checkpoint(step)?,
+            };
+            format!(
+                "stopped by {} after step {step} of {}; saved {} — to continue, run the same command with --resume",
+                signals::name(sig),
+                self.total_steps,
+                dir.display()
+            )
+        } else {
+            format!(
+                "stopped by {} before the first step; nothing to save",
+                signals::name(sig)
+            )
+        };
+        Err(Interrupted {
+            signal: sig,
+            message,
+        }
+        .into())
+    }
+
     fn zero_grads(&mut self) {
         for p in self.params.values_mut() {
             p.zero_grad();
@@ -450,10 +494,12 @@ impl Trainer {
 
     /// Runs the whole training loop with a progress bar, metrics, evaluation
     /// and checkpoints, and saves the final adapter.
+    ///
+    /// When [`crate::signals::install`] was called, a first SIGINT/SIGTERM/SIGHUP
+    /// ends the run after the current step with a checkpoint, returning
+    /// [`crate::signals::Interrupted`].
     pub fn run(&mut self) -> Result<Summary> {
         let output = self.cfg.output.clone();
-        std::fs::create_dir_all(&output)
-            .with_context(|| format!("{}: cannot create", output.display()))?;
         let metrics_path = output.join("metrics.jsonl");
         let start_step = if self.cfg.resume {
             let s = self.resume()?;
@@ -475,6 +521,17 @@ impl Trainer {
             let _ = std::fs::remove_file(&metrics_path);
             0
         };
+        // The settings and the adapter's configuration are written first; the
+        // adapter weights last, in one rename: a directory holding both files
+        // is a finished adapter, whenever the process is killed.
+        peft_adapters::fsio::write_atomic(
+            &output.join("training_args.json"),
+            serde_json::to_string_pretty(&self.cfg)?.as_bytes(),
+        )?;
+        peft_adapters::fsio::write_atomic(
+            &output.join(peft_adapters::lora::files::CONFIG_FILE),
+            serde_json::to_string_pretty(&self.lora.to_json())?.as_bytes(),
+        )?;
         eprintln!("{}", peft_model::trainable_parameters_line(&mut self.model));
         eprintln!(
             "{} training examples ({}; {} truncated to {} tokens, {} dropped), {} steps of {} x {}{}{}",
@@ -489,17 +546,15 @@ impl Trainer {
             if self.regs.is_empty() { String::new() } else { format!(", regularizers: {}", self.regs.names().join(", ")) },
             if self.scaler.is_some() { ", fp16 with dynamic loss scaling" } else { "" }
         );
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)?;
+        let mut metrics = MetricsLog::open(&metrics_path)?;
+        self.stop_if_signalled(start_step, false)?;
         let eval_before = if start_step == 0 {
             self.evaluate()?
         } else {
             None
         };
         if let Some(l) = eval_before {
-            writeln!(metrics, "{}", json!({"step": 0, "eval_loss": l}))?;
+            metrics.write(&json!({"step": 0, "eval_loss": l}))?;
         }
         let bar = ProgressBar::new(self.total_steps).with_position(start_step);
         bar.set_style(
@@ -540,20 +595,23 @@ impl Trainer {
                 }
             }
             if done % self.cfg.logging_steps == 0 || eval_now {
-                writeln!(metrics, "{line}")?;
-                metrics.flush()?;
+                metrics.write(&line)?;
             }
             if self.cfg.save_steps > 0 && done % self.cfg.save_steps == 0 && done < self.total_steps
             {
                 self.save_checkpoint(done)?;
             }
+            if done < self.total_steps {
+                self.stop_if_signalled(done, true)
+                    .inspect_err(|_| bar.abandon())?;
+            }
         }
         bar.finish_and_clear();
-        self.save_adapter(&output)?;
-        let args = serde_json::to_string_pretty(&self.cfg)?;
-        peft_adapters::lora::files::write_atomic(
-            &output.join("training_args.json"),
-            args.as_bytes(),
+        self.check_finite()?;
+        let tensors = peft_model::adapter_tensors(&mut self.model, DEFAULT_ADAPTER);
+        peft_adapters::lora::files::write_safetensors(
+            &output.join(peft_adapters::lora::files::WEIGHTS_FILE),
+            &tensors,
         )?;
         let seconds = t0.elapsed().as_secs_f64();
         Ok(Summary {
@@ -828,6 +886,32 @@ pub fn mean_loss(
         bail!("{}: no label tokens to evaluate", ds.path.display());
     }
     Ok(sum / count as f64)
+}
+
+/// `metrics.jsonl`, appended line by line and flushed, with errors naming the file.
+struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("{}: cannot open for writing", path.display()))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn write(&mut self, line: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{line}")
+            .and_then(|()| self.file.flush())
+            .with_context(|| format!("{}: cannot write", self.path.display()))
+    }
 }
 
 fn keep_metrics_until(path: &Path, step: u64) -> Result<()> {

@@ -80,6 +80,11 @@ impl Default for LoraConfig {
     }
 }
 
+/// The widest rank accepted.
+pub const MAX_RANK: usize = 65_536;
+/// The largest scaling (alpha / r, or alpha / √r) accepted.
+pub const MAX_SCALING: f64 = 1e5;
+
 /// PEFT fields we read and understand.
 const KNOWN: &[&str] = &[
     "peft_type",
@@ -142,6 +147,24 @@ impl LoraConfig {
                 self.lora_dropout
             );
         }
+        if self.r > MAX_RANK || self.rank_pattern.values().any(|&r| r > MAX_RANK) {
+            bail!(
+                "`r` (or a `rank_pattern` value) is above {MAX_RANK}; no LoRA adapter is that wide"
+            );
+        }
+        // An adapter whose scaling is this large overflows fp32 in its first
+        // forward pass and makes every output NaN.
+        let scalings = std::iter::once((self.r, self.lora_alpha))
+            .chain(self.rank_pattern.values().map(|&r| (r, self.lora_alpha)))
+            .chain(self.alpha_pattern.values().map(|&a| (self.r, a)));
+        for (r, alpha) in scalings {
+            let s = self.scaling(r.max(1), alpha);
+            if !(s.is_finite() && s <= MAX_SCALING) {
+                bail!(
+                    "`lora_alpha` {alpha} with r {r} gives scaling {s:e}, above {MAX_SCALING:e}; the adapter would overflow — fix lora_alpha"
+                );
+            }
+        }
         if let TargetModules::Names(names) = &self.target_modules {
             if names.is_empty() {
                 bail!("`target_modules` is empty");
@@ -177,12 +200,11 @@ impl LoraConfig {
     /// Reads `DIR/adapter_config.json`.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "{}: cannot read (a PEFT adapter directory has adapter_config.json)",
-                path.display()
-            )
-        })?;
+        let text = crate::fsio::read_regular_string(
+            &path,
+            crate::fsio::MAX_JSON_BYTES,
+            "adapter config (a PEFT adapter directory has adapter_config.json)",
+        )?;
         let json: Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: not valid JSON", path.display()))?;
         Self::from_json(&json).with_context(|| path.display().to_string())

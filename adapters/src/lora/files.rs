@@ -3,8 +3,7 @@
 //! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, View};
@@ -26,7 +25,7 @@ pub fn key(path: &str, suffix: &str) -> String {
 /// Reads every tensor of `DIR/adapter_model.safetensors` (on the CPU, as stored).
 pub fn read_weights(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     let path = dir.join(WEIGHTS_FILE);
-    if !path.exists() {
+    if !path.exists() && !path.is_symlink() {
         if dir.join("adapter_model.bin").exists() {
             bail!(
                 "{}: only adapter_model.bin (a pickle) is there; pickles can run code when loaded, \
@@ -39,7 +38,11 @@ pub fn read_weights(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
             path.display()
         );
     }
-    let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let bytes = crate::fsio::read_regular(
+        &path,
+        crate::fsio::MAX_ADAPTER_BYTES,
+        "adapter weights file",
+    )?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
         anyhow::anyhow!(
             "{}: not a valid safetensors file ({e}); it is truncated or corrupt",
@@ -129,25 +132,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     write_atomic(path, &buf)
 }
 
-/// Writes bytes to `path` via a synced temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
+pub use crate::fsio::write_atomic;
 
 /// The keys and shapes an adapter file must hold for module `path` of a base
 /// layer with `in_features` and `out_features`.
@@ -216,6 +201,9 @@ pub fn take_weights(
         let t = tensors
             .remove(&k)
             .with_context(|| format!("tensor {k} is missing"))?;
+        if !bool::try_from(t.isfinite().all())? {
+            bail!("tensor {k} holds NaN or inf; the adapter is broken");
+        }
         Ok(t.to_kind(Kind::Float)
             .to_device(device)
             .set_requires_grad(true))
