@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
+
+#[global_allocator]
+static GLOBAL: peft_rs::Jemalloc = peft_rs::Jemalloc;
 use peft_rs::adapters::lora::{LoraConfig, TargetModules};
 use peft_rs::data::Batch;
 use peft_rs::models;
@@ -61,6 +64,8 @@ fn main() -> Result<()> {
         attention_mask: ids.ones_like(),
         num_tokens: batch * seq,
         num_label_tokens: batch * (seq - 1),
+        position_ids: None,
+        segment_ids: None,
     };
     let opts = StepOptions {
         gradient_checkpointing: checkpointing,
@@ -75,12 +80,18 @@ fn main() -> Result<()> {
             denom: b.num_label_tokens as f64,
             loss_scale: 1.0,
         };
+        let t = Instant::now();
         let loss = forward_backward(&model, &mut regs, &trainable, &b, &mb, opts)?;
+        let t1 = t.elapsed().as_secs_f64();
         clip_grad_norm(&params, 1.0);
         optim.step(&params, 2e-4);
         for p in params.values() {
             p.shallow_clone().zero_grad();
         }
+        eprintln!(
+            "fwd+bwd {t1:.3} s, optimizer {:.3} s",
+            t.elapsed().as_secs_f64() - t1
+        );
         Ok(loss)
     };
     step(0)?; // warm-up

@@ -9,7 +9,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand}
 use serde::Deserialize;
 
 use crate::device::{dtype_name, resolve_model_dir, DeviceArg, DtypeArg};
-use crate::generate::{generate, GenerationConfig};
+use crate::generate::{generate_in_batches, GenerationConfig};
 use crate::merge::{merge_to_dir, MergeOptions};
 use crate::models::Pretrained;
 use crate::peft_model;
@@ -118,6 +118,9 @@ struct GenerateArgs {
     /// Print one JSON object per prompt instead of plain text.
     #[arg(long)]
     json: bool,
+    /// Prompts generated together (left-padded; each stops at its own EOS).
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
 }
 
 /// Parses the command line and runs it.
@@ -253,50 +256,65 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         dtype_name(base.model.kind()),
         base.model.device()
     );
-    let stdout = std::io::stdout();
-    for (i, req) in requests.iter().enumerate() {
-        let (ids, shown) = match req {
-            Request::Plain(p) => (base.tokenizer.encode(p, true)?, p.clone()),
-            Request::Chat(m) => (
-                base.tokenizer.encode_chat(m, true)?,
-                m.last().map(|m| m.content.clone()).unwrap_or_default(),
-            ),
-        };
-        let start = std::time::Instant::now();
-        let new = generate(&base.model, &ids, &cfg)?;
-        let secs = start.elapsed().as_secs_f64();
-        let new_u32: Vec<u32> = new.iter().map(|&t| t as u32).collect();
-        let text = base.tokenizer.decode(&new_u32, true)?;
-        let mut out = stdout.lock();
-        if a.json {
-            let obj = serde_json::json!({
-                "index": i,
-                "prompt": shown,
-                "completion": text,
-                "prompt_token_ids": ids,
-                "token_ids": new,
-                "finished_by_eos": new.last().is_some_and(|t| cfg.eos_token_ids.contains(t)),
-                "seconds": secs,
-            });
-            writeln!(out, "{obj}")?;
-        } else {
-            if requests.len() > 1 {
-                writeln!(out, "### {}", shown.lines().next().unwrap_or(""))?;
+    let mut prompts = Vec::with_capacity(requests.len());
+    let mut shown = Vec::with_capacity(requests.len());
+    for req in &requests {
+        match req {
+            Request::Plain(p) => {
+                prompts.push(base.tokenizer.encode(p, true)?);
+                shown.push(p.clone());
             }
-            writeln!(out, "{text}")?;
-            if requests.len() > 1 {
-                writeln!(out)?;
+            Request::Chat(m) => {
+                prompts.push(base.tokenizer.encode_chat(m, true)?);
+                shown.push(m.last().map(|m| m.content.clone()).unwrap_or_default());
             }
         }
-        eprintln!(
-            "[{}/{}] {} tokens in {:.2} s ({:.1} tokens/s)",
-            i + 1,
-            requests.len(),
-            new.len(),
-            secs,
-            new.len() as f64 / secs.max(1e-9)
-        );
     }
+    let stdout = std::io::stdout();
+    let start = std::time::Instant::now();
+    let mut new_tokens = 0usize;
+    let limits = vec![cfg.max_new_tokens; prompts.len()];
+    generate_in_batches(
+        &base.model,
+        &prompts,
+        &limits,
+        &cfg,
+        a.batch_size,
+        |i, new| {
+            new_tokens += new.len();
+            let new_u32: Vec<u32> = new.iter().map(|&t| t as u32).collect();
+            let text = base.tokenizer.decode(&new_u32, true)?;
+            let mut out = stdout.lock();
+            if a.json {
+                let obj = serde_json::json!({
+                    "index": i,
+                    "prompt": shown[i],
+                    "completion": text,
+                    "prompt_token_ids": prompts[i],
+                    "token_ids": new,
+                    "finished_by_eos": new.last().is_some_and(|t| cfg.eos_token_ids.contains(t)),
+                });
+                writeln!(out, "{obj}")?;
+            } else {
+                if requests.len() > 1 {
+                    writeln!(out, "### {}", shown[i].lines().next().unwrap_or(""))?;
+                }
+                writeln!(out, "{text}")?;
+                if requests.len() > 1 {
+                    writeln!(out)?;
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "{} prompt(s), {new_tokens} new tokens in {secs:.2} s ({:.1} tokens/s, {:.2} prompts/s, batches of {})",
+        prompts.len(),
+        new_tokens as f64 / secs.max(1e-9),
+        prompts.len() as f64 / secs.max(1e-9),
+        a.batch_size
+    );
     Ok(())
 }
 
@@ -513,15 +531,22 @@ struct EvalArgs {
     /// Truncate examples to N tokens.
     #[arg(long, default_value_t = 512)]
     max_seq_len: usize,
-    /// Examples per batch.
-    #[arg(long, default_value_t = 8)]
+    /// Examples per batch (for the loss and for generation).
+    #[arg(long, default_value_t = 16)]
     batch_size: usize,
     /// Include prompt tokens in the loss.
     #[arg(long)]
     train_on_prompt: bool,
-    /// Also generate greedily from each prompt and score exact matches with the reference answer.
-    #[arg(long)]
+    /// Also answer each prompt greedily and report exact match, ROUGE-L against the
+    /// reference, and the answers' length, distinct-2, repetition and truncation.
+    #[arg(long, alias = "answers")]
     exact_match: bool,
+    /// With --exact-match: new tokens per answer (default: the reference's length + 16).
+    #[arg(long, value_name = "N")]
+    max_new_tokens: Option<usize>,
+    /// With --exact-match: write every answer with its reference to this JSONL file.
+    #[arg(long, value_name = "FILE")]
+    answers_out: Option<PathBuf>,
     /// With --exact-match, print this many (prompt answer, reference) pairs.
     #[arg(long, default_value_t = 0)]
     show: usize,
@@ -560,23 +585,53 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         1024,
         &mut Default::default(),
     )?;
-    let exact = if a.exact_match {
-        Some(exact_match(&base, &a.data, opts.format, a.show)?)
+    let report = if a.exact_match {
+        let (report, records) = answer_report(
+            &base,
+            &a.data,
+            opts.format,
+            a.show,
+            a.batch_size,
+            a.max_new_tokens,
+        )?;
+        if let Some(path) = &a.answers_out {
+            let text: String = records.iter().map(|r| format!("{r}\n")).collect();
+            peft_adapters::fsio::write_atomic(path, text.as_bytes())?;
+        }
+        Some(report)
     } else {
         None
     };
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "examples": ds.examples.len(),
-                "label_tokens": tokens, "exact_match": exact})
-        );
-    } else {
-        print!("loss {loss:.4}  perplexity {:.3}", loss.exp());
-        if let Some(e) = exact {
-            print!("  exact match {:.1}%", 100.0 * e);
+        let mut out = serde_json::json!({"loss": loss, "perplexity": loss.exp(),
+            "examples": ds.examples.len(), "label_tokens": tokens});
+        if let Some(r) = &report {
+            for (k, v) in serde_json::to_value(r)?.as_object().into_iter().flatten() {
+                out[k] = v.clone();
+            }
         }
-        println!("  ({} examples, {tokens} label tokens)", ds.examples.len());
+        println!("{out}");
+    } else {
+        println!(
+            "loss {loss:.4}  perplexity {:.3}  ({} examples, {tokens} label tokens)",
+            loss.exp(),
+            ds.examples.len()
+        );
+        if let Some(r) = report {
+            let s = &r.stats;
+            println!(
+                "exact match {:.1}%  ROUGE-L {:.3}  answers: {:.1} tokens, {:.0} characters, distinct-2 {:.3}, \
+                 repetition {:.3}, {:.1}% at the token limit  ({:.2} prompts/s)",
+                100.0 * r.exact_match,
+                r.rouge_l,
+                s.mean_tokens,
+                s.mean_chars,
+                s.distinct_2,
+                s.repetition_2,
+                100.0 * s.truncated,
+                r.prompts_per_second
+            );
+        }
     }
     Ok(())
 }
@@ -632,47 +687,112 @@ fn plot_cmd(a: PlotArgs) -> Result<()> {
     Ok(())
 }
 
-/// Fraction of prompts whose greedy answer equals the reference (whitespace-trimmed).
-fn exact_match(
+/// What `eval --exact-match` measures from greedy answers.
+#[derive(Debug, serde::Serialize)]
+struct AnswerReport {
+    /// Share of answers equal to the reference (whitespace-trimmed).
+    exact_match: f64,
+    /// Mean ROUGE-L F1 of the answers against the references.
+    rouge_l: f64,
+    /// Length, diversity, repetition and truncation of the answers.
+    #[serde(flatten)]
+    stats: crate::answers::AnswerStats,
+    /// Seconds spent generating, and prompts per second.
+    seconds: f64,
+    prompts_per_second: f64,
+}
+
+/// Greedy answers to every prompt of a data file, batched, scored against the
+/// references and described by their statistics; `show` pairs are printed.
+fn answer_report(
     base: &Pretrained,
     data: &Path,
     format: Option<crate::data::DataFormat>,
     show: usize,
-) -> Result<f64> {
+    batch_size: usize,
+    max_new_tokens: Option<usize>,
+) -> Result<(AnswerReport, Vec<serde_json::Value>)> {
     let cases = crate::data::generation_cases(data, &base.tokenizer, format)?;
-    let bar = indicatif::ProgressBar::new(cases.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("generating {bar:30} {pos}/{len} [{eta}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let mut hits = 0;
-    for (i, c) in cases.iter().enumerate() {
-        let reference_len = base.tokenizer.encode(&c.reference, false)?.len();
-        let cfg = GenerationConfig {
-            max_new_tokens: (reference_len + 16).min(512),
-            eos_token_ids: base.eos_token_ids.clone(),
-            ..GenerationConfig::default()
-        };
-        let new: Vec<u32> = generate(&base.model, &c.prompt_ids, &cfg)?
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
-        let answer = base.tokenizer.decode(&new, true)?;
-        let hit = answer.trim() == c.reference.trim();
-        hits += hit as usize;
-        if i < show {
-            // Printed directly: indicatif drops println while its bar is hidden (no terminal).
-            eprintln!(
-                "{} {:?} (reference {:?})",
-                if hit { "✓" } else { "✗" },
-                answer.trim(),
-                c.reference.trim()
+    // Without a fixed limit, room for the reference and 16 tokens more.
+    let limits: Vec<usize> = cases
+        .iter()
+        .map(|c| match max_new_tokens {
+            Some(n) => Ok(n),
+            None => Ok((base.tokenizer.encode(&c.reference, false)?.len() + 16).min(512)),
+        })
+        .collect::<Result<_>>()?;
+    let cfg = GenerationConfig {
+        max_new_tokens: limits.iter().copied().max().unwrap_or(1),
+        eos_token_ids: base.eos_token_ids.clone(),
+        ..GenerationConfig::default()
+    };
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
+    let bar = progress_bar(cases.len() as u64, "generating");
+    let (mut hits, mut rouge) = (0usize, 0.0);
+    let mut answers = Vec::with_capacity(cases.len());
+    let mut records = Vec::with_capacity(cases.len());
+    let start = std::time::Instant::now();
+    generate_in_batches(
+        &base.model,
+        &prompts,
+        &limits,
+        &cfg,
+        batch_size,
+        |i, new| {
+            let ended = new.last().is_some_and(|t| cfg.eos_token_ids.contains(t));
+            let ids: Vec<u32> = new.iter().map(|&t| t as u32).collect();
+            let text = base.tokenizer.decode(&ids, true)?;
+            let reference = cases[i].reference.trim();
+            let hit = text.trim() == reference;
+            hits += hit as usize;
+            rouge += crate::answers::rouge_l(text.trim(), reference);
+            if i < show {
+                // Printed directly: indicatif drops println while its bar is hidden (no terminal).
+                eprintln!(
+                    "{} {:?} (reference {:?})",
+                    if hit { "✓" } else { "✗" },
+                    text.trim(),
+                    reference
+                );
+            }
+            records.push(
+                serde_json::json!({"index": i, "answer": text, "reference": reference,
+            "tokens": new.len(), "hit_limit": !ended && new.len() >= limits[i]}),
             );
-        }
-        bar.inc(1);
-    }
+            answers.push(crate::answers::Answer {
+                tokens: new.len(),
+                hit_limit: !ended && new.len() >= limits[i],
+                text,
+            });
+            bar.inc(1);
+            Ok(())
+        },
+    )?;
     bar.finish_and_clear();
-    Ok(hits as f64 / cases.len().max(1) as f64)
+    let seconds = start.elapsed().as_secs_f64();
+    let n = cases.len().max(1) as f64;
+    Ok((
+        AnswerReport {
+            exact_match: hits as f64 / n,
+            rouge_l: rouge / n,
+            stats: crate::answers::stats(&answers),
+            seconds,
+            prompts_per_second: cases.len() as f64 / seconds.max(1e-9),
+        },
+        records,
+    ))
+}
+
+/// A progress bar on a terminal; otherwise hidden (callers print their own lines).
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} [{{eta}}]"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }
 
 /// One line for a panic: libtorch's own message when tch panicked with one

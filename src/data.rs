@@ -132,6 +132,8 @@ pub struct Example {
     /// prediction at position i is scored against `labels[i+1]`, so
     /// `labels[0]` never takes a loss.
     pub labels: Vec<i64>,
+    /// For a row of packed examples, their lengths in order (empty: one example).
+    pub segments: Vec<usize>,
 }
 
 impl Example {
@@ -180,8 +182,7 @@ pub fn load_dataset(
     let tokenized: Vec<Result<Example>> = records
         .par_iter()
         .map(|(line, rec)| {
-            tokenize(rec, format, tok, eos_token_id, opts.train_on_prompt, budget)
-                .map_err(|e| at(path, *line, e))
+            tokenize(rec, format, tok, eos_token_id, opts, budget).map_err(|e| at(path, *line, e))
         })
         .collect();
     let mut examples = Vec::with_capacity(tokenized.len());
@@ -512,7 +513,11 @@ fn prompt_completion(
         input_ids.push(eos);
         labels.push(eos);
     }
-    Ok(Example { input_ids, labels })
+    Ok(Example {
+        input_ids,
+        labels,
+        segments: vec![],
+    })
 }
 
 fn tokenize(
@@ -520,9 +525,10 @@ fn tokenize(
     format: DataFormat,
     tok: &Tokenizer,
     eos: i64,
-    train_on_prompt: bool,
+    opts: &DataOptions,
     budget: usize,
 ) -> Result<Example> {
+    let train_on_prompt = opts.train_on_prompt;
     match format {
         DataFormat::Alpaca => {
             let (prompt, output) = alpaca_parts(rec)?;
@@ -558,7 +564,7 @@ fn tokenize(
                 // Every answer lies past max_seq_len: dropped and counted.
                 return Ok(Example::default());
             }
-            chat_example(&messages, tok, eos, train_on_prompt)
+            chat_example(&messages, tok, eos, train_on_prompt, opts.max_seq_len)
         }
     }
 }
@@ -598,20 +604,27 @@ fn chat_example(
     tok: &Tokenizer,
     eos: i64,
     train_on_prompt: bool,
+    max_seq_len: usize,
 ) -> Result<Example> {
     let marked = tok.has_generation_blocks();
-    let (full, spans) = if marked {
+    let (full, marked_spans) = if marked {
         tok.apply_chat_template_with_generation_spans(messages)?
-    } else if train_on_prompt {
-        // With the loss on every token there is nothing to locate, which also
-        // lets templates that fail the prefix check below be used.
-        (tok.apply_chat_template(messages, false)?, vec![])
     } else {
-        let full = tok.apply_chat_template(messages, false)?;
-        let spans = assistant_spans(tok, messages, &full)?;
-        (full, spans)
+        (tok.apply_chat_template(messages, false)?, vec![])
     };
     let (tokens, offsets) = tok.encode_with_offsets(&full, false)?;
+    // Turns that start past the last token kept by truncation need not be
+    // located (locating turn i renders the i turns before it).
+    let kept_end = offsets
+        .get(max_seq_len.min(offsets.len()).saturating_sub(1))
+        .map_or(0, |o| o.1);
+    let spans = if marked || train_on_prompt {
+        // With the loss on every token there is nothing to locate, which also
+        // lets templates that fail the prefix check below be used.
+        marked_spans
+    } else {
+        assistant_spans(tok, messages, &full, kept_end)?
+    };
     let mut input_ids = ids(tokens);
     let mut labels = vec![IGNORE; input_ids.len()];
     if train_on_prompt {
@@ -622,8 +635,10 @@ fn chat_example(
         // transformers' `return_assistant_tokens_mask` does: a generation
         // prompt ending in a space ("assistant: ") merges with the first word
         // of the answer into one token, which must not be lost.
-        let covering: Vec<usize> = (0..input_ids.len())
-            .filter(|&i| offsets[i].1 > a && offsets[i].0 < b)
+        let first = offsets.partition_point(|o| o.1 <= a);
+        let covering: Vec<usize> = (first..input_ids.len())
+            .take_while(|&i| offsets[i].0 < b)
+            .filter(|&i| offsets[i].1 > a)
             .collect();
         let last = match covering
             .iter()
@@ -645,19 +660,31 @@ fn chat_example(
         input_ids.push(eos);
         labels.push(eos);
     }
-    Ok(Example { input_ids, labels })
+    Ok(Example {
+        input_ids,
+        labels,
+        segments: vec![],
+    })
 }
 
-/// The byte spans of the assistant turns in `full` (the whole chat rendered),
-/// each from the end of the generation prompt before it to the end of its
-/// rendering.
-fn assistant_spans(tok: &Tokenizer, messages: &[Message], full: &str) -> Result<Vec<Span>> {
+/// The byte spans of the assistant turns in `full` (the whole chat rendered)
+/// that start before byte `until`, each from the end of the generation
+/// prompt before it to the end of its rendering.
+fn assistant_spans(
+    tok: &Tokenizer,
+    messages: &[Message],
+    full: &str,
+    until: usize,
+) -> Result<Vec<Span>> {
     let mut spans = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         if m.role != "assistant" {
             continue;
         }
         let before = tok.apply_chat_template(&messages[..i], true)?;
+        if before.len() >= until {
+            break;
+        }
         let upto = tok.apply_chat_template(&messages[..=i], false)?;
         if !full.starts_with(&before) || !full.starts_with(&upto) || before.len() > upto.len() {
             bail!(
@@ -685,6 +712,29 @@ pub struct Batch {
     /// Positions that take a loss (labels at 1..T that are not ignored), the
     /// denominator of a token-mean loss across gradient-accumulation steps.
     pub num_label_tokens: i64,
+    /// With packing, `[B, T]` positions restarting at 0 for each example.
+    pub position_ids: Option<Tensor>,
+    /// With packing, `[B, T]` segment ids (1, 2, ... per example; 0 on padding).
+    pub segment_ids: Option<Tensor>,
+}
+
+impl Batch {
+    /// How the decoder reads this batch (`ids` and `segments` on the model's device).
+    pub fn decoder_input<'a>(
+        &'a self,
+        ids: &'a Tensor,
+        segments: Option<&'a Tensor>,
+    ) -> crate::models::llama::DecoderInput<'a> {
+        use crate::models::llama::{AttentionLayout, DecoderInput};
+        match segments {
+            Some(segment_ids) => DecoderInput {
+                input_ids: ids,
+                position_ids: self.position_ids.as_ref(),
+                layout: AttentionLayout::Packed { segment_ids },
+            },
+            None => DecoderInput::causal(ids),
+        }
+    }
 }
 
 /// Pads examples on the right to the longest of them.
@@ -701,6 +751,8 @@ pub fn collate(examples: &[&Example], pad_id: i64) -> Batch {
         Vec::with_capacity(b * t),
     );
     let (mut num_tokens, mut num_label_tokens) = (0i64, 0i64);
+    let packed = examples.iter().any(|e| !e.segments.is_empty());
+    let (mut positions, mut segment_ids) = (Vec::new(), Vec::new());
     for e in examples {
         let n = e.input_ids.len();
         debug_assert_eq!(n, e.labels.len(), "input_ids and labels differ in length");
@@ -719,15 +771,79 @@ pub fn collate(examples: &[&Example], pad_id: i64) -> Batch {
         mask.extend(std::iter::repeat_n(1i64, n).chain(std::iter::repeat_n(0, t - n)));
         num_tokens += n as i64;
         num_label_tokens += e.num_label_tokens() as i64;
+        if packed {
+            let lengths = if e.segments.is_empty() {
+                vec![n]
+            } else {
+                e.segments.clone()
+            };
+            for (s, &len) in lengths.iter().enumerate() {
+                positions.extend(0..len as i64);
+                segment_ids.extend(std::iter::repeat_n(s as i64 + 1, len));
+            }
+            positions.extend(std::iter::repeat_n(0, t - n));
+            segment_ids.extend(std::iter::repeat_n(0, t - n));
+        }
     }
     let shape = [b as i64, t as i64];
+    let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape);
     Batch {
-        input_ids: Tensor::from_slice(&ids).view(shape),
-        labels: Tensor::from_slice(&labels).view(shape),
-        attention_mask: Tensor::from_slice(&mask).view(shape),
+        input_ids: tensor(&ids),
+        labels: tensor(&labels),
+        attention_mask: tensor(&mask),
         num_tokens,
         num_label_tokens,
+        position_ids: packed.then(|| tensor(&positions)),
+        segment_ids: packed.then(|| tensor(&segment_ids)),
     }
+}
+
+/// Packs examples into rows of at most `max_len` tokens, best fit
+/// decreasing (as TRL's `bfd` packing): longest first, each into the fullest
+/// row it still fits. Each row keeps its examples' lengths, so that the
+/// model restarts positions and confines attention to each example; the
+/// first label of every packed example is masked, so that no example learns
+/// to predict the next one's first token. The rows are in a fixed order; the
+/// epochs shuffle them.
+pub fn pack(examples: Vec<Example>, max_len: usize) -> Vec<Example> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].input_ids.len()));
+    // Row lengths kept sorted, so the best fit is a binary search.
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    let mut by_room: std::collections::BTreeMap<(usize, usize), ()> = Default::default();
+    for i in order {
+        let len = examples[i].input_ids.len();
+        // The row with the least room that still fits `len`.
+        let fit = by_room.range((len, 0)..).next().map(|(&k, _)| k);
+        let row = match fit {
+            Some((room, r)) => {
+                by_room.remove(&(room, r));
+                by_room.insert((room - len, r), ());
+                r
+            }
+            None => {
+                rows.push(Vec::new());
+                by_room.insert((max_len.saturating_sub(len), rows.len() - 1), ());
+                rows.len() - 1
+            }
+        };
+        rows[row].push(i);
+    }
+    let mut examples: Vec<Option<Example>> = examples.into_iter().map(Some).collect();
+    rows.into_iter()
+        .map(|members| {
+            let mut row = Example::default();
+            for i in members {
+                let e = examples[i].take().expect("each example is packed once");
+                row.segments.push(e.input_ids.len());
+                row.input_ids.extend(&e.input_ids);
+                let mut labels = e.labels;
+                labels[0] = IGNORE;
+                row.labels.extend(labels);
+            }
+            row
+        })
+        .collect()
 }
 
 /// The batches of one epoch as lists of example indices, from a shuffle

@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
+use crate::models::llama::{AttentionLayout, DecoderInput, NoHooks};
 use crate::models::{KvCache, LlamaForCausalLM};
 use peft_regularizers::rng::SplitMix64;
 
@@ -78,39 +79,205 @@ pub fn generate(
     prompt: &[u32],
     cfg: &GenerationConfig,
 ) -> Result<Vec<i64>> {
+    let mut out = generate_batch(model, &[prompt], &[cfg.max_new_tokens], cfg)?;
+    Ok(out.pop().expect("one prompt, one answer"))
+}
+
+/// Generates for many prompts, `batch_size` at a time: prompts are sorted by
+/// length so that a batch holds prompts of similar length (little padding),
+/// and `done(i, tokens)` is called for prompt `i` of the given order as soon
+/// as it and all prompts before it are finished.
+pub fn generate_in_batches(
+    model: &LlamaForCausalLM,
+    prompts: &[Vec<u32>],
+    limits: &[usize],
+    cfg: &GenerationConfig,
+    batch_size: usize,
+    mut done: impl FnMut(usize, Vec<i64>) -> Result<()>,
+) -> Result<()> {
+    if batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
+    let mut ready: Vec<Option<Vec<i64>>> = vec![None; prompts.len()];
+    let mut next = 0;
+    for chunk in order.chunks(batch_size) {
+        let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
+        let lim: Vec<usize> = chunk.iter().map(|&i| limits[i]).collect();
+        let outs = generate_batch(model, &batch, &lim, cfg)?;
+        for (&i, out) in chunk.iter().zip(outs) {
+            ready[i] = Some(out);
+        }
+        while next < prompts.len() {
+            let Some(out) = ready[next].take() else { break };
+            done(next, out)?;
+            next += 1;
+        }
+    }
+    Ok(())
+}
+
+/// One row of a batched generation.
+struct Row {
+    /// Prompt and generated ids (for the repetition penalty).
+    seen: Vec<i64>,
+    out: Vec<i64>,
+    limit: usize,
+    rng: SplitMix64,
+}
+
+/// Generates continuations of several prompts at once and returns the new
+/// token ids of each, in order. Prompts of different lengths are padded on
+/// the left (as transformers' batched `generate` does), with positions
+/// counted from each row's first real token and the padding masked; each row
+/// stops at its own EOS or after `limits[i]` tokens and leaves the batch.
+/// Every row samples from its own generator seeded with `cfg.seed`, so a row
+/// gets what it would get alone.
+pub fn generate_batch(
+    model: &LlamaForCausalLM,
+    prompts: &[&[u32]],
+    limits: &[usize],
+    cfg: &GenerationConfig,
+) -> Result<Vec<Vec<i64>>> {
     cfg.validate()?;
-    if prompt.is_empty() {
+    assert_eq!(prompts.len(), limits.len(), "one limit per prompt");
+    if prompts.iter().any(|p| p.is_empty()) {
         bail!("the prompt is empty after tokenization; give at least one token");
     }
     let _guard = tch::no_grad_guard();
     let device = model.device();
-    // Sampling depends on --seed alone, not on libtorch's global generator.
-    let mut rng = SplitMix64::new(cfg.seed);
+    let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let padded = prompts.iter().any(|p| p.len() != width);
+    let mut rows: Vec<Row> = prompts
+        .iter()
+        .zip(limits)
+        .map(|(p, &limit)| Row {
+            seen: p.iter().map(|&t| t as i64).collect(),
+            out: Vec::with_capacity(limit.min(cfg.max_new_tokens).min(4096)),
+            limit: limit.min(cfg.max_new_tokens),
+            // Sampling depends on --seed alone, not on libtorch's global generator.
+            rng: SplitMix64::new(cfg.seed),
+        })
+        .collect();
+    // Rows still generating, in the order of the batch the cache holds.
+    let mut active: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].limit > 0).collect();
+    if active.len() < rows.len() {
+        return generate_rows(model, &mut rows, active, cfg);
+    }
+    let mut ids = Vec::with_capacity(rows.len() * width);
+    let mut mask = Vec::with_capacity(rows.len() * width);
+    for p in prompts {
+        let pad = width - p.len();
+        ids.extend(std::iter::repeat_n(p[0] as i64, pad).chain(p.iter().map(|&t| t as i64)));
+        mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, p.len())));
+    }
+    let shape = [rows.len() as i64, width as i64];
+    let mut input = Tensor::from_slice(&ids).view(shape).to_device(device);
+    let mut attention = Tensor::from_slice(&mask).view(shape).to_device(device);
+    // transformers' positions for left padding: the count of real tokens before.
+    let mut positions = (attention.cumsum(1, Kind::Int64) - 1).clamp_min(0);
     let mut cache = KvCache::new(model.config.num_hidden_layers);
-    let mut seen: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-    let mut input = Tensor::from_slice(&seen).unsqueeze(0).to_device(device);
-    let mut out = Vec::with_capacity(cfg.max_new_tokens.min(4096));
-    for i in 0..cfg.max_new_tokens {
-        let hidden = model.forward_hidden(&input, Some(&mut cache), None);
-        let last = hidden.select(1, -1);
-        let logits = model.logits(&last).squeeze_dim(0).to_kind(Kind::Float);
+    for step in 0.. {
+        let input_desc = DecoderInput {
+            input_ids: &input,
+            position_ids: padded.then_some(&positions),
+            layout: if padded {
+                AttentionLayout::Padded {
+                    attention_mask: &attention,
+                }
+            } else {
+                AttentionLayout::Causal
+            },
+        };
+        let hidden = model.forward_hidden(&input_desc, Some(&mut cache), &mut NoHooks);
+        let logits = model.logits(&hidden.select(1, -1)).to_kind(Kind::Float);
         // Broken weights or settings give NaN logits, whose argmax is token 0
         // forever: an empty answer that looks like success.
         if bool::try_from(logits.isnan().any())? {
             bail!(
                 "the model's output became NaN at new token {}; check the weights, the adapter and config.json (rms_norm_eps, rope settings)",
-                i + 1
+                step + 1
             );
         }
-        let next = choose(logits, &seen, cfg, &mut rng);
-        out.push(next);
-        seen.push(next);
-        if cfg.eos_token_ids.contains(&next) {
+        let next = choose_batch(&logits, &mut rows, &active, cfg)?;
+        let mut keep = Vec::with_capacity(active.len());
+        for (k, (&r, &t)) in active.iter().zip(&next).enumerate() {
+            let row = &mut rows[r];
+            row.out.push(t);
+            row.seen.push(t);
+            if !cfg.eos_token_ids.contains(&t) && row.out.len() < row.limit {
+                keep.push(k as i64);
+            }
+        }
+        if keep.is_empty() {
             break;
         }
-        input = Tensor::from_slice(&[next]).unsqueeze(0).to_device(device);
+        let mut next_ids: Vec<i64> = next.clone();
+        if keep.len() < active.len() {
+            // Finished rows leave the batch and the cache.
+            let keep_t = Tensor::from_slice(&keep).to_device(device);
+            cache.select_rows(&keep_t);
+            attention = attention.index_select(0, &keep_t);
+            positions = positions.index_select(0, &keep_t);
+            active = keep.iter().map(|&k| active[k as usize]).collect();
+            next_ids = keep.iter().map(|&k| next[k as usize]).collect();
+        }
+        let n = active.len() as i64;
+        input = Tensor::from_slice(&next_ids).view([n, 1]).to_device(device);
+        attention = Tensor::cat(&[&attention, &attention.ones_like().narrow(1, 0, 1)], 1);
+        positions = positions.narrow(1, positions.size()[1] - 1, 1) + 1;
     }
-    Ok(out)
+    Ok(rows.into_iter().map(|r| r.out).collect())
+}
+
+/// Some rows have a limit of 0: they get nothing, the others are generated.
+fn generate_rows(
+    model: &LlamaForCausalLM,
+    rows: &mut [Row],
+    active: Vec<usize>,
+    cfg: &GenerationConfig,
+) -> Result<Vec<Vec<i64>>> {
+    let prompts: Vec<Vec<u32>> = active
+        .iter()
+        .map(|&r| rows[r].seen.iter().map(|&t| t as u32).collect())
+        .collect();
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let limits: Vec<usize> = active.iter().map(|&r| rows[r].limit).collect();
+    let mut outs = if refs.is_empty() {
+        vec![]
+    } else {
+        generate_batch(model, &refs, &limits, cfg)?
+    };
+    let mut result = vec![Vec::new(); rows.len()];
+    for (&r, out) in active.iter().zip(outs.drain(..)) {
+        result[r] = out;
+    }
+    Ok(result)
+}
+
+/// The next token of each active row from its `[rows, vocab]` logits: one
+/// argmax over the batch when decoding greedily without penalty, else row by
+/// row on the device (one scalar read per row).
+fn choose_batch(
+    logits: &Tensor,
+    rows: &mut [Row],
+    active: &[usize],
+    cfg: &GenerationConfig,
+) -> Result<Vec<i64>> {
+    if cfg.temperature == 0.0 && cfg.repetition_penalty == 1.0 {
+        return Ok(Vec::<i64>::try_from(
+            logits.argmax(-1, false).to_device(tch::Device::Cpu),
+        )?);
+    }
+    Ok(active
+        .iter()
+        .enumerate()
+        .map(|(k, &r)| {
+            let row = &mut rows[r];
+            choose(logits.get(k as i64), &row.seen, cfg, &mut row.rng)
+        })
+        .collect())
 }
 
 fn choose(mut logits: Tensor, seen: &[i64], cfg: &GenerationConfig, rng: &mut SplitMix64) -> i64 {
@@ -140,19 +307,69 @@ fn choose(mut logits: Tensor, seen: &[i64], cfg: &GenerationConfig, rng: &mut Sp
         let drop = drop_sorted.scatter(0, &order, &drop_sorted);
         logits = logits.masked_fill(&drop, f64::NEG_INFINITY);
     }
-    let probs = Vec::<f32>::try_from(logits.softmax(-1, Kind::Float).to_device(tch::Device::Cpu))
-        .unwrap_or_default();
-    sample(&probs, rng.next_f64()) as i64
+    sample_index(&logits.softmax(-1, Kind::Float), rng.next_f64())
 }
 
-fn sample(probs: &[f32], u: f64) -> usize {
-    let mut acc = 0.0f64;
-    let total: f64 = probs.iter().map(|&p| p as f64).sum();
-    for (i, &p) in probs.iter().enumerate() {
-        acc += p as f64 / total;
-        if u < acc {
-            return i;
+/// Inverse-CDF sampling on the device: the first token whose cumulative
+/// probability exceeds `u`, read back as one number instead of copying the
+/// vocabulary's probabilities to the host. The cumulative sums run in f64,
+/// in order, so on the CPU the choice is exactly that of a host loop.
+pub fn sample_index(probs: &Tensor, u: f64) -> i64 {
+    let p = probs.to_kind(Kind::Double);
+    let total = p.cumsum(0, Kind::Double).get(-1);
+    let cumulative = (&p / &total).cumsum(0, Kind::Double);
+    let below = cumulative.le(u).sum(Kind::Int64).int64_value(&[]);
+    if below < p.size()[0] {
+        return below;
+    }
+    // Rounding left u at or above the last sum: the last possible token.
+    p.gt(0.0).nonzero().reshape([-1]).int64_value(&[-1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host loop generation used before sampling moved to the device.
+    fn sample_on_host(probs: &[f32], u: f64) -> usize {
+        let mut acc = 0.0f64;
+        let total: f64 = probs.iter().map(|&p| p as f64).sum();
+        for (i, &p) in probs.iter().enumerate() {
+            acc += p as f64 / total;
+            if u < acc {
+                return i;
+            }
+        }
+        probs.iter().rposition(|&p| p > 0.0).unwrap_or(0)
+    }
+
+    #[test]
+    fn device_sampling_picks_what_the_host_loop_picked() {
+        let mut g = SplitMix64::new(11);
+        for trial in 0..200 {
+            let n = 1 + (g.next_u64() % 5000) as i64;
+            let logits = peft_regularizers::rng::with_torch_seed(trial, || {
+                Tensor::randn([n], (Kind::Float, tch::Device::Cpu)) * 4.0
+            });
+            // Some exact zeros, as top-k and top-p leave.
+            let logits = logits.masked_fill(&logits.lt(-6.0), f64::NEG_INFINITY);
+            let probs = logits.softmax(-1, Kind::Float);
+            let host = Vec::<f32>::try_from(&probs).unwrap();
+            for u in [
+                0.0,
+                1e-12,
+                g.next_f64(),
+                g.next_f64(),
+                0.5,
+                1.0 - 1e-16,
+                0.999_999_999,
+            ] {
+                assert_eq!(
+                    sample_index(&probs, u),
+                    sample_on_host(&host, u) as i64,
+                    "trial {trial}, u {u}"
+                );
+            }
         }
     }
-    probs.iter().rposition(|&p| p > 0.0).unwrap_or(0)
 }

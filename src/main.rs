@@ -4,6 +4,9 @@
 
 use std::panic;
 
+#[global_allocator]
+static GLOBAL: peft_rs::Jemalloc = peft_rs::Jemalloc;
+
 fn main() {
     // A panic prints nothing itself; it is reported below as one line.
     panic::set_hook(Box::new(|_| {}));

@@ -71,14 +71,3 @@ impl RmsNorm {
         &self.weight * h.to_kind(kind)
     }
 }
-
-/// Observes or replaces the output of a module, addressed by its Hugging Face
-/// module path (`model.embed_tokens`, `model.layers.3`, ...).
-///
-/// The trainer implements this to run regularizers such as NEFTune; the
-/// model only promises to call it at the points it documents.
-pub trait ModuleHooks {
-    /// Called with the output of the module at `path`; returns the tensor the
-    /// model continues with.
-    fn after_module(&mut self, path: &str, output: Tensor) -> Tensor;
-}

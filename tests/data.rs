@@ -644,10 +644,12 @@ fn collate_pads_right_and_counts() {
     let a = Example {
         input_ids: vec![10, 11, 12, 13],
         labels: vec![IGNORE, IGNORE, 12, 13],
+        segments: vec![],
     };
     let b = Example {
         input_ids: vec![20, 21],
         labels: vec![20, 21],
+        segments: vec![],
     };
     let pad = 7;
     let batch = collate(&[&a, &b], pad);

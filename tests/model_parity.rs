@@ -41,11 +41,8 @@ fn logits_parity(name: &str) {
     assert!(max < 1e-4, "{name}: max abs diff {max}");
 }
 
-fn generation_parity(name: &str) {
+fn generate_ids(name: &str, batch_size: &str) -> Vec<serde_json::Value> {
     let reference = common::reference().join(name);
-    let expected: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(reference.join("generate.json")).unwrap())
-            .unwrap();
     let model = common::model_dir(name);
     let out = common::peft_rs(&[
         "generate",
@@ -57,6 +54,8 @@ fn generation_parity(name: &str) {
         reference.join("prompts.jsonl").to_str().unwrap(),
         "--max-new-tokens",
         "32",
+        "--batch-size",
+        batch_size,
         "--json",
     ]);
     assert!(
@@ -64,22 +63,43 @@ fn generation_parity(name: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+    String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .collect()
+}
+
+/// Greedy generation one prompt at a time and all prompts in one
+/// left-padded batch: both equal transformers' one-at-a-time `generate`, and
+/// the batch equals transformers' batched `generate`.
+fn generation_parity(name: &str) {
+    let reference = common::reference().join(name);
+    let read = |f: &str| -> Vec<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(reference.join(f)).unwrap()).unwrap()
+    };
+    let expected = read("generate.json");
+    let batched_reference = read("generate_batched.json");
     assert!(expected.len() >= 5);
-    assert_eq!(lines.len(), expected.len());
-    for (i, (ours, theirs)) in lines.iter().zip(&expected).enumerate() {
-        assert_eq!(
-            ours["prompt_token_ids"], theirs["prompt_token_ids"],
-            "{name} prompt {i}: prompt ids"
-        );
-        assert_eq!(
-            ours["token_ids"], theirs["token_ids"],
-            "{name} prompt {i}: generated ids"
-        );
+    for batch_size in ["1", "16"] {
+        let lines = generate_ids(name, batch_size);
+        assert_eq!(lines.len(), expected.len());
+        for (i, (ours, theirs)) in lines.iter().zip(&expected).enumerate() {
+            assert_eq!(
+                ours["prompt_token_ids"], theirs["prompt_token_ids"],
+                "{name} prompt {i}: prompt ids"
+            );
+            assert_eq!(
+                ours["token_ids"], theirs["token_ids"],
+                "{name} prompt {i}, batches of {batch_size}: generated ids"
+            );
+            if batch_size == "16" {
+                assert_eq!(
+                    ours["token_ids"], batched_reference[i],
+                    "{name} prompt {i}: transformers' batched generate"
+                );
+            }
+        }
     }
 }
 

@@ -438,3 +438,27 @@ fn training_the_default_model_lowers_held_out_loss() {
     eprintln!("held-out loss {before:.4} -> {after:.4}");
     assert!(after < before, "held-out loss {before} -> {after}");
 }
+
+#[test]
+fn progress_is_printed_as_plain_lines_without_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca(tmp.path(), 24);
+    let out = tmp.path().join("out");
+    let (d, o, m) = (
+        data.display().to_string(),
+        out.display().to_string(),
+        tiny(),
+    );
+    let mut args = train_args(&d, &o, &["--model", &m]);
+    args.extend(["--max-steps", "4"]);
+    let r = peft_rs(&args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    for step in 1..=4 {
+        assert!(
+            stderr.contains(&format!("step {step}/4  loss ")),
+            "no plain progress line for step {step}: {stderr}"
+        );
+    }
+    assert!(stderr.contains("tok/s  eta "));
+}

@@ -62,6 +62,8 @@ fn grads_with(
             .sum(Kind::Int64)
             .int64_value(&[]),
         labels,
+        position_ids: None,
+        segment_ids: None,
     };
     let mb = MicroBatch {
         step: 0,

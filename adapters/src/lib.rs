@@ -12,6 +12,7 @@
 
 pub mod fsio;
 pub mod lora;
+pub mod rng;
 
 use std::any::Any;
 

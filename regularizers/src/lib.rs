@@ -13,7 +13,9 @@
 #![warn(missing_docs)]
 
 pub mod neftune;
-pub mod rng;
+
+/// Random numbers (shared with the adapters, whose dropout draws them too).
+pub use peft_adapters::rng;
 
 pub use neftune::{Neftune, NeftuneMode, NoiseDistribution};
 pub use rng::{mix, with_torch_seed};
@@ -42,17 +44,6 @@ impl HookPoint {
             HookPoint::DecoderLayerOutput(i) => format!("base_model.model.model.layers.{i}"),
             HookPoint::Loss => "loss".to_owned(),
         }
-    }
-
-    /// The point at a Hugging Face module path as the model reports it
-    /// (`model.embed_tokens`, `model.layers.3`), if it is one.
-    pub fn from_module_path(path: &str) -> Option<Self> {
-        if path == "model.embed_tokens" {
-            return Some(HookPoint::EmbeddingOutput);
-        }
-        path.strip_prefix("model.layers.")
-            .and_then(|i| i.parse().ok())
-            .map(HookPoint::DecoderLayerOutput)
     }
 
     /// A small number distinguishing points, mixed into seeds.

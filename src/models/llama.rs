@@ -11,7 +11,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::RawConfig;
 use super::loader::Weights;
-use crate::nn::{Linear, ModuleHooks, RmsNorm};
+use crate::nn::{Linear, RmsNorm};
+use peft_regularizers::rng::with_torch_seed;
 
 /// How rotary frequencies are derived from `rope_theta`.
 #[derive(Debug, Clone, PartialEq)]
@@ -297,6 +298,17 @@ impl RotaryEmbedding {
         let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(0).unsqueeze(0);
         (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
     }
+
+    /// `cos` and `sin` for per-row positions `[batch, seq]`, `[batch, 1, seq, head_dim]`
+    /// (packed examples restart at 0; left-padded rows start after their padding).
+    fn cos_sin_at(&self, position_ids: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let pos = position_ids
+            .to_device(self.inv_freq.device())
+            .to_kind(Kind::Float);
+        let freqs = pos.unsqueeze(-1) * &self.inv_freq;
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    }
 }
 
 fn rotate_half(x: &Tensor) -> Tensor {
@@ -335,6 +347,154 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Keeps only the batch rows `rows` (finished rows leave a batched generation).
+    pub fn select_rows(&mut self, rows: &Tensor) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(0, rows);
+            *v = v.index_select(0, rows);
+        }
+    }
+}
+
+/// How the tokens of a batch may see each other.
+#[derive(Clone, Copy)]
+pub enum AttentionLayout<'a> {
+    /// Causal within each row. Padding, if any, is on the right, where real
+    /// tokens never see it; the fast kernels apply (no mask).
+    Causal,
+    /// Several examples packed in each row: causal within each segment, no
+    /// attention across segments. `[batch, seq]` segment ids (1, 2, ...; 0 on
+    /// padding).
+    Packed {
+        /// `[batch, seq]` segment ids.
+        segment_ids: &'a Tensor,
+    },
+    /// Left-padded rows (batched generation): `[batch, past + seq]`, 1 on
+    /// real tokens, 0 on padding, over the cached and the new positions.
+    Padded {
+        /// `[batch, past + seq]` attention mask.
+        attention_mask: &'a Tensor,
+    },
+}
+
+/// The tokens a decoder forward pass reads and how they are laid out.
+#[derive(Clone, Copy)]
+pub struct DecoderInput<'a> {
+    /// `[batch, seq]` token ids.
+    pub input_ids: &'a Tensor,
+    /// `[batch, seq]` positions for RoPE; `None`: past..past+seq for every row.
+    pub position_ids: Option<&'a Tensor>,
+    /// How tokens attend.
+    pub layout: AttentionLayout<'a>,
+}
+
+impl<'a> DecoderInput<'a> {
+    /// A right-padded (or unpadded) batch: positions from 0, causal attention.
+    pub fn causal(input_ids: &'a Tensor) -> Self {
+        Self {
+            input_ids,
+            position_ids: None,
+            layout: AttentionLayout::Causal,
+        }
+    }
+}
+
+/// What may change the decoder's activations between modules, at typed
+/// points: regularizers in training, nothing in plain inference.
+pub trait ForwardHooks {
+    /// The output of `model.embed_tokens`.
+    fn embedding_output(&mut self, x: Tensor) -> Tensor {
+        x
+    }
+    /// The output of `model.layers.{i}`.
+    fn layer_output(&mut self, _i: usize, x: Tensor) -> Tensor {
+        x
+    }
+    /// The seed of layer `i`'s random draws (adapter dropout). With one, the
+    /// layer runs inside [`crate::regularizers::rng::with_torch_seed`], so a
+    /// recomputed layer (gradient checkpointing) draws the same masks.
+    fn layer_seed(&self, _i: usize) -> Option<u64> {
+        None
+    }
+}
+
+/// No hooks.
+pub struct NoHooks;
+
+impl ForwardHooks for NoHooks {}
+
+/// Which attention kernel a call can use. Flash attention takes no mask; the
+/// memory-efficient kernel (libtorch 2.11) takes no unequal head counts; with
+/// both a mask and grouped-query attention only the math kernel (which builds
+/// fp32 `[b, h, t, T]` scores) would remain, so keys and values are expanded to
+/// the query heads first, as transformers' `repeat_kv` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// No mask, causal: flash or memory-efficient kernels, grouped heads as they are.
+    CausalGrouped,
+    /// No mask, causal, equal head counts.
+    Causal,
+    /// No mask and no causal rule (one query over cached keys).
+    Full,
+    /// A mask; keys and values expanded to the query heads when they are grouped.
+    Masked {
+        /// Whether keys and values are repeated to the query heads.
+        expand_kv: bool,
+    },
+}
+
+impl AttentionPath {
+    /// The path for `q_heads` query heads over `kv_heads` key/value heads,
+    /// `q_len` queries, with or without an explicit mask.
+    pub fn choose(q_heads: i64, kv_heads: i64, q_len: i64, masked: bool) -> Self {
+        let grouped = kv_heads != q_heads;
+        match (masked, q_len > 1) {
+            (true, _) => Self::Masked { expand_kv: grouped },
+            (false, true) if grouped => Self::CausalGrouped,
+            (false, true) => Self::Causal,
+            (false, false) => Self::Full,
+        }
+    }
+}
+
+/// The output of [`LlamaForCausalLM::decode`].
+pub struct DecoderOutput {
+    /// `[batch, seq, hidden]` after the final norm.
+    pub hidden: Tensor,
+    /// With gradient checkpointing: what the backward pass rebuilds the layers from.
+    pub recompute: Option<Recompute>,
+}
+
+/// The saved inputs of each decoder layer, for gradient checkpointing.
+pub struct Recompute {
+    inputs: Vec<Tensor>,
+    top: Tensor,
+    rope: (Tensor, Tensor),
+    masks: Vec<Option<Tensor>>,
+}
+
+impl Recompute {
+    /// Once the gradient has reached the last layer's output (backward from
+    /// the loss through the final norm), recomputes each layer, last to
+    /// first, with the same seeds and hooks, and backpropagates through it.
+    pub fn backward(self, model: &LlamaForCausalLM, hooks: &mut dyn ForwardHooks) {
+        let mut grad = self.top.grad();
+        for i in (0..self.inputs.len()).rev() {
+            // The first layer's input (the embeddings) needs no gradient.
+            let input = if i > 0 {
+                self.inputs[i].detach().set_requires_grad(true)
+            } else {
+                self.inputs[i].shallow_clone()
+            };
+            let out = model.run_layer(i, &input, &self.rope, self.masks[i].as_ref(), None, &*hooks);
+            let out = hooks.layer_output(i, out);
+            (out * &grad).sum(Kind::Float).backward();
+            if i > 0 {
+                grad = input.grad();
+            }
+        }
+    }
 }
 
 /// `model.layers.N.self_attn`.
@@ -357,60 +517,123 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden states are [batch, seq, hidden]");
+        let (cos, sin) = rope;
         let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
         let q = apply_rotary(&heads(self.q_proj.forward(x), self.num_heads), cos, sin);
         let mut k = apply_rotary(&heads(self.k_proj.forward(x), self.num_kv_heads), cos, sin);
         let mut v = heads(self.v_proj.forward(x), self.num_kv_heads);
-        let mut past = 0;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
-                past = pk.size()[2];
                 k = Tensor::cat(&[pk, &k], 2);
                 v = Tensor::cat(&[pv, &v], 2);
             }
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
-        let mask = self.mask(t, past, x.device());
-        // With right padding, `is_causal` alone is exact for every real token:
-        // real tokens never see later pads, and pad positions are masked in the loss.
-        let is_causal = mask.is_none() && t > 1;
-        let gqa = self.num_kv_heads != self.num_heads;
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            mask.as_ref(),
-            0.0,
-            is_causal,
-            Some(1.0 / (self.head_dim as f64).sqrt()),
-            gqa,
-        );
+        let path = AttentionPath::choose(self.num_heads, self.num_kv_heads, t, mask.is_some());
+        let scale = Some(1.0 / (self.head_dim as f64).sqrt());
+        let y = match path {
+            AttentionPath::Masked { expand_kv } => {
+                if expand_kv {
+                    let rep = self.num_heads / self.num_kv_heads;
+                    k = k.repeat_interleave_self_int(rep, 1, None);
+                    v = v.repeat_interleave_self_int(rep, 1, None);
+                }
+                Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, scale, false)
+            }
+            AttentionPath::CausalGrouped | AttentionPath::Causal | AttentionPath::Full => {
+                Tensor::scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    None::<&Tensor>,
+                    0.0,
+                    path != AttentionPath::Full,
+                    scale,
+                    self.num_kv_heads != self.num_heads,
+                )
+            }
+        };
         let y = y
             .transpose(1, 2)
             .reshape([b, t, self.num_heads * self.head_dim]);
         self.o_proj.forward(&y)
     }
+}
 
-    /// An explicit boolean mask, only where `is_causal` cannot express the
-    /// pattern: a sliding window that bites, or queries after cached keys.
-    fn mask(&self, t: i64, past: i64, device: Device) -> Option<Tensor> {
+/// The boolean attention masks of one forward pass (`true`: may attend),
+/// built once and shared by every layer with the same window.
+struct Masks<'a> {
+    layout: AttentionLayout<'a>,
+    past: i64,
+    len: i64,
+    device: Device,
+    built: Vec<(Option<i64>, Option<Tensor>)>,
+}
+
+impl<'a> Masks<'a> {
+    fn new(layout: AttentionLayout<'a>, past: i64, len: i64, device: Device) -> Self {
+        Self {
+            layout,
+            past,
+            len,
+            device,
+            built: Vec::new(),
+        }
+    }
+
+    /// The mask for a layer with sliding `window`, or `None` where the
+    /// causal rule alone (or no rule, for one query) says it all.
+    fn get(&mut self, window: Option<i64>) -> Option<&Tensor> {
+        if let Some(i) = self.built.iter().position(|(w, _)| *w == window) {
+            return self.built[i].1.as_ref();
+        }
+        let m = self.build(window);
+        self.built.push((window, m));
+        self.built.last().and_then(|(_, m)| m.as_ref())
+    }
+
+    fn build(&self, window: Option<i64>) -> Option<Tensor> {
+        let (past, t) = (self.past, self.len);
         let total = past + t;
-        let window_bites = self.sliding_window.is_some_and(|w| total > w);
-        if !window_bites && (past == 0 || t == 1) {
-            return None;
+        let window_bites = window.is_some_and(|w| total > w);
+        let q = Tensor::arange_start(past, total, (Kind::Int64, self.device)).unsqueeze(1);
+        let k = Tensor::arange(total, (Kind::Int64, self.device)).unsqueeze(0);
+        let causal_window = || {
+            let mut allowed = k.le_tensor(&q);
+            if let Some(w) = window {
+                allowed = allowed.logical_and(&(&q - &k).lt(w));
+            }
+            allowed
+        };
+        match self.layout {
+            AttentionLayout::Causal => {
+                if !window_bites && (past == 0 || t == 1) {
+                    return None;
+                }
+                Some(causal_window())
+            }
+            AttentionLayout::Packed { segment_ids } => {
+                // [b, 1, t, t]: same segment, not padding, and causal.
+                let seg = segment_ids.to_device(self.device);
+                let same = seg.unsqueeze(2).eq_tensor(&seg.unsqueeze(1));
+                let real = seg.ne(0).unsqueeze(1);
+                Some(
+                    same.logical_and(&real)
+                        .logical_and(&causal_window())
+                        .unsqueeze(1),
+                )
+            }
+            AttentionLayout::Padded { attention_mask } => {
+                // [b, 1, t, T]: real keys only, and causal.
+                let keys = attention_mask.to_device(self.device).ne(0).unsqueeze(1);
+                Some(keys.logical_and(&causal_window()).unsqueeze(1))
+            }
         }
-        let q = Tensor::arange_start(past, total, (Kind::Int64, device)).unsqueeze(1);
-        let k = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
-        let mut allowed = k.le_tensor(&q);
-        if let Some(w) = self.sliding_window {
-            allowed = allowed.logical_and(&(&q - &k).lt(w));
-        }
-        Some(allowed)
     }
 }
 
@@ -445,16 +668,16 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     /// One pre-norm residual block.
-    pub fn forward(
+    fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
         let h = x + self
             .self_attn
-            .forward(&self.input_layernorm.forward(x), cos, sin, cache);
+            .forward(&self.input_layernorm.forward(x), rope, mask, cache);
         let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
         h + out
     }
@@ -559,36 +782,93 @@ impl LlamaForCausalLM {
         Tensor::embedding(&self.model.embed_tokens, input_ids, -1, false, false)
     }
 
-    /// Runs the decoder on token ids and returns the final hidden states
-    /// (after `model.norm`). `hooks` sees `model.embed_tokens` and each
-    /// `model.layers.N` output; `cache` makes this an incremental step.
-    pub fn forward_hidden(
+    /// The decoder, the one forward path of training, evaluation and
+    /// generation: embeddings, the embedding hook, each layer (seeded when
+    /// the hooks give a seed) and its hook, the final norm.
+    ///
+    /// With `recompute`, the layers run without an autograd graph and only
+    /// their inputs are kept (gradient checkpointing); the returned
+    /// [`Recompute`] rebuilds each layer during the backward pass.
+    pub fn decode(
         &self,
-        input_ids: &Tensor,
+        input: &DecoderInput,
         mut cache: Option<&mut KvCache>,
-        mut hooks: Option<&mut dyn ModuleHooks>,
-    ) -> Tensor {
-        let mut x = self.embed(input_ids);
-        if let Some(hk) = hooks.as_deref_mut() {
-            x = hk.after_module("model.embed_tokens", x);
-        }
+        hooks: &mut dyn ForwardHooks,
+        recompute: bool,
+    ) -> DecoderOutput {
+        let mut x = hooks.embedding_output(self.embed(input.input_ids));
         let past = cache.as_deref().map_or(0, KvCache::len);
         let t = x.size()[1];
-        let (cos, sin) = self.model.rotary_emb.cos_sin(past, t, x.kind());
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &cos, &sin, slot);
-            if let Some(hk) = hooks.as_deref_mut() {
-                x = hk.after_module(&format!("model.layers.{i}"), x);
+        let rope = match input.position_ids {
+            Some(p) => self.model.rotary_emb.cos_sin_at(p, x.kind()),
+            None => self.model.rotary_emb.cos_sin(past, t, x.kind()),
+        };
+        let mut masks = Masks::new(input.layout, past, t, x.device());
+        let layer_masks: Vec<Option<Tensor>> = self
+            .model
+            .layers
+            .iter()
+            .map(|l| {
+                masks
+                    .get(l.self_attn.sliding_window)
+                    .map(Tensor::shallow_clone)
+            })
+            .collect();
+        let mut inputs = Vec::new();
+        {
+            let _no_grad = recompute.then(tch::no_grad_guard);
+            for (i, mask) in layer_masks.iter().enumerate() {
+                if recompute {
+                    inputs.push(x.detach());
+                }
+                let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                x = self.run_layer(i, &x, &rope, mask.as_ref(), slot, &*hooks);
+                x = hooks.layer_output(i, x);
             }
         }
-        self.model.norm.forward(&x)
+        if !recompute {
+            return DecoderOutput {
+                hidden: self.model.norm.forward(&x),
+                recompute: None,
+            };
+        }
+        let top = x.detach().set_requires_grad(true);
+        DecoderOutput {
+            hidden: self.model.norm.forward(&top),
+            recompute: Some(Recompute {
+                inputs,
+                top,
+                rope,
+                masks: layer_masks,
+            }),
+        }
     }
 
-    /// RoPE `cos` and `sin` for positions `offset..offset+len`, for callers
-    /// that run the decoder layers themselves (the trainer does).
-    pub fn rope(&self, offset: i64, len: i64, kind: Kind) -> (Tensor, Tensor) {
-        self.model.rotary_emb.cos_sin(offset, len, kind)
+    fn run_layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        hooks: &dyn ForwardHooks,
+    ) -> Tensor {
+        let layer = &self.model.layers[i];
+        match hooks.layer_seed(i) {
+            Some(seed) => with_torch_seed(seed, || layer.forward(x, rope, mask, cache)),
+            None => layer.forward(x, rope, mask, cache),
+        }
+    }
+
+    /// The final hidden states (after `model.norm`) of a forward pass
+    /// without gradient checkpointing; `cache` makes it an incremental step.
+    pub fn forward_hidden(
+        &self,
+        input: &DecoderInput,
+        cache: Option<&mut KvCache>,
+        hooks: &mut dyn ForwardHooks,
+    ) -> Tensor {
+        self.decode(input, cache, hooks, false).hidden
     }
 
     /// `lm_head(hidden)`: `[..., hidden]` to `[..., vocab]` logits.
@@ -598,7 +878,7 @@ impl LlamaForCausalLM {
 
     /// Logits for every position of a right-padded batch `[batch, seq]`.
     pub fn forward(&self, input_ids: &Tensor) -> Tensor {
-        self.logits(&self.forward_hidden(input_ids, None, None))
+        self.logits(&self.forward_hidden(&DecoderInput::causal(input_ids), None, &mut NoHooks))
     }
 
     /// Every linear layer with its Hugging Face module path, in model order.

@@ -165,6 +165,11 @@ pub struct TrainConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().train_on_prompt)]
     pub train_on_prompt: bool,
+    /// Pack several examples into each row of --max-seq-len tokens (TRL's packing, best fit
+    /// decreasing); each example keeps its own positions and attends only to itself.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().packing)]
+    pub packing: bool,
     /// Batch examples of similar length together (less padding); --group-by-length false to turn off.
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().group_by_length)]
@@ -234,6 +239,7 @@ impl Default for TrainConfig {
             max_steps: 0,
             max_seq_length: 512,
             train_on_prompt: false,
+            packing: false,
             group_by_length: true,
             seed: 42,
             device: DeviceArg::Auto,

@@ -30,8 +30,8 @@ pub use scaler::LossScaler;
 
 use crate::data::{self, Batch, DataOptions, Dataset};
 use crate::device::resolve_model_dir;
+use crate::models::llama::ForwardHooks;
 use crate::models::{LlamaForCausalLM, Pretrained};
-use crate::nn::ModuleHooks;
 use crate::outputs;
 use crate::peft_model::{self, DEFAULT_ADAPTER};
 use crate::signals::{self, Interrupted};
@@ -147,6 +147,9 @@ impl Trainer {
                 Some(e)
             }
         };
+        if cfg.packing {
+            train.examples = data::pack(std::mem::take(&mut train.examples), cfg.max_seq_length);
+        }
         let pad_id = base.tokenizer.pad_token_id().map(i64::from).unwrap_or(eos);
         let mut model = base.model;
         let lora = cfg.lora_config(&model_dir);
@@ -563,6 +566,7 @@ impl Trainer {
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
+        let mut plain = PlainProgress::new(self.total_steps - start_step);
         let t0 = Instant::now();
         let (mut tokens, mut last_loss) = (0i64, f64::NAN);
         let mut eval_after = None;
@@ -577,6 +581,7 @@ impl Trainer {
                 s.loss, s.lr, tps
             ));
             bar.inc(1);
+            plain.step(done, self.total_steps, start_step, &s, tps);
             let mut line = json!({
                 "step": done, "epoch": self.plan.epoch_after(done), "loss": s.loss, "lr": s.lr,
                 "grad_norm": s.grad_norm, "tokens_per_second": tps,
@@ -653,6 +658,40 @@ pub struct MicroBatch {
     pub loss_scale: f64,
 }
 
+/// The regularizers as the decoder's hooks: called at the embedding and
+/// layer outputs with the micro-batch's context, and giving each layer its
+/// dropout seed in training.
+struct RegularizerHooks<'a> {
+    regs: &'a mut RegularizerStack,
+    ctx: HookContext<'a>,
+}
+
+impl ForwardHooks for RegularizerHooks<'_> {
+    fn embedding_output(&mut self, x: Tensor) -> Tensor {
+        self.apply(HookPoint::EmbeddingOutput, x)
+    }
+
+    fn layer_output(&mut self, i: usize, x: Tensor) -> Tensor {
+        self.apply(HookPoint::DecoderLayerOutput(i), x)
+    }
+
+    fn layer_seed(&self, i: usize) -> Option<u64> {
+        self.ctx
+            .training
+            .then(|| mix(self.ctx.seed, 10_000 + i as u64))
+    }
+}
+
+impl RegularizerHooks<'_> {
+    fn apply(&mut self, point: HookPoint, x: Tensor) -> Tensor {
+        if self.regs.wants(point, self.ctx.training) {
+            self.regs.apply(point, x, &self.ctx)
+        } else {
+            x
+        }
+    }
+}
+
 /// Forward and backward of one micro-batch, accumulating into the adapters'
 /// `.grad` (times `mb.loss_scale`); returns its share of the step loss
 /// (cross-entropy summed over its label tokens, divided by `mb.denom`).
@@ -668,83 +707,35 @@ pub fn forward_backward(
     let ids = batch.input_ids.to_device(device);
     let labels = batch.labels.to_device(device);
     let mask = batch.attention_mask.to_device(device);
-    let ctx = HookContext {
-        training: true,
-        step: mb.step,
-        attention_mask: &mask,
-        segment_ids: None,
-        seed: mb.seed,
-        micro_batch: mb.index,
-        micro_batches: mb.count,
-        trainable,
+    let segments = batch.segment_ids.as_ref().map(|s| s.to_device(device));
+    let mut hooks = RegularizerHooks {
+        regs,
+        ctx: HookContext {
+            training: true,
+            step: mb.step,
+            attention_mask: &mask,
+            segment_ids: segments.as_ref(),
+            seed: mb.seed,
+            micro_batch: mb.index,
+            micro_batches: mb.count,
+            trainable,
+        },
     };
-    // Each layer draws its dropout masks from its own seed, so that a
-    // recomputed layer (gradient checkpointing) draws the same masks.
-    let layer_seed = |i: usize| mix(mb.seed, 10_000 + i as u64);
-    let run_layer = |i: usize, x: &Tensor, cos: &Tensor, sin: &Tensor| {
-        with_torch_seed(layer_seed(i), || {
-            model.model.layers[i].forward(x, cos, sin, None)
-        })
-    };
-
-    // 1. Token embeddings, then embedding-output regularizers (NEFTune).
-    let mut x = model.embed(&ids);
-    if regs.wants(HookPoint::EmbeddingOutput, true) {
-        x = regs.apply(HookPoint::EmbeddingOutput, x, &ctx);
-    }
-
-    // 2. Decoder layers. With checkpointing, run them without a graph and keep only their inputs.
-    let (cos, sin) = model.rope(0, x.size()[1], x.kind());
-    let checkpointing = opts.gradient_checkpointing;
-    let mut layer_inputs = Vec::new();
-    {
-        let _no_grad = checkpointing.then(tch::no_grad_guard);
-        for i in 0..model.model.layers.len() {
-            if checkpointing {
-                layer_inputs.push(x.detach());
-            }
-            x = run_layer(i, &x, &cos, &sin);
-            let point = HookPoint::DecoderLayerOutput(i);
-            if regs.wants(point, true) {
-                x = regs.apply(point, x, &ctx);
-            }
-        }
-    }
-    let top = if checkpointing {
-        x.detach().set_requires_grad(true)
-    } else {
-        x
-    };
-
-    // 3. Final norm and cross-entropy in chunks; backward down to `top`.
-    let normed = model.model.norm.forward(&top);
+    let input = batch.decoder_input(&ids, segments.as_ref());
+    // Forward (with checkpointing, only the layers' inputs are kept), then the
+    // cross-entropy in chunks, each backpropagated at once.
+    let out = model.decode(&input, None, &mut hooks, opts.gradient_checkpointing);
     let ce_sum = chunked_cross_entropy(
         model,
-        &normed,
+        &out.hidden,
         &labels,
         opts.loss_chunk_size,
         Some(mb.denom / mb.loss_scale),
     )?;
-
-    // 4. With checkpointing, recompute each layer (last to first) and backpropagate through it.
-    if checkpointing {
-        let mut grad = top.grad();
-        for i in (0..model.model.layers.len()).rev() {
-            let input = if i > 0 {
-                layer_inputs[i].detach().set_requires_grad(true)
-            } else {
-                layer_inputs[i].shallow_clone()
-            };
-            let mut out = run_layer(i, &input, &cos, &sin);
-            let point = HookPoint::DecoderLayerOutput(i);
-            if regs.wants(point, true) {
-                out = regs.apply(point, out, &ctx);
-            }
-            (out * &grad).sum(Kind::Float).backward();
-            if i > 0 {
-                grad = input.grad();
-            }
-        }
+    // With checkpointing, the gradient stopped at the last layer's output:
+    // rebuild each layer and backpropagate through it.
+    if let Some(r) = out.recompute {
+        r.backward(model, &mut hooks);
     }
     Ok(ce_sum / mb.denom)
 }
@@ -830,34 +821,6 @@ pub fn chunked_cross_entropy(
     Ok(total)
 }
 
-/// Routes the model's module hooks to evaluation-time regularizers.
-struct EvalHooks<'a> {
-    regs: &'a mut RegularizerStack,
-    mask: &'a Tensor,
-}
-
-impl ModuleHooks for EvalHooks<'_> {
-    fn after_module(&mut self, path: &str, output: Tensor) -> Tensor {
-        let Some(point) = HookPoint::from_module_path(path) else {
-            return output;
-        };
-        if !self.regs.wants(point, false) {
-            return output;
-        }
-        let ctx = HookContext {
-            training: false,
-            step: 0,
-            attention_mask: self.mask,
-            segment_ids: None,
-            seed: 0,
-            micro_batch: 0,
-            micro_batches: 1,
-            trainable: &[],
-        };
-        self.regs.apply(point, output, &ctx)
-    }
-}
-
 /// Mean cross-entropy per label token over a dataset, without gradients.
 pub fn mean_loss(
     model: &LlamaForCausalLM,
@@ -877,8 +840,21 @@ pub fn mean_loss(
         let ex: Vec<&data::Example> = chunk_idx.iter().map(|&i| &ds.examples[i]).collect();
         let b = data::collate(&ex, pad_id);
         let mask = b.attention_mask.to_device(device);
-        let mut hooks = EvalHooks { regs, mask: &mask };
-        let hidden = model.forward_hidden(&b.input_ids.to_device(device), None, Some(&mut hooks));
+        let ids = b.input_ids.to_device(device);
+        let mut hooks = RegularizerHooks {
+            regs: &mut *regs,
+            ctx: HookContext {
+                training: false,
+                step: 0,
+                attention_mask: &mask,
+                segment_ids: None,
+                seed: 0,
+                micro_batch: 0,
+                micro_batches: 1,
+                trainable: &[],
+            },
+        };
+        let hidden = model.forward_hidden(&b.decoder_input(&ids, None), None, &mut hooks);
         sum += chunked_cross_entropy(model, &hidden, &b.labels.to_device(device), chunk, None)?;
         count += b.num_label_tokens;
     }
@@ -886,6 +862,47 @@ pub fn mean_loss(
         bail!("{}: no label tokens to evaluate", ds.path.display());
     }
     Ok(sum / count as f64)
+}
+
+/// Progress as plain lines when stderr is not a terminal (nohup, CI, a
+/// scheduler), where the bar is hidden: every twentieth of the run and at
+/// least once a minute, as transformers' Trainer logs.
+struct PlainProgress {
+    on: bool,
+    every: u64,
+    last: Instant,
+    started: Instant,
+}
+
+impl PlainProgress {
+    fn new(steps: u64) -> Self {
+        Self {
+            on: !std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            every: (steps / 20).max(1),
+            last: Instant::now(),
+            started: Instant::now(),
+        }
+    }
+
+    fn step(&mut self, done: u64, total: u64, start: u64, s: &StepStats, tps: f64) {
+        let due = done.is_multiple_of(self.every) || self.last.elapsed().as_secs() >= 60 || done == total;
+        if !self.on || !due {
+            return;
+        }
+        self.last = Instant::now();
+        let per_step = self.started.elapsed().as_secs_f64() / (done - start).max(1) as f64;
+        let eta = (per_step * (total - done) as f64) as u64;
+        eprintln!(
+            "step {done}/{total}  loss {:.4}  lr {:.2e}  grad norm {:.3}  {:.0} tok/s  eta {}:{:02}:{:02}",
+            s.loss,
+            s.lr,
+            s.grad_norm,
+            tps,
+            eta / 3600,
+            eta / 60 % 60,
+            eta % 60
+        );
+    }
 }
 
 /// `metrics.jsonl`, appended line by line and flushed, with errors naming the file.

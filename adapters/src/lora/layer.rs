@@ -146,6 +146,26 @@ impl LoraWeights {
     }
 }
 
+/// Inverted dropout in training: each element zeroed with probability `p`,
+/// the rest scaled by 1/(1-p), drawn from libtorch's generator (seed it
+/// through [`crate::rng::with_torch_seed`]).
+///
+/// On the CPU the mask is drawn on the host from one seed taken from that
+/// generator, and applied with `where`, whose backward keeps a one-byte mask
+/// instead of a four-byte noise tensor (`masked_fill`, which keeps the same,
+/// has no vectorised CPU kernel and is slower). A tenth of a CPU training
+/// step went to libtorch's single-threaded Bernoulli sampling. Elsewhere,
+/// the device's own sampler.
+pub fn dropout(x: &Tensor, p: f64) -> Tensor {
+    if x.device() != Device::Cpu {
+        return x.dropout(p, true);
+    }
+    let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64;
+    let keep = crate::rng::keep_mask(x.numel(), p, seed);
+    let keep = Tensor::from_slice(&keep).view(x.size().as_slice());
+    x.where_scalarother(&keep, 0.0) * (1.0 / (1.0 - p))
+}
+
 /// The L2 norm of each row (PEFT's `get_weight_norm` over dim 1).
 fn row_norm(w: &Tensor) -> Tensor {
     w.norm_scalaropt_dim(2, [1i64].as_slice(), false)
@@ -230,7 +250,7 @@ impl LinearAdapter for LoraLayer {
             let x32 = x.to_kind(Kind::Float);
             let dropout_on = self.training && w.dropout > 0.0;
             let xd = if dropout_on {
-                x32.dropout(w.dropout, true)
+                dropout(&x32, w.dropout)
             } else {
                 x32
             };

@@ -1,0 +1,215 @@
+//! Where the time of one LoRA training step goes, on the shapes of the
+//! benchmark (`bench/run.sh`): each part of the step is timed on its own,
+//! forward and backward, and what the parts do not explain is the framework
+//! (autograd bookkeeping, allocation, small-op overhead).
+//!
+//! cargo run --release --example profile_step -- MODEL_DIR BATCH SEQ [REPEATS]
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+
+#[global_allocator]
+static GLOBAL: peft_rs::Jemalloc = peft_rs::Jemalloc;
+use peft_rs::adapters::lora::{LoraConfig, TargetModules};
+use peft_rs::data::Batch;
+use peft_rs::models::llama::{DecoderInput, ForwardHooks};
+use peft_rs::models::{self, LlamaForCausalLM};
+use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
+use peft_rs::regularizers::rng::with_torch_seed;
+use peft_rs::regularizers::{Neftune, RegularizerStack};
+use peft_rs::train::optim::{clip_grad_norm, AdamW};
+use peft_rs::train::{chunked_cross_entropy, forward_backward, MicroBatch, StepOptions};
+use tch::{Device, Kind, Tensor};
+
+/// Median seconds of `repeats` runs of `f` (after one warm-up run).
+fn time(repeats: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut v: Vec<f64> = (0..repeats)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn lora(dropout: f64) -> LoraConfig {
+    LoraConfig {
+        r: 16,
+        lora_alpha: 32.0,
+        lora_dropout: dropout,
+        target_modules: TargetModules::AllLinear,
+        ..LoraConfig::default()
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dir = PathBuf::from(&args[0]);
+    let (b, t): (i64, i64) = (args[1].parse()?, args[2].parse()?);
+    let repeats: usize = args.get(3).map(|r| r.parse()).transpose()?.unwrap_or(3);
+    let load = || models::load(&dir, Kind::Float, Device::Cpu);
+    let ids = with_torch_seed(1, || {
+        Tensor::randint_low(3, 40000, [b, t], (Kind::Int64, Device::Cpu))
+    });
+    let batch = Batch {
+        input_ids: ids.shallow_clone(),
+        labels: ids.shallow_clone(),
+        attention_mask: ids.ones_like(),
+        num_tokens: b * t,
+        num_label_tokens: b * (t - 1),
+        position_ids: None,
+        segment_ids: None,
+    };
+    let opts = StepOptions {
+        gradient_checkpointing: false,
+        loss_chunk_size: 1024,
+    };
+    let mb = MicroBatch {
+        step: 0,
+        index: 0,
+        count: 1,
+        seed: 1,
+        denom: batch.num_label_tokens as f64,
+        loss_scale: 1.0,
+    };
+
+    // The whole step, as the benchmark runs it, and variants without parts.
+    let step_with = |model: &mut LlamaForCausalLM, neftune: bool| -> f64 {
+        peft_model::set_training(model, true);
+        let params = peft_model::trainable_parameters(model);
+        let trainable: Vec<(String, Tensor)> = params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
+        let mut regs = RegularizerStack::new();
+        if neftune {
+            regs.push(Box::new(Neftune::new(5.0)));
+        }
+        time(repeats, || {
+            forward_backward(model, &mut regs, &trainable, &batch, &mb, opts).unwrap();
+            for p in params.values() {
+                p.shallow_clone().zero_grad();
+            }
+        })
+    };
+    let mut model = load()?;
+    with_torch_seed(0, || {
+        peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora(0.05))
+    })?;
+    let full = step_with(&mut model, true);
+    let no_noise = step_with(&mut model, false);
+    let params = peft_model::trainable_parameters(&mut model);
+    let mut optim = AdamW::new(&params, (0.9, 0.999), 1e-8, 0.0);
+    let optimizer = time(repeats, || {
+        clip_grad_norm(&params, 1.0);
+        optim.step(&params, 1e-4);
+    });
+    let mut model = load()?;
+    with_torch_seed(0, || {
+        peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora(0.0))
+    })?;
+    let no_dropout = step_with(&mut model, false);
+
+    // The frozen base alone: gradients flow to the embeddings' output only.
+    let base = load()?;
+    struct GradAtEmbeddings;
+    impl ForwardHooks for GradAtEmbeddings {
+        fn embedding_output(&mut self, x: Tensor) -> Tensor {
+            x.detach().set_requires_grad(true)
+        }
+    }
+    let base_step = time(repeats, || {
+        let normed = base.forward_hidden(&DecoderInput::causal(&ids), None, &mut GradAtEmbeddings);
+        chunked_cross_entropy(&base, &normed, &batch.labels, 1024, Some(1.0)).unwrap();
+    });
+    let c = &base.config;
+    let (h, inter) = (c.hidden_size as i64, c.intermediate_size as i64);
+    let (nh, nkv, hd) = (
+        c.num_attention_heads as i64,
+        c.num_key_value_heads as i64,
+        c.head_dim as i64,
+    );
+    let layers = c.num_hidden_layers as f64;
+    let opt = (Kind::Float, Device::Cpu);
+    // The base matmuls of one layer, forward and input-gradient backward.
+    let x = Tensor::randn([b, t, h], opt).set_requires_grad(true);
+    let weights: Vec<Tensor> = [
+        (nh * hd, h),
+        (nkv * hd, h),
+        (nkv * hd, h),
+        (h, nh * hd),
+        (inter, h),
+        (inter, h),
+    ]
+    .iter()
+    .map(|&(o, i)| Tensor::randn([o, i], opt) * 0.02)
+    .collect();
+    let down = Tensor::randn([h, inter], opt) * 0.02;
+    let matmuls = time(repeats, || {
+        let mut outs: Vec<Tensor> = weights
+            .iter()
+            .map(|w| x.linear::<Tensor>(w, None))
+            .collect();
+        let a = outs.pop().unwrap() * outs.pop().unwrap();
+        let y = a.linear::<Tensor>(&down, None);
+        let s = outs
+            .into_iter()
+            .fold(y, |acc, o| acc.sum(Kind::Float) + o.sum(Kind::Float));
+        s.backward();
+    }) * layers;
+    // Attention (SDPA, causal, grouped-query) of one layer.
+    let q = Tensor::randn([b, nh, t, hd], opt).set_requires_grad(true);
+    let k = Tensor::randn([b, nkv, t, hd], opt).set_requires_grad(true);
+    let v = Tensor::randn([b, nkv, t, hd], opt).set_requires_grad(true);
+    let attention = time(repeats, || {
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<&Tensor>,
+            0.0,
+            true,
+            None,
+            nkv != nh,
+        );
+        y.sum(Kind::Float).backward();
+    }) * layers;
+    // The two RMS norms of one layer.
+    let norm = &base.model.layers[0].input_layernorm;
+    let norms = time(repeats, || {
+        let y = norm.forward(&x) + norm.forward(&x);
+        y.sum(Kind::Float).backward();
+    }) * layers;
+    // The loss: lm_head and cross-entropy at the label positions.
+    let hidden = Tensor::randn([b, t, h], opt).set_requires_grad(true);
+    let loss = time(repeats, || {
+        chunked_cross_entropy(&base, &hidden, &batch.labels, 1024, Some(1.0)).unwrap();
+    });
+
+    let rows = [
+        ("base matmuls (fwd + input grad)", matmuls),
+        ("attention (SDPA fwd + bwd)", attention),
+        ("RMS norms", norms),
+        ("lm_head + cross-entropy", loss),
+        (
+            "frozen-base rest (RoPE, SiLU, residuals, framework)",
+            base_step - matmuls - attention - norms - loss,
+        ),
+        ("LoRA branch (r=16, 210 modules)", no_dropout - base_step),
+        ("LoRA dropout 0.05", no_noise - no_dropout),
+        ("NEFTune noise", full - no_noise),
+        ("optimizer (clip + AdamW)", optimizer),
+    ];
+    let total = full + optimizer;
+    println!("one training step, batch {b} x {t}, SmolLM2-135M fp32, LoRA r=16 all-linear; {total:.2} s in all");
+    println!("{:<52}{:>9}{:>8}", "part", "seconds", "share");
+    for (name, s) in rows {
+        println!("{name:<52}{s:>9.3}{:>7.1}%", 100.0 * s / total);
+    }
+    Ok(())
+}
