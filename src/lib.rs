@@ -14,6 +14,7 @@ pub mod models;
 pub mod nn;
 pub mod peft_model;
 pub mod plot;
+pub mod quant;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
