@@ -23,9 +23,11 @@
 
 pub mod codebook;
 pub mod four_bit;
+pub mod int8;
 
 pub use codebook::{dynamic_map, QuantType};
 pub use four_bit::{
     dequantize_blockwise, quantize_4bit, quantize_blockwise, NestedAbsmax, Quantized4bit,
     BLOCKSIZE, NESTED_BLOCKSIZE,
 };
+pub use int8::{quantize_int8, Int8Weight};
