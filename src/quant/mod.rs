@@ -21,10 +21,12 @@
 //! - [`checkpoint`]: pre-quantized transformers checkpoints and config.json's
 //!   `quantization_config`.
 
+pub mod checkpoint;
 pub mod codebook;
 pub mod four_bit;
 pub mod int8;
 
+pub use checkpoint::{load_4bit, load_int8, read_quantization, BnbMode, BnbQuantization};
 pub use codebook::{dynamic_map, QuantType};
 pub use four_bit::{
     dequantize_blockwise, quantize_4bit, quantize_blockwise, NestedAbsmax, Quantized4bit,
