@@ -24,11 +24,13 @@
 //! Dequantization multiplies the code value by the block's absmax in f32 and
 //! converts to the output dtype (round to nearest even).
 //!
-//! Where the CUDA kernels differ: CUDA quantizes with a hard-coded decision
-//! tree on `x * (1/absmax)` computed with a fast reciprocal, so a value within
-//! an ulp or so of a boundary can get the neighbouring code, and FP4 gives
-//! +0 (code 0) to tiny positive values where the CPU gives code 8. The bytes
-//! here are the CPU's.
+//! Where bitsandbytes' CUDA kernel differs (read from its source, not run
+//! here): it scales every block, the partial last one included, by
+//! `x * (1 / absmax)` and picks codes with a decision tree whose thresholds
+//! are typed-in decimals, so a value on the edge of a partial block or within
+//! an ulp of a threshold can get the neighbouring code; FP4 takes the sign
+//! from `x < 0`, giving code 0 to tiny positive values where the CPU gives
+//! code 8; a block of zeros computes 0 * inf. The bytes here are the CPU's.
 
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
