@@ -497,6 +497,15 @@ fn train_cmd(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
     crate::signals::install();
     let mut trainer = Trainer::new(cfg, vec![])?;
     let s = trainer.run()?;
+    let summary = serde_json::json!({
+        "steps": s.steps, "skipped_steps": s.skipped_steps, "seconds": s.seconds,
+        "tokens_per_second": s.tokens_per_second, "final_train_loss": s.final_train_loss,
+        "eval_loss_before": s.eval_loss_before, "eval_loss_after": s.eval_loss_after,
+    });
+    peft_adapters::fsio::write_atomic(
+        &s.output.join("train_summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     println!(
         "== training finished: {} steps in {:.1} s ({:.0} tokens/s)",
         s.steps, s.seconds, s.tokens_per_second

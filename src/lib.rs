@@ -16,6 +16,7 @@ pub mod nn;
 pub mod outputs;
 pub mod peft_model;
 pub mod plot;
+pub mod quant;
 pub mod signals;
 pub mod tokenizer;
 pub mod train;

@@ -1,0 +1,441 @@
+//! 4-bit blockwise quantization as bitsandbytes computes it on the CPU.
+//!
+//! Quantization (bitsandbytes' `quantize_4bit`, default PyTorch kernel, which
+//! is what runs on the CPU):
+//! - the weight is flattened and read in f32; blocks of 64 consecutive values
+//!   share one absmax, the largest magnitude in the block;
+//! - a full block is scaled by `x * (1 / max(absmax, 1e-38))`, the last partial
+//!   block by `x / max(absmax, 1e-38)` (a true division: the two can differ in
+//!   the last bit), then clamped to [-1, 1];
+//! - the stored absmax of a full block is the raw maximum (0 for a block of
+//!   zeros), that of a partial last block the clamped one (1e-38 as f32 for a
+//!   tail of zeros);
+//! - each scaled value gets the code whose sorted position `bucketize` finds
+//!   among the midpoints of the sorted code book: a value exactly on a midpoint
+//!   goes to the lower code;
+//! - codes are packed two per byte, the first value of each pair in the high
+//!   nibble; an odd count is padded with a zero value; the packed tensor has
+//!   shape `[(n + 1) / 2, 1]`.
+//!
+//! Double quantization: `offset = mean(absmax)`, and `absmax - offset` is
+//! quantized by bitsandbytes' native CPU kernel in blocks of 256 with the
+//! 8-bit dynamic map ([`quantize_blockwise`]).
+//!
+//! Dequantization multiplies the code value by the block's absmax in f32 and
+//! converts to the output dtype (round to nearest even).
+//!
+//! Where bitsandbytes' CUDA kernel differs (read from its source, not run
+//! here): it scales every block, the partial last one included, by
+//! `x * (1 / absmax)` and picks codes with a decision tree whose thresholds
+//! are typed-in decimals, so a value on the edge of a partial block or within
+//! an ulp of a threshold can get the neighbouring code; FP4 takes the sign
+//! from `x < 0`, giving code 0 to tiny positive values where the CPU gives
+//! code 8; a block of zeros computes 0 * inf. The bytes here are the CPU's.
+
+use anyhow::{bail, ensure, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::codebook::{dynamic_map, QuantType};
+
+/// Values per absmax block (bitsandbytes' and transformers' default).
+pub const BLOCKSIZE: i64 = 64;
+/// Absmax values per nested block under double quantization.
+pub const NESTED_BLOCKSIZE: i64 = 256;
+/// The block sizes bitsandbytes accepts for 4-bit quantization.
+pub const VALID_BLOCKSIZES: [i64; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+/// The second level of double quantization: the per-block absmax values,
+/// minus their mean, quantized to 8 bits in blocks of 256.
+#[derive(Debug)]
+pub struct NestedAbsmax {
+    /// The mean of the absmax values, subtracted before quantizing (`nested_offset`).
+    pub offset: f32,
+    /// f32 `[ceil(blocks / blocksize)]`: the absmax of each nested block (`nested_absmax`).
+    pub absmax: Tensor,
+    /// f32 `[256]`: the dynamic map the codes index (`nested_quant_map`).
+    pub code: Tensor,
+    /// Absmax values per nested block (`nested_blocksize`, 256).
+    pub blocksize: i64,
+}
+
+/// A 4-bit quantized weight: what bitsandbytes' `QuantState` and the packed
+/// `Params4bit` data hold, field for field.
+#[derive(Debug)]
+pub struct Quantized4bit {
+    /// uint8 `[(n + 1) / 2, 1]`: two codes per byte, first value in the high nibble.
+    pub data: Tensor,
+    /// NF4 or FP4.
+    pub quant_type: QuantType,
+    /// Values per absmax block (64).
+    pub blocksize: i64,
+    /// `[ceil(n / blocksize)]`: f32 absmax per block, or with double
+    /// quantization the uint8 codes of `absmax - offset` (`weight.absmax`).
+    pub absmax: Tensor,
+    /// f32 `[16]`: the 4-bit code book (`weight.quant_map`).
+    pub code: Tensor,
+    /// The nested quantization of `absmax`, when double quantization is on.
+    pub nested: Option<NestedAbsmax>,
+    /// The shape of the original weight.
+    pub shape: Vec<i64>,
+    /// The dtype of the original weight (what bitsandbytes dequantizes to).
+    pub dtype: Kind,
+}
+
+fn is_float(kind: Kind) -> bool {
+    matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16)
+}
+
+fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    // bitsandbytes quantizes NaN and infinity to meaningless codes without a
+    // word; a frozen base built from such a weight is better refused.
+    ensure!(
+        t.isfinite().all().int64_value(&[]) == 1,
+        "{what} has NaN or infinite values; quantization needs finite weights"
+    );
+    Ok(())
+}
+
+/// Quantizes a float weight (f32, f16 or bf16, any shape) to 4 bits in blocks
+/// of [`BLOCKSIZE`], as `bitsandbytes.functional.quantize_4bit(weight,
+/// blocksize=64, quant_type, compress_statistics=double_quant)` does on the CPU.
+/// Runs on the weight's device.
+pub fn quantize_4bit(
+    weight: &Tensor,
+    quant_type: QuantType,
+    double_quant: bool,
+) -> Result<Quantized4bit> {
+    let dtype = weight.kind();
+    ensure!(
+        is_float(dtype),
+        "4-bit quantization takes f32, f16 or bf16 weights, got {dtype:?}"
+    );
+    let shape = weight.size();
+    ensure!(
+        !shape.is_empty() && weight.numel() > 0,
+        "4-bit quantization needs a non-empty weight with at least one dimension, got shape {shape:?}"
+    );
+    let device = weight.device();
+    let n = weight.numel() as i64;
+    let bs = BLOCKSIZE;
+    let a = weight.detach().reshape([-1]).to_kind(Kind::Float);
+    check_finite(&a, "the weight")?;
+
+    let rem = n % bs;
+    let full = n - rem;
+    let mut absmax = Vec::with_capacity(2);
+    let mut scaled = Vec::with_capacity(3);
+    if full > 0 {
+        let blocks = a.narrow(0, 0, full).view([full / bs, bs]);
+        let am = blocks.abs().amax([1], false);
+        // Python's `1.0 / t` is `t.reciprocal() * 1.0`: a reciprocal, then a
+        // product — not a division of each value by absmax.
+        let recip = am.clamp_min(1e-38).reciprocal();
+        scaled.push((blocks * recip.unsqueeze(1)).clamp(-1.0, 1.0).reshape([-1]));
+        absmax.push(am);
+    }
+    if rem > 0 {
+        let tail = a.narrow(0, full, rem);
+        // The tail's absmax is stored after the clamp (full blocks' before it).
+        let am = tail.abs().max().clamp_min(1e-38);
+        scaled.push((tail / &am).clamp(-1.0, 1.0));
+        absmax.push(am.reshape([1]));
+    }
+    if n % 2 == 1 {
+        scaled.push(Tensor::zeros([1], (Kind::Float, device)));
+    }
+    let absmax = Tensor::cat(&absmax, 0);
+    let scaled = Tensor::cat(&scaled, 0);
+
+    let (bounds, order) = quant_type.bounds_and_order(device);
+    let mut q = scaled.bucketize(&bounds, false, false);
+    if quant_type != QuantType::Nf4 {
+        // NF4's code book is sorted; FP4's sorted positions map back to codes.
+        q = order.index_select(0, &q);
+    }
+    let pairs = q.view([-1, 2]);
+    let data = (pairs.select(1, 0) * 16 + pairs.select(1, 1))
+        .to_kind(Kind::Uint8)
+        .view([-1, 1]);
+
+    let (absmax, nested) = if double_quant {
+        let offset = absmax.mean(None::<Kind>);
+        let centered = &absmax - &offset;
+        let code = dynamic_map(device);
+        let (q8, nested_absmax) = quantize_blockwise(&centered, &code, NESTED_BLOCKSIZE)?;
+        let nested = NestedAbsmax {
+            offset: offset.double_value(&[]) as f32,
+            absmax: nested_absmax,
+            code,
+            blocksize: NESTED_BLOCKSIZE,
+        };
+        (q8, Some(nested))
+    } else {
+        (absmax, None)
+    };
+    Ok(Quantized4bit {
+        data,
+        quant_type,
+        blocksize: bs,
+        absmax,
+        code: quant_type.code_tensor(device),
+        nested,
+        shape,
+        dtype,
+    })
+}
+
+/// The 65536-entry table bitsandbytes' CPU kernel uses instead of a nearest
+/// search: the interval [-1, 1] cut into 65536 grid points
+/// `2i / 65535 - 1` (f32), each mapped to the number of code midpoints below
+/// it — exactly what `bucketize` with `right = false` counts.
+fn grid_lut(code: &Tensor) -> Tensor {
+    let device = code.device();
+    let k = code.size()[0];
+    let mid = (code.narrow(0, 0, k - 1) + code.narrow(0, 1, k - 1)) * 0.5;
+    let grid = Tensor::arange(65536, (Kind::Float, device)) * 2.0 / 65535.0 - 1.0;
+    grid.bucketize(&mid, false, false)
+}
+
+/// bitsandbytes' 8-bit blockwise quantization of an f32 tensor as its native
+/// CPU kernel (`cquantize_blockwise_cpu_fp32`) computes it: per block the
+/// largest magnitude `m`; a block with `m = 0` gets code 0; otherwise each
+/// value becomes `lut[trunc(((clamp(x * (1/m), -1, 1) + 1) * 0.5) * 65535 + 0.5)]`
+/// with the grid table of [`grid_lut`]. The grid can put a value one code away
+/// from the nearest one; this is the CPU's answer, which the nested absmax of
+/// double quantization is made of.
+///
+/// The kernel fuses the last multiply-add; in f32, for every possible input,
+/// the fused and unfused forms truncate to the same grid index (checked over
+/// all f32 values in [0, 2]: adding 0.5 moves the sum by a multiple of the
+/// product's ulp except where it crosses a power of two, and there the floor
+/// cannot change), so the unfused tensor arithmetic here gives the same index.
+///
+/// Returns the uint8 codes (shape of `x`) and the f32 absmax per block.
+pub fn quantize_blockwise(x: &Tensor, code: &Tensor, blocksize: i64) -> Result<(Tensor, Tensor)> {
+    ensure!(
+        x.kind() == Kind::Float,
+        "8-bit blockwise quantization takes f32, got {:?}",
+        x.kind()
+    );
+    ensure!(blocksize > 0, "blocksize must be positive, got {blocksize}");
+    ensure!(
+        code.size() == [256] && code.kind() == Kind::Float,
+        "the 8-bit code map must be f32 [256], got {:?} {:?}",
+        code.kind(),
+        code.size()
+    );
+    let device = x.device();
+    let n = x.numel() as i64;
+    let blocks = (n + blocksize - 1) / blocksize;
+    let flat = x.reshape([-1]);
+    // Zero padding changes no block's largest magnitude and is cut off below.
+    let padded = flat
+        .constant_pad_nd([0, blocks * blocksize - n])
+        .view([blocks, blocksize]);
+    let absmax = padded.abs().amax([1], false);
+    let zero = absmax.eq(0.0);
+    // 1.0f / absmax as the kernel divides; zero blocks are overwritten below
+    // (and kept finite here so that no NaN reaches the integer conversion).
+    let inv = absmax.reciprocal().masked_fill(&zero, 0.0);
+    let v = (padded * inv.unsqueeze(1)).clamp(-1.0, 1.0);
+    let grid = ((v + 1.0) * 0.5) * 65535.0 + 0.5;
+    // A subnormal block absmax has an infinite reciprocal, and 0 * inf is NaN,
+    // which the kernel's float-to-int conversion (cvttss2si) turns into
+    // 0x80000000: grid index 0 once cut to 16 bits.
+    let index = grid.masked_fill(&grid.isnan(), 0.0).to_kind(Kind::Int64);
+    let lut = grid_lut(&code.to_device(device));
+    let q = lut
+        .index_select(0, &index.view([-1]))
+        .view([blocks, blocksize])
+        .masked_fill(&zero.unsqueeze(1), 0)
+        .to_kind(Kind::Uint8)
+        .view([-1])
+        .narrow(0, 0, n)
+        .view(x.size().as_slice());
+    Ok((q, absmax))
+}
+
+/// The inverse of [`quantize_blockwise`]: `code[q] * absmax[block]` in f32.
+pub fn dequantize_blockwise(q: &Tensor, absmax: &Tensor, code: &Tensor, blocksize: i64) -> Tensor {
+    let device = q.device();
+    let n = q.numel() as i64;
+    let blocks = absmax.size()[0];
+    code.to_device(device)
+        .index_select(0, &q.reshape([-1]).to_kind(Kind::Int64))
+        .constant_pad_nd([0, blocks * blocksize - n])
+        .view([blocks, blocksize])
+        .g_mul(&absmax.to_device(device).unsqueeze(1))
+        .view([-1])
+        .narrow(0, 0, n)
+}
+
+impl Quantized4bit {
+    /// The number of values of the original weight.
+    pub fn numel(&self) -> i64 {
+        self.shape.iter().product()
+    }
+
+    /// The f32 absmax of every block: stored as is, or recovered from double
+    /// quantization as bitsandbytes does (`code[q] * nested_absmax + offset`).
+    pub fn block_absmax(&self, device: Device) -> Tensor {
+        match &self.nested {
+            None => self.absmax.to_device(device),
+            Some(nested) => {
+                dequantize_blockwise(
+                    &self.absmax.to_device(device),
+                    &nested.absmax,
+                    &nested.code,
+                    nested.blocksize,
+                ) + f64::from(nested.offset)
+            }
+        }
+    }
+
+    /// The weight back in `kind` on `device`, bit for bit what
+    /// `bitsandbytes.functional.dequantize_4bit` returns on the CPU when
+    /// `kind` is the original dtype (any float kind is accepted: the f32
+    /// product is converted to it).
+    pub fn dequantize(&self, kind: Kind, device: Device) -> Tensor {
+        let n = self.numel();
+        let mut table = self.quant_type.native_table();
+        // bitsandbytes' CPU backend hands a weight whose last dimension is odd
+        // to its PyTorch fallback, which decodes with the code book itself
+        // (+0 for FP4 code 8) instead of the native table (-0).
+        if self.shape.last().is_some_and(|d| d % 2 == 1) {
+            table = self.quant_type.code();
+        }
+        // One lookup per byte: byte b decodes to (table[b >> 4], table[b & 15]).
+        let pairs: Vec<f32> = (0..256usize)
+            .flat_map(|b| [table[b >> 4], table[b & 15]])
+            .collect();
+        let pairs = Tensor::from_slice(&pairs).view([256, 2]).to_device(device);
+        let values = pairs
+            .index_select(
+                0,
+                &self.data.to_device(device).view([-1]).to_kind(Kind::Int64),
+            )
+            .view([-1]);
+        let absmax = self.block_absmax(device);
+        let blocks = absmax.size()[0];
+        let stored = values.size()[0];
+        values
+            .constant_pad_nd([0, blocks * self.blocksize - stored])
+            .view([blocks, self.blocksize])
+            .g_mul(&absmax.unsqueeze(1))
+            .view([-1])
+            .narrow(0, 0, n)
+            .view(self.shape.as_slice())
+            .to_kind(kind)
+    }
+
+    /// The same weight with every tensor on `device`.
+    pub fn to_device(&self, device: Device) -> Quantized4bit {
+        Quantized4bit {
+            data: self.data.to_device(device),
+            quant_type: self.quant_type,
+            blocksize: self.blocksize,
+            absmax: self.absmax.to_device(device),
+            code: self.code.to_device(device),
+            nested: self.nested.as_ref().map(|nested| NestedAbsmax {
+                offset: nested.offset,
+                absmax: nested.absmax.to_device(device),
+                code: nested.code.to_device(device),
+                blocksize: nested.blocksize,
+            }),
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+        }
+    }
+
+    /// The bytes this weight holds in memory: packed codes, absmax, code
+    /// book, and with double quantization the nested absmax, its code map and
+    /// the offset (one f32, as bitsandbytes keeps it in a 0-d tensor).
+    pub fn frozen_bytes(&self) -> usize {
+        fn bytes(t: &Tensor) -> usize {
+            t.numel() * t.kind().elt_size_in_bytes()
+        }
+        let nested = self
+            .nested
+            .as_ref()
+            .map_or(0, |n| bytes(&n.absmax) + bytes(&n.code) + 4);
+        bytes(&self.data) + bytes(&self.absmax) + bytes(&self.code) + nested
+    }
+
+    /// [`Quantized4bit::frozen_bytes`] per value of the original weight.
+    pub fn bytes_per_param(&self) -> f64 {
+        self.frozen_bytes() as f64 / self.numel() as f64
+    }
+
+    /// Checks that every field agrees with every other (shapes, dtypes, the
+    /// code book); `what` names the weight in the error.
+    pub fn check(&self, what: &str) -> Result<()> {
+        let n = self.numel();
+        ensure!(
+            !self.shape.is_empty() && self.shape.iter().all(|&d| d > 0),
+            "{what}: shape {:?} has no values",
+            self.shape
+        );
+        ensure!(
+            is_float(self.dtype),
+            "{what}: dtype {:?} is not f32, f16 or bf16",
+            self.dtype
+        );
+        if !VALID_BLOCKSIZES.contains(&self.blocksize) {
+            bail!(
+                "{what}: blocksize {} is not one bitsandbytes uses ({VALID_BLOCKSIZES:?})",
+                self.blocksize
+            );
+        }
+        let expect = |t: &Tensor, field: &str, kind: Kind, shape: &[i64]| -> Result<()> {
+            ensure!(
+                t.kind() == kind && t.size() == shape,
+                "{what}: {field} is {:?} {:?}, expected {kind:?} {shape:?}",
+                t.kind(),
+                t.size()
+            );
+            Ok(())
+        };
+        expect(&self.data, "data", Kind::Uint8, &[(n + 1) / 2, 1])?;
+        let blocks = (n + self.blocksize - 1) / self.blocksize;
+        let absmax_kind = if self.nested.is_some() {
+            Kind::Uint8
+        } else {
+            Kind::Float
+        };
+        expect(&self.absmax, "absmax", absmax_kind, &[blocks])?;
+        expect(&self.code, "quant_map", Kind::Float, &[16])?;
+        let stored: Vec<f32> = Vec::try_from(&self.code.to_device(Device::Cpu))?;
+        let book = self.quant_type.code();
+        // Bitwise, because bitsandbytes' kernels decode with their own table
+        // whatever quant_map says: a different map would be silently ignored.
+        ensure!(
+            stored
+                .iter()
+                .zip(book)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: quant_map is not bitsandbytes' {} code book",
+            self.quant_type
+        );
+        if let Some(nested) = &self.nested {
+            ensure!(
+                nested.blocksize > 0,
+                "{what}: nested_blocksize {} is not positive",
+                nested.blocksize
+            );
+            let nested_blocks = (blocks + nested.blocksize - 1) / nested.blocksize;
+            expect(
+                &nested.absmax,
+                "nested_absmax",
+                Kind::Float,
+                &[nested_blocks],
+            )?;
+            expect(&nested.code, "nested_quant_map", Kind::Float, &[256])?;
+            ensure!(
+                nested.offset.is_finite(),
+                "{what}: nested_offset {} is not finite",
+                nested.offset
+            );
+        }
+        Ok(())
+    }
+}
