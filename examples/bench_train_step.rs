@@ -2,7 +2,9 @@
 //! LoRA r=16 all-linear step as `bench/train_step.py`, through the trainer's
 //! own `forward_backward`, clipping and AdamW.
 //!
-//! cargo run --release --example bench_train_step -- MODEL_DIR BATCH SEQ STEPS [--gradient-checkpointing]
+//! cargo run --release --example bench_train_step -- MODEL_DIR BATCH SEQ STEPS [--gradient-checkpointing] [--random-weights]
+//!
+//! On CUDA (when libtorch sees a GPU) the base is bf16.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -33,7 +35,17 @@ fn main() -> Result<()> {
     } else {
         Kind::BFloat16
     };
-    let mut model = models::load(&model_dir, kind, device)?;
+    // --random-weights: only config.json is read (a 7B-shaped model on a GPU
+    // machine that has no checkpoint).
+    let mut model = if args.iter().any(|a| a == "--random-weights") {
+        let config = models::read_config(&model_dir)?;
+        with_torch_seed(5, || models::random(config, kind, device))?
+    } else {
+        models::load(&model_dir, kind, device)?
+    };
+    if device != Device::Cpu {
+        tch::Cuda::synchronize(0);
+    }
     let lora = LoraConfig {
         r: 16,
         lora_alpha: 32.0,
@@ -88,10 +100,12 @@ fn main() -> Result<()> {
         for p in params.values() {
             p.shallow_clone().zero_grad();
         }
-        eprintln!(
-            "fwd+bwd {t1:.3} s, optimizer {:.3} s",
-            t.elapsed().as_secs_f64() - t1
-        );
+        if std::env::var_os("PEFT_RS_BENCH_VERBOSE").is_some() {
+            eprintln!(
+                "fwd+bwd {t1:.3} s, optimizer {:.3} s",
+                t.elapsed().as_secs_f64() - t1
+            );
+        }
         Ok(loss)
     };
     step(0)?; // warm-up
@@ -104,11 +118,66 @@ fn main() -> Result<()> {
         loss = step(i)?;
     }
     let dt = t0.elapsed().as_secs_f64();
+    let flops = step_flops(&model.config, batch, seq, 16);
+    let kind = model.kind();
     println!(
         "{}",
         serde_json::json!({"stack": "peft-rs", "tokens_per_second": (batch * seq) as f64 * steps as f64 / dt,
             "seconds_per_step": dt / steps as f64, "loss": loss, "threads": tch::get_num_threads(),
-            "gradient_checkpointing": checkpointing, "device": format!("{device:?}")})
+            "gradient_checkpointing": checkpointing, "device": format!("{device:?}"),
+            "flops_per_step": flops, "matmul_peak_flops": matmul_peak(&model.config, batch * seq, kind, device)})
     );
     Ok(())
+}
+
+/// The model FLOPs of one LoRA step on `b` x `t` tokens with every token
+/// labelled: base matmuls forward and input-gradient backward (no weight
+/// gradients: the base is frozen), the LoRA branches forward and backward,
+/// causal attention (half the scores) forward and backward, and lm_head at
+/// the label positions forward and input-gradient backward. Recomputation
+/// (checkpointing) is not model work and is not counted.
+fn step_flops(c: &models::LlamaConfig, b: i64, t: i64, r: i64) -> f64 {
+    let tokens = (b * t) as f64;
+    let r = r as f64;
+    let mut base = 0.0;
+    let mut lora = 0.0;
+    for (path, i, o) in c.linear_modules() {
+        if path == "lm_head" {
+            continue;
+        }
+        base += 2.0 * (i * o) as f64;
+        lora += 2.0 * r * (i + o) as f64;
+    }
+    let layers = c.num_hidden_layers as f64;
+    let (h, d) = (c.num_attention_heads as f64, c.head_dim as f64);
+    // Q·Kᵀ and P·V, 2·t·d each per query, half of them causal.
+    let attention = layers * b as f64 * h * (t * t) as f64 * d * 2.0;
+    let lm_head = 2.0 * (c.vocab_size * c.hidden_size) as f64 * (b * (t - 1)) as f64;
+    // Backward: the input gradient only for frozen weights (1x forward);
+    // LoRA gets input and weight gradients (2x); attention 2x.
+    tokens * (2.0 * base + 3.0 * lora) + 3.0 * attention + 2.0 * lm_head
+}
+
+/// This machine's matmul throughput on the step's own shapes (tokens x
+/// hidden x intermediate, both ways), as FLOP/s: the roofline.
+fn matmul_peak(c: &models::LlamaConfig, tokens: i64, kind: Kind, device: Device) -> f64 {
+    let (h, f) = (c.hidden_size as i64, c.intermediate_size as i64);
+    let x = Tensor::randn([tokens, h], (kind, device));
+    let w1 = Tensor::randn([f, h], (kind, device));
+    let w2 = Tensor::randn([h, f], (kind, device));
+    let run = || {
+        let y = x.linear::<Tensor>(&w1, None);
+        let _ = y.linear::<Tensor>(&w2, None);
+        if device != Device::Cpu {
+            tch::Cuda::synchronize(0);
+        }
+    };
+    run();
+    let reps = 10;
+    let t = Instant::now();
+    for _ in 0..reps {
+        run();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    (reps as f64 * 4.0 * (tokens * h * f) as f64) / secs
 }

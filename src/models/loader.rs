@@ -11,9 +11,40 @@ use tch::{Device, Kind, Tensor};
 use crate::nn::Linear;
 use crate::weights::WeightFiles;
 
+/// Where a model's tensors come from: a checkpoint, or random values for
+/// benchmarks of shapes no checkpoint is at hand for.
+pub trait TensorSource {
+    /// The tensor `name` of `shape`, in `kind` on `device`.
+    fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor>;
+}
+
+impl TensorSource for WeightFiles {
+    fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        self.load(name, shape, kind, device)
+    }
+}
+
+/// Random weights with a model's shapes: norms at 1, everything else
+/// N(0, `std`), drawn on the device (a 7B model in seconds, nothing read).
+pub struct RandomWeights {
+    /// Standard deviation of the non-norm weights.
+    pub std: f64,
+}
+
+impl TensorSource for RandomWeights {
+    fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        let t = if name.contains("norm") {
+            Tensor::f_ones(shape, (kind, device))?
+        } else {
+            Tensor::f_empty(shape, (kind, device))?.f_normal_(0.0, self.std)?
+        };
+        Ok(t)
+    }
+}
+
 /// A view of a checkpoint under a name prefix, loading in one dtype on one device.
 pub struct Weights<'a> {
-    files: &'a WeightFiles,
+    files: &'a dyn TensorSource,
     prefix: String,
     kind: Kind,
     device: Device,
@@ -23,7 +54,7 @@ pub struct Weights<'a> {
 impl<'a> Weights<'a> {
     /// The root of a checkpoint; `used` collects the names loaded.
     pub fn new(
-        files: &'a WeightFiles,
+        files: &'a dyn TensorSource,
         kind: Kind,
         device: Device,
         used: &'a RefCell<BTreeSet<String>>,
@@ -65,7 +96,7 @@ impl<'a> Weights<'a> {
     /// Loads `prefix + name`, which must have `shape`.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
         let full = self.path(name);
-        let t = self.files.load(&full, shape, self.kind, self.device)?;
+        let t = self.files.tensor(&full, shape, self.kind, self.device)?;
         self.used.borrow_mut().insert(full);
         Ok(t)
     }

@@ -48,6 +48,14 @@ pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<LlamaForCausalLM> 
     load_with_config(dir, read_config(dir)?, kind, device)
 }
 
+/// A model of `config`'s shapes with random weights (N(0, 0.02), norms 1),
+/// for benchmarks of sizes no checkpoint is at hand for.
+pub fn random(config: LlamaConfig, kind: Kind, device: Device) -> Result<LlamaForCausalLM> {
+    let used = RefCell::new(BTreeSet::new());
+    let source = loader::RandomWeights { std: 0.02 };
+    LlamaForCausalLM::load(config, &Weights::new(&source, kind, device, &used))
+}
+
 fn load_with_config(
     dir: &Path,
     config: LlamaConfig,

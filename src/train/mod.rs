@@ -885,7 +885,8 @@ impl PlainProgress {
     }
 
     fn step(&mut self, done: u64, total: u64, start: u64, s: &StepStats, tps: f64) {
-        let due = done.is_multiple_of(self.every) || self.last.elapsed().as_secs() >= 60 || done == total;
+        let due =
+            done.is_multiple_of(self.every) || self.last.elapsed().as_secs() >= 60 || done == total;
         if !self.on || !due {
             return;
         }
