@@ -79,11 +79,23 @@ pub fn repetition_n(text: &str, n: usize) -> f64 {
     }
 }
 
+/// Words as the `rouge-score` package tokenizes them (what the NEFTune paper
+/// used): lower-cased, with every character that is not a letter or digit
+/// treated as a space, so "No," matches "no". Unlike `rouge-score`, non-ASCII
+/// letters are kept instead of dropped.
+fn rouge_words(text: &str) -> Vec<String> {
+    text.to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// ROUGE-L F1 between a candidate and a reference: the longest common
 /// subsequence of their words, as precision and recall, combined as the
 /// harmonic mean (Lin 2004, β = 1).
 pub fn rouge_l(candidate: &str, reference: &str) -> f64 {
-    let (c, r) = (words(candidate), words(reference));
+    let (c, r) = (rouge_words(candidate), rouge_words(reference));
     if c.is_empty() || r.is_empty() {
         return 0.0;
     }
@@ -184,6 +196,10 @@ mod tests {
         // Candidate "a b" against "a x b y": LCS 2, P = 1, R = 0.5, F = 2/3.
         assert!((rouge_l("a b", "a x b y") - 2.0 / 3.0).abs() < 1e-12);
         assert_eq!(rouge_l("", "a"), 0.0);
+        // Case and punctuation do not separate words, as in rouge-score.
+        assert!((rouge_l("No, sentence one is", "no") - 0.4).abs() < 1e-12);
+        assert_eq!(rouge_l("E, G, B.", "e g b"), 1.0);
+        assert_eq!(rouge_l("...", "a"), 0.0);
     }
 
     #[test]
