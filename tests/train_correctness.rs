@@ -413,3 +413,98 @@ fn epochs_are_counted_as_transformers_counts_them() {
         .collect();
     assert_eq!(epochs, [0.4, 0.8, 1.0, 1.4, 1.8, 2.0, 2.4, 2.8, 3.0]);
 }
+
+// ---- LoRA initialisation is device-independent (issue 15) ----
+
+fn init_on(weight: &Tensor) -> peft_rs::adapters::lora::LoraWeights {
+    peft_rs::adapters::rng::with_torch_seed(7, || {
+        peft_rs::adapters::lora::LoraWeights::init(
+            weight,
+            8,
+            2.0,
+            0.0,
+            peft_rs::adapters::lora::InitLoraWeights::Default,
+            false,
+            Device::Cpu,
+        )
+    })
+}
+
+#[test]
+fn init_is_drawn_on_the_cpu_and_rounded_through_a_16_bit_base_dtype() {
+    let weight = Tensor::ones([48, 64], (Kind::Float, Device::Cpu));
+    let fp32 = init_on(&weight);
+    // The same draws as libtorch's CPU generator gives for that seed, so
+    // any device that receives them gets the same adapter.
+    let by_hand = peft_rs::adapters::rng::with_torch_seed(7, || {
+        Tensor::empty([8, 64], (Kind::Float, Device::Cpu)).uniform_(-0.125, 0.125)
+    });
+    assert!(fp32.a.equal(&by_hand));
+    assert_eq!(fp32.a.kind(), Kind::Float);
+    for kind in [Kind::BFloat16, Kind::Half] {
+        let w16 = init_on(&weight.to_kind(kind));
+        assert_eq!(w16.a.kind(), Kind::Float, "adapters stay fp32");
+        let rounded = fp32.a.to_kind(kind).to_kind(Kind::Float);
+        assert!(w16.a.equal(&rounded), "{kind:?}: not the fp32 draw rounded");
+        assert!(!w16.a.equal(&fp32.a), "{kind:?}: the rounding did nothing");
+        assert!(w16.b.equal(&fp32.b));
+    }
+}
+// ---- dropout keep masks ----
+
+#[test]
+fn keep_mask_drops_at_the_asked_rate_and_repeats() {
+    let n = 1 << 20;
+    let m = peft_rs::adapters::rng::keep_mask(n, 0.05, 7);
+    let rate = m.iter().filter(|&&keep| !keep).count() as f64 / n as f64;
+    // Standard error sqrt(p(1-p)/n) = 2.1e-4.
+    assert!((rate - 0.05).abs() < 1e-3, "rate {rate}");
+    assert_eq!(m, peft_rs::adapters::rng::keep_mask(n, 0.05, 7));
+    assert_ne!(m, peft_rs::adapters::rng::keep_mask(n, 0.05, 8));
+}
+/// Noise computed in fp32 on a bf16 base, as a careless custom regularizer
+/// would return it.
+struct Fp32Noise;
+
+impl Regularizer for Fp32Noise {
+    fn name(&self) -> String {
+        "fp32-noise".into()
+    }
+    fn hook_points(&self) -> Vec<HookPoint> {
+        vec![HookPoint::EmbeddingOutput, HookPoint::DecoderLayerOutput(0)]
+    }
+    fn apply(&mut self, _point: HookPoint, value: Tensor, _ctx: &HookContext) -> Tensor {
+        value.to_kind(Kind::Float) + 0.5
+    }
+}
+
+#[test]
+fn the_regularizer_stack_returns_what_the_next_bf16_layer_expects() {
+    let mut stack = RegularizerStack::new();
+    stack.push(Box::new(Fp32Noise));
+    let mask = Tensor::ones([2, 3], (Kind::Int64, Device::Cpu));
+    let ctx = HookContext {
+        training: true,
+        step: 0,
+        attention_mask: &mask,
+        segment_ids: None,
+        seed: 1,
+        micro_batch: 0,
+        micro_batches: 1,
+        trainable: &[],
+    };
+    let x = Tensor::ones([2, 3, 4], (Kind::BFloat16, Device::Cpu));
+    for point in [HookPoint::EmbeddingOutput, HookPoint::DecoderLayerOutput(0)] {
+        let y = stack.apply(point, x.shallow_clone(), &ctx);
+        assert_eq!(y.kind(), Kind::BFloat16, "{point:?}");
+        // The next layer (a bf16 linear) accepts it; an fp32 input would fail.
+        let w = Tensor::ones([5, 4], (Kind::BFloat16, Device::Cpu));
+        assert_eq!(y.linear::<Tensor>(&w, None).double_value(&[0, 0, 0]), 6.0);
+    }
+    let w = Tensor::ones([5, 4], (Kind::BFloat16, Device::Cpu));
+    let raw = Fp32Noise.apply(HookPoint::EmbeddingOutput, x, &ctx);
+    assert!(
+        raw.f_linear::<Tensor>(&w, None).is_err(),
+        "the uncast value should not fit"
+    );
+}

@@ -97,19 +97,3 @@ pub fn keep_mask(n: usize, p: f64, seed: u64) -> Vec<bool> {
     });
     mask
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keep_mask_drops_at_the_asked_rate_and_repeats() {
-        let n = 1 << 20;
-        let m = keep_mask(n, 0.05, 7);
-        let rate = m.iter().filter(|&&keep| !keep).count() as f64 / n as f64;
-        // Standard error sqrt(p(1-p)/n) = 2.1e-4.
-        assert!((rate - 0.05).abs() < 1e-3, "rate {rate}");
-        assert_eq!(m, keep_mask(n, 0.05, 7));
-        assert_ne!(m, keep_mask(n, 0.05, 8));
-    }
-}

@@ -925,3 +925,35 @@ impl LlamaForCausalLM {
         n
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::AttentionPath;
+
+    #[test]
+    fn attention_path_expands_grouped_keys_whenever_a_mask_is_passed() {
+        use AttentionPath::*;
+        // (query heads, kv heads, query length, mask) -> path; SmolLM2 is 9 over 3.
+        let cases = [
+            // Training or prefill without padding: flash/efficient, GQA native.
+            ((9, 3, 128, false), CausalGrouped),
+            ((8, 8, 128, false), Causal),
+            // One new token over the cache, nothing to mask.
+            ((9, 3, 1, false), Full),
+            ((8, 8, 1, false), Full),
+            // Padding, packing, sliding windows (also decoding past the window):
+            // a mask with grouped heads would leave only the math kernel.
+            ((9, 3, 128, true), Masked { expand_kv: true }),
+            ((9, 3, 1, true), Masked { expand_kv: true }),
+            ((8, 8, 128, true), Masked { expand_kv: false }),
+            ((8, 8, 1, true), Masked { expand_kv: false }),
+        ];
+        for ((q, kv, t, masked), want) in cases {
+            assert_eq!(
+                AttentionPath::choose(q, kv, t, masked),
+                want,
+                "{q}/{kv} heads, t={t}, mask={masked}"
+            );
+        }
+    }
+}

@@ -25,9 +25,15 @@ pub struct LoraWeights {
 }
 
 impl LoraWeights {
-    /// Fresh weights with PEFT's initialisation, drawn from libtorch's
+    /// Fresh weights with PEFT's initialisation, drawn from libtorch's CPU
     /// generator (seed it with `tch::manual_seed` for reproducible runs).
     /// `weight` is the frozen base weight, used for DoRA's magnitude.
+    ///
+    /// As in PEFT, the draws happen on the CPU and the weights are then moved
+    /// to the base layer's device, so one seed gives one initial adapter on
+    /// every device; and, as PEFT's move to the base dtype followed by its
+    /// upcast of adapters to fp32 does, a 16-bit base rounds them through its
+    /// dtype.
     pub fn init(
         weight: &Tensor,
         r: usize,
@@ -39,7 +45,7 @@ impl LoraWeights {
     ) -> Self {
         let (out_f, in_f) = (weight.size()[0], weight.size()[1]);
         let r = r as i64;
-        let opts = (Kind::Float, device);
+        let opts = (Kind::Float, Device::Cpu);
         // kaiming_uniform_(a=√5) on a [fan_out, fan_in] weight is U(-1/√fan_in, 1/√fan_in).
         let kaiming = |rows: i64, fan_in: i64| {
             let bound = 1.0 / (fan_in as f64).sqrt();
@@ -53,9 +59,16 @@ impl LoraWeights {
             ),
             InitLoraWeights::Random => (kaiming(r, in_f), kaiming(out_f, r)),
         };
+        let placed = |t: Tensor| {
+            let t = match weight.kind() {
+                k @ (Kind::BFloat16 | Kind::Half) => t.to_kind(k).to_kind(Kind::Float),
+                _ => t,
+            };
+            t.to_device(device).set_requires_grad(true)
+        };
         let mut w = Self {
-            a: a.set_requires_grad(true),
-            b: b.set_requires_grad(true),
+            a: placed(a),
+            b: placed(b),
             magnitude: None,
             scaling,
             dropout,
