@@ -57,15 +57,21 @@ pub struct ModelArgs {
     /// Dtype of the frozen weights: auto is fp32 on CPU (bf16 is far slower there), bf16 on CUDA.
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     pub dtype: DtypeArg,
+    /// Allow TF32 tensor cores for fp32 matmuls on CUDA (faster, about 10 bits of mantissa).
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 impl ModelArgs {
     /// Loads the model and tokenizer these arguments name.
     pub fn load(&self) -> Result<Pretrained> {
-        let device = self.device.resolve()?;
-        let kind = self.dtype.resolve(device);
+        if self.tf32 {
+            crate::device::allow_tf32();
+        }
+        let place = crate::device::Placement::resolve(self.device, self.dtype)?;
         let dir = resolve_model_dir(self.model.clone())?;
-        Pretrained::load(&dir, kind, device)
+        eprintln!("{}: {}", dir.display(), place.describe());
+        Pretrained::load(&dir, place.kind, place.device)
     }
 }
 
@@ -172,10 +178,11 @@ fn usage_error<T>(e: clap::Error) -> Result<T> {
 
 fn env() -> Result<()> {
     println!("peft-rs {}", env!("CARGO_PKG_VERSION"));
-    println!("libtorch: tch 0.24 (PyTorch 2.11.0)");
-    let cuda = tch::Cuda::is_available();
     // If the linker dropped libtorch_cuda, CUDA is silently unusable; say so.
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let (version, lib_dir) = libtorch_version(&maps);
+    println!("libtorch: {version} (tch 0.24), from {lib_dir}");
+    let cuda = tch::Cuda::is_available();
     println!(
         "libtorch_cuda linked: {}",
         if maps.contains("libtorch_cuda.so") {
@@ -184,7 +191,20 @@ fn env() -> Result<()> {
             "no"
         }
     );
+    let smi = crate::device::NvidiaSmi::query();
+    match &smi {
+        Some(smi) => {
+            println!("nvidia driver: {}", smi.driver);
+            for (i, (name, cap)) in smi.gpus.iter().enumerate() {
+                println!("gpu {i}: {name}, compute capability {cap}");
+            }
+        }
+        None => println!("nvidia driver: none found (no nvidia-smi)"),
+    }
     println!("cuda usable: {cuda}");
+    if let Some(why) = crate::device::cpu_fallback_reason(smi.as_ref()) {
+        println!("{why}");
+    }
     if cuda {
         println!(
             "cuda devices: {} (cudnn {})",
@@ -195,6 +215,18 @@ fn env() -> Result<()> {
                 "not available"
             }
         );
+        // Kernels for this GPU exist in this build only if they run: try them.
+        for i in 0..tch::Cuda::device_count() as usize {
+            match prove_device(tch::Device::Cuda(i)) {
+                Ok(()) => println!(
+                    "cuda:{i}: bf16 matmul and attention ran (this libtorch has kernels for it)"
+                ),
+                Err(e) => println!(
+                    "cuda:{i}: FAILED a bf16 matmul/attention: {}",
+                    first_line(&e.to_string())
+                ),
+            }
+        }
     }
     let mut devices = vec!["cpu".to_owned()];
     if cuda {
@@ -212,6 +244,67 @@ fn env() -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// The libtorch version, read from the installation that is loaded (the torch
+/// wheel's `version.py`, or a libtorch archive's `build-version`), and its folder.
+fn libtorch_version(maps: &str) -> (String, String) {
+    let Some(lib) = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+        .map(Path::new)
+        .and_then(Path::parent)
+    else {
+        return ("unknown".into(), "unknown".into());
+    };
+    let root = lib.parent().unwrap_or(lib);
+    let version = std::fs::read_to_string(root.join("version.py"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("__version__ = "))
+                .map(|v| v.trim_matches(['\'', '"']).to_owned())
+        })
+        .or_else(|| {
+            std::fs::read_to_string(root.join("build-version"))
+                .ok()
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    (format!("PyTorch {version}"), lib.display().to_string())
+}
+
+/// A bf16 matmul and a scaled-dot-product attention on `device`, checked
+/// against the same computation on the CPU.
+fn prove_device(device: tch::Device) -> Result<()> {
+    use tch::{Kind, Tensor};
+    let x = Tensor::f_randn([64, 64], (Kind::BFloat16, tch::Device::Cpu))?;
+    let on = x.f_to_device(device)?;
+    let mm = on.f_matmul(&on)?.f_to_device(tch::Device::Cpu)?;
+    let want = x.to_kind(Kind::Float).matmul(&x.to_kind(Kind::Float));
+    let err = (mm.to_kind(Kind::Float) - &want)
+        .abs()
+        .max()
+        .double_value(&[]);
+    if err > 0.05 * want.abs().max().double_value(&[]) {
+        bail!("matmul differs from the CPU by {err}");
+    }
+    let q = on.f_view([1, 4, 16, 64])?;
+    let att =
+        Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &q, &q, None, 0.0, true, None, false)?;
+    if !bool::try_from(att.f_isfinite()?.f_all()?)? {
+        bail!("attention returned non-finite values");
+    }
+    tch::Cuda::synchronize(match device {
+        tch::Device::Cuda(i) => i as i64,
+        _ => 0,
+    });
+    Ok(())
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
 }
 
 /// One request to generate from.

@@ -120,6 +120,129 @@ macro_rules! serde_as_string {
 serde_as_string!(DeviceArg);
 serde_as_string!(DtypeArg);
 
+/// What `nvidia-smi` reports about the machine's GPUs, when it is installed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NvidiaSmi {
+    /// The driver version, e.g. `580.65.06`.
+    pub driver: String,
+    /// One `(name, compute capability)` per GPU, e.g. `("NVIDIA H200", "9.0")`.
+    pub gpus: Vec<(String, String)>,
+}
+
+impl NvidiaSmi {
+    /// Runs `nvidia-smi` (from `PATH`); `None` when it is absent or fails.
+    pub fn query() -> Option<Self> {
+        let out = std::process::Command::new("nvidia-smi")
+            .args([
+                "--query-gpu=name,driver_version,compute_cap",
+                "--format=csv,noheader",
+            ])
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        Self::parse(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Parses `name, driver, capability` lines.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut smi = Self::default();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let f: Vec<&str> = line.split(',').map(str::trim).collect();
+            if f.len() < 3 {
+                continue;
+            }
+            smi.driver = f[1].to_owned();
+            smi.gpus.push((f[0].to_owned(), f[2].to_owned()));
+        }
+        (!smi.gpus.is_empty()).then_some(smi)
+    }
+}
+
+/// Why `--device auto` would run on the CPU although the machine has a GPU, in
+/// one line; `None` when it uses CUDA or no GPU is visible.
+pub fn cpu_fallback_reason(smi: Option<&NvidiaSmi>) -> Option<String> {
+    if Cuda::is_available() {
+        return None;
+    }
+    let smi = smi?;
+    let driver_major: u32 = smi.driver.split('.').next()?.parse().ok()?;
+    let why = if driver_major < MIN_DRIVER_CUDA13 {
+        format!(
+            "driver {} is older than the {MIN_DRIVER_CUDA13} this libtorch's CUDA 13.0 needs; \
+             ./scripts/setup.sh installs the torch 2.11.0 build that matches the driver",
+            smi.driver
+        )
+    } else {
+        format!(
+            "libtorch cannot open it although driver {} is recent enough (check `peft-rs env`)",
+            smi.driver
+        )
+    };
+    Some(format!(
+        "note: --device auto is using the CPU (fp32) although nvidia-smi sees {}: {why}",
+        smi.gpus[0].0
+    ))
+}
+
+/// The oldest driver major version that runs CUDA 13.0 builds.
+pub const MIN_DRIVER_CUDA13: u32 = 580;
+
+/// Lets cuBLAS use TF32 tensor cores for fp32 matmuls (`--tf32`), as
+/// `torch.backends.cuda.matmul.allow_tf32 = True` does. libtorch reads this
+/// switch once, at its first CUDA matmul, so call it before loading a model.
+pub fn allow_tf32() {
+    std::env::set_var("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1");
+}
+
+/// Where a command runs and in which dtype, resolved from the flags.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Placement {
+    /// The device tensors live on.
+    pub device: Device,
+    /// The dtype of the frozen weights.
+    pub kind: Kind,
+}
+
+impl Placement {
+    /// Resolves `--device` and `--dtype`, saying in one line (on stderr) why
+    /// `auto` falls back to the CPU on a machine with a GPU.
+    pub fn resolve(device: DeviceArg, dtype: DtypeArg) -> Result<Self> {
+        let resolved = device.resolve()?;
+        if device == DeviceArg::Auto && resolved == Device::Cpu {
+            if let Some(why) = cpu_fallback_reason(NvidiaSmi::query().as_ref()) {
+                eprintln!("{why}");
+            }
+        }
+        Ok(Self {
+            device: resolved,
+            kind: dtype.resolve(resolved),
+        })
+    }
+
+    /// The flags that name this placement exactly (what `training_args.json` records).
+    pub fn as_args(&self) -> (DeviceArg, DtypeArg) {
+        let device = match self.device {
+            Device::Cuda(n) => DeviceArg::Cuda(n),
+            _ => DeviceArg::Cpu,
+        };
+        let dtype = match self.kind {
+            Kind::BFloat16 => DtypeArg::Bf16,
+            Kind::Half => DtypeArg::Fp16,
+            _ => DtypeArg::Fp32,
+        };
+        (device, dtype)
+    }
+
+    /// `device cuda:0, dtype bf16`, printed by every command that loads a model.
+    pub fn describe(&self) -> String {
+        let (d, t) = self.as_args();
+        format!("device {d}, dtype {t}")
+    }
+}
+
 /// Parses `auto`, `cpu`, `cuda` or `cuda:N`; `auto` picks CUDA when usable.
 pub fn parse_device(s: &str) -> Result<Device> {
     Ok(match s {
@@ -196,4 +319,48 @@ pub fn resolve_model_dir(model: Option<PathBuf>) -> Result<PathBuf> {
         );
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvidia_smi_lines_and_the_cpu_fallback_message() {
+        let old = NvidiaSmi::parse("Tesla T4, 535.104.05, 7.5\n").unwrap();
+        assert_eq!(old.driver, "535.104.05");
+        assert_eq!(old.gpus, vec![("Tesla T4".to_owned(), "7.5".to_owned())]);
+        let two =
+            NvidiaSmi::parse("NVIDIA H200, 580.65.06, 9.0\nNVIDIA H200, 580.65.06, 9.0\n").unwrap();
+        assert_eq!(two.gpus.len(), 2);
+        assert_eq!(NvidiaSmi::parse("No devices were found\n"), None);
+        assert_eq!(NvidiaSmi::parse(""), None);
+        // This machine's libtorch has no GPU to open, so auto falls back to the CPU.
+        if !Cuda::is_available() {
+            let why = cpu_fallback_reason(Some(&old)).unwrap();
+            assert!(
+                why.contains("Tesla T4") && why.contains("535.104.05") && why.contains("setup.sh"),
+                "{why}"
+            );
+            let why = cpu_fallback_reason(Some(&two)).unwrap();
+            assert!(why.contains("recent enough"), "{why}");
+            assert_eq!(
+                cpu_fallback_reason(None),
+                None,
+                "no GPU, nothing to explain"
+            );
+        }
+    }
+
+    #[test]
+    fn a_placement_names_itself_as_flags() {
+        let p = Placement {
+            device: Device::Cuda(1),
+            kind: Kind::BFloat16,
+        };
+        assert_eq!(p.as_args(), (DeviceArg::Cuda(1), DtypeArg::Bf16));
+        assert_eq!(p.describe(), "device cuda:1, dtype bf16");
+        let auto = Placement::resolve(DeviceArg::Cpu, DtypeArg::Auto).unwrap();
+        assert_eq!(auto.as_args(), (DeviceArg::Cpu, DtypeArg::Fp32));
+    }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::models::llama::OUTPUT_HEAD;
 use crate::models::LlamaForCausalLM;
@@ -158,6 +158,15 @@ pub fn set_training(model: &mut LlamaForCausalLM, training: bool) {
     for (_, lin) in model.linear_layers_mut() {
         if let Some(a) = lin.adapter.as_mut() {
             a.set_training(training);
+        }
+    }
+}
+
+/// Sets the dtype of every adapter's matmuls (`--lora-compute-dtype`).
+pub fn set_compute_kind(model: &mut LlamaForCausalLM, kind: Kind) {
+    for (_, lin) in model.linear_layers_mut() {
+        if let Some(a) = lin.adapter.as_mut() {
+            a.set_compute_kind(kind);
         }
     }
 }

@@ -129,6 +129,9 @@ fn same_seed_same_curve_and_neftune_alpha_zero_is_off() {
             .unwrap();
     assert_eq!(args["neftune_noise_alpha"], 5.0);
     assert_eq!(args["neftune_mode"], "paper");
+    // What was used, not "auto" (this machine has no GPU).
+    assert_eq!(args["device"], "cpu");
+    assert_eq!(args["dtype"], "fp32");
 }
 
 #[test]

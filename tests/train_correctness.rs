@@ -508,3 +508,54 @@ fn the_regularizer_stack_returns_what_the_next_bf16_layer_expects() {
         "the uncast value should not fit"
     );
 }
+
+#[test]
+fn lora_compute_dtype_bf16_runs_the_adapter_matmuls_in_bf16_with_fp32_gradients() {
+    use peft_rs::adapters::lora::{LoraLayer, LoraWeights};
+    use peft_rs::adapters::{BaseLinear, LinearAdapter};
+    let weight = Tensor::randn([32, 48], (Kind::BFloat16, Device::Cpu));
+    let w = with_torch_seed(3, || {
+        LoraWeights::init(
+            &weight,
+            8,
+            2.0,
+            0.0,
+            InitLoraWeights::Random,
+            false,
+            Device::Cpu,
+        )
+    });
+    let (a, b) = (w.a.shallow_clone(), w.b.shallow_clone());
+    let mut layer = LoraLayer::new("default", w);
+    let x = Tensor::randn([2, 5, 48], (Kind::BFloat16, Device::Cpu));
+    let base = x.linear::<Tensor>(&weight, None);
+    let run = |layer: &LoraLayer| {
+        let y = layer.forward(
+            &x,
+            base.shallow_clone(),
+            &BaseLinear {
+                weight: &weight,
+                bias: None,
+            },
+        );
+        y.to_kind(Kind::Float)
+    };
+    let y32 = run(&layer);
+    layer.set_compute_kind(Kind::BFloat16);
+    let y16 = run(&layer);
+    assert_eq!(y16.size(), y32.size());
+    let by_hand = (base.to_kind(Kind::Float)
+        + x.linear::<Tensor>(&a.to_kind(Kind::BFloat16), None)
+            .linear::<Tensor>(&b.to_kind(Kind::BFloat16), None)
+            .to_kind(Kind::Float)
+            * 2.0)
+        .to_kind(Kind::BFloat16)
+        .to_kind(Kind::Float);
+    assert!(y16.equal(&by_hand), "not the bf16 matmuls");
+    assert!(!y16.equal(&y32), "bf16 compute changed nothing");
+    let rel = (&y16 - &y32).abs().max().double_value(&[]) / y32.abs().max().double_value(&[]);
+    assert!(rel < 2e-2, "bf16 LoRA far from fp32: {rel}");
+    y16.sum(Kind::Float).backward();
+    assert_eq!(a.grad().kind(), Kind::Float);
+    assert!(a.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+}

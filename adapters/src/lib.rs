@@ -41,6 +41,12 @@ pub trait LinearAdapter: Send {
     /// Switches training-only behaviour (dropout) on or off.
     fn set_training(&mut self, training: bool);
 
+    /// The dtype the adapter's matmuls run in: fp32 (PEFT in eager mode casts
+    /// the input to the adapter's fp32 weights) or the base's 16-bit dtype (as
+    /// under transformers' bf16 autocast). Parameters stay fp32 either way.
+    /// Methods without such a choice ignore it.
+    fn set_compute_kind(&mut self, _kind: tch::Kind) {}
+
     /// Folds the active adapter(s) into `weight` (computed in fp32, then cast
     /// to the weight's dtype); after this, `forward` adds nothing.
     fn merge(&mut self, weight: &mut Tensor) -> Result<()>;

@@ -187,6 +187,16 @@ pub struct TrainConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().gradient_checkpointing)]
     pub gradient_checkpointing: bool,
+    /// Dtype of the LoRA matmuls: fp32 (PEFT's eager default: the input is cast
+    /// to the fp32 adapter) or bf16/fp16 (as under transformers' bf16 autocast:
+    /// faster on a GPU, adapter parameters still fp32). DoRA layers stay fp32.
+    #[arg(long, value_enum, value_name = "DTYPE", default_value_t = defaults().lora_compute_dtype)]
+    pub lora_compute_dtype: DtypeArg,
+    /// Allow TF32 tensor cores for fp32 matmuls on CUDA (Ampere and newer):
+    /// much faster, about 10 bits of mantissa. No effect on the CPU.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().tf32)]
+    pub tf32: bool,
     /// Rows of logits per cross-entropy chunk.
     #[arg(long, value_name = "N", default_value_t = defaults().loss_chunk_size)]
     pub loss_chunk_size: i64,
@@ -245,6 +255,8 @@ impl Default for TrainConfig {
             device: DeviceArg::Auto,
             dtype: DtypeArg::Auto,
             gradient_checkpointing: false,
+            lora_compute_dtype: DtypeArg::Fp32,
+            tf32: false,
             loss_chunk_size: 1024,
             logging_steps: 1,
             save_steps: 0,

@@ -107,8 +107,14 @@ impl Trainer {
     /// `neftune_noise_alpha > 0` and then `extra` regularizers, in that order.
     pub fn new(mut cfg: TrainConfig, extra: Vec<Box<dyn Regularizer>>) -> Result<Self> {
         cfg.validate()?;
-        let device = cfg.device.resolve()?;
-        let kind = cfg.dtype.resolve(device);
+        if cfg.tf32 {
+            crate::device::allow_tf32();
+        }
+        let place = crate::device::Placement::resolve(cfg.device, cfg.dtype)?;
+        let (device, kind) = (place.device, place.kind);
+        // training_args.json records what was used, not "auto".
+        (cfg.device, cfg.dtype) = place.as_args();
+        eprintln!("training on {}", place.describe());
         let model_dir = resolve_model_dir(cfg.model.clone())?;
         cfg.model = Some(model_dir.clone());
         let Some(data_path) = cfg.data.clone() else {
@@ -157,6 +163,7 @@ impl Trainer {
             peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora)
         })?;
         peft_model::set_training(&mut model, true);
+        peft_model::set_compute_kind(&mut model, cfg.lora_compute_dtype.resolve(tch::Device::Cpu));
         let params = peft_model::trainable_parameters(&mut model);
         let trainable = params
             .iter()

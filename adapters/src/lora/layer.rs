@@ -191,6 +191,8 @@ pub struct LoraLayer {
     training: bool,
     /// Merged adapters in merge order, with DoRA's weight norm kept for unmerge.
     merged: Vec<(String, Option<Tensor>)>,
+    /// The dtype of the LoRA matmuls (fp32 unless asked otherwise).
+    compute_kind: Kind,
 }
 
 impl LoraLayer {
@@ -203,6 +205,7 @@ impl LoraLayer {
             active: vec![name.to_owned()],
             training: false,
             merged: vec![],
+            compute_kind: Kind::Float,
         }
     }
 
@@ -259,15 +262,27 @@ impl LinearAdapter for LoraLayer {
         let mut sum = base_output.to_kind(Kind::Float);
         for w in active {
             // Adapters compute in fp32 (they are stored in fp32), as PEFT casts
-            // the input to lora_A's dtype.
-            let x32 = x.to_kind(Kind::Float);
+            // the input to lora_A's dtype; DoRA's weight norm always does.
+            let ck = match w.magnitude {
+                None => self.compute_kind,
+                Some(_) => Kind::Float,
+            };
+            let xc = x.to_kind(ck);
             let dropout_on = self.training && w.dropout > 0.0;
             let xd = if dropout_on {
-                dropout(&x32, w.dropout)
+                dropout(&xc, w.dropout)
             } else {
-                x32
+                xc
             };
-            let lora = xd.linear::<Tensor>(&w.a, None).linear::<Tensor>(&w.b, None);
+            let lora = if ck == Kind::Float {
+                xd.linear::<Tensor>(&w.a, None).linear::<Tensor>(&w.b, None)
+            } else {
+                // As autocast: the fp32 weights are cast for the matmul, and
+                // their gradients flow back through the cast in fp32.
+                xd.linear::<Tensor>(&w.a.to_kind(ck), None)
+                    .linear::<Tensor>(&w.b.to_kind(ck), None)
+                    .to_kind(Kind::Float)
+            };
             let added = match &w.magnitude {
                 None => lora * w.scaling,
                 Some(m) => {
@@ -305,6 +320,10 @@ impl LinearAdapter for LoraLayer {
 
     fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+
+    fn set_compute_kind(&mut self, kind: Kind) {
+        self.compute_kind = kind;
     }
 
     fn merge(&mut self, weight: &mut Tensor) -> Result<()> {
