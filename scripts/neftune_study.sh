@@ -12,7 +12,7 @@
 # seeds (SEEDS="1 2 3").
 #
 # Settings (environment): SEEDS ("1 2"), RUNS (names from the table below),
-# N_TRAIN (160 records), EPOCHS (3), N_EVAL (64), N_PROBE (32), MAX_NEW (160),
+# N_TRAIN (96 records), EPOCHS (3), N_EVAL (32), N_PROBE (16), MAX_NEW (128),
 # LR (5e-4), MODEL (default model), DEVICE (auto), STUDY_DIR (runs/neftune-study),
 # PEFT_RS_BIN (a peft-rs binary to use instead of building one).
 # On a GPU with a 7B base: MODEL=/path/to/Llama-2-7b-hf N_TRAIN=5000 EPOCHS=3 \
@@ -26,11 +26,11 @@ bin=${PEFT_RS_BIN:-$PWD/target/release/peft-rs}
 
 study=${STUDY_DIR:-runs/neftune-study}
 seeds=${SEEDS:-1 2}
-n_train=${N_TRAIN:-160}
+n_train=${N_TRAIN:-96}
 epochs=${EPOCHS:-3}
-n_eval=${N_EVAL:-64}
-n_probe=${N_PROBE:-32}
-max_new=${MAX_NEW:-160}
+n_eval=${N_EVAL:-32}
+n_probe=${N_PROBE:-16}
+max_new=${MAX_NEW:-128}
 lr=${LR:-5e-4}
 device=${DEVICE:-auto}
 model_args=()
