@@ -3,7 +3,9 @@
 # under ~/.cache) so that fresh clones and CI reuse the 4.7 GB install.
 PEFT_RS_TORCH_VERSION=2.11.0
 PEFT_RS_CACHE="${PEFT_RS_CACHE:-$HOME/.cache/peft-rs}"
-PEFT_RS_VENV="${PEFT_RS_VENV:-$PEFT_RS_CACHE/torch-$PEFT_RS_TORCH_VERSION}"
+. "$(dirname "${BASH_SOURCE[0]}")/torch_variant.sh"
+PEFT_RS_TORCH_VARIANT_RESOLVED="$(torch_variant)"
+PEFT_RS_VENV="${PEFT_RS_VENV:-$PEFT_RS_CACHE/$(torch_venv_name "$PEFT_RS_TORCH_VARIANT_RESOLVED")}"
 export VIRTUAL_ENV="$PEFT_RS_VENV"
 export PATH="$PEFT_RS_VENV/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1

@@ -14,10 +14,12 @@ need cargo "install Rust from rustup.rs"
 need python3 "install Python 3.10 or newer with pip and venv"
 
 if ! "$PYTHON" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$PEFT_RS_TORCH_VERSION')" 2>/dev/null; then
-  echo "== installing torch==$PEFT_RS_TORCH_VERSION into $PEFT_RS_VENV (one time, about 4.7 GB)"
+  # shellcheck disable=SC2207
+  pip_args=($(torch_pip_args "$PEFT_RS_TORCH_VARIANT_RESOLVED")) || exit 1
+  echo "== installing torch $PEFT_RS_TORCH_VERSION ($PEFT_RS_TORCH_VARIANT_RESOLVED build) into $PEFT_RS_VENV (one time, about 4.7 GB)"
   python3 -m venv "$PEFT_RS_VENV"
   "$PYTHON" -m pip install --quiet --upgrade pip
-  "$PYTHON" -m pip install --quiet "torch==$PEFT_RS_TORCH_VERSION"
+  "$PYTHON" -m pip install --quiet "${pip_args[@]}"
 fi
 
 req=scripts/requirements-reference.txt
