@@ -1,7 +1,8 @@
 """Python side of the training-step benchmark: transformers + PEFT, LoRA r=16
 all-linear, AdamW, NEFTune hook (alpha 5), on a fixed batch.
 
-Usage: python bench/train_step.py MODEL_DIR BATCH SEQ STEPS
+Usage: python bench/train_step.py MODEL_DIR BATCH SEQ STEPS [--random-weights] [--gradient-checkpointing]
+On CUDA it trains in bf16 (as peft-rs's --dtype auto does) and reports peak memory.
 Prints one JSON line: {"stack": "transformers+peft", "tokens_per_second": ..., ...}
 """
 import json
@@ -14,8 +15,18 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.neftune import neftune_post_forward_hook
 
 model_dir, batch, seq, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+if "--random-weights" in sys.argv:
+    from transformers import AutoConfig
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+else:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+model.to(device)
+if "--gradient-checkpointing" in sys.argv:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
 emb = model.get_input_embeddings()
 emb.neftune_noise_alpha = 5.0
@@ -23,7 +34,7 @@ emb.register_forward_hook(neftune_post_forward_hook)
 model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 g = torch.Generator().manual_seed(1)
-ids = torch.randint(3, 40000, (batch, seq), generator=g)
+ids = torch.randint(3, 40000, (batch, seq), generator=g).to(device)
 mask = torch.ones_like(ids)
 
 
@@ -33,7 +44,7 @@ def step():
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return out.loss.item()
+    return out.loss.item()  # a host read: the step has finished
 
 
 step()  # warm-up
@@ -41,5 +52,8 @@ t0 = time.perf_counter()
 for _ in range(steps):
     loss = step()
 dt = time.perf_counter() - t0
-print(json.dumps({"stack": "transformers+peft", "tokens_per_second": batch * seq * steps / dt,
-                  "seconds_per_step": dt / steps, "loss": loss, "threads": torch.get_num_threads()}))
+res = {"stack": "transformers+peft", "tokens_per_second": batch * seq * steps / dt,
+       "seconds_per_step": dt / steps, "loss": loss, "threads": torch.get_num_threads(), "device": device}
+if device == "cuda":
+    res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+print(json.dumps(res))

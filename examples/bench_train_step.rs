@@ -3,6 +3,11 @@
 //! own `forward_backward`, clipping and AdamW.
 //!
 //! cargo run --release --example bench_train_step -- MODEL_DIR BATCH SEQ STEPS [--gradient-checkpointing] [--random-weights]
+//!     [--packed] [--lora-compute-dtype bf16] [--tf32]
+//!
+//! --packed packs two examples per row (block-diagonal causal mask), which
+//! sends attention through the masked path (keys and values expanded for
+//! grouped heads); --lora-compute-dtype bf16 runs the adapters' matmuls in bf16.
 //!
 //! On CUDA (when libtorch sees a GPU) the base is bf16.
 
@@ -29,6 +34,14 @@ fn main() -> Result<()> {
     let (batch, seq, steps): (i64, i64, usize) =
         (args[1].parse()?, args[2].parse()?, args[3].parse()?);
     let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
+    let packed = args.iter().any(|a| a == "--packed");
+    if args.iter().any(|a| a == "--tf32") {
+        peft_rs::device::allow_tf32();
+    }
+    let lora_kind = match args.iter().position(|a| a == "--lora-compute-dtype") {
+        Some(i) => peft_rs::device::parse_dtype(&args[i + 1], Device::Cpu)?,
+        None => Kind::Float,
+    };
     let device = Device::cuda_if_available();
     let kind = if device == Device::Cpu {
         Kind::Float
@@ -55,6 +68,7 @@ fn main() -> Result<()> {
     };
     with_torch_seed(0, || peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora))?;
     peft_model::set_training(&mut model, true);
+    peft_model::set_compute_kind(&mut model, lora_kind);
     let params = peft_model::trainable_parameters(&mut model);
     let trainable: Vec<(String, Tensor)> = params
         .iter()
@@ -70,14 +84,23 @@ fn main() -> Result<()> {
     let ids = with_torch_seed(1, || {
         Tensor::randint_low(3, 40000, [batch, seq], (Kind::Int64, Device::Cpu))
     });
+    // Two examples per row: positions restart and segments do not see each other.
+    let half = seq / 2;
+    let t = Tensor::arange(seq, (Kind::Int64, Device::Cpu));
+    let segments = t
+        .ge(half)
+        .to_kind(Kind::Int64)
+        .f_add_scalar(1)?
+        .expand([batch, seq], true);
+    let positions = t.remainder(half).expand([batch, seq], true);
     let b = Batch {
         input_ids: ids.shallow_clone(),
         labels: ids.shallow_clone(),
         attention_mask: ids.ones_like(),
+        position_ids: packed.then(|| positions.contiguous()),
+        segment_ids: packed.then(|| segments.contiguous()),
         num_tokens: batch * seq,
         num_label_tokens: batch * (seq - 1),
-        position_ids: None,
-        segment_ids: None,
     };
     let opts = StepOptions {
         gradient_checkpointing: checkpointing,
@@ -125,6 +148,7 @@ fn main() -> Result<()> {
         serde_json::json!({"stack": "peft-rs", "tokens_per_second": (batch * seq) as f64 * steps as f64 / dt,
             "seconds_per_step": dt / steps as f64, "loss": loss, "threads": tch::get_num_threads(),
             "gradient_checkpointing": checkpointing, "device": format!("{device:?}"),
+            "packed": packed, "lora_compute_dtype": peft_rs::device::dtype_name(lora_kind),
             "flops_per_step": flops, "matmul_peak_flops": matmul_peak(&model.config, batch * seq, kind, device)})
     );
     Ok(())

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end, on the embedded default model (SmolLM2-135M-Instruct):
-#   set up -> base answers -> LoRA + NEFTune training -> before/after scores ->
-#   loss plot -> merge -> merged answers == base+adapter answers -> summary.
+#   set up -> base answers -> LoRA training without and with NEFTune ->
+#   before/after scores -> both loss curves -> merge -> merged answers ==
+#   base+adapter answers -> summary of both runs.
 # Running it again reuses the trained adapter and the set-up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,24 +28,29 @@ echo
 echo "== scoring the base model on all $(wc -l < "$test") held-out examples"
 $bin eval --data "$test" --exact-match --json > "$run/eval_before.json"
 
-echo
-if [ -f "$run/lora-r16-neftune5/adapter_model.safetensors" ]; then
-  echo "== reusing the adapter trained earlier in $run/lora-r16-neftune5 (delete it to train again)"
-else
-  echo "== training: LoRA r=16 on all linear layers, NEFTune alpha 5, $steps steps"
-  rm -rf "$run/lora-r16-neftune5"
-  $bin train --data "$train" --eval-data "$test" --eval-steps 20 --output "$run/lora-r16-neftune5" \
-    --lora-rank 16 --neftune-alpha 5 --batch-size 8 --lr 1e-3 --max-steps "$steps" --max-seq-len 128
-fi
+# Two runs, identical but for NEFTune: alpha 0 and alpha 5.
+for alpha in 0 5; do
+  dir="$run/lora-r16-neftune$alpha"
+  echo
+  if [ -f "$dir/adapter_model.safetensors" ]; then
+    echo "== reusing the adapter trained earlier in $dir (delete it to train again)"
+  else
+    echo "== training: LoRA r=16 on all linear layers, NEFTune alpha $alpha, $steps steps"
+    rm -rf "$dir"
+    $bin train --data "$train" --eval-data "$test" --eval-steps 20 --output "$dir" \
+      --lora-rank 16 --neftune-alpha "$alpha" --batch-size 8 --lr 1e-3 --max-steps "$steps" --max-seq-len 128
+  fi
+  $bin eval --data "$test" --adapter "$dir" --exact-match --json > "$run/eval_after_neftune$alpha.json"
+done
 
 echo
-echo "== the trained model on the same held-out prompts"
+echo "== the NEFTune-trained model on the same held-out prompts"
 $bin eval --data "$run/show.jsonl" --adapter "$run/lora-r16-neftune5" --exact-match --show 5 > /dev/null
-$bin eval --data "$test" --adapter "$run/lora-r16-neftune5" --exact-match --json > "$run/eval_after.json"
 
 echo
-echo "== loss curves"
-$bin plot "$run/lora-r16-neftune5" --output "$run/loss.png" --title "SmolLM2-135M-Instruct, LoRA r=16 + NEFTune (alpha 5), dates task" > /dev/null
+echo "== loss curves of both runs"
+$bin plot "$run/lora-r16-neftune0" "$run/lora-r16-neftune5" --labels "no NEFTune,NEFTune alpha 5" --output "$run/loss.png" \
+  --title "SmolLM2-135M-Instruct, LoRA r=16, dates task: without and with NEFTune" > /dev/null
 echo "   $run/loss.png"
 
 echo
@@ -64,15 +70,22 @@ PY
 "$PYTHON" - "$run" "$start" <<'PY'
 import json, sys, time, pathlib
 run, start = pathlib.Path(sys.argv[1]), float(sys.argv[2])
-b = json.loads((run / "eval_before.json").read_text())
-a = json.loads((run / "eval_after.json").read_text())
+load = lambda f: json.loads((run / f).read_text())
+b, a0, a5 = load("eval_before.json"), load("eval_after_neftune0.json"), load("eval_after_neftune5.json")
 print()
 print("== summary: held-out dates (100 examples, never seen in training)")
-print(f"   {'':16}{'before':>10}{'after':>10}")
-print(f"   {'exact match':16}{100 * b['exact_match']:>9.1f}%{100 * a['exact_match']:>9.1f}%")
-print(f"   {'eval loss':16}{b['loss']:>10.4f}{a['loss']:>10.4f}")
-print(f"   {'perplexity':16}{b['perplexity']:>10.3f}{a['perplexity']:>10.3f}")
+print(f"   {'':16}{'base':>10}{'alpha 0':>10}{'alpha 5':>10}")
+print(f"   {'exact match':16}" + "".join(f"{100 * r['exact_match']:>9.1f}%" for r in (b, a0, a5)))
+print(f"   {'eval loss':16}" + "".join(f"{r['loss']:>10.4f}" for r in (b, a0, a5)))
+print(f"   {'answer tokens':16}" + "".join(f"{r['mean_tokens']:>10.1f}" for r in (b, a0, a5)))
+gap = abs(a5["exact_match"] - a0["exact_match"])
+if gap < 0.05:
+    print("   NEFTune: this task does not separate the two runs (both learn it); it shows the workflow, not")
+    print("   NEFTune's effect. For that, see ./scripts/neftune_study.sh and the README's \"What NEFTune does here\".")
+else:
+    print(f"   NEFTune changed exact match by {100 * (a5['exact_match'] - a0['exact_match']):+.1f} points on this one seed;")
+    print("   one seed on one small task is not evidence of an effect: see ./scripts/neftune_study.sh.")
 print(f"   time taken: {time.time() - start:.0f} s")
-print(f"   adapter (PEFT format): {run}/lora-r16-neftune5   metrics: {run}/lora-r16-neftune5/metrics.jsonl")
-print(f"   loss plot: {run}/loss.png   merged model: {run}/merged")
+print(f"   adapters (PEFT format): {run}/lora-r16-neftune0, {run}/lora-r16-neftune5")
+print(f"   loss plot (both runs): {run}/loss.png   merged model (alpha 5): {run}/merged")
 PY

@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# The GPU check, in one shot. Two halves:
+#
+#   ./scripts/gpu_check.sh prepare     (here, on the CPU build machine)
+#       builds the release binaries and gathers what the GPU machine needs
+#       into .gpu-carry/ (ignored by git, under 64 MiB): peft-rs, the
+#       benchmark and parity examples (stripped), two tiny transformers-made
+#       models with transformers' fp32 logits for them, and a Llama-2-7B config.
+#
+#   ./scripts/gpu_check.sh run         (on the GPU machine, with .gpu-carry/)
+#       runs everything below against that machine's torch 2.11 libraries
+#       (TORCH_LIB, default /opt/torch/.venv/lib/python3.12/site-packages/torch/lib)
+#       and writes $OUT/report.md plus the raw outputs. Each step has its own
+#       time limit and a failing step does not stop the others; the whole run
+#       stays under ten minutes on one H200.
+#
+# Steps: driver/capability/kernels (`peft-rs env`), the CUDA link and c10d
+# NCCL symbols, logits parity fp32 and bf16 against transformers' CPU logits
+# and greedy generation against our CPU path, a bf16 LoRA step of a
+# Llama-2-7B-shaped model (random weights, T=2048, batch 1, 2, 4) with
+# tokens/s, MFU and peak memory, the same with packing (the masked attention
+# path), LoRA compute dtype fp32 vs bf16 and TF32, transformers + PEFT on the
+# same step when the machine has them, QLoRA (when built in), NCCL with one
+# rank (when built in), generation tokens/s at batch 1 and 16, load times.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+carry=.gpu-carry
+
+prepare() {
+  set -e
+  . scripts/env.sh
+  cargo build --release --quiet --bins --example bench_train_step --example device_parity
+  fixtures=$(ls -d target/test-fixtures/reference-*/ 2>/dev/null | head -n 1)
+  if [ -z "$fixtures" ]; then
+    echo "== building the parity fixtures (cargo test --test model_parity)"
+    cargo test --quiet --test model_parity logits > /dev/null
+    fixtures=$(ls -d target/test-fixtures/reference-*/ | head -n 1)
+  fi
+  rm -rf "$carry"
+  mkdir -p "$carry/bin" "$carry/models" "$carry/reference"
+  cp target/release/peft-rs target/release/examples/bench_train_step target/release/examples/device_parity "$carry/bin/"
+  strip "$carry"/bin/*
+  for m in mistral qwen2; do
+    cp -r "$fixtures/models/$m" "$carry/models/"
+    mkdir -p "$carry/reference/$m"
+    cp "$fixtures/$m/logits.safetensors" "$fixtures/$m/prompts.jsonl" "$carry/reference/$m/"
+  done
+  mkdir -p "$carry/models/llama2-7b-shape"
+  cat > "$carry/models/llama2-7b-shape/config.json" <<'JSON'
+{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+ "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+ "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "hidden_act": "silu",
+ "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"}
+JSON
+  du -sh "$carry"
+  echo "carry: $carry   then: ./scripts/gpu_check.sh run   (OUT=<folder for the report>)"
+}
+
+run() {
+  out=${OUT:-runs/gpu-check}
+  mkdir -p "$out"
+  lib=${TORCH_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/torch/lib}
+  export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  py=${GPU_PYTHON:-$(dirname "$(dirname "$(dirname "$(dirname "$lib")")")")/../bin/python}
+  [ -x "$py" ] || py=python3
+  bin=$carry/bin
+  report=$out/report.md
+  : > "$report"
+  say() { echo "$*" | tee -a "$report"; }
+  step() { # name, seconds, command...: output to $out/name.txt, summary line in the report
+    local name=$1 secs=$2; shift 2
+    local t0; t0=$(date +%s)
+    timeout "$secs" "$@" > "$out/$name.txt" 2>&1
+    local rc=$?
+    say "- $name: exit $rc in $(( $(date +%s) - t0 )) s (output: $name.txt)"
+    return $rc
+  }
+  # Peak GPU memory of a command, from nvidia-smi every 100 ms.
+  with_memory() { # name, seconds, command...
+    local name=$1; shift
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/$name.mem" 2>/dev/null &
+    local poll=$!
+    step "$name" "$@"
+    local rc=$?
+    kill "$poll" 2>/dev/null; wait "$poll" 2>/dev/null
+    say "  peak GPU memory: $(sort -n "$out/$name.mem" | tail -n 1) MiB"
+    return $rc
+  }
+
+  say "# GPU check, $(date -u +%FT%TZ)"
+  say
+  say "## Machine"
+  nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv | tee -a "$report"
+  step env 60 "$bin/peft-rs" env
+  sed 's/^/    /' "$out/env.txt" >> "$report"
+  ldd "$bin/peft-rs" | grep -E "torch|c10" > "$out/ldd.txt"
+  say "- libtorch_cuda linked: $(grep -c libtorch_cuda "$out/ldd.txt")"
+  nm -D --defined-only "$lib/libtorch_cuda.so" 2>/dev/null | grep -c "ProcessGroupNCCL" > "$out/nccl_symbols.txt"
+  say "- c10d ProcessGroupNCCL symbols exported by libtorch_cuda.so: $(cat "$out/nccl_symbols.txt")"
+
+  say
+  say "## Logits and greedy generation (against transformers' fp32 CPU logits and our CPU answers)"
+  for m in mistral qwen2; do
+    step "parity-$m" 180 "$bin/device_parity" "$carry/models/$m" "$carry/reference/$m"
+    grep '^{' "$out/parity-$m.txt" | sed 's/^/    /' >> "$report"
+  done
+
+  say
+  say "## bf16 LoRA step, Llama-2-7B shape, random weights, T=2048 (r=16 all-linear, NEFTune 5)"
+  m7=$carry/models/llama2-7b-shape T=2048
+  # GPU_CHECK_SMOKE=1: the same steps on the tiny model with short rows, to try the script on a CPU.
+  [ -n "${GPU_CHECK_SMOKE:-}" ] && m7=$carry/models/mistral T=64
+  for b in 1 2 4; do
+    with_memory "step-7b-b$b" 150 "$bin/bench_train_step" "$m7" "$b" "$T" 3 --random-weights
+    grep '^{' "$out/step-7b-b$b.txt" | sed 's/^/    /' >> "$report"
+  done
+  with_memory "step-7b-b4-checkpointing" 150 "$bin/bench_train_step" "$m7" 4 "$T" 3 --random-weights --gradient-checkpointing
+  grep '^{' "$out/step-7b-b4-checkpointing.txt" | sed 's/^/    /' >> "$report"
+  say "MFU = flops_per_step / seconds_per_step / peak; H200 dense bf16 peak 989 TFLOP/s; matmul_peak_flops is measured on the step's shapes."
+
+  say
+  say "## Attention path, LoRA compute dtype, TF32 (batch 2, T=2048)"
+  with_memory step-7b-packed 150 "$bin/bench_train_step" "$m7" 2 "$T" 3 --random-weights --packed
+  with_memory step-7b-lora-bf16 150 "$bin/bench_train_step" "$m7" 2 "$T" 3 --random-weights --lora-compute-dtype bf16
+  with_memory step-7b-tf32 150 "$bin/bench_train_step" "$m7" 2 "$T" 3 --random-weights --tf32
+  for n in packed lora-bf16 tf32; do grep '^{' "$out/step-7b-$n.txt" | sed 's/^/    /' >> "$report"; done
+
+  say
+  say "## transformers + PEFT, the same step"
+  if "$py" -c "import transformers, peft" 2>/dev/null; then
+    for b in 1 4; do
+      step "hf-step-7b-b$b" 240 "$py" bench/train_step.py "$m7" "$b" "$T" 3 --random-weights
+      grep '^{' "$out/hf-step-7b-b$b.txt" | sed 's/^/    /' >> "$report"
+    done
+  else
+    say "- not run: this machine's Python has no transformers/peft"
+  fi
+
+  say
+  say "## QLoRA and NCCL"
+  if "$bin/peft-rs" train --help 2>/dev/null | grep -q -- "--quantize"; then
+    with_memory qlora-tiny 120 "$bin/peft-rs" train --model "$carry/models/mistral" --data data/dates/train.jsonl \
+      --output "$out/qlora-tiny" --quantize nf4 --max-steps 5 --batch-size 4 --max-seq-len 128
+    if "$bin/bench_train_step" --help 2>&1 | grep -q -- "--quantize"; then
+      with_memory step-7b-qlora 200 "$bin/bench_train_step" "$m7" 1 "$T" 3 --random-weights --quantize nf4
+      grep '^{' "$out/step-7b-qlora.txt" | sed 's/^/    /' >> "$report"
+    fi
+  else
+    say "- QLoRA: not in this build"
+  fi
+  if "$bin/peft-rs" train --help 2>/dev/null | grep -q -- "--nproc"; then
+    step nccl-world1 180 "$bin/peft-rs" train --model "$carry/models/mistral" --data data/dates/train.jsonl \
+      --output "$out/nccl-world1" --nproc 1 --dist-backend nccl --max-steps 5 --batch-size 4 --max-seq-len 128
+    tail -n 3 "$out/nccl-world1.txt" | sed 's/^/    /' >> "$report"
+  else
+    say "- NCCL: not in this build"
+  fi
+
+  say
+  say "## Generation (tiny Mistral, 16 prompts, 64 new tokens, greedy)"
+  for i in $(seq 1 16); do echo "{\"prompt\": \"Count from $i to $((i + 20)):\"}"; done > "$out/prompts.jsonl"
+  for bs in 1 16; do
+    step "generate-b$bs" 120 "$bin/peft-rs" generate --model "$carry/models/mistral" --prompts "$out/prompts.jsonl" \
+      --max-new-tokens 64 --batch-size "$bs" --json
+    grep -E "loaded in|prompts/s|tokens/s" "$out/generate-b$bs.txt" | sed 's/^/    /' >> "$report"
+  done
+  say
+  say "done: $report"
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) run ;;
+  *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+esac
