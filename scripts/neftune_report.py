@@ -46,13 +46,18 @@ def read_answers(run):
     }
 
 
-rows = {}
+rows, row_seeds = {}, {}
 for name in names:
     per_seed = []
     for seed in seeds:
         run = study / f"{name}-seed{seed}"
+        if not (run / "train_probe.json").exists():
+            continue  # an unfinished run (the study can be resumed)
         per_seed.append({**read_metrics(run), **read_answers(run)})
-    rows[name] = per_seed
+        row_seeds.setdefault(name, []).append(seed)
+    if per_seed:
+        rows[name] = per_seed
+names = [n for n in names if n in rows]
 base = read_answers(study / "base")
 
 columns = [
@@ -79,7 +84,7 @@ def spread(name, key):
 
 def cell(name, key, fmt):
     text = fmt.format(mean(name, key))
-    if len(seeds) > 1:
+    if len(rows[name]) > 1:
         text += " ± " + fmt.format(spread(name, key))
     return text
 
@@ -88,7 +93,7 @@ out = [
     "# NEFTune study",
     "",
     f"SmolLM2-135M-Instruct (or $MODEL), {settings}; seeds {', '.join(seeds)}. "
-    "Cells are the mean over seeds ± half the spread between them. Answers are greedy, "
+    "Cells are the mean over the seeds a row names ± half the spread between them. Answers are greedy, "
     "to the 32 held-out instructions of data/instructions/heldout.jsonl (written for this study); "
     "ROUGE-L is of answers to training instructions against their training answers (the paper's overfitting measure).",
     "",
@@ -98,7 +103,8 @@ out = [
 base_cells = ["–", "–", "–"] + [c[2].format(base[c[0]]) for c in columns[3:]]
 out.append("| base model, no training | " + " | ".join(base_cells) + " |")
 for name in names:
-    out.append(f"| {labels.get(name, name)} | " + " | ".join(cell(name, k, f) for k, _, f in columns) + " |")
+    seeds_note = f" (seed{'s' if len(row_seeds[name]) > 1 else ''} {', '.join(row_seeds[name])})"
+    out.append(f"| {labels.get(name, name)}{seeds_note} | " + " | ".join(cell(name, k, f) for k, _, f in columns) + " |")
 
 
 def verdict(diff, noise, expect_positive):
