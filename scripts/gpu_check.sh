@@ -40,10 +40,19 @@ prepare() {
   mkdir -p "$carry/bin" "$carry/models" "$carry/reference"
   cp target/release/peft-rs target/release/examples/bench_train_step target/release/examples/device_parity "$carry/bin/"
   strip "$carry"/bin/*
-  for m in mistral qwen2; do
+  # The tiny Mistral (grouped-query heads and a sliding window: the masked
+  # attention path) with transformers' logits for three of its five padded
+  # rows, which keeps the carried folder under 64 MiB.
+  for m in mistral; do
     cp -r "$fixtures/models/$m" "$carry/models/"
     mkdir -p "$carry/reference/$m"
-    cp "$fixtures/$m/logits.safetensors" "$fixtures/$m/prompts.jsonl" "$carry/reference/$m/"
+    cp "$fixtures/$m/prompts.jsonl" "$carry/reference/$m/"
+    "$PYTHON" - "$fixtures/$m/logits.safetensors" "$carry/reference/$m/logits.safetensors" <<'PY'
+import sys
+from safetensors.torch import load_file, save_file
+t = load_file(sys.argv[1])
+save_file({k: v[:3].contiguous() for k, v in t.items()}, sys.argv[2])
+PY
   done
   mkdir -p "$carry/models/llama2-7b-shape"
   cat > "$carry/models/llama2-7b-shape/config.json" <<'JSON'
@@ -100,7 +109,7 @@ run() {
 
   say
   say "## Logits and greedy generation (against transformers' fp32 CPU logits and our CPU answers)"
-  for m in mistral qwen2; do
+  for m in mistral; do
     step "parity-$m" 180 "$bin/device_parity" "$carry/models/$m" "$carry/reference/$m"
     grep '^{' "$out/parity-$m.txt" | sed 's/^/    /' >> "$report"
   done
