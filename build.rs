@@ -23,4 +23,70 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+    build_c10d_shim(&lib_dir);
+}
+
+/// Compiles `src/dist/c10d_shim.cpp` against the torch wheel's headers (c10d
+/// ships inside libtorch, but tch binds none of it). The wheel lacks Gloo's
+/// headers, which `scripts/setup.sh` unpacks into the cache and names in
+/// `PEFT_RS_GLOO_INCLUDE`; NCCL is added when the wheel's CUDA and NCCL
+/// headers are present. Without Gloo's headers, peft-rs builds without
+/// multi-process training and says so when asked for it.
+fn build_c10d_shim(lib_dir: &std::path::Path) {
+    println!("cargo:rustc-check-cfg=cfg(peft_rs_c10d)");
+    println!("cargo:rerun-if-changed=src/dist/c10d_shim.cpp");
+    println!("cargo:rerun-if-env-changed=PEFT_RS_GLOO_INCLUDE");
+    let Some(torch) = lib_dir.parent() else {
+        return;
+    };
+    let include = torch.join("include");
+    let gloo = std::env::var_os("PEFT_RS_GLOO_INCLUDE").map(PathBuf::from);
+    let Some(gloo) = gloo.filter(|g| g.join("gloo/context.h").exists()) else {
+        println!("cargo:warning=building without c10d (multi-process training): Gloo's headers are missing; run ./scripts/setup.sh");
+        return;
+    };
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .file("src/dist/c10d_shim.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .include(&gloo)
+        .define("USE_C10D_GLOO", None)
+        // The ABI torch's wheels are built with (torch._C._GLIBCXX_USE_CXX11_ABI).
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(false);
+    // NCCL: the wheel has nccl.h, but CUDA's runtime headers there are
+    // incomplete (CCCL's <nv/target> is missing), so a CUDA toolkit's include
+    // folder must be named in PEFT_RS_CUDA_INCLUDE.
+    println!("cargo:rerun-if-env-changed=PEFT_RS_CUDA_INCLUDE");
+    let cuda = std::env::var_os("PEFT_RS_CUDA_INCLUDE")
+        .map(PathBuf::from)
+        .filter(|d| d.join("nv/target").exists() && d.join("cuda_runtime_api.h").exists());
+    let nccl = torch
+        .parent()
+        .map(|p| p.join("nvidia/nccl/include"))
+        .filter(|d| d.join("nccl.h").exists());
+    if let (Some(cuda), Some(nccl), true) = (cuda, nccl, lib_dir.join("libtorch_cuda.so").exists())
+    {
+        let mut with_nccl = build.clone();
+        with_nccl
+            .include(cuda)
+            .include(nccl)
+            .define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None)
+            .define("PEFT_RS_NCCL", None);
+        match with_nccl.try_compile("peft_c10d_shim") {
+            Ok(()) => {
+                println!("cargo:rustc-cfg=peft_rs_c10d");
+                return;
+            }
+            Err(e) => println!("cargo:warning=c10d shim without NCCL: {e}"),
+        }
+    }
+    build.compile("peft_c10d_shim");
+    println!("cargo:rustc-cfg=peft_rs_c10d");
 }

@@ -10,3 +10,5 @@ export VIRTUAL_ENV="$PEFT_RS_VENV"
 export PATH="$PEFT_RS_VENV/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
 export PYTHON="$PEFT_RS_VENV/bin/python"
+# Gloo's headers for the c10d shim (fetched by setup.sh; see build.rs).
+export PEFT_RS_GLOO_INCLUDE="${PEFT_RS_GLOO_INCLUDE:-$PEFT_RS_CACHE/gloo-headers/include}"

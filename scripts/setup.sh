@@ -32,6 +32,24 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# c10d (multi-process training) is inside libtorch, but the wheel lacks the
+# headers of Gloo, its CPU transport; Debian's libgloo-dev has them. Only
+# headers are used (pointer-only members: the layout does not depend on Gloo's
+# version); the code that runs is libtorch's own.
+if [ ! -f "$PEFT_RS_GLOO_INCLUDE/gloo/context.h" ]; then
+  echo "== fetching Gloo's headers into $PEFT_RS_GLOO_INCLUDE (for multi-process training)"
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && apt-get download libgloo-dev > /dev/null 2>&1 && dpkg-deb -x libgloo-dev_*.deb x) \
+      && [ -f "$tmp/x/usr/include/gloo/context.h" ]; then
+    mkdir -p "$(dirname "$PEFT_RS_GLOO_INCLUDE")"
+    rm -rf "$PEFT_RS_GLOO_INCLUDE"
+    mv "$tmp/x/usr/include" "$PEFT_RS_GLOO_INCLUDE"
+  else
+    echo "warning: could not fetch libgloo-dev (apt-get download); peft-rs will build without multi-process training" >&2
+  fi
+  rm -rf "$tmp"
+fi
+
 model=models/SmolLM2-135M-Instruct
 if [ ! -f "$model/SOURCE.txt" ]; then
   echo "== converting the default model into $model"

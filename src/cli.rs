@@ -609,13 +609,22 @@ pub fn flag_of(field: &str) -> String {
 
 fn train_cmd(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let cfg = a.to_config(matches)?;
+    let dist = crate::dist::DistEnv::from_env()?;
+    if cfg.nproc > 1 && dist.is_none() {
+        cfg.validate()?;
+        return crate::dist::launch_local(cfg.nproc);
+    }
     crate::signals::install();
     let mut trainer = Trainer::new(cfg, vec![])?;
     let s = trainer.run()?;
+    if dist.is_some_and(|d| d.rank != 0) {
+        return Ok(());
+    }
     let summary = serde_json::json!({
         "steps": s.steps, "skipped_steps": s.skipped_steps, "seconds": s.seconds,
         "tokens_per_second": s.tokens_per_second, "final_train_loss": s.final_train_loss,
         "eval_loss_before": s.eval_loss_before, "eval_loss_after": s.eval_loss_after,
+        "world_size": trainer.cfg.world_size, "all_reduce_seconds": trainer.all_reduce_seconds,
     });
     peft_adapters::fsio::write_atomic(
         &s.output.join("train_summary.json"),

@@ -9,6 +9,7 @@ pub mod answers;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod generate;
 pub mod merge;
 pub mod models;

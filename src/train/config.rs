@@ -50,6 +50,9 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "save_total_limit",
     "gradient_checkpointing",
     "loss_chunk_size",
+    "nproc",
+    "dist_backend",
+    "dist_timeout",
 ];
 
 fn defaults() -> TrainConfig {
@@ -200,6 +203,20 @@ pub struct TrainConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().tf32)]
     pub tf32: bool,
+    /// Start N local worker processes and train data-parallel across them
+    /// (each takes --batch-size rows of every batch; gradients are all-reduced
+    /// through c10d). Under torchrun, WORLD_SIZE and RANK are read instead.
+    #[arg(long, value_name = "N", default_value_t = defaults().nproc)]
+    pub nproc: usize,
+    /// c10d backend of multi-process training: auto (Gloo on the CPU, NCCL on CUDA), gloo or nccl.
+    #[arg(long, value_enum, default_value_t = defaults().dist_backend)]
+    pub dist_backend: crate::dist::Backend,
+    /// Seconds a rank waits for the others in a collective before the whole run stops.
+    #[arg(long, value_name = "SECONDS", default_value_t = defaults().dist_timeout)]
+    pub dist_timeout: u64,
+    /// The number of processes the run trained with (recorded, not set: see --nproc).
+    #[arg(skip = 1usize)]
+    pub world_size: usize,
     /// Rows of logits per cross-entropy chunk.
     #[arg(long, value_name = "N", default_value_t = defaults().loss_chunk_size)]
     pub loss_chunk_size: i64,
@@ -260,6 +277,10 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             lora_compute_dtype: DtypeArg::Fp32,
             tf32: false,
+            nproc: 1,
+            dist_backend: crate::dist::Backend::Auto,
+            dist_timeout: 600,
+            world_size: 1,
             loss_chunk_size: 1024,
             logging_steps: 1,
             save_steps: 0,
@@ -354,6 +375,16 @@ impl TrainConfig {
             self.per_device_train_batch_size > 0,
             "per_device_train_batch_size",
             "must be at least 1",
+        )?;
+        check(
+            (1..=1024).contains(&self.nproc),
+            "nproc",
+            "must be between 1 and 1024",
+        )?;
+        check(
+            self.dist_timeout > 0,
+            "dist_timeout",
+            "must be at least 1 second",
         )?;
         check(
             self.gradient_accumulation_steps > 0,

@@ -99,7 +99,12 @@ pub struct Trainer {
     /// Optimizer steps per run.
     pub total_steps: u64,
     warmup: u64,
-    _lock: outputs::OutputLock,
+    /// Held by the one process that writes (rank 0, or the only process).
+    _lock: Option<outputs::OutputLock>,
+    /// The c10d process group of a multi-process run.
+    group: Option<crate::dist::ProcessGroup>,
+    /// Time spent in the gradient all-reduce (waiting for the slowest rank included).
+    pub all_reduce_seconds: f64,
 }
 
 impl Trainer {
@@ -129,7 +134,15 @@ impl Trainer {
             inputs.push(("evaluation data", e.as_path()));
         }
         outputs::refuse_overlap("--output", &cfg.output, &inputs)?;
-        let lock = outputs::claim_dir("--output", &cfg.output, "train")?;
+        let group = join_process_group(&cfg, device)?;
+        if let Some(g) = &group {
+            cfg.world_size = g.world_size();
+        }
+        // One writer: rank 0 owns the output; the other ranks only read it (resume).
+        let lock = match &group {
+            Some(g) if g.rank() != 0 => None,
+            _ => Some(outputs::claim_dir("--output", &cfg.output, "train")?),
+        };
         let base = Pretrained::load(&model_dir, kind, device)?;
         let eos = base.completion_eos()?;
         let opts = DataOptions {
@@ -186,11 +199,13 @@ impl Trainer {
         for r in extra {
             regs.push(r);
         }
+        // A batch is --batch-size rows on each rank.
         let plan = EpochPlan {
             batches_per_epoch: train
                 .examples
                 .len()
-                .div_ceil(cfg.per_device_train_batch_size) as u64,
+                .div_ceil(cfg.per_device_train_batch_size * cfg.world_size)
+                as u64,
             gradient_accumulation_steps: cfg.gradient_accumulation_steps as u64,
         };
         let total_steps = plan.total_steps(cfg.num_train_epochs, cfg.max_steps);
@@ -206,6 +221,8 @@ impl Trainer {
         let scaler = (kind == Kind::Half).then(LossScaler::default);
         Ok(Self {
             _lock: lock,
+            group,
+            all_reduce_seconds: 0.0,
             cfg,
             model,
             lora,
@@ -227,8 +244,15 @@ impl Trainer {
 
     /// The micro-batches of optimizer step `step`: a pure function of
     /// (seed, step), which is what makes resume exact.
-    fn batches_for_step(&mut self, step: u64) -> Vec<Batch> {
-        let bs = self.cfg.per_device_train_batch_size;
+    ///
+    /// With several ranks, each global batch (`--batch-size` x world size
+    /// examples) is split into contiguous shards, one per rank; the returned
+    /// counts are those of the whole global step, which every rank knows
+    /// without communicating: (local micro-batches, label tokens, tokens).
+    fn batches_for_step(&mut self, step: u64) -> (Vec<Batch>, i64, i64) {
+        let world = self.cfg.world_size;
+        let rank = self.group.as_ref().map_or(0, |g| g.rank());
+        let bs = self.cfg.per_device_train_batch_size * world;
         let (epoch, range) = self.plan.micro_batches(step);
         if self.order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
             let lengths: Vec<usize> = self
@@ -242,15 +266,72 @@ impl Trainer {
             self.order_cache = Some((epoch, order));
         }
         let order = &self.order_cache.as_ref().expect("set above").1;
-        range
-            .map(|i| {
-                let examples: Vec<&data::Example> = order[i as usize]
+        let (mut label_tokens, mut tokens) = (0, 0);
+        let batches = range
+            .filter_map(|i| {
+                let global = &order[i as usize];
+                for &j in global {
+                    let e = &self.train.examples[j];
+                    tokens += e.input_ids.len() as i64;
+                    label_tokens += e.num_label_tokens() as i64;
+                }
+                let mine = crate::dist::shard(global.len(), rank, world);
+                let examples: Vec<&data::Example> = global[mine]
                     .iter()
                     .map(|&j| &self.train.examples[j])
                     .collect();
-                data::collate(&examples, self.pad_id)
+                (!examples.is_empty()).then(|| data::collate(&examples, self.pad_id))
             })
-            .collect()
+            .collect();
+        (batches, label_tokens, tokens)
+    }
+
+    /// Whether this process writes the outputs (rank 0 or a single process).
+    fn is_writer(&self) -> bool {
+        self._lock.is_some()
+    }
+
+    /// Sums every adapter gradient and the loss over the ranks, in one flat
+    /// fp32 bucket (LoRA gradients are a few MB). Each rank's loss was already
+    /// divided by the global number of label tokens, so the sum is the
+    /// gradient of the whole step's mean loss, as on one process.
+    fn all_reduce_gradients(&mut self, loss: f64) -> Result<f64> {
+        let Some(group) = &self.group else {
+            return Ok(loss);
+        };
+        // A rank without rows this step (the last, short batch) has no
+        // gradients yet; give it zeros so that it takes the same update.
+        if self.params.values().any(|p| !p.grad().defined()) {
+            let zero = self
+                .params
+                .values()
+                .map(|p| (p * 0.0).sum(Kind::Float))
+                .reduce(|a, b| a + b);
+            if let Some(z) = zero {
+                z.backward();
+            }
+        }
+        let _guard = tch::no_grad_guard();
+        let grads: Vec<Tensor> = self
+            .params
+            .values()
+            .map(|p| p.grad().to_kind(Kind::Float).flatten(0, -1))
+            .collect();
+        let device = grads.first().map_or(tch::Device::Cpu, Tensor::device);
+        let mut parts = grads;
+        parts.push(Tensor::from_slice(&[loss as f32]).to_device(device));
+        let mut bucket = Tensor::cat(&parts, 0);
+        let t = std::time::Instant::now();
+        group.all_reduce_sum(&mut bucket)?;
+        self.all_reduce_seconds += t.elapsed().as_secs_f64();
+        let mut offset = 0;
+        for p in self.params.values() {
+            let n = p.numel() as i64;
+            let summed = bucket.narrow(0, offset, n).view(p.size().as_slice());
+            p.grad().copy_(&summed);
+            offset += n;
+        }
+        Ok(bucket.double_value(&[offset]))
     }
 
     /// One optimizer step: forward and backward on each micro-batch (the loss
@@ -262,9 +343,9 @@ impl Trainer {
     /// skipped and the loss scale halved (torch's GradScaler); otherwise the
     /// run stops with the step number.
     pub fn train_step(&mut self, step: u64) -> Result<StepStats> {
-        let batches = self.batches_for_step(step);
-        let label_tokens: i64 = batches.iter().map(|b| b.num_label_tokens).sum();
+        let (batches, label_tokens, tokens) = self.batches_for_step(step);
         let denom = label_tokens.max(1) as f64;
+        let rank = self.group.as_ref().map_or(0, |g| g.rank()) as u64;
         let loss_scale = self.scaler.as_ref().map_or(1.0, LossScaler::scale);
         let step_seed = mix(self.cfg.seed, step);
         let opts = StepOptions {
@@ -277,7 +358,12 @@ impl Trainer {
                 step,
                 index: micro,
                 count: batches.len(),
-                seed: mix(step_seed, micro as u64),
+                // Each rank draws its own dropout and noise; rank 0 draws
+                // what a single process draws.
+                seed: match rank {
+                    0 => mix(step_seed, micro as u64),
+                    r => mix(mix(step_seed, micro as u64), r),
+                },
                 denom,
                 loss_scale,
             };
@@ -290,14 +376,15 @@ impl Trainer {
                 opts,
             )?;
         }
+        loss = self.all_reduce_gradients(loss)?;
         loss = apply_loss_regularizers(
             &mut self.regs,
             &self.trainable,
             loss,
             &MicroBatch {
                 step,
-                index: batches.len() - 1,
-                count: batches.len(),
+                index: batches.len().saturating_sub(1),
+                count: batches.len().max(1),
                 seed: step_seed,
                 denom,
                 loss_scale,
@@ -307,7 +394,6 @@ impl Trainer {
         if !loss.is_finite() && self.scaler.is_none() {
             bail!("the loss became {loss} at step {}; stopping (the last complete checkpoint is kept)", step + 1);
         }
-        let tokens = batches.iter().map(|b| b.num_tokens).sum();
         let lr = lr_at(
             self.cfg.lr_scheduler_type,
             self.cfg.learning_rate,
@@ -439,6 +525,9 @@ impl Trainer {
 
     fn save_checkpoint(&mut self, step: u64) -> Result<PathBuf> {
         self.check_finite()?;
+        if !self.is_writer() {
+            return Ok(self.cfg.output.join(format!("checkpoint-{step}")));
+        }
         let state = self.state(step);
         let optim = self.optim.state();
         let output = self.cfg.output.clone();
@@ -513,7 +602,9 @@ impl Trainer {
         let metrics_path = output.join("metrics.jsonl");
         let start_step = if self.cfg.resume {
             let s = self.resume()?;
-            keep_metrics_until(&metrics_path, s)?;
+            if self.is_writer() {
+                keep_metrics_until(&metrics_path, s)?;
+            }
             eprintln!(
                 "resuming from {} at step {s}",
                 output.join(format!("checkpoint-{s}")).display()
@@ -528,20 +619,24 @@ impl Trainer {
                     output.display()
                 );
             }
-            let _ = std::fs::remove_file(&metrics_path);
+            if self.is_writer() {
+                let _ = std::fs::remove_file(&metrics_path);
+            }
             0
         };
         // The settings and the adapter's configuration are written first; the
         // adapter weights last, in one rename: a directory holding both files
         // is a finished adapter, whenever the process is killed.
-        peft_adapters::fsio::write_atomic(
-            &output.join("training_args.json"),
-            serde_json::to_string_pretty(&self.cfg)?.as_bytes(),
-        )?;
-        peft_adapters::fsio::write_atomic(
-            &output.join(peft_adapters::lora::files::CONFIG_FILE),
-            serde_json::to_string_pretty(&self.lora.to_json())?.as_bytes(),
-        )?;
+        if self.is_writer() {
+            peft_adapters::fsio::write_atomic(
+                &output.join("training_args.json"),
+                serde_json::to_string_pretty(&self.cfg)?.as_bytes(),
+            )?;
+            peft_adapters::fsio::write_atomic(
+                &output.join(peft_adapters::lora::files::CONFIG_FILE),
+                serde_json::to_string_pretty(&self.lora.to_json())?.as_bytes(),
+            )?;
+        }
         eprintln!("{}", peft_model::trainable_parameters_line(&mut self.model));
         eprintln!(
             "{} training examples ({}; {} truncated to {} tokens, {} dropped), {} steps of {} x {}{}{}",
@@ -556,7 +651,7 @@ impl Trainer {
             if self.regs.is_empty() { String::new() } else { format!(", regularizers: {}", self.regs.names().join(", ")) },
             if self.scaler.is_some() { ", fp16 with dynamic loss scaling" } else { "" }
         );
-        let mut metrics = MetricsLog::open(&metrics_path)?;
+        let mut metrics = MetricsLog::open(&metrics_path, self.is_writer())?;
         self.stop_if_signalled(start_step, false)?;
         let eval_before = if start_step == 0 {
             self.evaluate()?
@@ -620,11 +715,17 @@ impl Trainer {
         }
         bar.finish_and_clear();
         self.check_finite()?;
-        let tensors = peft_model::adapter_tensors(&mut self.model, DEFAULT_ADAPTER);
-        peft_adapters::lora::files::write_safetensors(
-            &output.join(peft_adapters::lora::files::WEIGHTS_FILE),
-            &tensors,
-        )?;
+        if self.is_writer() {
+            let tensors = peft_model::adapter_tensors(&mut self.model, DEFAULT_ADAPTER);
+            peft_adapters::lora::files::write_safetensors(
+                &output.join(peft_adapters::lora::files::WEIGHTS_FILE),
+                &tensors,
+            )?;
+        }
+        // Every rank leaves together, after the adapter is written.
+        if let Some(g) = &self.group {
+            g.barrier()?;
+        }
         let seconds = t0.elapsed().as_secs_f64();
         Ok(Summary {
             steps: self.total_steps,
@@ -915,17 +1016,22 @@ impl PlainProgress {
 
 /// `metrics.jsonl`, appended line by line and flushed, with errors naming the file.
 struct MetricsLog {
-    file: std::fs::File,
+    /// `None` on ranks other than 0, which write nothing.
+    file: Option<std::fs::File>,
     path: PathBuf,
 }
 
 impl MetricsLog {
-    fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("{}: cannot open for writing", path.display()))?;
+    fn open(path: &Path, writer: bool) -> Result<Self> {
+        let file = writer
+            .then(|| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("{}: cannot open for writing", path.display()))
+            })
+            .transpose()?;
         Ok(Self {
             file,
             path: path.to_path_buf(),
@@ -933,8 +1039,11 @@ impl MetricsLog {
     }
 
     fn write(&mut self, line: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{line}")
-            .and_then(|()| self.file.flush())
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        writeln!(file, "{line}")
+            .and_then(|()| file.flush())
             .with_context(|| format!("{}: cannot write", self.path.display()))
     }
 }
@@ -957,4 +1066,36 @@ fn keep_metrics_until(path: &Path, step: u64) -> Result<()> {
         out.push('\n');
     }
     peft_adapters::lora::files::write_atomic(path, out.as_bytes())
+}
+
+/// Joins the c10d process group when torchrun's variables (or `--nproc`'s
+/// launcher) describe a multi-process run; `None` for a single process.
+fn join_process_group(
+    cfg: &TrainConfig,
+    device: tch::Device,
+) -> Result<Option<crate::dist::ProcessGroup>> {
+    use crate::dist::{Backend, DistEnv, ProcessGroup};
+    let Some(env) = DistEnv::from_env()? else {
+        return Ok(None);
+    };
+    let backend = match cfg.dist_backend {
+        Backend::Auto if device.is_cuda() => Backend::Nccl,
+        Backend::Auto => Backend::Gloo,
+        b => b,
+    };
+    if backend == Backend::Nccl && !device.is_cuda() {
+        bail!("--dist-backend nccl needs CUDA tensors; this rank trains on the CPU (use gloo)");
+    }
+    let group = ProcessGroup::join(
+        &env,
+        backend,
+        std::time::Duration::from_secs(cfg.dist_timeout),
+    )?;
+    if env.rank == 0 {
+        eprintln!(
+            "data-parallel over {} processes ({backend}, rendezvous at {}:{})",
+            env.world_size, env.master_addr, env.master_port
+        );
+    }
+    Ok(Some(group))
 }

@@ -1,0 +1,307 @@
+//! Data-parallel training over c10d/Gloo on this machine (127.0.0.1 only):
+//! two ranks equal one process with the same global batch, noise differs per
+//! rank, a dying rank ends the run, and resume refuses another world size.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::peft_rs;
+use tch::Tensor;
+
+fn alpaca(dir: &Path, n: usize) -> PathBuf {
+    let src = common::shared("data/alpaca_5000.json");
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    let p = dir.join("alpaca.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&all[..n]).unwrap()).unwrap();
+    p
+}
+
+fn args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "train",
+        "--model",
+        common::model_dir("llama").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--max-seq-len",
+        "64",
+        "--lora-rank",
+        "4",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "7",
+        "--group-by-length",
+        "false",
+        "--dist-timeout",
+        "20",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn train(data: &Path, out: &Path, extra: &[&str]) {
+    let a = args(data, out, extra);
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let r = peft_rs(&refs);
+    assert!(
+        r.status.success(),
+        "train {extra:?} failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
+fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+        .collect()
+}
+
+fn max_adapter_diff(a: &Path, b: &Path) -> f64 {
+    let read = |p: &Path| {
+        let mut v = Tensor::read_safetensors(p.join("adapter_model.safetensors")).unwrap();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    read(a)
+        .iter()
+        .zip(read(b))
+        .map(|((n, x), (m, y))| {
+            assert_eq!(n, &m);
+            (x - y).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn two_ranks_equal_one_process_with_the_same_global_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca(tmp.path(), 22);
+    let (one, two, accum) = (
+        tmp.path().join("one"),
+        tmp.path().join("two"),
+        tmp.path().join("accum"),
+    );
+    let steps = [
+        "--max-steps",
+        "6",
+        "--lora-dropout",
+        "0",
+        "--neftune-alpha",
+        "0",
+    ];
+    train(&data, &one, &[&steps[..], &["--batch-size", "4"]].concat());
+    train(
+        &data,
+        &two,
+        &[
+            &steps[..],
+            &["--batch-size", "2", "--nproc", "2", "--save-steps", "3"],
+        ]
+        .concat(),
+    );
+    train(
+        &data,
+        &accum,
+        &[&steps[..], &["--batch-size", "2", "--grad-accum", "2"]].concat(),
+    );
+    let (l1, l2, la) = (losses(&one), losses(&two), losses(&accum));
+    assert_eq!(l1.len(), 6);
+    let (d_curve, d_accum) = (max_diff(&l1, &l2), max_diff(&l1, &la));
+    let (a_two, a_accum) = (max_adapter_diff(&one, &two), max_adapter_diff(&one, &accum));
+    eprintln!("2 ranks x 2 vs 1 x 4: curve {d_curve:.2e}, adapter {a_two:.2e}; grad-accum 2 x 2: curve {d_accum:.2e}, adapter {a_accum:.2e}");
+    assert!(
+        d_curve < 1e-5 && a_two < 1e-5,
+        "two ranks differ: {d_curve} {a_two}"
+    );
+    assert!(
+        d_accum < 1e-5 && a_accum < 1e-5,
+        "grad-accum differs: {d_accum} {a_accum}"
+    );
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(two.join("training_args.json")).unwrap())
+            .unwrap();
+    assert_eq!(recorded["world_size"], 2);
+
+    // With dropout and NEFTune on, each rank draws its own noise: the curve
+    // moves away from one process's, but not far.
+    let (n1, n2) = (tmp.path().join("noisy1"), tmp.path().join("noisy2"));
+    let noisy = [
+        "--max-steps",
+        "6",
+        "--lora-dropout",
+        "0.1",
+        "--neftune-alpha",
+        "5",
+    ];
+    train(&data, &n1, &[&noisy[..], &["--batch-size", "4"]].concat());
+    train(
+        &data,
+        &n2,
+        &[&noisy[..], &["--batch-size", "2", "--nproc", "2"]].concat(),
+    );
+    let d = max_diff(&losses(&n1), &losses(&n2));
+    eprintln!("with dropout and NEFTune: curves differ by at most {d:.3e}");
+    assert!(d > 1e-6, "rank 1 drew rank 0's noise");
+    assert!(d < 0.1 * losses(&n1)[0], "curves far apart: {d}");
+
+    // Resuming with another number of processes is refused by name.
+    let r = peft_rs(
+        &args(
+            &data,
+            &two,
+            &[
+                "--max-steps",
+                "8",
+                "--lora-dropout",
+                "0",
+                "--neftune-alpha",
+                "0",
+                "--batch-size",
+                "2",
+                "--resume",
+            ],
+        )
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success());
+    assert!(err.contains("world_size"), "{err}");
+}
+
+/// The pids of `pid`'s child processes.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                .flat_map(|s| {
+                    s.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn rank_of(pid: u32) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix("RANK=").map(str::to_owned))
+}
+
+#[test]
+fn a_dying_rank_ends_the_run_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca(tmp.path(), 64);
+    let out = tmp.path().join("run");
+    let a = args(
+        &data,
+        &out,
+        &[
+            "--max-steps",
+            "40",
+            "--batch-size",
+            "2",
+            "--nproc",
+            "2",
+            "--save-steps",
+            "2",
+        ],
+    );
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_peft-rs"))
+        .args(&a)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first checkpoint, then kill rank 1 as the OOM killer would.
+    let start = Instant::now();
+    while !out.join("checkpoint-2").exists() {
+        assert!(start.elapsed() < Duration::from_secs(300), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rank1 = children(launcher.id())
+        .into_iter()
+        .find(|&p| rank_of(p).as_deref() == Some("1"))
+        .expect("rank 1 worker");
+    let killed = Instant::now();
+    Command::new("kill")
+        .args(["-9", &rank1.to_string()])
+        .status()
+        .unwrap();
+    let status = launcher.wait().unwrap();
+    let waited = killed.elapsed();
+    let mut err = String::new();
+    std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut err).unwrap();
+    eprintln!("launcher ended {waited:?} after rank 1 was killed");
+    assert!(!status.success());
+    assert!(waited < Duration::from_secs(30), "took {waited:?}");
+    assert!(err.contains("rank 1"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // The last checkpoint is whole: resume continues from it.
+    let last = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap();
+    assert!(out
+        .join(format!("checkpoint-{last}"))
+        .join("COMPLETE")
+        .exists());
+    let resume = args(
+        &data,
+        &out,
+        &[
+            "--max-steps",
+            "40",
+            "--batch-size",
+            "2",
+            "--nproc",
+            "2",
+            "--save-steps",
+            "2",
+            "--resume",
+        ],
+    );
+    let r = peft_rs(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        r.status.success(),
+        "resume failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(out.join("adapter_model.safetensors").exists());
+}
