@@ -241,6 +241,15 @@ fn env() -> Result<()> {
     }
     println!("devices: {}", devices.join(", "));
     println!("cpu threads: {}", tch::get_num_threads());
+    let (c10d, nccl) = crate::dist::capabilities();
+    println!(
+        "multi-process training (c10d): {}",
+        match (c10d, nccl) {
+            (false, _) => "not built (Gloo's headers were missing: run ./scripts/setup.sh and rebuild)",
+            (true, false) => "gloo (NCCL not built: set PEFT_RS_CUDA_INCLUDE to a CUDA toolkit's include folder and rebuild)",
+            (true, true) => "gloo, nccl",
+        }
+    );
     let auto = tch::Device::cuda_if_available();
     println!(
         "--device auto picks: {}",
