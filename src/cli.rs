@@ -633,7 +633,7 @@ fn train_cmd(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         "steps": s.steps, "skipped_steps": s.skipped_steps, "seconds": s.seconds,
         "tokens_per_second": s.tokens_per_second, "final_train_loss": s.final_train_loss,
         "eval_loss_before": s.eval_loss_before, "eval_loss_after": s.eval_loss_after,
-        "world_size": trainer.cfg.world_size, "all_reduce_seconds": trainer.all_reduce_seconds,
+        "world_size": trainer.cfg.world_size, "all_reduce_seconds": trainer.all_reduce_seconds, "wait_for_ranks_seconds": trainer.wait_seconds,
     });
     peft_adapters::fsio::write_atomic(
         &s.output.join("train_summary.json"),

@@ -103,8 +103,10 @@ pub struct Trainer {
     _lock: Option<outputs::OutputLock>,
     /// The c10d process group of a multi-process run.
     group: Option<crate::dist::ProcessGroup>,
-    /// Time spent in the gradient all-reduce (waiting for the slowest rank included).
+    /// Time spent in the gradient all-reduce, after every rank arrived.
     pub all_reduce_seconds: f64,
+    /// Time spent waiting for the slowest rank before it.
+    pub wait_seconds: f64,
 }
 
 impl Trainer {
@@ -223,6 +225,7 @@ impl Trainer {
             _lock: lock,
             group,
             all_reduce_seconds: 0.0,
+            wait_seconds: 0.0,
             cfg,
             model,
             lora,
@@ -321,6 +324,11 @@ impl Trainer {
         let mut parts = grads;
         parts.push(Tensor::from_slice(&[loss as f32]).to_device(device));
         let mut bucket = Tensor::cat(&parts, 0);
+        // Waiting for the slowest rank and moving the bytes are timed apart:
+        // the first is load imbalance, the second the cost of communication.
+        let t = std::time::Instant::now();
+        group.barrier()?;
+        self.wait_seconds += t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
         group.all_reduce_sum(&mut bucket)?;
         self.all_reduce_seconds += t.elapsed().as_secs_f64();
