@@ -13,6 +13,7 @@ use crate::generate::{generate_in_batches, GenerationConfig};
 use crate::merge::{merge_to_dir, MergeOptions};
 use crate::models::Pretrained;
 use crate::peft_model;
+use crate::quant::Quantize;
 use crate::tokenizer::Message;
 use crate::train::{TrainConfig, Trainer};
 
@@ -57,6 +58,17 @@ pub struct ModelArgs {
     /// Dtype of the frozen weights: auto is fp32 on CPU (bf16 is far slower there), bf16 on CUDA.
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     pub dtype: DtypeArg,
+    /// Store the frozen linear layers quantized as bitsandbytes does (nf4, fp4 or int8);
+    /// embeddings, norms and lm_head stay in --dtype.
+    #[arg(long, value_enum, value_name = "nf4|fp4|int8")]
+    pub quantize: Option<Quantize>,
+    /// Quantize the 4-bit absmax values again (double quantization; default false as in transformers).
+    #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = false)]
+    pub bnb_4bit_use_double_quant: bool,
+    /// Dtype the 4-bit matmuls run in (default: --dtype).
+    #[arg(long, value_enum)]
+    pub bnb_4bit_compute_dtype: Option<DtypeArg>,
 }
 
 impl ModelArgs {
@@ -65,7 +77,33 @@ impl ModelArgs {
         let device = self.device.resolve()?;
         let kind = self.dtype.resolve(device);
         let dir = resolve_model_dir(self.model.clone())?;
-        Pretrained::load(&dir, kind, device)
+        let quantize = self.quantization(kind, device)?;
+        Pretrained::load_quantized(&dir, kind, device, quantize.as_ref())
+    }
+
+    /// What `--quantize` and the `--bnb-4bit-*` flags ask for.
+    pub fn quantization(
+        &self,
+        kind: tch::Kind,
+        device: tch::Device,
+    ) -> Result<Option<crate::quant::BnbQuantization>> {
+        let four_bit_flags =
+            self.bnb_4bit_use_double_quant || self.bnb_4bit_compute_dtype.is_some();
+        match self.quantize {
+            None if four_bit_flags => {
+                anyhow::bail!("--bnb-4bit-use-double-quant and --bnb-4bit-compute-dtype need --quantize nf4 or fp4")
+            }
+            Some(Quantize::Int8) if four_bit_flags => anyhow::bail!(
+                "--bnb-4bit-use-double-quant and --bnb-4bit-compute-dtype apply to --quantize nf4 or fp4, not int8"
+            ),
+            None => Ok(None),
+            Some(q) => {
+                let compute = self
+                    .bnb_4bit_compute_dtype
+                    .map_or(kind, |d| d.resolve(device));
+                Ok(Some(q.config(self.bnb_4bit_use_double_quant, compute)))
+            }
+        }
     }
 }
 

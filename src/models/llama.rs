@@ -915,7 +915,7 @@ impl LlamaForCausalLM {
                 &l.mlp.up_proj,
                 &l.mlp.down_proj,
             ] {
-                n += lin.weight.numel() as i64 + lin.bias.as_ref().map_or(0, |b| b.numel() as i64);
+                n += lin.weight.numel() + lin.bias.as_ref().map_or(0, |b| b.numel() as i64);
             }
             n += 2 * h;
         }

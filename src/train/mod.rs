@@ -124,7 +124,8 @@ impl Trainer {
         }
         outputs::refuse_overlap("--output", &cfg.output, &inputs)?;
         let lock = outputs::claim_dir("--output", &cfg.output, "train")?;
-        let base = Pretrained::load(&model_dir, kind, device)?;
+        let quantize = cfg.quantization(kind, device);
+        let base = Pretrained::load_quantized(&model_dir, kind, device, quantize.as_ref())?;
         let eos = base.completion_eos()?;
         let opts = DataOptions {
             format: cfg.format,
