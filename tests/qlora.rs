@@ -257,3 +257,75 @@ fn smollm2_nf4_logits_and_greedy_generation_match_bitsandbytes() {
     eprintln!("SmolLM2 nf4_dq + PEFT LoRA: max |logit diff| {worst:.3e}");
     assert!(worst < LOGIT_TOL, "{worst}");
 }
+
+fn merge_fx() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        common::fixture(
+            "qlora_merge_reference.py",
+            &[],
+            &[&common::model_dir("llama")],
+        )
+    })
+}
+
+#[test]
+fn merge_into_prequantized_base_matches_peft_before_requantization() {
+    let fx = merge_fx();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let report = peft_rs::merge::merge_to_dir(&peft_rs::merge::MergeOptions {
+        base: fx.join("base4"),
+        adapters: vec![fx.join("adapter")],
+        weights: vec![],
+        output: out.clone(),
+        dtype: None,
+        overwrite: false,
+        progress: false,
+    })
+    .unwrap();
+    let want = read(&fx.join("merged.safetensors"));
+    let requant = read(&fx.join("requantized.safetensors"));
+    assert_eq!(report.tensors_merged, want.len());
+    let got = read(&out.join("model.safetensors"));
+    assert!(
+        got.keys()
+            .all(|k| !k.contains("absmax") && !k.contains("quant_")),
+        "quant state left in the merged model"
+    );
+    let (mut worst, mut requant_err): (f64, f64) = (0.0, 0.0);
+    for (k, w) in &want {
+        let g = &got[k];
+        assert_eq!(g.kind(), Kind::Float, "{k}");
+        let (d, scale) = diff(g, w);
+        worst = worst.max(d / scale);
+        let (r, _) = diff(&requant[k], w);
+        requant_err = requant_err.max(r / scale);
+    }
+    eprintln!(
+        "merge into nf4_dq base: worst relative error vs PEFT's dequantize + delta {worst:.2e}; \
+         PEFT's re-quantized merge is {requant_err:.2e} away from it"
+    );
+    // Both add the same fp32 delta to the same dequantized weight; the delta
+    // (B @ A * scaling) may be summed in another order.
+    assert!(worst < 1e-6, "{worst}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(cfg.get("quantization_config").is_none());
+    // The merged model loads as a plain model and gives the adapted 4-bit
+    // model's logits up to the merge's rounding.
+    let ids = read(&fixture_batch())["input_ids"].shallow_clone();
+    let merged = models::load(&out, Kind::Float, Device::Cpu).unwrap();
+    let mut adapted = models::load(&fx.join("base4"), Kind::Float, Device::Cpu).unwrap();
+    peft_model::load_adapter(&mut adapted, &fx.join("adapter"), DEFAULT_ADAPTER).unwrap();
+    let (d, scale) = diff(
+        &tch::no_grad(|| merged.forward(&ids)),
+        &tch::no_grad(|| adapted.forward(&ids)),
+    );
+    eprintln!("merged vs adapted 4-bit logits: {d:.2e} (max |logit| {scale:.2})");
+    assert!(d < LOGIT_TOL, "{d}");
+}
+
+fn fixture_batch() -> PathBuf {
+    fx().join("batch.safetensors")
+}
