@@ -539,6 +539,8 @@ fn train_cmd(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         "steps": s.steps, "skipped_steps": s.skipped_steps, "seconds": s.seconds,
         "tokens_per_second": s.tokens_per_second, "final_train_loss": s.final_train_loss,
         "eval_loss_before": s.eval_loss_before, "eval_loss_after": s.eval_loss_after,
+        "frozen_weight_bytes": s.frozen_weight_bytes,
+        "quantized_bytes_per_param": s.quantized_bytes_per_param,
     });
     peft_adapters::fsio::write_atomic(
         &s.output.join("train_summary.json"),
