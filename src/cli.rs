@@ -13,6 +13,7 @@ use crate::generate::{generate_in_batches, GenerationConfig};
 use crate::merge::{merge_to_dir, MergeOptions};
 use crate::models::Pretrained;
 use crate::peft_model;
+use crate::quant::Quantize;
 use crate::tokenizer::Message;
 use crate::train::{TrainConfig, Trainer};
 
@@ -60,6 +61,17 @@ pub struct ModelArgs {
     /// Allow TF32 tensor cores for fp32 matmuls on CUDA (faster, about 10 bits of mantissa).
     #[arg(long)]
     pub tf32: bool,
+    /// Store the frozen linear layers quantized as bitsandbytes does (nf4, fp4 or int8);
+    /// embeddings, norms and lm_head stay in --dtype.
+    #[arg(long, value_enum, value_name = "nf4|fp4|int8")]
+    pub quantize: Option<Quantize>,
+    /// Quantize the 4-bit absmax values again (double quantization; default false as in transformers).
+    #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = false)]
+    pub bnb_4bit_use_double_quant: bool,
+    /// Dtype the 4-bit matmuls run in (default: --dtype).
+    #[arg(long, value_enum)]
+    pub bnb_4bit_compute_dtype: Option<DtypeArg>,
 }
 
 impl ModelArgs {
@@ -71,14 +83,41 @@ impl ModelArgs {
         let place = crate::device::Placement::resolve(self.device, self.dtype)?;
         let dir = resolve_model_dir(self.model.clone())?;
         let start = std::time::Instant::now();
-        let model = Pretrained::load(&dir, place.kind, place.device)?;
+        let quantize = self.quantization(place.kind, place.device)?;
+        let model = Pretrained::load_quantized(&dir, place.kind, place.device, quantize.as_ref())?;
         eprintln!(
-            "{}: {}, loaded in {:.2} s",
+            "{}: {}{}, loaded in {:.2} s",
             dir.display(),
             place.describe(),
+            self.quantize.map(|q| format!(", {q:?} base")).unwrap_or_default(),
             start.elapsed().as_secs_f64()
         );
         Ok(model)
+    }
+
+    /// What `--quantize` and the `--bnb-4bit-*` flags ask for.
+    pub fn quantization(
+        &self,
+        kind: tch::Kind,
+        device: tch::Device,
+    ) -> Result<Option<crate::quant::BnbQuantization>> {
+        let four_bit_flags =
+            self.bnb_4bit_use_double_quant || self.bnb_4bit_compute_dtype.is_some();
+        match self.quantize {
+            None if four_bit_flags => {
+                anyhow::bail!("--bnb-4bit-use-double-quant and --bnb-4bit-compute-dtype need --quantize nf4 or fp4")
+            }
+            Some(Quantize::Int8) if four_bit_flags => anyhow::bail!(
+                "--bnb-4bit-use-double-quant and --bnb-4bit-compute-dtype apply to --quantize nf4 or fp4, not int8"
+            ),
+            None => Ok(None),
+            Some(q) => {
+                let compute = self
+                    .bnb_4bit_compute_dtype
+                    .map_or(kind, |d| d.resolve(device));
+                Ok(Some(q.config(self.bnb_4bit_use_double_quant, compute)))
+            }
+        }
     }
 }
 
@@ -634,6 +673,8 @@ fn train_cmd(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         "tokens_per_second": s.tokens_per_second, "final_train_loss": s.final_train_loss,
         "eval_loss_before": s.eval_loss_before, "eval_loss_after": s.eval_loss_after,
         "world_size": trainer.cfg.world_size, "all_reduce_seconds": trainer.all_reduce_seconds, "wait_for_ranks_seconds": trainer.wait_seconds,
+        "frozen_weight_bytes": s.frozen_weight_bytes,
+        "quantized_bytes_per_param": s.quantized_bytes_per_param,
     });
     peft_adapters::fsio::write_atomic(
         &s.output.join("train_summary.json"),

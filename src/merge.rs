@@ -172,6 +172,63 @@ pub fn merge_to_dir(opts: &MergeOptions) -> Result<MergeReport> {
     })
 }
 
+/// The layers of a bitsandbytes checkpoint that are stored quantized, by
+/// module path, with their `[out, in]` shape and whether they are 4-bit.
+struct QuantizedLayers {
+    layers: BTreeMap<String, (Vec<i64>, bool)>,
+}
+
+impl QuantizedLayers {
+    fn read(base: &Path, files: &WeightFiles) -> Result<Option<Self>> {
+        let Some(q) = crate::quant::read_quantization(base)? else {
+            return Ok(None);
+        };
+        let four_bit = matches!(q.mode, crate::quant::BnbMode::FourBit { .. });
+        let plan = crate::quant::QuantPlan {
+            config: q,
+            prequantized: true,
+        };
+        let config = models::read_config(base)?;
+        let mut layers = BTreeMap::new();
+        for (path, i, o) in config.linear_modules() {
+            if plan.quantizes(&path)? && files.contains(&format!("{path}.weight")) {
+                layers.insert(path, (vec![o, i], four_bit));
+            }
+        }
+        Ok(Some(Self { layers }))
+    }
+
+    /// The quantized module whose auxiliary tensor (`absmax`, `quant_map`,
+    /// `nested_*`, `quant_state.*`, `SCB`, `weight_format`) `name` is.
+    fn is_auxiliary(&self, name: &str) -> bool {
+        self.layers.keys().any(|m| {
+            name.strip_prefix(m.as_str()).is_some_and(|rest| {
+                (rest.starts_with(".weight.") && rest != ".weight")
+                    || rest == ".SCB"
+                    || rest == ".weight_format"
+            })
+        })
+    }
+
+    /// The weight of quantized module `module`, dequantized as bitsandbytes
+    /// does into its original dtype, then in fp32; and that dtype.
+    fn dequantize(&self, files: &WeightFiles, module: &str) -> Result<Option<(Tensor, Kind)>> {
+        let Some((shape, four_bit)) = self.layers.get(module) else {
+            return Ok(None);
+        };
+        Ok(Some(if *four_bit {
+            let q = crate::quant::load_4bit(files, module, shape)?;
+            (
+                q.dequantize(q.dtype, Device::Cpu).to_kind(Kind::Float),
+                q.dtype,
+            )
+        } else {
+            let w = crate::quant::load_int8(files, module, shape)?;
+            (w.dequantize(Kind::Float, Device::Cpu), Kind::Float)
+        }))
+    }
+}
+
 fn write_model(
     base: &Path,
     files_in: &WeightFiles,
@@ -198,16 +255,37 @@ fn write_model(
         seconds: 0.0,
     };
     let mut weight_map = serde_json::Map::new();
+    // A bitsandbytes base: its quantized layers are written dequantized
+    // (merged where an adapter targets them), as PEFT's merge_and_unload
+    // followed by transformers' dequantize() gives, without re-quantizing.
+    let quantized = QuantizedLayers::read(base, files_in)?;
     for (i, path) in files_in.paths().iter().enumerate() {
         let file_name = path
             .file_name()
             .context("shard name")?
             .to_string_lossy()
             .into_owned();
-        let names = files_in.names_in_file(i);
+        let names: Vec<String> = files_in
+            .names_in_file(i)
+            .into_iter()
+            .filter(|n| !quantized.as_ref().is_some_and(|q| q.is_auxiliary(n)))
+            .collect();
         let plan: Vec<(String, Dtype, Vec<usize>)> = names
             .iter()
             .map(|n| {
+                let module = n.strip_suffix(".weight").unwrap_or("");
+                if let Some((shape, _)) = quantized.as_ref().and_then(|q| q.layers.get(module)) {
+                    let kind = match opts.dtype {
+                        Some(k) => k,
+                        None => quantized
+                            .as_ref()
+                            .and_then(|q| q.dequantize(files_in, module).transpose())
+                            .transpose()?
+                            .map_or(Kind::Float, |(_, k)| k),
+                    };
+                    let shape = shape.iter().map(|&d| d as usize).collect();
+                    return Ok((n.clone(), dtype_of(kind)?, shape));
+                }
                 let (shape, dtype) = files_in.info(n).expect("listed");
                 let out_dtype = match (opts.dtype, dtype) {
                     (Some(k), Dtype::F32 | Dtype::F16 | Dtype::BF16) => dtype_of(k)?,
@@ -236,23 +314,37 @@ fn write_model(
             let (_, in_dtype) = files_in.info(n).expect("listed");
             let module = n.strip_suffix(".weight");
             let delta = module.and_then(|m| deltas.remove(m));
+            let dequantized = match (&quantized, module) {
+                (Some(q), Some(m)) => q.dequantize(files_in, m)?,
+                _ => None,
+            };
             let converted;
-            let bytes: &[u8] = match delta {
-                None if *out_dtype == in_dtype => files_in.raw(n).expect("listed"),
-                None => {
-                    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                    let t = files_in.load(n, &shape, kind_of(*out_dtype)?, Device::Cpu)?;
-                    converted = tensor_bytes(&t)?;
-                    &converted
-                }
-                Some(w) => {
-                    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                    let mut t: Tensor = files_in.load(n, &shape, Kind::Float, Device::Cpu)?;
+            let bytes: &[u8] = if let Some((mut t, _)) = dequantized {
+                if let Some(w) = delta {
                     let mut layer = LoraLayer::new("merge", w);
                     layer.merge(&mut t).with_context(|| n.to_string())?;
                     report.tensors_merged += 1;
-                    converted = tensor_bytes(&t.to_kind(kind_of(*out_dtype)?))?;
-                    &converted
+                }
+                converted = tensor_bytes(&t.to_kind(kind_of(*out_dtype)?))?;
+                &converted
+            } else {
+                match delta {
+                    None if *out_dtype == in_dtype => files_in.raw(n).expect("listed"),
+                    None => {
+                        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                        let t = files_in.load(n, &shape, kind_of(*out_dtype)?, Device::Cpu)?;
+                        converted = tensor_bytes(&t)?;
+                        &converted
+                    }
+                    Some(w) => {
+                        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                        let mut t: Tensor = files_in.load(n, &shape, Kind::Float, Device::Cpu)?;
+                        let mut layer = LoraLayer::new("merge", w);
+                        layer.merge(&mut t).with_context(|| n.to_string())?;
+                        report.tensors_merged += 1;
+                        converted = tensor_bytes(&t.to_kind(kind_of(*out_dtype)?))?;
+                        &converted
+                    }
                 }
             };
             report.largest_tensor_bytes = report.largest_tensor_bytes.max(bytes.len() as u64);
@@ -281,12 +373,14 @@ fn write_model(
     } else {
         debug_assert!(out.join(SINGLE_FILE).exists());
     }
-    copy_other_files(base, out, opts.dtype)?;
+    copy_other_files(base, out, opts.dtype, quantized.is_some())?;
     Ok(report)
 }
 
-/// Copies config, tokenizer and generation files; records the new dtype in config.json.
-fn copy_other_files(base: &Path, out: &Path, dtype: Option<Kind>) -> Result<()> {
+/// Copies config, tokenizer and generation files; records the new dtype in
+/// config.json, and drops its `quantization_config` when the base was
+/// quantized (the output is not).
+fn copy_other_files(base: &Path, out: &Path, dtype: Option<Kind>, dequantized: bool) -> Result<()> {
     for entry in
         std::fs::read_dir(base).with_context(|| format!("{}: cannot list", base.display()))?
     {
@@ -309,6 +403,9 @@ fn copy_other_files(base: &Path, out: &Path, dtype: Option<Kind>) -> Result<()> 
             )?;
             let mut cfg: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not valid JSON", entry.path().display()))?;
+            if let (true, Some(obj)) = (dequantized, cfg.as_object_mut()) {
+                obj.remove("quantization_config");
+            }
             if let (Some(k), Some(obj)) = (dtype, cfg.as_object_mut()) {
                 let s = match k {
                     Kind::BFloat16 => "bfloat16",

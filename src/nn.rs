@@ -1,18 +1,111 @@
 //! The building blocks the model files share: a frozen linear layer that may
-//! carry an adapter, an embedding, an RMS norm, and the hook interface through
-//! which activations can be observed or changed at named module paths.
+//! carry an adapter (and may hold its weight quantized), an embedding, an RMS
+//! norm, and the hook interface through which activations can be observed or
+//! changed at named module paths.
 
+use anyhow::Result;
 use peft_adapters::{BaseLinear, LinearAdapter};
-use tch::Tensor;
+use tch::{Kind, Tensor};
+
+use crate::quant::{quantize_4bit, quantize_int8, Int8Weight, Quantized4bit};
+
+/// The frozen weight of a [`Linear`]: dense, or quantized as bitsandbytes
+/// stores it and dequantized just in time in each forward pass.
+pub enum FrozenWeight {
+    /// `[out_features, in_features]` in the model dtype, never requires grad.
+    Dense(Tensor),
+    /// NF4 or FP4 (bitsandbytes' `Linear4bit`).
+    FourBit {
+        /// Packed codes and quant state.
+        q: Quantized4bit,
+        /// `bnb_4bit_compute_dtype`: the dtype the matmul runs in.
+        compute: Kind,
+    },
+    /// LLM.int8 codes with row scales (bitsandbytes' `Linear8bitLt`).
+    Int8 {
+        /// Codes and scales.
+        w: Int8Weight,
+        /// The dtype the matmul runs in (the model dtype).
+        compute: Kind,
+    },
+}
+
+impl FrozenWeight {
+    /// `[out_features, in_features]`.
+    pub fn size(&self) -> Vec<i64> {
+        match self {
+            Self::Dense(t) => t.size(),
+            Self::FourBit { q, .. } => q.shape.clone(),
+            Self::Int8 { w, .. } => w.cb.size(),
+        }
+    }
+
+    /// Number of values of the (unquantized) weight.
+    pub fn numel(&self) -> i64 {
+        self.size().iter().product()
+    }
+
+    /// Whether the weight is held quantized.
+    pub fn is_quantized(&self) -> bool {
+        !matches!(self, Self::Dense(_))
+    }
+
+    /// The dtype the layer computes in.
+    pub fn compute_kind(&self) -> Kind {
+        match self {
+            Self::Dense(t) => t.kind(),
+            Self::FourBit { compute, .. } | Self::Int8 { compute, .. } => *compute,
+        }
+    }
+
+    /// The weight as a dense tensor in the compute dtype: the tensor itself
+    /// when dense, else dequantized as bitsandbytes does
+    /// (`dequantize_4bit(...).to(compute_dtype)`), a fresh tensor that
+    /// requires no grad and lives as long as the caller keeps it.
+    pub fn dense(&self) -> Tensor {
+        match self {
+            Self::Dense(t) => t.shallow_clone(),
+            Self::FourBit { q, compute } => {
+                let d = q.data.device();
+                q.dequantize(q.dtype, d).to_kind(*compute)
+            }
+            Self::Int8 { w, compute } => w.dequantize(*compute, w.cb.device()),
+        }
+    }
+
+    /// Bytes the frozen weight holds in memory.
+    pub fn frozen_bytes(&self) -> usize {
+        match self {
+            Self::Dense(t) => t.numel() * t.kind().elt_size_in_bytes(),
+            Self::FourBit { q, .. } => q.frozen_bytes(),
+            Self::Int8 { w, .. } => w.frozen_bytes(),
+        }
+    }
+
+    /// Replaces the weight by `new` (dense, fp32 or the compute dtype),
+    /// quantized again the way it was quantized before (what PEFT's
+    /// `Linear4bit.merge` does: dequantize, change, re-quantize).
+    pub fn replace(&mut self, new: &Tensor) -> Result<()> {
+        match self {
+            Self::Dense(t) => *t = new.to_kind(t.kind()),
+            Self::FourBit { q, .. } => {
+                let n = quantize_4bit(&new.to_kind(q.dtype), q.quant_type, q.nested.is_some())?;
+                *q = n;
+            }
+            Self::Int8 { w, compute } => *w = quantize_int8(&new.to_kind(*compute))?,
+        }
+        Ok(())
+    }
+}
 
 /// A frozen `y = x Wᵀ + b` whose output an adapter may change.
 ///
 /// The model code calls [`Linear::forward`] and never knows whether, or which,
-/// adapter is attached: adapters wrap the layer the way PEFT's `LoraLayer`
-/// wraps `base_layer`.
+/// adapter is attached, nor whether the weight is quantized: adapters wrap the
+/// layer the way PEFT's `LoraLayer` wraps `base_layer`.
 pub struct Linear {
-    /// `[out_features, in_features]`, never requires grad.
-    pub weight: Tensor,
+    /// `[out_features, in_features]`, dense or quantized; never requires grad.
+    pub weight: FrozenWeight,
     /// `[out_features]`, never requires grad.
     pub bias: Option<Tensor>,
     /// The adapter wrapping this layer, if any.
@@ -20,8 +113,13 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// A layer without adapter.
+    /// A dense layer without adapter.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::with_weight(FrozenWeight::Dense(weight), bias)
+    }
+
+    /// A layer without adapter holding `weight`.
+    pub fn with_weight(weight: FrozenWeight, bias: Option<Tensor>) -> Self {
         Self {
             weight,
             bias,
@@ -36,15 +134,33 @@ impl Linear {
     }
 
     /// Base output plus whatever the attached adapter adds.
+    ///
+    /// A quantized weight is dequantized here into the compute dtype and the
+    /// input cast to it, as bitsandbytes' `Linear4bit.forward` does; the
+    /// result is cast back to the input's dtype. The dequantized weight is a
+    /// temporary: autograd keeps it for the input gradient only while this
+    /// layer's graph lives (one layer at a time with gradient checkpointing).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let base = x.linear(&self.weight, self.bias.as_ref());
+        let (weight, base) = match &self.weight {
+            FrozenWeight::Dense(w) => (w.shallow_clone(), x.linear(w, self.bias.as_ref())),
+            q => {
+                let compute = q.compute_kind();
+                let w = q.dense();
+                let bias = self.bias.as_ref().map(|b| b.to_kind(compute));
+                let base = x
+                    .to_kind(compute)
+                    .linear(&w, bias.as_ref())
+                    .to_kind(x.kind());
+                (w, base)
+            }
+        };
         match &self.adapter {
             None => base,
             Some(adapter) => adapter.forward(
                 x,
                 base,
                 &BaseLinear {
-                    weight: &self.weight,
+                    weight: &weight,
                     bias: self.bias.as_ref(),
                 },
             ),

@@ -75,7 +75,7 @@ pub fn inject(
         }
         let (r, alpha) = config.rank_and_alpha(&path);
         let w = LoraWeights::init(
-            &lin.weight,
+            &lin.weight.dense(),
             r,
             config.scaling(r, alpha),
             config.lora_dropout,
@@ -207,11 +207,15 @@ pub fn add_weighted_adapter(
     Ok(())
 }
 
-/// Folds the active adapters into the base weights in memory (PEFT's `merge_adapter`).
+/// Folds the active adapters into the base weights in memory (PEFT's
+/// `merge_adapter`); a quantized weight is dequantized, merged and quantized
+/// again, as PEFT does on a bitsandbytes layer (so it loses precision).
 pub fn merge(model: &mut LlamaForCausalLM) -> Result<()> {
     for (path, lin) in model.linear_layers_mut() {
         if let Some(a) = lin.adapter.as_mut() {
-            a.merge(&mut lin.weight).with_context(|| path.clone())?;
+            let mut w = lin.weight.dense();
+            a.merge(&mut w).with_context(|| path.clone())?;
+            lin.weight.replace(&w).with_context(|| path.clone())?;
         }
     }
     Ok(())
@@ -221,7 +225,9 @@ pub fn merge(model: &mut LlamaForCausalLM) -> Result<()> {
 pub fn unmerge(model: &mut LlamaForCausalLM) -> Result<()> {
     for (path, lin) in model.linear_layers_mut() {
         if let Some(a) = lin.adapter.as_mut() {
-            a.unmerge(&mut lin.weight).with_context(|| path.clone())?;
+            let mut w = lin.weight.dense();
+            a.unmerge(&mut w).with_context(|| path.clone())?;
+            lin.weight.replace(&w).with_context(|| path.clone())?;
         }
     }
     Ok(())

@@ -900,6 +900,41 @@ impl LlamaForCausalLM {
         out
     }
 
+    /// Bytes held by the frozen weights (tied weights counted once), and of
+    /// those the linear layers stored quantized: `(all bytes, quantized
+    /// bytes, quantized parameters)`.
+    pub fn frozen_bytes(&self) -> (usize, usize, i64) {
+        let dense = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let mut all = dense(&self.model.embed_tokens) + dense(&self.model.norm.weight);
+        let (mut qbytes, mut qparams) = (0, 0);
+        let mut count = |lin: &Linear, all: &mut usize| {
+            let b = lin.weight.frozen_bytes();
+            *all += b + lin.bias.as_ref().map_or(0, dense);
+            if lin.weight.is_quantized() {
+                qbytes += b;
+                qparams += lin.weight.numel();
+            }
+        };
+        for l in &self.model.layers {
+            for lin in [
+                &l.self_attn.q_proj,
+                &l.self_attn.k_proj,
+                &l.self_attn.v_proj,
+                &l.self_attn.o_proj,
+                &l.mlp.gate_proj,
+                &l.mlp.up_proj,
+                &l.mlp.down_proj,
+            ] {
+                count(lin, &mut all);
+            }
+            all += dense(&l.input_layernorm.weight) + dense(&l.post_attention_layernorm.weight);
+        }
+        if !self.config.tie_word_embeddings {
+            count(&self.lm_head, &mut all);
+        }
+        (all, qbytes, qparams)
+    }
+
     /// Number of frozen parameters (tied weights counted once).
     pub fn num_parameters(&self) -> i64 {
         let c = &self.config;
@@ -915,7 +950,7 @@ impl LlamaForCausalLM {
                 &l.mlp.up_proj,
                 &l.mlp.down_proj,
             ] {
-                n += lin.weight.numel() as i64 + lin.bias.as_ref().map_or(0, |b| b.numel() as i64);
+                n += lin.weight.numel() + lin.bias.as_ref().map_or(0, |b| b.numel() as i64);
             }
             n += 2 * h;
         }

@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::nn::Linear;
+use crate::nn::{FrozenWeight, Linear};
+use crate::quant::QuantPlan;
 use crate::weights::WeightFiles;
 
 /// Where a model's tensors come from: a checkpoint, or random values for
@@ -16,11 +17,21 @@ use crate::weights::WeightFiles;
 pub trait TensorSource {
     /// The tensor `name` of `shape`, in `kind` on `device`.
     fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor>;
+
+    /// The checkpoint files, when the tensors come from some (pre-quantized
+    /// layers are read from them directly).
+    fn weight_files(&self) -> Option<&WeightFiles> {
+        None
+    }
 }
 
 impl TensorSource for WeightFiles {
     fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
         self.load(name, shape, kind, device)
+    }
+
+    fn weight_files(&self) -> Option<&WeightFiles> {
+        Some(self)
     }
 }
 
@@ -49,6 +60,7 @@ pub struct Weights<'a> {
     kind: Kind,
     device: Device,
     used: &'a RefCell<BTreeSet<String>>,
+    quant: Option<&'a QuantPlan>,
 }
 
 impl<'a> Weights<'a> {
@@ -65,7 +77,15 @@ impl<'a> Weights<'a> {
             kind,
             device,
             used,
+            quant: None,
         }
+    }
+
+    /// The same root, loading linear layers as `plan` says (quantized at
+    /// load, or read pre-quantized).
+    pub fn with_quantization(mut self, plan: Option<&'a QuantPlan>) -> Self {
+        self.quant = plan;
+        self
     }
 
     /// The view under `self.prefix + name + "."`.
@@ -76,6 +96,7 @@ impl<'a> Weights<'a> {
             kind: self.kind,
             device: self.device,
             used: self.used,
+            quant: self.quant,
         }
     }
 
@@ -104,12 +125,27 @@ impl<'a> Weights<'a> {
     /// Loads the linear layer `prefix + name` (`.weight`, and `.bias` when `bias`).
     pub fn linear(&self, name: &str, in_dim: i64, out_dim: i64, bias: bool) -> Result<Linear> {
         let w = self.pp(name);
-        let weight = w.get("weight", &[out_dim, in_dim])?;
+        let path = self.path(name);
+        let weight = match self.quant {
+            Some(plan) if plan.quantizes(&path)? => {
+                let (weight, used) = plan.weight(
+                    &path,
+                    &[out_dim, in_dim],
+                    self.files.weight_files(),
+                    || w.get("weight", &[out_dim, in_dim]),
+                    self.kind,
+                    self.device,
+                )?;
+                self.used.borrow_mut().extend(used);
+                weight
+            }
+            _ => FrozenWeight::Dense(w.get("weight", &[out_dim, in_dim])?),
+        };
         let bias = if bias {
             Some(w.get("bias", &[out_dim])?)
         } else {
             None
         };
-        Ok(Linear::new(weight, bias))
+        Ok(Linear::with_weight(weight, bias))
     }
 }

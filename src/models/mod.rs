@@ -18,6 +18,7 @@ use tch::{Device, Kind};
 
 pub use llama::{KvCache, LlamaConfig, LlamaForCausalLM};
 
+use crate::quant::{BnbQuantization, QuantPlan};
 use crate::weights::WeightFiles;
 use config::RawConfig;
 use loader::Weights;
@@ -45,7 +46,35 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
 ///
 /// Weights are converted to `kind` on `device` and never require grad.
 pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<LlamaForCausalLM> {
-    load_with_config(dir, read_config(dir)?, kind, device)
+    load_with_config(dir, read_config(dir)?, kind, device, None)
+}
+
+/// [`load`], with the linear layers quantized as `quantize` asks
+/// (`--quantize`). A checkpoint whose config.json has a bitsandbytes
+/// `quantization_config` loads quantized as it is, with or without `quantize`.
+pub fn load_quantized(
+    dir: &Path,
+    kind: Kind,
+    device: Device,
+    quantize: Option<&BnbQuantization>,
+) -> Result<LlamaForCausalLM> {
+    load_with_config(dir, read_config(dir)?, kind, device, quantize)
+}
+
+/// A random model (see [`random`]) whose linear layers are quantized as `quantize` asks.
+pub fn random_quantized(
+    config: LlamaConfig,
+    kind: Kind,
+    device: Device,
+    quantize: &BnbQuantization,
+) -> Result<LlamaForCausalLM> {
+    let used = RefCell::new(BTreeSet::new());
+    let source = loader::RandomWeights { std: 0.02 };
+    let plan = QuantPlan::choose(None, Some(quantize), Path::new("config.json"))?;
+    LlamaForCausalLM::load(
+        config,
+        &Weights::new(&source, kind, device, &used).with_quantization(plan.as_ref()),
+    )
 }
 
 /// A model of `config`'s shapes with random weights (N(0, 0.02), norms 1),
@@ -61,11 +90,17 @@ fn load_with_config(
     config: LlamaConfig,
     kind: Kind,
     device: Device,
+    quantize: Option<&BnbQuantization>,
 ) -> Result<LlamaForCausalLM> {
     let files = WeightFiles::from_model_dir(dir)?;
     check_layer_count(dir, &config, &files)?;
+    let stored = crate::quant::read_quantization(dir)?;
+    let plan = QuantPlan::choose(stored, quantize, &dir.join("config.json"))?;
     let used = RefCell::new(BTreeSet::new());
-    let model = LlamaForCausalLM::load(config, &Weights::new(&files, kind, device, &used))?;
+    let model = LlamaForCausalLM::load(
+        config,
+        &Weights::new(&files, kind, device, &used).with_quantization(plan.as_ref()),
+    )?;
     let used = used.into_inner();
     let ignorable = |n: &str| n == "lm_head.weight" || n.ends_with("rotary_emb.inv_freq");
     let unused: Vec<&str> = files
@@ -123,11 +158,22 @@ pub struct Pretrained {
 impl Pretrained {
     /// Loads model and tokenizer and checks that they belong together.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        Self::load_quantized(dir, kind, device, None)
+    }
+
+    /// [`Pretrained::load`] with the linear layers quantized as `quantize`
+    /// asks (see [`load_quantized`]).
+    pub fn load_quantized(
+        dir: &Path,
+        kind: Kind,
+        device: Device,
+        quantize: Option<&BnbQuantization>,
+    ) -> Result<Self> {
         let config = read_config(dir)?;
         let tokenizer = crate::tokenizer::Tokenizer::from_model_dir(dir)?;
         // Checked before the weights are read: a mismatch names the cause, not a shape.
         tokenizer.check_fits(config.vocab_size, &dir.join("config.json"))?;
-        let model = load_with_config(dir, config, kind, device)?;
+        let model = load_with_config(dir, config, kind, device, quantize)?;
         let mut eos = generation_eos(dir)?;
         if eos.is_empty() {
             eos = model.config.eos_token_ids.clone();

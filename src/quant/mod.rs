@@ -20,11 +20,13 @@
 //!   transformers' `load_in_8bit` stores it (`weight` int8 and `SCB` fp32).
 //! - [`checkpoint`]: pre-quantized transformers checkpoints and config.json's
 //!   `quantization_config`.
+//! - [`load`]: quantizing a model's linear layers while it loads (`--quantize`).
 
 pub mod checkpoint;
 pub mod codebook;
 pub mod four_bit;
 pub mod int8;
+pub mod load;
 
 pub use checkpoint::{load_4bit, load_int8, read_quantization, BnbMode, BnbQuantization};
 pub use codebook::{dynamic_map, QuantType};
@@ -33,3 +35,4 @@ pub use four_bit::{
     BLOCKSIZE, NESTED_BLOCKSIZE,
 };
 pub use int8::{quantize_int8, Int8Weight};
+pub use load::{QuantPlan, Quantize};

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::DataFormat;
 use crate::device::{DeviceArg, DtypeArg};
+use crate::quant::{BnbQuantization, Quantize};
 use peft_regularizers::{NeftuneMode, NoiseDistribution};
 
 /// Learning-rate schedules, with transformers' `SchedulerType` names.
@@ -189,6 +190,18 @@ pub struct TrainConfig {
     /// Dtype of the frozen base (adapters and the loss are fp32): auto is fp32 on CPU, bf16 on CUDA.
     #[arg(long, value_enum, default_value_t = defaults().dtype)]
     pub dtype: DtypeArg,
+    /// Store the frozen linear layers quantized as bitsandbytes does (QLoRA: nf4); embeddings,
+    /// norms and lm_head stay in --dtype, adapters in fp32.
+    #[arg(long, value_enum, value_name = "nf4|fp4|int8")]
+    pub quantize: Option<Quantize>,
+    /// Quantize the 4-bit absmax values again (QLoRA's double quantization; transformers'
+    /// default is false).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().bnb_4bit_use_double_quant)]
+    pub bnb_4bit_use_double_quant: bool,
+    /// Dtype the 4-bit matmuls run in (default: --dtype).
+    #[arg(long, value_enum)]
+    pub bnb_4bit_compute_dtype: Option<DtypeArg>,
     /// Recompute each decoder layer in the backward pass (less memory, about a third more compute).
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().gradient_checkpointing)]
@@ -274,6 +287,9 @@ impl Default for TrainConfig {
             seed: 42,
             device: DeviceArg::Auto,
             dtype: DtypeArg::Auto,
+            quantize: None,
+            bnb_4bit_use_double_quant: false,
+            bnb_4bit_compute_dtype: None,
             gradient_checkpointing: false,
             lora_compute_dtype: DtypeArg::Fp32,
             tf32: false,
@@ -467,6 +483,18 @@ impl TrainConfig {
             "must be at least 1",
         )?;
         check(
+            !(self.quantize == Some(Quantize::Int8)
+                && (self.bnb_4bit_use_double_quant || self.bnb_4bit_compute_dtype.is_some())),
+            "bnb_4bit_use_double_quant",
+            "and bnb_4bit_compute_dtype apply to 4-bit quantization (nf4, fp4), not int8",
+        )?;
+        check(
+            self.quantize.is_some()
+                || (!self.bnb_4bit_use_double_quant && self.bnb_4bit_compute_dtype.is_none()),
+            "bnb_4bit_use_double_quant",
+            "and bnb_4bit_compute_dtype need quantize (nf4 or fp4)",
+        )?;
+        check(
             !self.target_modules.is_empty() && self.target_modules.iter().all(|m| !m.is_empty()),
             "target_modules",
             "must name at least one module",
@@ -493,6 +521,16 @@ impl TrainConfig {
                 })
             })
             .collect()
+    }
+
+    /// The bitsandbytes quantization these settings ask for, with the
+    /// compute dtype defaulting to the model dtype `kind`.
+    pub fn quantization(&self, kind: tch::Kind, device: tch::Device) -> Option<BnbQuantization> {
+        let compute = self
+            .bnb_4bit_compute_dtype
+            .map_or(kind, |d| d.resolve(device));
+        self.quantize
+            .map(|q| q.config(self.bnb_4bit_use_double_quant, compute))
     }
 
     /// The LoRA configuration these settings describe.

@@ -59,6 +59,10 @@ pub struct Summary {
     pub tokens_per_second: f64,
     /// Where the adapter was written.
     pub output: PathBuf,
+    /// Bytes of the frozen base weights in memory (quantized layers as stored).
+    pub frozen_weight_bytes: usize,
+    /// Bytes per parameter of the quantized linear layers, when there are some.
+    pub quantized_bytes_per_param: Option<f64>,
 }
 
 /// One optimizer step's numbers.
@@ -145,7 +149,8 @@ impl Trainer {
             Some(g) if g.rank() != 0 => None,
             _ => Some(outputs::claim_dir("--output", &cfg.output, "train")?),
         };
-        let base = Pretrained::load(&model_dir, kind, device)?;
+        let quantize = cfg.quantization(kind, device);
+        let base = Pretrained::load_quantized(&model_dir, kind, device, quantize.as_ref())?;
         let eos = base.completion_eos()?;
         let opts = DataOptions {
             format: cfg.format,
@@ -735,6 +740,7 @@ impl Trainer {
             g.barrier()?;
         }
         let seconds = t0.elapsed().as_secs_f64();
+        let (frozen_weight_bytes, qbytes, qparams) = self.model.frozen_bytes();
         Ok(Summary {
             steps: self.total_steps,
             skipped_steps: self.skipped_steps,
@@ -744,6 +750,8 @@ impl Trainer {
             seconds,
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
             output,
+            frozen_weight_bytes,
+            quantized_bytes_per_param: (qparams > 0).then(|| qbytes as f64 / qparams as f64),
         })
     }
 }

@@ -1,0 +1,331 @@
+//! QLoRA against transformers + bitsandbytes + PEFT on the CPU
+//! (`tests/fixtures/qlora_reference.py`): logits of 4-bit models with and
+//! without a PEFT adapter, greedy generation of the 4-bit SmolLM2, and one
+//! training step's adapter gradients on a 4-bit base.
+//!
+//! bitsandbytes' CPU path (no AVX512-BF16) runs a 4-bit layer as
+//! `linear(x, dequantize_4bit(W).to(compute_dtype))`; peft-rs dequantizes to
+//! the same bytes (tests/quant.rs) and calls the same libtorch matmul, so the
+//! logits agree to fp32 rounding of the matmul order at most.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use peft_rs::data::Batch;
+use peft_rs::generate::{generate, GenerationConfig};
+use peft_rs::models::{self, LlamaForCausalLM, Pretrained};
+use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
+use peft_rs::quant::{BnbQuantization, Quantize};
+use peft_rs::regularizers::RegularizerStack;
+use peft_rs::train::{forward_backward, MicroBatch, StepOptions};
+use tch::{Device, Kind, Tensor};
+
+fn fx() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        common::fixture(
+            "qlora_reference.py",
+            &[],
+            &[&common::model_dir("llama"), &common::default_model()],
+        )
+    })
+}
+
+fn read(p: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(p).unwrap().into_iter().collect()
+}
+
+fn nf4_dq() -> BnbQuantization {
+    Quantize::Nf4.config(true, Kind::Float)
+}
+
+fn tiny(q: &BnbQuantization) -> LlamaForCausalLM {
+    models::load_quantized(
+        &common::model_dir("llama"),
+        Kind::Float,
+        Device::Cpu,
+        Some(q),
+    )
+    .unwrap()
+}
+
+/// max |a - b| and max |b|.
+fn diff(a: &Tensor, b: &Tensor) -> (f64, f64) {
+    assert_eq!(a.size(), b.size());
+    (
+        (a - b).abs().max().double_value(&[]),
+        b.abs().max().double_value(&[]),
+    )
+}
+
+/// fp32 logits of the same dequantized weights: the matmuls may sum in
+/// another order than PyTorch's (the same libtorch, but other shapes or
+/// threads), each a few ulps of values of magnitude ~10, amplified through the
+/// layers; 1e-4 absolute is ~1e-5 relative, far below the smallest change
+/// one 4-bit code makes (a code step times an absmax, ~1e-3 of a weight).
+const LOGIT_TOL: f64 = 1e-4;
+
+#[test]
+fn tiny_4bit_logits_match_bitsandbytes() {
+    let ids = read(&fx().join("batch.safetensors"))["input_ids"].shallow_clone();
+    for (name, q) in [
+        ("nf4_dq", nf4_dq()),
+        ("fp4", Quantize::Fp4.config(false, Kind::Float)),
+    ] {
+        let model = tiny(&q);
+        let ours = tch::no_grad(|| model.forward(&ids));
+        let theirs = &read(&fx().join("tiny").join(name).join("logits.safetensors"))["logits"];
+        let (d, scale) = diff(&ours, theirs);
+        eprintln!("tiny {name}: max |logit diff| {d:.3e} (max |logit| {scale:.2})");
+        assert!(d < LOGIT_TOL, "{name}: {d}");
+        // Quantization did change the model: the unquantized logits differ.
+        let dense = models::load(&common::model_dir("llama"), Kind::Float, Device::Cpu).unwrap();
+        let (dd, _) = diff(&tch::no_grad(|| dense.forward(&ids)), theirs);
+        assert!(
+            dd > 100.0 * LOGIT_TOL,
+            "{name}: 4-bit logits equal the fp32 ones ({dd})"
+        );
+    }
+}
+
+#[test]
+fn tiny_lora_logits_on_4bit_base_match_peft() {
+    let ids = read(&fx().join("batch.safetensors"))["input_ids"].shallow_clone();
+    let dir = fx().join("tiny").join("lora");
+    let mut model = tiny(&nf4_dq());
+    peft_model::load_adapter(&mut model, &dir.join("adapter"), DEFAULT_ADAPTER).unwrap();
+    let ours = tch::no_grad(|| model.forward(&ids));
+    let (d, scale) = diff(&ours, &read(&dir.join("logits.safetensors"))["logits"]);
+    eprintln!("tiny nf4_dq + LoRA: max |logit diff| {d:.3e} (max |logit| {scale:.2})");
+    assert!(d < LOGIT_TOL, "{d}");
+}
+
+fn grads(variant: &str, gradient_checkpointing: bool) -> (HashMap<String, Tensor>, f64) {
+    let mut model = tiny(&nf4_dq());
+    let dir = fx().join("tiny").join(variant).join("adapter");
+    peft_model::load_adapter(&mut model, &dir, DEFAULT_ADAPTER).unwrap();
+    peft_model::set_training(&mut model, true);
+    let params = peft_model::trainable_parameters(&mut model);
+    let trainable: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    let b = read(&fx().join("batch.safetensors"));
+    let labels = b["labels"].shallow_clone();
+    let batch = Batch {
+        input_ids: b["input_ids"].shallow_clone(),
+        attention_mask: b["attention_mask"].shallow_clone(),
+        num_tokens: b["attention_mask"].sum(Kind::Int64).int64_value(&[]),
+        num_label_tokens: labels
+            .narrow(1, 1, labels.size()[1] - 1)
+            .ne(-100)
+            .sum(Kind::Int64)
+            .int64_value(&[]),
+        labels,
+        position_ids: None,
+        segment_ids: None,
+    };
+    let mb = MicroBatch {
+        step: 0,
+        index: 0,
+        count: 1,
+        seed: 1,
+        denom: batch.num_label_tokens as f64,
+        loss_scale: 1.0,
+    };
+    let opts = StepOptions {
+        gradient_checkpointing,
+        loss_chunk_size: 7,
+    };
+    let mut regs = RegularizerStack::new();
+    let loss = forward_backward(&model, &mut regs, &trainable, &batch, &mb, opts).unwrap();
+    let g = params
+        .iter()
+        .map(|(k, t)| (k.clone(), t.grad().copy()))
+        .collect();
+    (g, loss)
+}
+
+#[test]
+fn adapter_gradients_on_4bit_base_match_peft() {
+    for variant in ["lora", "dora"] {
+        let dir = fx().join("tiny").join(variant);
+        let (ours, loss) = grads(variant, false);
+        let theirs = read(&dir.join("grads.safetensors"));
+        let ref_loss: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("loss.json")).unwrap()).unwrap();
+        let ref_loss = ref_loss["loss"].as_f64().unwrap();
+        assert!(
+            (loss - ref_loss).abs() < 1e-5 * ref_loss.abs(),
+            "{variant}: loss {loss} vs {ref_loss}"
+        );
+        assert_eq!(ours.len(), theirs.len(), "{variant}");
+        let mut worst: f64 = 0.0;
+        for (k, g) in &theirs {
+            let o = ours
+                .get(k)
+                .unwrap_or_else(|| panic!("{variant}: no gradient for {k}"));
+            let (d, scale) = diff(o, g);
+            assert!(scale > 0.0, "{variant}: {k} has zero reference gradient");
+            worst = worst.max(d / scale);
+        }
+        eprintln!(
+            "{variant} on nf4_dq: loss {loss:.6} (PEFT {ref_loss:.6}), worst relative gradient error {worst:.2e}"
+        );
+        assert!(worst < 1e-3, "{variant}: {worst}");
+        // Gradient checkpointing recomputes the dequantized weights layer by
+        // layer and gives the same gradients.
+        let (ckpt, l2) = grads(variant, true);
+        assert_eq!(loss, l2, "{variant}");
+        for (k, g) in &ours {
+            assert!(
+                g.equal(&ckpt[k]),
+                "{variant}: {k} differs with checkpointing"
+            );
+        }
+    }
+}
+
+#[test]
+fn smollm2_nf4_logits_and_greedy_generation_match_bitsandbytes() {
+    let dir = fx().join("smollm2");
+    let prompts: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("prompts.json")).unwrap()).unwrap();
+    let want_gen: Vec<Vec<i64>> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("generate.json")).unwrap()).unwrap();
+    let logits = read(&dir.join("logits.safetensors"));
+    let mut base = Pretrained::load_quantized(
+        &common::default_model(),
+        Kind::Float,
+        Device::Cpu,
+        Some(&nf4_dq()),
+    )
+    .unwrap();
+    // Frozen bytes of the quantized linear layers per parameter.
+    let (mut bytes, mut params) = (0usize, 0i64);
+    for (path, lin) in base.model.linear_layers_mut() {
+        if lin.weight.is_quantized() {
+            bytes += lin.weight.frozen_bytes();
+            params += lin.weight.numel();
+        } else {
+            assert_eq!(path, "lm_head", "only the output head stays dense");
+        }
+    }
+    let per_param = bytes as f64 / params as f64;
+    eprintln!("SmolLM2 nf4 + double quant: {bytes} frozen bytes for {params} linear weights = {per_param:.4} bytes/param");
+    assert!((0.50..0.54).contains(&per_param), "{per_param}");
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| base.tokenizer.encode(p, true).unwrap())
+        .collect();
+    let cfg = GenerationConfig {
+        max_new_tokens: 16,
+        eos_token_ids: base.eos_token_ids.clone(),
+        ..GenerationConfig::default()
+    };
+    let mut same = 0;
+    let mut worst: f64 = 0.0;
+    for (i, p) in ids.iter().enumerate() {
+        let t = Tensor::from_slice(&p.iter().map(|&x| x as i64).collect::<Vec<_>>()).unsqueeze(0);
+        let ours = tch::no_grad(|| base.model.forward(&t)).squeeze_dim(0);
+        let (d, _) = diff(&ours, &logits[&format!("p{i}")]);
+        worst = worst.max(d);
+        let got = generate(&base.model, p, &cfg).unwrap();
+        if got == want_gen[i] {
+            same += 1;
+        } else {
+            eprintln!(
+                "prompt {i}: ours {got:?}\n          bitsandbytes {:?}",
+                want_gen[i]
+            );
+        }
+    }
+    eprintln!("SmolLM2 nf4_dq: max |logit diff| {worst:.3e}; greedy generation identical on {same}/{} prompts", ids.len());
+    assert!(worst < LOGIT_TOL, "{worst}");
+    assert!(2 * same > ids.len(), "{same}/{}", ids.len());
+    peft_model::load_adapter(&mut base.model, &dir.join("adapter"), DEFAULT_ADAPTER).unwrap();
+    let mut worst: f64 = 0.0;
+    for (i, p) in ids.iter().enumerate() {
+        let t = Tensor::from_slice(&p.iter().map(|&x| x as i64).collect::<Vec<_>>()).unsqueeze(0);
+        let ours = tch::no_grad(|| base.model.forward(&t)).squeeze_dim(0);
+        let (d, _) = diff(&ours, &logits[&format!("adapter_p{i}")]);
+        worst = worst.max(d);
+    }
+    eprintln!("SmolLM2 nf4_dq + PEFT LoRA: max |logit diff| {worst:.3e}");
+    assert!(worst < LOGIT_TOL, "{worst}");
+}
+
+fn merge_fx() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        common::fixture(
+            "qlora_merge_reference.py",
+            &[],
+            &[&common::model_dir("llama")],
+        )
+    })
+}
+
+#[test]
+fn merge_into_prequantized_base_matches_peft_before_requantization() {
+    let fx = merge_fx();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let report = peft_rs::merge::merge_to_dir(&peft_rs::merge::MergeOptions {
+        base: fx.join("base4"),
+        adapters: vec![fx.join("adapter")],
+        weights: vec![],
+        output: out.clone(),
+        dtype: None,
+        overwrite: false,
+        progress: false,
+    })
+    .unwrap();
+    let want = read(&fx.join("merged.safetensors"));
+    let requant = read(&fx.join("requantized.safetensors"));
+    assert_eq!(report.tensors_merged, want.len());
+    let got = read(&out.join("model.safetensors"));
+    assert!(
+        got.keys()
+            .all(|k| !k.contains("absmax") && !k.contains("quant_")),
+        "quant state left in the merged model"
+    );
+    let (mut worst, mut requant_err): (f64, f64) = (0.0, 0.0);
+    for (k, w) in &want {
+        let g = &got[k];
+        assert_eq!(g.kind(), Kind::Float, "{k}");
+        let (d, scale) = diff(g, w);
+        worst = worst.max(d / scale);
+        let (r, _) = diff(&requant[k], w);
+        requant_err = requant_err.max(r / scale);
+    }
+    eprintln!(
+        "merge into nf4_dq base: worst relative error vs PEFT's dequantize + delta {worst:.2e}; \
+         PEFT's re-quantized merge is {requant_err:.2e} away from it"
+    );
+    // Both add the same fp32 delta to the same dequantized weight; the delta
+    // (B @ A * scaling) may be summed in another order.
+    assert!(worst < 1e-6, "{worst}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(cfg.get("quantization_config").is_none());
+    // The merged model loads as a plain model and gives the adapted 4-bit
+    // model's logits up to the merge's rounding.
+    let ids = read(&fixture_batch())["input_ids"].shallow_clone();
+    let merged = models::load(&out, Kind::Float, Device::Cpu).unwrap();
+    let mut adapted = models::load(&fx.join("base4"), Kind::Float, Device::Cpu).unwrap();
+    peft_model::load_adapter(&mut adapted, &fx.join("adapter"), DEFAULT_ADAPTER).unwrap();
+    let (d, scale) = diff(
+        &tch::no_grad(|| merged.forward(&ids)),
+        &tch::no_grad(|| adapted.forward(&ids)),
+    );
+    eprintln!("merged vs adapted 4-bit logits: {d:.2e} (max |logit| {scale:.2})");
+    assert!(d < LOGIT_TOL, "{d}");
+}
+
+fn fixture_batch() -> PathBuf {
+    fx().join("batch.safetensors")
+}
