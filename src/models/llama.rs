@@ -3,7 +3,7 @@
 //! Struct and field names mirror the Hugging Face module paths
 //! (`model.layers.N.self_attn.q_proj`, `model.norm`, `lm_head`), so loading is
 //! a walk over names and the file reads next to transformers' code. Mistral
-//! (sliding-window attention) and Qwen2 (q/k/v bias) are this decoder with a
+//! (sliding-window attention), Qwen2 (q/k/v bias) and Qwen3 (q/k norms) are this decoder with a
 //! different configuration; see `mistral.rs` and `qwen2.rs`.
 
 use anyhow::{bail, Result};
@@ -72,6 +72,9 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     /// Sliding attention window per layer (`None`: full causal attention).
     pub sliding_window: Vec<Option<usize>>,
+    /// RMS norms over each query and key head (`self_attn.q_norm`,
+    /// `self_attn.k_norm`) before RoPE, as Qwen3 and Gemma 3 have.
+    pub qk_norm: bool,
     /// Token ids that end generation.
     pub eos_token_ids: Vec<i64>,
     /// The dtype the checkpoint was saved in (`dtype`/`torch_dtype`), if stated.
@@ -156,6 +159,7 @@ impl LlamaConfig {
             o_bias: attention_bias,
             mlp_bias: raw.opt_bool("mlp_bias")?.unwrap_or(false),
             sliding_window: vec![None; num_hidden_layers],
+            qk_norm: false,
             eos_token_ids: raw.token_ids("eos_token_id"),
             saved_dtype: raw
                 .opt_str("dtype")?
@@ -166,34 +170,65 @@ impl LlamaConfig {
 }
 
 impl LlamaConfig {
-    /// Every linear module as (Hugging Face path, in_features, out_features),
-    /// in the order of [`LlamaForCausalLM::linear_layers_mut`]; lets tools such
-    /// as `merge` plan without loading the model.
-    pub fn linear_modules(&self) -> Vec<(String, i64, i64)> {
+    /// The linear modules of one decoder layer as (path under
+    /// `model.layers.N`, in_features, out_features, bias): the one place
+    /// their shapes are written. `layer_linears!` is the one place their
+    /// fields are; loading checks that the two agree.
+    pub fn layer_linear_shapes(&self) -> [(&'static str, i64, i64, bool); 7] {
         let (h, hd) = (self.hidden_size as i64, self.head_dim as i64);
         let (q, kv) = (
             self.num_attention_heads as i64 * hd,
             self.num_key_value_heads as i64 * hd,
         );
         let inter = self.intermediate_size as i64;
+        let (qkv, o, mlp) = (self.qkv_bias, self.o_bias, self.mlp_bias);
+        [
+            ("self_attn.q_proj", h, q, qkv),
+            ("self_attn.k_proj", h, kv, qkv),
+            ("self_attn.v_proj", h, kv, qkv),
+            ("self_attn.o_proj", q, h, o),
+            ("mlp.gate_proj", h, inter, mlp),
+            ("mlp.up_proj", h, inter, mlp),
+            ("mlp.down_proj", inter, h, mlp),
+        ]
+    }
+
+    /// Every linear module as (Hugging Face path, in_features, out_features),
+    /// in the order of [`LlamaForCausalLM::linear_layers`]; lets tools such
+    /// as `merge` plan without loading the model.
+    pub fn linear_modules(&self) -> Vec<(String, i64, i64)> {
         let mut v = Vec::new();
         for i in 0..self.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            for (name, i_, o) in [
-                ("self_attn.q_proj", h, q),
-                ("self_attn.k_proj", h, kv),
-                ("self_attn.v_proj", h, kv),
-                ("self_attn.o_proj", q, h),
-                ("mlp.gate_proj", h, inter),
-                ("mlp.up_proj", h, inter),
-                ("mlp.down_proj", inter, h),
-            ] {
-                v.push((format!("{p}.{name}"), i_, o));
+            for (name, i_, o, _) in self.layer_linear_shapes() {
+                v.push((format!("model.layers.{i}.{name}"), i_, o));
             }
         }
-        v.push((OUTPUT_HEAD.to_owned(), h, self.vocab_size as i64));
+        v.push((
+            OUTPUT_HEAD.to_owned(),
+            self.hidden_size as i64,
+            self.vocab_size as i64,
+        ));
         v
     }
+}
+
+/// The linear modules of a [`DecoderLayer`] as (path under `model.layers.N`,
+/// reference), shared (`layer_linears!(l)`) or mutable
+/// (`layer_linears!(l, mut)`): the one list of their fields, behind
+/// [`LlamaForCausalLM::linear_layers`], [`LlamaForCausalLM::linear_layers_mut`],
+/// loading and parameter counts.
+macro_rules! layer_linears {
+    ($l:expr $(, $m:ident)?) => {
+        [
+            ("self_attn.q_proj", &$($m)? $l.self_attn.q_proj),
+            ("self_attn.k_proj", &$($m)? $l.self_attn.k_proj),
+            ("self_attn.v_proj", &$($m)? $l.self_attn.v_proj),
+            ("self_attn.o_proj", &$($m)? $l.self_attn.o_proj),
+            ("mlp.gate_proj", &$($m)? $l.mlp.gate_proj),
+            ("mlp.up_proj", &$($m)? $l.mlp.up_proj),
+            ("mlp.down_proj", &$($m)? $l.mlp.down_proj),
+        ]
+    };
 }
 
 /// The output projection's module path (excluded by `all-linear`).
@@ -507,6 +542,10 @@ pub struct Attention {
     pub v_proj: Linear,
     /// `o_proj`.
     pub o_proj: Linear,
+    /// `q_norm`, over each query head (Qwen3, Gemma 3).
+    pub q_norm: Option<RmsNorm>,
+    /// `k_norm`, over each key head (Qwen3, Gemma 3).
+    pub k_norm: Option<RmsNorm>,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
@@ -523,10 +562,20 @@ impl Attention {
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden states are [batch, seq, hidden]");
         let (cos, sin) = rope;
-        let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
-        let q = apply_rotary(&heads(self.q_proj.forward(x), self.num_heads), cos, sin);
-        let mut k = apply_rotary(&heads(self.k_proj.forward(x), self.num_kv_heads), cos, sin);
-        let mut v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        // `[b, t, n, d]`, normed per head where the model does, then `[b, n, t, d]`.
+        let heads = |y: Tensor, n: i64, norm: &Option<RmsNorm>| {
+            let y = y.view([b, t, n, self.head_dim]);
+            match norm {
+                Some(norm) => norm.forward(&y),
+                None => y,
+            }
+            .transpose(1, 2)
+        };
+        let q = heads(self.q_proj.forward(x), self.num_heads, &self.q_norm);
+        let q = apply_rotary(&q, cos, sin);
+        let k = heads(self.k_proj.forward(x), self.num_kv_heads, &self.k_norm);
+        let mut k = apply_rotary(&k, cos, sin);
+        let mut v = heads(self.v_proj.forward(x), self.num_kv_heads, &None);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2);
@@ -713,39 +762,53 @@ impl LlamaForCausalLM {
         let c = &config;
         let (h, hd) = (c.hidden_size as i64, c.head_dim as i64);
         let (nh, nkv) = (c.num_attention_heads as i64, c.num_key_value_heads as i64);
-        let inter = c.intermediate_size as i64;
         let m = w.pp("model");
         let embed_tokens = m.get("embed_tokens.weight", &[c.vocab_size as i64, h])?;
-        let norm = |w: &Weights, name: &str| -> Result<RmsNorm> {
+        let norm_of = |w: &Weights, name: &str, width: i64| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: w.get(&format!("{name}.weight"), &[h])?,
+                weight: w.get(&format!("{name}.weight"), &[width])?,
                 eps: c.rms_norm_eps,
             })
         };
+        let norm = |w: &Weights, name: &str| norm_of(w, name, h);
+        let head_norm = |w: &Weights, name: &str| -> Result<Option<RmsNorm>> {
+            c.qk_norm
+                .then(|| norm_of(&w.pp("self_attn"), name, hd))
+                .transpose()
+        };
+        let shapes = c.layer_linear_shapes();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for (i, window) in c.sliding_window.iter().enumerate() {
             let l = m.pp(&format!("layers.{i}"));
-            let a = l.pp("self_attn");
-            let mm = l.pp("mlp");
-            layers.push(DecoderLayer {
+            let empty = || Linear::new(Tensor::new(), None);
+            let mut layer = DecoderLayer {
                 self_attn: Attention {
-                    q_proj: a.linear("q_proj", h, nh * hd, c.qkv_bias)?,
-                    k_proj: a.linear("k_proj", h, nkv * hd, c.qkv_bias)?,
-                    v_proj: a.linear("v_proj", h, nkv * hd, c.qkv_bias)?,
-                    o_proj: a.linear("o_proj", nh * hd, h, c.o_bias)?,
+                    q_proj: empty(),
+                    k_proj: empty(),
+                    v_proj: empty(),
+                    o_proj: empty(),
+                    q_norm: head_norm(&l, "q_norm")?,
+                    k_norm: head_norm(&l, "k_norm")?,
                     num_heads: nh,
                     num_kv_heads: nkv,
                     head_dim: hd,
                     sliding_window: window.map(|w| w as i64),
                 },
                 mlp: Mlp {
-                    gate_proj: mm.linear("gate_proj", h, inter, c.mlp_bias)?,
-                    up_proj: mm.linear("up_proj", h, inter, c.mlp_bias)?,
-                    down_proj: mm.linear("down_proj", inter, h, c.mlp_bias)?,
+                    gate_proj: empty(),
+                    up_proj: empty(),
+                    down_proj: empty(),
                 },
                 input_layernorm: norm(&l, "input_layernorm")?,
                 post_attention_layernorm: norm(&l, "post_attention_layernorm")?,
-            });
+            };
+            for (name, lin) in layer_linears!(layer, mut) {
+                let Some(&(_, i_, o, bias)) = shapes.iter().find(|s| s.0 == name) else {
+                    bail!("internal: no shape for linear module {name}");
+                };
+                *lin = l.linear(name, i_, o, bias)?;
+            }
+            layers.push(layer);
         }
         let lm_head = if c.tie_word_embeddings {
             Linear::new(embed_tokens.shallow_clone(), None)
@@ -881,22 +944,29 @@ impl LlamaForCausalLM {
         self.logits(&self.forward_hidden(&DecoderInput::causal(input_ids), None, &mut NoHooks))
     }
 
-    /// Every linear layer with its Hugging Face module path, in model order.
+    /// Every linear layer with its Hugging Face module path, in model order
+    /// (the order of [`LlamaConfig::linear_modules`]).
+    pub fn linear_layers(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter().enumerate() {
+            for (name, lin) in layer_linears!(l) {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out.push((OUTPUT_HEAD.to_owned(), &self.lm_head));
+        out
+    }
+
+    /// [`LlamaForCausalLM::linear_layers`], mutable (to attach, merge or
+    /// unmerge adapters).
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, l) in self.model.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &mut l.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            let m = &mut l.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+            for (name, lin) in layer_linears!(l, mut) {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
         }
-        out.push(("lm_head".to_owned(), &mut self.lm_head));
+        out.push((OUTPUT_HEAD.to_owned(), &mut self.lm_head));
         out
     }
 
@@ -904,20 +974,21 @@ impl LlamaForCausalLM {
     pub fn num_parameters(&self) -> i64 {
         let c = &self.config;
         let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
+        let numel = |lin: &Linear| {
+            lin.weight.numel() as i64 + lin.bias.as_ref().map_or(0, |b| b.numel() as i64)
+        };
         let mut n = v * h + h;
         for l in &self.model.layers {
-            for lin in [
-                &l.self_attn.q_proj,
-                &l.self_attn.k_proj,
-                &l.self_attn.v_proj,
-                &l.self_attn.o_proj,
-                &l.mlp.gate_proj,
-                &l.mlp.up_proj,
-                &l.mlp.down_proj,
-            ] {
-                n += lin.weight.numel() as i64 + lin.bias.as_ref().map_or(0, |b| b.numel() as i64);
-            }
+            n += layer_linears!(l)
+                .iter()
+                .map(|(_, lin)| numel(lin))
+                .sum::<i64>();
             n += 2 * h;
+            n += [&l.self_attn.q_norm, &l.self_attn.k_norm]
+                .iter()
+                .filter_map(|n| n.as_ref())
+                .map(|n| n.weight.numel() as i64)
+                .sum::<i64>();
         }
         if !c.tie_word_embeddings {
             n += v * h;
