@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 
 use peft_rs::adapters::lora::{LoraConfig, TargetModules};
 use peft_rs::data::Batch;
+use peft_rs::models::llama::{DecoderInput, ForwardHooks};
 use peft_rs::models::{self, LlamaForCausalLM};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::RegularizerStack;
@@ -240,6 +241,31 @@ fn our_adapter_in_peft(name: &str, variant: &str) {
     assert!(d < 1e-4, "{name}/{variant}: {d}");
 }
 
+/// Records what the decoder's `embed_tokens` hook (where NEFTune adds its noise) sees.
+struct SeeEmbedding(Option<Tensor>);
+
+impl ForwardHooks for SeeEmbedding {
+    fn embedding_output(&mut self, x: Tensor) -> Tensor {
+        self.0 = Some(x.shallow_clone());
+        x
+    }
+}
+
+/// NEFTune's attachment point sees what transformers' forward hook on
+/// `get_input_embeddings()` sees (for Gemma 3: after the √hidden scaling).
+fn embedding_hook_parity(name: &str) {
+    let (_, ids, mask) = inputs(name);
+    let model = load(name);
+    let mut seen = SeeEmbedding(None);
+    let _ = tch::no_grad(|| model.forward_hidden(&DecoderInput::causal(&ids), None, &mut seen));
+    let ours = seen.0.expect("the embedding hook ran");
+    let theirs = read(&fx().join(name).join("embedding_hook.safetensors"))["embedding_output"]
+        .shallow_clone();
+    let d = max_diff(&ours, &theirs, &mask);
+    eprintln!("{name}: embedding hook output vs transformers' forward hook: max diff {d:.2e}");
+    assert!(d == 0.0, "{name}: {d}");
+}
+
 /// One training step's adapter gradients against PEFT's (fp32, no dropout).
 fn gradient_parity(name: &str, variant: &str) {
     let dir = fx().join(name).join(variant);
@@ -319,6 +345,11 @@ macro_rules! arch_tests {
             }
 
             #[test]
+            fn neftune_hook_sees_what_transformers_hook_sees() {
+                super::embedding_hook_parity(stringify!($name));
+            }
+
+            #[test]
             fn greedy_generation_matches_transformers() {
                 super::generation_parity(stringify!($name));
             }
@@ -349,3 +380,4 @@ macro_rules! arch_tests {
 
 arch_tests!(qwen3);
 arch_tests!(llama32);
+arch_tests!(gemma3);

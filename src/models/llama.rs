@@ -37,6 +37,15 @@ pub enum RopeScaling {
     },
 }
 
+/// The MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// `silu` (Llama, Mistral, Qwen).
+    Silu,
+    /// `gelu_pytorch_tanh` (Gemma).
+    GeluTanh,
+}
+
 /// Everything the decoder needs from `config.json`.
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
@@ -75,6 +84,24 @@ pub struct LlamaConfig {
     /// RMS norms over each query and key head (`self_attn.q_norm`,
     /// `self_attn.k_norm`) before RoPE, as Qwen3 and Gemma 3 have.
     pub qk_norm: bool,
+    /// The MLP's activation (`hidden_act` / `hidden_activation`).
+    pub hidden_act: Activation,
+    /// Gemma's RMS norms: weight stored as `w` and applied as `(1 + w)`, in fp32.
+    pub gemma_norms: bool,
+    /// Gemma 3's four norms per layer: the attention and MLP outputs are
+    /// normed before the residual add (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`), the MLP input by `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// Embeddings multiplied by this (cast to the model dtype first), as
+    /// Gemma's scaled word embedding does with √hidden.
+    pub embed_scale: Option<f64>,
+    /// Attention scores are scaled by this; `None`: 1/√head_dim.
+    pub attention_scale: Option<f64>,
+    /// `final_logit_softcapping`: logits become `cap · tanh(logits / cap)`.
+    pub final_logit_softcapping: Option<f64>,
+    /// RoPE of the sliding-window layers when it differs from the global
+    /// one (Gemma 3's `rope_local_base_freq`).
+    pub local_rope: Option<(f64, RopeScaling)>,
     /// Token ids that end generation.
     pub eos_token_ids: Vec<i64>,
     /// The dtype the checkpoint was saved in (`dtype`/`torch_dtype`), if stated.
@@ -160,6 +187,13 @@ impl LlamaConfig {
             mlp_bias: raw.opt_bool("mlp_bias")?.unwrap_or(false),
             sliding_window: vec![None; num_hidden_layers],
             qk_norm: false,
+            hidden_act: Activation::Silu,
+            gemma_norms: false,
+            sandwich_norms: false,
+            embed_scale: None,
+            attention_scale: None,
+            final_logit_softcapping: None,
+            local_rope: None,
             eos_token_ids: raw.token_ids("eos_token_id"),
             saved_dtype: raw
                 .opt_str("dtype")?
@@ -247,10 +281,21 @@ fn rope(raw: &RawConfig) -> Result<(f64, RopeScaling)> {
     } else {
         "rope_scaling"
     };
+    let theta = raw.opt_f64("rope_theta")?.unwrap_or(10000.0);
+    rope_from(raw, params, field, theta)
+}
+
+/// RoPE settings from one `rope_parameters`-style object (`None`: the
+/// default RoPE with `theta`), named `field` in errors. An unknown
+/// `rope_type` is refused by name.
+pub fn rope_from(
+    raw: &RawConfig,
+    params: Option<&serde_json::Value>,
+    field: &str,
+    theta: f64,
+) -> Result<(f64, RopeScaling)> {
     let get = |k: &str| params.and_then(|p| p.get(k)).and_then(|v| v.as_f64());
-    let theta = get("rope_theta")
-        .or(raw.opt_f64("rope_theta")?)
-        .unwrap_or(10000.0);
+    let theta = get("rope_theta").unwrap_or(theta);
     let rope_type = params
         .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
         .and_then(|v| v.as_str())
@@ -288,16 +333,16 @@ pub struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
-    fn new(cfg: &LlamaConfig, device: Device) -> Self {
+    fn new(head_dim: usize, theta: f64, scaling: &RopeScaling, device: Device) -> Self {
         // Computed with the same fp32 tensor operations as transformers'
         // `_compute_default_rope_parameters` / `_compute_llama3_parameters`,
         // so that frequencies agree to the last bit.
-        let d = cfg.head_dim as i64;
+        let d = head_dim as i64;
         let exponent = Tensor::arange_start_step(0, d, 2, (Kind::Int64, Device::Cpu))
             .to_kind(Kind::Float)
             / d as f64;
-        let inv_freq = Tensor::pow_scalar(cfg.rope_theta, &exponent).reciprocal();
-        let inv_freq = match cfg.rope_scaling {
+        let inv_freq = Tensor::pow_scalar(theta, &exponent).reciprocal();
+        let inv_freq = match *scaling {
             RopeScaling::Default => inv_freq,
             RopeScaling::Linear { factor } => inv_freq / factor,
             RopeScaling::Llama3 {
@@ -505,7 +550,7 @@ pub struct DecoderOutput {
 pub struct Recompute {
     inputs: Vec<Tensor>,
     top: Tensor,
-    rope: (Tensor, Tensor),
+    rope: Vec<(Tensor, Tensor)>,
     masks: Vec<Option<Tensor>>,
 }
 
@@ -550,6 +595,7 @@ pub struct Attention {
     num_kv_heads: i64,
     head_dim: i64,
     sliding_window: Option<i64>,
+    scale: f64,
 }
 
 impl Attention {
@@ -584,7 +630,7 @@ impl Attention {
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
         let path = AttentionPath::choose(self.num_heads, self.num_kv_heads, t, mask.is_some());
-        let scale = Some(1.0 / (self.head_dim as f64).sqrt());
+        let scale = Some(self.scale);
         let y = match path {
             AttentionPath::Masked { expand_kv } => {
                 if expand_kv {
@@ -694,12 +740,17 @@ pub struct Mlp {
     pub up_proj: Linear,
     /// `down_proj`.
     pub down_proj: Linear,
+    act: Activation,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj
-            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+        let gate = self.gate_proj.forward(x);
+        let gate = match self.act {
+            Activation::Silu => gate.silu(),
+            Activation::GeluTanh => gate.gelu("tanh"),
+        };
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)))
     }
 }
 
@@ -713,6 +764,12 @@ pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     /// `post_attention_layernorm`.
     pub post_attention_layernorm: RmsNorm,
+    /// `pre_feedforward_layernorm` (Gemma 3).
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    /// `post_feedforward_layernorm` (Gemma 3).
+    pub post_feedforward_layernorm: Option<RmsNorm>,
+    /// Whether the layer uses `model.rotary_emb_local` (Gemma 3's sliding layers).
+    local_rope: bool,
 }
 
 impl DecoderLayer {
@@ -724,9 +781,19 @@ impl DecoderLayer {
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
-        let h = x + self
+        let a = self
             .self_attn
             .forward(&self.input_layernorm.forward(x), rope, mask, cache);
+        if let (Some(pre), Some(post)) = (
+            &self.pre_feedforward_layernorm,
+            &self.post_feedforward_layernorm,
+        ) {
+            // Gemma 3: attention and MLP outputs are normed before each residual add.
+            let h = x + self.post_attention_layernorm.forward(&a);
+            let out = post.forward(&self.mlp.forward(&pre.forward(&h)));
+            return h + out;
+        }
+        let h = x + a;
         let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
         h + out
     }
@@ -742,6 +809,8 @@ pub struct LlamaModel {
     pub norm: RmsNorm,
     /// Rotary frequencies (not a weight).
     pub rotary_emb: RotaryEmbedding,
+    /// The sliding-window layers' own rotary frequencies (Gemma 3).
+    pub rotary_emb_local: Option<RotaryEmbedding>,
 }
 
 /// A Llama-family causal language model: `model` plus `lm_head`.
@@ -765,12 +834,22 @@ impl LlamaForCausalLM {
         let m = w.pp("model");
         let embed_tokens = m.get("embed_tokens.weight", &[c.vocab_size as i64, h])?;
         let norm_of = |w: &Weights, name: &str, width: i64| -> Result<RmsNorm> {
+            let weight = w.get(&format!("{name}.weight"), &[width])?;
             Ok(RmsNorm {
-                weight: w.get(&format!("{name}.weight"), &[width])?,
+                // Gemma's `1 + w` in fp32, as its forward computes it each time.
+                weight: if c.gemma_norms {
+                    weight.to_kind(Kind::Float) + 1.0
+                } else {
+                    weight
+                },
                 eps: c.rms_norm_eps,
+                scale_in_fp32: c.gemma_norms,
             })
         };
         let norm = |w: &Weights, name: &str| norm_of(w, name, h);
+        let sandwich = |w: &Weights, name: &str| -> Result<Option<RmsNorm>> {
+            c.sandwich_norms.then(|| norm(w, name)).transpose()
+        };
         let head_norm = |w: &Weights, name: &str| -> Result<Option<RmsNorm>> {
             c.qk_norm
                 .then(|| norm_of(&w.pp("self_attn"), name, hd))
@@ -793,14 +872,21 @@ impl LlamaForCausalLM {
                     num_kv_heads: nkv,
                     head_dim: hd,
                     sliding_window: window.map(|w| w as i64),
+                    scale: c
+                        .attention_scale
+                        .unwrap_or_else(|| 1.0 / (c.head_dim as f64).sqrt()),
                 },
                 mlp: Mlp {
                     gate_proj: empty(),
                     up_proj: empty(),
                     down_proj: empty(),
+                    act: c.hidden_act,
                 },
                 input_layernorm: norm(&l, "input_layernorm")?,
                 post_attention_layernorm: norm(&l, "post_attention_layernorm")?,
+                pre_feedforward_layernorm: sandwich(&l, "pre_feedforward_layernorm")?,
+                post_feedforward_layernorm: sandwich(&l, "post_feedforward_layernorm")?,
+                local_rope: c.local_rope.is_some() && window.is_some(),
             };
             for (name, lin) in layer_linears!(layer, mut) {
                 let Some(&(_, i_, o, bias)) = shapes.iter().find(|s| s.0 == name) else {
@@ -819,7 +905,10 @@ impl LlamaForCausalLM {
             embed_tokens,
             layers,
             norm: norm(&m, "norm")?,
-            rotary_emb: RotaryEmbedding::new(c, w.device()),
+            rotary_emb: RotaryEmbedding::new(c.head_dim, c.rope_theta, &c.rope_scaling, w.device()),
+            rotary_emb_local: c.local_rope.as_ref().map(|(theta, scaling)| {
+                RotaryEmbedding::new(c.head_dim, *theta, scaling, w.device())
+            }),
         };
         Ok(Self {
             kind: w.kind(),
@@ -841,8 +930,21 @@ impl LlamaForCausalLM {
     }
 
     /// `model.embed_tokens(input_ids)`: `[batch, seq]` ids to `[batch, seq, hidden]`.
+    /// With `embed_scale` (Gemma) the embeddings are multiplied by it, cast
+    /// to the model dtype first, inside the module as transformers'
+    /// `Gemma3TextScaledWordEmbedding` does: what a hook on `embed_tokens`
+    /// (NEFTune) sees is the scaled embedding.
     pub fn embed(&self, input_ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.model.embed_tokens, input_ids, -1, false, false)
+        let x = Tensor::embedding(&self.model.embed_tokens, input_ids, -1, false, false);
+        match self.config.embed_scale {
+            None => x,
+            Some(scale) => {
+                // transformers keeps √hidden as an fp32 buffer and casts it to the weight's dtype.
+                let scale =
+                    Tensor::scalar_tensor(scale, (Kind::Float, x.device())).to_kind(x.kind());
+                x * scale
+            }
+        }
     }
 
     /// The decoder, the one forward path of training, evaluation and
@@ -862,10 +964,12 @@ impl LlamaForCausalLM {
         let mut x = hooks.embedding_output(self.embed(input.input_ids));
         let past = cache.as_deref().map_or(0, KvCache::len);
         let t = x.size()[1];
-        let rope = match input.position_ids {
-            Some(p) => self.model.rotary_emb.cos_sin_at(p, x.kind()),
-            None => self.model.rotary_emb.cos_sin(past, t, x.kind()),
+        let cos_sin = |r: &RotaryEmbedding| match input.position_ids {
+            Some(p) => r.cos_sin_at(p, x.kind()),
+            None => r.cos_sin(past, t, x.kind()),
         };
+        let mut rope = vec![cos_sin(&self.model.rotary_emb)];
+        rope.extend(self.model.rotary_emb_local.as_ref().map(cos_sin));
         let mut masks = Masks::new(input.layout, past, t, x.device());
         let layer_masks: Vec<Option<Tensor>> = self
             .model
@@ -911,12 +1015,13 @@ impl LlamaForCausalLM {
         &self,
         i: usize,
         x: &Tensor,
-        rope: &(Tensor, Tensor),
+        rope: &[(Tensor, Tensor)],
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         hooks: &dyn ForwardHooks,
     ) -> Tensor {
         let layer = &self.model.layers[i];
+        let rope = &rope[usize::from(layer.local_rope)];
         match hooks.layer_seed(i) {
             Some(seed) => with_torch_seed(seed, || layer.forward(x, rope, mask, cache)),
             None => layer.forward(x, rope, mask, cache),
@@ -935,8 +1040,13 @@ impl LlamaForCausalLM {
     }
 
     /// `lm_head(hidden)`: `[..., hidden]` to `[..., vocab]` logits.
+    /// With `final_logit_softcapping` (Gemma), `cap · tanh(logits / cap)`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        self.lm_head.forward(hidden)
+        let logits = self.lm_head.forward(hidden);
+        match self.config.final_logit_softcapping {
+            None => logits,
+            Some(cap) => (logits / cap).tanh() * cap,
+        }
     }
 
     /// Logits for every position of a right-padded batch `[batch, seq]`.
@@ -984,11 +1094,16 @@ impl LlamaForCausalLM {
                 .map(|(_, lin)| numel(lin))
                 .sum::<i64>();
             n += 2 * h;
-            n += [&l.self_attn.q_norm, &l.self_attn.k_norm]
-                .iter()
-                .filter_map(|n| n.as_ref())
-                .map(|n| n.weight.numel() as i64)
-                .sum::<i64>();
+            n += [
+                &l.self_attn.q_norm,
+                &l.self_attn.k_norm,
+                &l.pre_feedforward_layernorm,
+                &l.post_feedforward_layernorm,
+            ]
+            .iter()
+            .filter_map(|n| n.as_ref())
+            .map(|n| n.weight.numel() as i64)
+            .sum::<i64>();
         }
         if !c.tie_word_embeddings {
             n += v * h;

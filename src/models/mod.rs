@@ -1,9 +1,10 @@
 //! Base models: reading a Hugging Face model directory into a frozen decoder.
 //!
-//! One file per architecture. Llama, Mistral, Qwen2 and Qwen3 share the decoder in
+//! One file per architecture. Llama, Mistral, Qwen2, Qwen3 and Gemma 3 share the decoder in
 //! `llama.rs`; the other files say how their configuration differs.
 
 pub mod config;
+pub mod gemma3;
 pub mod llama;
 pub mod loader;
 pub mod mistral;
@@ -24,7 +25,7 @@ use config::RawConfig;
 use loader::Weights;
 
 /// The architectures peft-rs reads, by `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3_text"];
 
 /// Parses `DIR/config.json` for a supported architecture.
 pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
@@ -34,6 +35,8 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
         "mistral" => mistral::config(&raw),
         "qwen2" => qwen2::config(&raw),
         "qwen3" => qwen3::config(&raw),
+        "gemma3_text" => gemma3::config(&raw),
+        "gemma3" => gemma3::refuse_multimodal(&raw),
         other => bail!(
             "{}: field `model_type` is `{other}`, which peft-rs does not support (supported: {})",
             raw.path.display(),
