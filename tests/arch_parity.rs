@@ -381,3 +381,4 @@ macro_rules! arch_tests {
 arch_tests!(qwen3);
 arch_tests!(llama32);
 arch_tests!(gemma3);
+arch_tests!(phi3);

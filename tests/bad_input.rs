@@ -91,7 +91,7 @@ fn unsupported_architecture() {
             "config.json",
             "model_type",
             "gpt2",
-            "llama, mistral, qwen2, qwen3, gemma3_text",
+            "llama, mistral, qwen2, qwen3, gemma3_text, phi3",
         ],
     );
 }
@@ -99,7 +99,7 @@ fn unsupported_architecture() {
 #[test]
 fn config_fields_that_change_the_math_are_refused_by_name() {
     type Edit = fn(&mut serde_json::Value);
-    let cases: [(Edit, &[&str]); 5] = [
+    let cases: [(Edit, &[&str]); 7] = [
         (
             |c| c["rope_parameters"]["rope_type"] = "yarn".into(),
             &[
@@ -142,6 +142,22 @@ fn config_fields_that_change_the_math_are_refused_by_name() {
                 });
             },
             &["rope_parameters.full_attention.rope_type", "dynamic"],
+        ),
+        (
+            |c| {
+                c["model_type"] = "phi3".into();
+                c["rope_parameters"] = serde_json::json!({
+                    "rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]
+                });
+            },
+            &["rope_parameters.rope_type", "longrope"],
+        ),
+        (
+            |c| {
+                c["model_type"] = "phi3".into();
+                c["resid_pdrop"] = 0.1.into();
+            },
+            &["resid_pdrop", "0.1"],
         ),
     ];
     for (edit, expected) in cases {

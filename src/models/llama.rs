@@ -102,6 +102,12 @@ pub struct LlamaConfig {
     /// RoPE of the sliding-window layers when it differs from the global
     /// one (Gemma 3's `rope_local_base_freq`).
     pub local_rope: Option<(f64, RopeScaling)>,
+    /// Phi-3's fused projections: `self_attn.qkv_proj` (queries, keys,
+    /// values stacked) and `mlp.gate_up_proj` (gate, then up).
+    pub fused_projections: bool,
+    /// The leading dimensions of each head that RoPE rotates (Phi-3's
+    /// `partial_rotary_factor`); the rest pass through.
+    pub rotary_dim: usize,
     /// Token ids that end generation.
     pub eos_token_ids: Vec<i64>,
     /// The dtype the checkpoint was saved in (`dtype`/`torch_dtype`), if stated.
@@ -194,6 +200,8 @@ impl LlamaConfig {
             attention_scale: None,
             final_logit_softcapping: None,
             local_rope: None,
+            fused_projections: false,
+            rotary_dim: head_dim,
             eos_token_ids: raw.token_ids("eos_token_id"),
             saved_dtype: raw
                 .opt_str("dtype")?
@@ -208,7 +216,7 @@ impl LlamaConfig {
     /// `model.layers.N`, in_features, out_features, bias): the one place
     /// their shapes are written. `layer_linears!` is the one place their
     /// fields are; loading checks that the two agree.
-    pub fn layer_linear_shapes(&self) -> [(&'static str, i64, i64, bool); 7] {
+    pub fn layer_linear_shapes(&self) -> Vec<(&'static str, i64, i64, bool)> {
         let (h, hd) = (self.hidden_size as i64, self.head_dim as i64);
         let (q, kv) = (
             self.num_attention_heads as i64 * hd,
@@ -216,7 +224,15 @@ impl LlamaConfig {
         );
         let inter = self.intermediate_size as i64;
         let (qkv, o, mlp) = (self.qkv_bias, self.o_bias, self.mlp_bias);
-        [
+        if self.fused_projections {
+            return vec![
+                ("self_attn.qkv_proj", h, q + 2 * kv, qkv),
+                ("self_attn.o_proj", q, h, o),
+                ("mlp.gate_up_proj", h, 2 * inter, mlp),
+                ("mlp.down_proj", inter, h, mlp),
+            ];
+        }
+        vec![
             ("self_attn.q_proj", h, q, qkv),
             ("self_attn.k_proj", h, kv, qkv),
             ("self_attn.v_proj", h, kv, qkv),
@@ -246,8 +262,9 @@ impl LlamaConfig {
     }
 }
 
-/// The linear modules of a [`DecoderLayer`] as (path under `model.layers.N`,
-/// reference), shared (`layer_linears!(l)`) or mutable
+/// The linear modules a [`DecoderLayer`] may have (a model has those
+/// [`LlamaConfig::layer_linear_shapes`] names; the others stay empty) as
+/// (path under `model.layers.N`, reference), shared (`layer_linears!(l)`) or mutable
 /// (`layer_linears!(l, mut)`): the one list of their fields, behind
 /// [`LlamaForCausalLM::linear_layers`], [`LlamaForCausalLM::linear_layers_mut`],
 /// loading and parameter counts.
@@ -257,9 +274,11 @@ macro_rules! layer_linears {
             ("self_attn.q_proj", &$($m)? $l.self_attn.q_proj),
             ("self_attn.k_proj", &$($m)? $l.self_attn.k_proj),
             ("self_attn.v_proj", &$($m)? $l.self_attn.v_proj),
+            ("self_attn.qkv_proj", &$($m)? $l.self_attn.qkv_proj),
             ("self_attn.o_proj", &$($m)? $l.self_attn.o_proj),
             ("mlp.gate_proj", &$($m)? $l.mlp.gate_proj),
             ("mlp.up_proj", &$($m)? $l.mlp.up_proj),
+            ("mlp.gate_up_proj", &$($m)? $l.mlp.gate_up_proj),
             ("mlp.down_proj", &$($m)? $l.mlp.down_proj),
         ]
     };
@@ -333,11 +352,11 @@ pub struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
-    fn new(head_dim: usize, theta: f64, scaling: &RopeScaling, device: Device) -> Self {
+    fn new(rotary_dim: usize, theta: f64, scaling: &RopeScaling, device: Device) -> Self {
         // Computed with the same fp32 tensor operations as transformers'
         // `_compute_default_rope_parameters` / `_compute_llama3_parameters`,
         // so that frequencies agree to the last bit.
-        let d = head_dim as i64;
+        let d = rotary_dim as i64;
         let exponent = Tensor::arange_start_step(0, d, 2, (Kind::Int64, Device::Cpu))
             .to_kind(Kind::Float)
             / d as f64;
@@ -399,7 +418,15 @@ fn rotate_half(x: &Tensor) -> Tensor {
 }
 
 fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    x * cos + rotate_half(x) * sin
+    let d = x.size().last().copied().unwrap_or(0);
+    let r = cos.size().last().copied().unwrap_or(0);
+    if r == d {
+        return x * cos + rotate_half(x) * sin;
+    }
+    // Partial rotary (Phi-3): the first `r` dimensions rotate, the rest pass.
+    let x_rot = x.narrow(-1, 0, r);
+    let rotated = &x_rot * cos + rotate_half(&x_rot) * sin;
+    Tensor::cat(&[&rotated, &x.narrow(-1, r, d - r)], -1)
 }
 
 /// Keys and values of earlier positions, one entry per layer.
@@ -587,6 +614,8 @@ pub struct Attention {
     pub v_proj: Linear,
     /// `o_proj`.
     pub o_proj: Linear,
+    /// `qkv_proj` (Phi-3; empty elsewhere).
+    pub qkv_proj: Linear,
     /// `q_norm`, over each query head (Qwen3, Gemma 3).
     pub q_norm: Option<RmsNorm>,
     /// `k_norm`, over each key head (Qwen3, Gemma 3).
@@ -596,6 +625,7 @@ pub struct Attention {
     head_dim: i64,
     sliding_window: Option<i64>,
     scale: f64,
+    fused: bool,
 }
 
 impl Attention {
@@ -617,11 +647,29 @@ impl Attention {
             }
             .transpose(1, 2)
         };
-        let q = heads(self.q_proj.forward(x), self.num_heads, &self.q_norm);
+        let (q, k, v) = if self.fused {
+            let qkv = self.qkv_proj.forward(x);
+            let (nq, nkv) = (
+                self.num_heads * self.head_dim,
+                self.num_kv_heads * self.head_dim,
+            );
+            (
+                qkv.narrow(-1, 0, nq),
+                qkv.narrow(-1, nq, nkv),
+                qkv.narrow(-1, nq + nkv, nkv),
+            )
+        } else {
+            (
+                self.q_proj.forward(x),
+                self.k_proj.forward(x),
+                self.v_proj.forward(x),
+            )
+        };
+        let q = heads(q, self.num_heads, &self.q_norm);
         let q = apply_rotary(&q, cos, sin);
-        let k = heads(self.k_proj.forward(x), self.num_kv_heads, &self.k_norm);
+        let k = heads(k, self.num_kv_heads, &self.k_norm);
         let mut k = apply_rotary(&k, cos, sin);
-        let mut v = heads(self.v_proj.forward(x), self.num_kv_heads, &None);
+        let mut v = heads(v, self.num_kv_heads, &None);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2);
@@ -740,17 +788,26 @@ pub struct Mlp {
     pub up_proj: Linear,
     /// `down_proj`.
     pub down_proj: Linear,
+    /// `gate_up_proj` (Phi-3; empty elsewhere).
+    pub gate_up_proj: Linear,
     act: Activation,
+    fused: bool,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let gate = self.gate_proj.forward(x);
+        let (gate, up) = if self.fused {
+            let gu = self.gate_up_proj.forward(x);
+            let half = gu.size().last().copied().unwrap_or(0) / 2;
+            (gu.narrow(-1, 0, half), gu.narrow(-1, half, half))
+        } else {
+            (self.gate_proj.forward(x), self.up_proj.forward(x))
+        };
         let gate = match self.act {
             Activation::Silu => gate.silu(),
             Activation::GeluTanh => gate.gelu("tanh"),
         };
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)))
+        self.down_proj.forward(&(gate * up))
     }
 }
 
@@ -866,6 +923,7 @@ impl LlamaForCausalLM {
                     k_proj: empty(),
                     v_proj: empty(),
                     o_proj: empty(),
+                    qkv_proj: empty(),
                     q_norm: head_norm(&l, "q_norm")?,
                     k_norm: head_norm(&l, "k_norm")?,
                     num_heads: nh,
@@ -875,12 +933,15 @@ impl LlamaForCausalLM {
                     scale: c
                         .attention_scale
                         .unwrap_or_else(|| 1.0 / (c.head_dim as f64).sqrt()),
+                    fused: c.fused_projections,
                 },
                 mlp: Mlp {
                     gate_proj: empty(),
                     up_proj: empty(),
                     down_proj: empty(),
+                    gate_up_proj: empty(),
                     act: c.hidden_act,
+                    fused: c.fused_projections,
                 },
                 input_layernorm: norm(&l, "input_layernorm")?,
                 post_attention_layernorm: norm(&l, "post_attention_layernorm")?,
@@ -888,11 +949,15 @@ impl LlamaForCausalLM {
                 post_feedforward_layernorm: sandwich(&l, "post_feedforward_layernorm")?,
                 local_rope: c.local_rope.is_some() && window.is_some(),
             };
+            let mut loaded = 0;
             for (name, lin) in layer_linears!(layer, mut) {
-                let Some(&(_, i_, o, bias)) = shapes.iter().find(|s| s.0 == name) else {
-                    bail!("internal: no shape for linear module {name}");
-                };
-                *lin = l.linear(name, i_, o, bias)?;
+                if let Some(&(_, i_, o, bias)) = shapes.iter().find(|s| s.0 == name) {
+                    *lin = l.linear(name, i_, o, bias)?;
+                    loaded += 1;
+                }
+            }
+            if loaded != shapes.len() {
+                bail!("internal: a linear module of {:?} has no field", shapes);
             }
             layers.push(layer);
         }
@@ -905,9 +970,14 @@ impl LlamaForCausalLM {
             embed_tokens,
             layers,
             norm: norm(&m, "norm")?,
-            rotary_emb: RotaryEmbedding::new(c.head_dim, c.rope_theta, &c.rope_scaling, w.device()),
+            rotary_emb: RotaryEmbedding::new(
+                c.rotary_dim,
+                c.rope_theta,
+                &c.rope_scaling,
+                w.device(),
+            ),
             rotary_emb_local: c.local_rope.as_ref().map(|(theta, scaling)| {
-                RotaryEmbedding::new(c.head_dim, *theta, scaling, w.device())
+                RotaryEmbedding::new(c.rotary_dim, *theta, scaling, w.device())
             }),
         };
         Ok(Self {
@@ -1054,13 +1124,24 @@ impl LlamaForCausalLM {
         self.logits(&self.forward_hidden(&DecoderInput::causal(input_ids), None, &mut NoHooks))
     }
 
+    fn layer_linear_names(&self) -> Vec<&'static str> {
+        self.config
+            .layer_linear_shapes()
+            .iter()
+            .map(|s| s.0)
+            .collect()
+    }
+
     /// Every linear layer with its Hugging Face module path, in model order
     /// (the order of [`LlamaConfig::linear_modules`]).
     pub fn linear_layers(&self) -> Vec<(String, &Linear)> {
+        let names = self.layer_linear_names();
         let mut out = Vec::new();
         for (i, l) in self.model.layers.iter().enumerate() {
             for (name, lin) in layer_linears!(l) {
-                out.push((format!("model.layers.{i}.{name}"), lin));
+                if names.contains(&name) {
+                    out.push((format!("model.layers.{i}.{name}"), lin));
+                }
             }
         }
         out.push((OUTPUT_HEAD.to_owned(), &self.lm_head));
@@ -1070,10 +1151,13 @@ impl LlamaForCausalLM {
     /// [`LlamaForCausalLM::linear_layers`], mutable (to attach, merge or
     /// unmerge adapters).
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let names = self.layer_linear_names();
         let mut out = Vec::new();
         for (i, l) in self.model.layers.iter_mut().enumerate() {
             for (name, lin) in layer_linears!(l, mut) {
-                out.push((format!("model.layers.{i}.{name}"), lin));
+                if names.contains(&name) {
+                    out.push((format!("model.layers.{i}.{name}"), lin));
+                }
             }
         }
         out.push((OUTPUT_HEAD.to_owned(), &mut self.lm_head));
@@ -1087,10 +1171,12 @@ impl LlamaForCausalLM {
         let numel = |lin: &Linear| {
             lin.weight.numel() as i64 + lin.bias.as_ref().map_or(0, |b| b.numel() as i64)
         };
+        let names = self.layer_linear_names();
         let mut n = v * h + h;
         for l in &self.model.layers {
             n += layer_linears!(l)
                 .iter()
+                .filter(|(name, _)| names.contains(name))
                 .map(|(_, lin)| numel(lin))
                 .sum::<i64>();
             n += 2 * h;

@@ -1,6 +1,6 @@
 //! Base models: reading a Hugging Face model directory into a frozen decoder.
 //!
-//! One file per architecture. Llama, Mistral, Qwen2, Qwen3 and Gemma 3 share the decoder in
+//! One file per architecture. Llama, Mistral, Qwen2, Qwen3, Gemma 3 and Phi-3 share the decoder in
 //! `llama.rs`; the other files say how their configuration differs.
 
 pub mod config;
@@ -8,6 +8,7 @@ pub mod gemma3;
 pub mod llama;
 pub mod loader;
 pub mod mistral;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 
@@ -25,7 +26,8 @@ use config::RawConfig;
 use loader::Weights;
 
 /// The architectures peft-rs reads, by `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3_text"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"];
 
 /// Parses `DIR/config.json` for a supported architecture.
 pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
@@ -37,6 +39,7 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
         "qwen3" => qwen3::config(&raw),
         "gemma3_text" => gemma3::config(&raw),
         "gemma3" => gemma3::refuse_multimodal(&raw),
+        "phi3" => phi3::config(&raw),
         other => bail!(
             "{}: field `model_type` is `{other}`, which peft-rs does not support (supported: {})",
             raw.path.display(),
