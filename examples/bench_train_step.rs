@@ -69,7 +69,7 @@ fn main() -> Result<()> {
     with_torch_seed(0, || peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora))?;
     peft_model::set_training(&mut model, true);
     peft_model::set_compute_kind(&mut model, lora_kind);
-    let params = peft_model::trainable_parameters(&mut model);
+    let params = peft_model::trainable_parameters(&model);
     let trainable: Vec<(String, Tensor)> = params
         .iter()
         .map(|(k, t)| (k.clone(), t.shallow_clone()))

@@ -46,7 +46,7 @@ fn main() -> Result<()> {
     println!(
         "injected into {} modules; {}",
         modules.len(),
-        peft_model::trainable_parameters_line(&mut base.model)
+        peft_model::trainable_parameters_line(&base.model)
     );
 
     // B starts at zero, so a fresh adapter leaves the logits exactly as they were.
@@ -58,14 +58,14 @@ fn main() -> Result<()> {
 
     // Stand-in for training: give B some values so the adapter does something.
     tch::no_grad(|| {
-        for (_, t) in peft_model::trainable_parameters(&mut base.model) {
+        for (_, t) in peft_model::trainable_parameters(&base.model) {
             if t.size()[1] == config.r as i64 {
                 let _ = t.shallow_clone().normal_(0.0, 0.02);
             }
         }
     });
     let adapted = tch::no_grad(|| base.model.forward(&input));
-    peft_model::save_adapter(&mut base.model, DEFAULT_ADAPTER, &config, &out)?;
+    peft_model::save_adapter(&base.model, DEFAULT_ADAPTER, &config, &out)?;
     println!(
         "adapter saved to {} (loadable with PeftModel.from_pretrained)",
         out.display()

@@ -103,7 +103,7 @@ fn main() -> Result<()> {
     })?;
     let full = step_with(&mut model, true);
     let no_noise = step_with(&mut model, false);
-    let params = peft_model::trainable_parameters(&mut model);
+    let params = peft_model::trainable_parameters(&model);
     let mut optim = AdamW::new(&params, (0.9, 0.999), 1e-8, 0.0);
     let optimizer = time(repeats, || {
         clip_grad_norm(&params, 1.0);

@@ -22,8 +22,8 @@ use crate::outputs;
 use crate::weights::{
     dtype_of, kind_of, tensor_bytes, StreamingWriter, WeightFiles, INDEX_FILE, SINGLE_FILE,
 };
-use peft_adapters::lora::files::{self, check_tensors, expected_tensors};
-use peft_adapters::lora::{Combination, LoraConfig, LoraLayer, LoraWeights};
+use peft_adapters::lora::files;
+use peft_adapters::lora::{Combination, LoraLayer, LoraWeights};
 use peft_adapters::LinearAdapter;
 
 /// What to merge and where.
@@ -63,35 +63,20 @@ pub struct MergeReport {
 fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, LoraWeights>> {
     let config = models::read_config(base)?;
     let modules = config.linear_modules();
-    let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
     let mut per_module: BTreeMap<String, Vec<(LoraWeights, f64)>> = BTreeMap::new();
     for (i, dir) in opts.adapters.iter().enumerate() {
-        let lora = LoraConfig::read(dir)?;
-        let chosen = lora
-            .select(&paths, OUTPUT_HEAD)
-            .with_context(|| dir.join(files::CONFIG_FILE).display().to_string())?;
-        if config.tie_word_embeddings && chosen.contains(&OUTPUT_HEAD) {
-            bail!(
-                "{}: targets lm_head, which shares its weight with model.embed_tokens in this base",
-                dir.display()
-            );
-        }
-        let mut tensors = files::read_weights(dir)?;
-        let expected: Vec<_> = modules
-            .iter()
-            .filter(|(p, _, _)| chosen.contains(&p.as_str()))
-            .flat_map(|(p, i, o)| expected_tensors(&lora, p, *i, *o))
-            .collect();
-        check_tensors(&dir.join(files::WEIGHTS_FILE), &expected, &tensors)?;
-        for path in chosen {
+        let (_, weights) = files::read_checked(
+            dir,
+            &modules,
+            OUTPUT_HEAD,
+            config.tie_word_embeddings,
+            Device::Cpu,
+        )?;
+        for (path, w) in weights {
             // Merging is inference: no dropout.
-            let w = LoraWeights {
-                dropout: 0.0,
-                ..files::take_weights(&lora, path, &mut tensors, Device::Cpu)
-                    .with_context(|| dir.join(files::WEIGHTS_FILE).display().to_string())?
-            };
+            let w = LoraWeights { dropout: 0.0, ..w };
             per_module
-                .entry(path.to_owned())
+                .entry(path)
                 .or_default()
                 .push((w, opts.weights.get(i).copied().unwrap_or(1.0)));
         }

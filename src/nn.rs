@@ -169,12 +169,16 @@ impl Linear {
 }
 
 /// Root-mean-square layer norm computed as transformers' `LlamaRMSNorm` does
-/// (in fp32, then cast back before the weight is applied).
+/// (in fp32, then cast back before the weight is applied), or, with
+/// `scale_in_fp32`, as `Gemma3RMSNorm` does (the weight applied in fp32,
+/// then cast back).
 pub struct RmsNorm {
-    /// `[hidden_size]`.
+    /// `[hidden_size]`; for Gemma's norms `1 + w` in fp32, computed once at load.
     pub weight: Tensor,
     /// Added to the mean square.
     pub eps: f64,
+    /// Multiply by the weight before casting back (Gemma), not after (Llama).
+    pub scale_in_fp32: bool,
 }
 
 impl RmsNorm {
@@ -184,6 +188,10 @@ impl RmsNorm {
         let h = x.to_kind(tch::Kind::Float);
         let variance = h.pow_tensor_scalar(2).mean_dim(-1, true, tch::Kind::Float);
         let h = h * (variance + self.eps).rsqrt();
-        &self.weight * h.to_kind(kind)
+        if self.scale_in_fp32 {
+            (h * &self.weight).to_kind(kind)
+        } else {
+            &self.weight * h.to_kind(kind)
+        }
     }
 }

@@ -12,23 +12,11 @@ use tch::{Kind, Tensor};
 use crate::models::llama::OUTPUT_HEAD;
 use crate::models::LlamaForCausalLM;
 use crate::nn::Linear;
-use peft_adapters::lora::files::{self, check_tensors, expected_tensors, key};
+use peft_adapters::lora::files::{self, key};
 use peft_adapters::lora::{Combination, LoraConfig, LoraLayer, LoraWeights};
 
 /// The name PEFT gives an adapter when none is given.
 pub const DEFAULT_ADAPTER: &str = "default";
-
-fn lora_layer(lin: &Linear) -> Option<&LoraLayer> {
-    lin.adapter
-        .as_ref()
-        .and_then(|a| a.as_any().downcast_ref::<LoraLayer>())
-}
-
-fn lora_layer_mut(lin: &mut Linear) -> Option<&mut LoraLayer> {
-    lin.adapter
-        .as_mut()
-        .and_then(|a| a.as_any_mut().downcast_mut::<LoraLayer>())
-}
 
 fn attach(lin: &mut Linear, name: &str, weights: LoraWeights) -> Result<()> {
     match lin.adapter.as_mut() {
@@ -36,15 +24,12 @@ fn attach(lin: &mut Linear, name: &str, weights: LoraWeights) -> Result<()> {
             lin.adapter = Some(Box::new(LoraLayer::new(name, weights)));
             Ok(())
         }
-        Some(a) => match a.as_any_mut().downcast_mut::<LoraLayer>() {
-            Some(l) => l.add(name, weights),
-            None => bail!("the layer already carries an adapter of another method"),
-        },
+        Some(a) => a.add_lora(name, weights),
     }
 }
 
 /// The module paths `config` selects in `model`, refusing a tied output head.
-fn select(model: &mut LlamaForCausalLM, config: &LoraConfig) -> Result<Vec<String>> {
+fn select(model: &LlamaForCausalLM, config: &LoraConfig) -> Result<Vec<String>> {
     config.validate()?;
     let modules = model.config.linear_modules();
     let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
@@ -92,35 +77,32 @@ pub fn inject(
 /// against the base: a missing key, an extra key or a wrong shape is an error
 /// naming the key (and both shapes).
 pub fn load_adapter(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Result<LoraConfig> {
-    let config = LoraConfig::read(dir)?;
-    let chosen = select(model, &config)
-        .with_context(|| dir.join(files::CONFIG_FILE).display().to_string())?;
-    let mut tensors = files::read_weights(dir)?;
-    let modules = model.config.linear_modules();
-    let expected: Vec<(String, Vec<i64>)> = modules
-        .iter()
-        .filter(|(p, _, _)| chosen.contains(p))
-        .flat_map(|(p, i, o)| expected_tensors(&config, p, *i, *o))
-        .collect();
-    check_tensors(&dir.join(files::WEIGHTS_FILE), &expected, &tensors)?;
-    let device = model.device();
+    let (config, mut weights) = files::read_checked(
+        dir,
+        &model.config.linear_modules(),
+        OUTPUT_HEAD,
+        model.config.tie_word_embeddings,
+        model.device(),
+    )?;
     for (path, lin) in model.linear_layers_mut() {
-        if !chosen.contains(&path) {
-            continue;
+        if let Some(i) = weights.iter().position(|(p, _)| *p == path) {
+            let (_, w) = weights.swap_remove(i);
+            attach(lin, name, w).with_context(|| path.clone())?;
         }
-        let w = files::take_weights(&config, &path, &mut tensors, device)
-            .with_context(|| dir.join(files::WEIGHTS_FILE).display().to_string())?;
-        attach(lin, name, w).with_context(|| path.clone())?;
     }
     Ok(config)
 }
 
 /// The tensors of adapter `name` under their PEFT file keys.
-pub fn adapter_tensors(model: &mut LlamaForCausalLM, name: &str) -> Vec<(String, Tensor)> {
+pub fn adapter_tensors(model: &LlamaForCausalLM, name: &str) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
-    for (path, lin) in model.linear_layers_mut() {
-        if let Some(w) = lora_layer(lin).and_then(|l| l.get(name)) {
-            out.extend(w.named().into_iter().map(|(s, t)| (key(&path, &s), t)));
+    for (path, lin) in model.linear_layers() {
+        if let Some(a) = lin.adapter.as_ref() {
+            out.extend(
+                a.state_dict(name)
+                    .into_iter()
+                    .map(|(s, t)| (key(&path, &s), t)),
+            );
         }
     }
     out
@@ -129,7 +111,7 @@ pub fn adapter_tensors(model: &mut LlamaForCausalLM, name: &str) -> Vec<(String,
 /// Saves adapter `name` as a PEFT adapter directory (each file written to a
 /// temporary name and renamed).
 pub fn save_adapter(
-    model: &mut LlamaForCausalLM,
+    model: &LlamaForCausalLM,
     name: &str,
     config: &LoraConfig,
     dir: &Path,
@@ -147,8 +129,8 @@ pub fn save_adapter(
 /// Makes `names` the adapters summed in every forward pass.
 pub fn set_active(model: &mut LlamaForCausalLM, names: &[String]) {
     for (_, lin) in model.linear_layers_mut() {
-        if let Some(l) = lora_layer_mut(lin) {
-            l.set_active(names);
+        if let Some(a) = lin.adapter.as_mut() {
+            a.set_active(names);
         }
     }
 }
@@ -188,21 +170,10 @@ pub fn add_weighted_adapter(
         );
     }
     for (path, lin) in model.linear_layers_mut() {
-        let Some(layer) = lora_layer_mut(lin) else {
-            continue;
-        };
-        let parts: Vec<(&LoraWeights, f64)> = names
-            .iter()
-            .zip(weights)
-            .filter_map(|(n, &w)| layer.get(n).map(|a| (a, w)))
-            .collect();
-        if parts.is_empty() {
-            continue;
+        if let Some(a) = lin.adapter.as_mut() {
+            a.add_weighted(names, weights, new_name, combination)
+                .with_context(|| path.clone())?;
         }
-        let combined = LoraWeights::combine(&parts, combination).with_context(|| path.clone())?;
-        layer
-            .add(new_name, combined)
-            .with_context(|| path.clone())?;
     }
     Ok(())
 }
@@ -234,9 +205,9 @@ pub fn unmerge(model: &mut LlamaForCausalLM) -> Result<()> {
 }
 
 /// Trainable tensors of the active adapters, keyed by PEFT file key.
-pub fn trainable_parameters(model: &mut LlamaForCausalLM) -> BTreeMap<String, Tensor> {
+pub fn trainable_parameters(model: &LlamaForCausalLM) -> BTreeMap<String, Tensor> {
     let mut out = BTreeMap::new();
-    for (path, lin) in model.linear_layers_mut() {
+    for (path, lin) in model.linear_layers() {
         if let Some(a) = lin.adapter.as_ref() {
             for (s, t) in a.trainable_tensors() {
                 out.insert(key(&path, &s), t);
@@ -248,7 +219,7 @@ pub fn trainable_parameters(model: &mut LlamaForCausalLM) -> BTreeMap<String, Te
 
 /// PEFT's `print_trainable_parameters` line:
 /// `trainable params: 1,843,200 || all params: 136,358,784 || trainable%: 1.3517`.
-pub fn trainable_parameters_line(model: &mut LlamaForCausalLM) -> String {
+pub fn trainable_parameters_line(model: &LlamaForCausalLM) -> String {
     let trainable: i64 = trainable_parameters(model)
         .values()
         .map(|t| t.numel() as i64)

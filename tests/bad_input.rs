@@ -87,7 +87,95 @@ fn unsupported_architecture() {
     edit_config(&m, |c| c["model_type"] = "gpt2".into());
     assert_user_error(
         &generate(&m),
-        &["config.json", "model_type", "gpt2", "llama, mistral, qwen2"],
+        &[
+            "config.json",
+            "model_type",
+            "gpt2",
+            "llama, mistral, qwen2, qwen3, gemma3_text, phi3",
+        ],
+    );
+}
+
+#[test]
+fn config_fields_that_change_the_math_are_refused_by_name() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(Edit, &[&str]); 7] = [
+        (
+            |c| c["rope_parameters"]["rope_type"] = "yarn".into(),
+            &[
+                "rope_parameters.rope_type",
+                "yarn",
+                "supported: default, linear, llama3",
+            ],
+        ),
+        (
+            |c| {
+                c["model_type"] = "gemma3_text".into();
+                c["hidden_activation"] = "gelu_pytorch_tanh".into();
+                c["attn_logit_softcapping"] = 50.0.into();
+            },
+            &["attn_logit_softcapping", "not implemented"],
+        ),
+        (
+            |c| {
+                c["model_type"] = "gemma3_text".into();
+                c["hidden_activation"] = "gelu_pytorch_tanh".into();
+                c["use_bidirectional_attention"] = true.into();
+            },
+            &["use_bidirectional_attention"],
+        ),
+        (
+            |c| {
+                c["model_type"] = "gemma3_text".into();
+                c["hidden_activation"] = "gelu_pytorch_tanh".into();
+                c["hidden_activation"] = "relu".into();
+            },
+            &["hidden_activation", "relu"],
+        ),
+        (
+            |c| {
+                c["model_type"] = "gemma3_text".into();
+                c["hidden_activation"] = "gelu_pytorch_tanh".into();
+                c["rope_parameters"] = serde_json::json!({
+                    "full_attention": {"rope_type": "dynamic", "factor": 2.0},
+                    "sliding_attention": {"rope_type": "default"}
+                });
+            },
+            &["rope_parameters.full_attention.rope_type", "dynamic"],
+        ),
+        (
+            |c| {
+                c["model_type"] = "phi3".into();
+                c["rope_parameters"] = serde_json::json!({
+                    "rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]
+                });
+            },
+            &["rope_parameters.rope_type", "longrope"],
+        ),
+        (
+            |c| {
+                c["model_type"] = "phi3".into();
+                c["resid_pdrop"] = 0.1.into();
+            },
+            &["resid_pdrop", "0.1"],
+        ),
+    ];
+    for (edit, expected) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = copy_model(tmp.path());
+        edit_config(&m, edit);
+        assert_user_error(&generate(&m), expected);
+    }
+}
+
+#[test]
+fn gemma3_multimodal_checkpoint_is_refused_once_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = copy_model(tmp.path());
+    edit_config(&m, |c| c["model_type"] = "gemma3".into());
+    assert_user_error(
+        &generate(&m),
+        &["config.json", "gemma3", "multimodal", "gemma3_text"],
     );
 }
 

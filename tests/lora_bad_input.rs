@@ -23,7 +23,7 @@ fn adapter(dir: &Path) -> PathBuf {
     };
     peft_model::inject(&mut model, DEFAULT_ADAPTER, &config).unwrap();
     let out = dir.join("adapter");
-    peft_model::save_adapter(&mut model, DEFAULT_ADAPTER, &config, &out).unwrap();
+    peft_model::save_adapter(&model, DEFAULT_ADAPTER, &config, &out).unwrap();
     out
 }
 

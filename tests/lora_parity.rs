@@ -145,7 +145,7 @@ fn our_adapter_matches(base: &str, variant: &str) {
     tch::manual_seed(7);
     peft_model::inject(&mut model, DEFAULT_ADAPTER, &config).unwrap();
     tch::no_grad(|| {
-        for (k, t) in peft_model::trainable_parameters(&mut model) {
+        for (k, t) in peft_model::trainable_parameters(&model) {
             let mut t = t.shallow_clone();
             if k.ends_with("lora_B.weight") {
                 let _ = t.normal_(0.0, 0.05);
@@ -157,7 +157,7 @@ fn our_adapter_matches(base: &str, variant: &str) {
     });
     let ours = tch::no_grad(|| model.forward(&ids));
     let tmp = tempfile::tempdir().unwrap();
-    peft_model::save_adapter(&mut model, DEFAULT_ADAPTER, &config, tmp.path()).unwrap();
+    peft_model::save_adapter(&model, DEFAULT_ADAPTER, &config, tmp.path()).unwrap();
     let theirs = python_logits(&base_dir(base), &inputs_path, Some(tmp.path()), false);
     let d = max_diff(&ours, &theirs, &mask);
     eprintln!("{base}/{variant}: peft-rs adapter in PEFT: max diff {d:.2e}");
@@ -321,7 +321,7 @@ fn initial_a_has_the_variance_of_peft_init() {
         };
         tch::manual_seed(11);
         peft_model::inject(&mut model, DEFAULT_ADAPTER, &config).unwrap();
-        let params = peft_model::trainable_parameters(&mut model);
+        let params = peft_model::trainable_parameters(&model);
         let a = &params["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
         let n = a.numel() as f64;
         let var = a.var(true).double_value(&[]);

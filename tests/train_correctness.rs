@@ -156,7 +156,7 @@ fn fp16_loss_scaling_keeps_small_gradients() {
             ..LoraConfig::default()
         };
         with_torch_seed(3, || peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora)).unwrap();
-        let params = peft_model::trainable_parameters(&mut model);
+        let params = peft_model::trainable_parameters(&model);
         let trainable: Vec<(String, Tensor)> = params
             .iter()
             .map(|(k, t)| (k.clone(), t.shallow_clone()))

@@ -44,7 +44,7 @@ fn grads_with(
     let mut model = models::load(&common::model_dir("llama"), kind, Device::Cpu).unwrap();
     peft_model::load_adapter(&mut model, adapter_dir, DEFAULT_ADAPTER).unwrap();
     peft_model::set_training(&mut model, true);
-    let params = peft_model::trainable_parameters(&mut model);
+    let params = peft_model::trainable_parameters(&model);
     let trainable: Vec<(String, Tensor)> = params
         .iter()
         .map(|(k, t)| (k.clone(), t.shallow_clone()))

@@ -10,11 +10,10 @@
 //! (`adapter_config.json`), the layer, and PEFT's file format.
 #![warn(missing_docs)]
 
+pub mod dtype;
 pub mod fsio;
 pub mod lora;
 pub mod rng;
-
-use std::any::Any;
 
 use anyhow::Result;
 use tch::Tensor;
@@ -54,9 +53,34 @@ pub trait LinearAdapter: Send {
     /// Undoes [`LinearAdapter::merge`], restoring `weight` within fp32 rounding.
     fn unmerge(&mut self, weight: &mut Tensor) -> Result<()>;
 
-    /// For methods that need the concrete type (adding a second adapter, say).
-    fn as_any_mut(&mut self) -> &mut dyn Any;
+    /// The tensors of the adapter `name` on this layer in PEFT's file
+    /// format (its state dict), trained or not, active or not; empty when
+    /// the layer has no adapter of that name.
+    fn state_dict(&self, name: &str) -> Vec<(String, Tensor)>;
 
-    /// Read-only access to the concrete type.
-    fn as_any(&self) -> &dyn Any;
+    /// Chooses which of the layer's adapters are summed in the forward pass
+    /// (names the layer does not have are skipped).
+    fn set_active(&mut self, names: &[String]);
+
+    /// Adds another named LoRA adapter, inactive until [`LinearAdapter::set_active`].
+    /// A method that cannot hold LoRA weights refuses.
+    fn add_lora(&mut self, name: &str, _weights: lora::LoraWeights) -> Result<()> {
+        anyhow::bail!(
+            "the layer already carries an adapter of another method; cannot add LoRA adapter `{name}`"
+        )
+    }
+
+    /// Adds adapter `new_name`, the combination of the layer's adapters
+    /// `names` with one weight each (PEFT's `add_weighted_adapter`); names
+    /// the layer lacks are skipped, and nothing is added when none is there.
+    fn add_weighted(
+        &mut self,
+        names: &[String],
+        weights: &[f64],
+        new_name: &str,
+        _combination: lora::Combination,
+    ) -> Result<()> {
+        let _ = (names, weights);
+        anyhow::bail!("this adapter method cannot combine adapters into `{new_name}`")
+    }
 }

@@ -3,7 +3,7 @@
 //! Struct and field names mirror the Hugging Face module paths
 //! (`model.layers.N.self_attn.q_proj`, `model.norm`, `lm_head`), so loading is
 //! a walk over names and the file reads next to transformers' code. Mistral
-//! (sliding-window attention) and Qwen2 (q/k/v bias) are this decoder with a
+//! (sliding-window attention), Qwen2 (q/k/v bias) and Qwen3 (q/k norms) are this decoder with a
 //! different configuration; see `mistral.rs` and `qwen2.rs`.
 
 use anyhow::{bail, Result};
@@ -35,6 +35,15 @@ pub enum RopeScaling {
         /// The context length the model was trained with.
         original_max_position_embeddings: f64,
     },
+}
+
+/// The MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// `silu` (Llama, Mistral, Qwen).
+    Silu,
+    /// `gelu_pytorch_tanh` (Gemma).
+    GeluTanh,
 }
 
 /// Everything the decoder needs from `config.json`.
@@ -72,6 +81,33 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     /// Sliding attention window per layer (`None`: full causal attention).
     pub sliding_window: Vec<Option<usize>>,
+    /// RMS norms over each query and key head (`self_attn.q_norm`,
+    /// `self_attn.k_norm`) before RoPE, as Qwen3 and Gemma 3 have.
+    pub qk_norm: bool,
+    /// The MLP's activation (`hidden_act` / `hidden_activation`).
+    pub hidden_act: Activation,
+    /// Gemma's RMS norms: weight stored as `w` and applied as `(1 + w)`, in fp32.
+    pub gemma_norms: bool,
+    /// Gemma 3's four norms per layer: the attention and MLP outputs are
+    /// normed before the residual add (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`), the MLP input by `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// Embeddings multiplied by this (cast to the model dtype first), as
+    /// Gemma's scaled word embedding does with √hidden.
+    pub embed_scale: Option<f64>,
+    /// Attention scores are scaled by this; `None`: 1/√head_dim.
+    pub attention_scale: Option<f64>,
+    /// `final_logit_softcapping`: logits become `cap · tanh(logits / cap)`.
+    pub final_logit_softcapping: Option<f64>,
+    /// RoPE of the sliding-window layers when it differs from the global
+    /// one (Gemma 3's `rope_local_base_freq`).
+    pub local_rope: Option<(f64, RopeScaling)>,
+    /// Phi-3's fused projections: `self_attn.qkv_proj` (queries, keys,
+    /// values stacked) and `mlp.gate_up_proj` (gate, then up).
+    pub fused_projections: bool,
+    /// The leading dimensions of each head that RoPE rotates (Phi-3's
+    /// `partial_rotary_factor`); the rest pass through.
+    pub rotary_dim: usize,
     /// Token ids that end generation.
     pub eos_token_ids: Vec<i64>,
     /// The dtype the checkpoint was saved in (`dtype`/`torch_dtype`), if stated.
@@ -156,6 +192,16 @@ impl LlamaConfig {
             o_bias: attention_bias,
             mlp_bias: raw.opt_bool("mlp_bias")?.unwrap_or(false),
             sliding_window: vec![None; num_hidden_layers],
+            qk_norm: false,
+            hidden_act: Activation::Silu,
+            gemma_norms: false,
+            sandwich_norms: false,
+            embed_scale: None,
+            attention_scale: None,
+            final_logit_softcapping: None,
+            local_rope: None,
+            fused_projections: false,
+            rotary_dim: head_dim,
             eos_token_ids: raw.token_ids("eos_token_id"),
             saved_dtype: raw
                 .opt_str("dtype")?
@@ -166,34 +212,76 @@ impl LlamaConfig {
 }
 
 impl LlamaConfig {
-    /// Every linear module as (Hugging Face path, in_features, out_features),
-    /// in the order of [`LlamaForCausalLM::linear_layers_mut`]; lets tools such
-    /// as `merge` plan without loading the model.
-    pub fn linear_modules(&self) -> Vec<(String, i64, i64)> {
+    /// The linear modules of one decoder layer as (path under
+    /// `model.layers.N`, in_features, out_features, bias): the one place
+    /// their shapes are written. `layer_linears!` is the one place their
+    /// fields are; loading checks that the two agree.
+    pub fn layer_linear_shapes(&self) -> Vec<(&'static str, i64, i64, bool)> {
         let (h, hd) = (self.hidden_size as i64, self.head_dim as i64);
         let (q, kv) = (
             self.num_attention_heads as i64 * hd,
             self.num_key_value_heads as i64 * hd,
         );
         let inter = self.intermediate_size as i64;
+        let (qkv, o, mlp) = (self.qkv_bias, self.o_bias, self.mlp_bias);
+        if self.fused_projections {
+            return vec![
+                ("self_attn.qkv_proj", h, q + 2 * kv, qkv),
+                ("self_attn.o_proj", q, h, o),
+                ("mlp.gate_up_proj", h, 2 * inter, mlp),
+                ("mlp.down_proj", inter, h, mlp),
+            ];
+        }
+        vec![
+            ("self_attn.q_proj", h, q, qkv),
+            ("self_attn.k_proj", h, kv, qkv),
+            ("self_attn.v_proj", h, kv, qkv),
+            ("self_attn.o_proj", q, h, o),
+            ("mlp.gate_proj", h, inter, mlp),
+            ("mlp.up_proj", h, inter, mlp),
+            ("mlp.down_proj", inter, h, mlp),
+        ]
+    }
+
+    /// Every linear module as (Hugging Face path, in_features, out_features),
+    /// in the order of [`LlamaForCausalLM::linear_layers`]; lets tools such
+    /// as `merge` plan without loading the model.
+    pub fn linear_modules(&self) -> Vec<(String, i64, i64)> {
         let mut v = Vec::new();
         for i in 0..self.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            for (name, i_, o) in [
-                ("self_attn.q_proj", h, q),
-                ("self_attn.k_proj", h, kv),
-                ("self_attn.v_proj", h, kv),
-                ("self_attn.o_proj", q, h),
-                ("mlp.gate_proj", h, inter),
-                ("mlp.up_proj", h, inter),
-                ("mlp.down_proj", inter, h),
-            ] {
-                v.push((format!("{p}.{name}"), i_, o));
+            for (name, i_, o, _) in self.layer_linear_shapes() {
+                v.push((format!("model.layers.{i}.{name}"), i_, o));
             }
         }
-        v.push((OUTPUT_HEAD.to_owned(), h, self.vocab_size as i64));
+        v.push((
+            OUTPUT_HEAD.to_owned(),
+            self.hidden_size as i64,
+            self.vocab_size as i64,
+        ));
         v
     }
+}
+
+/// The linear modules a [`DecoderLayer`] may have (a model has those
+/// [`LlamaConfig::layer_linear_shapes`] names; the others stay empty) as
+/// (path under `model.layers.N`, reference), shared (`layer_linears!(l)`) or mutable
+/// (`layer_linears!(l, mut)`): the one list of their fields, behind
+/// [`LlamaForCausalLM::linear_layers`], [`LlamaForCausalLM::linear_layers_mut`],
+/// loading and parameter counts.
+macro_rules! layer_linears {
+    ($l:expr $(, $m:ident)?) => {
+        [
+            ("self_attn.q_proj", &$($m)? $l.self_attn.q_proj),
+            ("self_attn.k_proj", &$($m)? $l.self_attn.k_proj),
+            ("self_attn.v_proj", &$($m)? $l.self_attn.v_proj),
+            ("self_attn.qkv_proj", &$($m)? $l.self_attn.qkv_proj),
+            ("self_attn.o_proj", &$($m)? $l.self_attn.o_proj),
+            ("mlp.gate_proj", &$($m)? $l.mlp.gate_proj),
+            ("mlp.up_proj", &$($m)? $l.mlp.up_proj),
+            ("mlp.gate_up_proj", &$($m)? $l.mlp.gate_up_proj),
+            ("mlp.down_proj", &$($m)? $l.mlp.down_proj),
+        ]
+    };
 }
 
 /// The output projection's module path (excluded by `all-linear`).
@@ -212,10 +300,21 @@ fn rope(raw: &RawConfig) -> Result<(f64, RopeScaling)> {
     } else {
         "rope_scaling"
     };
+    let theta = raw.opt_f64("rope_theta")?.unwrap_or(10000.0);
+    rope_from(raw, params, field, theta)
+}
+
+/// RoPE settings from one `rope_parameters`-style object (`None`: the
+/// default RoPE with `theta`), named `field` in errors. An unknown
+/// `rope_type` is refused by name.
+pub fn rope_from(
+    raw: &RawConfig,
+    params: Option<&serde_json::Value>,
+    field: &str,
+    theta: f64,
+) -> Result<(f64, RopeScaling)> {
     let get = |k: &str| params.and_then(|p| p.get(k)).and_then(|v| v.as_f64());
-    let theta = get("rope_theta")
-        .or(raw.opt_f64("rope_theta")?)
-        .unwrap_or(10000.0);
+    let theta = get("rope_theta").unwrap_or(theta);
     let rope_type = params
         .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
         .and_then(|v| v.as_str())
@@ -253,16 +352,16 @@ pub struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
-    fn new(cfg: &LlamaConfig, device: Device) -> Self {
+    fn new(rotary_dim: usize, theta: f64, scaling: &RopeScaling, device: Device) -> Self {
         // Computed with the same fp32 tensor operations as transformers'
         // `_compute_default_rope_parameters` / `_compute_llama3_parameters`,
         // so that frequencies agree to the last bit.
-        let d = cfg.head_dim as i64;
+        let d = rotary_dim as i64;
         let exponent = Tensor::arange_start_step(0, d, 2, (Kind::Int64, Device::Cpu))
             .to_kind(Kind::Float)
             / d as f64;
-        let inv_freq = Tensor::pow_scalar(cfg.rope_theta, &exponent).reciprocal();
-        let inv_freq = match cfg.rope_scaling {
+        let inv_freq = Tensor::pow_scalar(theta, &exponent).reciprocal();
+        let inv_freq = match *scaling {
             RopeScaling::Default => inv_freq,
             RopeScaling::Linear { factor } => inv_freq / factor,
             RopeScaling::Llama3 {
@@ -319,7 +418,15 @@ fn rotate_half(x: &Tensor) -> Tensor {
 }
 
 fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    x * cos + rotate_half(x) * sin
+    let d = x.size().last().copied().unwrap_or(0);
+    let r = cos.size().last().copied().unwrap_or(0);
+    if r == d {
+        return x * cos + rotate_half(x) * sin;
+    }
+    // Partial rotary (Phi-3): the first `r` dimensions rotate, the rest pass.
+    let x_rot = x.narrow(-1, 0, r);
+    let rotated = &x_rot * cos + rotate_half(&x_rot) * sin;
+    Tensor::cat(&[&rotated, &x.narrow(-1, r, d - r)], -1)
 }
 
 /// Keys and values of earlier positions, one entry per layer.
@@ -470,7 +577,7 @@ pub struct DecoderOutput {
 pub struct Recompute {
     inputs: Vec<Tensor>,
     top: Tensor,
-    rope: (Tensor, Tensor),
+    rope: Vec<(Tensor, Tensor)>,
     masks: Vec<Option<Tensor>>,
 }
 
@@ -507,10 +614,18 @@ pub struct Attention {
     pub v_proj: Linear,
     /// `o_proj`.
     pub o_proj: Linear,
+    /// `qkv_proj` (Phi-3; empty elsewhere).
+    pub qkv_proj: Linear,
+    /// `q_norm`, over each query head (Qwen3, Gemma 3).
+    pub q_norm: Option<RmsNorm>,
+    /// `k_norm`, over each key head (Qwen3, Gemma 3).
+    pub k_norm: Option<RmsNorm>,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
     sliding_window: Option<i64>,
+    scale: f64,
+    fused: bool,
 }
 
 impl Attention {
@@ -523,10 +638,38 @@ impl Attention {
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden states are [batch, seq, hidden]");
         let (cos, sin) = rope;
-        let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
-        let q = apply_rotary(&heads(self.q_proj.forward(x), self.num_heads), cos, sin);
-        let mut k = apply_rotary(&heads(self.k_proj.forward(x), self.num_kv_heads), cos, sin);
-        let mut v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        // `[b, t, n, d]`, normed per head where the model does, then `[b, n, t, d]`.
+        let heads = |y: Tensor, n: i64, norm: &Option<RmsNorm>| {
+            let y = y.view([b, t, n, self.head_dim]);
+            match norm {
+                Some(norm) => norm.forward(&y),
+                None => y,
+            }
+            .transpose(1, 2)
+        };
+        let (q, k, v) = if self.fused {
+            let qkv = self.qkv_proj.forward(x);
+            let (nq, nkv) = (
+                self.num_heads * self.head_dim,
+                self.num_kv_heads * self.head_dim,
+            );
+            (
+                qkv.narrow(-1, 0, nq),
+                qkv.narrow(-1, nq, nkv),
+                qkv.narrow(-1, nq + nkv, nkv),
+            )
+        } else {
+            (
+                self.q_proj.forward(x),
+                self.k_proj.forward(x),
+                self.v_proj.forward(x),
+            )
+        };
+        let q = heads(q, self.num_heads, &self.q_norm);
+        let q = apply_rotary(&q, cos, sin);
+        let k = heads(k, self.num_kv_heads, &self.k_norm);
+        let mut k = apply_rotary(&k, cos, sin);
+        let mut v = heads(v, self.num_kv_heads, &None);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2);
@@ -535,7 +678,7 @@ impl Attention {
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
         let path = AttentionPath::choose(self.num_heads, self.num_kv_heads, t, mask.is_some());
-        let scale = Some(1.0 / (self.head_dim as f64).sqrt());
+        let scale = Some(self.scale);
         let y = match path {
             AttentionPath::Masked { expand_kv } => {
                 if expand_kv {
@@ -645,12 +788,26 @@ pub struct Mlp {
     pub up_proj: Linear,
     /// `down_proj`.
     pub down_proj: Linear,
+    /// `gate_up_proj` (Phi-3; empty elsewhere).
+    pub gate_up_proj: Linear,
+    act: Activation,
+    fused: bool,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj
-            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+        let (gate, up) = if self.fused {
+            let gu = self.gate_up_proj.forward(x);
+            let half = gu.size().last().copied().unwrap_or(0) / 2;
+            (gu.narrow(-1, 0, half), gu.narrow(-1, half, half))
+        } else {
+            (self.gate_proj.forward(x), self.up_proj.forward(x))
+        };
+        let gate = match self.act {
+            Activation::Silu => gate.silu(),
+            Activation::GeluTanh => gate.gelu("tanh"),
+        };
+        self.down_proj.forward(&(gate * up))
     }
 }
 
@@ -664,6 +821,12 @@ pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     /// `post_attention_layernorm`.
     pub post_attention_layernorm: RmsNorm,
+    /// `pre_feedforward_layernorm` (Gemma 3).
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    /// `post_feedforward_layernorm` (Gemma 3).
+    pub post_feedforward_layernorm: Option<RmsNorm>,
+    /// Whether the layer uses `model.rotary_emb_local` (Gemma 3's sliding layers).
+    local_rope: bool,
 }
 
 impl DecoderLayer {
@@ -675,9 +838,19 @@ impl DecoderLayer {
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
-        let h = x + self
+        let a = self
             .self_attn
             .forward(&self.input_layernorm.forward(x), rope, mask, cache);
+        if let (Some(pre), Some(post)) = (
+            &self.pre_feedforward_layernorm,
+            &self.post_feedforward_layernorm,
+        ) {
+            // Gemma 3: attention and MLP outputs are normed before each residual add.
+            let h = x + self.post_attention_layernorm.forward(&a);
+            let out = post.forward(&self.mlp.forward(&pre.forward(&h)));
+            return h + out;
+        }
+        let h = x + a;
         let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
         h + out
     }
@@ -693,6 +866,8 @@ pub struct LlamaModel {
     pub norm: RmsNorm,
     /// Rotary frequencies (not a weight).
     pub rotary_emb: RotaryEmbedding,
+    /// The sliding-window layers' own rotary frequencies (Gemma 3).
+    pub rotary_emb_local: Option<RotaryEmbedding>,
 }
 
 /// A Llama-family causal language model: `model` plus `lm_head`.
@@ -713,39 +888,78 @@ impl LlamaForCausalLM {
         let c = &config;
         let (h, hd) = (c.hidden_size as i64, c.head_dim as i64);
         let (nh, nkv) = (c.num_attention_heads as i64, c.num_key_value_heads as i64);
-        let inter = c.intermediate_size as i64;
         let m = w.pp("model");
         let embed_tokens = m.get("embed_tokens.weight", &[c.vocab_size as i64, h])?;
-        let norm = |w: &Weights, name: &str| -> Result<RmsNorm> {
+        let norm_of = |w: &Weights, name: &str, width: i64| -> Result<RmsNorm> {
+            let weight = w.get(&format!("{name}.weight"), &[width])?;
             Ok(RmsNorm {
-                weight: w.get(&format!("{name}.weight"), &[h])?,
+                // Gemma's `1 + w` in fp32, as its forward computes it each time.
+                weight: if c.gemma_norms {
+                    weight.to_kind(Kind::Float) + 1.0
+                } else {
+                    weight
+                },
                 eps: c.rms_norm_eps,
+                scale_in_fp32: c.gemma_norms,
             })
         };
+        let norm = |w: &Weights, name: &str| norm_of(w, name, h);
+        let sandwich = |w: &Weights, name: &str| -> Result<Option<RmsNorm>> {
+            c.sandwich_norms.then(|| norm(w, name)).transpose()
+        };
+        let head_norm = |w: &Weights, name: &str| -> Result<Option<RmsNorm>> {
+            c.qk_norm
+                .then(|| norm_of(&w.pp("self_attn"), name, hd))
+                .transpose()
+        };
+        let shapes = c.layer_linear_shapes();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for (i, window) in c.sliding_window.iter().enumerate() {
             let l = m.pp(&format!("layers.{i}"));
-            let a = l.pp("self_attn");
-            let mm = l.pp("mlp");
-            layers.push(DecoderLayer {
+            let empty = || Linear::new(Tensor::new(), None);
+            let mut layer = DecoderLayer {
                 self_attn: Attention {
-                    q_proj: a.linear("q_proj", h, nh * hd, c.qkv_bias)?,
-                    k_proj: a.linear("k_proj", h, nkv * hd, c.qkv_bias)?,
-                    v_proj: a.linear("v_proj", h, nkv * hd, c.qkv_bias)?,
-                    o_proj: a.linear("o_proj", nh * hd, h, c.o_bias)?,
+                    q_proj: empty(),
+                    k_proj: empty(),
+                    v_proj: empty(),
+                    o_proj: empty(),
+                    qkv_proj: empty(),
+                    q_norm: head_norm(&l, "q_norm")?,
+                    k_norm: head_norm(&l, "k_norm")?,
                     num_heads: nh,
                     num_kv_heads: nkv,
                     head_dim: hd,
                     sliding_window: window.map(|w| w as i64),
+                    scale: c
+                        .attention_scale
+                        .unwrap_or_else(|| 1.0 / (c.head_dim as f64).sqrt()),
+                    fused: c.fused_projections,
                 },
                 mlp: Mlp {
-                    gate_proj: mm.linear("gate_proj", h, inter, c.mlp_bias)?,
-                    up_proj: mm.linear("up_proj", h, inter, c.mlp_bias)?,
-                    down_proj: mm.linear("down_proj", inter, h, c.mlp_bias)?,
+                    gate_proj: empty(),
+                    up_proj: empty(),
+                    down_proj: empty(),
+                    gate_up_proj: empty(),
+                    act: c.hidden_act,
+                    fused: c.fused_projections,
                 },
                 input_layernorm: norm(&l, "input_layernorm")?,
                 post_attention_layernorm: norm(&l, "post_attention_layernorm")?,
-            });
+                pre_feedforward_layernorm: sandwich(&l, "pre_feedforward_layernorm")?,
+                post_feedforward_layernorm: sandwich(&l, "post_feedforward_layernorm")?,
+                local_rope: c.local_rope.is_some() && window.is_some(),
+            };
+            let mut loaded = 0;
+            for (name, lin) in layer_linears!(layer, mut) {
+                if let Some(&(_, i_, o, bias)) = shapes.iter().find(|s| s.0 == name) {
+                    *lin = l.linear(name, i_, o, bias)?;
+                    loaded += 1;
+                }
+            }
+            if loaded != shapes.len() {
+                bail!("internal: a linear module of {:?} has no field", shapes);
+            }
+            layers.push(layer);
         }
         let lm_head = if c.tie_word_embeddings {
             Linear::new(embed_tokens.shallow_clone(), None)
@@ -756,7 +970,15 @@ impl LlamaForCausalLM {
             embed_tokens,
             layers,
             norm: norm(&m, "norm")?,
-            rotary_emb: RotaryEmbedding::new(c, w.device()),
+            rotary_emb: RotaryEmbedding::new(
+                c.rotary_dim,
+                c.rope_theta,
+                &c.rope_scaling,
+                w.device(),
+            ),
+            rotary_emb_local: c.local_rope.as_ref().map(|(theta, scaling)| {
+                RotaryEmbedding::new(c.rotary_dim, *theta, scaling, w.device())
+            }),
         };
         Ok(Self {
             kind: w.kind(),
@@ -778,8 +1000,21 @@ impl LlamaForCausalLM {
     }
 
     /// `model.embed_tokens(input_ids)`: `[batch, seq]` ids to `[batch, seq, hidden]`.
+    /// With `embed_scale` (Gemma) the embeddings are multiplied by it, cast
+    /// to the model dtype first, inside the module as transformers'
+    /// `Gemma3TextScaledWordEmbedding` does: what a hook on `embed_tokens`
+    /// (NEFTune) sees is the scaled embedding.
     pub fn embed(&self, input_ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.model.embed_tokens, input_ids, -1, false, false)
+        let x = Tensor::embedding(&self.model.embed_tokens, input_ids, -1, false, false);
+        match self.config.embed_scale {
+            None => x,
+            Some(scale) => {
+                // transformers keeps √hidden as an fp32 buffer and casts it to the weight's dtype.
+                let scale =
+                    Tensor::scalar_tensor(scale, (Kind::Float, x.device())).to_kind(x.kind());
+                x * scale
+            }
+        }
     }
 
     /// The decoder, the one forward path of training, evaluation and
@@ -799,10 +1034,12 @@ impl LlamaForCausalLM {
         let mut x = hooks.embedding_output(self.embed(input.input_ids));
         let past = cache.as_deref().map_or(0, KvCache::len);
         let t = x.size()[1];
-        let rope = match input.position_ids {
-            Some(p) => self.model.rotary_emb.cos_sin_at(p, x.kind()),
-            None => self.model.rotary_emb.cos_sin(past, t, x.kind()),
+        let cos_sin = |r: &RotaryEmbedding| match input.position_ids {
+            Some(p) => r.cos_sin_at(p, x.kind()),
+            None => r.cos_sin(past, t, x.kind()),
         };
+        let mut rope = vec![cos_sin(&self.model.rotary_emb)];
+        rope.extend(self.model.rotary_emb_local.as_ref().map(cos_sin));
         let mut masks = Masks::new(input.layout, past, t, x.device());
         let layer_masks: Vec<Option<Tensor>> = self
             .model
@@ -848,12 +1085,13 @@ impl LlamaForCausalLM {
         &self,
         i: usize,
         x: &Tensor,
-        rope: &(Tensor, Tensor),
+        rope: &[(Tensor, Tensor)],
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         hooks: &dyn ForwardHooks,
     ) -> Tensor {
         let layer = &self.model.layers[i];
+        let rope = &rope[usize::from(layer.local_rope)];
         match hooks.layer_seed(i) {
             Some(seed) => with_torch_seed(seed, || layer.forward(x, rope, mask, cache)),
             None => layer.forward(x, rope, mask, cache),
@@ -872,8 +1110,13 @@ impl LlamaForCausalLM {
     }
 
     /// `lm_head(hidden)`: `[..., hidden]` to `[..., vocab]` logits.
+    /// With `final_logit_softcapping` (Gemma), `cap · tanh(logits / cap)`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        self.lm_head.forward(hidden)
+        let logits = self.lm_head.forward(hidden);
+        match self.config.final_logit_softcapping {
+            None => logits,
+            Some(cap) => (logits / cap).tanh() * cap,
+        }
     }
 
     /// Logits for every position of a right-padded batch `[batch, seq]`.
@@ -881,22 +1124,43 @@ impl LlamaForCausalLM {
         self.logits(&self.forward_hidden(&DecoderInput::causal(input_ids), None, &mut NoHooks))
     }
 
-    /// Every linear layer with its Hugging Face module path, in model order.
+    fn layer_linear_names(&self) -> Vec<&'static str> {
+        self.config
+            .layer_linear_shapes()
+            .iter()
+            .map(|s| s.0)
+            .collect()
+    }
+
+    /// Every linear layer with its Hugging Face module path, in model order
+    /// (the order of [`LlamaConfig::linear_modules`]).
+    pub fn linear_layers(&self) -> Vec<(String, &Linear)> {
+        let names = self.layer_linear_names();
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter().enumerate() {
+            for (name, lin) in layer_linears!(l) {
+                if names.contains(&name) {
+                    out.push((format!("model.layers.{i}.{name}"), lin));
+                }
+            }
+        }
+        out.push((OUTPUT_HEAD.to_owned(), &self.lm_head));
+        out
+    }
+
+    /// [`LlamaForCausalLM::linear_layers`], mutable (to attach, merge or
+    /// unmerge adapters).
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let names = self.layer_linear_names();
         let mut out = Vec::new();
         for (i, l) in self.model.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &mut l.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            let m = &mut l.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+            for (name, lin) in layer_linears!(l, mut) {
+                if names.contains(&name) {
+                    out.push((format!("model.layers.{i}.{name}"), lin));
+                }
+            }
         }
-        out.push(("lm_head".to_owned(), &mut self.lm_head));
+        out.push((OUTPUT_HEAD.to_owned(), &mut self.lm_head));
         out
     }
 
@@ -939,20 +1203,28 @@ impl LlamaForCausalLM {
     pub fn num_parameters(&self) -> i64 {
         let c = &self.config;
         let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
+        let numel = |lin: &Linear| {
+            lin.weight.numel() as i64 + lin.bias.as_ref().map_or(0, |b| b.numel() as i64)
+        };
+        let names = self.layer_linear_names();
         let mut n = v * h + h;
         for l in &self.model.layers {
-            for lin in [
-                &l.self_attn.q_proj,
-                &l.self_attn.k_proj,
-                &l.self_attn.v_proj,
-                &l.self_attn.o_proj,
-                &l.mlp.gate_proj,
-                &l.mlp.up_proj,
-                &l.mlp.down_proj,
-            ] {
-                n += lin.weight.numel() + lin.bias.as_ref().map_or(0, |b| b.numel() as i64);
-            }
+            n += layer_linears!(l)
+                .iter()
+                .filter(|(name, _)| names.contains(name))
+                .map(|(_, lin)| numel(lin))
+                .sum::<i64>();
             n += 2 * h;
+            n += [
+                &l.self_attn.q_norm,
+                &l.self_attn.k_norm,
+                &l.pre_feedforward_layernorm,
+                &l.post_feedforward_layernorm,
+            ]
+            .iter()
+            .filter_map(|n| n.as_ref())
+            .map(|n| n.weight.numel() as i64)
+            .sum::<i64>();
         }
         if !c.tie_word_embeddings {
             n += v * h;

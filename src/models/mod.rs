@@ -1,13 +1,16 @@
 //! Base models: reading a Hugging Face model directory into a frozen decoder.
 //!
-//! One file per architecture. Llama, Mistral and Qwen2 share the decoder in
+//! One file per architecture. Llama, Mistral, Qwen2, Qwen3, Gemma 3 and Phi-3 share the decoder in
 //! `llama.rs`; the other files say how their configuration differs.
 
 pub mod config;
+pub mod gemma3;
 pub mod llama;
 pub mod loader;
 pub mod mistral;
+pub mod phi3;
 pub mod qwen2;
+pub mod qwen3;
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -24,7 +27,8 @@ use config::RawConfig;
 use loader::Weights;
 
 /// The architectures peft-rs reads, by `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"];
 
 /// Parses `DIR/config.json` for a supported architecture.
 pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
@@ -33,6 +37,10 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
         "llama" => LlamaConfig::from_raw(&raw),
         "mistral" => mistral::config(&raw),
         "qwen2" => qwen2::config(&raw),
+        "qwen3" => qwen3::config(&raw),
+        "gemma3_text" => gemma3::config(&raw),
+        "gemma3" => gemma3::refuse_multimodal(&raw),
+        "phi3" => phi3::config(&raw),
         other => bail!(
             "{}: field `model_type` is `{other}`, which peft-rs does not support (supported: {})",
             raw.path.display(),

@@ -184,7 +184,7 @@ impl Trainer {
         })?;
         peft_model::set_training(&mut model, true);
         peft_model::set_compute_kind(&mut model, cfg.lora_compute_dtype.resolve(tch::Device::Cpu));
-        let params = peft_model::trainable_parameters(&mut model);
+        let params = peft_model::trainable_parameters(&model);
         let trainable = params
             .iter()
             .map(|(k, t)| (k.clone(), t.shallow_clone()))
@@ -520,7 +520,7 @@ impl Trainer {
     /// Writes the adapter (PEFT format) into `dir`.
     pub fn save_adapter(&mut self, dir: &Path) -> Result<()> {
         self.check_finite()?;
-        peft_model::save_adapter(&mut self.model, DEFAULT_ADAPTER, &self.lora, dir)
+        peft_model::save_adapter(&self.model, DEFAULT_ADAPTER, &self.lora, dir)
     }
 
     /// The state saved with a checkpoint after `step` steps.
@@ -650,7 +650,7 @@ impl Trainer {
                 serde_json::to_string_pretty(&self.lora.to_json())?.as_bytes(),
             )?;
         }
-        eprintln!("{}", peft_model::trainable_parameters_line(&mut self.model));
+        eprintln!("{}", peft_model::trainable_parameters_line(&self.model));
         eprintln!(
             "{} training examples ({}; {} truncated to {} tokens, {} dropped), {} steps of {} x {}{}{}",
             self.train.examples.len(),
@@ -729,7 +729,7 @@ impl Trainer {
         bar.finish_and_clear();
         self.check_finite()?;
         if self.is_writer() {
-            let tensors = peft_model::adapter_tensors(&mut self.model, DEFAULT_ADAPTER);
+            let tensors = peft_model::adapter_tensors(&self.model, DEFAULT_ADAPTER);
             peft_adapters::lora::files::write_safetensors(
                 &output.join(peft_adapters::lora::files::WEIGHTS_FILE),
                 &tensors,

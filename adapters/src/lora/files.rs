@@ -51,13 +51,12 @@ pub fn read_weights(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let kind = match view.dtype() {
-            Dtype::F32 => Kind::Float,
-            Dtype::F16 => Kind::Half,
-            Dtype::BF16 => Kind::BFloat16,
-            other => bail!(
-                "{}: tensor {name} has dtype {other:?}; adapters are floating point",
-                path.display()
+        let kind = match crate::dtype::kind_of(view.dtype()) {
+            Ok(k @ (Kind::Float | Kind::Half | Kind::BFloat16)) => k,
+            _ => bail!(
+                "{}: tensor {name} has dtype {:?}; adapters are floating point",
+                path.display(),
+                view.dtype()
             ),
         };
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
@@ -90,13 +89,7 @@ impl View for &Bytes {
 }
 
 fn to_bytes(t: &Tensor) -> Result<Bytes> {
-    let dtype = match t.kind() {
-        Kind::Float => Dtype::F32,
-        Kind::Half => Dtype::F16,
-        Kind::BFloat16 => Dtype::BF16,
-        Kind::Int64 => Dtype::I64,
-        other => bail!("cannot save a tensor of kind {other:?}"),
-    };
+    let dtype = crate::dtype::dtype_of(t.kind())?;
     let t = t.detach().to_device(Device::Cpu).contiguous();
     let n = t.numel() * t.kind().elt_size_in_bytes();
     let mut data = vec![0u8; n];
@@ -220,4 +213,51 @@ pub fn take_weights(
         scaling: config.scaling(r, alpha),
         dropout: config.lora_dropout,
     })
+}
+
+/// A PEFT adapter directory read and checked against a base model: the one
+/// loading path of `peft-rs` (attaching to a loaded model and streaming
+/// merges alike). `modules` are the base's linear modules as (path,
+/// in_features, out_features); `output_head` is the module `all-linear`
+/// leaves out, and `tied_head` says whether it shares the input embedding
+/// (an adapter may then not target it). Returns the configuration and each
+/// targeted module's weights (fp32 on `device`), in `modules`' order.
+pub fn read_checked(
+    dir: &Path,
+    modules: &[(String, i64, i64)],
+    output_head: &str,
+    tied_head: bool,
+    device: Device,
+) -> Result<(super::LoraConfig, Vec<(String, super::LoraWeights)>)> {
+    let config_file = dir.join(CONFIG_FILE);
+    let config = super::LoraConfig::read(dir)?;
+    let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
+    let chosen = config
+        .validate()
+        .and_then(|()| config.select(&paths, output_head))
+        .with_context(|| config_file.display().to_string())?;
+    if tied_head && chosen.contains(&output_head) {
+        bail!(
+            "{}: targets {output_head}, which shares its weight with model.embed_tokens in this base model; leave it out of target_modules",
+            config_file.display()
+        );
+    }
+    let mut tensors = read_weights(dir)?;
+    let expected: Vec<(String, Vec<i64>)> = modules
+        .iter()
+        .filter(|(p, _, _)| chosen.contains(&p.as_str()))
+        .flat_map(|(p, i, o)| expected_tensors(&config, p, *i, *o))
+        .collect();
+    let weights_file = dir.join(WEIGHTS_FILE);
+    check_tensors(&weights_file, &expected, &tensors)?;
+    let mut out = Vec::with_capacity(chosen.len());
+    for (path, _, _) in modules
+        .iter()
+        .filter(|(p, _, _)| chosen.contains(&p.as_str()))
+    {
+        let w = take_weights(&config, path, &mut tensors, device)
+            .with_context(|| weights_file.display().to_string())?;
+        out.push((path.clone(), w));
+    }
+    Ok((config, out))
 }

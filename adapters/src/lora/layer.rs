@@ -1,7 +1,6 @@
 //! The LoRA layer: `y = W x + b + scaling · B(A(dropout(x)))`, with the DoRA
 //! variant, several named adapters per layer, and merge/unmerge.
 
-use std::any::Any;
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
@@ -369,11 +368,34 @@ impl LinearAdapter for LoraLayer {
         Ok(())
     }
 
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
+    fn state_dict(&self, name: &str) -> Vec<(String, Tensor)> {
+        self.get(name).map(LoraWeights::named).unwrap_or_default()
     }
 
-    fn as_any(&self) -> &dyn Any {
-        self
+    fn set_active(&mut self, names: &[String]) {
+        LoraLayer::set_active(self, names);
+    }
+
+    fn add_lora(&mut self, name: &str, weights: LoraWeights) -> Result<()> {
+        self.add(name, weights)
+    }
+
+    fn add_weighted(
+        &mut self,
+        names: &[String],
+        weights: &[f64],
+        new_name: &str,
+        combination: Combination,
+    ) -> Result<()> {
+        let parts: Vec<(&LoraWeights, f64)> = names
+            .iter()
+            .zip(weights)
+            .filter_map(|(n, &w)| self.get(n).map(|a| (a, w)))
+            .collect();
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let combined = LoraWeights::combine(&parts, combination)?;
+        self.add(new_name, combined)
     }
 }

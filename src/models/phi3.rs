@@ -1,0 +1,58 @@
+//! Phi-3 (and Phi-4-mini): the Llama decoder with fused projections —
+//! `self_attn.qkv_proj` (queries, keys and values stacked) and
+//! `mlp.gate_up_proj` (gate, then up) — RoPE on the leading
+//! `partial_rotary_factor` of each head, and one sliding window for every
+//! layer where `sliding_window` is set (transformers' `modeling_phi3.py`).
+//! PEFT targets the fused modules by their own names.
+
+use anyhow::{bail, Result};
+
+use super::config::RawConfig;
+use super::llama::LlamaConfig;
+
+/// Reads a `model_type: phi3` config.
+pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {
+    let mut c = LlamaConfig::from_raw(raw)?;
+    c.qkv_bias = false;
+    c.o_bias = false;
+    c.mlp_bias = false;
+    c.fused_projections = true;
+    for field in ["resid_pdrop", "embd_pdrop"] {
+        if let Some(p) = raw.opt_f64(field)? {
+            if p != 0.0 {
+                bail!(
+                    "{}: field `{field}` is {p}; Phi-3's residual/embedding dropout in training is not implemented (set it to 0.0)",
+                    raw.path.display()
+                );
+            }
+        }
+    }
+    let factor = raw
+        .json
+        .get("rope_parameters")
+        .and_then(|p| p.get("partial_rotary_factor"))
+        .and_then(|v| v.as_f64())
+        .or(raw.opt_f64("partial_rotary_factor")?)
+        .unwrap_or(1.0);
+    raw.ensure(
+        factor > 0.0 && factor <= 1.0,
+        "partial_rotary_factor",
+        &format!("{factor} must be in (0, 1]"),
+    )?;
+    // As transformers: int(head_dim * factor).
+    let rotary_dim = (c.head_dim as f64 * factor) as usize;
+    raw.ensure(
+        rotary_dim >= 2 && rotary_dim.is_multiple_of(2),
+        "partial_rotary_factor",
+        &format!("gives {rotary_dim} rotary dimensions; must be even and positive"),
+    )?;
+    c.rotary_dim = rotary_dim;
+    let window = raw.opt_usize("sliding_window")?;
+    raw.ensure(
+        window != Some(0),
+        "sliding_window",
+        "must be positive or null",
+    )?;
+    c.sliding_window = vec![window; c.num_hidden_layers];
+    Ok(c)
+}

@@ -1,0 +1,384 @@
+//! The newer architectures against transformers + PEFT, one tiny random
+//! model each (built by `tests/fixtures/arch_reference.py` in one Python
+//! run): right-padded logits, greedy generation (plain and chat prompts,
+//! one at a time and batched), PEFT adapters in both directions (LoRA and
+//! DoRA), `merge` against `merge_and_unload`, and one training step's
+//! gradients.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use peft_rs::adapters::lora::{LoraConfig, TargetModules};
+use peft_rs::data::Batch;
+use peft_rs::models::llama::{DecoderInput, ForwardHooks};
+use peft_rs::models::{self, LlamaForCausalLM};
+use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
+use peft_rs::regularizers::RegularizerStack;
+use peft_rs::train::{forward_backward, MicroBatch, StepOptions};
+use tch::{Device, Kind, Tensor};
+
+fn fx() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        common::fixture(
+            "arch_reference.py",
+            &[],
+            &[&common::default_model(), common::reference()],
+        )
+    })
+}
+
+fn model_dir(name: &str) -> PathBuf {
+    fx().join("models").join(name)
+}
+
+fn read(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+fn load(name: &str) -> LlamaForCausalLM {
+    models::load(&model_dir(name), Kind::Float, Device::Cpu).unwrap()
+}
+
+/// Max |a - b| over real (non-pad) positions.
+fn max_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    let keep = mask.to_kind(Kind::Bool).unsqueeze(-1);
+    (a - b)
+        .abs()
+        .masked_fill(&keep.logical_not(), 0.0)
+        .max()
+        .double_value(&[])
+}
+
+fn logits_parity(name: &str) {
+    let r = read(&fx().join(name).join("logits.safetensors"));
+    let model = load(name);
+    let ours = tch::no_grad(|| model.forward(&r["input_ids"]));
+    let d = max_diff(&ours, &r["logits"], &r["attention_mask"]);
+    eprintln!("{name}: max |logits - transformers| = {d:.3e} (right-padded batch)");
+    assert!(d < 1e-4, "{name}: {d}");
+}
+
+fn generation_parity(name: &str) {
+    let reference = fx().join(name);
+    let read_json = |f: &str| -> Vec<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(reference.join(f)).unwrap()).unwrap()
+    };
+    let expected = read_json("generate.json");
+    let batched = read_json("generate_batched.json");
+    for batch_size in ["1", "16"] {
+        let out = common::peft_rs(&[
+            "generate",
+            "--model",
+            model_dir(name).to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--prompts",
+            reference.join("prompts.jsonl").to_str().unwrap(),
+            "--max-new-tokens",
+            "32",
+            "--batch-size",
+            batch_size,
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), expected.len());
+        for (i, (ours, theirs)) in lines.iter().zip(&expected).enumerate() {
+            assert_eq!(
+                ours["prompt_token_ids"], theirs["prompt_token_ids"],
+                "{name} prompt {i}"
+            );
+            assert_eq!(
+                ours["token_ids"], theirs["token_ids"],
+                "{name} prompt {i}, batches of {batch_size}"
+            );
+            if batch_size == "16" {
+                assert_eq!(ours["token_ids"], batched[i], "{name} prompt {i}: batched");
+            }
+        }
+    }
+    eprintln!(
+        "{name}: greedy generation identical for {} prompts (plain and chat), one at a time and batched",
+        expected.len()
+    );
+}
+
+fn inputs(name: &str) -> (PathBuf, Tensor, Tensor) {
+    let p = fx().join(name).join("inputs.safetensors");
+    let t = read(&p);
+    (
+        p,
+        t["input_ids"].shallow_clone(),
+        t["attention_mask"].shallow_clone(),
+    )
+}
+
+/// PEFT's adapter in peft-rs (unmerged and merged in memory), and
+/// `peft-rs merge` against `merge_and_unload`'s state dict and logits.
+fn peft_adapter_parity(name: &str, variant: &str) {
+    let (_, ids, mask) = inputs(name);
+    let dir = fx().join(name).join(variant);
+    let expected = read(&dir.join("logits.safetensors"))["logits"].shallow_clone();
+    let merged_expected = read(&dir.join("merged_logits.safetensors"))["logits"].shallow_clone();
+    let mut model = load(name);
+    let plain = tch::no_grad(|| model.forward(&ids));
+    peft_model::load_adapter(&mut model, &dir.join("adapter"), DEFAULT_ADAPTER).unwrap();
+    let ours = tch::no_grad(|| model.forward(&ids));
+    let effect = max_diff(&plain, &expected, &mask);
+    let d = max_diff(&ours, &expected, &mask);
+    assert!(
+        effect > 1e-2,
+        "the reference adapter must change the logits"
+    );
+    assert!(d < 1e-4, "{name}/{variant}: {d}");
+    peft_model::merge(&mut model).unwrap();
+    let merged = tch::no_grad(|| model.forward(&ids));
+    let dm = max_diff(&merged, &merged_expected, &mask);
+    assert!(dm < 1e-4, "{name}/{variant} merged in memory: {dm}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let o = common::peft_rs(&[
+        "merge",
+        "--model",
+        model_dir(name).to_str().unwrap(),
+        "--adapter",
+        dir.join("adapter").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let state = read(&dir.join("merged_state.safetensors"));
+    let mut worst: f64 = 0.0;
+    for (k, t) in read(&out.join("model.safetensors")) {
+        let r = state
+            .get(&k)
+            .unwrap_or_else(|| panic!("{name}/{variant}: merge wrote {k}, not in PEFT's state"));
+        worst = worst.max((t.to_kind(Kind::Float) - r).abs().max().double_value(&[]));
+    }
+    let cli = tch::no_grad(|| {
+        models::load(&out, Kind::Float, Device::Cpu)
+            .unwrap()
+            .forward(&ids)
+    });
+    let dc = max_diff(&cli, &merged_expected, &mask);
+    eprintln!(
+        "{name}/{variant}: PEFT adapter in peft-rs {d:.2e} (effect {effect:.2e}); merged in memory {dm:.2e}; \
+         `merge` weights vs merge_and_unload {worst:.2e}, its logits {dc:.2e}"
+    );
+    assert!(
+        worst < 1e-5,
+        "{name}/{variant}: merged weights differ by {worst}"
+    );
+    assert!(dc < 1e-4, "{name}/{variant}: merged logits {dc}");
+}
+
+fn python_logits(model_dir: &Path, inputs: &Path, adapter: &Path) -> Tensor {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let status = Command::new(common::python())
+        .arg(common::repo().join("tests/fixtures/peft_reference.py"))
+        .arg("logits")
+        .arg(model_dir)
+        .arg(inputs)
+        .arg(&out)
+        .arg("--adapter")
+        .arg(adapter)
+        .status()
+        .unwrap();
+    assert!(status.success(), "peft_reference.py logits failed");
+    read(&out).remove("logits").unwrap()
+}
+
+/// An all-linear adapter made by peft-rs (random B, jittered magnitude),
+/// saved and loaded by PEFT (strictly: every key, every value).
+fn our_adapter_in_peft(name: &str, variant: &str) {
+    let (inputs_path, ids, mask) = inputs(name);
+    let mut model = load(name);
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 12.0,
+        target_modules: TargetModules::AllLinear,
+        use_dora: variant == "dora",
+        ..LoraConfig::default()
+    };
+    tch::manual_seed(7);
+    peft_model::inject(&mut model, DEFAULT_ADAPTER, &config).unwrap();
+    tch::no_grad(|| {
+        for (k, t) in peft_model::trainable_parameters(&model) {
+            let mut t = t.shallow_clone();
+            if k.ends_with("lora_B.weight") {
+                let _ = t.normal_(0.0, 0.05);
+            } else if k.ends_with("lora_magnitude_vector") {
+                let noise = t.randn_like() * 0.05 + 1.0;
+                t *= noise;
+            }
+        }
+    });
+    let ours = tch::no_grad(|| model.forward(&ids));
+    let tmp = tempfile::tempdir().unwrap();
+    peft_model::save_adapter(&model, DEFAULT_ADAPTER, &config, tmp.path()).unwrap();
+    let theirs = python_logits(&model_dir(name), &inputs_path, tmp.path());
+    let d = max_diff(&ours, &theirs, &mask);
+    eprintln!("{name}/{variant}: peft-rs adapter in PEFT: max diff {d:.2e}");
+    assert!(d < 1e-4, "{name}/{variant}: {d}");
+}
+
+/// Records what the decoder's `embed_tokens` hook (where NEFTune adds its noise) sees.
+struct SeeEmbedding(Option<Tensor>);
+
+impl ForwardHooks for SeeEmbedding {
+    fn embedding_output(&mut self, x: Tensor) -> Tensor {
+        self.0 = Some(x.shallow_clone());
+        x
+    }
+}
+
+/// NEFTune's attachment point sees what transformers' forward hook on
+/// `get_input_embeddings()` sees (for Gemma 3: after the √hidden scaling).
+fn embedding_hook_parity(name: &str) {
+    let (_, ids, mask) = inputs(name);
+    let model = load(name);
+    let mut seen = SeeEmbedding(None);
+    let _ = tch::no_grad(|| model.forward_hidden(&DecoderInput::causal(&ids), None, &mut seen));
+    let ours = seen.0.expect("the embedding hook ran");
+    let theirs = read(&fx().join(name).join("embedding_hook.safetensors"))["embedding_output"]
+        .shallow_clone();
+    let d = max_diff(&ours, &theirs, &mask);
+    eprintln!("{name}: embedding hook output vs transformers' forward hook: max diff {d:.2e}");
+    assert!(d == 0.0, "{name}: {d}");
+}
+
+/// One training step's adapter gradients against PEFT's (fp32, no dropout).
+fn gradient_parity(name: &str, variant: &str) {
+    let dir = fx().join(name).join(variant);
+    let mut model = load(name);
+    peft_model::load_adapter(&mut model, &dir.join("train_adapter"), DEFAULT_ADAPTER).unwrap();
+    peft_model::set_training(&mut model, true);
+    let params = peft_model::trainable_parameters(&model);
+    let trainable: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    let b = read(&fx().join(name).join("batch.safetensors"));
+    let labels = b["labels"].shallow_clone();
+    let batch = Batch {
+        input_ids: b["input_ids"].shallow_clone(),
+        attention_mask: b["attention_mask"].shallow_clone(),
+        num_tokens: b["attention_mask"].sum(Kind::Int64).int64_value(&[]),
+        num_label_tokens: labels
+            .narrow(1, 1, labels.size()[1] - 1)
+            .ne(-100)
+            .sum(Kind::Int64)
+            .int64_value(&[]),
+        labels,
+        position_ids: None,
+        segment_ids: None,
+    };
+    let mb = MicroBatch {
+        step: 0,
+        index: 0,
+        count: 1,
+        seed: 1,
+        denom: batch.num_label_tokens as f64,
+        loss_scale: 1.0,
+    };
+    let opts = StepOptions {
+        gradient_checkpointing: false,
+        loss_chunk_size: 7,
+    };
+    let mut regs = RegularizerStack::new();
+    let loss = forward_backward(&model, &mut regs, &trainable, &batch, &mb, opts).unwrap();
+    let theirs = read(&dir.join("grads.safetensors"));
+    let ref_loss: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("loss.json")).unwrap()).unwrap();
+    let ref_loss = ref_loss["loss"].as_f64().unwrap();
+    assert!(
+        (loss - ref_loss).abs() < 1e-5 * ref_loss.abs(),
+        "{name}/{variant}: loss {loss} vs {ref_loss}"
+    );
+    assert_eq!(
+        params.len(),
+        theirs.len(),
+        "{name}/{variant}: trainable tensors"
+    );
+    let mut worst: f64 = 0.0;
+    for (k, g) in &theirs {
+        let o = params[k].grad();
+        let scale = g.abs().max().double_value(&[]);
+        assert!(
+            scale > 0.0,
+            "{name}/{variant}: {k} has zero reference gradient"
+        );
+        let rel = (o - g).abs().max().double_value(&[]) / scale;
+        worst = worst.max(rel);
+        assert!(rel < 1e-4, "{name}/{variant}: {k}: relative error {rel}");
+    }
+    eprintln!(
+        "{name}/{variant}: loss {loss:.6} (PEFT {ref_loss:.6}), worst relative gradient error {worst:.2e}"
+    );
+}
+
+macro_rules! arch_tests {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn logits_match_transformers() {
+                super::logits_parity(stringify!($name));
+            }
+
+            #[test]
+            fn neftune_hook_sees_what_transformers_hook_sees() {
+                super::embedding_hook_parity(stringify!($name));
+            }
+
+            #[test]
+            fn greedy_generation_matches_transformers() {
+                super::generation_parity(stringify!($name));
+            }
+
+            #[test]
+            fn peft_adapters_load_and_merge_like_peft() {
+                for v in ["lora", "dora"] {
+                    super::peft_adapter_parity(stringify!($name), v);
+                }
+            }
+
+            #[test]
+            fn our_adapters_load_in_peft() {
+                for v in ["lora", "dora"] {
+                    super::our_adapter_in_peft(stringify!($name), v);
+                }
+            }
+
+            #[test]
+            fn gradients_match_peft() {
+                for v in ["lora", "dora"] {
+                    super::gradient_parity(stringify!($name), v);
+                }
+            }
+        }
+    };
+}
+
+arch_tests!(qwen3);
+arch_tests!(llama32);
+arch_tests!(gemma3);
+arch_tests!(phi3);
