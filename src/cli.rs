@@ -89,7 +89,9 @@ impl ModelArgs {
             "{}: {}{}, loaded in {:.2} s",
             dir.display(),
             place.describe(),
-            self.quantize.map(|q| format!(", {q:?} base")).unwrap_or_default(),
+            self.quantize
+                .map(|q| format!(", {q:?} base"))
+                .unwrap_or_default(),
             start.elapsed().as_secs_f64()
         );
         Ok(model)
