@@ -108,7 +108,7 @@ fn grads(variant: &str, gradient_checkpointing: bool) -> (HashMap<String, Tensor
     let dir = fx().join("tiny").join(variant).join("adapter");
     peft_model::load_adapter(&mut model, &dir, DEFAULT_ADAPTER).unwrap();
     peft_model::set_training(&mut model, true);
-    let params = peft_model::trainable_parameters(&mut model);
+    let params = peft_model::trainable_parameters(&model);
     let trainable: Vec<(String, Tensor)> = params
         .iter()
         .map(|(k, t)| (k.clone(), t.shallow_clone()))

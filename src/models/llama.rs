@@ -1203,9 +1203,8 @@ impl LlamaForCausalLM {
     pub fn num_parameters(&self) -> i64 {
         let c = &self.config;
         let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
-        let numel = |lin: &Linear| {
-            lin.weight.numel() as i64 + lin.bias.as_ref().map_or(0, |b| b.numel() as i64)
-        };
+        let numel =
+            |lin: &Linear| lin.weight.numel() + lin.bias.as_ref().map_or(0, |b| b.numel() as i64);
         let names = self.layer_linear_names();
         let mut n = v * h + h;
         for l in &self.model.layers {

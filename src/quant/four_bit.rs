@@ -364,7 +364,11 @@ impl Quantized4bit {
                 for (j, v) in block.iter_mut().enumerate() {
                     let i = start + j;
                     let byte = bytes[i / 2];
-                    let code = if i % 2 == 0 { byte >> 4 } else { byte & 15 };
+                    let code = if i.is_multiple_of(2) {
+                        byte >> 4
+                    } else {
+                        byte & 15
+                    };
                     *v = table[code as usize] * scale;
                 }
             });
