@@ -59,13 +59,20 @@ fn build_c10d_shim(lib_dir: &std::path::Path) {
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")
         .warnings(false);
-    // NCCL: the wheel has nccl.h, but CUDA's runtime headers there are
-    // incomplete (CCCL's <nv/target> is missing), so a CUDA toolkit's include
-    // folder must be named in PEFT_RS_CUDA_INCLUDE.
+    // NCCL: the wheel has nccl.h and CUDA's runtime headers; CCCL's
+    // <nv/target> and the crt headers come from two small packages that
+    // scripts/setup.sh adds. PEFT_RS_CUDA_INCLUDE names a CUDA toolkit's
+    // include folder instead.
     println!("cargo:rerun-if-env-changed=PEFT_RS_CUDA_INCLUDE");
+    let complete = |d: &PathBuf| {
+        d.join("nv/target").exists()
+            && d.join("crt/host_config.h").exists()
+            && d.join("cuda_runtime_api.h").exists()
+    };
     let cuda = std::env::var_os("PEFT_RS_CUDA_INCLUDE")
         .map(PathBuf::from)
-        .filter(|d| d.join("nv/target").exists() && d.join("cuda_runtime_api.h").exists());
+        .or_else(|| wheel_cuda_include(torch))
+        .filter(complete);
     let nccl = torch
         .parent()
         .map(|p| p.join("nvidia/nccl/include"))
@@ -89,4 +96,15 @@ fn build_c10d_shim(lib_dir: &std::path::Path) {
     }
     build.compile("peft_c10d_shim");
     println!("cargo:rustc-cfg=peft_rs_c10d");
+}
+
+/// The CUDA include folder of the wheel's `nvidia-cuda-runtime` package
+/// (`site-packages/nvidia/cu13/include` for CUDA 13), if there is one.
+fn wheel_cuda_include(torch: &std::path::Path) -> Option<PathBuf> {
+    let nvidia = torch.parent()?.join("nvidia");
+    std::fs::read_dir(nvidia)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("include"))
+        .find(|d| d.join("cuda_runtime_api.h").exists())
 }

@@ -112,6 +112,7 @@ fn main() -> Result<()> {
             index: 0,
             count: 1,
             seed: i,
+            row_seeds: Vec::new(),
             denom: b.num_label_tokens as f64,
             loss_scale: 1.0,
         };

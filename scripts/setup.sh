@@ -50,6 +50,28 @@ if [ ! -f "$PEFT_RS_GLOO_INCLUDE/gloo/context.h" ]; then
   rm -rf "$tmp"
 fi
 
+# NCCL (multi-GPU training) is inside libtorch_cuda too; compiling the shim
+# against ProcessGroupNCCL needs two small header packages the CUDA wheel does
+# not pull in: CCCL (<nv/target>) and CUDA's crt headers, of the CUDA release
+# the wheel was built with.
+cuda_include=$("$PYTHON" - <<'PY' 2>/dev/null || true
+import glob, os, torch
+root = os.path.dirname(os.path.dirname(torch.__file__))
+print(next(iter(glob.glob(os.path.join(root, "nvidia", "*", "include", "cuda_runtime_api.h"))), ""))
+PY
+)
+if [ -n "$cuda_include" ]; then
+  cuda_include=$(dirname "$cuda_include")
+  if [ ! -e "$cuda_include/nv/target" ] || [ ! -e "$cuda_include/crt/host_config.h" ]; then
+    cuda_release=$("$PYTHON" -c "import importlib.metadata as m; print('.'.join(m.version('nvidia-cuda-runtime').split('.')[:2]))" 2>/dev/null || true)
+    if [ -n "$cuda_release" ]; then
+      echo "== installing CUDA $cuda_release's CCCL and crt headers (for multi-GPU training over NCCL)"
+      "$PYTHON" -m pip install --quiet --no-deps "nvidia-cuda-cccl==$cuda_release.*" "nvidia-cuda-crt==$cuda_release.*" \
+        || echo "warning: could not install CUDA's headers; peft-rs will build without NCCL" >&2
+    fi
+  fi
+fi
+
 model=models/SmolLM2-135M-Instruct
 if [ ! -f "$model/SOURCE.txt" ]; then
   echo "== converting the default model into $model"

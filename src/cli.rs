@@ -287,7 +287,7 @@ fn env() -> Result<()> {
         "multi-process training (c10d): {}",
         match (c10d, nccl) {
             (false, _) => "not built (Gloo's headers were missing: run ./scripts/setup.sh and rebuild)",
-            (true, false) => "gloo (NCCL not built: set PEFT_RS_CUDA_INCLUDE to a CUDA toolkit's include folder and rebuild)",
+            (true, false) => "gloo (NCCL not built: it needs a CUDA libtorch and CUDA's CCCL and crt headers; run ./scripts/setup.sh, or set PEFT_RS_CUDA_INCLUDE to a CUDA toolkit's include folder, and rebuild)",
             (true, true) => "gloo, nccl",
         }
     );

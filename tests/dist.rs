@@ -4,21 +4,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::peft_rs;
 use tch::Tensor;
-
-fn alpaca(dir: &Path, n: usize) -> PathBuf {
-    let src = common::shared("data/alpaca_5000.json");
-    let all: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
-    let p = dir.join("alpaca.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&all[..n]).unwrap()).unwrap();
-    p
-}
 
 fn args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = [
@@ -70,6 +61,14 @@ fn losses(out: &Path) -> Vec<f64> {
         .collect()
 }
 
+fn eval_losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["eval_loss"].as_f64())
+        .collect()
+}
+
 fn max_adapter_diff(a: &Path, b: &Path) -> f64 {
     let read = |p: &Path| {
         let mut v = Tensor::read_safetensors(p.join("adapter_model.safetensors")).unwrap();
@@ -97,19 +96,23 @@ fn max_diff(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn two_ranks_equal_one_process_with_the_same_global_batch() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 22);
+    let data = common::alpaca(tmp.path(), 22);
     let (one, two, accum) = (
         tmp.path().join("one"),
         tmp.path().join("two"),
         tmp.path().join("accum"),
     );
+    // NEFTune on (paper mode): each example's noise follows the example,
+    // so the split over processes does not change it.
     let steps = [
         "--max-steps",
         "6",
         "--lora-dropout",
         "0",
         "--neftune-alpha",
-        "0",
+        "5",
+        "--eval-holdout",
+        "5",
     ];
     train(&data, &one, &[&steps[..], &["--batch-size", "4"]].concat());
     train(
@@ -139,13 +142,19 @@ fn two_ranks_equal_one_process_with_the_same_global_batch() {
         d_accum < 1e-5 && a_accum < 1e-5,
         "grad-accum differs: {d_accum} {a_accum}"
     );
+    // Evaluation is sharded over the ranks and reduced: the same mean.
+    let (e1, e2) = (eval_losses(&one), eval_losses(&two));
+    assert_eq!(e1.len(), 2, "eval before and after");
+    let d_eval = max_diff(&e1, &e2);
+    eprintln!("eval loss, 2 ranks vs 1: {d_eval:.2e}");
+    assert!(d_eval < 1e-5, "sharded eval differs: {e1:?} {e2:?}");
     let recorded: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(two.join("training_args.json")).unwrap())
             .unwrap();
     assert_eq!(recorded["world_size"], 2);
 
-    // With dropout and NEFTune on, each rank draws its own noise: the curve
-    // moves away from one process's, but not far.
+    // With dropout on, each rank draws its own masks: the curve moves away
+    // from one process's, but not far.
     let (n1, n2) = (tmp.path().join("noisy1"), tmp.path().join("noisy2"));
     let noisy = [
         "--max-steps",
@@ -163,7 +172,7 @@ fn two_ranks_equal_one_process_with_the_same_global_batch() {
     );
     let d = max_diff(&losses(&n1), &losses(&n2));
     eprintln!("with dropout and NEFTune: curves differ by at most {d:.3e}");
-    assert!(d > 1e-6, "rank 1 drew rank 0's noise");
+    assert!(d > 1e-6, "rank 1 drew rank 0's dropout masks");
     assert!(d < 0.1 * losses(&n1)[0], "curves far apart: {d}");
 
     // Resuming with another number of processes is refused by name.
@@ -177,7 +186,9 @@ fn two_ranks_equal_one_process_with_the_same_global_batch() {
                 "--lora-dropout",
                 "0",
                 "--neftune-alpha",
-                "0",
+                "5",
+                "--eval-holdout",
+                "5",
                 "--batch-size",
                 "2",
                 "--resume",
@@ -219,7 +230,7 @@ fn rank_of(pid: u32) -> Option<String> {
 #[test]
 fn a_dying_rank_ends_the_run_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 64);
+    let data = common::alpaca(tmp.path(), 64);
     let out = tmp.path().join("run");
     let a = args(
         &data,
@@ -304,4 +315,41 @@ fn a_dying_rank_ends_the_run_naming_it() {
         String::from_utf8_lossy(&r.stderr)
     );
     assert!(out.join("adapter_model.safetensors").exists());
+}
+
+/// Where libtorch has CUDA (the cu13 wheel set-up installs, GPU or not), the
+/// build includes c10d's NCCL backend and its symbols resolve against
+/// libtorch_cuda: `ldd -r` finds every ProcessGroupNCCL symbol the binary uses.
+#[test]
+fn nccl_is_built_and_linked_where_libtorch_has_cuda() {
+    let exe = env!("CARGO_BIN_EXE_peft-rs");
+    let ldd = Command::new("ldd").args(["-r", exe]).output().unwrap();
+    let ldd =
+        String::from_utf8_lossy(&ldd.stdout).into_owned() + &String::from_utf8_lossy(&ldd.stderr);
+    if !ldd.contains("libtorch_cuda.so") {
+        eprintln!("libtorch without CUDA: NCCL cannot be built here");
+        return;
+    }
+    let env = peft_rs(&["env"]);
+    let env = String::from_utf8_lossy(&env.stdout);
+    assert!(env.contains("gloo, nccl"), "NCCL not built: {env}");
+    let nm = Command::new("nm")
+        .args(["-D", "--undefined-only", "-C", exe])
+        .output()
+        .unwrap();
+    let nccl: Vec<String> = String::from_utf8_lossy(&nm.stdout)
+        .lines()
+        .filter(|l| l.contains("ProcessGroupNCCL"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !nccl.is_empty(),
+        "the binary uses no ProcessGroupNCCL symbol"
+    );
+    let unresolved: Vec<&str> = ldd
+        .lines()
+        .filter(|l| l.contains("undefined symbol"))
+        .collect();
+    assert!(unresolved.is_empty(), "unresolved: {unresolved:?}");
+    eprintln!("{} ProcessGroupNCCL symbols, all resolved", nccl.len());
 }

@@ -33,6 +33,7 @@ fn ctx<'a>(mask: &'a Tensor, training: bool, seed: u64) -> HookContext<'a> {
         attention_mask: mask,
         segment_ids: None,
         seed,
+        row_seeds: None,
         micro_batch: 0,
         micro_batches: 1,
         trainable: &[],
@@ -153,6 +154,52 @@ fn same_seed_same_noise_new_seed_new_noise() {
     assert!(!a.equal(&c));
 }
 
+/// With row seeds, an example's noise is the same whether it is batched with
+/// others or alone, padded or not (so 2 processes × batch 2 draw what one
+/// process × batch 4 draws), and rows with different seeds differ.
+#[test]
+fn row_seeds_make_an_examples_noise_independent_of_its_batch() {
+    let (emb, mask, lengths) = batch();
+    let seeds = [11u64, 12, 13];
+    let with_rows = |emb: &Tensor, mask: &Tensor, seeds: &[u64]| {
+        let mut c = ctx(mask, true, 99);
+        c.row_seeds = Some(seeds);
+        Neftune::new(5.0).noise(emb, &c)
+    };
+    let together = with_rows(&emb, &mask, &seeds);
+    for (i, &l) in lengths.iter().enumerate() {
+        // The example alone, without padding, in a batch of one.
+        let own = emb.get(i as i64).narrow(0, 0, l).unsqueeze(0);
+        let alone = with_rows(
+            &own,
+            &Tensor::ones([1, l], (Kind::Int64, Device::Cpu)),
+            &seeds[i..=i],
+        );
+        let diff = (together.get(i as i64).narrow(0, 0, l) - alone.get(0))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert_eq!(diff, 0.0, "example {i} drew other noise alone");
+        let bound = 5.0 / ((l * D) as f64).sqrt();
+        let max = alone.abs().max().double_value(&[]);
+        assert!(
+            max <= bound * (1.0 + 1e-6) && max > 0.5 * bound,
+            "example {i}: {max} vs {bound}"
+        );
+    }
+    let pad = together
+        .get(0)
+        .narrow(0, 12, 18)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert_eq!(pad, 0.0, "padding was noised");
+    // Same example, same length: different seeds give different noise.
+    let a = with_rows(&emb.narrow(0, 2, 1), &mask.narrow(0, 2, 1), &[1]);
+    let b = with_rows(&emb.narrow(0, 2, 1), &mask.narrow(0, 2, 1), &[2]);
+    assert!((a - b).abs().max().double_value(&[]) > 0.0);
+}
+
 #[test]
 fn packed_segments_use_their_own_lengths() {
     // One row packing examples of lengths 3 and 7, then 2 pads.
@@ -166,6 +213,7 @@ fn packed_segments_use_their_own_lengths() {
         attention_mask: &mask,
         segment_ids: Some(&seg),
         seed: 4,
+        row_seeds: None,
         micro_batch: 0,
         micro_batches: 1,
         trainable: &[],

@@ -77,6 +77,7 @@ fn grads_and_loss(
         index: 0,
         count: 1,
         seed: 3,
+        row_seeds: Vec::new(),
         denom: batch.num_label_tokens as f64,
         loss_scale: 1.0,
     };
@@ -176,6 +177,7 @@ fn a_packed_row_computes_what_its_examples_compute_apart() {
         attention_mask: &mask,
         segment_ids: Some(seg),
         seed: 9,
+        row_seeds: None,
         micro_batch: 0,
         micro_batches: 1,
         trainable: &[],

@@ -133,6 +133,7 @@ fn grads(variant: &str, gradient_checkpointing: bool) -> (HashMap<String, Tensor
         index: 0,
         count: 1,
         seed: 1,
+        row_seeds: Vec::new(),
         denom: batch.num_label_tokens as f64,
         loss_scale: 1.0,
     };
@@ -328,4 +329,95 @@ fn merge_into_prequantized_base_matches_peft_before_requantization() {
 
 fn fixture_batch() -> PathBuf {
     fx().join("batch.safetensors")
+}
+
+/// Logits `peft_reference.py logits` computes with Python PEFT for `adapter`
+/// on the tiny base, quantized by bitsandbytes when `quant` says so.
+fn peft_logits(adapter: &Path, quant: Option<&str>) -> Tensor {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let mut cmd = std::process::Command::new(common::python());
+    cmd.arg(common::repo().join("tests/fixtures/peft_reference.py"))
+        .arg("logits")
+        .arg(common::model_dir("llama"))
+        .arg(fixture_batch())
+        .arg(&out)
+        .arg("--adapter")
+        .arg(adapter);
+    if let Some(q) = quant {
+        cmd.args(["--load-in-4bit", q]);
+    }
+    assert!(
+        cmd.status().unwrap().success(),
+        "peft_reference.py logits failed"
+    );
+    read(&out).remove("logits").unwrap()
+}
+
+/// The other direction: an adapter trained by peft-rs on a 4-bit base is an
+/// ordinary PEFT adapter. Python PEFT loads it (every key and value as
+/// stored, checked by the script) on a bitsandbytes 4-bit base and on the
+/// unquantized base, and computes what peft-rs computes on each.
+#[test]
+fn adapter_trained_on_4bit_base_loads_in_peft_on_4bit_and_full_bases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::alpaca(tmp.path(), 12);
+    let out = tmp.path().join("run");
+    let (model_dir, out_s) = (common::model_dir("llama"), out.to_str().unwrap().to_owned());
+    let r = common::peft_rs(&[
+        "train",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        &out_s,
+        "--device",
+        "cpu",
+        "--quantize",
+        "nf4",
+        "--bnb-4bit-use-double-quant",
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--lora-rank",
+        "4",
+        "--max-seq-len",
+        "48",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let batch = read(&fixture_batch());
+    let (ids, mask) = (&batch["input_ids"], &batch["attention_mask"]);
+    let masked = |t: &Tensor| t.masked_fill(&mask.eq(0).unsqueeze(-1), 0.0);
+    let logits = |mut m: LlamaForCausalLM, adapter: bool| {
+        if adapter {
+            peft_model::load_adapter(&mut m, &out, DEFAULT_ADAPTER).unwrap();
+        }
+        masked(&tch::no_grad(|| m.forward(ids)))
+    };
+    let dense = || models::load(&common::model_dir("llama"), Kind::Float, Device::Cpu).unwrap();
+    for (name, ours, plain, theirs) in [
+        (
+            "nf4 + double quant",
+            logits(tiny(&nf4_dq()), true),
+            logits(tiny(&nf4_dq()), false),
+            peft_logits(&out, Some("nf4")),
+        ),
+        (
+            "unquantized",
+            logits(dense(), true),
+            logits(dense(), false),
+            peft_logits(&out, None),
+        ),
+    ] {
+        let (d, scale) = diff(&ours, &masked(&theirs));
+        let (effect, _) = diff(&ours, &plain);
+        eprintln!("peft-rs adapter (4-bit trained) in PEFT on the {name} base: max |logit diff| {d:.2e} (adapter effect {effect:.2e}, max |logit| {scale:.2})");
+        assert!(
+            effect > 100.0 * LOGIT_TOL,
+            "{name}: the trained adapter changes nothing ({effect})"
+        );
+        assert!(d < LOGIT_TOL, "{name}: {d}");
+    }
 }

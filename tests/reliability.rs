@@ -30,15 +30,6 @@ fn copy_model(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-fn alpaca(dir: &Path, n: usize) -> PathBuf {
-    let src = common::shared("data/alpaca_5000.json");
-    let all: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
-    let p = dir.join("alpaca.json");
-    std::fs::write(&p, serde_json::to_string(&all[..n]).unwrap()).unwrap();
-    p
-}
-
 /// A small trained adapter for the tiny model (made once per test binary).
 fn adapter() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -49,7 +40,7 @@ fn adapter() -> &'static Path {
         ));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
-        let data = alpaca(&root, 16);
+        let data = common::alpaca(&root, 16);
         let out = root.join("adapter");
         let r = peft_rs(&[
             "train",
@@ -253,7 +244,7 @@ fn case_02_merge_follows_a_model_dir_of_symlinks() {
 #[test]
 fn case_03_train_refuses_a_folder_of_someone_elses_files() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 8);
+    let data = common::alpaca(tmp.path(), 8);
     let out = tmp.path().join("mine");
     std::fs::create_dir_all(&out).unwrap();
     for (f, text) in [
@@ -276,7 +267,7 @@ fn case_03_train_refuses_a_folder_of_someone_elses_files() {
 #[test]
 fn case_04_a_second_writer_of_one_output_fails_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 64);
+    let data = common::alpaca(tmp.path(), 64);
     let out = tmp.path().join("run");
     let m = s(&tiny()).to_owned();
     let mut args = train_cmd(s(&data), s(&out), &m);
@@ -304,7 +295,7 @@ fn case_04_a_second_writer_of_one_output_fails_at_once() {
 #[test]
 fn case_05_first_signal_checkpoints_and_resume_continues_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 48);
+    let data = common::alpaca(tmp.path(), 48);
     let m = s(&tiny()).to_owned();
     let full = tmp.path().join("full");
     let cut = tmp.path().join("cut");
@@ -556,7 +547,7 @@ fn case_06_inputs_cannot_cost_unbounded_time_or_memory() {
 #[test]
 fn case_07_huge_requests_are_errors_not_panics() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 8);
+    let data = common::alpaca(tmp.path(), 8);
     let m = s(&tiny()).to_owned();
     let out = tmp.path().join("o");
     let mut args = train_cmd(s(&data), s(&out), &m);
@@ -740,7 +731,7 @@ fn case_09_no_leftovers_and_whole_units() {
 
     // The adapter's config is written when training starts, so the weights,
     // written last in one rename, never appear without it.
-    let data = alpaca(tmp.path(), 32);
+    let data = common::alpaca(tmp.path(), 32);
     let run = tmp.path().join("run");
     let mut args = train_cmd(s(&data), s(&run), &m);
     args.extend(["--max-steps", "300"]);
@@ -836,7 +827,7 @@ fn case_11_disk_errors_name_the_file() {
         .unwrap();
     assert_user_error(&r, &["merged", "Read-only file system"]);
     // A damaged trainer state.
-    let data = alpaca(tmp.path(), 16);
+    let data = common::alpaca(tmp.path(), 16);
     let run = tmp.path().join("run");
     let mut args = train_cmd(s(&data), s(&run), &m);
     args.extend(["--max-steps", "4", "--save-steps", "2"]);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,14 +12,6 @@ use common::{assert_user_error, peft_rs};
 use tch::Tensor;
 
 /// The first `n` records of the shared Alpaca subset, as a JSON array file.
-fn alpaca(dir: &Path, n: usize) -> PathBuf {
-    let src = common::shared("data/alpaca_5000.json");
-    let all: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
-    let p = dir.join("alpaca.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&all[..n]).unwrap()).unwrap();
-    p
-}
 
 fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec![
@@ -89,7 +81,7 @@ fn adapter(out: &Path) -> Vec<(String, Tensor)> {
 #[test]
 fn same_seed_same_curve_and_neftune_alpha_zero_is_off() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 40);
+    let data = common::alpaca(tmp.path(), 40);
     let steps = ["--max-steps", "5", "--eval-holdout", "8"];
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
@@ -137,7 +129,7 @@ fn same_seed_same_curve_and_neftune_alpha_zero_is_off() {
 #[test]
 fn kill_and_resume_gives_the_uninterrupted_result() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 64);
+    let data = common::alpaca(tmp.path(), 64);
     let extra = [
         "--max-steps",
         "12",
@@ -207,7 +199,7 @@ fn kill_and_resume_gives_the_uninterrupted_result() {
 #[test]
 fn config_file_with_flag_overrides() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 24);
+    let data = common::alpaca(tmp.path(), 24);
     let out = tmp.path().join("out");
     let cfg = tmp.path().join("run.toml");
     std::fs::write(
@@ -275,7 +267,7 @@ fn config_file_with_flag_overrides() {
 #[test]
 fn a_flag_turns_off_a_boolean_from_the_config_file() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 12);
+    let data = common::alpaca(tmp.path(), 12);
     let out = tmp.path().join("out");
     let cfg = tmp.path().join("run.yaml");
     std::fs::write(
@@ -380,7 +372,7 @@ fn bad_data_and_flags_are_clear_errors() {
 #[test]
 fn a_diverging_run_stops_with_the_step() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 16);
+    let data = common::alpaca(tmp.path(), 16);
     let out = tmp.path().join("out");
     let (d, o, m) = (
         data.display().to_string(),
@@ -409,7 +401,7 @@ fn a_diverging_run_stops_with_the_step() {
 #[test]
 fn training_the_default_model_lowers_held_out_loss() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 160);
+    let data = common::alpaca(tmp.path(), 160);
     let out = tmp.path().join("out");
     let (d, o) = (data.display().to_string(), out.display().to_string());
     let args = [
@@ -445,7 +437,7 @@ fn training_the_default_model_lowers_held_out_loss() {
 #[test]
 fn progress_is_printed_as_plain_lines_without_a_terminal() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 24);
+    let data = common::alpaca(tmp.path(), 24);
     let out = tmp.path().join("out");
     let (d, o, m) = (
         data.display().to_string(),

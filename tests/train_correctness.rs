@@ -23,19 +23,11 @@ fn tiny() -> PathBuf {
 }
 
 /// The first `n` records of the shared Alpaca subset, as a JSON array file.
-fn alpaca(dir: &Path, n: usize) -> PathBuf {
-    let src = common::shared("data/alpaca_5000.json");
-    let all: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
-    let p = dir.join("alpaca.json");
-    std::fs::write(&p, serde_json::to_string(&all[..n]).unwrap()).unwrap();
-    p
-}
 
 fn config(dir: &Path, records: usize, out: &str) -> TrainConfig {
     TrainConfig {
         model: Some(tiny()),
-        data: Some(alpaca(dir, records)),
+        data: Some(common::alpaca(dir, records)),
         output: dir.join(out),
         device: DeviceArg::Cpu,
         per_device_train_batch_size: 4,
@@ -135,7 +127,7 @@ fn fp16_loss_scaling_keeps_small_gradients() {
     let tmp = tempfile::tempdir().unwrap();
     let base = models::Pretrained::load(&tiny(), Kind::Float, Device::Cpu).unwrap();
     let ds = peft_rs::data::load_dataset(
-        &alpaca(tmp.path(), 16),
+        &common::alpaca(tmp.path(), 16),
         &base.tokenizer,
         base.completion_eos().unwrap(),
         &peft_rs::data::DataOptions {
@@ -166,6 +158,7 @@ fn fp16_loss_scaling_keeps_small_gradients() {
             index: 0,
             count: 1,
             seed: 1,
+            row_seeds: Vec::new(),
             denom: batch.num_label_tokens as f64 * 4096.0,
             loss_scale,
         };
@@ -351,7 +344,7 @@ fn train_args<'a>(data: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
 #[test]
 fn resume_refuses_every_setting_that_changes_the_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 32);
+    let data = common::alpaca(tmp.path(), 32);
     let (d, m) = (data.display().to_string(), tiny().display().to_string());
     let out = tmp.path().join("run").display().to_string();
     let first = common::peft_rs(&train_args(&d, &out, &m));
@@ -398,7 +391,7 @@ fn epochs_are_counted_as_transformers_counts_them() {
     // 40 examples in batches of 4: 10 micro-batches per epoch; 4 per step
     // gives steps of 4, 4 and 2 micro-batches, so 3 epochs are 9 steps.
     let tmp = tempfile::tempdir().unwrap();
-    let data = alpaca(tmp.path(), 40);
+    let data = common::alpaca(tmp.path(), 40);
     let (d, m) = (data.display().to_string(), tiny().display().to_string());
     let out = tmp.path().join("run");
     let o = out.display().to_string();
@@ -489,6 +482,7 @@ fn the_regularizer_stack_returns_what_the_next_bf16_layer_expects() {
         attention_mask: &mask,
         segment_ids: None,
         seed: 1,
+        row_seeds: None,
         micro_batch: 0,
         micro_batches: 1,
         trainable: &[],

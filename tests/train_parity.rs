@@ -70,6 +70,7 @@ fn grads_with(
         index: 0,
         count: 1,
         seed: 1,
+        row_seeds: Vec::new(),
         denom: batch.num_label_tokens as f64,
         loss_scale: 1.0,
     };

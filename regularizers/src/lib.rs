@@ -71,6 +71,13 @@ pub struct HookContext<'a> {
     /// step, the micro-batch and the hook point: the same seed gives the
     /// same noise, whatever ran before (a resumed run included).
     pub seed: u64,
+    /// One seed per row, for draws that belong to an example rather than to
+    /// the batch (NEFTune's noise): derived from the run seed, the step and
+    /// the example's place in the data set, so an example gets the same noise
+    /// however the global batch is split over micro-batches or processes.
+    /// `None` where rows have no identity (evaluation, hand-built batches):
+    /// then draw from `seed`.
+    pub row_seeds: Option<&'a [u64]>,
     /// Which micro-batch of the optimizer step this is (0-based). The
     /// [`HookPoint::Loss`] point is called once per optimizer step, after the
     /// last micro-batch, with the step's whole loss.
@@ -146,8 +153,15 @@ impl RegularizerStack {
             if !(ctx.training || r.active_in_eval()) || !r.hook_points().contains(&point) {
                 continue;
             }
-            let seed = mix(mix(ctx.seed, point.salt()), i as u64);
-            let own = HookContext { seed, ..*ctx };
+            let own_seed = |s: u64| mix(mix(s, point.salt()), i as u64);
+            let rows: Option<Vec<u64>> = ctx
+                .row_seeds
+                .map(|r| r.iter().map(|&s| own_seed(s)).collect());
+            let own = HookContext {
+                seed: own_seed(ctx.seed),
+                row_seeds: rows.as_deref(),
+                ..*ctx
+            };
             let (kind, device) = (value.kind(), value.device());
             value = r.apply(point, value, &own);
             // A regularizer computing in fp32 (noise on a bf16 base, say)

@@ -102,19 +102,21 @@ impl Neftune {
     }
 
     /// The noise that would be added to `embeddings` (`[batch, seq, d]`), in fp32.
-    /// Drawn from libtorch's generator seeded with `ctx.seed` (see [`rng`]).
+    /// Drawn from libtorch's generator seeded with `ctx.seed` (see [`rng`]),
+    /// or row by row from `ctx.row_seeds` where the rows have seeds: in paper
+    /// mode a row's draws then cover only its real tokens, so an example's
+    /// noise does not depend on the padding or the other rows of its batch.
     pub fn noise(&self, embeddings: &Tensor, ctx: &HookContext) -> Tensor {
         let _g = tch::no_grad_guard();
         let (_, t, d) = embeddings
             .size3()
             .expect("embeddings are [batch, seq, hidden]");
-        let opts = (Kind::Float, embeddings.device());
-        let eps = rng::with_torch_seed(ctx.seed, || match self.noise {
-            NoiseDistribution::Uniform => {
-                Tensor::empty(embeddings.size(), opts).uniform_(-1.0, 1.0)
-            }
-            NoiseDistribution::Gaussian => Tensor::empty(embeddings.size(), opts).normal_(0.0, 1.0),
-        });
+        let eps = match ctx.row_seeds {
+            Some(seeds) => self.draw_per_row(embeddings, ctx.attention_mask, seeds),
+            None => rng::with_torch_seed(ctx.seed, || {
+                self.draw(&embeddings.size(), embeddings.device())
+            }),
+        };
         match self.mode {
             NeftuneMode::Hf => eps * (self.alpha / ((t * d) as f64).sqrt()),
             NeftuneMode::Paper => {
@@ -140,6 +142,50 @@ impl Neftune {
                 eps * scale.unsqueeze(-1)
             }
         }
+    }
+}
+
+impl Neftune {
+    fn draw(&self, size: &[i64], device: tch::Device) -> Tensor {
+        let mut t = Tensor::empty(size, (Kind::Float, device));
+        match self.noise {
+            NoiseDistribution::Uniform => t.uniform_(-1.0, 1.0),
+            NoiseDistribution::Gaussian => t.normal_(0.0, 1.0),
+        }
+    }
+
+    /// `ε` with each row drawn from its own seed. In paper mode only real
+    /// tokens are drawn (padding gets none anyway) and scattered to their
+    /// positions; in hf mode padding is noised too, so whole rows are drawn.
+    fn draw_per_row(&self, embeddings: &Tensor, mask: &Tensor, seeds: &[u64]) -> Tensor {
+        let (b, t, d) = embeddings.size3().expect("[batch, seq, hidden]");
+        assert_eq!(seeds.len() as i64, b, "one row seed per row");
+        let device = embeddings.device();
+        if self.mode == NeftuneMode::Hf {
+            let rows: Vec<Tensor> = seeds
+                .iter()
+                .map(|&s| rng::with_torch_seed(s, || self.draw(&[t, d], device)))
+                .collect();
+            return Tensor::stack(&rows, 0);
+        }
+        let real = mask
+            .to_device(tch::Device::Cpu)
+            .sum_dim_intlist(1, false, Kind::Int64);
+        let rows: Vec<Tensor> = seeds
+            .iter()
+            .enumerate()
+            .map(|(r, &s)| {
+                let n = real.int64_value(&[r as i64]);
+                rng::with_torch_seed(s, || self.draw(&[n, d], device))
+            })
+            .collect();
+        let keep = mask
+            .to_device(device)
+            .ne(0)
+            .unsqueeze(-1)
+            .expand([b, t, d], false);
+        Tensor::zeros([b, t, d], (Kind::Float, device))
+            .masked_scatter(&keep, &Tensor::cat(&rows, 0))
     }
 }
 

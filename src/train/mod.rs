@@ -38,6 +38,9 @@ use crate::signals::{self, Interrupted};
 use optim::{clip_grads, grad_norm, lr_at, AdamW};
 use peft_adapters::lora::LoraConfig;
 use peft_regularizers::rng::{mix, with_torch_seed};
+
+/// Separates the per-example seeds of a step from its micro-batch seeds.
+const ROW_SALT: u64 = 0x5eed_0f_e8a3_91e5;
 use peft_regularizers::{HookContext, HookPoint, Neftune, Regularizer, RegularizerStack};
 
 /// What a finished run reports.
@@ -257,7 +260,9 @@ impl Trainer {
     /// examples) is split into contiguous shards, one per rank; the returned
     /// counts are those of the whole global step, which every rank knows
     /// without communicating: (local micro-batches, label tokens, tokens).
-    fn batches_for_step(&mut self, step: u64) -> (Vec<Batch>, i64, i64) {
+    /// This rank's micro-batches of `step`, each with the data-set indices of
+    /// its rows, and the whole step's label tokens and tokens over all ranks.
+    fn batches_for_step(&mut self, step: u64) -> (Vec<(Batch, Vec<usize>)>, i64, i64) {
         let world = self.cfg.world_size;
         let rank = self.group.as_ref().map_or(0, |g| g.rank());
         let bs = self.cfg.per_device_train_batch_size * world;
@@ -284,11 +289,12 @@ impl Trainer {
                     label_tokens += e.num_label_tokens() as i64;
                 }
                 let mine = crate::dist::shard(global.len(), rank, world);
-                let examples: Vec<&data::Example> = global[mine]
+                let examples: Vec<&data::Example> = global[mine.clone()]
                     .iter()
                     .map(|&j| &self.train.examples[j])
                     .collect();
-                (!examples.is_empty()).then(|| data::collate(&examples, self.pad_id))
+                (!examples.is_empty())
+                    .then(|| (data::collate(&examples, self.pad_id), global[mine].to_vec()))
             })
             .collect();
         (batches, label_tokens, tokens)
@@ -366,7 +372,7 @@ impl Trainer {
             loss_chunk_size: self.cfg.loss_chunk_size,
         };
         let mut loss = 0.0;
-        for (micro, batch) in batches.iter().enumerate() {
+        for (micro, (batch, rows)) in batches.iter().enumerate() {
             let mb = MicroBatch {
                 step,
                 index: micro,
@@ -377,6 +383,11 @@ impl Trainer {
                     0 => mix(step_seed, micro as u64),
                     r => mix(mix(step_seed, micro as u64), r),
                 },
+                // An example's own draws follow the example, not the split.
+                row_seeds: rows
+                    .iter()
+                    .map(|&j| mix(mix(step_seed, ROW_SALT), j as u64))
+                    .collect(),
                 denom,
                 loss_scale,
             };
@@ -399,6 +410,7 @@ impl Trainer {
                 index: batches.len().saturating_sub(1),
                 count: batches.len().max(1),
                 seed: step_seed,
+                row_seeds: Vec::new(),
                 denom,
                 loss_scale,
             },
@@ -489,22 +501,38 @@ impl Trainer {
     }
 
     /// Mean cross-entropy over the evaluation data, with training-only
-    /// regularizers and dropout off.
+    /// regularizers and dropout off. With several processes each evaluates
+    /// its share of the records and the sums are added up, so every rank
+    /// returns the mean over the whole set.
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
         let Some(eval) = &self.eval else {
             return Ok(None);
         };
+        let (rank, world) = self
+            .group
+            .as_ref()
+            .map_or((0, 1), |g| (g.rank(), g.world_size()));
         peft_model::set_training(&mut self.model, false);
-        let r = mean_loss(
+        let r = loss_sum(
             &self.model,
             eval,
+            (rank, world),
             self.cfg.per_device_train_batch_size * 2,
             self.pad_id,
             self.cfg.loss_chunk_size,
             &mut self.regs,
         );
         peft_model::set_training(&mut self.model, true);
-        r.map(Some)
+        let (mut sum, mut count) = r?;
+        if let Some(group) = &self.group {
+            let mut t = Tensor::from_slice(&[sum, count as f64]).to_device(self.model.device());
+            group.all_reduce_sum(&mut t)?;
+            (sum, count) = (t.double_value(&[0]), t.double_value(&[1]) as i64);
+        }
+        if count == 0 {
+            bail!("{}: no label tokens to evaluate", eval.path.display());
+        }
+        Ok(Some(sum / count as f64))
     }
 
     /// Refuses to write adapter weights that are not finite.
@@ -766,7 +794,7 @@ pub struct StepOptions {
 }
 
 /// Which micro-batch of which step is computed, and how its loss is scaled.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct MicroBatch {
     /// The optimizer step (0-based).
     pub step: u64,
@@ -774,8 +802,11 @@ pub struct MicroBatch {
     pub index: usize,
     /// Micro-batches in the step.
     pub count: usize,
-    /// Seed of this micro-batch's draws (dropout, noise).
+    /// Seed of this micro-batch's draws (dropout).
     pub seed: u64,
+    /// One seed per row for draws that belong to the example (NEFTune's
+    /// noise); empty where rows have none.
+    pub row_seeds: Vec<u64>,
     /// The step's label tokens: each micro-batch's summed cross-entropy is divided by it.
     pub denom: f64,
     /// Multiplies what is backpropagated (fp16 loss scaling; 1 otherwise).
@@ -840,6 +871,7 @@ pub fn forward_backward(
             attention_mask: &mask,
             segment_ids: segments.as_ref(),
             seed: mb.seed,
+            row_seeds: (!mb.row_seeds.is_empty()).then_some(&mb.row_seeds[..]),
             micro_batch: mb.index,
             micro_batches: mb.count,
             trainable,
@@ -884,6 +916,7 @@ pub fn apply_loss_regularizers(
         attention_mask: &mask,
         segment_ids: None,
         seed: mb.seed,
+        row_seeds: None,
         micro_batch: mb.index,
         micro_batches: mb.count,
         trainable,
@@ -954,13 +987,32 @@ pub fn mean_loss(
     chunk: i64,
     regs: &mut RegularizerStack,
 ) -> Result<f64> {
+    let (sum, count) = loss_sum(model, ds, (0, 1), batch_size, pad_id, chunk, regs)?;
+    if count == 0 {
+        bail!("{}: no label tokens to evaluate", ds.path.display());
+    }
+    Ok(sum / count as f64)
+}
+
+/// Summed cross-entropy and label tokens over share `rank` of `world` of a
+/// dataset (the records sorted by length, then cut into `world` runs).
+fn loss_sum(
+    model: &LlamaForCausalLM,
+    ds: &Dataset,
+    (rank, world): (usize, usize),
+    batch_size: usize,
+    pad_id: i64,
+    chunk: i64,
+    regs: &mut RegularizerStack,
+) -> Result<(f64, i64)> {
     let _g = tch::no_grad_guard();
     let device = model.device();
     // Sorted by length: little padding, and the result does not depend on order.
     let mut order: Vec<usize> = (0..ds.examples.len()).collect();
     order.sort_by_key(|&i| ds.examples[i].input_ids.len());
+    let mine = &order[crate::dist::shard(order.len(), rank, world)];
     let (mut sum, mut count) = (0.0, 0i64);
-    for chunk_idx in order.chunks(batch_size) {
+    for chunk_idx in mine.chunks(batch_size) {
         let ex: Vec<&data::Example> = chunk_idx.iter().map(|&i| &ds.examples[i]).collect();
         let b = data::collate(&ex, pad_id);
         let mask = b.attention_mask.to_device(device);
@@ -973,6 +1025,7 @@ pub fn mean_loss(
                 attention_mask: &mask,
                 segment_ids: None,
                 seed: 0,
+                row_seeds: None,
                 micro_batch: 0,
                 micro_batches: 1,
                 trainable: &[],
@@ -982,10 +1035,7 @@ pub fn mean_loss(
         sum += chunked_cross_entropy(model, &hidden, &b.labels.to_device(device), chunk, None)?;
         count += b.num_label_tokens;
     }
-    if count == 0 {
-        bail!("{}: no label tokens to evaluate", ds.path.display());
-    }
-    Ok(sum / count as f64)
+    Ok((sum, count))
 }
 
 /// Progress as plain lines when stderr is not a terminal (nohup, CI, a

@@ -35,6 +35,16 @@ pub fn shared(rel: &str) -> PathBuf {
     p
 }
 
+/// The first `n` records of the shared Alpaca data, written into `dir`.
+pub fn alpaca(dir: &Path, n: usize) -> PathBuf {
+    let src = shared("data/alpaca_5000.json");
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    let p = dir.join("alpaca.json");
+    std::fs::write(&p, serde_json::to_string(&all[..n]).unwrap()).unwrap();
+    p
+}
+
 /// The default model converted by `scripts/setup.sh`.
 pub fn default_model() -> PathBuf {
     let d = repo().join("models/SmolLM2-135M-Instruct");
