@@ -179,6 +179,21 @@ pub fn generate_batch(
     let mut positions = (attention.cumsum(1, Kind::Int64) - 1).clamp_min(0);
     let mut cache = KvCache::new(model.config.num_hidden_layers);
     for step in 0.. {
+        if model.rope_restarts_cache(cache.len(), input.size()[1]) {
+            // LongRoPE switches to its long frequencies here: as transformers'
+            // Phi-3, drop the cache and run every row's whole sequence again.
+            let total = attention.size()[1] as usize;
+            let mut ids = Vec::with_capacity(active.len() * total);
+            for &r in &active {
+                let seen = &rows[r].seen;
+                ids.extend(std::iter::repeat_n(seen[0], total - seen.len()).chain(seen.iter().copied()));
+            }
+            input = Tensor::from_slice(&ids)
+                .view([active.len() as i64, total as i64])
+                .to_device(device);
+            positions = (attention.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+            cache = KvCache::new(model.config.num_hidden_layers);
+        }
         let input_desc = DecoderInput {
             input_ids: &input,
             position_ids: padded.then_some(&positions),

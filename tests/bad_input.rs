@@ -99,7 +99,7 @@ fn unsupported_architecture() {
 #[test]
 fn config_fields_that_change_the_math_are_refused_by_name() {
     type Edit = fn(&mut serde_json::Value);
-    let cases: [(Edit, &[&str]); 7] = [
+    let cases: [(Edit, &[&str]); 8] = [
         (
             |c| c["rope_parameters"]["rope_type"] = "yarn".into(),
             &[
@@ -145,12 +145,20 @@ fn config_fields_that_change_the_math_are_refused_by_name() {
         ),
         (
             |c| {
+                c["rope_parameters"] = serde_json::json!({
+                    "rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]
+                });
+            },
+            &["rope_parameters.rope_type", "longrope", "phi3"],
+        ),
+        (
+            |c| {
                 c["model_type"] = "phi3".into();
                 c["rope_parameters"] = serde_json::json!({
                     "rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]
                 });
             },
-            &["rope_parameters.rope_type", "longrope"],
+            &["rope_parameters.short_factor", "has 1 values", "(8)"],
         ),
         (
             |c| {

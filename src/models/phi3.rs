@@ -2,13 +2,15 @@
 //! `self_attn.qkv_proj` (queries, keys and values stacked) and
 //! `mlp.gate_up_proj` (gate, then up) — RoPE on the leading
 //! `partial_rotary_factor` of each head, and one sliding window for every
-//! layer where `sliding_window` is set (transformers' `modeling_phi3.py`).
+//! layer where `sliding_window` is set, and LongRoPE (`rope_type` `longrope`,
+//! earlier `su`/`yarn`) as the 128k Phi-3, Phi-3.5 and Phi-4-mini use it
+//! (transformers' `modeling_phi3.py`; see [`super::llama::RopeScaling::LongRope`]).
 //! PEFT targets the fused modules by their own names.
 
 use anyhow::{bail, Result};
 
 use super::config::RawConfig;
-use super::llama::LlamaConfig;
+use super::llama::{LlamaConfig, RopeScaling};
 
 /// Reads a `model_type: phi3` config.
 pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {
@@ -47,6 +49,24 @@ pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {
         &format!("gives {rotary_dim} rotary dimensions; must be even and positive"),
     )?;
     c.rotary_dim = rotary_dim;
+    if let RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+        ..
+    } = &c.rope_scaling
+    {
+        for (name, f) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+            raw.ensure(
+                f.len() == rotary_dim / 2,
+                &format!("rope_parameters.{name}"),
+                &format!(
+                    "has {} values; LongRoPE needs one per rotary frequency ({})",
+                    f.len(),
+                    rotary_dim / 2
+                ),
+            )?;
+        }
+    }
     let window = raw.opt_usize("sliding_window")?;
     raw.ensure(
         window != Some(0),
