@@ -173,9 +173,10 @@ impl QuantizedLayers {
             config: q,
             prequantized: true,
         };
-        let config = models::read_config(base)?;
+        let config = models::read_config(base)?.with_stored_names(|n| files.contains(n));
         let mut layers = BTreeMap::new();
         for (path, i, o) in config.linear_modules() {
+            let path = config.stored_name(&path);
             if plan.quantizes(&path)? && files.contains(&format!("{path}.weight")) {
                 layers.insert(path, (vec![o, i], four_bit));
             }
@@ -244,6 +245,7 @@ fn write_model(
     // (merged where an adapter targets them), as PEFT's merge_and_unload
     // followed by transformers' dequantize() gives, without re-quantizing.
     let quantized = QuantizedLayers::read(base, files_in)?;
+    let config = models::read_config(base)?.with_stored_names(|n| files_in.contains(n));
     for (i, path) in files_in.paths().iter().enumerate() {
         let file_name = path
             .file_name()
@@ -298,7 +300,9 @@ fn write_model(
             }
             let (_, in_dtype) = files_in.info(n).expect("listed");
             let module = n.strip_suffix(".weight");
-            let delta = module.and_then(|m| deltas.remove(m));
+            // Adapters name modules by their paths, which a multimodal
+            // checkpoint may store under other names.
+            let delta = module.and_then(|m| deltas.remove(&config.module_name(m)));
             let dequantized = match (&quantized, module) {
                 (Some(q), Some(m)) => q.dequantize(files_in, m)?,
                 _ => None,
@@ -344,7 +348,11 @@ fn write_model(
     }
     bar.finish_and_clear();
     if let Some(left) = deltas.keys().next() {
-        bail!("{}: no tensor {left}.weight to merge into", base.display());
+        bail!(
+            "{}: no tensor {}.weight to merge into",
+            base.display(),
+            config.stored_name(left)
+        );
     }
     if base.join(INDEX_FILE).exists() {
         let index = serde_json::json!({

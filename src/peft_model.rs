@@ -13,7 +13,7 @@ use crate::models::llama::OUTPUT_HEAD;
 use crate::models::LlamaForCausalLM;
 use crate::nn::Linear;
 use peft_adapters::lora::files::{self, key};
-use peft_adapters::lora::{Combination, LoraConfig, LoraLayer, LoraWeights};
+use peft_adapters::lora::{Combination, LoraConfig, LoraLayer, LoraWeights, TargetModules};
 
 /// The name PEFT gives an adapter when none is given.
 pub const DEFAULT_ADAPTER: &str = "default";
@@ -122,6 +122,19 @@ pub fn save_adapter(
     }
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     files::write_safetensors(&dir.join(files::WEIGHTS_FILE), &tensors)?;
+    let mut config = config.clone();
+    if !model.config.skipped_towers.is_empty() {
+        // In a multimodal model, PEFT would match `all-linear` or a module
+        // name in the towers peft-rs skips too: name the adapted modules.
+        config.target_modules = TargetModules::Names(
+            model
+                .linear_layers()
+                .into_iter()
+                .filter(|(_, lin)| lin.adapter.as_ref().is_some_and(|a| !a.state_dict(name).is_empty()))
+                .map(|(path, _)| path)
+                .collect(),
+        );
+    }
     let json = serde_json::to_string_pretty(&config.to_json())?;
     files::write_atomic(&dir.join(files::CONFIG_FILE), json.as_bytes())
 }

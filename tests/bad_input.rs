@@ -91,7 +91,7 @@ fn unsupported_architecture() {
             "config.json",
             "model_type",
             "gpt2",
-            "llama, mistral, qwen2, qwen3, gemma3_text, phi3",
+            "llama, mistral, qwen2, qwen3, gemma3_text, gemma3 (text tower), phi3",
         ],
     );
 }
@@ -177,13 +177,16 @@ fn config_fields_that_change_the_math_are_refused_by_name() {
 }
 
 #[test]
-fn gemma3_multimodal_checkpoint_is_refused_once_by_name() {
+fn gemma3_checkpoint_with_another_text_model_is_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let m = copy_model(tmp.path());
-    edit_config(&m, |c| c["model_type"] = "gemma3".into());
+    edit_config(&m, |c| {
+        c["model_type"] = "gemma3".into();
+        c["text_config"] = serde_json::json!({"model_type": "llama"});
+    });
     assert_user_error(
         &generate(&m),
-        &["config.json", "gemma3", "multimodal", "gemma3_text"],
+        &["config.json (text_config)", "model_type", "llama", "gemma3_text"],
     );
 }
 

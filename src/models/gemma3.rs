@@ -4,7 +4,8 @@
 //! q/k norms per head, attention scaled by `query_pre_attn_scalar^-0.5`, a
 //! GELU-tanh MLP, sliding-window layers with their own RoPE base alternating
 //! with global layers, tied embeddings, and optional final logit
-//! soft-capping (transformers' `modeling_gemma3.py`, `Gemma3ForCausalLM`).
+//! soft-capping (transformers' `modeling_gemma3.py`, `Gemma3ForCausalLM`);
+//! and the text tower of the multimodal checkpoints (`model_type: gemma3`).
 
 use anyhow::{bail, Result};
 use serde_json::Value;
@@ -12,8 +13,49 @@ use serde_json::Value;
 use super::config::RawConfig;
 use super::llama::{rope_from, Activation, LlamaConfig, RopeScaling};
 
+/// The values transformers' `Gemma3TextConfig` gives the fields a config
+/// leaves out (the `text_config` of the released multimodal checkpoints
+/// lists only the fields that differ from them). `rope_theta` is the global
+/// layers' base when no `rope_parameters` are given.
+const TEXT_DEFAULTS: &[(&str, f64)] = &[
+    ("vocab_size", 262_208.0),
+    ("hidden_size", 2304.0),
+    ("intermediate_size", 9216.0),
+    ("num_hidden_layers", 26.0),
+    ("num_attention_heads", 8.0),
+    ("num_key_value_heads", 4.0),
+    ("head_dim", 256.0),
+    ("max_position_embeddings", 131_072.0),
+    ("rms_norm_eps", 1e-6),
+    ("query_pre_attn_scalar", 256.0),
+    ("sliding_window", 4096.0),
+];
+
+/// `raw` with [`TEXT_DEFAULTS`] filled in where a field is absent.
+fn with_defaults(raw: &RawConfig) -> RawConfig {
+    let mut json = raw.json.clone();
+    for &(k, v) in TEXT_DEFAULTS {
+        if !json.contains_key(k) {
+            let value = if v.fract() == 0.0 {
+                Value::from(v as u64)
+            } else {
+                Value::from(v)
+            };
+            json.insert(k.to_owned(), value);
+        }
+    }
+    if !json.contains_key("rope_theta") && !json.contains_key("rope_parameters") {
+        json.insert("rope_theta".to_owned(), Value::from(1_000_000.0));
+    }
+    RawConfig {
+        path: raw.path.clone(),
+        json,
+    }
+}
+
 /// Reads a `model_type: gemma3_text` config.
 pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {
+    let raw = &with_defaults(raw);
     let mut c = LlamaConfig::from_raw(raw)?;
     let act = raw
         .opt_str("hidden_activation")?
@@ -123,13 +165,55 @@ pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {
     Ok(c)
 }
 
-/// A `model_type: gemma3` (multimodal) checkpoint: its text tower lives under
-/// `model.language_model`, which peft-rs does not read yet; refused by name.
-pub fn refuse_multimodal(raw: &RawConfig) -> Result<LlamaConfig> {
-    bail!(
-        "{}: `model_type` is `gemma3`, a multimodal checkpoint (vision tower and text tower under \
-         `model.language_model`); peft-rs reads Gemma 3 text models (`gemma3_text`, e.g. \
-         gemma-3-1b-it) only",
-        raw.path.display()
-    )
+/// A `model_type: gemma3` checkpoint (`Gemma3ForConditionalGeneration`):
+/// the text model from `text_config`, its module paths under
+/// `model.language_model` as transformers and PEFT name them. The vision
+/// tower and the multimodal projector are not read (a note says so when the
+/// model loads); inputs are text only, as for `Gemma3ForConditionalGeneration`
+/// without `pixel_values`. Its head applies no final logit soft-capping,
+/// whatever `text_config` says: only `Gemma3ForCausalLM` does.
+pub fn multimodal_config(raw: &RawConfig) -> Result<LlamaConfig> {
+    let mut text = match raw.json.get("text_config") {
+        Some(Value::Object(t)) => t.clone(),
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(other) => bail!(
+            "{}: field `text_config` must be an object, found {other}",
+            raw.path.display()
+        ),
+    };
+    text.entry("model_type")
+        .or_insert_with(|| Value::from("gemma3_text"));
+    let text = RawConfig {
+        path: std::path::PathBuf::from(format!("{} (text_config)", raw.path.display())),
+        json: text,
+    };
+    if let Some(t) = text.opt_str("model_type")? {
+        text.ensure(
+            t == "gemma3_text",
+            "model_type",
+            &format!("is `{t}`; a Gemma 3 checkpoint's text model is `gemma3_text`"),
+        )?;
+    }
+    let mut c = config(&text)?;
+    c.model_type = "gemma3".to_owned();
+    c.final_logit_softcapping = None;
+    c.tie_word_embeddings = raw.opt_bool("tie_word_embeddings")?.unwrap_or(true);
+    let eos = raw.token_ids("eos_token_id");
+    if !eos.is_empty() {
+        c.eos_token_ids = eos;
+    }
+    if let Some(d) = raw.opt_str("dtype")?.or(raw.opt_str("torch_dtype")?) {
+        c.saved_dtype = Some(d.to_owned());
+    }
+    c.decoder_path = "model.language_model".to_owned();
+    c.stored_decoder = c.decoder_path.clone();
+    c.skipped_towers = [
+        "vision_tower",
+        "multi_modal_projector",
+        "model.vision_tower",
+        "model.multi_modal_projector",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    Ok(c)
 }

@@ -122,6 +122,20 @@ pub struct LlamaConfig {
     /// The leading dimensions of each head that RoPE rotates (Phi-3's
     /// `partial_rotary_factor`); the rest pass through.
     pub rotary_dim: usize,
+    /// The decoder's module path: `model`, or `model.language_model` for
+    /// the text tower of a multimodal checkpoint (Gemma 3). Adapters and
+    /// [`LlamaConfig::linear_modules`] name modules under it, as PEFT does.
+    pub decoder_path: String,
+    /// Where the decoder's tensors are stored in the checkpoint files, when
+    /// not under `decoder_path` (`language_model.model` in Gemma 3
+    /// checkpoints as transformers saves them), and where `lm_head` is;
+    /// see [`LlamaConfig::with_stored_names`].
+    pub stored_decoder: String,
+    /// The stored name of `lm_head`.
+    pub stored_head: String,
+    /// Tensor name prefixes of towers the checkpoint holds and peft-rs
+    /// deliberately does not read (a multimodal model's vision tower).
+    pub skipped_towers: Vec<String>,
     /// Token ids that end generation.
     pub eos_token_ids: Vec<i64>,
     /// The dtype the checkpoint was saved in (`dtype`/`torch_dtype`), if stated.
@@ -216,6 +230,10 @@ impl LlamaConfig {
             local_rope: None,
             fused_projections: false,
             rotary_dim: head_dim,
+            decoder_path: "model".to_owned(),
+            stored_decoder: "model".to_owned(),
+            stored_head: OUTPUT_HEAD.to_owned(),
+            skipped_towers: Vec::new(),
             eos_token_ids: raw.token_ids("eos_token_id"),
             saved_dtype: raw
                 .opt_str("dtype")?
@@ -264,7 +282,7 @@ impl LlamaConfig {
         let mut v = Vec::new();
         for i in 0..self.num_hidden_layers {
             for (name, i_, o, _) in self.layer_linear_shapes() {
-                v.push((format!("model.layers.{i}.{name}"), i_, o));
+                v.push((format!("{}.layers.{i}.{name}", self.decoder_path), i_, o));
             }
         }
         v.push((
@@ -273,6 +291,51 @@ impl LlamaConfig {
             self.vocab_size as i64,
         ));
         v
+    }
+}
+
+impl LlamaConfig {
+    /// Where this checkpoint stores the decoder of a multimodal model: under
+    /// its module path (`model.language_model.*`), or as transformers saves
+    /// Gemma 3 (`language_model.model.*`, with `language_model.lm_head`
+    /// when the head is not tied), as `has` (a tensor name test) shows.
+    pub fn with_stored_names(mut self, has: impl Fn(&str) -> bool) -> Self {
+        let legacy = "language_model.model";
+        if self.decoder_path != "model"
+            && !has(&format!("{}.embed_tokens.weight", self.decoder_path))
+            && has(&format!("{legacy}.embed_tokens.weight"))
+        {
+            self.stored_decoder = legacy.to_owned();
+            if has("language_model.lm_head.weight") {
+                self.stored_head = "language_model.lm_head".to_owned();
+            }
+        }
+        self
+    }
+
+    /// The stored tensor name of the tensor `name` (a module path plus `.weight` etc.).
+    pub fn stored_name(&self, name: &str) -> String {
+        if let Some(rest) = name.strip_prefix(&format!("{}.", self.decoder_path)) {
+            return format!("{}.{rest}", self.stored_decoder);
+        }
+        match name.strip_prefix(OUTPUT_HEAD) {
+            Some(rest) if rest.is_empty() || rest.starts_with('.') => {
+                format!("{}{rest}", self.stored_head)
+            }
+            _ => name.to_owned(),
+        }
+    }
+
+    /// The module-path name of the stored tensor `name` (the inverse of
+    /// [`LlamaConfig::stored_name`]).
+    pub fn module_name(&self, name: &str) -> String {
+        if let Some(rest) = name.strip_prefix(&format!("{}.", self.stored_decoder)) {
+            return format!("{}.{rest}", self.decoder_path);
+        }
+        match name.strip_prefix(&self.stored_head) {
+            Some(rest) if rest.is_empty() || rest.starts_with('.') => format!("{OUTPUT_HEAD}{rest}"),
+            _ => name.to_owned(),
+        }
     }
 }
 
@@ -1042,7 +1105,7 @@ impl LlamaForCausalLM {
         let c = &config;
         let (h, hd) = (c.hidden_size as i64, c.head_dim as i64);
         let (nh, nkv) = (c.num_attention_heads as i64, c.num_key_value_heads as i64);
-        let m = w.pp("model");
+        let m = w.pp(&c.stored_decoder);
         let embed_tokens = m.get("embed_tokens.weight", &[c.vocab_size as i64, h])?;
         let norm_of = |w: &Weights, name: &str, width: i64| -> Result<RmsNorm> {
             let weight = w.get(&format!("{name}.weight"), &[width])?;
@@ -1118,7 +1181,7 @@ impl LlamaForCausalLM {
         let lm_head = if c.tie_word_embeddings {
             Linear::new(embed_tokens.shallow_clone(), None)
         } else {
-            w.linear("lm_head", h, c.vocab_size as i64, false)?
+            w.linear(&c.stored_head, h, c.vocab_size as i64, false)?
         };
         let model = LlamaModel {
             embed_tokens,
@@ -1307,7 +1370,7 @@ impl LlamaForCausalLM {
         for (i, l) in self.model.layers.iter().enumerate() {
             for (name, lin) in layer_linears!(l) {
                 if names.contains(&name) {
-                    out.push((format!("model.layers.{i}.{name}"), lin));
+                    out.push((format!("{}.layers.{i}.{name}", self.config.decoder_path), lin));
                 }
             }
         }
@@ -1323,7 +1386,7 @@ impl LlamaForCausalLM {
         for (i, l) in self.model.layers.iter_mut().enumerate() {
             for (name, lin) in layer_linears!(l, mut) {
                 if names.contains(&name) {
-                    out.push((format!("model.layers.{i}.{name}"), lin));
+                    out.push((format!("{}.layers.{i}.{name}", self.config.decoder_path), lin));
                 }
             }
         }

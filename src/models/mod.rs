@@ -27,8 +27,15 @@ use config::RawConfig;
 use loader::Weights;
 
 /// The architectures peft-rs reads, by `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3_text",
+    "gemma3 (text tower)",
+    "phi3",
+];
 
 /// Parses `DIR/config.json` for a supported architecture.
 pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
@@ -39,7 +46,7 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
         "qwen2" => qwen2::config(&raw),
         "qwen3" => qwen3::config(&raw),
         "gemma3_text" => gemma3::config(&raw),
-        "gemma3" => gemma3::refuse_multimodal(&raw),
+        "gemma3" => gemma3::multimodal_config(&raw),
         "phi3" => phi3::config(&raw),
         other => bail!(
             "{}: field `model_type` is `{other}`, which peft-rs does not support (supported: {})",
@@ -101,6 +108,7 @@ fn load_with_config(
     quantize: Option<&BnbQuantization>,
 ) -> Result<LlamaForCausalLM> {
     let files = WeightFiles::from_model_dir(dir)?;
+    let config = config.with_stored_names(|n| files.contains(n));
     check_layer_count(dir, &config, &files)?;
     let stored = crate::quant::read_quantization(dir)?;
     let plan = QuantPlan::choose(stored, quantize, &dir.join("config.json"))?;
@@ -110,11 +118,29 @@ fn load_with_config(
         &Weights::new(&files, kind, device, &used).with_quantization(plan.as_ref()),
     )?;
     let used = used.into_inner();
-    let ignorable = |n: &str| n == "lm_head.weight" || n.ends_with("rotary_emb.inv_freq");
-    let unused: Vec<&str> = files
+    let head = format!("{}.weight", model.config.stored_head);
+    let ignorable = |n: &str| n == head || n.ends_with("rotary_emb.inv_freq");
+    let in_skipped_tower = |n: &str| {
+        model
+            .config
+            .skipped_towers
+            .iter()
+            .any(|t| n.starts_with(&format!("{t}.")))
+    };
+    let (skipped, unused): (Vec<&str>, Vec<&str>) = files
         .names()
         .filter(|n| !used.contains(*n) && !ignorable(n))
-        .collect();
+        .partition(|n| in_skipped_tower(n));
+    if !skipped.is_empty() {
+        let towers: Vec<&str> = model
+            .config
+            .skipped_towers
+            .iter()
+            .map(String::as_str)
+            .filter(|t| skipped.iter().any(|n| n.starts_with(&format!("{t}."))))
+            .collect();
+        note_skipped_towers(dir, &towers, skipped.len());
+    }
     if !unused.is_empty() {
         eprintln!(
             "warning: {}: {} tensor(s) not used by the {} model, e.g. {}",
@@ -127,12 +153,36 @@ fn load_with_config(
     Ok(model)
 }
 
+/// Says once per model directory and process (on stderr) that a multimodal
+/// checkpoint's other towers are not read.
+fn note_skipped_towers(dir: &Path, towers: &[&str], tensors: usize) {
+    static NOTED: std::sync::Mutex<BTreeSet<std::path::PathBuf>> =
+        std::sync::Mutex::new(BTreeSet::new());
+    let first = NOTED
+        .lock()
+        .map(|mut n| n.insert(dir.to_path_buf()))
+        .unwrap_or(true);
+    if first {
+        eprintln!(
+            "note: {}: a multimodal checkpoint; peft-rs reads its text model only and skips {} \
+             ({tensors} tensors), so inputs are text only",
+            dir.display(),
+            towers
+                .iter()
+                .map(|t| format!("`{t}`"))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        );
+    }
+}
+
 /// `num_hidden_layers` must be the number of layers the checkpoint holds.
 fn check_layer_count(dir: &Path, config: &LlamaConfig, files: &WeightFiles) -> Result<()> {
+    let layers = format!("{}.layers.", config.stored_decoder);
     let present = files
         .names()
         .filter_map(|n| {
-            n.strip_prefix("model.layers.")?
+            n.strip_prefix(&layers)?
                 .split('.')
                 .next()?
                 .parse::<usize>()
