@@ -186,7 +186,9 @@ pub fn generate_batch(
             let mut ids = Vec::with_capacity(active.len() * total);
             for &r in &active {
                 let seen = &rows[r].seen;
-                ids.extend(std::iter::repeat_n(seen[0], total - seen.len()).chain(seen.iter().copied()));
+                ids.extend(
+                    std::iter::repeat_n(seen[0], total - seen.len()).chain(seen.iter().copied()),
+                );
             }
             input = Tensor::from_slice(&ids)
                 .view([active.len() as i64, total as i64])

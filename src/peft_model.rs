@@ -130,7 +130,11 @@ pub fn save_adapter(
             model
                 .linear_layers()
                 .into_iter()
-                .filter(|(_, lin)| lin.adapter.as_ref().is_some_and(|a| !a.state_dict(name).is_empty()))
+                .filter(|(_, lin)| {
+                    lin.adapter
+                        .as_ref()
+                        .is_some_and(|a| !a.state_dict(name).is_empty())
+                })
                 .map(|(path, _)| path)
                 .collect(),
         );

@@ -428,7 +428,10 @@ fn phi3_longrope_switches_factors_where_transformers_does() {
     let short = &ours[0];
     let long = ours[1].narrow(1, 0, short.size()[1]);
     let moved = max_diff(short, &long, &r["short_attention_mask"]);
-    assert!(moved > 1e-2, "the long factors must change the logits ({moved})");
+    assert!(
+        moved > 1e-2,
+        "the long factors must change the logits ({moved})"
+    );
 }
 
 /// Gemma 3 multimodal checkpoints whose tensors are stored under the module
@@ -440,9 +443,20 @@ fn gemma3_mm_reads_both_checkpoint_layouts() {
     let dir = fx().join("models").join("gemma3_mm_module_names");
     let model = models::load(&dir, Kind::Float, Device::Cpu).unwrap();
     assert_eq!(model.config.stored_decoder, "model.language_model");
-    assert_eq!(load("gemma3_mm").config.stored_decoder, "language_model.model");
-    let theirs = read(&fx().join("gemma3_mm").join("module_names_logits.safetensors"));
-    let d = max_diff(&tch::no_grad(|| model.forward(&ids)), &theirs["logits"], &mask);
+    assert_eq!(
+        load("gemma3_mm").config.stored_decoder,
+        "language_model.model"
+    );
+    let theirs = read(
+        &fx()
+            .join("gemma3_mm")
+            .join("module_names_logits.safetensors"),
+    );
+    let d = max_diff(
+        &tch::no_grad(|| model.forward(&ids)),
+        &theirs["logits"],
+        &mask,
+    );
     eprintln!("gemma3_mm with module-path tensor names: max |logits - transformers| = {d:.3e}");
     assert!(d < 1e-4, "{d}");
 }
@@ -467,7 +481,10 @@ fn gemma3_mm_notes_the_skipped_tower_and_saves_exact_targets() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stderr.matches("skips").count(), 1, "{stderr}");
-    assert!(stderr.contains("`vision_tower` and `multi_modal_projector`"), "{stderr}");
+    assert!(
+        stderr.contains("`vision_tower` and `multi_modal_projector`"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("warning"), "{stderr}");
 
     let mut model = load("gemma3_mm");

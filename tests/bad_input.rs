@@ -186,7 +186,12 @@ fn gemma3_checkpoint_with_another_text_model_is_refused_by_name() {
     });
     assert_user_error(
         &generate(&m),
-        &["config.json (text_config)", "model_type", "llama", "gemma3_text"],
+        &[
+            "config.json (text_config)",
+            "model_type",
+            "llama",
+            "gemma3_text",
+        ],
     );
 }
 

@@ -333,7 +333,9 @@ impl LlamaConfig {
             return format!("{}.{rest}", self.decoder_path);
         }
         match name.strip_prefix(&self.stored_head) {
-            Some(rest) if rest.is_empty() || rest.starts_with('.') => format!("{OUTPUT_HEAD}{rest}"),
+            Some(rest) if rest.is_empty() || rest.starts_with('.') => {
+                format!("{OUTPUT_HEAD}{rest}")
+            }
             _ => name.to_owned(),
         }
     }
@@ -440,10 +442,14 @@ pub fn rope_from(
 /// one inside the RoPE parameters, and the attention factor defaults to
 /// `sqrt(1 + ln(factor) / ln(original))` with `factor` =
 /// `max_position_embeddings / original` unless the parameters give one.
-fn long_rope(raw: &RawConfig, params: Option<&serde_json::Value>, field: &str) -> Result<RopeScaling> {
+fn long_rope(
+    raw: &RawConfig,
+    params: Option<&serde_json::Value>,
+    field: &str,
+) -> Result<RopeScaling> {
     let factors = |k: &str| -> Result<Vec<f64>> {
         let list = params.and_then(|p| p.get(k)).and_then(|v| v.as_array());
-        let values: Option<Vec<f64>> = list.map(|a| a.iter().map(|v| v.as_f64()).collect()).flatten();
+        let values: Option<Vec<f64>> = list.and_then(|a| a.iter().map(|v| v.as_f64()).collect());
         match values {
             Some(v) if !v.is_empty() && v.iter().all(|x| x.is_finite() && *x > 0.0) => Ok(v),
             _ => bail!(
@@ -467,7 +473,10 @@ fn long_rope(raw: &RawConfig, params: Option<&serde_json::Value>, field: &str) -
         get(k)
             .map(|v| {
                 v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
-                    anyhow::anyhow!("{}: field `{field}.{k}` must be a number", raw.path.display())
+                    anyhow::anyhow!(
+                        "{}: field `{field}.{k}` must be a number",
+                        raw.path.display()
+                    )
                 })
             })
             .transpose()
@@ -1370,7 +1379,10 @@ impl LlamaForCausalLM {
         for (i, l) in self.model.layers.iter().enumerate() {
             for (name, lin) in layer_linears!(l) {
                 if names.contains(&name) {
-                    out.push((format!("{}.layers.{i}.{name}", self.config.decoder_path), lin));
+                    out.push((
+                        format!("{}.layers.{i}.{name}", self.config.decoder_path),
+                        lin,
+                    ));
                 }
             }
         }
@@ -1386,7 +1398,10 @@ impl LlamaForCausalLM {
         for (i, l) in self.model.layers.iter_mut().enumerate() {
             for (name, lin) in layer_linears!(l, mut) {
                 if names.contains(&name) {
-                    out.push((format!("{}.layers.{i}.{name}", self.config.decoder_path), lin));
+                    out.push((
+                        format!("{}.layers.{i}.{name}", self.config.decoder_path),
+                        lin,
+                    ));
                 }
             }
         }
