@@ -513,3 +513,25 @@ fn gemma3_mm_notes_the_skipped_tower_and_saves_exact_targets() {
     got.sort();
     assert_eq!(got, want);
 }
+
+/// The frozen bytes peft-rs reports (training's memory line) are those of
+/// every tensor it reads: fused projections and every norm included.
+#[test]
+fn frozen_bytes_count_every_tensor_read() {
+    for name in [
+        "qwen3",
+        "llama32",
+        "gemma3",
+        "phi3",
+        "phi3_longrope",
+        "gemma3_mm",
+    ] {
+        let model = load(name);
+        let stored: usize = read(&model_dir(name).join("model.safetensors"))
+            .iter()
+            .filter(|(k, _)| !k.contains("vision_tower") && !k.contains("multi_modal_projector"))
+            .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())
+            .sum();
+        assert_eq!(model.frozen_bytes().0, stored, "{name}");
+    }
+}

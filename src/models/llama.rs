@@ -1424,19 +1424,24 @@ impl LlamaForCausalLM {
                 qparams += lin.weight.numel();
             }
         };
+        let names = self.layer_linear_names();
         for l in &self.model.layers {
-            for lin in [
-                &l.self_attn.q_proj,
-                &l.self_attn.k_proj,
-                &l.self_attn.v_proj,
-                &l.self_attn.o_proj,
-                &l.mlp.gate_proj,
-                &l.mlp.up_proj,
-                &l.mlp.down_proj,
-            ] {
-                count(lin, &mut all);
+            for (name, lin) in layer_linears!(l) {
+                if names.contains(&name) {
+                    count(lin, &mut all);
+                }
             }
             all += dense(&l.input_layernorm.weight) + dense(&l.post_attention_layernorm.weight);
+            all += [
+                &l.self_attn.q_norm,
+                &l.self_attn.k_norm,
+                &l.pre_feedforward_layernorm,
+                &l.post_feedforward_layernorm,
+            ]
+            .iter()
+            .filter_map(|n| n.as_ref())
+            .map(|n| dense(&n.weight))
+            .sum::<usize>();
         }
         if !self.config.tie_word_embeddings {
             count(&self.lm_head, &mut all);
