@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 use common::{assert_user_error, peft_rs};
 use tch::Tensor;
 
-/// The first `n` records of the shared Alpaca subset, as a JSON array file.
-
 fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec![
         "train",

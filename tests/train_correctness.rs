@@ -22,8 +22,6 @@ fn tiny() -> PathBuf {
     common::model_dir("llama")
 }
 
-/// The first `n` records of the shared Alpaca subset, as a JSON array file.
-
 fn config(dir: &Path, records: usize, out: &str) -> TrainConfig {
     TrainConfig {
         model: Some(tiny()),

@@ -40,7 +40,7 @@ use peft_adapters::lora::LoraConfig;
 use peft_regularizers::rng::{mix, with_torch_seed};
 
 /// Separates the per-example seeds of a step from its micro-batch seeds.
-const ROW_SALT: u64 = 0x5eed_0f_e8a3_91e5;
+const ROW_SALT: u64 = 0x5eed_0fe8_a391_e5a1;
 use peft_regularizers::{HookContext, HookPoint, Neftune, Regularizer, RegularizerStack};
 
 /// What a finished run reports.
