@@ -13,12 +13,11 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use peft_rs::adapters::lora::{LoraConfig, TargetModules};
-use peft_rs::data::Batch;
 use peft_rs::models::llama::{DecoderInput, ForwardHooks};
 use peft_rs::models::{self, LlamaForCausalLM};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::RegularizerStack;
-use peft_rs::train::{forward_backward, MicroBatch, StepOptions};
+use peft_rs::train::StepOptions;
 use tch::{Device, Kind, Tensor};
 
 fn fx() -> &'static Path {
@@ -285,42 +284,13 @@ fn gradient_parity(name: &str, variant: &str) {
     let dir = fx().join(name).join(variant);
     let mut model = load(name);
     peft_model::load_adapter(&mut model, &dir.join("train_adapter"), DEFAULT_ADAPTER).unwrap();
-    peft_model::set_training(&mut model, true);
-    let params = peft_model::trainable_parameters(&model);
-    let trainable: Vec<(String, Tensor)> = params
-        .iter()
-        .map(|(k, t)| (k.clone(), t.shallow_clone()))
-        .collect();
-    let b = read(&fx().join(name).join("batch.safetensors"));
-    let labels = b["labels"].shallow_clone();
-    let batch = Batch {
-        input_ids: b["input_ids"].shallow_clone(),
-        attention_mask: b["attention_mask"].shallow_clone(),
-        num_tokens: b["attention_mask"].sum(Kind::Int64).int64_value(&[]),
-        num_label_tokens: labels
-            .narrow(1, 1, labels.size()[1] - 1)
-            .ne(-100)
-            .sum(Kind::Int64)
-            .int64_value(&[]),
-        labels,
-        position_ids: None,
-        segment_ids: None,
-    };
-    let mb = MicroBatch {
-        step: 0,
-        index: 0,
-        count: 1,
-        seed: 1,
-        row_seeds: Vec::new(),
-        denom: batch.num_label_tokens as f64,
-        loss_scale: 1.0,
-    };
     let opts = StepOptions {
         gradient_checkpointing: false,
         loss_chunk_size: 7,
     };
-    let mut regs = RegularizerStack::new();
-    let loss = forward_backward(&model, &mut regs, &trainable, &batch, &mb, opts).unwrap();
+    let batch = fx().join(name).join("batch.safetensors");
+    let (grads, loss) =
+        common::one_step_grads(&mut model, &batch, opts, &mut RegularizerStack::new());
     let theirs = read(&dir.join("grads.safetensors"));
     let ref_loss: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("loss.json")).unwrap()).unwrap();
@@ -330,13 +300,13 @@ fn gradient_parity(name: &str, variant: &str) {
         "{name}/{variant}: loss {loss} vs {ref_loss}"
     );
     assert_eq!(
-        params.len(),
+        grads.len(),
         theirs.len(),
         "{name}/{variant}: trainable tensors"
     );
     let mut worst: f64 = 0.0;
     for (k, g) in &theirs {
-        let o = params[k].grad();
+        let o = &grads[k];
         let scale = g.abs().max().double_value(&[]);
         assert!(
             scale > 0.0,

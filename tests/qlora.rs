@@ -14,13 +14,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use peft_rs::data::Batch;
 use peft_rs::generate::{generate, GenerationConfig};
 use peft_rs::models::{self, LlamaForCausalLM, Pretrained};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::quant::{BnbQuantization, Quantize};
 use peft_rs::regularizers::RegularizerStack;
-use peft_rs::train::{forward_backward, MicroBatch, StepOptions};
+use peft_rs::train::StepOptions;
 use tch::{Device, Kind, Tensor};
 
 fn fx() -> &'static Path {
@@ -107,47 +106,16 @@ fn grads(variant: &str, gradient_checkpointing: bool) -> (HashMap<String, Tensor
     let mut model = tiny(&nf4_dq());
     let dir = fx().join("tiny").join(variant).join("adapter");
     peft_model::load_adapter(&mut model, &dir, DEFAULT_ADAPTER).unwrap();
-    peft_model::set_training(&mut model, true);
-    let params = peft_model::trainable_parameters(&model);
-    let trainable: Vec<(String, Tensor)> = params
-        .iter()
-        .map(|(k, t)| (k.clone(), t.shallow_clone()))
-        .collect();
-    let b = read(&fx().join("batch.safetensors"));
-    let labels = b["labels"].shallow_clone();
-    let batch = Batch {
-        input_ids: b["input_ids"].shallow_clone(),
-        attention_mask: b["attention_mask"].shallow_clone(),
-        num_tokens: b["attention_mask"].sum(Kind::Int64).int64_value(&[]),
-        num_label_tokens: labels
-            .narrow(1, 1, labels.size()[1] - 1)
-            .ne(-100)
-            .sum(Kind::Int64)
-            .int64_value(&[]),
-        labels,
-        position_ids: None,
-        segment_ids: None,
-    };
-    let mb = MicroBatch {
-        step: 0,
-        index: 0,
-        count: 1,
-        seed: 1,
-        row_seeds: Vec::new(),
-        denom: batch.num_label_tokens as f64,
-        loss_scale: 1.0,
-    };
     let opts = StepOptions {
         gradient_checkpointing,
         loss_chunk_size: 7,
     };
-    let mut regs = RegularizerStack::new();
-    let loss = forward_backward(&model, &mut regs, &trainable, &batch, &mb, opts).unwrap();
-    let g = params
-        .iter()
-        .map(|(k, t)| (k.clone(), t.grad().copy()))
-        .collect();
-    (g, loss)
+    common::one_step_grads(
+        &mut model,
+        &fixture_batch(),
+        opts,
+        &mut RegularizerStack::new(),
+    )
 }
 
 #[test]

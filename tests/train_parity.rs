@@ -8,11 +8,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use peft_rs::data::Batch;
 use peft_rs::models;
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::{Neftune, RegularizerStack};
-use peft_rs::train::{forward_backward, MicroBatch, StepOptions};
+use peft_rs::train::StepOptions;
 use tch::{Device, Kind, Tensor};
 
 fn fx() -> &'static Path {
@@ -43,45 +42,7 @@ fn grads_with(
 ) -> (HashMap<String, Tensor>, f64) {
     let mut model = models::load(&common::model_dir("llama"), kind, Device::Cpu).unwrap();
     peft_model::load_adapter(&mut model, adapter_dir, DEFAULT_ADAPTER).unwrap();
-    peft_model::set_training(&mut model, true);
-    let params = peft_model::trainable_parameters(&model);
-    let trainable: Vec<(String, Tensor)> = params
-        .iter()
-        .map(|(k, t)| (k.clone(), t.shallow_clone()))
-        .collect();
-    let b = read(&fx().join("batch.safetensors"));
-    let labels = b["labels"].shallow_clone();
-    let batch = Batch {
-        input_ids: b["input_ids"].shallow_clone(),
-        attention_mask: b["attention_mask"].shallow_clone(),
-        num_tokens: b["attention_mask"].sum(Kind::Int64).int64_value(&[]),
-        // Tokens that are predicted: a label at position i+1 for i in 0..T-1.
-        num_label_tokens: labels
-            .narrow(1, 1, labels.size()[1] - 1)
-            .ne(-100)
-            .sum(Kind::Int64)
-            .int64_value(&[]),
-        labels,
-        position_ids: None,
-        segment_ids: None,
-    };
-    let mb = MicroBatch {
-        step: 0,
-        index: 0,
-        count: 1,
-        seed: 1,
-        row_seeds: Vec::new(),
-        denom: batch.num_label_tokens as f64,
-        loss_scale: 1.0,
-    };
-    let loss = forward_backward(&model, &mut regs, &trainable, &batch, &mb, opts).unwrap();
-    (
-        params
-            .iter()
-            .map(|(k, t)| (k.clone(), t.grad().copy()))
-            .collect(),
-        loss,
-    )
+    common::one_step_grads(&mut model, &fx().join("batch.safetensors"), opts, &mut regs)
 }
 
 const PLAIN: StepOptions = StepOptions {

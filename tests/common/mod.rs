@@ -148,3 +148,60 @@ pub fn assert_user_error(out: &Output, needles: &[&str]) {
         );
     }
 }
+
+/// One training step's adapter gradients, the harness of the gradient parity
+/// tests: `model` (adapters attached) in training mode, one forward/backward
+/// on the right-padded fixture batch in `batch_file` (`input_ids`,
+/// `attention_mask`, `labels`), the loss normalised by the batch's label
+/// tokens as transformers' Trainer does. Returns every trainable tensor's
+/// gradient by PEFT key, and the loss.
+pub fn one_step_grads(
+    model: &mut peft_rs::models::LlamaForCausalLM,
+    batch_file: &Path,
+    opts: peft_rs::train::StepOptions,
+    regs: &mut peft_rs::regularizers::RegularizerStack,
+) -> (std::collections::HashMap<String, tch::Tensor>, f64) {
+    use peft_rs::peft_model;
+    use tch::{Kind, Tensor};
+    peft_model::set_training(model, true);
+    let params = peft_model::trainable_parameters(model);
+    let trainable: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    let b: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(batch_file)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let labels = b["labels"].shallow_clone();
+    let batch = peft_rs::data::Batch {
+        input_ids: b["input_ids"].shallow_clone(),
+        attention_mask: b["attention_mask"].shallow_clone(),
+        num_tokens: b["attention_mask"].sum(Kind::Int64).int64_value(&[]),
+        // Tokens that are predicted: a label at position i+1 for i in 0..T-1.
+        num_label_tokens: labels
+            .narrow(1, 1, labels.size()[1] - 1)
+            .ne(-100)
+            .sum(Kind::Int64)
+            .int64_value(&[]),
+        labels,
+        position_ids: None,
+        segment_ids: None,
+    };
+    let mb = peft_rs::train::MicroBatch {
+        step: 0,
+        index: 0,
+        count: 1,
+        seed: 1,
+        row_seeds: Vec::new(),
+        denom: batch.num_label_tokens as f64,
+        loss_scale: 1.0,
+    };
+    let loss =
+        peft_rs::train::forward_backward(model, regs, &trainable, &batch, &mb, opts).unwrap();
+    let grads = params
+        .iter()
+        .map(|(k, t)| (k.clone(), t.grad().copy()))
+        .collect();
+    (grads, loss)
+}
