@@ -16,6 +16,7 @@ import time
 start = time.perf_counter()
 
 import torch  # noqa: E402
+from hf_common import alpaca_examples  # noqa: E402
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -30,33 +31,7 @@ model_dir, data_path, max_len, out_path = sys.argv[1], sys.argv[2], int(sys.argv
 tok = AutoTokenizer.from_pretrained(model_dir)
 records = json.load(open(data_path))
 
-
-def prompt(r):
-    # The Stanford Alpaca prompt, as peft-rs writes it.
-    if r.get("input"):
-        return (
-            "Below is an instruction that describes a task, paired with an input that provides further context. "
-            "Write a response that appropriately completes the request.\n\n"
-            f"### Instruction:\n{r['instruction']}\n\n### Input:\n{r['input']}\n\n### Response:\n"
-        )
-    return (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-        f"### Instruction:\n{r['instruction']}\n\n### Response:\n"
-    )
-
-
-def tokenize(r):
-    # TRL-style: prompt + completion + EOS together, the prompt's tokens masked.
-    p = prompt(r)
-    ids = tok(p + r["output"] + tok.eos_token)["input_ids"][:max_len]
-    n = len(tok(p)["input_ids"])
-    labels = [-100] * min(n, len(ids)) + ids[n:]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
-examples = [tokenize(r) for r in records]
-examples = [e for e in examples if any(x != -100 for x in e["labels"][1:])]
-real_tokens = sum(len(e["input_ids"]) for e in examples)
+examples, real_tokens = alpaca_examples(tok, records, max_len)
 
 qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                         bnb_4bit_compute_dtype=torch.float32)
