@@ -24,6 +24,7 @@ use peft_rs::models;
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::rng::with_torch_seed;
 use peft_rs::regularizers::{Neftune, NeftuneMode, NoiseDistribution, RegularizerStack};
+use peft_rs::train::config::LOSS_CHUNK_SIZE;
 use peft_rs::train::optim::{clip_grad_norm, AdamW};
 use peft_rs::train::{forward_backward, MicroBatch, StepOptions};
 use tch::{Device, Kind, Tensor};
@@ -104,7 +105,7 @@ fn main() -> Result<()> {
     };
     let opts = StepOptions {
         gradient_checkpointing: checkpointing,
-        loss_chunk_size: 1024,
+        loss_chunk_size: LOSS_CHUNK_SIZE,
     };
     let mut step = |i: u64| -> Result<f64> {
         let mb = MicroBatch {

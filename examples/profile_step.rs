@@ -19,6 +19,7 @@ use peft_rs::models::{self, LlamaForCausalLM};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::rng::with_torch_seed;
 use peft_rs::regularizers::{Neftune, RegularizerStack};
+use peft_rs::train::config::LOSS_CHUNK_SIZE;
 use peft_rs::train::optim::{clip_grad_norm, AdamW};
 use peft_rs::train::{chunked_cross_entropy, forward_backward, MicroBatch, StepOptions};
 use tch::{Device, Kind, Tensor};
@@ -67,7 +68,7 @@ fn main() -> Result<()> {
     };
     let opts = StepOptions {
         gradient_checkpointing: false,
-        loss_chunk_size: 1024,
+        loss_chunk_size: LOSS_CHUNK_SIZE,
     };
     let mb = MicroBatch {
         step: 0,
@@ -126,7 +127,7 @@ fn main() -> Result<()> {
     }
     let base_step = time(repeats, || {
         let normed = base.forward_hidden(&DecoderInput::causal(&ids), None, &mut GradAtEmbeddings);
-        chunked_cross_entropy(&base, &normed, &batch.labels, 1024, Some(1.0)).unwrap();
+        chunked_cross_entropy(&base, &normed, &batch.labels, LOSS_CHUNK_SIZE, Some(1.0)).unwrap();
     });
     let c = &base.config;
     let (h, inter) = (c.hidden_size as i64, c.intermediate_size as i64);
@@ -189,7 +190,7 @@ fn main() -> Result<()> {
     // The loss: lm_head and cross-entropy at the label positions.
     let hidden = Tensor::randn([b, t, h], opt).set_requires_grad(true);
     let loss = time(repeats, || {
-        chunked_cross_entropy(&base, &hidden, &batch.labels, 1024, Some(1.0)).unwrap();
+        chunked_cross_entropy(&base, &hidden, &batch.labels, LOSS_CHUNK_SIZE, Some(1.0)).unwrap();
     });
 
     let rows = [

@@ -767,7 +767,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         &ds,
         a.batch_size,
         pad,
-        1024,
+        crate::train::config::LOSS_CHUNK_SIZE,
         &mut Default::default(),
     )?;
     let report = if a.exact_match {

@@ -4,7 +4,7 @@
 //! changed at named module paths.
 
 use anyhow::Result;
-use peft_adapters::{BaseLinear, LinearAdapter};
+use peft_adapters::{BaseLinear, LayerInput, LinearAdapter};
 use tch::{Kind, Tensor};
 
 use crate::quant::{quantize_4bit, quantize_int8, Int8Weight, Quantized4bit};
@@ -141,6 +141,13 @@ impl Linear {
     /// temporary: autograd keeps it for the input gradient only while this
     /// layer's graph lives (one layer at a time with gradient checkpointing).
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let [y] = forward_same_input([self], x);
+        y
+    }
+
+    /// The layer on a `[tokens, in_features]` input shared with other layers.
+    fn forward_rows(&self, input: &LayerInput) -> Tensor {
+        let x = input.tensor();
         let (weight, base) = match &self.weight {
             FrozenWeight::Dense(w) => (w.shallow_clone(), x.linear(w, self.bias.as_ref())),
             q => {
@@ -157,7 +164,7 @@ impl Linear {
         match &self.adapter {
             None => base,
             Some(adapter) => adapter.forward(
-                x,
+                input,
                 base,
                 &BaseLinear {
                     weight: &weight,
@@ -166,6 +173,29 @@ impl Linear {
             ),
         }
     }
+}
+
+/// The outputs of linear layers that read the same input `x` (`[..., in]`):
+/// a decoder layer's query, key and value projections, or its gate and up
+/// projections. Adapters on them may share work on the input (one LoRA
+/// dropout draw instead of one per layer).
+///
+/// Layers compute on `x` seen as `[tokens, in]`, so that adapters can add
+/// their output into the base output's storage (a view would make autograd
+/// copy the whole gradient in backward).
+pub fn forward_same_input<const N: usize>(layers: [&Linear; N], x: &Tensor) -> [Tensor; N] {
+    let size = x.size();
+    let inner = size.last().copied().unwrap_or(1);
+    let rows = x.reshape([-1, inner]);
+    let input = LayerInput::new(&rows);
+    layers.map(|layer| {
+        let y = layer.forward_rows(&input);
+        let mut out = size.clone();
+        if let (Some(last), Some(&o)) = (out.last_mut(), y.size().last()) {
+            *last = o;
+        }
+        y.reshape(out.as_slice())
+    })
 }
 
 /// Root-mean-square layer norm computed as transformers' `LlamaRMSNorm` does

@@ -161,6 +161,16 @@ pub fn set_training(model: &mut LlamaForCausalLM, training: bool) {
     }
 }
 
+/// Lets adapters on layers that read the same input share one dropout
+/// draw (`--share-lora-dropout`), or not.
+pub fn set_dropout_sharing(model: &mut LlamaForCausalLM, shared: bool) {
+    for (_, lin) in model.linear_layers_mut() {
+        if let Some(a) = lin.adapter.as_mut() {
+            a.set_dropout_sharing(shared);
+        }
+    }
+}
+
 /// Sets the dtype of every adapter's matmuls (`--lora-compute-dtype`).
 pub fn set_compute_kind(model: &mut LlamaForCausalLM, kind: Kind) {
     for (_, lin) in model.linear_layers_mut() {

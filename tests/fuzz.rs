@@ -55,8 +55,12 @@ fn watchdog_epoch() -> Instant {
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_millis(500));
             let start = CASE_START.load(Ordering::Relaxed);
+            // `start` is stored one millisecond ahead (0 means none), so it
+            // may be later than now: saturate, or this thread panics, and its
+            // backtrace's symbol tables count as the case's allocation.
             if start > 0
-                && epoch.elapsed().as_millis() as u64 - start > CASE_LIMIT.as_millis() as u64
+                && (epoch.elapsed().as_millis() as u64).saturating_sub(start)
+                    > CASE_LIMIT.as_millis() as u64
             {
                 eprintln!("a fuzz case ran past {CASE_LIMIT:?}: the reader hangs");
                 std::process::abort();

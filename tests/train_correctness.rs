@@ -504,7 +504,7 @@ fn the_regularizer_stack_returns_what_the_next_bf16_layer_expects() {
 #[test]
 fn lora_compute_dtype_bf16_runs_the_adapter_matmuls_in_bf16_with_fp32_gradients() {
     use peft_rs::adapters::lora::{LoraLayer, LoraWeights};
-    use peft_rs::adapters::{BaseLinear, LinearAdapter};
+    use peft_rs::adapters::{BaseLinear, LayerInput, LinearAdapter};
     let weight = Tensor::randn([32, 48], (Kind::BFloat16, Device::Cpu));
     let w = with_torch_seed(3, || {
         LoraWeights::init(
@@ -523,7 +523,7 @@ fn lora_compute_dtype_bf16_runs_the_adapter_matmuls_in_bf16_with_fp32_gradients(
     let base = x.linear::<Tensor>(&weight, None);
     let run = |layer: &LoraLayer| {
         let y = layer.forward(
-            &x,
+            &LayerInput::new(&x),
             base.shallow_clone(),
             &BaseLinear {
                 weight: &weight,
@@ -550,4 +550,139 @@ fn lora_compute_dtype_bf16_runs_the_adapter_matmuls_in_bf16_with_fp32_gradients(
     y16.sum(Kind::Float).backward();
     assert_eq!(a.grad().kind(), Kind::Float);
     assert!(a.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+}
+
+/// Two LoRA layers with the same weights on one input, in training with
+/// dropout 0.5, and their outputs minus the base output.
+fn dropout_pair(shared: bool) -> (Tensor, Tensor, Tensor) {
+    use peft_rs::adapters::lora::{LoraLayer, LoraWeights};
+    use peft_rs::adapters::{BaseLinear, LayerInput, LinearAdapter};
+    let weight = Tensor::zeros([24, 64], (Kind::Float, Device::Cpu));
+    let layer = || {
+        let w = with_torch_seed(3, || {
+            LoraWeights::init(
+                &weight,
+                4,
+                2.0,
+                0.5,
+                InitLoraWeights::Random,
+                false,
+                Device::Cpu,
+            )
+        });
+        let mut l = LoraLayer::new("default", w);
+        l.set_training(true);
+        l.set_dropout_sharing(shared);
+        l
+    };
+    let (first, second) = (layer(), layer());
+    let x = with_torch_seed(4, || Tensor::randn([4096, 64], (Kind::Float, Device::Cpu)));
+    let base = BaseLinear {
+        weight: &weight,
+        bias: None,
+    };
+    let input = LayerInput::new(&x);
+    let (y1, y2) = with_torch_seed(5, || {
+        (
+            first.forward(&input, x.linear::<Tensor>(&weight, None), &base),
+            second.forward(&input, x.linear::<Tensor>(&weight, None), &base),
+        )
+    });
+    let mut eval = layer();
+    eval.set_training(false);
+    let expected = eval.forward(
+        &LayerInput::new(&x),
+        x.linear::<Tensor>(&weight, None),
+        &base,
+    );
+    (y1, y2, expected)
+}
+
+#[test]
+fn layers_reading_one_input_share_one_dropout_draw_only_when_asked() {
+    let (y1, y2, expected) = dropout_pair(true);
+    assert!(
+        y1.equal(&y2),
+        "shared dropout: the two layers saw different masks"
+    );
+    let (z1, z2, _) = dropout_pair(false);
+    assert!(
+        !z1.equal(&z2),
+        "unshared dropout: the two layers saw one mask"
+    );
+    // Either way each layer keeps inverted dropout's expectation: averaged
+    // over 4096 rows, the output is the no-dropout output within a few
+    // standard errors (the per-element spread is about the output itself).
+    for y in [&y1, &z1, &z2] {
+        let mean = y.mean_dim(0, false, Kind::Float);
+        let want = expected.mean_dim(0, false, Kind::Float);
+        let spread = expected.std_dim(0, true, false).max().double_value(&[]);
+        let err = (&mean - &want).abs().max().double_value(&[]);
+        assert!(
+            err < 5.0 * spread / 4096f64.sqrt(),
+            "mean off by {err} (spread {spread})"
+        );
+        assert!(!y.equal(&expected), "dropout changed nothing");
+    }
+}
+
+#[test]
+fn the_loss_and_its_gradient_computed_together_equal_autograd() {
+    use peft_rs::train::chunked_cross_entropy;
+    let model = models::load(&tiny(), Kind::Float, Device::Cpu).unwrap();
+    let (w, _) = model.plain_lm_head().expect("the test needs a plain head");
+    let (h, v) = (
+        model.config.hidden_size as i64,
+        model.config.vocab_size as i64,
+    );
+    let hidden = with_torch_seed(1, || Tensor::randn([3, 9, h], (Kind::Float, Device::Cpu)));
+    let labels = with_torch_seed(2, || Tensor::randint(v, [3, 9], (Kind::Int64, Device::Cpu)));
+    // Some positions without a label, as prompts and padding are.
+    let labels = labels.index_fill(1, &Tensor::from_slice(&[0i64, 4]), -100);
+    let scale = 19.0;
+    // By autograd, every row at once, in fp32 and (the truth) in fp64.
+    let autograd = |kind: Kind| {
+        let x = hidden.to_kind(kind).detach().set_requires_grad(true);
+        let logits = x.narrow(1, 0, 8).linear::<Tensor>(&w.to_kind(kind), None);
+        let ce = logits.reshape([-1, v]).cross_entropy_loss::<Tensor>(
+            &labels.narrow(1, 1, 8).reshape([-1]),
+            None,
+            tch::Reduction::Sum,
+            -100,
+            0.0,
+        );
+        (&ce / scale).backward();
+        (ce.double_value(&[]), x.grad().to_kind(Kind::Double))
+    };
+    let (loss32, grad32) = autograd(Kind::Float);
+    let (loss64, grad64) = autograd(Kind::Double);
+    // Together: in one chunk, and in chunks of 5 rows (matmuls that small
+    // round less accurately in MKL, with or without autograd).
+    let err = |g: &Tensor| {
+        (g - &grad64).abs().max().double_value(&[]) / grad64.abs().max().double_value(&[])
+    };
+    let theirs = err(&grad32);
+    for chunk in [1024, 5] {
+        let x = hidden.detach().set_requires_grad(true);
+        let loss = chunked_cross_entropy(&model, &x, &labels, chunk, Some(scale)).unwrap();
+        let ours = err(&x.grad().to_kind(Kind::Double));
+        println!(
+            "chunk {chunk}: loss {loss} (autograd fp32 {loss32}, fp64 {loss64}); \
+             gradient error vs fp64: ours {ours:.2e}, autograd fp32 {theirs:.2e}"
+        );
+        assert!(
+            (loss - loss64).abs() / loss64 < 1e-6,
+            "loss {loss} vs {loss64}"
+        );
+        let limit = if chunk == 1024 {
+            2.0 * theirs + 1e-6
+        } else {
+            1e-4
+        };
+        assert!(
+            ours < limit,
+            "chunk {chunk}: gradient error {ours} vs autograd's {theirs}"
+        );
+    }
+    assert!(grad64.abs().sum(Kind::Double).double_value(&[]) > 0.0);
 }

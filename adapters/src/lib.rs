@@ -15,8 +15,50 @@ pub mod fsio;
 pub mod lora;
 pub mod rng;
 
+use std::cell::RefCell;
+
 use anyhow::Result;
 use tch::Tensor;
+
+/// The input of one or more frozen linear layers that read the same tensor
+/// (a decoder layer's `q_proj`, `k_proj` and `v_proj`; `gate_proj` and
+/// `up_proj`), with what adapters have derived from it so far.
+///
+/// Adapters on layers given one `LayerInput` may share work on it: LoRA
+/// layers that allow it share one dropout draw, so that one mask and one
+/// dropped-out copy are made, and kept for backward, instead of one per layer.
+pub struct LayerInput<'a> {
+    x: &'a Tensor,
+    derived: RefCell<Vec<(String, Tensor)>>,
+}
+
+impl<'a> LayerInput<'a> {
+    /// The input `x`, `[..., in_features]`, with nothing derived yet.
+    pub fn new(x: &'a Tensor) -> Self {
+        Self {
+            x,
+            derived: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The input itself.
+    pub fn tensor(&self) -> &Tensor {
+        self.x
+    }
+
+    /// The tensor derived from the input under `key`: made by `make` the
+    /// first time it is asked for, the same tensor afterwards.
+    pub fn derived(&self, key: &str, make: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
+        if let Some((_, t)) = self.derived.borrow().iter().find(|(k, _)| k == key) {
+            return t.shallow_clone();
+        }
+        let t = make(self.x);
+        self.derived
+            .borrow_mut()
+            .push((key.to_owned(), t.shallow_clone()));
+        t
+    }
+}
 
 /// The frozen layer an adapter wraps.
 pub struct BaseLinear<'a> {
@@ -29,8 +71,9 @@ pub struct BaseLinear<'a> {
 /// A method that changes the output of one frozen linear layer.
 pub trait LinearAdapter: Send {
     /// Returns the adapted output of the layer, given its input `x`
-    /// (`[..., in_features]`) and `base_output = x Wᵀ + b`.
-    fn forward(&self, x: &Tensor, base_output: Tensor, base: &BaseLinear) -> Tensor;
+    /// (`[..., in_features]`, maybe shared with other layers) and
+    /// `base_output = x Wᵀ + b`, which the adapter owns and may change in place.
+    fn forward(&self, x: &LayerInput, base_output: Tensor, base: &BaseLinear) -> Tensor;
 
     /// The trainable tensors with their names in PEFT's file format
     /// (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`), for the
@@ -39,6 +82,12 @@ pub trait LinearAdapter: Send {
 
     /// Switches training-only behaviour (dropout) on or off.
     fn set_training(&mut self, training: bool);
+
+    /// Whether the adapter may share a dropout draw with adapters on other
+    /// layers that read the same [`LayerInput`] (default: yes). PEFT draws one
+    /// mask per layer; sharing keeps the same expected value and dropout rate
+    /// per layer, and saves a mask and a dropped copy of the input per layer.
+    fn set_dropout_sharing(&mut self, _shared: bool) {}
 
     /// The dtype the adapter's matmuls run in: fp32 (PEFT in eager mode casts
     /// the input to the adapter's fp32 weights) or the base's 16-bit dtype (as

@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::RawConfig;
 use super::loader::Weights;
-use crate::nn::{Linear, RmsNorm};
+use crate::nn::{forward_same_input, FrozenWeight, Linear, RmsNorm};
 use peft_regularizers::rng::with_torch_seed;
 
 /// How rotary frequencies are derived from `rope_theta`.
@@ -885,11 +885,8 @@ impl Attention {
                 qkv.narrow(-1, nq + nkv, nkv),
             )
         } else {
-            (
-                self.q_proj.forward(x),
-                self.k_proj.forward(x),
-                self.v_proj.forward(x),
-            )
+            let [q, k, v] = forward_same_input([&self.q_proj, &self.k_proj, &self.v_proj], x);
+            (q, k, v)
         };
         let q = heads(q, self.num_heads, &self.q_norm);
         let q = apply_rotary(&q, cos, sin);
@@ -1027,7 +1024,8 @@ impl Mlp {
             let half = gu.size().last().copied().unwrap_or(0) / 2;
             (gu.narrow(-1, 0, half), gu.narrow(-1, half, half))
         } else {
-            (self.gate_proj.forward(x), self.up_proj.forward(x))
+            let [gate, up] = forward_same_input([&self.gate_proj, &self.up_proj], x);
+            (gate, up)
         };
         let gate = match self.act {
             Activation::Silu => gate.silu(),
@@ -1355,6 +1353,18 @@ impl LlamaForCausalLM {
         match self.config.final_logit_softcapping {
             None => logits,
             Some(cap) => (logits / cap).tanh() * cap,
+        }
+    }
+
+    /// The head's weight and bias when the logits are plainly `x Wᵀ + b`
+    /// (a dense weight, no adapter, no soft-capping), so that callers may
+    /// compute with it directly.
+    pub fn plain_lm_head(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        match (&self.lm_head.weight, &self.lm_head.adapter) {
+            (FrozenWeight::Dense(w), None) if self.config.final_logit_softcapping.is_none() => {
+                Some((w, self.lm_head.bias.as_ref()))
+            }
+            _ => None,
         }
     }
 

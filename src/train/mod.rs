@@ -187,6 +187,7 @@ impl Trainer {
         })?;
         peft_model::set_training(&mut model, true);
         peft_model::set_compute_kind(&mut model, cfg.lora_compute_dtype.resolve(tch::Device::Cpu));
+        peft_model::set_dropout_sharing(&mut model, cfg.share_lora_dropout);
         let params = peft_model::trainable_parameters(&model);
         let trainable = params
             .iter()
@@ -951,31 +952,78 @@ pub fn chunked_cross_entropy(
     }
     let sel = hs.index_select(0, &idx);
     let targets = ys.index_select(0, &idx);
-    let leaf = if backward_scale.is_some() {
-        sel.detach().set_requires_grad(true)
-    } else {
-        sel.shallow_clone()
-    };
-    let mut total = 0.0;
-    for s in (0..n).step_by(chunk as usize) {
-        let m = chunk.min(n - s);
-        let logits = model.logits(&leaf.narrow(0, s, m)).to_kind(Kind::Float);
-        let ce = logits.cross_entropy_loss::<Tensor>(
-            &targets.narrow(0, s, m),
-            None,
-            Reduction::Sum,
-            -100,
-            0.0,
-        );
-        total += ce.double_value(&[]);
-        if let Some(scale) = backward_scale {
-            (ce / scale).backward();
+    let chunks = (0..n)
+        .step_by(chunk as usize)
+        .map(|s| (s, chunk.min(n - s)));
+    let Some(scale) = backward_scale else {
+        let mut total = Tensor::zeros([], (Kind::Float, sel.device()));
+        for (s, m) in chunks {
+            let logits = model.logits(&sel.narrow(0, s, m)).to_kind(Kind::Float);
+            total += cross_entropy_sum(&logits, &targets.narrow(0, s, m));
         }
+        return Ok(total.double_value(&[]));
+    };
+    let mut total = Tensor::zeros([], (Kind::Float, sel.device()));
+    let grad = match model.plain_lm_head() {
+        // The usual head: the gradient is computed with the loss, chunk by
+        // chunk, without autograd keeping logits, log-probabilities and
+        // their gradient (three chunk-sized tensors) for a backward pass.
+        Some((w, bias)) => {
+            let _g = tch::no_grad_guard();
+            let grad = sel.zeros_like();
+            for (s, m) in chunks {
+                let (loss, g) = cross_entropy_and_input_grad(
+                    &sel.narrow(0, s, m),
+                    w,
+                    bias,
+                    &targets.narrow(0, s, m),
+                );
+                total += loss;
+                grad.narrow(0, s, m).copy_(&(g / scale));
+            }
+            grad
+        }
+        // A head with an adapter or soft-capping: autograd, chunk by chunk.
+        None => {
+            let leaf = sel.detach().set_requires_grad(true);
+            for (s, m) in chunks {
+                let logits = model.logits(&leaf.narrow(0, s, m)).to_kind(Kind::Float);
+                let ce = cross_entropy_sum(&logits, &targets.narrow(0, s, m));
+                total += ce.detach();
+                (ce / scale).backward();
+            }
+            leaf.grad()
+        }
+    };
+    if sel.requires_grad() {
+        (sel * grad).sum(Kind::Float).backward();
     }
-    if backward_scale.is_some() && sel.requires_grad() {
-        (sel * leaf.grad()).sum(Kind::Float).backward();
-    }
-    Ok(total)
+    Ok(total.double_value(&[]))
+}
+
+/// Summed cross-entropy of fp32 `logits` `[rows, vocab]` against `targets`.
+fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
+    logits.cross_entropy_loss::<Tensor>(targets, None, Reduction::Sum, -100, 0.0)
+}
+
+/// The summed cross-entropy of `x Wᵀ + b` against `targets`, and its
+/// gradient with respect to `x`: `(softmax − onehot) W`, in the weight's dtype.
+fn cross_entropy_and_input_grad(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    targets: &Tensor,
+) -> (Tensor, Tensor) {
+    let mut logp = x
+        .linear(w, bias)
+        .to_kind(Kind::Float)
+        .log_softmax(-1, Kind::Float);
+    let t = targets.unsqueeze(1);
+    let loss = -logp.gather(1, &t, false).sum(Kind::Float);
+    let minus_one = Tensor::full([t.size()[0], 1], -1.0, (Kind::Float, x.device()));
+    let mut softmax = logp.exp_();
+    let d = softmax.scatter_add_(1, &t, &minus_one);
+    (loss, d.to_kind(w.kind()).mm(w))
 }
 
 /// Mean cross-entropy per label token over a dataset, without gradients.

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::config::InitLoraWeights;
-use crate::{BaseLinear, LinearAdapter};
+use crate::{BaseLinear, LayerInput, LinearAdapter};
 
 /// One adapter's weights on one layer. Always fp32, whatever the base dtype.
 pub struct LoraWeights {
@@ -160,14 +160,16 @@ impl LoraWeights {
 
 /// Inverted dropout in training: each element zeroed with probability `p`,
 /// the rest scaled by 1/(1-p), drawn from libtorch's generator (seed it
-/// through [`crate::rng::with_torch_seed`]).
+/// through [`crate::rng::with_torch_seed`]). On the CPU the kept elements
+/// are left unscaled, and [`dropout_factor`] is what is still to be applied:
+/// the LoRA layer applies it to the rank-r activations, a fraction of the
+/// input's size; elsewhere the device's fused kernel scales.
 ///
 /// On the CPU the mask is drawn on the host from one seed taken from that
 /// generator, and applied with `where`, whose backward keeps a one-byte mask
 /// instead of a four-byte noise tensor (`masked_fill`, which keeps the same,
 /// has no vectorised CPU kernel and is slower). A tenth of a CPU training
-/// step went to libtorch's single-threaded Bernoulli sampling. Elsewhere,
-/// the device's own sampler.
+/// step went to libtorch's single-threaded Bernoulli sampling.
 pub fn dropout(x: &Tensor, p: f64) -> Tensor {
     if x.device() != Device::Cpu {
         return x.dropout(p, true);
@@ -175,7 +177,17 @@ pub fn dropout(x: &Tensor, p: f64) -> Tensor {
     let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64;
     let keep = crate::rng::keep_mask(x.numel(), p, seed);
     let keep = Tensor::from_slice(&keep).view(x.size().as_slice());
-    x.where_scalarother(&keep, 0.0) * (1.0 / (1.0 - p))
+    x.where_scalarother(&keep, 0.0)
+}
+
+/// The factor [`dropout`] left for the caller to apply to its result on
+/// `device`: 1/(1-p) on the CPU, 1 elsewhere.
+pub fn dropout_factor(device: Device, p: f64) -> f64 {
+    if device == Device::Cpu {
+        1.0 / (1.0 - p)
+    } else {
+        1.0
+    }
 }
 
 /// The L2 norm of each row (PEFT's `get_weight_norm` over dim 1).
@@ -192,6 +204,8 @@ pub struct LoraLayer {
     merged: Vec<(String, Option<Tensor>)>,
     /// The dtype of the LoRA matmuls (fp32 unless asked otherwise).
     compute_kind: Kind,
+    /// Share one dropout draw with the other layers reading the same input.
+    share_dropout: bool,
 }
 
 impl LoraLayer {
@@ -205,6 +219,7 @@ impl LoraLayer {
             training: false,
             merged: vec![],
             compute_kind: Kind::Float,
+            share_dropout: true,
         }
     }
 
@@ -241,6 +256,24 @@ impl LoraLayer {
         !self.merged.is_empty()
     }
 
+    /// The adapter's input in dtype `ck`, dropped out in training with the
+    /// factor [`dropout`] left to apply; one draw per [`LayerInput`] when
+    /// sharing is on, so the q/k/v (or gate/up) adapters see the same units dropped.
+    fn adapter_input(&self, input: &LayerInput, p: f64, ck: Kind) -> (Tensor, f64) {
+        let cast = |x: &Tensor| x.to_kind(ck);
+        if !(self.training && p > 0.0) {
+            return (input.derived(&format!("{ck:?}"), cast), 1.0);
+        }
+        let drop = |x: &Tensor| dropout(&cast(x), p);
+        let xd = if self.share_dropout {
+            input.derived(&format!("{ck:?} dropout {p}"), drop)
+        } else {
+            drop(input.tensor())
+        };
+        let factor = dropout_factor(xd.device(), p);
+        (xd, factor)
+    }
+
     fn active_unmerged(&self) -> impl Iterator<Item = &LoraWeights> {
         self.active
             .iter()
@@ -250,12 +283,14 @@ impl LoraLayer {
 }
 
 impl LinearAdapter for LoraLayer {
-    fn forward(&self, x: &Tensor, base_output: Tensor, base: &BaseLinear) -> Tensor {
+    fn forward(&self, input: &LayerInput, base_output: Tensor, base: &BaseLinear) -> Tensor {
         let kind = base_output.kind();
         let mut active = self.active_unmerged().peekable();
         if active.peek().is_none() {
             return base_output;
         }
+        // DoRA's backward keeps the base output, so its sum is never changed in place.
+        let in_place = !self.active_unmerged().any(|w| w.magnitude.is_some());
         // As PEFT: the adapters' outputs are added to the base output in fp32
         // and the sum is cast back once, so a bf16 base rounds only there.
         let mut sum = base_output.to_kind(Kind::Float);
@@ -266,25 +301,34 @@ impl LinearAdapter for LoraLayer {
                 None => self.compute_kind,
                 Some(_) => Kind::Float,
             };
-            let xc = x.to_kind(ck);
-            let dropout_on = self.training && w.dropout > 0.0;
-            let xd = if dropout_on {
-                dropout(&xc, w.dropout)
-            } else {
-                xc
+            let (xd, keep_scale) = self.adapter_input(input, w.dropout, ck);
+            // As autocast when `ck` is 16-bit: the fp32 weights are cast for
+            // the matmul, and their gradients flow back through the cast in fp32.
+            let cast = |t: &Tensor| {
+                if ck == Kind::Float {
+                    t.shallow_clone()
+                } else {
+                    t.to_kind(ck)
+                }
             };
-            let lora = if ck == Kind::Float {
-                xd.linear::<Tensor>(&w.a, None).linear::<Tensor>(&w.b, None)
-            } else {
-                // As autocast: the fp32 weights are cast for the matmul, and
-                // their gradients flow back through the cast in fp32.
-                xd.linear::<Tensor>(&w.a.to_kind(ck), None)
-                    .linear::<Tensor>(&w.b.to_kind(ck), None)
-                    .to_kind(Kind::Float)
-            };
+            let h = xd.linear::<Tensor>(&cast(&w.a), None);
             let added = match &w.magnitude {
-                None => lora * w.scaling,
+                None if in_place && ck == Kind::Float && sum.dim() == 2 => {
+                    // sum += (s·h) Bᵀ as one GEMM accumulating into the sum,
+                    // which nothing saved for backward: no [tokens, out]
+                    // product, scaled copy and sum. The scaling goes on the
+                    // rank-r activations (exact for power-of-two scalings).
+                    let hs = h * (w.scaling * keep_scale);
+                    let _ = sum.addmm_(&hs, &w.b.tr());
+                    continue;
+                }
+                None => {
+                    let h = if keep_scale != 1.0 { h * keep_scale } else { h };
+                    h.linear::<Tensor>(&cast(&w.b), None).to_kind(Kind::Float) * w.scaling
+                }
                 Some(m) => {
+                    let h = if keep_scale != 1.0 { h * keep_scale } else { h };
+                    let lora = h.linear::<Tensor>(&w.b, None);
                     let w32 = base.weight.to_kind(Kind::Float);
                     // The norm is a constant for backprop, as in the DoRA paper (§4.3) and PEFT.
                     let norm = row_norm(&(&w32 + w.delta().detach())).detach();
@@ -292,8 +336,13 @@ impl LinearAdapter for LoraLayer {
                     // The base output without bias (in the base dtype, as PEFT
                     // subtracts it); with dropout on, recomputed on the
                     // dropped-out input so both terms see the same x.
-                    let base_nb = if dropout_on {
-                        xd.matmul(&w32.tr())
+                    let base_nb = if w.dropout > 0.0 && self.training {
+                        let y = xd.matmul(&w32.tr());
+                        if keep_scale != 1.0 {
+                            y * keep_scale
+                        } else {
+                            y
+                        }
                     } else {
                         match base.bias {
                             Some(b) => (&base_output - b).to_kind(Kind::Float),
@@ -303,10 +352,13 @@ impl LinearAdapter for LoraLayer {
                     (&scale - 1.0) * base_nb + &scale * lora * w.scaling
                 }
             };
-            // Not in place: DoRA's backward keeps the base output alive.
             sum = &sum + added;
         }
         sum.to_kind(kind)
+    }
+
+    fn set_dropout_sharing(&mut self, shared: bool) {
+        self.share_dropout = shared;
     }
 
     fn trainable_tensors(&self) -> Vec<(String, Tensor)> {
