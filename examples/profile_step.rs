@@ -24,6 +24,29 @@ use peft_rs::train::optim::{clip_grad_norm, AdamW};
 use peft_rs::train::{chunked_cross_entropy, forward_backward, MicroBatch, StepOptions};
 use tch::{Device, Kind, Tensor};
 
+/// Median seconds of each of `fs` over `repeats` rounds of one run each
+/// (after a warm-up round): interleaved, so that the machine's drift over
+/// time falls on every variant alike.
+fn time_interleaved(repeats: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
+    for f in fs.iter_mut() {
+        f();
+    }
+    let mut runs = vec![Vec::new(); fs.len()];
+    for _ in 0..repeats {
+        for (f, v) in fs.iter_mut().zip(&mut runs) {
+            let t = Instant::now();
+            f();
+            v.push(t.elapsed().as_secs_f64());
+        }
+    }
+    runs.into_iter()
+        .map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect()
+}
+
 /// Median seconds of `repeats` runs of `f` (after one warm-up run).
 fn time(repeats: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -81,7 +104,7 @@ fn main() -> Result<()> {
     };
 
     // The whole step, as the benchmark runs it, and variants without parts.
-    let step_with = |model: &mut LlamaForCausalLM, neftune: bool| -> f64 {
+    let stepper = |model: &mut LlamaForCausalLM, neftune: bool| {
         peft_model::set_training(model, true);
         let params = peft_model::trainable_parameters(model);
         let trainable: Vec<(String, Tensor)> = params
@@ -92,42 +115,55 @@ fn main() -> Result<()> {
         if neftune {
             regs.push(Box::new(Neftune::new(5.0)));
         }
-        time(repeats, || {
-            forward_backward(model, &mut regs, &trainable, &batch, &mb, opts).unwrap();
-            for p in params.values() {
-                p.shallow_clone().zero_grad();
-            }
-        })
+        (params, trainable, regs)
     };
     let mut model = load()?;
     with_torch_seed(0, || {
         peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora(0.05))
     })?;
-    let full = step_with(&mut model, true);
-    let no_noise = step_with(&mut model, false);
-    let params = peft_model::trainable_parameters(&model);
-    let mut optim = AdamW::new(&params, (0.9, 0.999), 1e-8, 0.0);
-    let optimizer = time(repeats, || {
-        clip_grad_norm(&params, 1.0);
-        optim.step(&params, 1e-4);
-    });
-    let mut model = load()?;
+    let mut plain = load()?;
     with_torch_seed(0, || {
-        peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora(0.0))
+        peft_model::inject(&mut plain, DEFAULT_ADAPTER, &lora(0.0))
     })?;
-    let no_dropout = step_with(&mut model, false);
-
-    // The frozen base alone: gradients flow to the embeddings' output only.
     let base = load()?;
+    let (params, trainable, mut noisy) = stepper(&mut model, true);
+    let (_, _, mut quiet) = stepper(&mut model, false);
+    let (plain_params, plain_trainable, mut plain_regs) = stepper(&mut plain, false);
+    let run = |model: &LlamaForCausalLM,
+               regs: &mut RegularizerStack,
+               trainable: &[(String, Tensor)],
+               params: &std::collections::BTreeMap<String, Tensor>| {
+        forward_backward(model, regs, trainable, &batch, &mb, opts).unwrap();
+        for p in params.values() {
+            p.shallow_clone().zero_grad();
+        }
+    };
+    // The frozen base alone: gradients flow to the embeddings' output only.
     struct GradAtEmbeddings;
     impl ForwardHooks for GradAtEmbeddings {
         fn embedding_output(&mut self, x: Tensor) -> Tensor {
             x.detach().set_requires_grad(true)
         }
     }
-    let base_step = time(repeats, || {
-        let normed = base.forward_hidden(&DecoderInput::causal(&ids), None, &mut GradAtEmbeddings);
-        chunked_cross_entropy(&base, &normed, &batch.labels, LOSS_CHUNK_SIZE, Some(1.0)).unwrap();
+    let times = time_interleaved(
+        repeats,
+        &mut [
+            &mut || run(&model, &mut noisy, &trainable, &params),
+            &mut || run(&model, &mut quiet, &trainable, &params),
+            &mut || run(&plain, &mut plain_regs, &plain_trainable, &plain_params),
+            &mut || {
+                let normed =
+                    base.forward_hidden(&DecoderInput::causal(&ids), None, &mut GradAtEmbeddings);
+                chunked_cross_entropy(&base, &normed, &batch.labels, LOSS_CHUNK_SIZE, Some(1.0))
+                    .unwrap();
+            },
+        ],
+    );
+    let (full, no_noise, no_dropout, base_step) = (times[0], times[1], times[2], times[3]);
+    let mut optim = AdamW::new(&params, (0.9, 0.999), 1e-8, 0.0);
+    let optimizer = time(repeats, || {
+        clip_grad_norm(&params, 1.0);
+        optim.step(&params, 1e-4);
     });
     let c = &base.config;
     let (h, inter) = (c.hidden_size as i64, c.intermediate_size as i64);
