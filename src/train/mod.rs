@@ -977,9 +977,10 @@ pub fn chunked_cross_entropy(
                     w,
                     bias,
                     &targets.narrow(0, s, m),
+                    scale,
                 );
                 total += loss;
-                grad.narrow(0, s, m).copy_(&(g / scale));
+                grad.narrow(0, s, m).copy_(&g);
             }
             grad
         }
@@ -1006,13 +1007,15 @@ fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
     logits.cross_entropy_loss::<Tensor>(targets, None, Reduction::Sum, -100, 0.0)
 }
 
-/// The summed cross-entropy of `x Wᵀ + b` against `targets`, and its
-/// gradient with respect to `x`: `(softmax − onehot) W`, in the weight's dtype.
+/// The summed cross-entropy of `x Wᵀ + b` against `targets`, and the
+/// gradient of that sum divided by `scale` with respect to `x`:
+/// `(softmax − onehot) W / scale`, in the weight's dtype.
 fn cross_entropy_and_input_grad(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     targets: &Tensor,
+    scale: f64,
 ) -> (Tensor, Tensor) {
     let mut logp = x
         .linear(w, bias)
@@ -1022,8 +1025,16 @@ fn cross_entropy_and_input_grad(
     let loss = -logp.gather(1, &t, false).sum(Kind::Float);
     let minus_one = Tensor::full([t.size()[0], 1], -1.0, (Kind::Float, x.device()));
     let mut softmax = logp.exp_();
-    let d = softmax.scatter_add_(1, &t, &minus_one);
-    (loss, d.to_kind(w.kind()).mm(w))
+    let mut d = softmax.scatter_add_(1, &t, &minus_one);
+    let g = if w.kind() == Kind::Float {
+        d.mm(w) / scale
+    } else {
+        // Scaled before the cast, as autograd would: an fp16 loss scale
+        // exists so that small probabilities survive the cast.
+        d *= 1.0 / scale;
+        d.to_kind(w.kind()).mm(w)
+    };
+    (loss, g)
 }
 
 /// Mean cross-entropy per label token over a dataset, without gradients.
