@@ -626,36 +626,68 @@ fn layers_reading_one_input_share_one_dropout_draw_only_when_asked() {
     }
 }
 
-#[test]
-fn the_loss_and_its_gradient_computed_together_equal_autograd() {
-    use peft_rs::train::chunked_cross_entropy;
-    let model = models::load(&tiny(), Kind::Float, Device::Cpu).unwrap();
+/// The tiny model in `kind`, its plain head's weight, and random hidden
+/// states `[rows, 9, hidden]` with random labels.
+fn head_fixture(kind: Kind, rows: i64) -> (models::LlamaForCausalLM, Tensor, Tensor, Tensor) {
+    let model = models::load(&tiny(), kind, Device::Cpu).unwrap();
     let (w, _) = model.plain_lm_head().expect("the test needs a plain head");
-    let (h, v) = (
-        model.config.hidden_size as i64,
-        model.config.vocab_size as i64,
-    );
-    let hidden = with_torch_seed(1, || Tensor::randn([3, 9, h], (Kind::Float, Device::Cpu)));
-    let labels = with_torch_seed(2, || Tensor::randint(v, [3, 9], (Kind::Int64, Device::Cpu)));
-    // Some positions without a label, as prompts and padding are.
-    let labels = labels.index_fill(1, &Tensor::from_slice(&[0i64, 4]), -100);
-    let scale = 19.0;
-    // By autograd, every row at once, in fp32 and (the truth) in fp64.
-    let autograd = |kind: Kind| {
-        let x = hidden.to_kind(kind).detach().set_requires_grad(true);
-        let logits = x.narrow(1, 0, 8).linear::<Tensor>(&w.to_kind(kind), None);
-        let ce = logits.reshape([-1, v]).cross_entropy_loss::<Tensor>(
-            &labels.narrow(1, 1, 8).reshape([-1]),
+    let w = w.shallow_clone();
+    let h = model.config.hidden_size as i64;
+    let v = model.config.vocab_size as i64;
+    let hidden = with_torch_seed(1, || Tensor::randn([rows, 9, h], (kind, Device::Cpu)));
+    let labels = with_torch_seed(2, || {
+        Tensor::randint(v, [rows, 9], (Kind::Int64, Device::Cpu))
+    });
+    (model, w, hidden, labels)
+}
+
+/// By autograd, every position at once: the summed cross-entropy of `x Wᵀ`
+/// (fp32 logits) and the gradient of that sum divided by `scale`, in fp64.
+fn autograd_cross_entropy(
+    hidden: &Tensor,
+    w: &Tensor,
+    labels: &Tensor,
+    scale: f64,
+) -> (f64, Tensor) {
+    let x = hidden.detach().set_requires_grad(true);
+    let t = hidden.size()[1] - 1;
+    let logits_kind = if w.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
+    let logits = x
+        .narrow(1, 0, t)
+        .linear::<Tensor>(w, None)
+        .to_kind(logits_kind);
+    let ce = logits
+        .reshape([-1, w.size()[0]])
+        .cross_entropy_loss::<Tensor>(
+            &labels.narrow(1, 1, t).reshape([-1]),
             None,
             tch::Reduction::Sum,
             -100,
             0.0,
         );
-        (&ce / scale).backward();
-        (ce.double_value(&[]), x.grad().to_kind(Kind::Double))
-    };
-    let (loss32, grad32) = autograd(Kind::Float);
-    let (loss64, grad64) = autograd(Kind::Double);
+    (&ce / scale).backward();
+    (ce.double_value(&[]), x.grad().to_kind(Kind::Double))
+}
+
+#[test]
+fn the_loss_and_its_gradient_computed_together_equal_autograd() {
+    use peft_rs::train::chunked_cross_entropy;
+    let (model, w, hidden, labels) = head_fixture(Kind::Float, 3);
+    // Some positions without a label, as prompts and padding are.
+    let labels = labels.index_fill(1, &Tensor::from_slice(&[0i64, 4]), -100);
+    let scale = 19.0;
+    // By autograd, in fp32 and (the truth) in fp64.
+    let (loss32, grad32) = autograd_cross_entropy(&hidden, &w, &labels, scale);
+    let (loss64, grad64) = autograd_cross_entropy(
+        &hidden.to_kind(Kind::Double),
+        &w.to_kind(Kind::Double),
+        &labels,
+        scale,
+    );
     // Together: in one chunk, and in chunks of 5 rows (matmuls that small
     // round less accurately in MKL, with or without autograd).
     let err = |g: &Tensor| {
@@ -690,32 +722,12 @@ fn the_loss_and_its_gradient_computed_together_equal_autograd() {
 #[test]
 fn an_fp16_head_gets_the_loss_scaled_gradient_autograd_gets() {
     use peft_rs::train::chunked_cross_entropy;
-    let model = models::load(&tiny(), Kind::Half, Device::Cpu).unwrap();
-    let (w, _) = model.plain_lm_head().expect("the test needs a plain head");
-    let (h, v) = (
-        model.config.hidden_size as i64,
-        model.config.vocab_size as i64,
-    );
-    let hidden = with_torch_seed(1, || Tensor::randn([2, 9, h], (Kind::Half, Device::Cpu)));
-    let labels = with_torch_seed(2, || Tensor::randint(v, [2, 9], (Kind::Int64, Device::Cpu)));
+    let (model, w, hidden, labels) = head_fixture(Kind::Half, 2);
     // As the fp16 trainer calls it: the sum divided by the token count and
     // multiplied by the loss scale 2^16, so that small probabilities' share
     // of the gradient survives fp16.
     let scale = 16.0 / 65536.0;
-    let x = hidden.detach().set_requires_grad(true);
-    let logits = x
-        .narrow(1, 0, 8)
-        .linear::<Tensor>(w, None)
-        .to_kind(Kind::Float);
-    let ce = logits.reshape([-1, v]).cross_entropy_loss::<Tensor>(
-        &labels.narrow(1, 1, 8).reshape([-1]),
-        None,
-        tch::Reduction::Sum,
-        -100,
-        0.0,
-    );
-    (&ce / scale).backward();
-    let want = x.grad().to_kind(Kind::Float);
+    let (_, want) = autograd_cross_entropy(&hidden, &w, &labels, scale);
     let x = hidden.detach().set_requires_grad(true);
     chunked_cross_entropy(&model, &x, &labels, 1024, Some(scale)).unwrap();
     let got = x.grad().to_kind(Kind::Float);
