@@ -301,7 +301,10 @@ impl LinearAdapter for LoraLayer {
                 None => self.compute_kind,
                 Some(_) => Kind::Float,
             };
+            let dropout_on = self.training && w.dropout > 0.0;
             let (xd, keep_scale) = self.adapter_input(input, w.dropout, ck);
+            // Dropout's factor where it is still due (on the CPU).
+            let kept = |t: Tensor| if keep_scale != 1.0 { t * keep_scale } else { t };
             // As autocast when `ck` is 16-bit: the fp32 weights are cast for
             // the matmul, and their gradients flow back through the cast in fp32.
             let cast = |t: &Tensor| {
@@ -323,12 +326,13 @@ impl LinearAdapter for LoraLayer {
                     continue;
                 }
                 None => {
-                    let h = if keep_scale != 1.0 { h * keep_scale } else { h };
-                    h.linear::<Tensor>(&cast(&w.b), None).to_kind(Kind::Float) * w.scaling
+                    kept(h)
+                        .linear::<Tensor>(&cast(&w.b), None)
+                        .to_kind(Kind::Float)
+                        * w.scaling
                 }
                 Some(m) => {
-                    let h = if keep_scale != 1.0 { h * keep_scale } else { h };
-                    let lora = h.linear::<Tensor>(&w.b, None);
+                    let lora = kept(h).linear::<Tensor>(&w.b, None);
                     let w32 = base.weight.to_kind(Kind::Float);
                     // The norm is a constant for backprop, as in the DoRA paper (§4.3) and PEFT.
                     let norm = row_norm(&(&w32 + w.delta().detach())).detach();
@@ -336,13 +340,8 @@ impl LinearAdapter for LoraLayer {
                     // The base output without bias (in the base dtype, as PEFT
                     // subtracts it); with dropout on, recomputed on the
                     // dropped-out input so both terms see the same x.
-                    let base_nb = if w.dropout > 0.0 && self.training {
-                        let y = xd.matmul(&w32.tr());
-                        if keep_scale != 1.0 {
-                            y * keep_scale
-                        } else {
-                            y
-                        }
+                    let base_nb = if dropout_on {
+                        kept(xd.matmul(&w32.tr()))
                     } else {
                         match base.bias {
                             Some(b) => (&base_output - b).to_kind(Kind::Float),
