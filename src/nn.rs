@@ -67,7 +67,14 @@ impl FrozenWeight {
             Self::Dense(t) => t.shallow_clone(),
             Self::FourBit { q, compute } => {
                 let d = q.data.device();
-                q.dequantize(q.dtype, d).to_kind(*compute)
+                // bitsandbytes rounds the f32 products to the weight's dtype,
+                // then to the compute dtype; one rounding gives the same
+                // bits when either of the two is the identity.
+                if q.dtype == Kind::Float || q.dtype == *compute {
+                    q.dequantize(*compute, d)
+                } else {
+                    q.dequantize(q.dtype, d).to_kind(*compute)
+                }
             }
             Self::Int8 { w, compute } => w.dequantize(*compute, w.cb.device()),
         }

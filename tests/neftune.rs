@@ -291,3 +291,73 @@ fn hf_mode_matches_transformers_hook() {
             > 0.9 * bound
     );
 }
+
+/// The packed batch of the memory test: 2 rows of T = 8192 tokens, each
+/// holding 64 examples of 128 tokens, embedded by the tiny Llama.
+const PEAK_T: i64 = 8192;
+
+/// Runs in a child process (started by the test below, which reads what it
+/// prints): embeds the packed batch, optionally applies NEFTune in paper
+/// mode, and prints how far the process's peak resident memory rose.
+#[test]
+#[ignore = "child process of paper_mode_on_a_packed_8k_batch_needs_no_pairwise_matrix"]
+fn packed_noise_peak_child() {
+    let with_noise = std::env::var("PEFT_RS_PEAK_WITH_NOISE").unwrap() == "1";
+    let model =
+        peft_rs::models::load(&common::model_dir("llama"), Kind::Float, Device::Cpu).unwrap();
+    let (b, t) = (2, PEAK_T);
+    let ids = Tensor::randint(100, [b, t], (Kind::Int64, Device::Cpu));
+    let mask = Tensor::ones([b, t], (Kind::Int64, Device::Cpu));
+    let seg = (Tensor::arange(t, (Kind::Int64, Device::Cpu)).floor_divide_scalar(128) + 1)
+        .unsqueeze(0)
+        .expand([b, t], false)
+        .contiguous();
+    let before = common::peak_rss_bytes();
+    let x = tch::no_grad(|| model.embed(&ids));
+    let out = if with_noise {
+        let ctx = HookContext {
+            segment_ids: Some(&seg),
+            ..ctx(&mask, true, 1)
+        };
+        Neftune::new(5.0).apply(HookPoint::EmbeddingOutput, x, &ctx)
+    } else {
+        x
+    };
+    assert_eq!(out.size(), [b, t, D]);
+    println!("PEAK_RISE {}", common::peak_rss_bytes() - before);
+}
+
+#[test]
+fn paper_mode_on_a_packed_8k_batch_needs_no_pairwise_matrix() {
+    let rise = |noise: &str| -> f64 {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "packed_noise_peak_child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("PEFT_RS_PEAK_WITH_NOISE", noise)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("PEAK_RISE "))
+            .unwrap_or_else(|| panic!("no PEAK_RISE line in {stdout}"));
+        line.trim().parse::<f64>().unwrap() / (1 << 20) as f64
+    };
+    let (plain, noisy) = (rise("0"), rise("1"));
+    eprintln!("packed 2 x {PEAK_T}: peak rise {plain:.1} MiB without NEFTune, {noisy:.1} MiB with");
+    // Comparing every pair of positions would need 2 x 8192^2 floats (512 MiB).
+    assert!(
+        noisy - plain < 64.0,
+        "NEFTune adds {:.1} MiB to the peak",
+        noisy - plain
+    );
+}

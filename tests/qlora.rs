@@ -90,6 +90,67 @@ fn tiny_4bit_logits_match_bitsandbytes() {
     }
 }
 
+/// bf16 compute on a 4-bit base, against bitsandbytes' two CPU paths:
+/// dequantize-then-linear in bf16 (every CPU; what peft-rs computes, so the
+/// same bf16 matmul up to its summation order) and, on a CPU with
+/// AVX512-BF16, the fused kernel bitsandbytes takes there at inference, which
+/// rounds the input and the absmax values to bf16 and computes in its own
+/// order. That kernel is another bf16 computation of the model, so it is held
+/// to how far a bf16 computation is from fp32 on the same model, not to the
+/// dequantize path's equality.
+#[test]
+fn tiny_4bit_bf16_compute_matches_both_bitsandbytes_cpu_paths() {
+    let ids = read(&fx().join("batch.safetensors"))["input_ids"].shallow_clone();
+    let model = tiny(&Quantize::Nf4.config(true, Kind::BFloat16));
+    let ours = tch::no_grad(|| model.forward(&ids));
+    let dir = fx().join("tiny").join("nf4_dq_bf16");
+    let fp32 = &read(&fx().join("tiny/nf4_dq/logits.safetensors"))["logits"];
+    let (bf16_vs_fp32, scale) = diff(&ours, fp32);
+    let (d, _) = diff(
+        &ours,
+        &read(&dir.join("dequant/logits.safetensors"))["logits"],
+    );
+    eprintln!(
+        "tiny nf4_dq, bf16 compute: vs bitsandbytes' dequantize path {d:.3e}, vs fp32 compute {bf16_vs_fp32:.3e} (max |logit| {scale:.2})"
+    );
+    assert!(
+        bf16_vs_fp32 > 1e-3,
+        "bf16 compute equals fp32 compute: the dtype was not applied"
+    );
+    // Both round the inputs and weights to bf16 and accumulate in fp32; the
+    // order of the sums may differ, and each bf16 rounding of a layer's
+    // output is 2^-9 relative.
+    assert!(d < bf16_vs_fp32 / 4.0, "{d} vs {bf16_vs_fp32}");
+    let cpu: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx().join("cpu.json")).unwrap()).unwrap();
+    let kernel = dir.join("kernel/logits.safetensors");
+    assert_eq!(
+        kernel.exists(),
+        cpu["bitsandbytes_avx512bf16"].as_bool().unwrap(),
+        "the fused-kernel reference exists exactly where the CPU has AVX512-BF16"
+    );
+    if kernel.exists() {
+        let kernel = &read(&kernel)["logits"];
+        let rel =
+            |a: &Tensor, b: &Tensor| (a - b).norm().double_value(&[]) / b.norm().double_value(&[]);
+        let (k, _) = diff(&ours, kernel);
+        let (kernel_vs_fp32, _) = diff(kernel, fp32);
+        eprintln!(
+            "  vs bitsandbytes' fused AVX512-BF16 kernel {k:.3e} (kernel vs fp32 {kernel_vs_fp32:.3e}); relative L2: ours-kernel {:.3e}, ours-fp32 {:.3e}, kernel-fp32 {:.3e}; argmax agree {:.3}",
+            rel(&ours, kernel), rel(&ours, fp32), rel(kernel, fp32),
+            ours.argmax(-1, false).eq_tensor(&kernel.argmax(-1, false)).to_kind(Kind::Float).mean(Kind::Float).double_value(&[])
+        );
+        // Two bf16 computations of one model differ as each differs from
+        // fp32 (here 1-2% of the logits' norm, bf16 keeping 8 bits); a wrong
+        // block scale or code would move the logits by tens of percent.
+        let (ok, ok_fp32, kernel_fp32) = (rel(&ours, kernel), rel(&ours, fp32), rel(kernel, fp32));
+        assert!(
+            ok < 2.0 * ok_fp32.max(kernel_fp32),
+            "peft-rs bf16 vs the fused kernel {ok:.3e}, each vs fp32 {ok_fp32:.3e} {kernel_fp32:.3e}"
+        );
+    }
+}
+
 #[test]
 fn tiny_lora_logits_on_4bit_base_match_peft() {
     let ids = read(&fx().join("batch.safetensors"))["input_ids"].shallow_clone();

@@ -125,14 +125,7 @@ impl Neftune {
                     .to_kind(Kind::Float)
                     .to_device(embeddings.device());
                 let lengths = match ctx.segment_ids {
-                    // Each position's segment length: positions of its row with the same id.
-                    Some(seg) => {
-                        let seg = seg.to_device(embeddings.device());
-                        seg.unsqueeze(2)
-                            .eq_tensor(&seg.unsqueeze(1))
-                            .to_kind(Kind::Float)
-                            .sum_dim_intlist(2, false, Kind::Float)
-                    }
+                    Some(seg) => segment_lengths(&seg.to_device(embeddings.device())),
                     None => mask
                         .sum_dim_intlist(1, true, Kind::Float)
                         .expand([mask.size()[0], t], false),
@@ -143,6 +136,21 @@ impl Neftune {
             }
         }
     }
+}
+
+/// Each position's segment length in `[batch, T]` segment ids (ids are at
+/// most `T`; 0 marks padding, whose count is masked out later): the tokens
+/// of each id counted per row, then read back at every position. O(T) per
+/// row, where comparing every pair of positions would build a `[B, T, T]`
+/// matrix (1 GB at batch 4 and T 8192).
+pub fn segment_lengths(seg: &Tensor) -> Tensor {
+    let (b, t) = seg.size2().expect("segment ids are [batch, seq]");
+    let counts = Tensor::zeros([b, t + 1], (Kind::Float, seg.device())).scatter_add(
+        1,
+        seg,
+        &Tensor::ones([b, t], (Kind::Float, seg.device())),
+    );
+    counts.gather(1, seg, false)
 }
 
 impl Neftune {
@@ -207,5 +215,30 @@ impl Regularizer for Neftune {
         }
         let noise = self.noise(&value, ctx).to_kind(value.kind());
         value + noise
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_lengths_count_each_rows_ids() {
+        // Row 0: segments of 3 and 2 tokens, then 2 pads; row 1: one of 4, 3 pads.
+        let seg = Tensor::from_slice(&[1i64, 1, 1, 2, 2, 0, 0, 1, 1, 1, 1, 0, 0, 0]).view([2, 7]);
+        let got = Vec::<f32>::try_from(segment_lengths(&seg).view([-1])).unwrap();
+        assert_eq!(
+            got,
+            [3., 3., 3., 2., 2., 2., 2., 4., 4., 4., 4., 3., 3., 3.],
+            "pads count as their own segment (masked out by the caller)"
+        );
+        // The same as comparing every pair of positions, on random ids.
+        let seg = Tensor::randint(5, [3, 50], (Kind::Int64, tch::Device::Cpu));
+        let pairwise = seg
+            .unsqueeze(2)
+            .eq_tensor(&seg.unsqueeze(1))
+            .to_kind(Kind::Float)
+            .sum_dim_intlist(2, false, Kind::Float);
+        assert!(segment_lengths(&seg).equal(&pairwise));
     }
 }

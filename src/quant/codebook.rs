@@ -77,18 +77,7 @@ impl QuantType {
 
     /// [`QuantType::code`] as an f32 tensor on `device`.
     pub fn code_tensor(self, device: Device) -> Tensor {
-        Tensor::from_slice(&self.code()).to_device(device)
-    }
-
-    /// The table the dequantization kernels read. It equals [`QuantType::code`]
-    /// except that bitsandbytes' native FP4 kernels (CPU and CUDA) decode code
-    /// 8 — sign bit set, magnitude zero — as -0.0, not +0.0.
-    pub(crate) fn native_table(self) -> [f32; 16] {
-        let mut t = self.code();
-        if self == QuantType::Fp4 {
-            t[8] = -0.0;
-        }
-        t
+        host_table(&self.code(), device)
     }
 
     /// The boundaries values are bucketed against and the map from sorted
@@ -113,6 +102,24 @@ impl fmt::Display for QuantType {
     }
 }
 
+thread_local! {
+    static HOST_TABLES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A table of host values as a tensor on `device`: on a GPU a blocking
+/// host-to-device copy, which is why it is made once per weight, at load,
+/// and never in a forward pass. Every table of this module is made here.
+fn host_table(values: &[f32], device: Device) -> Tensor {
+    HOST_TABLES.with(|n| n.set(n.get() + 1));
+    Tensor::from_slice(values).to_device(device)
+}
+
+/// How many host tables this thread has turned into tensors (a test's
+/// witness that dequantization copies nothing from the host).
+pub fn host_tables_made() -> usize {
+    HOST_TABLES.with(std::cell::Cell::get)
+}
+
 /// bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`, the code
 /// of the nested absmax quantization), sorted, 256 f32 values on `device`.
 ///
@@ -133,7 +140,8 @@ pub fn dynamic_map(device: Device) -> Tensor {
         parts.push(-&scaled);
         parts.push(scaled);
     }
-    parts.push(Tensor::from_slice(&[0f32, 1.0]));
+    parts.push(host_table(&[0f32, 1.0], Device::Cpu));
     let (sorted, _) = Tensor::cat(&parts, 0).sort(0, false);
-    sorted.to_device(device)
+    let sorted = Vec::<f32>::try_from(&sorted).expect("an f32 map");
+    host_table(&sorted, device)
 }

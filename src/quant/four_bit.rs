@@ -22,7 +22,15 @@
 //! 8-bit dynamic map ([`quantize_blockwise`]).
 //!
 //! Dequantization multiplies the code value by the block's absmax in f32 and
-//! converts to the output dtype (round to nearest even).
+//! converts to the output dtype (round to nearest even), in flat blocks, as
+//! bitsandbytes defines it (its PyTorch implementation, its scalar CPU kernel
+//! and its CUDA kernel). Where its kernels differ: the scalar CPU and the
+//! CUDA kernel decode FP4's code 8 (sign bit, magnitude 0) as -0.0, the code
+//! book (its PyTorch implementation, its AVX512 CPU kernel, peft-rs) as +0.0,
+//! the same value; and its AVX512 CPU kernel (0.50) decodes a weight whose
+//! rows are a multiple of 16 values but not of the block size with the wrong
+//! block scales. Real checkpoints have rows of multiples of 64, where all
+//! agree.
 //!
 //! Where bitsandbytes' CUDA kernel differs (read from its source, not run
 //! here): it scales every block, the partial last one included, by
@@ -295,48 +303,68 @@ impl Quantized4bit {
     /// `bitsandbytes.functional.dequantize_4bit` returns on the CPU when
     /// `kind` is the original dtype (any float kind is accepted: the f32
     /// product is converted to it).
+    ///
+    /// A weight held in host memory and wanted there is decoded by one
+    /// parallel loop over its bytes; anywhere else by
+    /// [`Quantized4bit::dequantize_with_tensor_ops`]. Both give the same bits.
     pub fn dequantize(&self, kind: Kind, device: Device) -> Tensor {
-        let n = self.numel();
-        let mut table = self.quant_type.native_table();
-        // bitsandbytes' CPU backend hands a weight whose last dimension is odd
-        // to its PyTorch fallback, which decodes with the code book itself
-        // (+0 for FP4 code 8) instead of the native table (-0).
-        if self.shape.last().is_some_and(|d| d % 2 == 1) {
-            table = self.quant_type.code();
-        }
         if device == Device::Cpu && self.data.device() == Device::Cpu {
-            return self.dequantize_on_host(&table).to_kind(kind);
+            return self.dequantize_on_host().to_kind(kind);
         }
-        // One lookup per byte: byte b decodes to (table[b >> 4], table[b & 15]).
-        let pairs: Vec<f32> = (0..256usize)
-            .flat_map(|b| [table[b >> 4], table[b & 15]])
-            .collect();
-        let pairs = Tensor::from_slice(&pairs).view([256, 2]).to_device(device);
-        let values = pairs
-            .index_select(
-                0,
-                &self.data.to_device(device).view([-1]).to_kind(Kind::Int64),
-            )
-            .view([-1]);
-        let absmax = self.block_absmax(device);
+        self.dequantize_with_tensor_ops(kind, device)
+    }
+
+    /// [`Quantized4bit::dequantize`] with libtorch operations on `device`
+    /// (the path of a weight on a GPU; callable on the CPU, where the tests
+    /// compare it with the host loop bit for bit). Every tensor it reads is
+    /// one the weight holds, so it copies nothing from the host: a byte
+    /// indexes a 256 x 2 table of (high, low) code values built on the
+    /// device, the block scales multiply in place of a padded copy, and the
+    /// product is rounded into `kind` as it is written: three passes over
+    /// the weight.
+    pub fn dequantize_with_tensor_ops(&self, kind: Kind, device: Device) -> Tensor {
+        let n = self.numel();
+        let bs = self.blocksize;
+        let table = self.code.to_device(device);
+        // Byte b decodes to (table[b >> 4], table[b & 15]).
+        let byte = Tensor::arange(256, (Kind::Int64, device));
+        let pairs = Tensor::stack(
+            &[
+                table.index_select(0, &byte.floor_divide_scalar(16)),
+                table.index_select(0, &byte.remainder(16)),
+            ],
+            1,
+        );
+        let index = self.data.to_device(device).view([-1]).to_kind(Kind::Int);
+        let values = pairs.index_select(0, &index).view([-1]);
+        let absmax = self.block_absmax(device).unsqueeze(1);
         let blocks = absmax.size()[0];
-        let stored = values.size()[0];
-        values
-            .constant_pad_nd([0, blocks * self.blocksize - stored])
-            .view([blocks, self.blocksize])
-            .g_mul(&absmax.unsqueeze(1))
-            .view([-1])
-            .narrow(0, 0, n)
-            .view(self.shape.as_slice())
-            .to_kind(kind)
+        let out = Tensor::empty([n], (kind, device));
+        let whole = n / bs;
+        if whole > 0 {
+            let _ = values.narrow(0, 0, whole * bs).view([whole, bs]).mul_out(
+                &out.narrow(0, 0, whole * bs).view([whole, bs]),
+                &absmax.narrow(0, 0, whole),
+            );
+        }
+        // A partial last block (or the padding code of an odd count).
+        if whole * bs < n {
+            let rest = n - whole * bs;
+            let _ = values.narrow(0, whole * bs, rest).mul_out(
+                &out.narrow(0, whole * bs, rest),
+                &absmax.narrow(0, blocks - 1, 1).view([1]),
+            );
+        }
+        out.view(self.shape.as_slice())
     }
 
     /// [`Quantized4bit::dequantize`] on the CPU in one pass over the packed
     /// bytes (the tensor version takes five, with int64 indices and a padded
     /// copy; dequantizing every layer in every forward made that the cost of
     /// a 4-bit step). The same f32 products, so the same bits.
-    fn dequantize_on_host(&self, table: &[f32]) -> Tensor {
+    fn dequantize_on_host(&self) -> Tensor {
         use rayon::prelude::*;
+        let table = Vec::<f32>::try_from(&self.code).expect("an f32 code book");
         let n = self.numel() as usize;
         let bs = self.blocksize as usize;
         let data = self.data.contiguous();

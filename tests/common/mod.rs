@@ -64,7 +64,7 @@ fn hash_file(p: &Path) -> u64 {
     })
 }
 
-/// Runs `script LEADING... OUT ARGS...` once per content hash of the script and returns OUT
+/// Runs `script LEADING... OUT ARGS...` once per content hash of the fixture scripts and returns OUT
 /// (cached under `target/test-fixtures`, written to a temporary folder and renamed).
 pub fn fixture(script: &str, leading: &[&str], args: &[&Path]) -> PathBuf {
     let script = repo().join("tests/fixtures").join(script);
@@ -74,7 +74,17 @@ pub fn fixture(script: &str, leading: &[&str], args: &[&Path]) -> PathBuf {
         .map(|a| a.display().to_string())
         .collect::<Vec<_>>()
         .join("\0");
-    let arg_hash = arg_text.bytes().fold(hash_file(&script), |h, b| {
+    // Scripts import each other and refkit.py: every script of the folder is in the key.
+    let mut scripts: Vec<PathBuf> = std::fs::read_dir(repo().join("tests/fixtures"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "py"))
+        .collect();
+    scripts.sort();
+    let folder_hash = scripts.iter().fold(hash_file(&script), |h, p| {
+        (h ^ hash_file(p)).wrapping_mul(0x100000001b3)
+    });
+    let arg_hash = arg_text.bytes().fold(folder_hash, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     });
     let key = format!(
@@ -204,4 +214,15 @@ pub fn one_step_grads(
         .map(|(k, t)| (k.clone(), t.grad().copy()))
         .collect();
     (grads, loss)
+}
+
+/// This process's peak resident memory so far (`VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> i64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: i64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/self/status");
+    kib * 1024
 }
