@@ -88,6 +88,8 @@ fn build_c10d_shim(lib_dir: &std::path::Path) {
             .define("PEFT_RS_NCCL", None);
         match with_nccl.try_compile("peft_c10d_shim") {
             Ok(()) => {
+                // c10::cuda::set_device, which binds each rank to its GPU.
+                println!("cargo:rustc-link-lib=dylib=c10_cuda");
                 println!("cargo:rustc-cfg=peft_rs_c10d");
                 return;
             }

@@ -576,7 +576,8 @@ fn merge_cmd(a: MergeArgs) -> Result<()> {
 /// `peft-rs train`: the settings of [`TrainConfig`], each a flag, plus a settings file.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// TOML or YAML file with the settings (field names as in training_args.json); flags given on the command line override it.
+    /// TOML, YAML or JSON file with the settings (field names as in training_args.json, which can
+    /// itself be given); flags given on the command line override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(flatten)]
@@ -660,6 +661,14 @@ pub fn flag_of(field: &str) -> String {
 fn train_cmd(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let cfg = a.to_config(matches)?;
     let dist = crate::dist::DistEnv::from_env()?;
+    let our_worker = std::env::var_os(crate::dist::launch::WORKER_MARK).is_some();
+    if let (true, Some(d), false) = (cfg.nproc > 1, &dist, our_worker) {
+        bail!(
+            "--nproc {} while WORLD_SIZE={} is set: a launcher (torchrun, a scheduler) already started the processes; leave out --nproc",
+            cfg.nproc,
+            d.world_size
+        );
+    }
     if cfg.nproc > 1 && dist.is_none() {
         cfg.validate()?;
         return crate::dist::launch_local(cfg.nproc);
@@ -674,7 +683,7 @@ fn train_cmd(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         "steps": s.steps, "skipped_steps": s.skipped_steps, "seconds": s.seconds,
         "tokens_per_second": s.tokens_per_second, "final_train_loss": s.final_train_loss,
         "eval_loss_before": s.eval_loss_before, "eval_loss_after": s.eval_loss_after,
-        "world_size": trainer.cfg.world_size, "all_reduce_seconds": trainer.all_reduce_seconds, "wait_for_ranks_seconds": trainer.wait_seconds,
+        "world_size": trainer.rank_and_world().1, "all_reduce_seconds": trainer.all_reduce_seconds, "wait_for_ranks_seconds": trainer.wait_seconds,
         "frozen_weight_bytes": s.frozen_weight_bytes,
         "quantized_bytes_per_param": s.quantized_bytes_per_param,
     });

@@ -158,6 +158,26 @@ pub struct Dataset {
     pub dropped: usize,
 }
 
+impl Dataset {
+    /// A digest of the tokenized examples (ids, labels, packing), with which
+    /// ranks check that they read the same data: FNV-1a over every value.
+    pub fn digest(&self) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut eat = |v: u64| {
+            for b in v.to_le_bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for e in &self.examples {
+            eat(e.input_ids.len() as u64);
+            e.input_ids.iter().for_each(|&t| eat(t as u64));
+            e.labels.iter().for_each(|&t| eat(t as u64));
+            e.segments.iter().for_each(|&t| eat(t as u64));
+        }
+        h
+    }
+}
+
 /// `FILE:LINE: message` as one error, so that the location survives however
 /// the error is printed (`{}` shows only the outermost context).
 fn at(path: &Path, line: usize, e: impl fmt::Display) -> anyhow::Error {

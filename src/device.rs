@@ -16,7 +16,10 @@ pub enum DeviceArg {
     Auto,
     /// The CPU.
     Cpu,
-    /// CUDA device N.
+    /// `cuda`: the GPU of this process (cuda:0, or cuda:LOCAL_RANK for one of
+    /// several processes on a machine).
+    CudaAny,
+    /// `cuda:N`: CUDA device N.
     Cuda(usize),
 }
 
@@ -26,7 +29,7 @@ impl FromStr for DeviceArg {
         Ok(match s {
             "auto" => Self::Auto,
             "cpu" => Self::Cpu,
-            "cuda" => Self::Cuda(0),
+            "cuda" => Self::CudaAny,
             other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Self::Cuda(n),
                 _ => bail!("`{other}`: expected auto, cpu, cuda or cuda:N"),
@@ -40,15 +43,91 @@ impl fmt::Display for DeviceArg {
         match self {
             Self::Auto => f.write_str("auto"),
             Self::Cpu => f.write_str("cpu"),
+            Self::CudaAny => f.write_str("cuda"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
         }
     }
 }
 
 impl DeviceArg {
-    /// The device this resolves to on this machine.
+    /// The device this resolves to on this machine, for a single process.
     pub fn resolve(self) -> Result<Device> {
-        parse_device(&self.to_string())
+        place(self, None, visible_gpus())
+    }
+}
+
+/// Where a process sits on its machine in a multi-process run (torchrun's
+/// `LOCAL_RANK` and `LOCAL_WORLD_SIZE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalRank {
+    /// `LOCAL_RANK`: this process among those of its machine.
+    pub local_rank: usize,
+    /// `LOCAL_WORLD_SIZE`, when the launcher sets it.
+    pub local_world_size: Option<usize>,
+}
+
+/// The CUDA devices libtorch can use here (0 without CUDA).
+pub fn visible_gpus() -> usize {
+    if Cuda::is_available() {
+        Cuda::device_count().max(0) as usize
+    } else {
+        0
+    }
+}
+
+/// The device of one process, decided from `--device`, the process's place
+/// on its machine (`None` for a single process) and the GPUs it can see, as
+/// torch's DDP places processes: each process of a machine on its own GPU,
+/// `cuda:LOCAL_RANK`. A pure function, so that the choices of a machine with
+/// eight GPUs are tested on one with none.
+pub fn place(asked: DeviceArg, local: Option<LocalRank>, visible_gpus: usize) -> Result<Device> {
+    let cuda_usable = || {
+        if visible_gpus == 0 {
+            bail!("--device {asked}: CUDA is not usable here (run `peft-rs env` to see what libtorch finds)");
+        }
+        Ok(())
+    };
+    match asked {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Auto if visible_gpus == 0 => Ok(Device::Cpu),
+        DeviceArg::Auto | DeviceArg::CudaAny => {
+            cuda_usable()?;
+            let Some(LocalRank {
+                local_rank,
+                local_world_size,
+            }) = local
+            else {
+                return Ok(Device::Cuda(0));
+            };
+            let here = local_world_size
+                .unwrap_or(local_rank + 1)
+                .max(local_rank + 1);
+            if here > visible_gpus {
+                bail!(
+                    "{here} processes on this machine (LOCAL_WORLD_SIZE/LOCAL_RANK) but {visible_gpus} visible GPU{}: \
+                     each process needs its own; start at most {visible_gpus} per machine (or check CUDA_VISIBLE_DEVICES)",
+                    if visible_gpus == 1 { "" } else { "s" }
+                );
+            }
+            Ok(Device::Cuda(local_rank))
+        }
+        DeviceArg::Cuda(n) => {
+            cuda_usable()?;
+            if let Some(l) = local.filter(|l| l.local_world_size.unwrap_or(l.local_rank + 1) > 1) {
+                bail!(
+                    "--device cuda:{n} would put all {} processes of this machine on one GPU; \
+                     use --device cuda (or auto): each process takes cuda:LOCAL_RANK",
+                    l.local_world_size.unwrap_or(l.local_rank + 1)
+                );
+            }
+            if n >= visible_gpus {
+                bail!(
+                    "--device cuda:{n}: only {visible_gpus} CUDA device{} (run `peft-rs env` to see what libtorch finds)",
+                    if visible_gpus == 1 { "" } else { "s" }
+                );
+            }
+            Ok(Device::Cuda(n))
+        }
     }
 }
 
@@ -207,10 +286,19 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Resolves `--device` and `--dtype`, saying in one line (on stderr) why
-    /// `auto` falls back to the CPU on a machine with a GPU.
+    /// Resolves `--device` and `--dtype` for a single process, saying in one
+    /// line (on stderr) why `auto` falls back to the CPU on a machine with a GPU.
     pub fn resolve(device: DeviceArg, dtype: DtypeArg) -> Result<Self> {
-        let resolved = device.resolve()?;
+        Self::resolve_for(device, dtype, None)
+    }
+
+    /// [`Placement::resolve`] for a process at `local` on its machine.
+    pub fn resolve_for(
+        device: DeviceArg,
+        dtype: DtypeArg,
+        local: Option<LocalRank>,
+    ) -> Result<Self> {
+        let resolved = place(device, local, visible_gpus())?;
         if device == DeviceArg::Auto && resolved == Device::Cpu {
             if let Some(why) = cpu_fallback_reason(NvidiaSmi::query().as_ref()) {
                 eprintln!("{why}");
@@ -243,36 +331,11 @@ impl Placement {
     }
 }
 
-/// Parses `auto`, `cpu`, `cuda` or `cuda:N`; `auto` picks CUDA when usable.
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N` for a single process; `auto`
+/// picks CUDA when usable.
 pub fn parse_device(s: &str) -> Result<Device> {
-    Ok(match s {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => cuda(0)?,
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => cuda(n)?,
-            _ => bail!("--device `{other}`: expected auto, cpu, cuda or cuda:N"),
-        },
-    })
-}
-
-fn cuda(n: usize) -> Result<Device> {
-    let count = if Cuda::is_available() {
-        Cuda::device_count() as usize
-    } else {
-        0
-    };
-    if n >= count {
-        bail!(
-            "--device cuda:{n}: {} (run `peft-rs env` to see what libtorch finds)",
-            if count == 0 {
-                "CUDA is not usable here".to_owned()
-            } else {
-                format!("only {count} CUDA device(s)")
-            }
-        );
-    }
-    Ok(Device::Cuda(n))
+    let arg: DeviceArg = s.parse().map_err(|e| anyhow::anyhow!("--device {e}"))?;
+    arg.resolve()
 }
 
 /// Parses `auto`, `fp32`, `bf16` or `fp16` (and their torch spellings).
@@ -362,5 +425,60 @@ mod tests {
         assert_eq!(p.describe(), "device cuda:1, dtype bf16");
         let auto = Placement::resolve(DeviceArg::Cpu, DtypeArg::Auto).unwrap();
         assert_eq!(auto.as_args(), (DeviceArg::Cpu, DtypeArg::Fp32));
+    }
+
+    #[test]
+    fn each_process_of_a_machine_takes_its_own_gpu() {
+        let rank = |local_rank, world| {
+            Some(LocalRank {
+                local_rank,
+                local_world_size: world,
+            })
+        };
+        // torchrun --nproc-per-node 8 on a machine with 8 GPUs: rank 3 on cuda:3.
+        for asked in [DeviceArg::Auto, DeviceArg::CudaAny] {
+            assert_eq!(place(asked, rank(3, Some(8)), 8).unwrap(), Device::Cuda(3));
+            // A launcher that sets LOCAL_RANK only.
+            assert_eq!(place(asked, rank(7, None), 8).unwrap(), Device::Cuda(7));
+        }
+        // A single process takes the first GPU, or the CPU without one.
+        assert_eq!(place(DeviceArg::Auto, None, 8).unwrap(), Device::Cuda(0));
+        assert_eq!(place(DeviceArg::Auto, None, 0).unwrap(), Device::Cpu);
+        assert_eq!(
+            place(DeviceArg::Auto, rank(5, Some(8)), 0).unwrap(),
+            Device::Cpu
+        );
+        assert_eq!(
+            place(DeviceArg::Cpu, rank(5, Some(8)), 8).unwrap(),
+            Device::Cpu
+        );
+        assert_eq!(place(DeviceArg::Cuda(2), None, 8).unwrap(), Device::Cuda(2));
+        // One process per machine (multi-node with one GPU each): cuda:N is fine.
+        assert_eq!(
+            place(DeviceArg::Cuda(1), rank(0, Some(1)), 2).unwrap(),
+            Device::Cuda(1)
+        );
+
+        let err = |asked, local, gpus| place(asked, local, gpus).unwrap_err().to_string();
+        // Nine processes on a machine with eight GPUs: both numbers named.
+        let e = err(DeviceArg::Auto, rank(0, Some(9)), 8);
+        assert!(
+            e.contains("9 processes") && e.contains("8 visible GPUs"),
+            "{e}"
+        );
+        let e = err(DeviceArg::CudaAny, rank(8, None), 8);
+        assert!(e.contains("9 processes") && e.contains("8 visible"), "{e}");
+        // cuda:N with several local processes would stack them on one GPU.
+        let e = err(DeviceArg::Cuda(0), rank(1, Some(2)), 2);
+        assert!(
+            e.contains("--device cuda:0") && e.contains("--device cuda"),
+            "{e}"
+        );
+        let e = err(DeviceArg::Cuda(4), None, 2);
+        assert!(e.contains("only 2 CUDA devices"), "{e}");
+        let e = err(DeviceArg::CudaAny, None, 0);
+        assert!(e.contains("not usable"), "{e}");
+        assert_eq!("cuda".parse::<DeviceArg>().unwrap(), DeviceArg::CudaAny);
+        assert_eq!(DeviceArg::CudaAny.to_string(), "cuda");
     }
 }

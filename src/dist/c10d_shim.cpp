@@ -1,13 +1,16 @@
 // The few calls of PyTorch's c10d that peft-rs needs, with a C interface:
-// a TCPStore rendezvous, a Gloo (CPU) or NCCL (CUDA) process group, an
-// in-place sum all-reduce and a barrier. Everything c10d throws is caught and
+// a TCPStore rendezvous (and its key-value store), a Gloo (CPU) or NCCL
+// (CUDA) process group, an in-place sum all-reduce and a barrier. Everything c10d throws is caught and
 // returned as a message; nothing crosses the FFI boundary as an exception.
 // The implementation is libtorch's own (libtorch_cpu.so / libtorch_cuda.so).
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #ifdef PEFT_RS_NCCL
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
+
+#include <c10/util/Logging.h>
 
 #include <chrono>
 #include <cstring>
@@ -27,9 +30,11 @@ struct Group {
 
 extern "C" {
 
-// backend: 0 = gloo, 1 = nccl. Returns a Group* or null with *err set.
+// backend: 0 = gloo, 1 = nccl; device: this rank's CUDA device (NCCL), made
+// the current device before the group exists and bound to it, as torch's
+// init_process_group(device_id=...) does. Returns a Group* or null with *err set.
 void* peft_c10d_new(const char* host, int port, int rank, int world, int backend,
-                    long timeout_ms, char** err) {
+                    long timeout_ms, int device, char** err) {
   try {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions opts;
@@ -45,9 +50,11 @@ void* peft_c10d_new(const char* host, int port, int rank, int world, int backend
       group->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(group->store, rank, world, o);
     } else {
 #ifdef PEFT_RS_NCCL
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
       auto o = c10d::ProcessGroupNCCL::Options::create();
       o->timeout = timeout;
       group->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(group->store, rank, world, o);
+      group->backend->setBoundDeviceId(c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(device)));
 #else
       delete group;
       throw std::runtime_error("this build of peft-rs has no NCCL (built without the CUDA headers)");
@@ -83,6 +90,42 @@ int peft_c10d_barrier(void* group, char** err) {
   }
 }
 
+// Stores `len` bytes under `key` in the rendezvous store (visible to every rank).
+int peft_c10d_store_set(void* group, const char* key, const unsigned char* data, long len,
+                        char** err) {
+  try {
+    std::vector<uint8_t> value(data, data + len);
+    static_cast<Group*>(group)->store->set(std::string(key), value);
+    return 0;
+  } catch (const std::exception& e) {
+    *err = copy_message(e);
+    return 1;
+  }
+}
+
+// Reads `key`, waiting at most timeout_ms for some rank to set it; *out is
+// malloc'ed (free with peft_c10d_free_message).
+int peft_c10d_store_get(void* group, const char* key, long timeout_ms, unsigned char** out,
+                        long* len, char** err) {
+  try {
+    auto& store = static_cast<Group*>(group)->store;
+    std::vector<std::string> keys{std::string(key)};
+    store->wait(keys, std::chrono::milliseconds(timeout_ms));
+    auto value = store->get(keys[0]);
+    *out = static_cast<unsigned char*>(malloc(value.size() + 1));
+    std::memcpy(*out, value.data(), value.size());
+    *len = static_cast<long>(value.size());
+    return 0;
+  } catch (const std::exception& e) {
+    *err = copy_message(e);
+    return 1;
+  }
+}
+
+// c10's log threshold (0 INFO, 1 WARNING, 2 ERROR, 3 FATAL): c10d logs each
+// retry of a rendezvous with a C++ backtrace; peft-rs reports failures itself.
+void peft_c10d_set_log_level(int level) { FLAGS_caffe2_log_level = level; }
+
 int peft_c10d_has_nccl() {
 #ifdef PEFT_RS_NCCL
   return 1;
@@ -93,6 +136,6 @@ int peft_c10d_has_nccl() {
 
 void peft_c10d_free(void* group) { delete static_cast<Group*>(group); }
 
-void peft_c10d_free_message(char* message) { free(message); }
+void peft_c10d_free_message(void* message) { free(message); }
 
 }  // extern "C"

@@ -3,13 +3,21 @@
 //! next to this file (`c10d_shim.cpp`, compiled by `build.rs`).
 //!
 //! Launch as torchrun does: every process reads `RANK`, `WORLD_SIZE`,
-//! `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT` ([`DistEnv::from_env`]), or
-//! `peft-rs train --nproc N` starts N local workers with those set.
+//! `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT`
+//! ([`DistEnv::from_env`]), or `peft-rs train --nproc N` starts N local
+//! workers with those set ([`launch`]). [`group`] joins and runs the
+//! collectives; [`agree`] holds what the ranks must agree on.
 
-use std::time::Duration;
+pub mod agree;
+pub mod group;
+pub mod launch;
 
 use anyhow::{bail, Context, Result};
-use tch::Tensor;
+
+pub use group::{capabilities, ProcessGroup};
+pub use launch::launch_local;
+
+use crate::device::LocalRank;
 
 /// The communication backend (`--dist-backend`).
 #[derive(
@@ -53,6 +61,8 @@ pub struct DistEnv {
     pub world_size: usize,
     /// `LOCAL_RANK`: this process on its machine (picks the GPU).
     pub local_rank: usize,
+    /// `LOCAL_WORLD_SIZE`: the processes on this machine, when set.
+    pub local_world_size: Option<usize>,
     /// `MASTER_ADDR`: where rank 0 hosts the TCPStore.
     pub master_addr: String,
     /// `MASTER_PORT`: the TCPStore's port.
@@ -90,6 +100,10 @@ impl DistEnv {
             bail!("environment variable RANK={rank} is not below WORLD_SIZE={world_size}");
         }
         let master_addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".to_owned());
+        let master_addr = master_addr.trim().to_owned();
+        if master_addr.is_empty() {
+            bail!("environment variable MASTER_ADDR is empty: set it to rank 0's host name or address");
+        }
         let master_port = match get("MASTER_PORT") {
             Some(p) => p.trim().parse::<u16>().with_context(|| {
                 format!("environment variable MASTER_PORT={p:?}: expected a port number")
@@ -102,180 +116,35 @@ impl DistEnv {
             rank,
             world_size,
             local_rank: num("LOCAL_RANK")?.unwrap_or(rank),
+            local_world_size: num("LOCAL_WORLD_SIZE")?,
             master_addr,
             master_port,
         }))
     }
-}
 
-#[cfg(peft_rs_c10d)]
-mod ffi {
-    use std::os::raw::{c_char, c_int, c_long, c_void};
-    extern "C" {
-        pub fn peft_c10d_new(
-            host: *const c_char,
-            port: c_int,
-            rank: c_int,
-            world: c_int,
-            backend: c_int,
-            timeout_ms: c_long,
-            err: *mut *mut c_char,
-        ) -> *mut c_void;
-        pub fn peft_c10d_all_reduce_sum(
-            group: *mut c_void,
-            tensor: *mut c_void,
-            err: *mut *mut c_char,
-        ) -> c_int;
-        pub fn peft_c10d_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
-        pub fn peft_c10d_has_nccl() -> c_int;
-        pub fn peft_c10d_free(group: *mut c_void);
-        pub fn peft_c10d_free_message(message: *mut c_char);
-    }
-}
-
-/// A c10d process group with its TCPStore.
-pub struct ProcessGroup {
-    #[cfg(peft_rs_c10d)]
-    ptr: *mut std::os::raw::c_void,
-    rank: usize,
-    world_size: usize,
-}
-
-// c10d's process groups are used from one thread at a time here.
-unsafe impl Send for ProcessGroup {}
-
-#[cfg(peft_rs_c10d)]
-fn take_message(err: *mut std::os::raw::c_char) -> String {
-    if err.is_null() {
-        return "unknown c10d error".into();
-    }
-    // SAFETY: the shim returns a strdup'ed NUL-terminated string, freed here once.
-    let s = unsafe { std::ffi::CStr::from_ptr(err) }
-        .to_string_lossy()
-        .into_owned();
-    unsafe { ffi::peft_c10d_free_message(err) };
-    s.lines().next().unwrap_or("").to_owned()
-}
-
-impl ProcessGroup {
-    /// Joins the run described by `env` (rank 0 hosts the TCPStore), waiting at
-    /// most `timeout` for the others here and in every later collective.
-    pub fn join(env: &DistEnv, backend: Backend, timeout: Duration) -> Result<Self> {
-        #[cfg(peft_rs_c10d)]
-        {
-            let host = std::ffi::CString::new(env.master_addr.clone())?;
-            let mut err = std::ptr::null_mut();
-            let code = match backend {
-                Backend::Nccl => 1,
-                _ => 0,
-            };
-            // SAFETY: valid C string and out-pointer; the shim catches every C++ exception.
-            let ptr = unsafe {
-                ffi::peft_c10d_new(
-                    host.as_ptr(),
-                    env.master_port as _,
-                    env.rank as _,
-                    env.world_size as _,
-                    code,
-                    timeout.as_millis() as _,
-                    &mut err,
-                )
-            };
-            if ptr.is_null() {
-                bail!(
-                    "rank {}: could not join the {backend} process group at {}:{} (world size {}): {}",
-                    env.rank,
-                    env.master_addr,
-                    env.master_port,
-                    env.world_size,
-                    take_message(err)
-                );
-            }
-            Ok(Self {
-                ptr,
-                rank: env.rank,
-                world_size: env.world_size,
-            })
-        }
-        #[cfg(not(peft_rs_c10d))]
-        {
-            let _ = (backend, timeout);
-            bail!(
-                "rank {}: this peft-rs was built without c10d (Gloo's headers were missing at build time); run ./scripts/setup.sh and rebuild",
-                env.rank
-            )
+    /// Where this process sits on its machine (which picks its GPU).
+    pub fn local(&self) -> LocalRank {
+        LocalRank {
+            local_rank: self.local_rank,
+            local_world_size: self.local_world_size,
         }
     }
 
-    /// This process's rank.
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
-    /// The number of processes.
-    pub fn world_size(&self) -> usize {
-        self.world_size
-    }
-
-    /// Sums `t` over all ranks, in place (every rank gets the total).
-    pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
-        #[cfg(peft_rs_c10d)]
-        {
-            let mut err = std::ptr::null_mut();
-            // SAFETY: `t` is a live tensor (tch's C_tensor is an at::Tensor*).
-            let rc = unsafe {
-                ffi::peft_c10d_all_reduce_sum(self.ptr, t.as_mut_ptr() as *mut _, &mut err)
-            };
-            if rc != 0 {
-                bail!(
-                    "rank {}: all-reduce failed (another rank died or hung past --dist-timeout?): {}",
-                    self.rank,
-                    take_message(err)
-                );
-            }
-            Ok(())
+    /// Checks that rank 0's address resolves, before any rendezvous: a typo
+    /// is one line here, where c10d would retry until the timeout.
+    pub fn check_master(&self) -> Result<()> {
+        use std::net::ToSocketAddrs;
+        if self.master_port == 0 {
+            bail!("environment variable MASTER_PORT=0: give rank 0's port (1-65535)");
         }
-        #[cfg(not(peft_rs_c10d))]
-        {
-            let _ = t;
-            unreachable!("no process group exists without c10d")
+        match (self.master_addr.as_str(), self.master_port).to_socket_addrs() {
+            Ok(addrs) if addrs.len() > 0 => Ok(()),
+            Ok(_) => bail!("MASTER_ADDR={}: resolves to no address", self.master_addr),
+            Err(e) => bail!(
+                "MASTER_ADDR={}: cannot resolve it ({e}); set it to rank 0's host name or address",
+                self.master_addr
+            ),
         }
-    }
-
-    /// Waits until every rank gets here.
-    pub fn barrier(&self) -> Result<()> {
-        #[cfg(peft_rs_c10d)]
-        {
-            let mut err = std::ptr::null_mut();
-            // SAFETY: the group is live.
-            if unsafe { ffi::peft_c10d_barrier(self.ptr, &mut err) } != 0 {
-                bail!("rank {}: barrier failed: {}", self.rank, take_message(err));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        #[cfg(peft_rs_c10d)]
-        // SAFETY: created by peft_c10d_new and freed once.
-        unsafe {
-            ffi::peft_c10d_free(self.ptr)
-        };
-    }
-}
-
-/// Whether this build can run multi-process training, and with NCCL.
-pub fn capabilities() -> (bool, bool) {
-    #[cfg(peft_rs_c10d)]
-    {
-        // SAFETY: a constant query.
-        (true, unsafe { ffi::peft_c10d_has_nccl() } != 0)
-    }
-    #[cfg(not(peft_rs_c10d))]
-    {
-        (false, false)
     }
 }
 
@@ -285,68 +154,6 @@ pub fn shard(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
     let (base, extra) = (n / world, n % world);
     let start = rank * base + rank.min(extra);
     start..start + base + usize::from(rank < extra)
-}
-
-/// `peft-rs train --nproc N`: runs this same command line as N local workers
-/// with torchrun's variables set (rendezvous on a free port of 127.0.0.1), and
-/// waits for them. When one fails, the others are stopped and the error names
-/// the rank; the exit status is the failed worker's.
-pub fn launch_local(nproc: usize) -> Result<()> {
-    use std::process::{Command, Stdio};
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let exe =
-        std::env::current_exe().context("cannot find the peft-rs executable to start workers")?;
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    eprintln!("starting {nproc} workers (data-parallel, rendezvous at 127.0.0.1:{port})");
-    let mut children = Vec::with_capacity(nproc);
-    for rank in 0..nproc {
-        let child = Command::new(&exe)
-            .args(&args)
-            .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("WORLD_SIZE", nproc.to_string())
-            .env("LOCAL_WORLD_SIZE", nproc.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            // Only rank 0 speaks on stdout; every rank's errors reach stderr.
-            .stdout(if rank == 0 {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .with_context(|| format!("cannot start worker {rank}"))?;
-        children.push(child);
-    }
-    let mut running: Vec<Option<std::process::Child>> = children.into_iter().map(Some).collect();
-    loop {
-        let mut alive = 0;
-        for rank in 0..running.len() {
-            let Some(child) = running[rank].as_mut() else {
-                continue;
-            };
-            match child.try_wait()? {
-                None => alive += 1,
-                Some(status) if status.success() => running[rank] = None,
-                Some(status) => {
-                    for other in running.iter_mut().flatten() {
-                        let _ = other.kill();
-                        let _ = other.wait();
-                    }
-                    bail!(
-                        "worker rank {rank} of {nproc} failed ({status}); the other workers were stopped \
-                         (the last complete checkpoint, if any, is intact: rerun with --resume)"
-                    );
-                }
-            }
-        }
-        if alive == 0 {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[cfg(test)]

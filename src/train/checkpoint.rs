@@ -42,6 +42,13 @@ pub struct TrainerState {
     pub peft_rs_version: String,
     /// Every setting of the run.
     pub settings: TrainConfig,
+    /// The processes the run trained with (a run resumes with as many).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainerState {
@@ -53,7 +60,22 @@ impl TrainerState {
             peft_adapters::fsio::MAX_JSON_BYTES,
             "trainer state",
         )?;
-        serde_json::from_str(&text).map_err(|e| {
+        let mut value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not JSON ({e}); the checkpoint is damaged",
+                path.display()
+            )
+        })?;
+        // Checkpoints written before the process count left the settings.
+        if let Some(n) = value["settings"]
+            .as_object_mut()
+            .and_then(|s| s.remove("world_size"))
+        {
+            if value.get("world_size").is_none() {
+                value["world_size"] = n;
+            }
+        }
+        serde_json::from_value(value).map_err(|e| {
             anyhow::anyhow!(
                 "{}: not a trainer state written by this peft-rs ({e}); the checkpoint is damaged \
                  or from another version: delete that checkpoint folder to resume from an earlier one",

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::ArgAction;
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +55,11 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "dist_backend",
     "dist_timeout",
 ];
+
+/// Fields that `training_args.json` records about how a run was made, which
+/// no settings file sets (a run's `training_args.json` fed back as
+/// `--config` repeats the run with the process count of the command line).
+pub const RECORDED_FIELDS: &[&str] = &["world_size"];
 
 /// Rows of logits per cross-entropy chunk unless asked otherwise: two
 /// chunk-sized fp32 tensors at the peak (2 × 256 × 49152 × 4 bytes = 100 MB
@@ -239,9 +244,6 @@ pub struct TrainConfig {
     /// Seconds a rank waits for the others in a collective before the whole run stops.
     #[arg(long, value_name = "SECONDS", default_value_t = defaults().dist_timeout)]
     pub dist_timeout: u64,
-    /// The number of processes the run trained with (recorded, not set: see --nproc).
-    #[arg(skip = 1usize)]
-    pub world_size: usize,
     /// Rows of logits per cross-entropy chunk (each chunk holds two
     /// [N, vocab] fp32 tensors at its peak).
     #[arg(long, value_name = "N", default_value_t = defaults().loss_chunk_size)]
@@ -310,7 +312,6 @@ impl Default for TrainConfig {
             nproc: 1,
             dist_backend: crate::dist::Backend::Auto,
             dist_timeout: 600,
-            world_size: 1,
             loss_chunk_size: LOSS_CHUNK_SIZE,
             logging_steps: 1,
             save_steps: 0,
@@ -349,22 +350,42 @@ pub struct Difference {
 }
 
 impl TrainConfig {
-    /// Reads a TOML (`.toml`) or YAML (`.yaml`/`.yml`) file of settings
-    /// (any field left out keeps its default).
+    /// Reads a TOML (`.toml`), YAML (`.yaml`/`.yml`) or JSON (`.json`, such
+    /// as a run's `training_args.json`) file of settings (any field left out
+    /// keeps its default). Errors name the file and the field.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = peft_adapters::fsio::read_regular_string(
-            path,
-            peft_adapters::fsio::MAX_JSON_BYTES,
-            "settings file",
-        )?;
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        match ext {
-            "toml" => toml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string()))),
-            "yaml" | "yml" => serde_yaml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string()))),
-            _ => bail!("{}: give a .toml, .yaml or .yml file", path.display()),
+        let value = super::settings_file::read(path)?;
+        Self::from_value(value, path)
+    }
+
+    /// The settings of a parsed settings file `path`. Values that record a
+    /// past run rather than set this one ([`RECORDED_FIELDS`]) are left out
+    /// with a note.
+    pub fn from_value(mut value: serde_json::Value, path: &Path) -> Result<Self> {
+        if let Some(fields) = value.as_object_mut() {
+            for &f in RECORDED_FIELDS {
+                if fields.remove(f).is_some() {
+                    eprintln!(
+                        "note: {}: `{f}` records how a run was made and is not read from a settings file \
+                         (set the process count with --nproc or torchrun)",
+                        path.display()
+                    );
+                }
+            }
         }
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            anyhow::anyhow!(
+                "{}: {}{}",
+                path.display(),
+                if field == "." {
+                    String::new()
+                } else {
+                    format!("field `{field}`: ")
+                },
+                one_line(&e.into_inner().to_string())
+            )
+        })
     }
 
     /// Rejects settings that cannot work, naming the field.

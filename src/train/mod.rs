@@ -12,6 +12,7 @@ pub mod optim;
 
 pub mod plan;
 pub mod scaler;
+pub mod settings_file;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -30,6 +31,7 @@ pub use scaler::LossScaler;
 
 use crate::data::{self, Batch, DataOptions, Dataset};
 use crate::device::resolve_model_dir;
+use crate::dist::agree;
 use crate::models::llama::ForwardHooks;
 use crate::models::{LlamaForCausalLM, Pretrained};
 use crate::outputs;
@@ -81,6 +83,9 @@ pub struct StepStats {
     pub tokens: i64,
     /// True when the update was skipped (fp16 overflow; the loss scale was lowered).
     pub skipped: bool,
+    /// The signal every rank agreed to stop on after this step, if any
+    /// rank received one.
+    pub stop: Option<i32>,
 }
 
 /// A training run in progress.
@@ -124,11 +129,28 @@ impl Trainer {
         if cfg.tf32 {
             crate::device::allow_tf32();
         }
-        let place = crate::device::Placement::resolve(cfg.device, cfg.dtype)?;
+        // Where this process sits decides its device (cuda:LOCAL_RANK), so
+        // the process group is described before the device is chosen.
+        let dist = crate::dist::DistEnv::from_env()?;
+        if let Some(d) = &dist {
+            d.check_master()?;
+        }
+        let place = crate::device::Placement::resolve_for(
+            cfg.device,
+            cfg.dtype,
+            dist.as_ref().map(crate::dist::DistEnv::local),
+        )?;
         let (device, kind) = (place.device, place.kind);
-        // training_args.json records what was used, not "auto".
+        // training_args.json records what was used, not "auto"; with several
+        // processes each takes its own GPU, which `cuda` says.
         (cfg.device, cfg.dtype) = place.as_args();
-        eprintln!("training on {}", place.describe());
+        if dist.is_some() && device.is_cuda() {
+            cfg.device = crate::device::DeviceArg::CudaAny;
+        }
+        let writer = dist.as_ref().is_none_or(|d| d.rank == 0);
+        if writer {
+            eprintln!("training on {}", place.describe());
+        }
         let model_dir = resolve_model_dir(cfg.model.clone())?;
         cfg.model = Some(model_dir.clone());
         let Some(data_path) = cfg.data.clone() else {
@@ -143,14 +165,14 @@ impl Trainer {
             inputs.push(("evaluation data", e.as_path()));
         }
         outputs::refuse_overlap("--output", &cfg.output, &inputs)?;
-        let group = join_process_group(&cfg, device)?;
-        if let Some(g) = &group {
-            cfg.world_size = g.world_size();
-        }
+        let group = match &dist {
+            Some(env) => Some(join_process_group(&cfg, env, device)?),
+            None => None,
+        };
         // One writer: rank 0 owns the output; the other ranks only read it (resume).
-        let lock = match &group {
-            Some(g) if g.rank() != 0 => None,
-            _ => Some(outputs::claim_dir("--output", &cfg.output, "train")?),
+        let lock = match writer {
+            false => None,
+            true => Some(outputs::claim_dir("--output", &cfg.output, "train")?),
         };
         let quantize = cfg.quantization(kind, device);
         let base = Pretrained::load_quantized(&model_dir, kind, device, quantize.as_ref())?;
@@ -211,11 +233,12 @@ impl Trainer {
             regs.push(r);
         }
         // A batch is --batch-size rows on each rank.
+        let world_size = group.as_ref().map_or(1, |g| g.world_size());
         let plan = EpochPlan {
             batches_per_epoch: train
                 .examples
                 .len()
-                .div_ceil(cfg.per_device_train_batch_size * cfg.world_size)
+                .div_ceil(cfg.per_device_train_batch_size * world_size)
                 as u64,
             gradient_accumulation_steps: cfg.gradient_accumulation_steps as u64,
         };
@@ -230,6 +253,11 @@ impl Trainer {
         // fp16 gradients underflow without loss scaling (torch's GradScaler);
         // bf16 has fp32's range and needs none.
         let scaler = (kind == Kind::Half).then(LossScaler::default);
+        // Before the first collective whose size depends on the settings.
+        if let Some(g) = &group {
+            let settings = settings_to_agree_on(&cfg, &model_dir, &train, eval.as_ref())?;
+            agree::agree_on_settings(g, &settings)?;
+        }
         Ok(Self {
             _lock: lock,
             group,
@@ -264,8 +292,7 @@ impl Trainer {
     /// This rank's micro-batches of `step`, each with the data-set indices of
     /// its rows, and the whole step's label tokens and tokens over all ranks.
     fn batches_for_step(&mut self, step: u64) -> (Vec<(Batch, Vec<usize>)>, i64, i64) {
-        let world = self.cfg.world_size;
-        let rank = self.group.as_ref().map_or(0, |g| g.rank());
+        let (rank, world) = self.rank_and_world();
         let bs = self.cfg.per_device_train_batch_size * world;
         let (epoch, range) = self.plan.micro_batches(step);
         if self.order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
@@ -306,13 +333,24 @@ impl Trainer {
         self._lock.is_some()
     }
 
+    /// This process's rank and the number of processes (0 and 1 alone).
+    pub fn rank_and_world(&self) -> (usize, usize) {
+        self.group
+            .as_ref()
+            .map_or((0, 1), |g| (g.rank(), g.world_size()))
+    }
+
     /// Sums every adapter gradient and the loss over the ranks, in one flat
-    /// fp32 bucket (LoRA gradients are a few MB). Each rank's loss was already
-    /// divided by the global number of label tokens, so the sum is the
-    /// gradient of the whole step's mean loss, as on one process.
-    fn all_reduce_gradients(&mut self, loss: f64) -> Result<f64> {
-        let Some(group) = &self.group else {
-            return Ok(loss);
+    /// fp32 bucket (LoRA gradients are a few MB), with each rank's stop
+    /// request (the first signal it received) in three more slots. Each
+    /// rank's loss was already divided by the global number of label
+    /// tokens, so the sum is the gradient of the whole step's mean loss, as
+    /// on one process; and every rank learns the same stop decision.
+    /// Returns the step's loss and the signal all ranks stop on after it.
+    fn all_reduce_gradients(&mut self, loss: f64, step: u64) -> Result<(f64, Option<i32>)> {
+        let pending = signals::pending();
+        let Some(group) = self.group.as_mut() else {
+            return Ok((loss, pending));
         };
         // A rank without rows this step (the last, short batch) has no
         // gradients yet; give it zeros so that it takes the same update.
@@ -334,8 +372,11 @@ impl Trainer {
             .collect();
         let device = grads.first().map_or(tch::Device::Cpu, Tensor::device);
         let mut parts = grads;
-        parts.push(Tensor::from_slice(&[loss as f32]).to_device(device));
+        let mut tail = vec![loss as f32];
+        tail.extend(agree::stop_vote(pending).map(|v| v as f32));
+        parts.push(Tensor::from_slice(&tail).to_device(device));
         let mut bucket = Tensor::cat(&parts, 0);
+        group.at(&format!("the gradient all-reduce of step {}", step + 1))?;
         // Waiting for the slowest rank and moving the bytes are timed apart:
         // the first is load imbalance, the second the cost of communication.
         let t = std::time::Instant::now();
@@ -351,7 +392,9 @@ impl Trainer {
             p.grad().copy_(&summed);
             offset += n;
         }
-        Ok(bucket.double_value(&[offset]))
+        let tail = Vec::<f32>::try_from(&bucket.narrow(0, offset, 1 + agree::STOP_SLOTS as i64))?;
+        let votes: Vec<f64> = tail[1..].iter().map(|&v| f64::from(v)).collect();
+        Ok((f64::from(tail[0]), agree::agreed_stop(&votes)))
     }
 
     /// One optimizer step: forward and backward on each micro-batch (the loss
@@ -401,7 +444,8 @@ impl Trainer {
                 opts,
             )?;
         }
-        loss = self.all_reduce_gradients(loss)?;
+        let stop;
+        (loss, stop) = self.all_reduce_gradients(loss, step)?;
         loss = apply_loss_regularizers(
             &mut self.regs,
             &self.trainable,
@@ -448,6 +492,7 @@ impl Trainer {
                 grad_norm: norm,
                 tokens,
                 skipped: true,
+                stop,
             });
         }
         clip_grads(&self.params, self.cfg.max_grad_norm, norm);
@@ -462,31 +507,56 @@ impl Trainer {
             grad_norm: norm,
             tokens,
             skipped: false,
+            stop,
         })
     }
 
-    /// After a first signal: save a checkpoint at `step` (when a step was
-    /// done since the start) and stop with [`Interrupted`].
-    fn stop_if_signalled(&mut self, step: u64, save: bool) -> Result<()> {
-        let Some(sig) = signals::pending() else {
-            return Ok(());
-        };
-        let message = if save {
-            let dir = match checkpoint::list(&self.cfg.output).last() {
-                Some((s, d)) if *s == step => d.clone(),
-                _ => self.save_checkpoint(step)?,
-            };
-            format!(
-                "stopped by {} after step {step} of {}; saved {} — to continue, run the same command with --resume",
-                signals::name(sig),
-                self.total_steps,
-                dir.display()
-            )
+    /// Stops the run on `sig`, which every rank agreed on: after `step`
+    /// steps rank 0 saves a checkpoint (unless the newest is already that
+    /// step's) and every rank waits for it and fails if it failed; with no
+    /// step done there is nothing to save. Returns the [`Interrupted`] error
+    /// every rank exits with (128 + the signal).
+    fn stop_on(&mut self, sig: i32, step: u64, save: bool) -> Result<()> {
+        let name = signals::name(sig);
+        if !save {
+            return Err(Interrupted {
+                signal: sig,
+                message: format!("stopped by {name} before the first step; nothing to save"),
+            }
+            .into());
+        }
+        let saved = if self.is_writer() {
+            match checkpoint::list(&self.cfg.output).last() {
+                Some((s, d)) if *s == step => Ok(d.clone()),
+                _ => self.save_checkpoint(step),
+            }
         } else {
-            format!(
-                "stopped by {} before the first step; nothing to save",
-                signals::name(sig)
-            )
+            Ok(PathBuf::new())
+        };
+        let dir = agree::fail_together(self.group.as_ref(), "to save the checkpoint", saved)?;
+        let message = match &self.group {
+            Some(g) if g.rank() != 0 => {
+                let dir = agree::share_from_rank0(g, "stop-checkpoint", &[])?;
+                format!(
+                    "rank {}: stopped by {name} after step {step} with every rank; rank 0 saved {}",
+                    g.rank(),
+                    String::from_utf8_lossy(&dir)
+                )
+            }
+            group => {
+                if let Some(g) = group {
+                    agree::share_from_rank0(
+                        g,
+                        "stop-checkpoint",
+                        dir.display().to_string().as_bytes(),
+                    )?;
+                }
+                format!(
+                    "stopped by {name} after step {step} of {}; saved {} — to continue, run the same command with --resume",
+                    self.total_steps,
+                    dir.display()
+                )
+            }
         };
         Err(Interrupted {
             signal: sig,
@@ -509,10 +579,7 @@ impl Trainer {
         let Some(eval) = &self.eval else {
             return Ok(None);
         };
-        let (rank, world) = self
-            .group
-            .as_ref()
-            .map_or((0, 1), |g| (g.rank(), g.world_size()));
+        let (rank, world) = self.rank_and_world();
         peft_model::set_training(&mut self.model, false);
         let r = loss_sum(
             &self.model,
@@ -562,6 +629,7 @@ impl Trainer {
             loss_scaler: self.scaler.clone(),
             peft_rs_version: env!("CARGO_PKG_VERSION").to_owned(),
             settings: self.cfg.clone(),
+            world_size: self.rank_and_world().1,
         }
     }
 
@@ -582,8 +650,44 @@ impl Trainer {
         Ok(dir)
     }
 
-    /// Loads the newest complete checkpoint; returns the step to continue from.
+    /// Continues from rank 0's newest complete checkpoint; returns the step
+    /// to continue from. Rank 0 reads it and checks it against these
+    /// settings; the other ranks take what rank 0 read (their own --output
+    /// may hold another checkpoint, or none), so that every rank resumes
+    /// from the same one. When rank 0 cannot, every rank fails with it.
     fn resume(&mut self) -> Result<u64> {
+        let local = if self.is_writer() {
+            self.load_newest_checkpoint()
+        } else {
+            Ok(0)
+        };
+        let step = agree::fail_together(self.group.as_ref(), "to resume", local)?;
+        let Some(g) = &self.group else {
+            return Ok(step);
+        };
+        let mine = Resumed {
+            step,
+            optimizer_step: self.optim.step,
+            skipped_steps: self.skipped_steps,
+            loss_scaler: self.scaler.clone(),
+        };
+        let theirs: Resumed = serde_json::from_slice(&agree::share_from_rank0(
+            g,
+            "resume",
+            &serde_json::to_vec(&mine)?,
+        )?)?;
+        self.optim.step = theirs.optimizer_step;
+        self.skipped_steps = theirs.skipped_steps;
+        self.scaler = theirs.loss_scaler;
+        let mut tensors: Vec<Tensor> = self.params.values().map(Tensor::shallow_clone).collect();
+        tensors.extend(self.optim.moments());
+        agree::broadcast_tensors(g, &tensors)?;
+        Ok(theirs.step)
+    }
+
+    /// Loads the newest complete checkpoint of this rank's --output into
+    /// the adapter and the optimizer; returns its step.
+    fn load_newest_checkpoint(&mut self) -> Result<u64> {
         let Some((step, dir)) = checkpoint::list(&self.cfg.output).pop() else {
             bail!(
                 "--resume: no complete checkpoint in {}",
@@ -591,17 +695,26 @@ impl Trainer {
             );
         };
         let state = TrainerState::read(&dir)?;
-        let diffs = self.cfg.differences_from(&state.settings);
+        let world = self.rank_and_world().1;
+        let mut diffs: Vec<String> = self
+            .cfg
+            .differences_from(&state.settings)
+            .iter()
+            .map(|d| format!("{} (saved {}, now {})", d.field, d.saved, d.now))
+            .collect();
+        // The batches and the data each rank reads depend on the process count.
+        if state.world_size != world {
+            diffs.push(format!(
+                "world_size (saved {}, now {world}: start as many processes, e.g. --nproc {})",
+                state.world_size, state.world_size
+            ));
+        }
         if !diffs.is_empty() {
-            let list: Vec<String> = diffs
-                .iter()
-                .map(|d| format!("{} (saved {}, now {})", d.field, d.saved, d.now))
-                .collect();
             bail!(
-                "--resume: {} differ from the run saved in {}: {}; resume with the same settings, or start a new run in another --output",
-                if diffs.len() == 1 { "this setting" } else { "these settings" },
+                "--resume: {} from the run saved in {}: {}; resume with the same settings, or start a new run in another --output",
+                if diffs.len() == 1 { "this setting differs" } else { "these settings differ" },
                 dir.display(),
-                list.join(", ")
+                diffs.join(", ")
             );
         }
         if state.total_steps != self.total_steps {
@@ -642,26 +755,32 @@ impl Trainer {
     pub fn run(&mut self) -> Result<Summary> {
         let output = self.cfg.output.clone();
         let metrics_path = output.join("metrics.jsonl");
+        let writer = self.is_writer();
         let start_step = if self.cfg.resume {
             let s = self.resume()?;
-            if self.is_writer() {
+            if writer {
                 keep_metrics_until(&metrics_path, s)?;
-            }
-            eprintln!(
-                "resuming from {} at step {s}",
-                output.join(format!("checkpoint-{s}")).display()
-            );
-            s
-        } else {
-            if !checkpoint::list(&output).is_empty()
-                || output.join("adapter_model.safetensors").exists()
-            {
-                bail!(
-                    "{}: already holds a run; pass --resume to continue it or choose another --output",
-                    output.display()
+                eprintln!(
+                    "resuming from {} at step {s}",
+                    output.join(format!("checkpoint-{s}")).display()
                 );
             }
-            if self.is_writer() {
+            s
+        } else {
+            // Only rank 0's output matters: the other ranks never write.
+            let fresh = if writer
+                && (!checkpoint::list(&output).is_empty()
+                    || output.join("adapter_model.safetensors").exists())
+            {
+                Err(anyhow::anyhow!(
+                    "{}: already holds a run; pass --resume to continue it or choose another --output",
+                    output.display()
+                ))
+            } else {
+                Ok(())
+            };
+            agree::fail_together(self.group.as_ref(), "to start a run in its --output", fresh)?;
+            if writer {
                 let _ = std::fs::remove_file(&metrics_path);
             }
             0
@@ -670,17 +789,21 @@ impl Trainer {
         // adapter weights last, in one rename: a directory holding both files
         // is a finished adapter, whenever the process is killed.
         if self.is_writer() {
+            // The settings, and how the run was made (recorded, never read back).
+            let mut args = serde_json::to_value(&self.cfg)?;
+            args["world_size"] = json!(self.rank_and_world().1);
             peft_adapters::fsio::write_atomic(
                 &output.join("training_args.json"),
-                serde_json::to_string_pretty(&self.cfg)?.as_bytes(),
+                serde_json::to_string_pretty(&args)?.as_bytes(),
             )?;
             peft_adapters::fsio::write_atomic(
                 &output.join(peft_adapters::lora::files::CONFIG_FILE),
                 serde_json::to_string_pretty(&self.lora.to_json())?.as_bytes(),
             )?;
         }
-        eprintln!("{}", peft_model::trainable_parameters_line(&self.model));
-        eprintln!(
+        if writer {
+            eprintln!("{}", peft_model::trainable_parameters_line(&self.model));
+            eprintln!(
             "{} training examples ({}; {} truncated to {} tokens, {} dropped), {} steps of {} x {}{}{}",
             self.train.examples.len(),
             self.train.format.name(),
@@ -693,8 +816,12 @@ impl Trainer {
             if self.regs.is_empty() { String::new() } else { format!(", regularizers: {}", self.regs.names().join(", ")) },
             if self.scaler.is_some() { ", fp16 with dynamic loss scaling" } else { "" }
         );
+        }
         let mut metrics = MetricsLog::open(&metrics_path, self.is_writer())?;
-        self.stop_if_signalled(start_step, false)?;
+        // A signal that arrived while loading stops every rank before the first step.
+        if let Some(sig) = agree::agree(self.group.as_ref(), true, signals::pending())?.stop {
+            self.stop_on(sig, start_step, false)?;
+        }
         let eval_before = if start_step == 0 {
             self.evaluate()?
         } else {
@@ -703,7 +830,13 @@ impl Trainer {
         if let Some(l) = eval_before {
             metrics.write(&json!({"step": 0, "eval_loss": l}))?;
         }
-        let bar = ProgressBar::new(self.total_steps).with_position(start_step);
+        // Only rank 0 shows progress; every rank prints its errors.
+        let bar = if writer {
+            ProgressBar::new(self.total_steps)
+        } else {
+            ProgressBar::hidden()
+        }
+        .with_position(start_step);
         bar.set_style(
             ProgressStyle::with_template(
                 "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
@@ -711,6 +844,7 @@ impl Trainer {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let mut plain = PlainProgress::new(self.total_steps - start_step);
+        plain.on &= writer;
         let t0 = Instant::now();
         let (mut tokens, mut last_loss) = (0i64, f64::NAN);
         let mut eval_after = None;
@@ -750,8 +884,8 @@ impl Trainer {
             {
                 self.save_checkpoint(done)?;
             }
-            if done < self.total_steps {
-                self.stop_if_signalled(done, true)
+            if let (Some(sig), true) = (s.stop, done < self.total_steps) {
+                self.stop_on(sig, done, true)
                     .inspect_err(|_| bar.abandon())?;
             }
         }
@@ -792,6 +926,16 @@ pub struct StepOptions {
     pub gradient_checkpointing: bool,
     /// Rows of logits per cross-entropy chunk.
     pub loss_chunk_size: i64,
+}
+
+/// What rank 0 tells the other ranks when it resumes (the tensors travel
+/// by all-reduce).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Resumed {
+    step: u64,
+    optimizer_step: u64,
+    skipped_steps: u64,
+    loss_scaler: Option<LossScaler>,
 }
 
 /// Which micro-batch of which step is computed, and how its loss is scaled.
@@ -1193,16 +1337,74 @@ fn keep_metrics_until(path: &Path, step: u64) -> Result<()> {
     peft_adapters::lora::files::write_atomic(path, out.as_bytes())
 }
 
-/// Joins the c10d process group when torchrun's variables (or `--nproc`'s
-/// launcher) describe a multi-process run; `None` for a single process.
+/// What every rank of a run must share: its settings but those that may
+/// differ between ranks (its own device, where it writes and logs), with the
+/// content of the model and the data in place of their paths (node-local
+/// copies may sit in other folders).
+fn settings_to_agree_on(
+    cfg: &TrainConfig,
+    model_dir: &Path,
+    train: &Dataset,
+    eval: Option<&Dataset>,
+) -> Result<BTreeMap<String, String>> {
+    const PER_RANK: [&str; 9] = [
+        "output",
+        "device",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+        "nproc",
+        "model",
+        "data",
+        "eval_data",
+    ];
+    let mut settings: BTreeMap<String, String> = match serde_json::to_value(cfg)? {
+        serde_json::Value::Object(m) => m
+            .into_iter()
+            .filter(|(k, _)| !PER_RANK.contains(&k.as_str()))
+            .map(|(k, v)| (k, v.to_string()))
+            .collect(),
+        _ => unreachable!("TrainConfig serialises to an object"),
+    };
+    let mut model = Vec::new();
+    for file in ["config.json", "tokenizer.json"] {
+        let path = model_dir.join(file);
+        model.extend(
+            std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?,
+        );
+    }
+    let digest = |ds: &Dataset| {
+        format!(
+            "{} examples, digest {:016x}",
+            ds.examples.len(),
+            ds.digest()
+        )
+    };
+    settings.insert(
+        "model (config.json, tokenizer.json)".into(),
+        format!("{} bytes, digest {:016x}", model.len(), fnv1a(&model)),
+    );
+    settings.insert("data (tokenized)".into(), digest(train));
+    if let Some(e) = eval {
+        settings.insert("evaluation data (tokenized)".into(), digest(e));
+    }
+    Ok(settings)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Joins the c10d process group torchrun's variables (or `--nproc`'s
+/// launcher) describe, on this rank's device.
 fn join_process_group(
     cfg: &TrainConfig,
+    env: &crate::dist::DistEnv,
     device: tch::Device,
-) -> Result<Option<crate::dist::ProcessGroup>> {
-    use crate::dist::{Backend, DistEnv, ProcessGroup};
-    let Some(env) = DistEnv::from_env()? else {
-        return Ok(None);
-    };
+) -> Result<crate::dist::ProcessGroup> {
+    use crate::dist::{Backend, ProcessGroup};
     let backend = match cfg.dist_backend {
         Backend::Auto if device.is_cuda() => Backend::Nccl,
         Backend::Auto => Backend::Gloo,
@@ -1211,10 +1413,15 @@ fn join_process_group(
     if backend == Backend::Nccl && !device.is_cuda() {
         bail!("--dist-backend nccl needs CUDA tensors; this rank trains on the CPU (use gloo)");
     }
+    let cuda_index = match device {
+        tch::Device::Cuda(i) => Some(i),
+        _ => None,
+    };
     let group = ProcessGroup::join(
-        &env,
+        env,
         backend,
         std::time::Duration::from_secs(cfg.dist_timeout),
+        cuda_index,
     )?;
     if env.rank == 0 {
         eprintln!(
@@ -1222,5 +1429,5 @@ fn join_process_group(
             env.world_size, env.master_addr, env.master_port
         );
     }
-    Ok(Some(group))
+    Ok(group)
 }

@@ -83,6 +83,16 @@ impl AdamW {
         v
     }
 
+    /// The first and second moments, as the tensors the optimizer updates
+    /// (a copy into them changes the state).
+    pub fn moments(&self) -> Vec<Tensor> {
+        self.exp_avg
+            .values()
+            .chain(self.exp_avg_sq.values())
+            .map(Tensor::shallow_clone)
+            .collect()
+    }
+
     /// Restores the state written by [`AdamW::state`].
     pub fn load_state(&mut self, mut state: BTreeMap<String, Tensor>) -> Result<()> {
         let _g = tch::no_grad_guard();
