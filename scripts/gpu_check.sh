@@ -21,7 +21,10 @@
 # tokens/s, MFU and peak memory, the same with packing (the masked attention
 # path), LoRA compute dtype fp32 vs bf16 and TF32, transformers + PEFT on the
 # same step when the machine has them, QLoRA (when built in), NCCL with one
-# rank (when built in), generation tokens/s at batch 1 and 16, load times.
+# rank (when built in), placement (with two GPUs a 2-process NCCL run against
+# one process; with one, two local processes refused), a QLoRA adapter's
+# greedy answers on the GPU against the CPU's, generation tokens/s at batch 1
+# and 16, load times.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 carry=.gpu-carry
@@ -96,6 +99,7 @@ run() {
     return $rc
   }
 
+  for i in $(seq 1 16); do echo "{\"prompt\": \"Count from $i to $((i + 20)):\"}"; done > "$out/prompts.jsonl"
   say "# GPU check, $(date -u +%FT%TZ)"
   say
   say "## Machine"
@@ -166,8 +170,61 @@ run() {
   fi
 
   say
+  say "## Placement: each process on its own GPU"
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+  [ -n "${GPU_CHECK_SMOKE:-}" ] && gpus=0
+  say "- visible GPUs: $gpus"
+  same=(--model "$carry/models/mistral" --data data/dates/train.jsonl --max-steps 6 --max-seq-len 128
+        --lora-dropout 0 --neftune-alpha 5 --group-by-length false --seed 3 --lr 1e-3)
+  if [ "$gpus" -ge 2 ]; then
+    # 2 ranks x batch 2 on cuda:0 and cuda:1 against one process with batch 4: the same curve.
+    step nccl-one 180 "$bin/peft-rs" train "${same[@]}" --output "$out/nccl-one" --batch-size 4
+    step nccl-two 180 "$bin/peft-rs" train "${same[@]}" --output "$out/nccl-two" --batch-size 2 --nproc 2
+    "$py" - "$out/nccl-one/metrics.jsonl" "$out/nccl-two/metrics.jsonl" <<'PY' | tee -a "$report"
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p) if '"loss"' in l] for p in sys.argv[1:])
+print(f"- 2 ranks x 2 (NCCL) vs 1 x 4: {len(a)} steps, largest loss difference {max(abs(x - y) for x, y in zip(a, b)):.2e}"
+      " (bf16 base; attention's backward is not deterministic on CUDA, so expect ~1e-3, not 0)")
+PY
+  fi
+  if [ "$gpus" -ge 1 ]; then
+    # One visible GPU and two local processes: refused, naming both numbers.
+    CUDA_VISIBLE_DEVICES=0 timeout 120 "$bin/peft-rs" train "${same[@]}" --output "$out/two-on-one" \
+      --batch-size 2 --nproc 2 --device cuda > "$out/two-on-one.txt" 2>&1
+    say "- 2 processes, CUDA_VISIBLE_DEVICES=0: exit $? — $(grep -m1 -o '2 processes on this machine.*' "$out/two-on-one.txt" || echo 'NOT REFUSED')"
+    CUDA_VISIBLE_DEVICES=0 "$bin/peft-rs" env 2>&1 | grep -E "cuda devices|auto picks" | sed 's/^/    /' >> "$report"
+  fi
+
+  say
+  say "## QLoRA generation keeps the adapter (as on the CPU)"
+  step qlora-adapter 300 "$bin/peft-rs" train --model "$carry/models/mistral" --data data/dates/train.jsonl \
+    --output "$out/qlora-adapter" --quantize nf4 --max-steps 30 --batch-size 4 --max-seq-len 128 --lr 3e-3 --device cpu
+  for dev in cpu cuda; do
+    [ "$dev" = cuda ] && [ "$gpus" -lt 1 ] && continue
+    for with in base adapter; do
+      extra=(); [ "$with" = adapter ] && extra=(--adapter "$out/qlora-adapter")
+      step "qlora-generate-$dev-$with" 120 "$bin/peft-rs" generate --model "$carry/models/mistral" --quantize nf4 \
+        --device "$dev" --prompts "$out/prompts.jsonl" --max-new-tokens 16 --json "${extra[@]}"
+    done
+  done
+  "$py" - "$out" <<'PY' | tee -a "$report"
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+def ids(name):
+    p = out / f"qlora-generate-{name}.txt"
+    return [json.loads(l)["token_ids"] for l in p.read_text().splitlines() if l.startswith("{")] if p.exists() else None
+for dev in ("cpu", "cuda"):
+    base, ad = ids(f"{dev}-base"), ids(f"{dev}-adapter")
+    if base and ad:
+        changed = [i for i, (x, y) in enumerate(zip(base, ad)) if x != y]
+        print(f"- {dev}: the adapter changes {len(changed)} of {len(base)} greedy answers: {changed}")
+cpu, cuda = ids("cpu-adapter"), ids("cuda-adapter")
+if cpu and cuda:
+    print(f"- cuda vs cpu answers with the adapter: {sum(x == y for x, y in zip(cpu, cuda))} of {len(cpu)} identical")
+PY
+
+  say
   say "## Generation (tiny Mistral, 16 prompts, 64 new tokens, greedy)"
-  for i in $(seq 1 16); do echo "{\"prompt\": \"Count from $i to $((i + 20)):\"}"; done > "$out/prompts.jsonl"
   for bs in 1 16; do
     step "generate-b$bs" 120 "$bin/peft-rs" generate --model "$carry/models/mistral" --prompts "$out/prompts.jsonl" \
       --max-new-tokens 64 --batch-size "$bs" --json

@@ -133,6 +133,10 @@ pub struct AdapterArgs {
     /// One weight per adapter, combined as PEFT's add_weighted_adapter(combination_type="linear").
     #[arg(long, value_delimiter = ',', value_name = "W,W,...")]
     pub weights: Vec<f64>,
+    /// Fold the adapters into the weights before decoding (one matmul per layer instead of
+    /// three): auto (on CUDA), always, never. Quantized layers keep theirs unmerged.
+    #[arg(long, value_enum, default_value_t = peft_model::MergeForDecoding::Auto)]
+    pub merge_for_decoding: peft_model::MergeForDecoding,
 }
 
 #[derive(Args, Debug)]
@@ -265,7 +269,7 @@ fn env() -> Result<()> {
         );
         // Kernels for this GPU exist in this build only if they run: try them.
         for i in 0..tch::Cuda::device_count() as usize {
-            match prove_device(tch::Device::Cuda(i)) {
+            match crate::device::prove_device(tch::Device::Cuda(i)) {
                 Ok(()) => println!(
                     "cuda:{i}: bf16 matmul and attention ran (this libtorch has kernels for it)"
                 ),
@@ -291,14 +295,18 @@ fn env() -> Result<()> {
             (true, true) => "gloo, nccl",
         }
     );
-    let auto = tch::Device::cuda_if_available();
+    let auto = crate::device::place(
+        crate::device::DeviceArg::Auto,
+        None,
+        crate::device::visible_gpus(),
+    )?;
     println!(
         "--device auto picks: {}",
-        if auto == tch::Device::Cpu {
-            "cpu"
-        } else {
-            "cuda:0"
+        crate::device::Placement {
+            device: auto,
+            kind: crate::device::DtypeArg::Auto.resolve(auto)
         }
+        .describe()
     );
     Ok(())
 }
@@ -332,50 +340,40 @@ fn libtorch_version(maps: &str) -> (String, String) {
     (format!("PyTorch {version}"), lib.display().to_string())
 }
 
-/// A bf16 matmul and a scaled-dot-product attention on `device`, checked
-/// against the same computation on the CPU.
-fn prove_device(device: tch::Device) -> Result<()> {
-    use tch::{Kind, Tensor};
-    let x = Tensor::f_randn([64, 64], (Kind::BFloat16, tch::Device::Cpu))?;
-    let on = x.f_to_device(device)?;
-    let mm = on.f_matmul(&on)?.f_to_device(tch::Device::Cpu)?;
-    let want = x.to_kind(Kind::Float).matmul(&x.to_kind(Kind::Float));
-    let err = (mm.to_kind(Kind::Float) - &want)
-        .abs()
-        .max()
-        .double_value(&[]);
-    if err > 0.05 * want.abs().max().double_value(&[]) {
-        bail!("matmul differs from the CPU by {err}");
-    }
-    let q = on.f_view([1, 4, 16, 64])?;
-    let att =
-        Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &q, &q, None, 0.0, true, None, false)?;
-    if !bool::try_from(att.f_isfinite()?.f_all()?)? {
-        bail!("attention returned non-finite values");
-    }
-    tch::Cuda::synchronize(match device {
-        tch::Device::Cuda(i) => i as i64,
-        _ => 0,
-    });
-    Ok(())
-}
-
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
 
-/// On CUDA, folds the adapters into the base weights before decoding, so each
-/// token runs one matmul per layer instead of three (PEFT users call
-/// `merge_and_unload()` for the same reason). Merged weights round once more
-/// than the unmerged sum, so on the CPU, where the adapter branch is cheap next
-/// to the base matmul and greedy answers are tested for equality with PEFT's,
-/// the adapters stay unmerged.
-fn merge_for_decoding(model: &mut crate::models::LlamaForCausalLM) -> Result<()> {
-    if model.device().is_cuda() && !peft_model::trainable_parameters(model).is_empty() {
-        peft_model::merge(model)?;
-        eprintln!("adapters merged into the weights for decoding");
+/// Folds the adapters of dense layers into their weights before decoding
+/// when `--merge-for-decoding` says so (by default on CUDA only), and says
+/// what it did.
+fn merge_for_decoding(
+    model: &mut crate::models::LlamaForCausalLM,
+    when: peft_model::MergeForDecoding,
+) -> Result<()> {
+    let has_adapters = !peft_model::trainable_parameters(model).is_empty();
+    if has_adapters && when.merges(model.device().is_cuda()) {
+        let (merged, kept) = peft_model::merge_for_decoding(model)?;
+        eprintln!(
+            "adapters merged into {merged} layers for decoding{}",
+            if kept > 0 {
+                format!("; {kept} quantized layers keep theirs unmerged (merging would round the update away)")
+            } else {
+                String::new()
+            }
+        );
     }
     Ok(())
+}
+
+/// Says once that some answers were capped to fit the model's positions.
+fn note_capped(capped: usize, asked: usize, positions: Option<usize>) {
+    if capped > 0 {
+        eprintln!(
+            "note: --max-new-tokens {asked} capped for {capped} prompt(s) so that prompt and answer fit the model's {} positions (max_position_embeddings)",
+            positions.unwrap_or(0)
+        );
+    }
 }
 
 /// One request to generate from.
@@ -409,7 +407,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     cfg.validate()?;
     let mut base = a.model.load()?;
     peft_model::load_adapters(&mut base.model, &a.adapters.adapter, &a.adapters.weights)?;
-    merge_for_decoding(&mut base.model)?;
+    merge_for_decoding(&mut base.model, a.adapters.merge_for_decoding)?;
     let cfg = GenerationConfig {
         eos_token_ids: base.eos_token_ids.clone(),
         ..cfg
@@ -438,7 +436,16 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let start = std::time::Instant::now();
     let mut new_tokens = 0usize;
-    let limits = vec![cfg.max_new_tokens; prompts.len()];
+    let mut limits = vec![cfg.max_new_tokens; prompts.len()];
+    note_capped(
+        crate::generate::fit_positions(
+            &prompts,
+            &mut limits,
+            base.model.config.max_position_embeddings,
+        )?,
+        cfg.max_new_tokens,
+        base.model.config.max_position_embeddings,
+    );
     generate_in_batches(
         &base.model,
         &prompts,
@@ -753,6 +760,16 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    if let Some(out) = &a.answers_out {
+        // Checked before anything slow: an output is never one of the inputs.
+        let model_dir = resolve_model_dir(a.model.model.clone())?;
+        let mut inputs = vec![
+            ("data", a.data.as_path()),
+            ("base model", model_dir.as_path()),
+        ];
+        inputs.extend(a.adapters.adapter.iter().map(|d| ("adapter", d.as_path())));
+        crate::outputs::refuse_overlap("--answers-out", out, &inputs)?;
+    }
     if a.max_seq_len < 2 {
         bail!("--max-seq-len must be at least 2");
     }
@@ -781,7 +798,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     )?;
     let report = if a.exact_match {
         // The loss above ran unmerged; answers may use merged weights.
-        merge_for_decoding(&mut base.model)?;
+        merge_for_decoding(&mut base.model, a.adapters.merge_for_decoding)?;
         let (report, records) = answer_report(
             &base,
             &a.data,
@@ -910,19 +927,24 @@ fn answer_report(
 ) -> Result<(AnswerReport, Vec<serde_json::Value>)> {
     let cases = crate::data::generation_cases(data, &base.tokenizer, format)?;
     // Without a fixed limit, room for the reference and 16 tokens more.
-    let limits: Vec<usize> = cases
+    let mut limits: Vec<usize> = cases
         .iter()
         .map(|c| match max_new_tokens {
             Some(n) => Ok(n),
             None => Ok((base.tokenizer.encode(&c.reference, false)?.len() + 16).min(512)),
         })
         .collect::<Result<_>>()?;
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
+    let positions = base.model.config.max_position_embeddings;
+    let capped = crate::generate::fit_positions(&prompts, &mut limits, positions)?;
+    if let Some(n) = max_new_tokens {
+        note_capped(capped, n, positions);
+    }
     let cfg = GenerationConfig {
         max_new_tokens: limits.iter().copied().max().unwrap_or(1),
         eos_token_ids: base.eos_token_ids.clone(),
         ..GenerationConfig::default()
     };
-    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
     let bar = progress_bar(cases.len() as u64, "generating");
     let (mut hits, mut rouge) = (0usize, 0.0);
     let mut answers = Vec::with_capacity(cases.len());

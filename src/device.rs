@@ -324,11 +324,50 @@ impl Placement {
         (device, dtype)
     }
 
+    /// [`Placement::as_args`] as `training_args.json` records it: with
+    /// several processes each takes its own GPU, which `--device cuda` says
+    /// (`cuda:0`, rank 0's, would put every process on one GPU if the file
+    /// were used again).
+    pub fn recorded(&self, several_processes: bool) -> (DeviceArg, DtypeArg) {
+        match self.as_args() {
+            (DeviceArg::Cuda(_), dtype) if several_processes => (DeviceArg::CudaAny, dtype),
+            args => args,
+        }
+    }
+
     /// `device cuda:0, dtype bf16`, printed by every command that loads a model.
     pub fn describe(&self) -> String {
         let (d, t) = self.as_args();
         format!("device {d}, dtype {t}")
     }
+}
+
+/// A bf16 matmul and a scaled-dot-product attention on `device`, checked
+/// against the same computation on the CPU (what `peft-rs env` runs on each
+/// GPU; on the CPU it checks the check).
+pub fn prove_device(device: tch::Device) -> Result<()> {
+    use tch::{Kind, Tensor};
+    let x = Tensor::f_randn([64, 64], (Kind::BFloat16, tch::Device::Cpu))?;
+    let on = x.f_to_device(device)?;
+    let mm = on.f_matmul(&on)?.f_to_device(tch::Device::Cpu)?;
+    let want = x.to_kind(Kind::Float).matmul(&x.to_kind(Kind::Float));
+    let err = (mm.to_kind(Kind::Float) - &want)
+        .abs()
+        .max()
+        .double_value(&[]);
+    if err > 0.05 * want.abs().max().double_value(&[]) {
+        bail!("matmul differs from the CPU by {err}");
+    }
+    let q = on.f_view([1, 4, 16, 64])?;
+    let att =
+        Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &q, &q, None, 0.0, true, None, false)?;
+    if !bool::try_from(att.f_isfinite()?.f_all()?)? {
+        bail!("attention returned non-finite values");
+    }
+    if let tch::Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    Ok(())
 }
 
 /// Parses `auto`, `cpu`, `cuda` or `cuda:N` for a single process; `auto`
@@ -423,8 +462,22 @@ mod tests {
         };
         assert_eq!(p.as_args(), (DeviceArg::Cuda(1), DtypeArg::Bf16));
         assert_eq!(p.describe(), "device cuda:1, dtype bf16");
+        assert_eq!(p.recorded(false), (DeviceArg::Cuda(1), DtypeArg::Bf16));
+        assert_eq!(p.recorded(true), (DeviceArg::CudaAny, DtypeArg::Bf16));
+        let cpu = Placement {
+            device: Device::Cpu,
+            kind: Kind::Float,
+        };
+        assert_eq!(cpu.recorded(true), (DeviceArg::Cpu, DtypeArg::Fp32));
+        // auto: bf16 weights on a GPU.
+        assert_eq!(DtypeArg::Auto.resolve(Device::Cuda(3)), Kind::BFloat16);
         let auto = Placement::resolve(DeviceArg::Cpu, DtypeArg::Auto).unwrap();
         assert_eq!(auto.as_args(), (DeviceArg::Cpu, DtypeArg::Fp32));
+    }
+
+    #[test]
+    fn the_device_proof_runs_and_passes_on_the_cpu() {
+        prove_device(Device::Cpu).unwrap();
     }
 
     #[test]

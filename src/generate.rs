@@ -11,6 +11,11 @@ use peft_regularizers::rng::SplitMix64;
 /// The most new tokens one prompt may ask for.
 pub const MAX_NEW_TOKENS: usize = 1 << 20;
 
+/// The smallest sampling temperature: below it sampling is greedy decoding
+/// in effect, and near 1e-38 `logits / T` overflows to infinities, whose
+/// softmax is NaN (transformers fails there too). 0 asks for greedy decoding.
+pub const MIN_TEMPERATURE: f64 = 1e-4;
+
 /// How tokens are chosen.
 #[derive(Debug, Clone)]
 pub struct GenerationConfig {
@@ -54,6 +59,13 @@ impl GenerationConfig {
                 self.temperature
             );
         }
+        if self.temperature > 0.0 && self.temperature < MIN_TEMPERATURE {
+            bail!(
+                "--temperature {}: below {MIN_TEMPERATURE} sampling is greedy decoding in effect and the \
+                 scaled logits overflow; use --temperature 0 for greedy decoding",
+                self.temperature
+            );
+        }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("--top-p must be in (0, 1], got {}", self.top_p);
         }
@@ -71,6 +83,36 @@ impl GenerationConfig {
         }
         Ok(())
     }
+}
+
+/// Caps each prompt's new-token limit so that prompt and answer fit the
+/// model's `positions` (`max_position_embeddings`; `None`: no cap) and
+/// returns how many limits were lowered. A prompt that alone fills them is
+/// an error naming it.
+pub fn fit_positions(
+    prompts: &[Vec<u32>],
+    limits: &mut [usize],
+    positions: Option<usize>,
+) -> Result<usize> {
+    let Some(positions) = positions else {
+        return Ok(0);
+    };
+    let mut capped = 0;
+    for (i, (p, limit)) in prompts.iter().zip(limits.iter_mut()).enumerate() {
+        if p.len() >= positions {
+            bail!(
+                "prompt {} has {} tokens, but the model has {positions} positions (max_position_embeddings): shorten it",
+                i + 1,
+                p.len()
+            );
+        }
+        let room = positions - p.len();
+        if *limit > room {
+            *limit = room;
+            capped += 1;
+        }
+    }
+    Ok(capped)
 }
 
 /// Generates a continuation of one prompt and returns the new token ids.
@@ -287,17 +329,22 @@ fn choose_batch(
             logits.argmax(-1, false).to_device(tch::Device::Cpu),
         )?);
     }
-    Ok(active
+    active
         .iter()
         .enumerate()
         .map(|(k, &r)| {
             let row = &mut rows[r];
             choose(logits.get(k as i64), &row.seen, cfg, &mut row.rng)
         })
-        .collect())
+        .collect()
 }
 
-fn choose(mut logits: Tensor, seen: &[i64], cfg: &GenerationConfig, rng: &mut SplitMix64) -> i64 {
+fn choose(
+    mut logits: Tensor,
+    seen: &[i64],
+    cfg: &GenerationConfig,
+    rng: &mut SplitMix64,
+) -> Result<i64> {
     if cfg.repetition_penalty != 1.0 {
         let idx = Tensor::from_slice(seen).to_device(logits.device());
         let picked = logits.index_select(0, &idx);
@@ -306,7 +353,7 @@ fn choose(mut logits: Tensor, seen: &[i64], cfg: &GenerationConfig, rng: &mut Sp
         logits = logits.index_put(&[Some(idx)], &penalised, false);
     }
     if cfg.temperature == 0.0 {
-        return logits.argmax(-1, false).int64_value(&[]);
+        return Ok(logits.argmax(-1, false).int64_value(&[]));
     }
     let mut logits = logits / cfg.temperature;
     if cfg.top_k > 0 && (cfg.top_k as i64) < logits.size()[0] {
@@ -331,16 +378,22 @@ fn choose(mut logits: Tensor, seen: &[i64], cfg: &GenerationConfig, rng: &mut Sp
 /// probability exceeds `u`, read back as one number instead of copying the
 /// vocabulary's probabilities to the host. The cumulative sums run in f64,
 /// in order, so on the CPU the choice is exactly that of a host loop.
-pub fn sample_index(probs: &Tensor, u: f64) -> i64 {
+/// Probabilities that are not finite (or all zero) are an error, never a
+/// token picked from NaN.
+pub fn sample_index(probs: &Tensor, u: f64) -> Result<i64> {
     let p = probs.to_kind(Kind::Double);
     let total = p.cumsum(0, Kind::Double).get(-1);
+    let t = total.double_value(&[]);
+    if !(t.is_finite() && t > 0.0) {
+        bail!("the sampling probabilities are not finite (their sum is {t}); the logits overflowed or became NaN");
+    }
     let cumulative = (&p / &total).cumsum(0, Kind::Double);
     let below = cumulative.le(u).sum(Kind::Int64).int64_value(&[]);
     if below < p.size()[0] {
-        return below;
+        return Ok(below);
     }
     // Rounding left u at or above the last sum: the last possible token.
-    p.gt(0.0).nonzero().reshape([-1]).int64_value(&[-1])
+    Ok(p.gt(0.0).nonzero().reshape([-1]).int64_value(&[-1]))
 }
 
 #[cfg(test)]
@@ -382,11 +435,42 @@ mod tests {
                 0.999_999_999,
             ] {
                 assert_eq!(
-                    sample_index(&probs, u),
+                    sample_index(&probs, u).unwrap(),
                     sample_on_host(&host, u) as i64,
                     "trial {trial}, u {u}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn probabilities_that_are_not_finite_are_an_error() {
+        let nan = Tensor::from_slice(&[f32::NAN, 0.5, 0.5]);
+        let err = sample_index(&nan, 0.3).unwrap_err().to_string();
+        assert!(err.contains("not finite"), "{err}");
+        // What 1e-40 as a temperature does to ordinary logits.
+        let logits = Tensor::from_slice(&[2.0f32, 1.0, -3.0]) / 1e-40;
+        assert!(sample_index(&logits.softmax(-1, Kind::Float), 0.3).is_err());
+        let cfg = |t| GenerationConfig {
+            temperature: t,
+            ..Default::default()
+        };
+        let err = cfg(1e-40).validate().unwrap_err().to_string();
+        assert!(err.contains("--temperature 0"), "{err}");
+        cfg(0.0).validate().unwrap();
+        cfg(MIN_TEMPERATURE).validate().unwrap();
+    }
+
+    #[test]
+    fn answers_are_capped_to_the_models_positions() {
+        let prompts = vec![vec![1u32; 10], vec![1u32; 500], vec![1u32; 3]];
+        let mut limits = vec![100_000, 100_000, 5];
+        let capped = fit_positions(&prompts, &mut limits, Some(512)).unwrap();
+        assert_eq!((limits.as_slice(), capped), (&[502, 12, 5][..], 2));
+        let mut limits = vec![7, 7, 7];
+        assert_eq!(fit_positions(&prompts, &mut limits, None).unwrap(), 0);
+        assert_eq!(limits, [7, 7, 7]);
+        let err = fit_positions(&prompts, &mut [1, 1, 1], Some(400)).unwrap_err();
+        assert!(err.to_string().contains("500 tokens"), "{err}");
     }
 }

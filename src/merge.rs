@@ -314,15 +314,15 @@ fn write_model(
                     layer.merge(&mut t).with_context(|| n.to_string())?;
                     report.tensors_merged += 1;
                 }
-                converted = tensor_bytes(&t.to_kind(kind_of(*out_dtype)?))?;
+                converted = tensor_bytes(&finite_in(&t, kind_of(*out_dtype)?, n)?)?;
                 &converted
             } else {
                 match delta {
                     None if *out_dtype == in_dtype => files_in.raw(n).expect("listed"),
                     None => {
                         let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                        let t = files_in.load(n, &shape, kind_of(*out_dtype)?, Device::Cpu)?;
-                        converted = tensor_bytes(&t)?;
+                        let t = files_in.load(n, &shape, Kind::Float, Device::Cpu)?;
+                        converted = tensor_bytes(&finite_in(&t, kind_of(*out_dtype)?, n)?)?;
                         &converted
                     }
                     Some(w) => {
@@ -331,7 +331,7 @@ fn write_model(
                         let mut layer = LoraLayer::new("merge", w);
                         layer.merge(&mut t).with_context(|| n.to_string())?;
                         report.tensors_merged += 1;
-                        converted = tensor_bytes(&t.to_kind(kind_of(*out_dtype)?))?;
+                        converted = tensor_bytes(&finite_in(&t, kind_of(*out_dtype)?, n)?)?;
                         &converted
                     }
                 }
@@ -368,6 +368,30 @@ fn write_model(
     }
     copy_other_files(base, out, opts.dtype, quantized.is_some())?;
     Ok(report)
+}
+
+/// `t` converted to the output dtype `kind`, refused when a value is not
+/// finite there (PEFT's safe_merge checks before the cast; the cast itself
+/// turns fp16 values beyond ±65504 into infinities). `name` is the tensor.
+fn finite_in(t: &Tensor, kind: Kind, name: &str) -> Result<Tensor> {
+    let out = t.to_kind(kind);
+    if bool::try_from(out.isfinite().all())? {
+        return Ok(out);
+    }
+    let before = t.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
+    let after = out
+        .isfinite()
+        .logical_not()
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    if before > 0 {
+        bail!("merged tensor {name} holds {before} NaN or infinite values; the adapter or the base (its quantization state?) is broken");
+    }
+    bail!(
+        "merged tensor {name}: {after} values overflow {} (|w| above {}); write it with --dtype bf16 (fp32's range) or fp32",
+        crate::device::dtype_name(kind),
+        if kind == Kind::Half { "65504" } else { "the dtype's largest value" }
+    )
 }
 
 /// Copies config, tokenizer and generation files; records the new dtype in

@@ -219,6 +219,60 @@ pub fn merge(model: &mut LlamaForCausalLM) -> Result<()> {
     Ok(())
 }
 
+/// `--merge-for-decoding`: whether generation folds the adapters into the
+/// weights before decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum MergeForDecoding {
+    /// On CUDA, where the adapter branch costs two more matmuls per layer
+    /// and token; not on the CPU, where it is cheap next to the base matmul
+    /// and greedy answers are tested equal to PEFT's unmerged ones.
+    #[default]
+    Auto,
+    /// Always merge the adapters of dense layers.
+    #[value(alias = "true")]
+    Always,
+    /// Never merge: every token runs base + adapter, as PEFT does unmerged.
+    #[value(alias = "false")]
+    Never,
+}
+
+impl MergeForDecoding {
+    /// Whether to merge on a CUDA (`on_cuda`) or CPU device: a pure function,
+    /// so that the CUDA choice is tested on a CPU.
+    pub fn merges(self, on_cuda: bool) -> bool {
+        match self {
+            Self::Auto => on_cuda,
+            Self::Always => true,
+            Self::Never => false,
+        }
+    }
+}
+
+/// Folds the adapters of dense layers into their weights for decoding (one
+/// matmul per layer instead of three). Layers whose frozen weight is
+/// quantized keep their adapters unmerged: merging would quantize the sum
+/// again, and a LoRA update is far smaller than one 4-bit step, so nearly
+/// all of it would round away (PEFT keeps adapters unmerged on bitsandbytes
+/// layers at inference too). Returns (layers merged, quantized layers kept
+/// unmerged).
+pub fn merge_for_decoding(model: &mut LlamaForCausalLM) -> Result<(usize, usize)> {
+    let (mut merged, mut kept) = (0, 0);
+    for (path, lin) in model.linear_layers_mut() {
+        let Some(a) = lin.adapter.as_mut() else {
+            continue;
+        };
+        if lin.weight.is_quantized() {
+            kept += 1;
+            continue;
+        }
+        let mut w = lin.weight.dense();
+        a.merge(&mut w).with_context(|| path.clone())?;
+        lin.weight.replace(&w).with_context(|| path.clone())?;
+        merged += 1;
+    }
+    Ok((merged, kept))
+}
+
 /// Restores the base weights after [`merge`] (PEFT's `unmerge_adapter`).
 pub fn unmerge(model: &mut LlamaForCausalLM) -> Result<()> {
     for (path, lin) in model.linear_layers_mut() {

@@ -207,31 +207,42 @@ impl WeightFiles {
         })?;
         let (start, end) = info.data_offsets;
         let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
-        if device.is_cuda() {
-            return Ok(to_cuda_via_pinned(bytes, &found, file_kind, device)?.to_kind(kind));
-        }
-        let t = Tensor::f_from_data_size(bytes, &found, file_kind)
+        let host = host_copy(bytes, &found, file_kind, device)
             .with_context(|| format!("{}: tensor {name}", shard.path.display()))?;
-        Ok(t.to_kind(kind))
+        // To the device first, then converted there: a bf16 file moves half
+        // the bytes of an fp32 model. From page-locked memory the copy is
+        // asynchronous; the caching host allocator keeps the block until it is done.
+        Ok(host
+            .f_to_device_(device, file_kind, device.is_cuda(), false)?
+            .to_kind(kind))
     }
 }
 
-/// Copies file bytes into page-locked host memory (one host copy, straight
-/// from the mapping) and from there to the GPU by DMA, without the staging
-/// copy a pageable source costs. The dtype is converted on the device after
-/// the copy, so a bf16 file moves half the bytes of an fp32 model.
-fn to_cuda_via_pinned(bytes: &[u8], shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
-    let pinned = Tensor::f_empty(shape, (kind, Device::Cpu))?.f_pin_memory(device)?;
-    let len = pinned.numel() * kind.elt_size_in_bytes();
+/// The file's bytes copied once from the mapping into a host tensor: in
+/// page-locked memory when `device` is a GPU (the copy to it then runs by
+/// DMA, without the staging copy a pageable source costs), in ordinary
+/// memory otherwise. The same code on both: only the allocation differs.
+pub fn host_copy(bytes: &[u8], shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+    let host = Tensor::f_empty(shape, (kind, Device::Cpu))?;
+    let host = if device.is_cuda() {
+        host.f_pin_memory(device)?
+    } else {
+        host
+    };
+    let len = host.numel() * kind.elt_size_in_bytes();
     if len != bytes.len() {
-        bail!("tensor of {} bytes for a {len}-byte buffer", bytes.len());
+        bail!(
+            "{} bytes in the file for a {len}-byte {kind:?} tensor of shape {shape:?}",
+            bytes.len()
+        );
     }
-    // SAFETY: `pinned` is a fresh contiguous host tensor of exactly `len` bytes.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), pinned.data_ptr() as *mut u8, len);
+    if len > 0 {
+        // SAFETY: `host` is a fresh contiguous host tensor of exactly `len` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), host.data_ptr() as *mut u8, len);
+        }
     }
-    // The caching host allocator keeps the pinned block until the copy is done.
-    Ok(pinned.f_to_device_(device, kind, true, false)?)
+    Ok(host)
 }
 
 impl Shard {

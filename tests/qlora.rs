@@ -163,6 +163,51 @@ fn tiny_lora_logits_on_4bit_base_match_peft() {
     assert!(d < LOGIT_TOL, "{d}");
 }
 
+/// Merging for decoding (what generate and eval do on CUDA, and with
+/// `--merge-for-decoding always` anywhere) keeps the adapter of a 4-bit base:
+/// its layers stay unmerged, so the logits are the unmerged adapter's, far
+/// from the base model's. Merging into the 4-bit weights, as PEFT's
+/// `merge_and_unload` does, would round most of the update away.
+#[test]
+fn merging_for_decoding_keeps_the_adapter_of_a_4bit_base() {
+    use peft_model::MergeForDecoding;
+    assert!(MergeForDecoding::Auto.merges(true) && !MergeForDecoding::Auto.merges(false));
+    assert!(MergeForDecoding::Always.merges(false) && !MergeForDecoding::Never.merges(true));
+    let ids = read(&fx().join("batch.safetensors"))["input_ids"].shallow_clone();
+    let dir = fx().join("tiny").join("lora");
+    let mut model = tiny(&nf4_dq());
+    peft_model::load_adapter(&mut model, &dir.join("adapter"), DEFAULT_ADAPTER).unwrap();
+    let unmerged = tch::no_grad(|| model.forward(&ids));
+    let (merged, kept) = peft_model::merge_for_decoding(&mut model).unwrap();
+    let after = tch::no_grad(|| model.forward(&ids));
+    let base = tch::no_grad(|| tiny(&nf4_dq()).forward(&ids));
+    let (d, _) = diff(&after, &unmerged);
+    let (from_base, _) = diff(&unmerged, &base);
+    eprintln!(
+        "merge for decoding on nf4: {merged} merged, {kept} kept unmerged; vs unmerged {d:.3e}, adapter's effect {from_base:.3e}"
+    );
+    assert_eq!((merged, kept), (0, 14), "every adapted layer is 4-bit");
+    assert!(d < LOGIT_TOL, "{d}");
+    assert!(
+        from_base > 100.0 * LOGIT_TOL,
+        "the adapter changes nothing: {from_base}"
+    );
+    // PEFT's merge into the 4-bit weights (quantize W + ΔW again) loses it.
+    let mut requantized = tiny(&nf4_dq());
+    peft_model::load_adapter(&mut requantized, &dir.join("adapter"), DEFAULT_ADAPTER).unwrap();
+    peft_model::merge(&mut requantized).unwrap();
+    let (lost, _) = diff(&tch::no_grad(|| requantized.forward(&ids)), &unmerged);
+    eprintln!("  re-quantized merge instead: {lost:.3e} from the unmerged logits");
+    assert!(lost > 10.0 * LOGIT_TOL, "{lost}");
+    // A dense base merges.
+    let mut dense = models::load(&common::model_dir("llama"), Kind::Float, Device::Cpu).unwrap();
+    peft_model::load_adapter(&mut dense, &dir.join("adapter"), DEFAULT_ADAPTER).unwrap();
+    let before = tch::no_grad(|| dense.forward(&ids));
+    assert_eq!(peft_model::merge_for_decoding(&mut dense).unwrap(), (14, 0));
+    let (d, _) = diff(&tch::no_grad(|| dense.forward(&ids)), &before);
+    assert!(d < LOGIT_TOL, "dense merge: {d}");
+}
+
 fn grads(variant: &str, gradient_checkpointing: bool) -> (HashMap<String, Tensor>, f64) {
     let mut model = tiny(&nf4_dq());
     let dir = fx().join("tiny").join(variant).join("adapter");

@@ -52,6 +52,21 @@ impl std::fmt::Display for Backend {
     }
 }
 
+impl Backend {
+    /// The backend for tensors on `device`: `auto` is NCCL on CUDA and Gloo
+    /// on the CPU; NCCL cannot carry CPU tensors.
+    pub fn resolve(self, device: tch::Device) -> Result<Backend> {
+        match (self, device.is_cuda()) {
+            (Backend::Auto, true) => Ok(Backend::Nccl),
+            (Backend::Auto, false) => Ok(Backend::Gloo),
+            (Backend::Nccl, false) => bail!(
+                "--dist-backend nccl needs CUDA tensors; this rank trains on the CPU (use gloo)"
+            ),
+            (b, _) => Ok(b),
+        }
+    }
+}
+
 /// Where this process sits in a multi-process run, as torchrun describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DistEnv {
@@ -200,6 +215,22 @@ mod tests {
         assert!(err.to_string().contains("RANK=2"), "{err}");
         let err = DistEnv::from_lookup(vars(&[("WORLD_SIZE", "two")])).unwrap_err();
         assert!(err.to_string().contains("WORLD_SIZE"), "{err}");
+    }
+
+    #[test]
+    fn the_backend_follows_the_device() {
+        use tch::Device;
+        assert_eq!(
+            Backend::Auto.resolve(Device::Cuda(2)).unwrap(),
+            Backend::Nccl
+        );
+        assert_eq!(Backend::Auto.resolve(Device::Cpu).unwrap(), Backend::Gloo);
+        assert_eq!(
+            Backend::Gloo.resolve(Device::Cuda(0)).unwrap(),
+            Backend::Gloo
+        );
+        let e = Backend::Nccl.resolve(Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("use gloo"), "{e}");
     }
 
     #[test]

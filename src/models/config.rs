@@ -110,12 +110,60 @@ impl RawConfig {
         Ok(())
     }
 
-    /// The token ids listed in `field` (an integer or a list of integers).
-    pub fn token_ids(&self, field: &str) -> Vec<i64> {
-        match self.json.get(field) {
-            Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
-            _ => vec![],
+    /// The token ids listed in `field` (an integer or a list of integers;
+    /// absent or null: none). Anything else is an error naming the field.
+    pub fn token_ids(&self, field: &str) -> Result<Vec<i64>> {
+        token_ids_of(self.json.get(field))
+            .with_context(|| format!("{}: field `{field}`", self.path.display()))
+    }
+
+    /// An optional number `key` of the object `obj` (`rope_parameters`, say,
+    /// named `field` in errors): absent or null gives `None`; a value of
+    /// another type (a string "0.5") is an error, as in transformers, never
+    /// silently replaced by the default.
+    pub fn number_in(&self, obj: Option<&Value>, field: &str, key: &str) -> Result<Option<f64>> {
+        match obj.and_then(|o| o.get(key)) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() => Ok(Some(x)),
+                _ => bail!(
+                    "{}: field `{field}.{key}` must be a number, found {v}",
+                    self.path.display()
+                ),
+            },
         }
+    }
+
+    /// An optional string `key` of the object `obj`, as [`RawConfig::number_in`].
+    pub fn str_in<'a>(
+        &self,
+        obj: Option<&'a Value>,
+        field: &str,
+        key: &str,
+    ) -> Result<Option<&'a str>> {
+        match obj.and_then(|o| o.get(key)) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_str().map(Some).with_context(|| {
+                format!(
+                    "{}: field `{field}.{key}` must be a string, found {v}",
+                    self.path.display()
+                )
+            }),
+        }
+    }
+}
+
+/// Token ids given as an integer or a list of integers (absent or null:
+/// none); anything else is an error.
+pub fn token_ids_of(v: Option<&Value>) -> Result<Vec<i64>> {
+    let id = |v: &Value| {
+        v.as_i64()
+            .filter(|&i| i >= 0)
+            .with_context(|| format!("must be a token id or a list of token ids, found {v}"))
+    };
+    match v {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(a)) => a.iter().map(id).collect(),
+        Some(v) => Ok(vec![id(v)?]),
     }
 }

@@ -198,7 +198,7 @@ pub fn multimodal_config(raw: &RawConfig) -> Result<LlamaConfig> {
     c.model_type = "gemma3".to_owned();
     c.final_logit_softcapping = None;
     c.tie_word_embeddings = raw.opt_bool("tie_word_embeddings")?.unwrap_or(true);
-    let eos = raw.token_ids("eos_token_id");
+    let eos = raw.token_ids("eos_token_id")?;
     if !eos.is_empty() {
         c.eos_token_ids = eos;
     }

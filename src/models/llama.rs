@@ -140,6 +140,9 @@ pub struct LlamaConfig {
     pub eos_token_ids: Vec<i64>,
     /// The dtype the checkpoint was saved in (`dtype`/`torch_dtype`), if stated.
     pub saved_dtype: Option<String>,
+    /// `max_position_embeddings`: the positions the model was trained for
+    /// (generation stops there), if stated.
+    pub max_position_embeddings: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -234,11 +237,12 @@ impl LlamaConfig {
             stored_decoder: "model".to_owned(),
             stored_head: OUTPUT_HEAD.to_owned(),
             skipped_towers: Vec::new(),
-            eos_token_ids: raw.token_ids("eos_token_id"),
+            eos_token_ids: raw.token_ids("eos_token_id")?,
             saved_dtype: raw
                 .opt_str("dtype")?
                 .or(raw.opt_str("torch_dtype")?)
                 .map(str::to_owned),
+            max_position_embeddings: raw.opt_usize("max_position_embeddings")?,
         })
     }
 }
@@ -392,14 +396,13 @@ pub fn rope_from(
     field: &str,
     theta: f64,
 ) -> Result<(f64, RopeScaling)> {
-    let get = |k: &str| params.and_then(|p| p.get(k)).and_then(|v| v.as_f64());
-    let theta = get("rope_theta").unwrap_or(theta);
-    let rope_type = params
-        .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
-        .and_then(|v| v.as_str())
-        .unwrap_or("default");
+    let theta = raw.number_in(params, field, "rope_theta")?.unwrap_or(theta);
+    let rope_type = match raw.str_in(params, field, "rope_type")? {
+        Some(t) => t,
+        None => raw.str_in(params, field, "type")?.unwrap_or("default"),
+    };
     let need = |k: &str| {
-        get(k).ok_or_else(|| {
+        raw.number_in(params, field, k)?.ok_or_else(|| {
             anyhow::anyhow!(
                 "{}: field `{field}.{k}` missing for rope_type {rope_type}",
                 raw.path.display()

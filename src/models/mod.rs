@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tch::{Device, Kind};
 
 pub use llama::{KvCache, LlamaConfig, LlamaForCausalLM};
@@ -280,9 +280,6 @@ fn generation_eos(dir: &Path) -> Result<Vec<i64>> {
     )?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
-    Ok(match json.get("eos_token_id") {
-        Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
-        _ => vec![],
-    })
+    config::token_ids_of(json.get("eos_token_id"))
+        .with_context(|| format!("{}: field `eos_token_id`", path.display()))
 }

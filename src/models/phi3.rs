@@ -30,10 +30,11 @@ pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {
         }
     }
     let factor = raw
-        .json
-        .get("rope_parameters")
-        .and_then(|p| p.get("partial_rotary_factor"))
-        .and_then(|v| v.as_f64())
+        .number_in(
+            raw.json.get("rope_parameters"),
+            "rope_parameters",
+            "partial_rotary_factor",
+        )?
         .or(raw.opt_f64("partial_rotary_factor")?)
         .unwrap_or(1.0);
     raw.ensure(

@@ -334,7 +334,7 @@ pub fn load_int8(files: &WeightFiles, prefix: &str, shape: &[i64]) -> Result<Int
         }
     }
     let w = Int8Weight { cb, scb };
-    w.check(&weight)?;
+    w.check(&format!("{}: {weight}", place(files, &weight)))?;
     Ok(w)
 }
 

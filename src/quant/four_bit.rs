@@ -478,6 +478,18 @@ impl Quantized4bit {
             Kind::Float
         };
         expect(&self.absmax, "absmax", absmax_kind, &[blocks])?;
+        // A NaN or infinite block scale turns its 64 weights into NaN/inf,
+        // silently, in every forward pass.
+        let finite_scales = |t: &Tensor, field: &str| -> Result<()> {
+            ensure!(
+                bool::try_from(t.isfinite().logical_and(&t.ge(0.0)).all())?,
+                "{what}: {field} holds NaN, infinite or negative block scales; the checkpoint is broken"
+            );
+            Ok(())
+        };
+        if self.nested.is_none() {
+            finite_scales(&self.absmax, "absmax")?;
+        }
         expect(&self.code, "quant_map", Kind::Float, &[16])?;
         let stored: Vec<f32> = Vec::try_from(&self.code.to_device(Device::Cpu))?;
         let book = self.quant_type.code();
@@ -505,6 +517,7 @@ impl Quantized4bit {
                 &[nested_blocks],
             )?;
             expect(&nested.code, "nested_quant_map", Kind::Float, &[256])?;
+            finite_scales(&nested.absmax, "nested_absmax")?;
             ensure!(
                 nested.offset.is_finite(),
                 "{what}: nested_offset {} is not finite",

@@ -86,6 +86,10 @@ impl Int8Weight {
             self.scb.size(),
             s[0]
         );
+        ensure!(
+            bool::try_from(self.scb.isfinite().logical_and(&self.scb.ge(0.0)).all())?,
+            "{what}: SCB holds NaN, infinite or negative row scales; the checkpoint is broken"
+        );
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 //! decoder is quantized; embeddings, norms and the output head (`lm_head`)
 //! stay in the model dtype, and `llm_int8_skip_modules` leaves more out.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -147,17 +147,22 @@ impl QuantPlan {
             return Ok((w, used));
         }
         let dense = dense()?;
+        let name = format!("{prefix}.weight");
+        let at = || match files.and_then(|f| f.file_of(&name)) {
+            Some(file) => format!("{}: tensor {name}", file.display()),
+            None => format!("tensor {name}"),
+        };
         let w = match &self.config.mode {
             BnbMode::FourBit {
                 quant_type,
                 double_quant,
                 compute_dtype,
             } => FrozenWeight::FourBit {
-                q: quantize_4bit(&dense, *quant_type, *double_quant)?,
+                q: quantize_4bit(&dense, *quant_type, *double_quant).with_context(at)?,
                 compute: *compute_dtype,
             },
             BnbMode::EightBit { .. } => FrozenWeight::Int8 {
-                w: quantize_int8(&dense)?,
+                w: quantize_int8(&dense).with_context(at)?,
                 compute: model_kind,
             },
         };

@@ -143,10 +143,7 @@ impl Trainer {
         let (device, kind) = (place.device, place.kind);
         // training_args.json records what was used, not "auto"; with several
         // processes each takes its own GPU, which `cuda` says.
-        (cfg.device, cfg.dtype) = place.as_args();
-        if dist.is_some() && device.is_cuda() {
-            cfg.device = crate::device::DeviceArg::CudaAny;
-        }
+        (cfg.device, cfg.dtype) = place.recorded(dist.is_some());
         let writer = dist.as_ref().is_none_or(|d| d.rank == 0);
         if writer {
             eprintln!("training on {}", place.describe());
@@ -1404,15 +1401,8 @@ fn join_process_group(
     env: &crate::dist::DistEnv,
     device: tch::Device,
 ) -> Result<crate::dist::ProcessGroup> {
-    use crate::dist::{Backend, ProcessGroup};
-    let backend = match cfg.dist_backend {
-        Backend::Auto if device.is_cuda() => Backend::Nccl,
-        Backend::Auto => Backend::Gloo,
-        b => b,
-    };
-    if backend == Backend::Nccl && !device.is_cuda() {
-        bail!("--dist-backend nccl needs CUDA tensors; this rank trains on the CPU (use gloo)");
-    }
+    use crate::dist::ProcessGroup;
+    let backend = cfg.dist_backend.resolve(device)?;
     let cuda_index = match device {
         tch::Device::Cuda(i) => Some(i),
         _ => None,

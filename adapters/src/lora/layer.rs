@@ -158,36 +158,69 @@ impl LoraWeights {
     }
 }
 
-/// Inverted dropout in training: each element zeroed with probability `p`,
-/// the rest scaled by 1/(1-p), drawn from libtorch's generator (seed it
-/// through [`crate::rng::with_torch_seed`]). On the CPU the kept elements
-/// are left unscaled, and [`dropout_factor`] is what is still to be applied:
-/// the LoRA layer applies it to the rank-r activations, a fraction of the
-/// input's size; elsewhere the device's fused kernel scales.
-///
-/// On the CPU the mask is drawn on the host from one seed taken from that
-/// generator, and applied with `where`, whose backward keeps a one-byte mask
-/// instead of a four-byte noise tensor (`masked_fill`, which keeps the same,
-/// has no vectorised CPU kernel and is slower). A tenth of a CPU training
-/// step went to libtorch's single-threaded Bernoulli sampling.
-pub fn dropout(x: &Tensor, p: f64) -> Tensor {
-    if x.device() != Device::Cpu {
-        return x.dropout(p, true);
-    }
-    let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64;
-    let keep = crate::rng::keep_mask(x.numel(), p, seed);
-    let keep = Tensor::from_slice(&keep).view(x.size().as_slice());
-    x.where_scalarother(&keep, 0.0)
+/// How dropout draws its mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropoutKernel {
+    /// libtorch's fused kernel, which scales the kept elements by 1/(1-p).
+    Fused,
+    /// A mask drawn on the host from one seed taken from libtorch's
+    /// generator, applied with `where` (whose backward keeps a one-byte mask
+    /// instead of a four-byte noise tensor; `masked_fill`, which keeps the
+    /// same, has no vectorised CPU kernel). The kept elements stay unscaled.
+    /// A tenth of a CPU training step went to libtorch's single-threaded
+    /// Bernoulli sampling before.
+    HostMask,
 }
 
-/// The factor [`dropout`] left for the caller to apply to its result on
-/// `device`: 1/(1-p) on the CPU, 1 elsewhere.
-pub fn dropout_factor(device: Device, p: f64) -> f64 {
-    if device == Device::Cpu {
-        1.0 / (1.0 - p)
-    } else {
-        1.0
+impl DropoutKernel {
+    /// The kernel for tensors on `device`: the host mask on the CPU, the
+    /// fused kernel on a GPU (a pure function, tested with both).
+    pub fn for_device(device: Device) -> Self {
+        if device == Device::Cpu {
+            Self::HostMask
+        } else {
+            Self::Fused
+        }
     }
+
+    /// The factor still due after this kernel: 1/(1-p) after the host mask
+    /// (the LoRA layer applies it to the rank-r activations, a fraction of
+    /// the input's size), 1 after the fused kernel.
+    pub fn remaining_factor(self, p: f64) -> f64 {
+        match self {
+            Self::HostMask => 1.0 / (1.0 - p),
+            Self::Fused => 1.0,
+        }
+    }
+}
+
+/// Dropout in training with `kernel`: each element zeroed with probability
+/// `p` (drawn from libtorch's generator: seed it through
+/// [`crate::rng::with_torch_seed`]); multiplied by
+/// [`DropoutKernel::remaining_factor`] it is inverted dropout.
+pub fn dropout_with(x: &Tensor, p: f64, kernel: DropoutKernel) -> Tensor {
+    match kernel {
+        DropoutKernel::Fused => x.dropout(p, true),
+        DropoutKernel::HostMask => {
+            let seed =
+                Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64;
+            let keep = crate::rng::keep_mask(x.numel(), p, seed);
+            let keep = Tensor::from_slice(&keep)
+                .view(x.size().as_slice())
+                .to_device(x.device());
+            x.where_scalarother(&keep, 0.0)
+        }
+    }
+}
+
+/// [`dropout_with`] the kernel of `x`'s device.
+pub fn dropout(x: &Tensor, p: f64) -> Tensor {
+    dropout_with(x, p, DropoutKernel::for_device(x.device()))
+}
+
+/// The factor [`dropout`] left for the caller to apply on `device`.
+pub fn dropout_factor(device: Device, p: f64) -> f64 {
+    DropoutKernel::for_device(device).remaining_factor(p)
 }
 
 /// The L2 norm of each row (PEFT's `get_weight_norm` over dim 1).
@@ -320,7 +353,13 @@ impl LinearAdapter for LoraLayer {
                     // sum += (s·h) Bᵀ as one GEMM accumulating into the sum,
                     // which nothing saved for backward: no [tokens, out]
                     // product, scaled copy and sum. The scaling goes on the
-                    // rank-r activations (exact for power-of-two scalings).
+                    // rank-r activations. That equals PEFT's `(h Bᵀ)·s` bit
+                    // for bit only when s is a power of two and there is no
+                    // dropout factor (rsLoRA's alpha/√r, 1/(1-p) and other
+                    // alphas round once more), and only where the GEMM adds
+                    // its product to the sum after computing it (MKL here;
+                    // cuBLAS adds inside): otherwise it differs by an ulp
+                    // of the adapter's output, within every parity tolerance.
                     let hs = h * (w.scaling * keep_scale);
                     let _ = sum.addmm_(&hs, &w.b.tr());
                     continue;
@@ -448,5 +487,41 @@ impl LinearAdapter for LoraLayer {
         }
         let combined = LoraWeights::combine(&parts, combination)?;
         self.add(new_name, combined)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both kernels, run here on the CPU, give inverted dropout once their
+    /// remaining factor is applied: about p of the values zeroed and the
+    /// mean of the rest kept.
+    #[test]
+    fn each_dropout_kernel_with_its_factor_is_inverted_dropout() {
+        assert_eq!(
+            DropoutKernel::for_device(Device::Cpu),
+            DropoutKernel::HostMask
+        );
+        assert_eq!(
+            DropoutKernel::for_device(Device::Cuda(0)),
+            DropoutKernel::Fused
+        );
+        let (n, p) = (200_000i64, 0.1);
+        let x = Tensor::ones([n], (Kind::Float, Device::Cpu));
+        for kernel in [DropoutKernel::Fused, DropoutKernel::HostMask] {
+            let y = crate::rng::with_torch_seed(3, || dropout_with(&x, p, kernel))
+                * kernel.remaining_factor(p);
+            let zeros = y
+                .eq(0.0)
+                .to_kind(Kind::Float)
+                .mean(Kind::Float)
+                .double_value(&[]);
+            let mean = y.mean(Kind::Float).double_value(&[]);
+            // Binomial standard error of the zeroed share: sqrt(p(1-p)/n) = 6.7e-4.
+            assert!((zeros - p).abs() < 5.0 * 6.7e-4, "{kernel:?}: {zeros}");
+            // The mean's standard error: sqrt(p/(1-p)/n) = 7.5e-4.
+            assert!((mean - 1.0).abs() < 5.0 * 7.5e-4, "{kernel:?}: {mean}");
+        }
     }
 }
