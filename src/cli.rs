@@ -181,8 +181,41 @@ struct GenerateArgs {
     batch_size: usize,
 }
 
-/// Parses the command line and runs it.
-pub fn main() -> Result<()> {
+/// Runs the command line with the regularizers of `registry` and exits:
+/// 0 on success, 128 + the signal when a signal stopped the work, 1 on any
+/// other error, which ends as one line on stderr — libtorch failures (an
+/// allocation that does not fit, say) included, which tch reports by
+/// panicking.
+pub fn exit_with(registry: &crate::regularizers::Registry) -> ! {
+    // A panic prints nothing itself; it is reported below as one line.
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| main_with(registry)));
+    let payload = match result {
+        Ok(Ok(())) => std::process::exit(0),
+        Ok(Err(e)) => {
+            // `{:#}` joins the context chain on one line: "what: why: cause".
+            eprintln!("error: {e:#}");
+            // Stopped by a signal: the shell's convention, 128 + the signal.
+            let code = e
+                .downcast_ref::<crate::signals::Interrupted>()
+                .map_or(1, |i| 128 + i.signal);
+            std::process::exit(code);
+        }
+        Err(payload) => payload,
+    };
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    eprintln!("error: {}", describe_panic(text));
+    std::process::exit(1)
+}
+
+/// Parses the command line and runs it, with the regularizers of
+/// `registry` (a program built on peft-rs registers its own there, and its
+/// `--regularizer` flags and settings files can then name them).
+pub fn main_with(registry: &crate::regularizers::Registry) -> Result<()> {
     crate::signals::ignore_file_size_limit();
     let matches = match Cli::command().try_get_matches() {
         Ok(m) => m,
@@ -198,6 +231,7 @@ pub fn main() -> Result<()> {
             matches
                 .subcommand_matches("train")
                 .expect("the train subcommand was parsed"),
+            registry,
         ),
         Command::Eval(a) => eval_cmd(a),
         Command::Plot(a) => plot_cmd(a),
@@ -621,12 +655,6 @@ impl TrainArgs {
         if self.no_group_by_length {
             c.group_by_length = false;
         }
-        if c.target_modules.len() == 1 && c.target_modules[0].contains(',') {
-            c.target_modules = c.target_modules[0]
-                .split(',')
-                .map(|m| m.trim().to_owned())
-                .collect();
-        }
         if let Err(e) = c.validate() {
             let value = serde_json::to_value(&c)?[e.field].to_string();
             if given.iter().any(|g| g == e.field) {
@@ -665,7 +693,11 @@ pub fn flag_of(field: &str) -> String {
         .unwrap_or_else(|| format!("`{field}`"))
 }
 
-fn train_cmd(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
+fn train_cmd(
+    a: TrainArgs,
+    matches: &ArgMatches,
+    registry: &crate::regularizers::Registry,
+) -> Result<()> {
     let cfg = a.to_config(matches)?;
     let dist = crate::dist::DistEnv::from_env()?;
     let our_worker = std::env::var_os(crate::dist::launch::WORKER_MARK).is_some();
@@ -681,7 +713,7 @@ fn train_cmd(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         return crate::dist::launch_local(cfg.nproc);
     }
     crate::signals::install();
-    let mut trainer = Trainer::new(cfg, vec![])?;
+    let mut trainer = Trainer::new(cfg, registry)?;
     let s = trainer.run()?;
     if dist.is_some_and(|d| d.rank != 0) {
         return Ok(());

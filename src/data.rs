@@ -744,8 +744,8 @@ impl Batch {
         &'a self,
         ids: &'a Tensor,
         segments: Option<&'a Tensor>,
-    ) -> crate::models::llama::DecoderInput<'a> {
-        use crate::models::llama::{AttentionLayout, DecoderInput};
+    ) -> crate::models::DecoderInput<'a> {
+        use crate::models::{AttentionLayout, DecoderInput};
         match segments {
             Some(segment_ids) => DecoderInput {
                 input_ids: ids,

@@ -4,8 +4,9 @@
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
-use crate::models::llama::{AttentionLayout, DecoderInput, NoHooks};
+use crate::models::{AttentionLayout, DecoderInput};
 use crate::models::{KvCache, LlamaForCausalLM};
+use peft_regularizers::hooks::NoHooks;
 use peft_regularizers::rng::SplitMix64;
 
 /// The most new tokens one prompt may ask for.

@@ -7,6 +7,7 @@
 
 pub mod answers;
 pub mod cli;
+pub mod config_json;
 pub mod data;
 pub mod device;
 pub mod dist;

@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use safetensors::tensor::Dtype;
 use tch::{Device, Kind, Tensor};
 
-use crate::models::{self, llama::OUTPUT_HEAD};
+use crate::models::{self, OUTPUT_HEAD};
 use crate::outputs;
 use crate::weights::{
     dtype_of, kind_of, tensor_bytes, StreamingWriter, WeightFiles, INDEX_FILE, SINGLE_FILE,

@@ -9,8 +9,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
-use crate::models::llama::OUTPUT_HEAD;
 use crate::models::LlamaForCausalLM;
+use crate::models::OUTPUT_HEAD;
 use crate::nn::Linear;
 use peft_adapters::lora::files::{self, key};
 use peft_adapters::lora::{Combination, LoraConfig, LoraLayer, LoraWeights, TargetModules};

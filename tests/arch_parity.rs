@@ -13,9 +13,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use peft_rs::adapters::lora::{LoraConfig, TargetModules};
-use peft_rs::models::llama::{DecoderInput, ForwardHooks};
+use peft_rs::models::DecoderInput;
 use peft_rs::models::{self, LlamaForCausalLM};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
+use peft_rs::regularizers::ForwardHooks;
 use peft_rs::regularizers::RegularizerStack;
 use peft_rs::train::StepOptions;
 use tch::{Device, Kind, Tensor};
@@ -77,7 +78,7 @@ fn generation_parity(name: &str) {
     // (in transformers too): batched rows match transformers' batch, not
     // each prompt generated alone.
     let rope = models::read_config(&model_dir(name)).unwrap().rope_scaling;
-    let batch_sets_rope = matches!(rope, models::llama::RopeScaling::LongRope { .. });
+    let batch_sets_rope = matches!(rope, models::rope::RopeScaling::LongRope { .. });
     for batch_size in ["1", "16"] {
         let out = common::peft_rs(&[
             "generate",

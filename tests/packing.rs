@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use peft_rs::data::{collate, load_dataset, pack, DataOptions, Example};
-use peft_rs::models::llama::NoHooks;
 use peft_rs::models::{self, Pretrained};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
+use peft_rs::regularizers::NoHooks;
 use peft_rs::regularizers::{HookContext, HookPoint, Neftune, Regularizer, RegularizerStack};
 use peft_rs::train::{forward_backward, MicroBatch, StepOptions};
 use tch::{Device, Kind, Tensor};

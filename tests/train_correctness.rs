@@ -14,7 +14,7 @@ use peft_rs::device::DeviceArg;
 use peft_rs::models;
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::rng::with_torch_seed;
-use peft_rs::regularizers::{HookContext, HookPoint, Regularizer, RegularizerStack};
+use peft_rs::regularizers::{HookContext, HookPoint, Registry, Regularizer, RegularizerStack};
 use peft_rs::train::{forward_backward, MicroBatch, StepOptions, TrainConfig, Trainer};
 use tch::{Device, Kind, Tensor};
 
@@ -30,11 +30,30 @@ fn config(dir: &Path, records: usize, out: &str) -> TrainConfig {
         device: DeviceArg::Cpu,
         per_device_train_batch_size: 4,
         max_seq_length: 96,
-        lora_rank: 4,
+        lora: LoraConfig {
+            r: 4,
+            ..LoraConfig::training()
+        },
         learning_rate: 1e-3,
         seed: 7,
         ..TrainConfig::default()
     }
+}
+
+/// A trainer whose settings name one regularizer of the test's own,
+/// registered under `name` next to the built-in ones.
+fn trainer_with(
+    cfg: TrainConfig,
+    name: &str,
+    make: impl Fn() -> Box<dyn Regularizer> + Send + Sync + 'static,
+) -> Trainer {
+    let mut registry = Registry::builtin();
+    registry.register(name, "a test's own", &[], move |_| Ok(make()));
+    let cfg = TrainConfig {
+        regularizers: vec![name.parse().unwrap()],
+        ..cfg
+    };
+    Trainer::new(cfg, &registry).unwrap()
 }
 
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
@@ -213,7 +232,7 @@ fn fp16_training_skips_overflowing_steps_and_learns() {
         ..config(tmp.path(), 64, "fp16")
     };
     let out = cfg.output.clone();
-    let mut t = Trainer::new(cfg, vec![Box::new(OverflowAt(3))]).unwrap();
+    let mut t = trainer_with(cfg, "overflow_at", || Box::new(OverflowAt(3)));
     let s = t.run().unwrap();
     let m = metrics(&out);
     let steps: Vec<&serde_json::Value> = m.iter().filter(|l| l.get("loss").is_some()).collect();
@@ -256,7 +275,7 @@ fn a_nan_gradient_is_never_applied_or_saved() {
         ..config(tmp.path(), 48, "nan")
     };
     let out = cfg.output.clone();
-    let mut t = Trainer::new(cfg, vec![Box::new(NanGradientAt(3))]).unwrap();
+    let mut t = trainer_with(cfg, "nan_gradient_at", || Box::new(NanGradientAt(3)));
     let err = format!("{:#}", t.run().unwrap_err());
     assert!(
         err.contains("gradient norm became NaN at step 4"),
@@ -279,17 +298,20 @@ fn a_nan_gradient_is_never_applied_or_saved() {
 fn a_loss_penalty_counts_once_per_step_whatever_the_accumulation() {
     let tmp = tempfile::tempdir().unwrap();
     let run = |out: &str, batch: usize, accum: usize| {
+        let base = config(tmp.path(), 64, out);
         let cfg = TrainConfig {
             per_device_train_batch_size: batch,
             gradient_accumulation_steps: accum,
             group_by_length: false,
-            lora_dropout: 0.0,
+            lora: LoraConfig {
+                lora_dropout: 0.0,
+                ..base.lora.clone()
+            },
             max_steps: 3,
-            ..config(tmp.path(), 64, out)
+            ..base
         };
         let out = cfg.output.clone();
-        Trainer::new(cfg, vec![Box::new(L2(0.05))])
-            .unwrap()
+        trainer_with(cfg, "l2", || Box::new(L2(0.05)))
             .run()
             .unwrap();
         let losses: Vec<f64> = metrics(&out)

@@ -10,15 +10,29 @@
 //!
 //! In evaluation and generation nothing is called unless a regularizer asks
 //! for it with [`Regularizer::active_in_eval`].
+//!
+//! The decoder calls down into this crate through [`hooks::ForwardHooks`];
+//! [`stack::StackHooks`] runs a [`stack::RegularizerStack`] there. Regularizers
+//! are chosen by name from flags and settings files through a
+//! [`registry::Registry`], which a program built on peft-rs can extend with
+//! its own.
 #![warn(missing_docs)]
 
+pub mod hidden_noise;
+pub mod hooks;
 pub mod neftune;
+pub mod registry;
+pub mod stack;
 
 /// Random numbers (shared with the adapters, whose dropout draws them too).
 pub use peft_adapters::rng;
 
+pub use hidden_noise::HiddenNoise;
+pub use hooks::{ForwardHooks, NoHooks};
 pub use neftune::{Neftune, NeftuneMode, NoiseDistribution};
+pub use registry::{Registry, RegularizerSpec};
 pub use rng::{mix, with_torch_seed};
+pub use stack::{RegularizerStack, StackHooks};
 
 use tch::Tensor;
 
@@ -109,67 +123,5 @@ pub trait Regularizer: Send {
     /// Whether to be called in evaluation too (default: no).
     fn active_in_eval(&self) -> bool {
         false
-    }
-}
-
-/// Several regularizers applied in the order given.
-#[derive(Default)]
-pub struct RegularizerStack {
-    regs: Vec<Box<dyn Regularizer>>,
-}
-
-impl RegularizerStack {
-    /// An empty stack.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds a regularizer after those already present.
-    pub fn push(&mut self, r: Box<dyn Regularizer>) {
-        self.regs.push(r);
-    }
-
-    /// True when no regularizer is present.
-    pub fn is_empty(&self) -> bool {
-        self.regs.is_empty()
-    }
-
-    /// Names, in order.
-    pub fn names(&self) -> Vec<String> {
-        self.regs.iter().map(|r| r.name()).collect()
-    }
-
-    /// Whether any regularizer acts at `point` in this mode.
-    pub fn wants(&self, point: HookPoint, training: bool) -> bool {
-        self.regs
-            .iter()
-            .any(|r| (training || r.active_in_eval()) && r.hook_points().contains(&point))
-    }
-
-    /// Runs every regularizer that acts at `point`, in order. Each sees a seed
-    /// derived from `ctx.seed`, the point and its position in the stack.
-    pub fn apply(&mut self, point: HookPoint, mut value: Tensor, ctx: &HookContext) -> Tensor {
-        for (i, r) in self.regs.iter_mut().enumerate() {
-            if !(ctx.training || r.active_in_eval()) || !r.hook_points().contains(&point) {
-                continue;
-            }
-            let own_seed = |s: u64| mix(mix(s, point.salt()), i as u64);
-            let rows: Option<Vec<u64>> = ctx
-                .row_seeds
-                .map(|r| r.iter().map(|&s| own_seed(s)).collect());
-            let own = HookContext {
-                seed: own_seed(ctx.seed),
-                row_seeds: rows.as_deref(),
-                ..*ctx
-            };
-            let (kind, device) = (value.kind(), value.device());
-            value = r.apply(point, value, &own);
-            // A regularizer computing in fp32 (noise on a bf16 base, say)
-            // must not change what the next layer receives.
-            if point != HookPoint::Loss && (value.kind() != kind || value.device() != device) {
-                value = value.to_device(device).to_kind(kind);
-            }
-        }
-        value
     }
 }

@@ -6,11 +6,13 @@
 //! `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT`
 //! ([`DistEnv::from_env`]), or `peft-rs train --nproc N` starts N local
 //! workers with those set ([`launch`]). [`group`] joins and runs the
-//! collectives; [`agree`] holds what the ranks must agree on.
+//! collectives; [`reduce`] is the gradient all-reduce; [`agree`] holds what
+//! the ranks must agree on.
 
 pub mod agree;
 pub mod group;
 pub mod launch;
+pub mod reduce;
 
 use anyhow::{bail, Context, Result};
 

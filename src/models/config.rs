@@ -1,169 +1,298 @@
-//! Reading `config.json` with errors that name the file and the field.
+//! The decoder's configuration, read from `config.json` (through
+//! [`crate::config_json::RawConfig`], whose errors name the file and the
+//! field): the fields every Llama-family config shares, and where the
+//! modules are and are stored.
 
-use std::path::{Path, PathBuf};
+use anyhow::Result;
 
-use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use super::mlp::Activation;
+use super::rope::{rope, RopeScaling};
+use crate::config_json::RawConfig;
 
-/// A parsed `config.json` with field accessors that report the file and field.
-pub struct RawConfig {
-    /// Where it was read from.
-    pub path: PathBuf,
-    /// The JSON object.
-    pub json: serde_json::Map<String, Value>,
+/// The output projection's module path (excluded by `all-linear`).
+pub const OUTPUT_HEAD: &str = "lm_head";
+
+/// Everything the decoder needs from `config.json`.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    /// `model_type` as read.
+    pub model_type: String,
+    /// Rows of `embed_tokens`.
+    pub vocab_size: usize,
+    /// `d`, the width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than query heads).
+    pub num_key_value_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// RMS norm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE scaling.
+    pub rope_scaling: RopeScaling,
+    /// Whether `lm_head` shares `embed_tokens`' weight.
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    /// Bias on gate/up/down projections.
+    pub mlp_bias: bool,
+    /// Sliding attention window per layer (`None`: full causal attention).
+    pub sliding_window: Vec<Option<usize>>,
+    /// RMS norms over each query and key head (`self_attn.q_norm`,
+    /// `self_attn.k_norm`) before RoPE, as Qwen3 and Gemma 3 have.
+    pub qk_norm: bool,
+    /// The MLP's activation (`hidden_act` / `hidden_activation`).
+    pub hidden_act: Activation,
+    /// Gemma's RMS norms: weight stored as `w` and applied as `(1 + w)`, in fp32.
+    pub gemma_norms: bool,
+    /// Gemma 3's four norms per layer: the attention and MLP outputs are
+    /// normed before the residual add (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`), the MLP input by `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// Embeddings multiplied by this (cast to the model dtype first), as
+    /// Gemma's scaled word embedding does with √hidden.
+    pub embed_scale: Option<f64>,
+    /// Attention scores are scaled by this; `None`: 1/√head_dim.
+    pub attention_scale: Option<f64>,
+    /// `final_logit_softcapping`: logits become `cap · tanh(logits / cap)`.
+    pub final_logit_softcapping: Option<f64>,
+    /// RoPE of the sliding-window layers when it differs from the global
+    /// one (Gemma 3's `rope_local_base_freq`).
+    pub local_rope: Option<(f64, RopeScaling)>,
+    /// Phi-3's fused projections: `self_attn.qkv_proj` (queries, keys,
+    /// values stacked) and `mlp.gate_up_proj` (gate, then up).
+    pub fused_projections: bool,
+    /// The leading dimensions of each head that RoPE rotates (Phi-3's
+    /// `partial_rotary_factor`); the rest pass through.
+    pub rotary_dim: usize,
+    /// The decoder's module path: `model`, or `model.language_model` for
+    /// the text tower of a multimodal checkpoint (Gemma 3). Adapters and
+    /// [`LlamaConfig::linear_modules`] name modules under it, as PEFT does.
+    pub decoder_path: String,
+    /// Where the decoder's tensors are stored in the checkpoint files, when
+    /// not under `decoder_path` (`language_model.model` in Gemma 3
+    /// checkpoints as transformers saves them), and where `lm_head` is;
+    /// see [`LlamaConfig::with_stored_names`].
+    pub stored_decoder: String,
+    /// The stored name of `lm_head`.
+    pub stored_head: String,
+    /// Tensor name prefixes of towers the checkpoint holds and peft-rs
+    /// deliberately does not read (a multimodal model's vision tower).
+    pub skipped_towers: Vec<String>,
+    /// Token ids that end generation.
+    pub eos_token_ids: Vec<i64>,
+    /// The dtype the checkpoint was saved in (`dtype`/`torch_dtype`), if stated.
+    pub saved_dtype: Option<String>,
+    /// `max_position_embeddings`: the positions the model was trained for
+    /// (generation stops there), if stated.
+    pub max_position_embeddings: Option<usize>,
 }
 
-impl RawConfig {
-    /// Reads `DIR/config.json`.
-    pub fn read(model_dir: &Path) -> Result<Self> {
-        let path = model_dir.join("config.json");
-        if !model_dir.is_dir() {
-            bail!(
-                "{}: model directory not found (pass a Hugging Face model directory with --model)",
-                model_dir.display()
-            );
-        }
-        let text = peft_adapters::fsio::read_regular_string(
-            &path,
-            peft_adapters::fsio::MAX_JSON_BYTES,
-            "model config (a Hugging Face model directory has a config.json)",
+impl LlamaConfig {
+    /// Reads the fields every Llama-family config shares.
+    pub fn from_raw(raw: &RawConfig) -> Result<Self> {
+        let hidden_size = raw.usize("hidden_size")?;
+        let num_attention_heads = raw.usize("num_attention_heads")?;
+        raw.ensure(
+            num_attention_heads > 0,
+            "num_attention_heads",
+            "must be positive",
         )?;
-        let json: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
-        let Value::Object(json) = json else {
-            bail!("{}: expected a JSON object", path.display());
-        };
-        Ok(Self { path, json })
-    }
-
-    /// `model_type`, e.g. `llama`.
-    pub fn model_type(&self) -> Result<&str> {
-        self.json
-            .get("model_type")
-            .and_then(Value::as_str)
-            .with_context(|| format!("{}: field `model_type` missing", self.path.display()))
-    }
-
-    /// A required positive integer.
-    pub fn usize(&self, field: &str) -> Result<usize> {
-        self.opt_usize(field)?
-            .with_context(|| format!("{}: field `{field}` missing", self.path.display()))
-    }
-
-    /// An optional non-negative integer (absent or null gives `None`).
-    pub fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
-        match self.json.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).with_context(|| {
-                format!(
-                    "{}: field `{field}` must be a non-negative integer, found {v}",
-                    self.path.display()
-                )
-            }),
+        let num_key_value_heads = raw
+            .opt_usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
+        raw.ensure(
+            num_key_value_heads > 0 && num_attention_heads % num_key_value_heads == 0,
+            "num_key_value_heads",
+            "must divide num_attention_heads",
+        )?;
+        let head_dim = raw
+            .opt_usize("head_dim")?
+            .unwrap_or(hidden_size / num_attention_heads);
+        raw.ensure(
+            head_dim % 2 == 0 && head_dim > 0,
+            "head_dim",
+            "must be even and positive",
+        )?;
+        if let Some(act) = raw.opt_str("hidden_act")? {
+            raw.ensure(act == "silu", "hidden_act", "only `silu` is supported")?;
         }
-    }
-
-    /// An optional number.
-    pub fn opt_f64(&self, field: &str) -> Result<Option<f64>> {
-        match self.json.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_f64().map(Some).with_context(|| {
-                format!(
-                    "{}: field `{field}` must be a number, found {v}",
-                    self.path.display()
-                )
-            }),
+        let (rope_theta, rope_scaling) = rope(raw)?;
+        let attention_bias = raw.opt_bool("attention_bias")?.unwrap_or(false);
+        let num_hidden_layers = raw.usize("num_hidden_layers")?;
+        let vocab_size = raw.usize("vocab_size")?;
+        let intermediate_size = raw.usize("intermediate_size")?;
+        // Sizes are checked before anything is allocated from them; the
+        // weights are then checked against the config tensor by tensor.
+        for (field, value, max) in [
+            ("num_hidden_layers", num_hidden_layers, 1 << 12),
+            ("hidden_size", hidden_size, 1 << 20),
+            ("intermediate_size", intermediate_size, 1 << 22),
+            ("vocab_size", vocab_size, 1 << 24),
+            ("num_attention_heads", num_attention_heads, 1 << 12),
+            ("head_dim", head_dim, 1 << 14),
+        ] {
+            raw.ensure(
+                value > 0 && value <= max,
+                field,
+                &format!("{value} is outside 1..={max}"),
+            )?;
         }
-    }
-
-    /// An optional boolean.
-    pub fn opt_bool(&self, field: &str) -> Result<Option<bool>> {
-        match self.json.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_bool().map(Some).with_context(|| {
-                format!(
-                    "{}: field `{field}` must be true or false, found {v}",
-                    self.path.display()
-                )
-            }),
-        }
-    }
-
-    /// An optional string.
-    pub fn opt_str(&self, field: &str) -> Result<Option<&str>> {
-        match self.json.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_str().map(Some).with_context(|| {
-                format!(
-                    "{}: field `{field}` must be a string, found {v}",
-                    self.path.display()
-                )
-            }),
-        }
-    }
-
-    /// Fails with a message naming the field when `ok` is false.
-    pub fn ensure(&self, ok: bool, field: &str, why: &str) -> Result<()> {
-        if !ok {
-            bail!("{}: field `{field}`: {why}", self.path.display());
-        }
-        Ok(())
-    }
-
-    /// The token ids listed in `field` (an integer or a list of integers;
-    /// absent or null: none). Anything else is an error naming the field.
-    pub fn token_ids(&self, field: &str) -> Result<Vec<i64>> {
-        token_ids_of(self.json.get(field))
-            .with_context(|| format!("{}: field `{field}`", self.path.display()))
-    }
-
-    /// An optional number `key` of the object `obj` (`rope_parameters`, say,
-    /// named `field` in errors): absent or null gives `None`; a value of
-    /// another type (a string "0.5") is an error, as in transformers, never
-    /// silently replaced by the default.
-    pub fn number_in(&self, obj: Option<&Value>, field: &str, key: &str) -> Result<Option<f64>> {
-        match obj.and_then(|o| o.get(key)) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => match v.as_f64() {
-                Some(x) if x.is_finite() => Ok(Some(x)),
-                _ => bail!(
-                    "{}: field `{field}.{key}` must be a number, found {v}",
-                    self.path.display()
-                ),
-            },
-        }
-    }
-
-    /// An optional string `key` of the object `obj`, as [`RawConfig::number_in`].
-    pub fn str_in<'a>(
-        &self,
-        obj: Option<&'a Value>,
-        field: &str,
-        key: &str,
-    ) -> Result<Option<&'a str>> {
-        match obj.and_then(|o| o.get(key)) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_str().map(Some).with_context(|| {
-                format!(
-                    "{}: field `{field}.{key}` must be a string, found {v}",
-                    self.path.display()
-                )
-            }),
-        }
+        let rms_norm_eps = raw.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
+        raw.ensure(
+            rms_norm_eps > 0.0 && rms_norm_eps < 1.0,
+            "rms_norm_eps",
+            &format!("{rms_norm_eps} must be a small positive number"),
+        )?;
+        raw.ensure(
+            rope_theta.is_finite() && rope_theta > 1.0,
+            "rope_theta",
+            &format!("{rope_theta} must be a finite number above 1"),
+        )?;
+        Ok(Self {
+            model_type: raw.model_type()?.to_owned(),
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: raw.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias: attention_bias,
+            o_bias: attention_bias,
+            mlp_bias: raw.opt_bool("mlp_bias")?.unwrap_or(false),
+            sliding_window: vec![None; num_hidden_layers],
+            qk_norm: false,
+            hidden_act: Activation::Silu,
+            gemma_norms: false,
+            sandwich_norms: false,
+            embed_scale: None,
+            attention_scale: None,
+            final_logit_softcapping: None,
+            local_rope: None,
+            fused_projections: false,
+            rotary_dim: head_dim,
+            decoder_path: "model".to_owned(),
+            stored_decoder: "model".to_owned(),
+            stored_head: OUTPUT_HEAD.to_owned(),
+            skipped_towers: Vec::new(),
+            eos_token_ids: raw.token_ids("eos_token_id")?,
+            saved_dtype: raw
+                .opt_str("dtype")?
+                .or(raw.opt_str("torch_dtype")?)
+                .map(str::to_owned),
+            max_position_embeddings: raw.opt_usize("max_position_embeddings")?,
+        })
     }
 }
 
-/// Token ids given as an integer or a list of integers (absent or null:
-/// none); anything else is an error.
-pub fn token_ids_of(v: Option<&Value>) -> Result<Vec<i64>> {
-    let id = |v: &Value| {
-        v.as_i64()
-            .filter(|&i| i >= 0)
-            .with_context(|| format!("must be a token id or a list of token ids, found {v}"))
-    };
-    match v {
-        None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::Array(a)) => a.iter().map(id).collect(),
-        Some(v) => Ok(vec![id(v)?]),
+impl LlamaConfig {
+    /// The linear modules of one decoder layer as (path under
+    /// `model.layers.N`, in_features, out_features, bias): the one place
+    /// their shapes are written. `layer_linears!` is the one place their
+    /// fields are; loading checks that the two agree.
+    pub fn layer_linear_shapes(&self) -> Vec<(&'static str, i64, i64, bool)> {
+        let (h, hd) = (self.hidden_size as i64, self.head_dim as i64);
+        let (q, kv) = (
+            self.num_attention_heads as i64 * hd,
+            self.num_key_value_heads as i64 * hd,
+        );
+        let inter = self.intermediate_size as i64;
+        let (qkv, o, mlp) = (self.qkv_bias, self.o_bias, self.mlp_bias);
+        if self.fused_projections {
+            return vec![
+                ("self_attn.qkv_proj", h, q + 2 * kv, qkv),
+                ("self_attn.o_proj", q, h, o),
+                ("mlp.gate_up_proj", h, 2 * inter, mlp),
+                ("mlp.down_proj", inter, h, mlp),
+            ];
+        }
+        vec![
+            ("self_attn.q_proj", h, q, qkv),
+            ("self_attn.k_proj", h, kv, qkv),
+            ("self_attn.v_proj", h, kv, qkv),
+            ("self_attn.o_proj", q, h, o),
+            ("mlp.gate_proj", h, inter, mlp),
+            ("mlp.up_proj", h, inter, mlp),
+            ("mlp.down_proj", inter, h, mlp),
+        ]
+    }
+
+    /// Every linear module as (Hugging Face path, in_features, out_features),
+    /// in the order of [`LlamaForCausalLM::linear_layers`]; lets tools such
+    /// as `merge` plan without loading the model.
+    pub fn linear_modules(&self) -> Vec<(String, i64, i64)> {
+        let mut v = Vec::new();
+        for i in 0..self.num_hidden_layers {
+            for (name, i_, o, _) in self.layer_linear_shapes() {
+                v.push((format!("{}.layers.{i}.{name}", self.decoder_path), i_, o));
+            }
+        }
+        v.push((
+            OUTPUT_HEAD.to_owned(),
+            self.hidden_size as i64,
+            self.vocab_size as i64,
+        ));
+        v
+    }
+}
+
+impl LlamaConfig {
+    /// Where this checkpoint stores the decoder of a multimodal model: under
+    /// its module path (`model.language_model.*`), or as transformers saves
+    /// Gemma 3 (`language_model.model.*`, with `language_model.lm_head`
+    /// when the head is not tied), as `has` (a tensor name test) shows.
+    pub fn with_stored_names(mut self, has: impl Fn(&str) -> bool) -> Self {
+        let legacy = "language_model.model";
+        if self.decoder_path != "model"
+            && !has(&format!("{}.embed_tokens.weight", self.decoder_path))
+            && has(&format!("{legacy}.embed_tokens.weight"))
+        {
+            self.stored_decoder = legacy.to_owned();
+            if has("language_model.lm_head.weight") {
+                self.stored_head = "language_model.lm_head".to_owned();
+            }
+        }
+        self
+    }
+
+    /// The stored tensor name of the tensor `name` (a module path plus `.weight` etc.).
+    pub fn stored_name(&self, name: &str) -> String {
+        if let Some(rest) = name.strip_prefix(&format!("{}.", self.decoder_path)) {
+            return format!("{}.{rest}", self.stored_decoder);
+        }
+        match name.strip_prefix(OUTPUT_HEAD) {
+            Some(rest) if rest.is_empty() || rest.starts_with('.') => {
+                format!("{}{rest}", self.stored_head)
+            }
+            _ => name.to_owned(),
+        }
+    }
+
+    /// The module-path name of the stored tensor `name` (the inverse of
+    /// [`LlamaConfig::stored_name`]).
+    pub fn module_name(&self, name: &str) -> String {
+        if let Some(rest) = name.strip_prefix(&format!("{}.", self.stored_decoder)) {
+            return format!("{}.{rest}", self.decoder_path);
+        }
+        match name.strip_prefix(&self.stored_head) {
+            Some(rest) if rest.is_empty() || rest.starts_with('.') => {
+                format!("{OUTPUT_HEAD}{rest}")
+            }
+            _ => name.to_owned(),
+        }
     }
 }

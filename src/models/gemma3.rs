@@ -10,8 +10,10 @@
 use anyhow::{bail, Result};
 use serde_json::Value;
 
-use super::config::RawConfig;
-use super::llama::{rope_from, Activation, LlamaConfig, RopeScaling};
+use super::config::LlamaConfig;
+use super::mlp::Activation;
+use super::rope::{rope_from, RopeScaling};
+use crate::config_json::RawConfig;
 
 /// The values transformers' `Gemma3TextConfig` gives the fields a config
 /// leaves out (the `text_config` of the released multimodal checkpoints

@@ -3,8 +3,8 @@
 
 use anyhow::Result;
 
-use super::config::RawConfig;
-use super::llama::LlamaConfig;
+use super::config::LlamaConfig;
+use crate::config_json::RawConfig;
 
 /// Reads a `model_type: mistral` config.
 pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {

@@ -1,16 +1,24 @@
 //! Base models: reading a Hugging Face model directory into a frozen decoder.
 //!
-//! One file per architecture. Llama, Mistral, Qwen2, Qwen3, Gemma 3 and Phi-3 share the decoder in
-//! `llama.rs`; the other files say how their configuration differs.
+//! One file per concept the decoder is made of — [`config`] (what
+//! `config.json` says), [`rope`], [`attention`] (with masks and the KV
+//! cache), [`mlp`], [`decoder`] (layers, the model and its forward path) and
+//! [`loader`] (weights into modules) — and one thin file per architecture
+//! saying how its configuration differs: [`llama`], [`mistral`], [`qwen2`],
+//! [`qwen3`], [`gemma3`], [`phi3`].
 
+pub mod attention;
 pub mod config;
+pub mod decoder;
 pub mod gemma3;
 pub mod llama;
 pub mod loader;
 pub mod mistral;
+pub mod mlp;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
+pub mod rope;
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -19,11 +27,13 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind};
 
-pub use llama::{KvCache, LlamaConfig, LlamaForCausalLM};
+pub use attention::{AttentionLayout, DecoderInput, KvCache};
+pub use config::{LlamaConfig, OUTPUT_HEAD};
+pub use decoder::{DecoderOutput, LlamaForCausalLM};
 
+use crate::config_json::RawConfig;
 use crate::quant::{BnbQuantization, QuantPlan};
 use crate::weights::WeightFiles;
-use config::RawConfig;
 use loader::Weights;
 
 /// The architectures peft-rs reads, by `model_type`.
@@ -41,7 +51,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
 pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     let raw = RawConfig::read(dir)?;
     match raw.model_type()? {
-        "llama" => LlamaConfig::from_raw(&raw),
+        "llama" => llama::config(&raw),
         "mistral" => mistral::config(&raw),
         "qwen2" => qwen2::config(&raw),
         "qwen3" => qwen3::config(&raw),
@@ -280,6 +290,6 @@ fn generation_eos(dir: &Path) -> Result<Vec<i64>> {
     )?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
-    config::token_ids_of(json.get("eos_token_id"))
+    crate::config_json::token_ids_of(json.get("eos_token_id"))
         .with_context(|| format!("{}: field `eos_token_id`", path.display()))
 }

@@ -4,13 +4,14 @@
 //! `partial_rotary_factor` of each head, and one sliding window for every
 //! layer where `sliding_window` is set, and LongRoPE (`rope_type` `longrope`,
 //! earlier `su`/`yarn`) as the 128k Phi-3, Phi-3.5 and Phi-4-mini use it
-//! (transformers' `modeling_phi3.py`; see [`super::llama::RopeScaling::LongRope`]).
+//! (transformers' `modeling_phi3.py`; see [`super::rope::RopeScaling::LongRope`]).
 //! PEFT targets the fused modules by their own names.
 
 use anyhow::{bail, Result};
 
-use super::config::RawConfig;
-use super::llama::{LlamaConfig, RopeScaling};
+use super::config::LlamaConfig;
+use super::rope::RopeScaling;
+use crate::config_json::RawConfig;
 
 /// Reads a `model_type: phi3` config.
 pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {

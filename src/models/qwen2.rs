@@ -4,8 +4,8 @@
 use anyhow::Result;
 use serde_json::Value;
 
-use super::config::RawConfig;
-use super::llama::LlamaConfig;
+use super::config::LlamaConfig;
+use crate::config_json::RawConfig;
 
 /// Reads a `model_type: qwen2` config.
 pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {

@@ -5,8 +5,8 @@
 
 use anyhow::Result;
 
-use super::config::RawConfig;
-use super::llama::LlamaConfig;
+use super::config::LlamaConfig;
+use crate::config_json::RawConfig;
 
 /// Reads a `model_type: qwen3` config.
 pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {

@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 use super::codebook::QuantType;
 use super::four_bit::{NestedAbsmax, Quantized4bit, VALID_BLOCKSIZES};
 use super::int8::Int8Weight;
-use crate::models::config::RawConfig;
+use crate::config_json::RawConfig;
 use crate::weights::{kind_of, WeightFiles};
 
 /// Where a tensor lives, for error messages: the file holding it, or all files.

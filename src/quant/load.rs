@@ -12,8 +12,8 @@ use tch::{Device, Kind, Tensor};
 use super::checkpoint::{load_4bit, load_int8, BnbMode, BnbQuantization};
 use super::codebook::QuantType;
 use super::four_bit::quantize_4bit;
+use super::frozen::FrozenWeight;
 use super::int8::quantize_int8;
-use crate::nn::FrozenWeight;
 use crate::weights::WeightFiles;
 
 /// `--quantize`: how the frozen linear layers are stored.

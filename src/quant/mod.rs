@@ -9,9 +9,11 @@
 //! round differently the module documentation of [`four_bit`] and [`int8`]
 //! says so.
 //!
-//! Everything is computed with tensor operations (lookups with
-//! `index_select`, `bucketize` against the code-book midpoints), on whatever
-//! device the input lives on; no per-element Rust loop touches a weight.
+//! Quantization is computed with tensor operations (lookups with
+//! `index_select`, `bucketize` against the code-book midpoints) on whatever
+//! device the input lives on; 4-bit weights in host memory are decoded by one
+//! parallel loop over their bytes, elsewhere by tensor operations (the same
+//! bits either way).
 //!
 //! - [`quantize_4bit`] / [`Quantized4bit::dequantize`]: blocks of 64 values, one
 //!   absmax per block, two 4-bit codes per byte; with `double_quant` the absmax
@@ -21,10 +23,12 @@
 //! - [`checkpoint`]: pre-quantized transformers checkpoints and config.json's
 //!   `quantization_config`.
 //! - [`load`]: quantizing a model's linear layers while it loads (`--quantize`).
+//! - [`frozen`]: a linear layer's frozen weight, dense or quantized.
 
 pub mod checkpoint;
 pub mod codebook;
 pub mod four_bit;
+pub mod frozen;
 pub mod int8;
 pub mod load;
 
@@ -34,5 +38,6 @@ pub use four_bit::{
     dequantize_blockwise, quantize_4bit, quantize_blockwise, NestedAbsmax, Quantized4bit,
     BLOCKSIZE, NESTED_BLOCKSIZE,
 };
+pub use frozen::FrozenWeight;
 pub use int8::{quantize_int8, Int8Weight};
 pub use load::{QuantPlan, Quantize};

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::data::DataFormat;
 use crate::device::{DeviceArg, DtypeArg};
 use crate::quant::{BnbQuantization, Quantize};
-use peft_regularizers::{NeftuneMode, NoiseDistribution};
+use peft_adapters::lora::LoraConfig;
+use peft_regularizers::{NeftuneMode, NoiseDistribution, RegularizerSpec};
 
 /// Learning-rate schedules, with transformers' `SchedulerType` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -72,7 +73,7 @@ fn defaults() -> TrainConfig {
 
 /// A complete training run's settings. Field names follow PEFT/TRL/transformers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct TrainConfig {
     /// Base model directory (default: the SmolLM2-135M-Instruct that ./scripts/setup.sh converts).
     #[arg(long, value_name = "DIR")]
@@ -96,15 +97,13 @@ pub struct TrainConfig {
     #[arg(long, value_name = "N", default_value_t = defaults().eval_steps)]
     pub eval_steps: u64,
 
-    /// LoRA rank r.
-    #[arg(long = "lora-rank", alias = "r", value_name = "R", default_value_t = defaults().lora_rank)]
-    pub lora_rank: usize,
-    /// LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with rsLoRA).
-    #[arg(long, default_value_t = defaults().lora_alpha)]
-    pub lora_alpha: f64,
-    /// Dropout on the LoRA branch's input.
-    #[arg(long, default_value_t = defaults().lora_dropout)]
-    pub lora_dropout: f64,
+    /// The adapter: LoRA's settings (`lora_rank`, `lora_alpha`,
+    /// `lora_dropout`, `target_modules`, `use_rslora`, `use_dora`,
+    /// `init_lora_weights`, and in settings files the pattern fields),
+    /// flattened into these settings under those names.
+    #[serde(flatten)]
+    #[command(flatten)]
+    pub lora: LoraConfig,
     /// One LoRA dropout draw for the layers that read the same input (q/k/v,
     /// gate/up): the same rate and expectation per layer, one mask and one
     /// dropped copy of the input instead of three or two (faster, less
@@ -112,17 +111,6 @@ pub struct TrainConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().share_lora_dropout)]
     pub share_lora_dropout: bool,
-    /// all-linear, or a comma-separated list such as q_proj,v_proj.
-    #[arg(long, value_delimiter = ',', default_values_t = defaults().target_modules)]
-    pub target_modules: Vec<String>,
-    /// rsLoRA scaling (alpha / sqrt(r)).
-    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
-          value_name = "BOOL", default_value_t = defaults().use_rslora)]
-    pub use_rslora: bool,
-    /// DoRA (weight-decomposed LoRA).
-    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
-          value_name = "BOOL", default_value_t = defaults().use_dora)]
-    pub use_dora: bool,
 
     /// NEFTune noise alpha (TRL's neftune_noise_alpha); 0 is off. The paper uses 5, 10, 15.
     #[arg(long = "neftune-alpha", alias = "neftune-noise-alpha", value_name = "ALPHA",
@@ -134,6 +122,13 @@ pub struct TrainConfig {
     /// uniform (the paper) or gaussian (its ablation).
     #[arg(long, value_enum, default_value_t = defaults().neftune_noise)]
     pub neftune_noise: NoiseDistribution,
+    /// A regularizer by name, with its parameters (repeatable; applied in the
+    /// order given, after NEFTune): e.g. hidden_noise:layer=3,std=0.01 or
+    /// neftune:alpha=5,mode=hf. Built in: neftune (alpha, mode, noise) and
+    /// hidden_noise (layer, std); a program built on peft-rs may register more.
+    /// In settings files: [[regularizers]] tables with `kind` and the keys.
+    #[arg(long = "regularizer", value_name = "NAME[:KEY=VALUE,...]")]
+    pub regularizers: Vec<RegularizerSpec>,
 
     /// Examples per micro-batch.
     #[arg(long = "batch-size", alias = "per-device-train-batch-size", value_name = "N",
@@ -273,16 +268,12 @@ impl Default for TrainConfig {
             eval_data: None,
             eval_holdout: 0,
             eval_steps: 0,
-            lora_rank: 16,
-            lora_alpha: 32.0,
-            lora_dropout: 0.05,
+            lora: LoraConfig::training(),
             share_lora_dropout: true,
-            target_modules: vec!["all-linear".into()],
-            use_rslora: false,
-            use_dora: false,
             neftune_noise_alpha: 0.0,
             neftune_mode: NeftuneMode::Paper,
             neftune_noise: NoiseDistribution::Uniform,
+            regularizers: Vec::new(),
             per_device_train_batch_size: 4,
             gradient_accumulation_steps: 1,
             learning_rate: 2e-4,
@@ -362,18 +353,41 @@ impl TrainConfig {
     /// past run rather than set this one ([`RECORDED_FIELDS`]) are left out
     /// with a note.
     pub fn from_value(mut value: serde_json::Value, path: &Path) -> Result<Self> {
-        if let Some(fields) = value.as_object_mut() {
-            for &f in RECORDED_FIELDS {
-                if fields.remove(f).is_some() {
-                    eprintln!(
-                        "note: {}: `{f}` records how a run was made and is not read from a settings file \
-                         (set the process count with --nproc or torchrun)",
-                        path.display()
-                    );
-                }
+        let Some(fields) = value.as_object_mut() else {
+            anyhow::bail!("{}: expected a table of settings", path.display());
+        };
+        for &f in RECORDED_FIELDS {
+            if fields.remove(f).is_some() {
+                eprintln!(
+                    "note: {}: `{f}` records how a run was made and is not read from a settings file \
+                     (set the process count with --nproc or torchrun)",
+                    path.display()
+                );
             }
         }
-        serde_path_to_error::deserialize(value).map_err(|e| {
+        // Every field over the defaults (flattened parts included), and no
+        // field the settings do not have.
+        let serde_json::Value::Object(mut all) = serde_json::to_value(Self::default())? else {
+            unreachable!("TrainConfig serialises to an object");
+        };
+        for (k, v) in std::mem::take(fields) {
+            let key = if k == "r" { "lora_rank".to_owned() } else { k };
+            if !all.contains_key(&key) {
+                let mut known: Vec<&String> = all.keys().collect();
+                known.sort();
+                anyhow::bail!(
+                    "{}: unknown field `{key}`; the settings are: {}",
+                    path.display(),
+                    known
+                        .iter()
+                        .map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            all.insert(key, v);
+        }
+        serde_path_to_error::deserialize(serde_json::Value::Object(all)).map_err(|e| {
             let field = e.path().to_string();
             anyhow::anyhow!(
                 "{}: {}{}",
@@ -401,22 +415,13 @@ impl TrainConfig {
             }
         };
         let finite = |x: f64| x.is_finite();
-        check(self.lora_rank > 0, "lora_rank", "must be at least 1")?;
-        check(
-            self.lora_rank <= 65_536,
-            "lora_rank",
-            "must be at most 65536",
-        )?;
-        check(
-            self.lora_alpha > 0.0 && finite(self.lora_alpha),
-            "lora_alpha",
-            "must be a finite number > 0",
-        )?;
-        check(
-            (0.0..1.0).contains(&self.lora_dropout),
-            "lora_dropout",
-            "must be in [0, 1)",
-        )?;
+        // The adapter's own rules, under the settings' field names.
+        if let Some((field, problem)) = self.lora.problem() {
+            return Err(InvalidSetting {
+                field: if field == "r" { "lora_rank" } else { field },
+                problem,
+            });
+        }
         check(
             self.neftune_noise_alpha >= 0.0 && finite(self.neftune_noise_alpha),
             "neftune_noise_alpha",
@@ -529,11 +534,6 @@ impl TrainConfig {
             "bnb_4bit_use_double_quant",
             "and bnb_4bit_compute_dtype need quantize (nf4 or fp4)",
         )?;
-        check(
-            !self.target_modules.is_empty() && self.target_modules.iter().all(|m| !m.is_empty()),
-            "target_modules",
-            "must name at least one module",
-        )?;
         Ok(())
     }
 
@@ -568,24 +568,46 @@ impl TrainConfig {
             .map(|q| q.config(self.bnb_4bit_use_double_quant, compute))
     }
 
-    /// The LoRA configuration these settings describe.
-    pub fn lora_config(&self, base_model_name_or_path: &Path) -> peft_adapters::lora::LoraConfig {
-        use peft_adapters::lora::{LoraConfig, TargetModules};
-        let target_modules =
-            if self.target_modules.len() == 1 && self.target_modules[0] == "all-linear" {
-                TargetModules::AllLinear
-            } else {
-                TargetModules::Names(self.target_modules.clone())
-            };
+    /// Every regularizer these settings ask for, in order: NEFTune's short
+    /// form (`neftune_noise_alpha` > 0) first, then `regularizers`. Naming
+    /// NEFTune both ways is refused (it would add the noise twice).
+    pub fn regularizer_specs(&self) -> Result<Vec<RegularizerSpec>> {
+        let mut specs = Vec::new();
+        if self.neftune_noise_alpha > 0.0 {
+            if self.regularizers.iter().any(|r| r.kind == "neftune") {
+                anyhow::bail!(
+                    "NEFTune is asked for twice: by neftune_noise_alpha (--neftune-alpha) and by a `neftune` regularizer; keep one"
+                );
+            }
+            specs.push(RegularizerSpec {
+                kind: "neftune".into(),
+                params: [
+                    (
+                        "alpha".to_owned(),
+                        serde_json::json!(self.neftune_noise_alpha),
+                    ),
+                    (
+                        "mode".to_owned(),
+                        serde_json::json!(self.neftune_mode.to_string()),
+                    ),
+                    (
+                        "noise".to_owned(),
+                        serde_json::json!(self.neftune_noise.to_string()),
+                    ),
+                ]
+                .into(),
+            });
+        }
+        specs.extend(self.regularizers.iter().cloned());
+        Ok(specs)
+    }
+
+    /// The LoRA configuration these settings describe, for the adapter of
+    /// a model read from `base_model_name_or_path`.
+    pub fn lora_config(&self, base_model_name_or_path: &Path) -> LoraConfig {
         LoraConfig {
-            r: self.lora_rank,
-            lora_alpha: self.lora_alpha,
-            lora_dropout: self.lora_dropout,
-            target_modules,
-            use_rslora: self.use_rslora,
-            use_dora: self.use_dora,
             base_model_name_or_path: Some(base_model_name_or_path.display().to_string()),
-            ..LoraConfig::default()
+            ..self.lora.clone()
         }
     }
 }

@@ -1,11 +1,21 @@
 //! `LoraConfig`: PEFT's field names and meanings, read from and written to
-//! `adapter_config.json`.
+//! `adapter_config.json` ([`LoraConfig::from_json`], [`LoraConfig::to_json`]).
+//!
+//! The same struct is the adapter part of a training run's settings: its
+//! serde form (`lora_rank`, `lora_alpha`, `lora_dropout`, `target_modules`,
+//! `use_rslora`, `use_dora`, `init_lora_weights` and the pattern fields, the
+//! names TRL users write) is what `training_args.json` and settings files hold,
+//! flattened into the run's settings, and its clap form the `--lora-*` flags.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
+use clap::ArgAction;
 use regex::Regex;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{json, Map, Value};
 
 /// Which linear layers get an adapter (PEFT's `target_modules`).
@@ -19,6 +29,60 @@ pub enum TargetModules {
     AllLinear,
 }
 
+impl FromStr for TargetModules {
+    type Err = anyhow::Error;
+
+    /// `all-linear`, or a comma-separated list of module names (a flag's form).
+    fn from_str(s: &str) -> Result<Self> {
+        if s.trim() == "all-linear" {
+            return Ok(Self::AllLinear);
+        }
+        let names: Vec<String> = s.split(',').map(|n| n.trim().to_owned()).collect();
+        if names.iter().any(String::is_empty) {
+            bail!("`{s}`: expected all-linear or module names separated by commas");
+        }
+        Ok(Self::Names(names))
+    }
+}
+
+impl fmt::Display for TargetModules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AllLinear => f.write_str("all-linear"),
+            Self::Names(n) => f.write_str(&n.join(",")),
+            Self::Regex(r) => f.write_str(r),
+        }
+    }
+}
+
+impl TargetModules {
+    /// PEFT's JSON form: "all-linear", a regex string, or a list of names.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Self::Names(n) => json!(n),
+            Self::Regex(r) => json!(r),
+            Self::AllLinear => json!("all-linear"),
+        }
+    }
+}
+
+impl Serialize for TargetModules {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetModules {
+    /// PEFT's forms, and a list holding only "all-linear" (older settings).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        if v == json!(["all-linear"]) {
+            return Ok(Self::AllLinear);
+        }
+        parse_targets(&v, "target_modules").map_err(serde::de::Error::custom)
+    }
+}
+
 /// How new adapter weights start (PEFT's `init_lora_weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InitLoraWeights {
@@ -30,32 +94,109 @@ pub enum InitLoraWeights {
     Random,
 }
 
-/// A LoRA adapter's configuration, with PEFT's field names.
-#[derive(Debug, Clone, PartialEq)]
+impl FromStr for InitLoraWeights {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "true" => Ok(Self::Default),
+            "false" => Ok(Self::Random),
+            "gaussian" => Ok(Self::Gaussian),
+            other => bail!("`{other}`: expected true, false or gaussian"),
+        }
+    }
+}
+
+impl fmt::Display for InitLoraWeights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Default => "true",
+            Self::Random => "false",
+            Self::Gaussian => "gaussian",
+        })
+    }
+}
+
+impl InitLoraWeights {
+    /// PEFT's JSON form: true, false or "gaussian".
+    pub fn to_json(self) -> Value {
+        match self {
+            Self::Default => json!(true),
+            Self::Random => json!(false),
+            Self::Gaussian => json!("gaussian"),
+        }
+    }
+
+    fn from_json(v: Option<&Value>) -> Result<Self> {
+        Ok(match v {
+            None | Some(Value::Bool(true)) => Self::Default,
+            Some(Value::Bool(false)) => Self::Random,
+            Some(Value::String(s)) if s == "gaussian" => Self::Gaussian,
+            Some(v) => {
+                bail!("`init_lora_weights` = {v} is not supported (true, false or \"gaussian\")")
+            }
+        })
+    }
+}
+
+impl Serialize for InitLoraWeights {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for InitLoraWeights {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        Self::from_json(Some(&v)).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A LoRA adapter's configuration, with PEFT's field names (serde and clap
+/// give the settings' names: see the module documentation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default = "LoraConfig::training")]
 pub struct LoraConfig {
-    /// Rank.
+    /// LoRA rank r.
+    #[serde(rename = "lora_rank", alias = "r")]
+    #[arg(id = "lora_rank", long = "lora-rank", alias = "r", value_name = "R",
+          default_value_t = LoraConfig::training().r)]
     pub r: usize,
-    /// Scaling numerator: scaling = lora_alpha / r (or / √r with rsLoRA).
+    /// LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with rsLoRA).
+    #[arg(long, default_value_t = LoraConfig::training().lora_alpha)]
     pub lora_alpha: f64,
-    /// Dropout on the adapter branch's input, in training only.
+    /// Dropout on the LoRA branch's input (training only).
+    #[arg(long, default_value_t = LoraConfig::training().lora_dropout)]
     pub lora_dropout: f64,
-    /// Which modules get adapters.
+    /// all-linear, or a comma-separated list such as q_proj,v_proj.
+    #[arg(long, default_value_t = LoraConfig::training().target_modules)]
     pub target_modules: TargetModules,
     /// Modules never adapted: a regex (whole path) or names (suffix match).
+    #[arg(skip)]
     pub exclude_modules: Option<TargetModules>,
     /// Only these decoder-layer indices.
+    #[arg(skip)]
     pub layers_to_transform: Option<Vec<usize>>,
     /// Per-module rank overrides: pattern (suffix regex) -> r.
+    #[arg(skip)]
     pub rank_pattern: BTreeMap<String, usize>,
     /// Per-module alpha overrides: pattern (suffix regex) -> alpha.
+    #[arg(skip)]
     pub alpha_pattern: BTreeMap<String, f64>,
-    /// Scale by alpha/√r (rsLoRA) instead of alpha/r.
+    /// rsLoRA scaling (alpha / sqrt(r)).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = false)]
     pub use_rslora: bool,
-    /// Weight-decomposed LoRA.
+    /// DoRA (weight-decomposed LoRA).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = false)]
     pub use_dora: bool,
-    /// Initialisation of new adapters.
+    /// How new adapters start: true (kaiming-uniform A, zero B), gaussian, or false.
+    #[arg(long, value_name = "true|false|gaussian", default_value_t = InitLoraWeights::Default)]
     pub init_lora_weights: InitLoraWeights,
     /// The base model the adapter was trained on (recorded, not enforced).
+    #[serde(skip)]
+    #[arg(skip)]
     pub base_model_name_or_path: Option<String>,
 }
 
@@ -76,6 +217,20 @@ impl Default for LoraConfig {
             use_dora: false,
             init_lora_weights: InitLoraWeights::Default,
             base_model_name_or_path: None,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The defaults of instruction tuning (r 16, alpha 32, dropout 0.05,
+    /// every linear layer), which training starts from.
+    pub fn training() -> Self {
+        Self {
+            r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            target_modules: TargetModules::AllLinear,
+            ..Self::default()
         }
     }
 }
@@ -135,21 +290,34 @@ impl LoraConfig {
 
     /// Checks values PEFT would also refuse, with the field named.
     pub fn validate(&self) -> Result<()> {
+        match self.problem() {
+            None => Ok(()),
+            Some((field, problem)) => bail!("`{field}` {problem}"),
+        }
+    }
+
+    /// The first value that cannot work, as (PEFT field, what is wrong).
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        let bad = |field, problem: String| Some((field, problem));
         if self.r == 0 {
-            bail!("`r` (--lora-rank) must be at least 1");
+            return bad("r", "must be at least 1".into());
         }
         if !(self.lora_alpha > 0.0 && self.lora_alpha.is_finite()) {
-            bail!("`lora_alpha` must be > 0, got {}", self.lora_alpha);
+            return bad(
+                "lora_alpha",
+                format!("must be a finite number > 0, got {}", self.lora_alpha),
+            );
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            bail!(
-                "`lora_dropout` must be in [0, 1), got {}",
-                self.lora_dropout
+            return bad(
+                "lora_dropout",
+                format!("must be in [0, 1), got {}", self.lora_dropout),
             );
         }
         if self.r > MAX_RANK || self.rank_pattern.values().any(|&r| r > MAX_RANK) {
-            bail!(
-                "`r` (or a `rank_pattern` value) is above {MAX_RANK}; no LoRA adapter is that wide"
+            return bad(
+                "r",
+                format!("(or a `rank_pattern` value) must be at most {MAX_RANK}; no LoRA adapter is that wide"),
             );
         }
         // An adapter whose scaling is this large overflows fp32 in its first
@@ -160,41 +328,50 @@ impl LoraConfig {
         for (r, alpha) in scalings {
             let s = self.scaling(r.max(1), alpha);
             if !(s.is_finite() && s <= MAX_SCALING) {
-                bail!(
-                    "`lora_alpha` {alpha} with r {r} gives scaling {s:e}, above {MAX_SCALING:e}; the adapter would overflow — fix lora_alpha"
+                return bad(
+                    "lora_alpha",
+                    format!("{alpha} with r {r} gives scaling {s:e}, above {MAX_SCALING:e}; the adapter would overflow"),
                 );
             }
         }
         if let TargetModules::Names(names) = &self.target_modules {
-            if names.is_empty() {
-                bail!("`target_modules` is empty");
+            if names.is_empty() || names.iter().any(String::is_empty) {
+                return bad("target_modules", "must name at least one module".into());
             }
             let mut seen = std::collections::BTreeSet::new();
             for n in names {
                 if !seen.insert(n) {
-                    bail!("`target_modules` lists `{n}` twice");
+                    return bad("target_modules", format!("lists `{n}` twice"));
                 }
             }
         }
         for (k, &r) in &self.rank_pattern {
             if r == 0 {
-                bail!("`rank_pattern` gives `{k}` rank 0");
+                return bad("rank_pattern", format!("gives `{k}` rank 0"));
             }
         }
         for (k, &a) in &self.alpha_pattern {
             if a.is_nan() || a <= 0.0 {
-                bail!("`alpha_pattern` gives `{k}` alpha {a}; it must be > 0");
+                return bad(
+                    "alpha_pattern",
+                    format!("gives `{k}` alpha {a}; it must be > 0"),
+                );
             }
         }
         for pattern in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
-            Regex::new(pattern).with_context(|| {
-                format!("`rank_pattern`/`alpha_pattern` key `{pattern}` is not a regex")
-            })?;
+            if let Err(e) = Regex::new(pattern) {
+                return bad(
+                    "rank_pattern",
+                    format!("key `{pattern}` is not a regex: {e}"),
+                );
+            }
         }
         if let TargetModules::Regex(r) = &self.target_modules {
-            Regex::new(r).with_context(|| format!("`target_modules` regex `{r}`"))?;
+            if let Err(e) = Regex::new(r) {
+                return bad("target_modules", format!("regex `{r}`: {e}"));
+            }
         }
-        Ok(())
+        None
     }
 
     /// Reads `DIR/adapter_config.json`.
@@ -289,14 +466,7 @@ impl LoraConfig {
             ),
             Some(v) => bail!("`layers_to_transform` must be an index or a list, found {v}"),
         };
-        let init_lora_weights = match obj.get("init_lora_weights") {
-            None | Some(Value::Bool(true)) => InitLoraWeights::Default,
-            Some(Value::Bool(false)) => InitLoraWeights::Random,
-            Some(Value::String(s)) if s == "gaussian" => InitLoraWeights::Gaussian,
-            Some(v) => {
-                bail!("`init_lora_weights` = {v} is not supported (true, false or \"gaussian\")")
-            }
-        };
+        let init_lora_weights = InitLoraWeights::from_json(obj.get("init_lora_weights"))?;
         let map = |k: &str| -> Result<Map<String, Value>> {
             match obj.get(k) {
                 None | Some(Value::Null) => Ok(Map::new()),
@@ -348,11 +518,7 @@ impl LoraConfig {
 
     /// The `adapter_config.json` PEFT writes for this configuration.
     pub fn to_json(&self) -> Value {
-        let targets = |t: &TargetModules| match t {
-            TargetModules::Names(n) => json!(n),
-            TargetModules::Regex(r) => json!(r),
-            TargetModules::AllLinear => json!("all-linear"),
-        };
+        let targets = TargetModules::to_json;
         json!({
             "alpha_pattern": self.alpha_pattern,
             "auto_mapping": null,
@@ -361,11 +527,7 @@ impl LoraConfig {
             "exclude_modules": self.exclude_modules.as_ref().map(targets),
             "fan_in_fan_out": false,
             "inference_mode": true,
-            "init_lora_weights": match self.init_lora_weights {
-                InitLoraWeights::Default => json!(true),
-                InitLoraWeights::Random => json!(false),
-                InitLoraWeights::Gaussian => json!("gaussian"),
-            },
+            "init_lora_weights": self.init_lora_weights.to_json(),
             "layers_pattern": null,
             "layers_to_transform": self.layers_to_transform,
             "lora_alpha": self.lora_alpha,

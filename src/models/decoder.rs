@@ -1,0 +1,452 @@
+//! The decoder, as transformers' `modeling_llama.py` computes it: layers,
+//! the model, and its one forward path (with gradient checkpointing) shared
+//! by training, evaluation and generation.
+//!
+//! Struct and field names mirror the Hugging Face module paths
+//! (`model.layers.N.self_attn.q_proj`, `model.norm`, `lm_head`), so the file
+//! reads next to transformers' code. What differs between architectures is
+//! configuration (see [`super::config::LlamaConfig`] and the architecture
+//! files); the decoder calls the hooks of [`peft_regularizers::hooks`] at the
+//! embedding and after each layer and never knows what answers.
+
+use tch::{Device, Kind, Tensor};
+
+use super::attention::Attention;
+use super::attention::{AttentionLayout, DecoderInput, KvCache, Masks};
+use super::config::{LlamaConfig, OUTPUT_HEAD};
+use super::mlp::Mlp;
+use super::rope::RotaryEmbedding;
+use crate::nn::{Linear, RmsNorm};
+use crate::quant::FrozenWeight;
+use peft_regularizers::hooks::{ForwardHooks, NoHooks};
+use peft_regularizers::rng::with_torch_seed;
+
+/// The linear modules a [`DecoderLayer`] may have (a model has those
+/// [`LlamaConfig::layer_linear_shapes`] names; the others stay empty) as
+/// (path under `model.layers.N`, reference), shared (`layer_linears!(l)`) or mutable
+/// (`layer_linears!(l, mut)`): the one list of their fields, behind
+/// [`LlamaForCausalLM::linear_layers`], [`LlamaForCausalLM::linear_layers_mut`],
+/// loading and parameter counts.
+macro_rules! layer_linears {
+    ($l:expr $(, $m:ident)?) => {
+        [
+            ("self_attn.q_proj", &$($m)? $l.self_attn.q_proj),
+            ("self_attn.k_proj", &$($m)? $l.self_attn.k_proj),
+            ("self_attn.v_proj", &$($m)? $l.self_attn.v_proj),
+            ("self_attn.qkv_proj", &$($m)? $l.self_attn.qkv_proj),
+            ("self_attn.o_proj", &$($m)? $l.self_attn.o_proj),
+            ("mlp.gate_proj", &$($m)? $l.mlp.gate_proj),
+            ("mlp.up_proj", &$($m)? $l.mlp.up_proj),
+            ("mlp.gate_up_proj", &$($m)? $l.mlp.gate_up_proj),
+            ("mlp.down_proj", &$($m)? $l.mlp.down_proj),
+        ]
+    };
+}
+
+pub(crate) use layer_linears;
+
+/// The output of [`LlamaForCausalLM::decode`].
+pub struct DecoderOutput {
+    /// `[batch, seq, hidden]` after the final norm.
+    pub hidden: Tensor,
+    /// With gradient checkpointing: what the backward pass rebuilds the layers from.
+    pub recompute: Option<Recompute>,
+}
+
+/// The saved inputs of each decoder layer, for gradient checkpointing.
+pub struct Recompute {
+    inputs: Vec<Tensor>,
+    top: Tensor,
+    rope: Vec<(Tensor, Tensor)>,
+    masks: Vec<Option<Tensor>>,
+}
+
+impl Recompute {
+    /// Once the gradient has reached the last layer's output (backward from
+    /// the loss through the final norm), recomputes each layer, last to
+    /// first, with the same seeds and hooks, and backpropagates through it.
+    pub fn backward(self, model: &LlamaForCausalLM, hooks: &mut dyn ForwardHooks) {
+        let mut grad = self.top.grad();
+        for i in (0..self.inputs.len()).rev() {
+            // The first layer's input (the embeddings) needs no gradient.
+            let input = if i > 0 {
+                self.inputs[i].detach().set_requires_grad(true)
+            } else {
+                self.inputs[i].shallow_clone()
+            };
+            let out = model.run_layer(i, &input, &self.rope, self.masks[i].as_ref(), None, &*hooks);
+            let out = hooks.layer_output(i, out);
+            (out * &grad).sum(Kind::Float).backward();
+            if i > 0 {
+                grad = input.grad();
+            }
+        }
+    }
+}
+
+/// `model.layers.N`.
+pub struct DecoderLayer {
+    /// `self_attn`.
+    pub self_attn: Attention,
+    /// `mlp`.
+    pub mlp: Mlp,
+    /// `input_layernorm`.
+    pub input_layernorm: RmsNorm,
+    /// `post_attention_layernorm`.
+    pub post_attention_layernorm: RmsNorm,
+    /// `pre_feedforward_layernorm` (Gemma 3).
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    /// `post_feedforward_layernorm` (Gemma 3).
+    pub post_feedforward_layernorm: Option<RmsNorm>,
+    /// Whether the layer uses `model.rotary_emb_local` (Gemma 3's sliding layers).
+    pub(crate) local_rope: bool,
+}
+
+impl DecoderLayer {
+    /// One pre-norm residual block.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
+        let a = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), rope, mask, cache);
+        if let (Some(pre), Some(post)) = (
+            &self.pre_feedforward_layernorm,
+            &self.post_feedforward_layernorm,
+        ) {
+            // Gemma 3: attention and MLP outputs are normed before each residual add.
+            let h = x + self.post_attention_layernorm.forward(&a);
+            let out = post.forward(&self.mlp.forward(&pre.forward(&h)));
+            return h + out;
+        }
+        let h = x + a;
+        let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
+        h + out
+    }
+}
+
+/// `model`: embeddings, decoder layers and the final norm.
+pub struct LlamaModel {
+    /// `embed_tokens.weight`, `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    /// `layers`.
+    pub layers: Vec<DecoderLayer>,
+    /// `norm`.
+    pub norm: RmsNorm,
+    /// Rotary frequencies (not a weight).
+    pub rotary_emb: RotaryEmbedding,
+    /// The sliding-window layers' own rotary frequencies (Gemma 3).
+    pub rotary_emb_local: Option<RotaryEmbedding>,
+}
+
+/// A Llama-family causal language model: `model` plus `lm_head`.
+pub struct LlamaForCausalLM {
+    /// The configuration it was built from.
+    pub config: LlamaConfig,
+    /// `model`.
+    pub model: LlamaModel,
+    /// `lm_head`; shares `model.embed_tokens` when embeddings are tied.
+    pub lm_head: Linear,
+    pub(crate) kind: Kind,
+    pub(crate) device: Device,
+}
+
+impl LlamaForCausalLM {
+    /// The dtype of the frozen weights.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Where the weights live.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// `model.embed_tokens(input_ids)`: `[batch, seq]` ids to `[batch, seq, hidden]`.
+    /// With `embed_scale` (Gemma) the embeddings are multiplied by it, cast
+    /// to the model dtype first, inside the module as transformers'
+    /// `Gemma3TextScaledWordEmbedding` does: what a hook on `embed_tokens`
+    /// (NEFTune) sees is the scaled embedding.
+    pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+        let x = Tensor::embedding(&self.model.embed_tokens, input_ids, -1, false, false);
+        match self.config.embed_scale {
+            None => x,
+            Some(scale) => {
+                // transformers keeps √hidden as an fp32 buffer and casts it to the weight's dtype.
+                let scale =
+                    Tensor::scalar_tensor(scale, (Kind::Float, x.device())).to_kind(x.kind());
+                x * scale
+            }
+        }
+    }
+
+    /// The decoder, the one forward path of training, evaluation and
+    /// generation: embeddings, the embedding hook, each layer (seeded when
+    /// the hooks give a seed) and its hook, the final norm.
+    ///
+    /// With `recompute`, the layers run without an autograd graph and only
+    /// their inputs are kept (gradient checkpointing); the returned
+    /// [`Recompute`] rebuilds each layer during the backward pass.
+    pub fn decode(
+        &self,
+        input: &DecoderInput,
+        mut cache: Option<&mut KvCache>,
+        hooks: &mut dyn ForwardHooks,
+        recompute: bool,
+    ) -> DecoderOutput {
+        let mut x = hooks.embedding_output(self.embed(input.input_ids));
+        let past = cache.as_deref().map_or(0, KvCache::len);
+        let t = x.size()[1];
+        let cos_sin = |r: &RotaryEmbedding| match input.position_ids {
+            Some(p) => r.cos_sin_at(p, rope_length(r, input, past, t), x.kind()),
+            None => r.cos_sin(past, t, x.kind()),
+        };
+        let mut rope = vec![cos_sin(&self.model.rotary_emb)];
+        rope.extend(self.model.rotary_emb_local.as_ref().map(cos_sin));
+        let mut masks = Masks::new(input.layout, past, t, x.device());
+        let layer_masks: Vec<Option<Tensor>> = self
+            .model
+            .layers
+            .iter()
+            .map(|l| {
+                masks
+                    .get(l.self_attn.sliding_window)
+                    .map(Tensor::shallow_clone)
+            })
+            .collect();
+        let mut inputs = Vec::new();
+        {
+            let _no_grad = recompute.then(tch::no_grad_guard);
+            for (i, mask) in layer_masks.iter().enumerate() {
+                if recompute {
+                    inputs.push(x.detach());
+                }
+                let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                x = self.run_layer(i, &x, &rope, mask.as_ref(), slot, &*hooks);
+                x = hooks.layer_output(i, x);
+            }
+        }
+        if !recompute {
+            return DecoderOutput {
+                hidden: self.model.norm.forward(&x),
+                recompute: None,
+            };
+        }
+        let top = x.detach().set_requires_grad(true);
+        DecoderOutput {
+            hidden: self.model.norm.forward(&top),
+            recompute: Some(Recompute {
+                inputs,
+                top,
+                rope,
+                masks: layer_masks,
+            }),
+        }
+    }
+
+    /// Whether a forward pass over `past` cached and `len` new positions
+    /// needs RoPE frequencies other than those the cache was built with
+    /// (LongRoPE crossing `original_max_position_embeddings`): transformers'
+    /// Phi-3 then drops the cache and runs the whole sequence again
+    /// (`Phi3ForCausalLM.prepare_inputs_for_generation`), and so does
+    /// [`crate::generate`].
+    pub fn rope_restarts_cache(&self, past: i64, len: i64) -> bool {
+        match &self.model.rotary_emb.long {
+            Some((_, original)) => past > 0 && past <= *original && past + len > *original,
+            None => false,
+        }
+    }
+
+    fn run_layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        rope: &[(Tensor, Tensor)],
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        hooks: &dyn ForwardHooks,
+    ) -> Tensor {
+        let layer = &self.model.layers[i];
+        let rope = &rope[usize::from(layer.local_rope)];
+        match hooks.layer_seed(i) {
+            Some(seed) => with_torch_seed(seed, || layer.forward(x, rope, mask, cache)),
+            None => layer.forward(x, rope, mask, cache),
+        }
+    }
+
+    /// The final hidden states (after `model.norm`) of a forward pass
+    /// without gradient checkpointing; `cache` makes it an incremental step.
+    pub fn forward_hidden(
+        &self,
+        input: &DecoderInput,
+        cache: Option<&mut KvCache>,
+        hooks: &mut dyn ForwardHooks,
+    ) -> Tensor {
+        self.decode(input, cache, hooks, false).hidden
+    }
+
+    /// `lm_head(hidden)`: `[..., hidden]` to `[..., vocab]` logits.
+    /// With `final_logit_softcapping` (Gemma), `cap · tanh(logits / cap)`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let logits = self.lm_head.forward(hidden);
+        match self.config.final_logit_softcapping {
+            None => logits,
+            Some(cap) => (logits / cap).tanh() * cap,
+        }
+    }
+
+    /// The head's weight and bias when the logits are plainly `x Wᵀ + b`
+    /// (a dense weight, no adapter, no soft-capping), so that callers may
+    /// compute with it directly.
+    pub fn plain_lm_head(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        match (&self.lm_head.weight, &self.lm_head.adapter) {
+            (FrozenWeight::Dense(w), None) if self.config.final_logit_softcapping.is_none() => {
+                Some((w, self.lm_head.bias.as_ref()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Logits for every position of a right-padded batch `[batch, seq]`.
+    pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        self.logits(&self.forward_hidden(&DecoderInput::causal(input_ids), None, &mut NoHooks))
+    }
+
+    fn layer_linear_names(&self) -> Vec<&'static str> {
+        self.config
+            .layer_linear_shapes()
+            .iter()
+            .map(|s| s.0)
+            .collect()
+    }
+
+    /// Every linear layer with its Hugging Face module path, in model order
+    /// (the order of [`LlamaConfig::linear_modules`]).
+    pub fn linear_layers(&self) -> Vec<(String, &Linear)> {
+        let names = self.layer_linear_names();
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter().enumerate() {
+            for (name, lin) in layer_linears!(l) {
+                if names.contains(&name) {
+                    out.push((
+                        format!("{}.layers.{i}.{name}", self.config.decoder_path),
+                        lin,
+                    ));
+                }
+            }
+        }
+        out.push((OUTPUT_HEAD.to_owned(), &self.lm_head));
+        out
+    }
+
+    /// [`LlamaForCausalLM::linear_layers`], mutable (to attach, merge or
+    /// unmerge adapters).
+    pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let names = self.layer_linear_names();
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter_mut().enumerate() {
+            for (name, lin) in layer_linears!(l, mut) {
+                if names.contains(&name) {
+                    out.push((
+                        format!("{}.layers.{i}.{name}", self.config.decoder_path),
+                        lin,
+                    ));
+                }
+            }
+        }
+        out.push((OUTPUT_HEAD.to_owned(), &mut self.lm_head));
+        out
+    }
+}
+
+/// The sequence length a forward pass with explicit positions has for
+/// LongRoPE, as transformers computes it (`max(position_ids) + 1`). In
+/// batched generation (left padding) that is the longest row: all cached and
+/// new columns, which finished rows that left the batch still count.
+fn rope_length(r: &RotaryEmbedding, input: &DecoderInput, past: i64, len: i64) -> i64 {
+    if !r.depends_on_length() {
+        return past + len;
+    }
+    match (input.layout, input.position_ids) {
+        (AttentionLayout::Padded { .. }, _) | (_, None) => past + len,
+        (_, Some(p)) => p.max().int64_value(&[]) + 1,
+    }
+}
+
+impl LlamaForCausalLM {
+    /// Bytes held by the frozen weights (tied weights counted once), and of
+    /// those the linear layers stored quantized: `(all bytes, quantized
+    /// bytes, quantized parameters)`.
+    pub fn frozen_bytes(&self) -> (usize, usize, i64) {
+        let dense = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let mut all = dense(&self.model.embed_tokens) + dense(&self.model.norm.weight);
+        let (mut qbytes, mut qparams) = (0, 0);
+        let mut count = |lin: &Linear, all: &mut usize| {
+            let b = lin.weight.frozen_bytes();
+            *all += b + lin.bias.as_ref().map_or(0, dense);
+            if lin.weight.is_quantized() {
+                qbytes += b;
+                qparams += lin.weight.numel();
+            }
+        };
+        let names = self.layer_linear_names();
+        for l in &self.model.layers {
+            for (name, lin) in layer_linears!(l) {
+                if names.contains(&name) {
+                    count(lin, &mut all);
+                }
+            }
+            all += dense(&l.input_layernorm.weight) + dense(&l.post_attention_layernorm.weight);
+            all += [
+                &l.self_attn.q_norm,
+                &l.self_attn.k_norm,
+                &l.pre_feedforward_layernorm,
+                &l.post_feedforward_layernorm,
+            ]
+            .iter()
+            .filter_map(|n| n.as_ref())
+            .map(|n| dense(&n.weight))
+            .sum::<usize>();
+        }
+        if !self.config.tie_word_embeddings {
+            count(&self.lm_head, &mut all);
+        }
+        (all, qbytes, qparams)
+    }
+
+    /// Number of frozen parameters (tied weights counted once).
+    pub fn num_parameters(&self) -> i64 {
+        let c = &self.config;
+        let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
+        let numel =
+            |lin: &Linear| lin.weight.numel() + lin.bias.as_ref().map_or(0, |b| b.numel() as i64);
+        let names = self.layer_linear_names();
+        let mut n = v * h + h;
+        for l in &self.model.layers {
+            n += layer_linears!(l)
+                .iter()
+                .filter(|(name, _)| names.contains(name))
+                .map(|(_, lin)| numel(lin))
+                .sum::<i64>();
+            n += 2 * h;
+            n += [
+                &l.self_attn.q_norm,
+                &l.self_attn.k_norm,
+                &l.pre_feedforward_layernorm,
+                &l.post_feedforward_layernorm,
+            ]
+            .iter()
+            .filter_map(|n| n.as_ref())
+            .map(|n| n.weight.numel() as i64)
+            .sum::<i64>();
+        }
+        if !c.tie_word_embeddings {
+            n += v * h;
+        }
+        n
+    }
+}

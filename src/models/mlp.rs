@@ -1,0 +1,47 @@
+//! `model.layers.N.mlp`: the gated feed-forward block (SwiGLU, or Gemma's
+//! GELU-tanh), with separate or Phi-3's fused gate and up projections.
+
+use tch::Tensor;
+
+use crate::nn::{forward_same_input, Linear};
+
+/// The MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// `silu` (Llama, Mistral, Qwen).
+    Silu,
+    /// `gelu_pytorch_tanh` (Gemma).
+    GeluTanh,
+}
+
+/// `model.layers.N.mlp`.
+pub struct Mlp {
+    /// `gate_proj`.
+    pub gate_proj: Linear,
+    /// `up_proj`.
+    pub up_proj: Linear,
+    /// `down_proj`.
+    pub down_proj: Linear,
+    /// `gate_up_proj` (Phi-3; empty elsewhere).
+    pub gate_up_proj: Linear,
+    pub(crate) act: Activation,
+    pub(crate) fused: bool,
+}
+
+impl Mlp {
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
+        let (gate, up) = if self.fused {
+            let gu = self.gate_up_proj.forward(x);
+            let half = gu.size().last().copied().unwrap_or(0) / 2;
+            (gu.narrow(-1, 0, half), gu.narrow(-1, half, half))
+        } else {
+            let [gate, up] = forward_same_input([&self.gate_proj, &self.up_proj], x);
+            (gate, up)
+        };
+        let gate = match self.act {
+            Activation::Silu => gate.silu(),
+            Activation::GeluTanh => gate.gelu("tanh"),
+        };
+        self.down_proj.forward(&(gate * up))
+    }
+}

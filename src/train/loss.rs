@@ -1,0 +1,116 @@
+//! The cross-entropy of the language-model head, in chunks of rows so that
+//! the full fp32 logits never sit in memory, with its gradient computed
+//! alongside for a plain head (no logits, log-probabilities and their
+//! gradient kept for a backward pass).
+
+use anyhow::Result;
+use tch::{Kind, Reduction, Tensor};
+
+use crate::models::LlamaForCausalLM;
+
+/// Sum of cross-entropy over label tokens, computed on at most `chunk` rows of
+/// logits at a time so that the full fp32 logits never sit in memory. With
+/// `backward_scale`, each chunk's loss divided by it is backpropagated at once
+/// (and the chunks' gradients then flow into `hidden` together).
+pub fn chunked_cross_entropy(
+    model: &LlamaForCausalLM,
+    hidden: &Tensor,
+    labels: &Tensor,
+    chunk: i64,
+    backward_scale: Option<f64>,
+) -> Result<f64> {
+    let (_, t, h) = hidden.size3()?;
+    // Position i predicts token i+1.
+    let hs = hidden.narrow(1, 0, t - 1).reshape([-1, h]);
+    let ys = labels.narrow(1, 1, t - 1).reshape([-1]);
+    let idx = ys.ne(-100).nonzero().squeeze_dim(1);
+    let n = idx.size()[0];
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let sel = hs.index_select(0, &idx);
+    let targets = ys.index_select(0, &idx);
+    let chunks = (0..n)
+        .step_by(chunk as usize)
+        .map(|s| (s, chunk.min(n - s)));
+    let Some(scale) = backward_scale else {
+        let mut total = Tensor::zeros([], (Kind::Float, sel.device()));
+        for (s, m) in chunks {
+            let logits = model.logits(&sel.narrow(0, s, m)).to_kind(Kind::Float);
+            total += cross_entropy_sum(&logits, &targets.narrow(0, s, m));
+        }
+        return Ok(total.double_value(&[]));
+    };
+    let mut total = Tensor::zeros([], (Kind::Float, sel.device()));
+    let grad = match model.plain_lm_head() {
+        // The usual head: the gradient is computed with the loss, chunk by
+        // chunk, without autograd keeping logits, log-probabilities and
+        // their gradient (three chunk-sized tensors) for a backward pass.
+        Some((w, bias)) => {
+            let _g = tch::no_grad_guard();
+            let grad = sel.zeros_like();
+            for (s, m) in chunks {
+                let (loss, g) = cross_entropy_and_input_grad(
+                    &sel.narrow(0, s, m),
+                    w,
+                    bias,
+                    &targets.narrow(0, s, m),
+                    scale,
+                );
+                total += loss;
+                grad.narrow(0, s, m).copy_(&g);
+            }
+            grad
+        }
+        // A head with an adapter or soft-capping: autograd, chunk by chunk.
+        None => {
+            let leaf = sel.detach().set_requires_grad(true);
+            for (s, m) in chunks {
+                let logits = model.logits(&leaf.narrow(0, s, m)).to_kind(Kind::Float);
+                let ce = cross_entropy_sum(&logits, &targets.narrow(0, s, m));
+                total += ce.detach();
+                (ce / scale).backward();
+            }
+            leaf.grad()
+        }
+    };
+    if sel.requires_grad() {
+        (sel * grad).sum(Kind::Float).backward();
+    }
+    Ok(total.double_value(&[]))
+}
+
+/// Summed cross-entropy of fp32 `logits` `[rows, vocab]` against `targets`.
+fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
+    logits.cross_entropy_loss::<Tensor>(targets, None, Reduction::Sum, -100, 0.0)
+}
+
+/// The summed cross-entropy of `x Wᵀ + b` against `targets`, and the
+/// gradient of that sum divided by `scale` with respect to `x`:
+/// `(softmax − onehot) W / scale`, in the weight's dtype.
+fn cross_entropy_and_input_grad(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    targets: &Tensor,
+    scale: f64,
+) -> (Tensor, Tensor) {
+    let mut logp = x
+        .linear(w, bias)
+        .to_kind(Kind::Float)
+        .log_softmax(-1, Kind::Float);
+    let t = targets.unsqueeze(1);
+    let loss = -logp.gather(1, &t, false).sum(Kind::Float);
+    let minus_one = Tensor::full([t.size()[0], 1], -1.0, (Kind::Float, x.device()));
+    let mut softmax = logp.exp_();
+    let mut d = softmax.scatter_add_(1, &t, &minus_one);
+    let g = if w.kind() == Kind::Float {
+        d.mm(w) / scale
+    } else {
+        // Scaled before the cast, as autograd would: an fp16 loss scale
+        // exists so that small probabilities survive the cast.
+        d *= 1.0 / scale;
+        d.to_kind(w.kind()).mm(w)
+    };
+    (loss, g)
+}

@@ -1,0 +1,206 @@
+//! Checkpoints of a run in progress: saving one, stopping on a signal every
+//! rank agreed on (with a checkpoint), and resuming from rank 0's newest.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use tch::Tensor;
+
+use super::checkpoint;
+use super::{LossScaler, Trainer, TrainerState};
+use crate::dist::agree;
+use crate::peft_model::{self, DEFAULT_ADAPTER};
+use crate::signals::{self, Interrupted};
+
+/// What rank 0 tells the other ranks when it resumes (the tensors travel
+/// by all-reduce).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Resumed {
+    step: u64,
+    optimizer_step: u64,
+    skipped_steps: u64,
+    loss_scaler: Option<LossScaler>,
+}
+
+impl Trainer {
+    /// The state saved with a checkpoint after `step` steps.
+    pub fn state(&self, step: u64) -> TrainerState {
+        TrainerState {
+            global_step: step,
+            epoch: self.plan.epoch_after(step),
+            total_steps: self.total_steps,
+            skipped_steps: self.skipped_steps,
+            loss_scaler: self.scaler.clone(),
+            peft_rs_version: env!("CARGO_PKG_VERSION").to_owned(),
+            settings: self.cfg.clone(),
+            world_size: self.rank_and_world().1,
+        }
+    }
+
+    pub(crate) fn save_checkpoint(&mut self, step: u64) -> Result<PathBuf> {
+        self.check_finite()?;
+        if !self.is_writer() {
+            return Ok(self.cfg.output.join(format!("checkpoint-{step}")));
+        }
+        let state = self.state(step);
+        let optim = self.optim.state();
+        let output = self.cfg.output.clone();
+        let model = &mut self.model;
+        let lora = &self.lora;
+        let dir = checkpoint::save(&output, step, &optim, &state, |d| {
+            peft_model::save_adapter(model, DEFAULT_ADAPTER, lora, d)
+        })?;
+        checkpoint::prune(&output, self.cfg.save_total_limit)?;
+        Ok(dir)
+    }
+
+    /// Stops the run on `sig`, which every rank agreed on: after `step`
+    /// steps rank 0 saves a checkpoint (unless the newest is already that
+    /// step's) and every rank waits for it and fails if it failed; with no
+    /// step done there is nothing to save. Returns the [`Interrupted`] error
+    /// every rank exits with (128 + the signal).
+    pub(crate) fn stop_on(&mut self, sig: i32, step: u64, save: bool) -> Result<()> {
+        let name = signals::name(sig);
+        if !save {
+            return Err(Interrupted {
+                signal: sig,
+                message: format!("stopped by {name} before the first step; nothing to save"),
+            }
+            .into());
+        }
+        let saved = if self.is_writer() {
+            match checkpoint::list(&self.cfg.output).last() {
+                Some((s, d)) if *s == step => Ok(d.clone()),
+                _ => self.save_checkpoint(step),
+            }
+        } else {
+            Ok(PathBuf::new())
+        };
+        let dir = agree::fail_together(self.group.as_ref(), "to save the checkpoint", saved)?;
+        let message = match &self.group {
+            Some(g) if g.rank() != 0 => {
+                let dir = agree::share_from_rank0(g, "stop-checkpoint", &[])?;
+                format!(
+                    "rank {}: stopped by {name} after step {step} with every rank; rank 0 saved {}",
+                    g.rank(),
+                    String::from_utf8_lossy(&dir)
+                )
+            }
+            group => {
+                if let Some(g) = group {
+                    agree::share_from_rank0(
+                        g,
+                        "stop-checkpoint",
+                        dir.display().to_string().as_bytes(),
+                    )?;
+                }
+                format!(
+                    "stopped by {name} after step {step} of {}; saved {} — to continue, run the same command with --resume",
+                    self.total_steps,
+                    dir.display()
+                )
+            }
+        };
+        Err(Interrupted {
+            signal: sig,
+            message,
+        }
+        .into())
+    }
+
+    /// Continues from rank 0's newest complete checkpoint; returns the step
+    /// to continue from. Rank 0 reads it and checks it against these
+    /// settings; the other ranks take what rank 0 read (their own --output
+    /// may hold another checkpoint, or none), so that every rank resumes
+    /// from the same one. When rank 0 cannot, every rank fails with it.
+    pub(crate) fn resume(&mut self) -> Result<u64> {
+        let local = if self.is_writer() {
+            self.load_newest_checkpoint()
+        } else {
+            Ok(0)
+        };
+        let step = agree::fail_together(self.group.as_ref(), "to resume", local)?;
+        let Some(g) = &self.group else {
+            return Ok(step);
+        };
+        let mine = Resumed {
+            step,
+            optimizer_step: self.optim.step,
+            skipped_steps: self.skipped_steps,
+            loss_scaler: self.scaler.clone(),
+        };
+        let theirs: Resumed = serde_json::from_slice(&agree::share_from_rank0(
+            g,
+            "resume",
+            &serde_json::to_vec(&mine)?,
+        )?)?;
+        self.optim.step = theirs.optimizer_step;
+        self.skipped_steps = theirs.skipped_steps;
+        self.scaler = theirs.loss_scaler;
+        let mut tensors: Vec<Tensor> = self.params.values().map(Tensor::shallow_clone).collect();
+        tensors.extend(self.optim.moments());
+        agree::broadcast_tensors(g, &tensors)?;
+        Ok(theirs.step)
+    }
+
+    /// Loads the newest complete checkpoint of this rank's --output into
+    /// the adapter and the optimizer; returns its step.
+    fn load_newest_checkpoint(&mut self) -> Result<u64> {
+        let Some((step, dir)) = checkpoint::list(&self.cfg.output).pop() else {
+            bail!(
+                "--resume: no complete checkpoint in {}",
+                self.cfg.output.display()
+            );
+        };
+        let state = TrainerState::read(&dir)?;
+        let world = self.rank_and_world().1;
+        let mut diffs: Vec<String> = self
+            .cfg
+            .differences_from(&state.settings)
+            .iter()
+            .map(|d| format!("{} (saved {}, now {})", d.field, d.saved, d.now))
+            .collect();
+        // The batches and the data each rank reads depend on the process count.
+        if state.world_size != world {
+            diffs.push(format!(
+                "world_size (saved {}, now {world}: start as many processes, e.g. --nproc {})",
+                state.world_size, state.world_size
+            ));
+        }
+        if !diffs.is_empty() {
+            bail!(
+                "--resume: {} from the run saved in {}: {}; resume with the same settings, or start a new run in another --output",
+                if diffs.len() == 1 { "this setting differs" } else { "these settings differ" },
+                dir.display(),
+                diffs.join(", ")
+            );
+        }
+        if state.total_steps != self.total_steps {
+            bail!(
+                "--resume: the run saved in {} plans {} steps, these settings and data give {}; \
+                 the training data changed",
+                dir.display(),
+                state.total_steps,
+                self.total_steps
+            );
+        }
+        let adapter = peft_adapters::lora::files::read_weights(&dir)?;
+        tch::no_grad(|| -> Result<()> {
+            for (k, p) in &self.params {
+                let t = adapter
+                    .get(k)
+                    .with_context(|| format!("{}: checkpoint lacks {k}", dir.display()))?;
+                p.shallow_clone().copy_(t);
+            }
+            Ok(())
+        })?;
+        let optim = Tensor::read_safetensors(dir.join(checkpoint::OPTIMIZER_FILE))
+            .with_context(|| format!("{}: cannot read optimizer state", dir.display()))?;
+        self.optim.load_state(optim.into_iter().collect())?;
+        self.skipped_steps = state.skipped_steps;
+        if self.scaler.is_some() {
+            self.scaler = state.loss_scaler;
+        }
+        Ok(step)
+    }
+}
