@@ -109,13 +109,8 @@ fn main() -> Result<()> {
     };
     let mut step = |i: u64| -> Result<f64> {
         let mb = MicroBatch {
-            step: i,
-            index: 0,
-            count: 1,
             seed: i,
-            row_seeds: Vec::new(),
-            denom: b.num_label_tokens as f64,
-            loss_scale: 1.0,
+            ..MicroBatch::single(i, b.num_label_tokens as f64, 1.0)
         };
         let t = Instant::now();
         let loss = forward_backward(&model, &mut regs, &trainable, &b, &mb, opts)?;

@@ -94,15 +94,7 @@ fn main() -> Result<()> {
         gradient_checkpointing: false,
         loss_chunk_size: LOSS_CHUNK_SIZE,
     };
-    let mb = MicroBatch {
-        step: 0,
-        index: 0,
-        count: 1,
-        seed: 1,
-        row_seeds: Vec::new(),
-        denom: batch.num_label_tokens as f64,
-        loss_scale: 1.0,
-    };
+    let mb = MicroBatch::single(0, batch.num_label_tokens as f64, 1.0);
 
     // The whole step, as the benchmark runs it, and variants without parts.
     let stepper = |model: &mut LlamaForCausalLM, neftune: bool| {

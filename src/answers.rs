@@ -3,9 +3,14 @@
 //! answers (the NEFTune paper's measures of length and of overfitting).
 //!
 //! Words are whitespace-separated, as the paper counts them.
+//!
+//! [`answer_report`] answers every prompt of a data file greedily and
+//! scores the answers (`peft-rs eval --exact-match`).
 
 use std::collections::HashSet;
+use std::path::Path;
 
+use anyhow::Result;
 use serde::Serialize;
 
 /// One generated answer.
@@ -214,4 +219,106 @@ mod tests {
         assert_eq!(s.distinct_2, 0.5);
         assert_eq!(s.repetition_2, (0.0 + 0.75) / 2.0);
     }
+}
+
+/// What `eval --exact-match` measures from greedy answers.
+#[derive(Debug, serde::Serialize)]
+pub struct AnswerReport {
+    /// Share of answers equal to the reference (whitespace-trimmed).
+    pub exact_match: f64,
+    /// Mean ROUGE-L F1 of the answers against the references.
+    pub rouge_l: f64,
+    /// Length, diversity, repetition and truncation of the answers.
+    #[serde(flatten)]
+    pub stats: AnswerStats,
+    /// Seconds spent generating.
+    pub seconds: f64,
+    /// Prompts answered per second.
+    pub prompts_per_second: f64,
+}
+
+/// Greedy answers to every prompt of a data file, batched, scored against the
+/// references and described by their statistics; `show` pairs are printed.
+pub fn answer_report(
+    base: &crate::models::Pretrained,
+    data: &Path,
+    format: Option<crate::data::DataFormat>,
+    show: usize,
+    batch_size: usize,
+    max_new_tokens: Option<usize>,
+) -> Result<(AnswerReport, Vec<serde_json::Value>)> {
+    let cases = crate::data::generation_cases(data, &base.tokenizer, format)?;
+    // Without a fixed limit, room for the reference and 16 tokens more.
+    let mut limits: Vec<usize> = cases
+        .iter()
+        .map(|c| match max_new_tokens {
+            Some(n) => Ok(n),
+            None => Ok((base.tokenizer.encode(&c.reference, false)?.len() + 16).min(512)),
+        })
+        .collect::<Result<_>>()?;
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
+    let positions = base.model.config.max_position_embeddings;
+    let capped = crate::generate::fit_positions(&prompts, &mut limits, positions)?;
+    if let Some(n) = max_new_tokens {
+        crate::generate::note_capped(capped, n, positions);
+    }
+    let cfg = crate::generate::GenerationConfig {
+        max_new_tokens: limits.iter().copied().max().unwrap_or(1),
+        eos_token_ids: base.eos_token_ids.clone(),
+        ..crate::generate::GenerationConfig::default()
+    };
+    let bar = crate::progress::bar(cases.len() as u64, "generating");
+    let (mut hits, mut rouge) = (0usize, 0.0);
+    let mut answers = Vec::with_capacity(cases.len());
+    let mut records = Vec::with_capacity(cases.len());
+    let start = std::time::Instant::now();
+    crate::generate::generate_in_batches(
+        &base.model,
+        &prompts,
+        &limits,
+        &cfg,
+        batch_size,
+        |i, new| {
+            let ended = new.last().is_some_and(|t| cfg.eos_token_ids.contains(t));
+            let ids: Vec<u32> = new.iter().map(|&t| t as u32).collect();
+            let text = base.tokenizer.decode(&ids, true)?;
+            let reference = cases[i].reference.trim();
+            let hit = text.trim() == reference;
+            hits += hit as usize;
+            rouge += rouge_l(text.trim(), reference);
+            if i < show {
+                // Printed directly: indicatif drops println while its bar is hidden (no terminal).
+                eprintln!(
+                    "{} {:?} (reference {:?})",
+                    if hit { "✓" } else { "✗" },
+                    text.trim(),
+                    reference
+                );
+            }
+            records.push(
+                serde_json::json!({"index": i, "answer": text, "reference": reference,
+            "tokens": new.len(), "hit_limit": !ended && new.len() >= limits[i]}),
+            );
+            answers.push(Answer {
+                tokens: new.len(),
+                hit_limit: !ended && new.len() >= limits[i],
+                text,
+            });
+            bar.inc(1);
+            Ok(())
+        },
+    )?;
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let n = cases.len().max(1) as f64;
+    Ok((
+        AnswerReport {
+            exact_match: hits as f64 / n,
+            rouge_l: rouge / n,
+            stats: stats(&answers),
+            seconds,
+            prompts_per_second: cases.len() as f64 / seconds.max(1e-9),
+        },
+        records,
+    ))
 }

@@ -423,6 +423,35 @@ pub fn resolve_model_dir(model: Option<PathBuf>) -> Result<PathBuf> {
     Ok(d)
 }
 
+/// The libtorch version, read from the installation that is loaded (the torch
+/// wheel's `version.py`, or a libtorch archive's `build-version`), and its folder.
+pub fn libtorch_version(maps: &str) -> (String, String) {
+    let Some(lib) = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+        .map(std::path::Path::new)
+        .and_then(std::path::Path::parent)
+    else {
+        return ("unknown".into(), "unknown".into());
+    };
+    let root = lib.parent().unwrap_or(lib);
+    let version = std::fs::read_to_string(root.join("version.py"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("__version__ = "))
+                .map(|v| v.trim_matches(['\'', '"']).to_owned())
+        })
+        .or_else(|| {
+            std::fs::read_to_string(root.join("build-version"))
+                .ok()
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    (format!("PyTorch {version}"), lib.display().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,11 +1,15 @@
 //! Text generation with a KV cache: greedy by default, or temperature and
 //! nucleus (top-p) sampling from a seeded generator.
 
-use anyhow::{bail, Result};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
 use tch::{Kind, Tensor};
 
 use crate::models::{AttentionLayout, DecoderInput};
 use crate::models::{KvCache, LlamaForCausalLM};
+use crate::tokenizer::{Message, Tokenizer};
 use peft_regularizers::hooks::NoHooks;
 use peft_regularizers::rng::SplitMix64;
 
@@ -114,6 +118,84 @@ pub fn fit_positions(
         }
     }
     Ok(capped)
+}
+
+/// One request to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// A plain prompt, tokenized as `tokenizer(text)`.
+    Plain(String),
+    /// A chat, rendered with the model's chat template and a generation prompt.
+    Chat(Vec<Message>),
+}
+
+impl Request {
+    /// The prompt's token ids, and the text that names it in the output
+    /// (the prompt, or the chat's last message).
+    pub fn encode(&self, tok: &Tokenizer) -> Result<(Vec<u32>, String)> {
+        Ok(match self {
+            Request::Plain(p) => (tok.encode(p, true)?, p.clone()),
+            Request::Chat(m) => (
+                tok.encode_chat(m, true)?,
+                m.last().map(|m| m.content.clone()).unwrap_or_default(),
+            ),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromptLine {
+    prompt: Option<String>,
+    chat: Option<String>,
+    messages: Option<Vec<Message>>,
+}
+
+/// The prompts of a file: one plain prompt per line, or (`.jsonl`) one
+/// object a line with `prompt`, `chat` (one user message) or `messages`.
+pub fn read_prompts(file: &Path) -> Result<Vec<Request>> {
+    let text = peft_adapters::fsio::read_regular_string(file, 1 << 30, "prompts file")?;
+    let jsonl = file.extension().is_some_and(|e| e == "jsonl");
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if !jsonl {
+            out.push(Request::Plain(line.to_owned()));
+            continue;
+        }
+        let where_ = || format!("{}:{}", file.display(), n + 1);
+        let p: PromptLine = serde_json::from_str(line).with_context(|| {
+            format!(
+                "{}: expected {{\"prompt\"|\"chat\"|\"messages\": ...}}",
+                where_()
+            )
+        })?;
+        out.push(match (p.prompt, p.chat, p.messages) {
+            (Some(t), None, None) => Request::Plain(t),
+            (None, Some(t), None) => Request::Chat(vec![Message::user(t)]),
+            (None, None, Some(m)) if !m.is_empty() => Request::Chat(m),
+            _ => bail!(
+                "{}: give exactly one of \"prompt\", \"chat\" or a non-empty \"messages\"",
+                where_()
+            ),
+        });
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts in the file", file.display());
+    }
+    Ok(out)
+}
+
+/// Says once that some answers were capped to fit the model's positions.
+pub fn note_capped(capped: usize, asked: usize, positions: Option<usize>) {
+    if capped > 0 {
+        eprintln!(
+            "note: --max-new-tokens {asked} capped for {capped} prompt(s) so that prompt and answer fit the model's {} positions (max_position_embeddings)",
+            positions.unwrap_or(0)
+        );
+    }
 }
 
 /// Generates a continuation of one prompt and returns the new token ids.

@@ -18,6 +18,7 @@ pub mod nn;
 pub mod outputs;
 pub mod peft_model;
 pub mod plot;
+pub mod progress;
 pub mod quant;
 pub mod signals;
 pub mod tokenizer;

@@ -8,38 +8,16 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::peft_rs;
-use tch::Tensor;
+use common::{children, losses, max_adapter_diff, max_diff, peft_rs, rank_of, Cmd};
 
 fn args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "train",
-        "--model",
-        common::model_dir("llama").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--max-seq-len",
-        "64",
-        "--lora-rank",
-        "4",
-        "--lr",
-        "1e-3",
-        "--seed",
-        "7",
-        "--group-by-length",
-        "false",
-        "--dist-timeout",
-        "20",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
+    Cmd::new("train --device cpu --max-seq-len 64 --lora-rank 4 --lr 1e-3 --seed 7")
+        .args("--group-by-length false --dist-timeout 20")
+        .path("--model", &common::tiny())
+        .path("--data", data)
+        .path("--output", out)
+        .all(extra)
+        .0
 }
 
 fn train(data: &Path, out: &Path, extra: &[&str]) {
@@ -53,44 +31,12 @@ fn train(data: &Path, out: &Path, extra: &[&str]) {
     );
 }
 
-fn losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
-        .collect()
-}
-
 fn eval_losses(out: &Path) -> Vec<f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["eval_loss"].as_f64())
         .collect()
-}
-
-fn max_adapter_diff(a: &Path, b: &Path) -> f64 {
-    let read = |p: &Path| {
-        let mut v = Tensor::read_safetensors(p.join("adapter_model.safetensors")).unwrap();
-        v.sort_by(|x, y| x.0.cmp(&y.0));
-        v
-    };
-    read(a)
-        .iter()
-        .zip(read(b))
-        .map(|((n, x), (m, y))| {
-            assert_eq!(n, &m);
-            (x - y).abs().max().double_value(&[])
-        })
-        .fold(0.0, f64::max)
-}
-
-fn max_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -201,30 +147,6 @@ fn two_ranks_equal_one_process_with_the_same_global_batch() {
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success());
     assert!(err.contains("world_size"), "{err}");
-}
-
-/// The pids of `pid`'s child processes.
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-                .flat_map(|s| {
-                    s.split_whitespace()
-                        .filter_map(|p| p.parse().ok())
-                        .collect::<Vec<u32>>()
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn rank_of(pid: u32) -> Option<String> {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    env.split(|&b| b == 0)
-        .filter_map(|kv| std::str::from_utf8(kv).ok())
-        .find_map(|kv| kv.strip_prefix("RANK=").map(str::to_owned))
 }
 
 #[test]

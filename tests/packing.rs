@@ -73,13 +73,8 @@ fn grads_and_loss(
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
     let mb = MicroBatch {
-        step: 0,
-        index: 0,
-        count: 1,
         seed: 3,
-        row_seeds: Vec::new(),
-        denom: batch.num_label_tokens as f64,
-        loss_scale: 1.0,
+        ..MicroBatch::single(0, batch.num_label_tokens as f64, 1.0)
     };
     let opts = StepOptions {
         gradient_checkpointing: false,

@@ -7,63 +7,27 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use tch::Tensor;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{children, max_adapter_diff, rank_of, s, scratch, steps_logged, wait_for, Cmd};
 
 /// `train` on the tiny Llama with settings that make every step
 /// deterministic whatever the split over ranks (no dropout, NEFTune noise
 /// drawn per example), plus `extra`.
 fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let model = common::model_dir("llama");
-    let mut v: Vec<String> = [
-        "train",
-        "--model",
-        s(&model),
-        "--data",
-        s(data),
-        "--output",
-        s(out),
-        "--device",
-        "cpu",
-        "--max-seq-len",
-        "64",
-        "--lora-rank",
-        "4",
-        "--lora-dropout",
-        "0",
-        "--neftune-alpha",
-        "5",
-        "--lr",
-        "1e-3",
-        "--seed",
-        "7",
-        "--group-by-length",
-        "false",
-        "--batch-size",
-        "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
+    Cmd::new("train --device cpu --max-seq-len 64 --lora-rank 4 --lora-dropout 0")
+        .args("--neftune-alpha 5 --lr 1e-3 --seed 7 --group-by-length false --batch-size 2")
+        .path("--model", &common::tiny())
+        .path("--data", data)
+        .path("--output", out)
+        .all(extra)
+        .0
 }
 
 fn spawn(args: &[String], envs: &[(&str, String)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_peft-rs"))
-        .args(args)
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    Cmd(args.to_vec()).spawn(envs)
 }
 
 /// Waits for `child` at most `limit`; its output, and how long it took.
@@ -85,44 +49,6 @@ fn finish(child: Child, limit: Duration) -> (Output, Duration) {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn steps_logged(out: &Path) -> usize {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
-        .unwrap_or(0)
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The pids of `pid`'s child processes.
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-                .flat_map(|s| {
-                    s.split_whitespace()
-                        .filter_map(|p| p.parse().ok())
-                        .collect::<Vec<u32>>()
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn rank_of(pid: u32) -> Option<String> {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    env.split(|&b| b == 0)
-        .filter_map(|kv| std::str::from_utf8(kv).ok())
-        .find_map(|kv| kv.strip_prefix("RANK=").map(str::to_owned))
 }
 
 fn worker(launcher: &Child, rank: &str) -> u32 {
@@ -163,28 +89,6 @@ fn newest_checkpoint(out: &Path) -> Option<(u64, PathBuf)> {
             Some((step, e.path()))
         })
         .max()
-}
-
-fn max_adapter_diff(a: &Path, b: &Path) -> f64 {
-    let read = |p: &Path| {
-        let mut v = Tensor::read_safetensors(p.join("adapter_model.safetensors")).unwrap();
-        v.sort_by(|x, y| x.0.cmp(&y.0));
-        v
-    };
-    read(a)
-        .iter()
-        .zip(read(b))
-        .map(|((n, x), (m, y))| {
-            assert_eq!(n, &m);
-            (x - y).abs().max().double_value(&[])
-        })
-        .fold(0.0, f64::max)
-}
-
-/// A scratch folder that lives as long as the test binary.
-fn scratch() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().unwrap()).path()
 }
 
 fn data() -> &'static Path {

@@ -74,25 +74,10 @@ fn copy_adapter(dir: &Path) -> PathBuf {
 }
 
 fn train_cmd<'a>(data: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
-    vec![
-        "train",
-        "--data",
-        data,
-        "--output",
-        out,
-        "--model",
-        model,
-        "--device",
-        "cpu",
-        "--batch-size",
-        "2",
-        "--max-seq-len",
-        "64",
-        "--lora-rank",
-        "2",
-        "--seed",
-        "3",
-    ]
+    let flags = "train --device cpu --batch-size 2 --max-seq-len 64 --lora-rank 2 --seed 3";
+    let mut v: Vec<&str> = flags.split(' ').collect();
+    v.extend(["--data", data, "--output", out, "--model", model]);
+    v
 }
 
 fn spawn(args: &[&str]) -> Child {

@@ -10,21 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{assert_user_error, copy_dir, edit_json, losses, run_within};
+use common::{assert_user_error, copy_dir, edit_json, losses, run_within, s, scratch, tiny, Cmd};
 use tch::Tensor;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn tiny() -> PathBuf {
-    common::model_dir("llama")
-}
-
-fn scratch() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().unwrap()).path()
-}
 
 fn data() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
@@ -32,30 +19,13 @@ fn data() -> &'static Path {
 }
 
 fn train(out: &Path, extra: &[&str]) -> std::process::Output {
-    let model = tiny();
-    let mut a = vec![
-        "train",
-        "--model",
-        s(&model),
-        "--data",
-        s(data()),
-        "--output",
-        s(out),
-        "--device",
-        "cpu",
-        "--max-seq-len",
-        "64",
-        "--lora-rank",
-        "2",
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "2",
-        "--seed",
-        "5",
-    ];
-    a.extend(extra);
-    run_within(Duration::from_secs(300), &a)
+    Cmd::new("train --device cpu --max-seq-len 64 --lora-rank 2 --batch-size 2 --max-steps 2")
+        .args("--seed 5")
+        .path("--model", &tiny())
+        .path("--data", data())
+        .path("--output", out)
+        .all(extra)
+        .run_within(Duration::from_secs(300))
 }
 
 /// A one-step adapter of the tiny model.
@@ -183,40 +153,21 @@ fn case_14_a_merge_that_overflows_fp16_is_refused_naming_the_tensor() {
     // merged weights far beyond fp16's 65504, still finite in fp32.
     scale_lora_b(&big, 1e10);
     let out = scratch().join("merged-fp16");
-    let r = run_within(
-        Duration::from_secs(120),
-        &[
-            "merge",
-            "--model",
-            s(&tiny()),
-            "--adapter",
-            s(&big),
-            "--output",
-            s(&out),
-            "--dtype",
-            "fp16",
-        ],
-    );
+    let merge = |dtype: &str| {
+        Cmd::new("merge")
+            .path("--model", &tiny())
+            .path("--adapter", &big)
+            .path("--output", &out)
+            .args(&format!("--dtype {dtype}"))
+            .run_within(Duration::from_secs(120))
+    };
     assert_user_error(
-        &r,
+        &merge("fp16"),
         &["merged tensor", ".weight", "overflow fp16", "--dtype bf16"],
     );
     assert!(!out.exists(), "a refused merge left {}", out.display());
     // bf16 has fp32's range: the same merge works.
-    let r = run_within(
-        Duration::from_secs(120),
-        &[
-            "merge",
-            "--model",
-            s(&tiny()),
-            "--adapter",
-            s(&big),
-            "--output",
-            s(&out),
-            "--dtype",
-            "bf16",
-        ],
-    );
+    let r = merge("bf16");
     assert!(r.status.success(), "{}", stderr(&r));
 }
 

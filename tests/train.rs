@@ -8,29 +8,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_user_error, peft_rs};
+use common::{assert_user_error, losses, metrics, peft_rs};
 use tch::Tensor;
 
 fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "train",
-        "--data",
-        data,
-        "--output",
-        out,
-        "--device",
-        "cpu",
-        "--batch-size",
-        "4",
-        "--max-seq-len",
-        "96",
-        "--lora-rank",
-        "4",
-        "--lr",
-        "1e-3",
-        "--seed",
-        "7",
-    ];
+    let flags =
+        "train --device cpu --batch-size 4 --max-seq-len 96 --lora-rank 4 --lr 1e-3 --seed 7";
+    let mut v: Vec<&str> = flags.split(' ').collect();
+    v.extend(["--data", data, "--output", out]);
     v.extend_from_slice(extra);
     v
 }
@@ -53,21 +38,6 @@ fn run_train(data: &Path, out: &Path, extra: &[&str]) {
         "train failed: {}",
         String::from_utf8_lossy(&r.stderr)
     );
-}
-
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn losses(out: &Path) -> Vec<f64> {
-    metrics(out)
-        .iter()
-        .filter_map(|m| m["loss"].as_f64())
-        .collect()
 }
 
 fn adapter(out: &Path) -> Vec<(String, Tensor)> {

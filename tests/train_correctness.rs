@@ -8,6 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::metrics;
 use peft_rs::adapters::lora::{InitLoraWeights, LoraConfig, TargetModules};
 use peft_rs::data::Batch;
 use peft_rs::device::DeviceArg;
@@ -54,14 +55,6 @@ fn trainer_with(
         ..cfg
     };
     Trainer::new(cfg, &registry).unwrap()
-}
-
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn read_adapter(dir: &Path) -> HashMap<String, Tensor> {
@@ -170,15 +163,7 @@ fn fp16_loss_scaling_keeps_small_gradients() {
             .iter()
             .map(|(k, t)| (k.clone(), t.shallow_clone()))
             .collect();
-        let mb = MicroBatch {
-            step: 0,
-            index: 0,
-            count: 1,
-            seed: 1,
-            row_seeds: Vec::new(),
-            denom: batch.num_label_tokens as f64 * 4096.0,
-            loss_scale,
-        };
+        let mb = MicroBatch::single(0, batch.num_label_tokens as f64 * 4096.0, loss_scale);
         let opts = StepOptions {
             gradient_checkpointing: false,
             loss_chunk_size: 1024,
@@ -334,31 +319,12 @@ fn a_loss_penalty_counts_once_per_step_whatever_the_accumulation() {
 }
 
 fn train_args<'a>(data: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
-    vec![
-        "train",
-        "--data",
-        data,
-        "--output",
-        out,
-        "--model",
-        model,
-        "--device",
-        "cpu",
-        "--batch-size",
-        "4",
-        "--max-seq-len",
-        "96",
-        "--lora-rank",
-        "4",
-        "--lr",
-        "1e-3",
-        "--seed",
-        "7",
-        "--max-steps",
-        "4",
-        "--save-steps",
-        "2",
-    ]
+    let flags =
+        "train --device cpu --batch-size 4 --max-seq-len 96 --lora-rank 4 --lr 1e-3 --seed 7";
+    let mut v: Vec<&str> = flags.split(' ').collect();
+    v.extend(["--data", data, "--output", out, "--model", model]);
+    v.extend(["--max-steps", "4", "--save-steps", "2"]);
+    v
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! by step with progress, metrics, evaluation and checkpoints, stop when
 //! every rank agrees to, and write the adapter.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -41,66 +41,159 @@ pub struct Summary {
     pub quantized_bytes_per_param: Option<f64>,
 }
 
+impl Summary {
+    /// `train_summary.json`'s content: the summary, and for several
+    /// processes how long the all-reduce took and how long ranks waited.
+    pub fn to_json(&self, trainer: &Trainer) -> serde_json::Value {
+        json!({
+            "steps": self.steps, "skipped_steps": self.skipped_steps, "seconds": self.seconds,
+            "tokens_per_second": self.tokens_per_second, "final_train_loss": self.final_train_loss,
+            "eval_loss_before": self.eval_loss_before, "eval_loss_after": self.eval_loss_after,
+            "world_size": trainer.rank_and_world().1, "all_reduce_seconds": trainer.all_reduce_seconds,
+            "wait_for_ranks_seconds": trainer.wait_seconds,
+            "frozen_weight_bytes": self.frozen_weight_bytes,
+            "quantized_bytes_per_param": self.quantized_bytes_per_param,
+        })
+    }
+}
+
+/// What the loop has seen so far.
+struct Progress {
+    bar: ProgressBar,
+    plain: PlainProgress,
+    started: Instant,
+    start_step: u64,
+    tokens: i64,
+    last_loss: f64,
+    eval_after: Option<f64>,
+}
+
 impl Trainer {
     /// Runs the whole training loop with a progress bar, metrics, evaluation
-    /// and checkpoints, and saves the final adapter.
+    /// and checkpoints, saves the final adapter and (rank 0)
+    /// `train_summary.json`.
     ///
     /// When [`crate::signals::install`] was called, a first SIGINT/SIGTERM/SIGHUP
-    /// ends the run after the current step with a checkpoint, returning
-    /// [`crate::signals::Interrupted`].
+    /// to any rank ends the run on every rank after the same step, with a
+    /// checkpoint, returning [`crate::signals::Interrupted`].
     pub fn run(&mut self) -> Result<Summary> {
-        let output = self.cfg.output.clone();
-        let metrics_path = output.join("metrics.jsonl");
-        let writer = self.is_writer();
-        let start_step = if self.cfg.resume {
+        let metrics_path = self.cfg.output.join("metrics.jsonl");
+        let start_step = self.start(&metrics_path)?;
+        self.write_run_files()?;
+        self.announce();
+        let mut metrics = MetricsLog::open(&metrics_path, self.is_writer())?;
+        // A signal that arrived while loading stops every rank before the first step.
+        if let Some(sig) = agree::agree(self.group.as_ref(), true, signals::pending())?.stop {
+            self.stop_on(sig, start_step, false)?;
+        }
+        let eval_before = match start_step {
+            0 => self.evaluate()?,
+            _ => None,
+        };
+        if let Some(l) = eval_before {
+            metrics.write(&json!({"step": 0, "eval_loss": l}))?;
+        }
+        let mut p = self.progress(start_step);
+        for step in start_step..self.total_steps {
+            self.one_step(step, &mut p, &mut metrics)?;
+        }
+        p.bar.finish_and_clear();
+        self.write_adapter()?;
+        let seconds = p.started.elapsed().as_secs_f64();
+        let (frozen_weight_bytes, qbytes, qparams) = self.model.frozen_bytes();
+        let summary = Summary {
+            steps: self.total_steps,
+            skipped_steps: self.skipped_steps,
+            final_train_loss: p.last_loss,
+            eval_loss_before: eval_before,
+            eval_loss_after: p.eval_after,
+            seconds,
+            tokens_per_second: p.tokens as f64 / seconds.max(1e-9),
+            output: self.cfg.output.clone(),
+            frozen_weight_bytes,
+            quantized_bytes_per_param: (qparams > 0).then(|| qbytes as f64 / qparams as f64),
+        };
+        if self.is_writer() {
+            peft_adapters::fsio::write_atomic(
+                &self.cfg.output.join("train_summary.json"),
+                serde_json::to_string_pretty(&summary.to_json(self))?.as_bytes(),
+            )?;
+        }
+        Ok(summary)
+    }
+
+    /// The step the run starts from: a resumed run's checkpoint, or 0 in an
+    /// output folder that holds no run yet (only rank 0's folder matters:
+    /// the other ranks never write).
+    fn start(&mut self, metrics_path: &Path) -> Result<u64> {
+        let (writer, output) = (self.is_writer(), self.cfg.output.clone());
+        if self.cfg.resume {
             let s = self.resume()?;
             if writer {
-                keep_metrics_until(&metrics_path, s)?;
+                keep_metrics_until(metrics_path, s)?;
                 eprintln!(
                     "resuming from {} at step {s}",
                     output.join(format!("checkpoint-{s}")).display()
                 );
             }
-            s
-        } else {
-            // Only rank 0's output matters: the other ranks never write.
-            let fresh = if writer
-                && (!checkpoint::list(&output).is_empty()
-                    || output.join("adapter_model.safetensors").exists())
-            {
-                Err(anyhow::anyhow!(
-                    "{}: already holds a run; pass --resume to continue it or choose another --output",
-                    output.display()
-                ))
-            } else {
-                Ok(())
-            };
-            agree::fail_together(self.group.as_ref(), "to start a run in its --output", fresh)?;
-            if writer {
-                let _ = std::fs::remove_file(&metrics_path);
-            }
-            0
-        };
-        // The settings and the adapter's configuration are written first; the
-        // adapter weights last, in one rename: a directory holding both files
-        // is a finished adapter, whenever the process is killed.
-        if self.is_writer() {
-            // The settings, and how the run was made (recorded, never read back).
-            let mut args = serde_json::to_value(&self.cfg)?;
-            args["world_size"] = json!(self.rank_and_world().1);
-            peft_adapters::fsio::write_atomic(
-                &output.join("training_args.json"),
-                serde_json::to_string_pretty(&args)?.as_bytes(),
-            )?;
-            peft_adapters::fsio::write_atomic(
-                &output.join(peft_adapters::lora::files::CONFIG_FILE),
-                serde_json::to_string_pretty(&self.lora.to_json())?.as_bytes(),
-            )?;
+            return Ok(s);
         }
+        let held = !checkpoint::list(&output).is_empty()
+            || output.join("adapter_model.safetensors").exists();
+        let fresh = if writer && held {
+            Err(anyhow::anyhow!(
+                "{}: already holds a run; pass --resume to continue it or choose another --output",
+                output.display()
+            ))
+        } else {
+            Ok(())
+        };
+        agree::fail_together(self.group.as_ref(), "to start a run in its --output", fresh)?;
         if writer {
-            eprintln!("{}", peft_model::trainable_parameters_line(&self.model));
-            eprintln!(
-            "{} training examples ({}; {} truncated to {} tokens, {} dropped), {} steps of {} x {}{}{}",
+            let _ = std::fs::remove_file(metrics_path);
+        }
+        Ok(0)
+    }
+
+    /// The settings and the adapter's configuration, written first; the
+    /// adapter weights come last, in one rename: a folder holding both files
+    /// is a finished adapter, whenever the process is killed.
+    fn write_run_files(&self) -> Result<()> {
+        if !self.is_writer() {
+            return Ok(());
+        }
+        let output = &self.cfg.output;
+        // The settings, and how the run was made (recorded, never read back).
+        let mut args = serde_json::to_value(&self.cfg)?;
+        args["world_size"] = json!(self.rank_and_world().1);
+        peft_adapters::fsio::write_atomic(
+            &output.join("training_args.json"),
+            serde_json::to_string_pretty(&args)?.as_bytes(),
+        )?;
+        peft_adapters::fsio::write_atomic(
+            &output.join(peft_adapters::lora::files::CONFIG_FILE),
+            serde_json::to_string_pretty(&self.lora.to_json())?.as_bytes(),
+        )
+    }
+
+    /// What is trained, on what, how long (rank 0 only).
+    fn announce(&self) {
+        if !self.is_writer() {
+            return;
+        }
+        let regs = if self.regs.is_empty() {
+            String::new()
+        } else {
+            format!(", regularizers: {}", self.regs.names().join(", "))
+        };
+        let fp16 = if self.scaler.is_some() {
+            ", fp16 with dynamic loss scaling"
+        } else {
+            ""
+        };
+        eprintln!("{}", peft_model::trainable_parameters_line(&self.model));
+        eprintln!(
+            "{} training examples ({}; {} truncated to {} tokens, {} dropped), {} steps of {} x {}{regs}{fp16}",
             self.train.examples.len(),
             self.train.format.name(),
             self.train.truncated,
@@ -109,24 +202,13 @@ impl Trainer {
             self.total_steps,
             self.cfg.per_device_train_batch_size,
             self.cfg.gradient_accumulation_steps,
-            if self.regs.is_empty() { String::new() } else { format!(", regularizers: {}", self.regs.names().join(", ")) },
-            if self.scaler.is_some() { ", fp16 with dynamic loss scaling" } else { "" }
         );
-        }
-        let mut metrics = MetricsLog::open(&metrics_path, self.is_writer())?;
-        // A signal that arrived while loading stops every rank before the first step.
-        if let Some(sig) = agree::agree(self.group.as_ref(), true, signals::pending())?.stop {
-            self.stop_on(sig, start_step, false)?;
-        }
-        let eval_before = if start_step == 0 {
-            self.evaluate()?
-        } else {
-            None
-        };
-        if let Some(l) = eval_before {
-            metrics.write(&json!({"step": 0, "eval_loss": l}))?;
-        }
-        // Only rank 0 shows progress; every rank prints its errors.
+    }
+
+    /// The progress of a loop starting at `start_step`: a bar on a terminal,
+    /// plain lines otherwise, rank 0 only (every rank prints its errors).
+    fn progress(&self, start_step: u64) -> Progress {
+        let writer = self.is_writer();
         let bar = if writer {
             ProgressBar::new(self.total_steps)
         } else {
@@ -141,76 +223,78 @@ impl Trainer {
         );
         let mut plain = PlainProgress::new(self.total_steps - start_step);
         plain.on &= writer;
-        let t0 = Instant::now();
-        let (mut tokens, mut last_loss) = (0i64, f64::NAN);
-        let mut eval_after = None;
-        for step in start_step..self.total_steps {
-            let s = self.train_step(step)?;
-            tokens += s.tokens;
-            last_loss = s.loss;
-            let done = step + 1;
-            let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!(
-                "loss {:.4}  lr {:.2e}  {:.0} tok/s",
-                s.loss, s.lr, tps
-            ));
-            bar.inc(1);
-            plain.step(done, self.total_steps, start_step, &s, tps);
-            let mut line = json!({
-                "step": done, "epoch": self.plan.epoch_after(done), "loss": s.loss, "lr": s.lr,
-                "grad_norm": s.grad_norm, "tokens_per_second": tps,
-            });
-            if let Some(sc) = &self.scaler {
-                line["loss_scale"] = json!(sc.scale());
-                line["skipped"] = json!(s.skipped);
-            }
-            let eval_now = self.cfg.eval_steps > 0 && done % self.cfg.eval_steps == 0
-                || done == self.total_steps;
-            if eval_now {
-                if let Some(l) = self.evaluate()? {
-                    line["eval_loss"] = json!(l);
-                    eval_after = Some(l);
-                    bar.println(format!("step {done}: eval loss {l:.4}"));
-                }
-            }
-            if done % self.cfg.logging_steps == 0 || eval_now {
-                metrics.write(&line)?;
-            }
-            if self.cfg.save_steps > 0 && done % self.cfg.save_steps == 0 && done < self.total_steps
-            {
-                self.save_checkpoint(done)?;
-            }
-            if let (Some(sig), true) = (s.stop, done < self.total_steps) {
-                self.stop_on(sig, done, true)
-                    .inspect_err(|_| bar.abandon())?;
+        Progress {
+            bar,
+            plain,
+            started: Instant::now(),
+            start_step,
+            tokens: 0,
+            last_loss: f64::NAN,
+            eval_after: None,
+        }
+    }
+
+    /// Step `step` and what follows it: progress, evaluation and metrics on
+    /// schedule, a checkpoint on schedule, and the stop every rank agreed on.
+    fn one_step(&mut self, step: u64, p: &mut Progress, metrics: &mut MetricsLog) -> Result<()> {
+        let s = self.train_step(step)?;
+        p.tokens += s.tokens;
+        p.last_loss = s.loss;
+        let done = step + 1;
+        let tps = p.tokens as f64 / p.started.elapsed().as_secs_f64().max(1e-9);
+        p.bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+            s.loss, s.lr, tps
+        ));
+        p.bar.inc(1);
+        p.plain.step(done, self.total_steps, p.start_step, &s, tps);
+        let mut line = json!({
+            "step": done, "epoch": self.plan.epoch_after(done), "loss": s.loss, "lr": s.lr,
+            "grad_norm": s.grad_norm, "tokens_per_second": tps,
+        });
+        if let Some(sc) = &self.scaler {
+            line["loss_scale"] = json!(sc.scale());
+            line["skipped"] = json!(s.skipped);
+        }
+        let eval_now =
+            self.cfg.eval_steps > 0 && done % self.cfg.eval_steps == 0 || done == self.total_steps;
+        if eval_now {
+            if let Some(l) = self.evaluate()? {
+                line["eval_loss"] = json!(l);
+                p.eval_after = Some(l);
+                p.bar.println(format!("step {done}: eval loss {l:.4}"));
             }
         }
-        bar.finish_and_clear();
+        if done % self.cfg.logging_steps == 0 || eval_now {
+            metrics.write(&line)?;
+        }
+        if self.cfg.save_steps > 0 && done % self.cfg.save_steps == 0 && done < self.total_steps {
+            self.save_checkpoint(done)?;
+        }
+        if let (Some(sig), true) = (s.stop, done < self.total_steps) {
+            self.stop_on(sig, done, true)
+                .inspect_err(|_| p.bar.abandon())?;
+        }
+        Ok(())
+    }
+
+    /// The adapter's weights, checked finite and written last (rank 0); every
+    /// rank leaves together, after they are written.
+    fn write_adapter(&mut self) -> Result<()> {
         self.check_finite()?;
         if self.is_writer() {
             let tensors = peft_model::adapter_tensors(&self.model, DEFAULT_ADAPTER);
             peft_adapters::lora::files::write_safetensors(
-                &output.join(peft_adapters::lora::files::WEIGHTS_FILE),
+                &self
+                    .cfg
+                    .output
+                    .join(peft_adapters::lora::files::WEIGHTS_FILE),
                 &tensors,
             )?;
         }
-        // Every rank leaves together, after the adapter is written.
         if let Some(g) = &self.group {
             g.barrier()?;
         }
-        let seconds = t0.elapsed().as_secs_f64();
-        let (frozen_weight_bytes, qbytes, qparams) = self.model.frozen_bytes();
-        Ok(Summary {
-            steps: self.total_steps,
-            skipped_steps: self.skipped_steps,
-            final_train_loss: last_loss,
-            eval_loss_before: eval_before,
-            eval_loss_after: eval_after,
-            seconds,
-            tokens_per_second: tokens as f64 / seconds.max(1e-9),
-            output,
-            frozen_weight_bytes,
-            quantized_bytes_per_param: (qparams > 0).then(|| qbytes as f64 / qparams as f64),
-        })
+        Ok(())
     }
 }

@@ -198,15 +198,7 @@ pub fn one_step_grads(
         position_ids: None,
         segment_ids: None,
     };
-    let mb = peft_rs::train::MicroBatch {
-        step: 0,
-        index: 0,
-        count: 1,
-        seed: 1,
-        row_seeds: Vec::new(),
-        denom: batch.num_label_tokens as f64,
-        loss_scale: 1.0,
-    };
+    let mb = peft_rs::train::MicroBatch::single(0, batch.num_label_tokens as f64, 1.0);
     let loss =
         peft_rs::train::forward_backward(model, regs, &trainable, &batch, &mb, opts).unwrap();
     let grads = params
@@ -273,4 +265,169 @@ pub fn losses(out: &Path) -> Vec<f64> {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
         .collect()
+}
+
+/// A scratch folder that lives as long as the test binary.
+pub fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().unwrap()).path()
+}
+
+/// The tiny random Llama of the reference fixtures.
+pub fn tiny() -> PathBuf {
+    model_dir("llama")
+}
+
+/// A path as a `&str` (the tests' paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 path")
+}
+
+/// A `peft-rs` command line, built from words and paths:
+/// `Cmd::new("train --device cpu --lora-rank 4").path("--data", &data)`.
+#[derive(Clone, Debug)]
+pub struct Cmd(pub Vec<String>);
+
+impl Cmd {
+    /// The whitespace-separated words of `line`.
+    pub fn new(line: &str) -> Self {
+        Self(line.split_whitespace().map(str::to_owned).collect())
+    }
+
+    /// `flag` followed by `path`.
+    pub fn path(mut self, flag: &str, path: &Path) -> Self {
+        self.0.push(flag.to_owned());
+        self.0.push(s(path).to_owned());
+        self
+    }
+
+    /// More words.
+    pub fn args(mut self, line: &str) -> Self {
+        self.0.extend(line.split_whitespace().map(str::to_owned));
+        self
+    }
+
+    /// More arguments, each taken whole.
+    pub fn all(mut self, args: &[&str]) -> Self {
+        self.0.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    /// One more argument, taken whole (it may hold spaces).
+    pub fn arg(mut self, a: &str) -> Self {
+        self.0.push(a.to_owned());
+        self
+    }
+
+    /// The arguments as `&str`s.
+    pub fn strs(&self) -> Vec<&str> {
+        self.0.iter().map(String::as_str).collect()
+    }
+
+    /// Runs `peft-rs` and waits for it.
+    pub fn run(&self) -> Output {
+        peft_rs(&self.strs())
+    }
+
+    /// Runs `peft-rs`, failing the test if it takes longer than `limit`.
+    pub fn run_within(&self, limit: std::time::Duration) -> Output {
+        run_within(limit, &self.strs())
+    }
+
+    /// Starts `peft-rs` with stdout discarded and stderr piped.
+    pub fn spawn(&self, envs: &[(&str, String)]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_peft-rs"))
+            .args(&self.0)
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+/// The pids of `pid`'s child processes.
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                .flat_map(|s| {
+                    s.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The `RANK` a process was started with.
+pub fn rank_of(pid: u32) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix("RANK=").map(str::to_owned))
+}
+
+/// Waits until `ok` holds, failing the test after `limit`.
+pub fn wait_for(what: &str, limit: std::time::Duration, mut ok: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// How many training steps `metrics.jsonl` in `out` records so far.
+pub fn steps_logged(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
+        .unwrap_or(0)
+}
+
+/// Every line of `metrics.jsonl` in `out`.
+pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The largest difference between the adapters written in two run folders.
+pub fn max_adapter_diff(a: &Path, b: &Path) -> f64 {
+    let read = |p: &Path| {
+        let mut v = tch::Tensor::read_safetensors(p.join("adapter_model.safetensors")).unwrap();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    read(a)
+        .iter()
+        .zip(read(b))
+        .map(|((n, x), (m, y))| {
+            assert_eq!(n, &m);
+            (x - y).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+/// The largest difference between two equally long series.
+pub fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+/// The largest element-wise difference of two tensors, and the largest
+/// magnitude of the second.
+pub fn tensor_diff(a: &tch::Tensor, b: &tch::Tensor) -> (f64, f64) {
+    assert_eq!(a.size(), b.size());
+    (
+        (a - b).abs().max().double_value(&[]),
+        b.abs().max().double_value(&[]),
+    )
 }

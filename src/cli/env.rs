@@ -1,0 +1,92 @@
+//! `peft-rs env`.
+
+use anyhow::Result;
+
+/// `peft-rs env`: the libtorch build, the devices it sees and whether
+/// CUDA is usable, proved by running kernels on each GPU.
+pub fn run() -> Result<()> {
+    println!("peft-rs {}", env!("CARGO_PKG_VERSION"));
+    // If the linker dropped libtorch_cuda, CUDA is silently unusable; say so.
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let (version, lib_dir) = crate::device::libtorch_version(&maps);
+    println!("libtorch: {version} (tch 0.24), from {lib_dir}");
+    let cuda = tch::Cuda::is_available();
+    println!(
+        "libtorch_cuda linked: {}",
+        if maps.contains("libtorch_cuda.so") {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    let smi = crate::device::NvidiaSmi::query();
+    match &smi {
+        Some(smi) => {
+            println!("nvidia driver: {}", smi.driver);
+            for (i, (name, cap)) in smi.gpus.iter().enumerate() {
+                println!("gpu {i}: {name}, compute capability {cap}");
+            }
+        }
+        None => println!("nvidia driver: none found (no nvidia-smi)"),
+    }
+    println!("cuda usable: {cuda}");
+    if let Some(why) = crate::device::cpu_fallback_reason(smi.as_ref()) {
+        println!("{why}");
+    }
+    if cuda {
+        println!(
+            "cuda devices: {} (cudnn {})",
+            tch::Cuda::device_count(),
+            if tch::Cuda::cudnn_is_available() {
+                "available"
+            } else {
+                "not available"
+            }
+        );
+        // Kernels for this GPU exist in this build only if they run: try them.
+        for i in 0..tch::Cuda::device_count() as usize {
+            match crate::device::prove_device(tch::Device::Cuda(i)) {
+                Ok(()) => println!(
+                    "cuda:{i}: bf16 matmul and attention ran (this libtorch has kernels for it)"
+                ),
+                Err(e) => println!(
+                    "cuda:{i}: FAILED a bf16 matmul/attention: {}",
+                    first_line(&e.to_string())
+                ),
+            }
+        }
+    }
+    let mut devices = vec!["cpu".to_owned()];
+    if cuda {
+        devices.extend((0..tch::Cuda::device_count()).map(|i| format!("cuda:{i}")));
+    }
+    println!("devices: {}", devices.join(", "));
+    println!("cpu threads: {}", tch::get_num_threads());
+    let (c10d, nccl) = crate::dist::capabilities();
+    println!(
+        "multi-process training (c10d): {}",
+        match (c10d, nccl) {
+            (false, _) => "not built (Gloo's headers were missing: run ./scripts/setup.sh and rebuild)",
+            (true, false) => "gloo (NCCL not built: it needs a CUDA libtorch and CUDA's CCCL and crt headers; run ./scripts/setup.sh, or set PEFT_RS_CUDA_INCLUDE to a CUDA toolkit's include folder, and rebuild)",
+            (true, true) => "gloo, nccl",
+        }
+    );
+    let auto = crate::device::place(
+        crate::device::DeviceArg::Auto,
+        None,
+        crate::device::visible_gpus(),
+    )?;
+    println!(
+        "--device auto picks: {}",
+        crate::device::Placement {
+            device: auto,
+            kind: crate::device::DtypeArg::Auto.resolve(auto)
+        }
+        .describe()
+    );
+    Ok(())
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}

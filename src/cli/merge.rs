@@ -1,0 +1,60 @@
+//! `peft-rs merge`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::AdapterArgs;
+use crate::device::{resolve_model_dir, DtypeArg};
+use crate::merge::{merge_to_dir, MergeOptions};
+
+#[derive(Args, Debug)]
+// The flags of `peft-rs merge` (a plain comment: a doc comment would replace the subcommand's help).
+#[allow(missing_docs)]
+pub struct MergeArgs {
+    /// Base model directory (defaults to the embedded default model).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) model: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) adapters: AdapterArgs,
+    /// Output model directory (written to a temporary directory, then renamed).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) output: PathBuf,
+    /// dtype of the written weights: fp32, bf16 or fp16 (default, or auto: as in the base).
+    #[arg(long, value_enum)]
+    pub(crate) dtype: Option<DtypeArg>,
+    /// Replace --output if it exists.
+    #[arg(long)]
+    pub(crate) overwrite: bool,
+}
+
+/// `peft-rs merge`.
+pub fn run(a: MergeArgs) -> Result<()> {
+    crate::signals::install();
+    let dtype = a
+        .dtype
+        .filter(|d| *d != DtypeArg::Auto)
+        .map(|d| d.resolve(tch::Device::Cpu));
+    let opts = MergeOptions {
+        base: resolve_model_dir(a.model)?,
+        adapters: a.adapters.adapter,
+        weights: a.adapters.weights,
+        output: a.output,
+        dtype,
+        overwrite: a.overwrite,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let r = merge_to_dir(&opts)?;
+    eprintln!(
+        "merged {} adapter(s) into {} of {} tensors ({:.1} MB, largest tensor {:.1} MB) in {:.1} s",
+        opts.adapters.len(),
+        r.tensors_merged,
+        r.tensors_written,
+        r.bytes_written as f64 / 1e6,
+        r.largest_tensor_bytes as f64 / 1e6,
+        r.seconds
+    );
+    println!("{}", opts.output.display());
+    Ok(())
+}
