@@ -256,8 +256,8 @@ impl Trainer {
             line["loss_scale"] = json!(sc.scale());
             line["skipped"] = json!(s.skipped);
         }
-        let eval_now =
-            self.cfg.eval_steps > 0 && done % self.cfg.eval_steps == 0 || done == self.total_steps;
+        let eval_now = self.cfg.eval_steps > 0 && done.is_multiple_of(self.cfg.eval_steps)
+            || done == self.total_steps;
         if eval_now {
             if let Some(l) = self.evaluate()? {
                 line["eval_loss"] = json!(l);
@@ -265,10 +265,13 @@ impl Trainer {
                 p.bar.println(format!("step {done}: eval loss {l:.4}"));
             }
         }
-        if done % self.cfg.logging_steps == 0 || eval_now {
+        if done.is_multiple_of(self.cfg.logging_steps) || eval_now {
             metrics.write(&line)?;
         }
-        if self.cfg.save_steps > 0 && done % self.cfg.save_steps == 0 && done < self.total_steps {
+        if self.cfg.save_steps > 0
+            && done.is_multiple_of(self.cfg.save_steps)
+            && done < self.total_steps
+        {
             self.save_checkpoint(done)?;
         }
         if let (Some(sig), true) = (s.stop, done < self.total_steps) {
