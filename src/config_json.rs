@@ -53,50 +53,39 @@ impl RawConfig {
 
     /// An optional non-negative integer (absent or null gives `None`).
     pub fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
-        match self.json.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).with_context(|| {
-                format!(
-                    "{}: field `{field}` must be a non-negative integer, found {v}",
-                    self.path.display()
-                )
-            }),
-        }
+        self.opt(field, "a non-negative integer", |v| {
+            v.as_u64().map(|x| x as usize)
+        })
     }
 
     /// An optional number.
     pub fn opt_f64(&self, field: &str) -> Result<Option<f64>> {
-        match self.json.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_f64().map(Some).with_context(|| {
-                format!(
-                    "{}: field `{field}` must be a number, found {v}",
-                    self.path.display()
-                )
-            }),
-        }
+        self.opt(field, "a number", Value::as_f64)
     }
 
     /// An optional boolean.
     pub fn opt_bool(&self, field: &str) -> Result<Option<bool>> {
-        match self.json.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_bool().map(Some).with_context(|| {
-                format!(
-                    "{}: field `{field}` must be true or false, found {v}",
-                    self.path.display()
-                )
-            }),
-        }
+        self.opt(field, "true or false", Value::as_bool)
     }
 
     /// An optional string.
     pub fn opt_str(&self, field: &str) -> Result<Option<&str>> {
+        self.opt(field, "a string", Value::as_str)
+    }
+
+    /// An optional value of `field` read by `get` (absent or null gives
+    /// `None`); a value `get` cannot read is an error saying it must be `what`.
+    fn opt<'a, T>(
+        &'a self,
+        field: &str,
+        what: &str,
+        get: impl Fn(&'a Value) -> Option<T>,
+    ) -> Result<Option<T>> {
         match self.json.get(field) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_str().map(Some).with_context(|| {
+            Some(v) => get(v).map(Some).with_context(|| {
                 format!(
-                    "{}: field `{field}` must be a string, found {v}",
+                    "{}: field `{field}` must be {what}, found {v}",
                     self.path.display()
                 )
             }),

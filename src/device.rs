@@ -149,24 +149,7 @@ pub enum DtypeArg {
     Fp16,
 }
 
-impl FromStr for DtypeArg {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        <Self as clap::ValueEnum>::from_str(s, false)
-            .map_err(|_| anyhow::anyhow!("`{s}`: expected auto, fp32, bf16 or fp16"))
-    }
-}
-
-impl fmt::Display for DtypeArg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Fp32 => "fp32",
-            Self::Bf16 => "bf16",
-            Self::Fp16 => "fp16",
-        })
-    }
-}
+peft_adapters::value_enum_text!(DtypeArg, "--dtype");
 
 impl DtypeArg {
     /// The libtorch kind on `device`.
@@ -382,7 +365,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
 /// `auto` is fp32 on CPU (bf16 matmul there is two orders of magnitude
 /// slower) and bf16 on CUDA.
 pub fn parse_dtype(s: &str, device: Device) -> Result<Kind> {
-    let arg: DtypeArg = s.parse().map_err(|e| anyhow::anyhow!("--dtype {e}"))?;
+    let arg: DtypeArg = s.parse()?;
     Ok(arg.resolve(device))
 }
 

@@ -290,16 +290,8 @@ pub fn generate_batch(
     if active.len() < rows.len() {
         return generate_rows(model, &mut rows, active, cfg);
     }
-    let mut ids = Vec::with_capacity(rows.len() * width);
-    let mut mask = Vec::with_capacity(rows.len() * width);
-    for p in prompts {
-        let pad = width - p.len();
-        ids.extend(std::iter::repeat_n(p[0] as i64, pad).chain(p.iter().map(|&t| t as i64)));
-        mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, p.len())));
-    }
-    let shape = [rows.len() as i64, width as i64];
-    let mut input = Tensor::from_slice(&ids).view(shape).to_device(device);
-    let mut attention = Tensor::from_slice(&mask).view(shape).to_device(device);
+    let seqs: Vec<&[i64]> = rows.iter().map(|r| r.seen.as_slice()).collect();
+    let (mut input, mut attention) = left_padded(&seqs, width, device);
     // transformers' positions for left padding: the count of real tokens before.
     let mut positions = (attention.cumsum(1, Kind::Int64) - 1).clamp_min(0);
     let mut cache = KvCache::new(model.config.num_hidden_layers);
@@ -308,16 +300,8 @@ pub fn generate_batch(
             // LongRoPE switches to its long frequencies here: as transformers'
             // Phi-3, drop the cache and run every row's whole sequence again.
             let total = attention.size()[1] as usize;
-            let mut ids = Vec::with_capacity(active.len() * total);
-            for &r in &active {
-                let seen = &rows[r].seen;
-                ids.extend(
-                    std::iter::repeat_n(seen[0], total - seen.len()).chain(seen.iter().copied()),
-                );
-            }
-            input = Tensor::from_slice(&ids)
-                .view([active.len() as i64, total as i64])
-                .to_device(device);
+            let seqs: Vec<&[i64]> = active.iter().map(|&r| rows[r].seen.as_slice()).collect();
+            input = left_padded(&seqs, total, device).0;
             positions = (attention.cumsum(1, Kind::Int64) - 1).clamp_min(0);
             cache = KvCache::new(model.config.num_hidden_layers);
         }
@@ -396,6 +380,23 @@ fn generate_rows(
         result[r] = out;
     }
     Ok(result)
+}
+
+/// `seqs` left-padded to `width` (with each row's first token, which the
+/// mask hides) as `[rows, width]` ids, and their attention mask.
+fn left_padded(seqs: &[&[i64]], width: usize, device: tch::Device) -> (Tensor, Tensor) {
+    let mut ids = Vec::with_capacity(seqs.len() * width);
+    let mut mask = Vec::with_capacity(seqs.len() * width);
+    for seq in seqs {
+        let pad = width - seq.len();
+        ids.extend(std::iter::repeat_n(seq[0], pad).chain(seq.iter().copied()));
+        mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, seq.len())));
+    }
+    let shape = [seqs.len() as i64, width as i64];
+    (
+        Tensor::from_slice(&ids).view(shape).to_device(device),
+        Tensor::from_slice(&mask).view(shape).to_device(device),
+    )
 }
 
 /// The next token of each active row from its `[rows, vocab]` logits: one

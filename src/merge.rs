@@ -222,17 +222,7 @@ fn write_model(
     out: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
-    let total: usize = files_in.names().count();
-    let bar = if opts.progress {
-        let b = ProgressBar::new(total as u64);
-        b.set_style(
-            ProgressStyle::with_template("merging {bar:40} {pos}/{len} tensors {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = progress(opts.progress, files_in.names().count());
     let mut report = MergeReport {
         tensors_merged: 0,
         tensors_written: 0,
@@ -252,35 +242,7 @@ fn write_model(
             .context("shard name")?
             .to_string_lossy()
             .into_owned();
-        let names: Vec<String> = files_in
-            .names_in_file(i)
-            .into_iter()
-            .filter(|n| !quantized.as_ref().is_some_and(|q| q.is_auxiliary(n)))
-            .collect();
-        let plan: Vec<(String, Dtype, Vec<usize>)> = names
-            .iter()
-            .map(|n| {
-                let module = n.strip_suffix(".weight").unwrap_or("");
-                if let Some((shape, _)) = quantized.as_ref().and_then(|q| q.layers.get(module)) {
-                    let kind = match opts.dtype {
-                        Some(k) => k,
-                        None => quantized
-                            .as_ref()
-                            .and_then(|q| q.dequantize(files_in, module).transpose())
-                            .transpose()?
-                            .map_or(Kind::Float, |(_, k)| k),
-                    };
-                    let shape = shape.iter().map(|&d| d as usize).collect();
-                    return Ok((n.clone(), dtype_of(kind)?, shape));
-                }
-                let (shape, dtype) = files_in.info(n).expect("listed");
-                let out_dtype = match (opts.dtype, dtype) {
-                    (Some(k), Dtype::F32 | Dtype::F16 | Dtype::BF16) => dtype_of(k)?,
-                    _ => dtype,
-                };
-                Ok((n.clone(), out_dtype, shape.to_vec()))
-            })
-            .collect::<Result<_>>()?;
+        let plan = shard_plan(files_in, i, quantized.as_ref(), opts)?;
         let mut writer = StreamingWriter::create(
             &out.join(&file_name),
             &plan,
@@ -288,53 +250,22 @@ fn write_model(
         )?;
         for (n, out_dtype, shape) in &plan {
             if let Some(sig) = crate::signals::pending() {
-                return Err(crate::signals::Interrupted {
-                    signal: sig,
-                    message: format!(
-                        "stopped by {} while merging; nothing was written to {}",
-                        crate::signals::name(sig),
+                return Err(crate::signals::interrupted(sig, |name| {
+                    format!(
+                        "stopped by {name} while merging; nothing was written to {}",
                         opts.output.display()
-                    ),
-                }
-                .into());
+                    )
+                }));
             }
-            let (_, in_dtype) = files_in.info(n).expect("listed");
-            let module = n.strip_suffix(".weight");
             // Adapters name modules by their paths, which a multimodal
             // checkpoint may store under other names.
+            let module = n.strip_suffix(".weight");
             let delta = module.and_then(|m| deltas.remove(&config.module_name(m)));
-            let dequantized = match (&quantized, module) {
-                (Some(q), Some(m)) => q.dequantize(files_in, m)?,
-                _ => None,
-            };
-            let converted;
-            let bytes: &[u8] = if let Some((mut t, _)) = dequantized {
-                if let Some(w) = delta {
-                    let mut layer = LoraLayer::new("merge", w);
-                    layer.merge(&mut t).with_context(|| n.to_string())?;
-                    report.tensors_merged += 1;
-                }
-                converted = tensor_bytes(&finite_in(&t, kind_of(*out_dtype)?, n)?)?;
-                &converted
-            } else {
-                match delta {
-                    None if *out_dtype == in_dtype => files_in.raw(n).expect("listed"),
-                    None => {
-                        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                        let t = files_in.load(n, &shape, Kind::Float, Device::Cpu)?;
-                        converted = tensor_bytes(&finite_in(&t, kind_of(*out_dtype)?, n)?)?;
-                        &converted
-                    }
-                    Some(w) => {
-                        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                        let mut t: Tensor = files_in.load(n, &shape, Kind::Float, Device::Cpu)?;
-                        let mut layer = LoraLayer::new("merge", w);
-                        layer.merge(&mut t).with_context(|| n.to_string())?;
-                        report.tensors_merged += 1;
-                        converted = tensor_bytes(&finite_in(&t, kind_of(*out_dtype)?, n)?)?;
-                        &converted
-                    }
-                }
+            report.tensors_merged += usize::from(delta.is_some());
+            let merged = merged_tensor(files_in, quantized.as_ref(), n, *out_dtype, shape, delta)?;
+            let bytes: &[u8] = match &merged {
+                Some(t) => t,
+                None => files_in.raw(n).expect("listed"),
             };
             report.largest_tensor_bytes = report.largest_tensor_bytes.max(bytes.len() as u64);
             report.bytes_written += bytes.len() as u64;
@@ -368,6 +299,89 @@ fn write_model(
     }
     copy_other_files(base, out, opts.dtype, quantized.is_some())?;
     Ok(report)
+}
+
+/// The merge's progress bar over `total` tensors (hidden without a terminal).
+fn progress(shown: bool, total: usize) -> ProgressBar {
+    if !shown {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(total as u64);
+    b.set_style(
+        ProgressStyle::with_template("merging {bar:40} {pos}/{len} tensors {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    b
+}
+
+/// The tensors shard `i` of the output holds, with their dtype and shape:
+/// those of the base, a quantized layer as its dequantized weight (without
+/// its quantization state), float tensors in `--dtype` when given.
+fn shard_plan(
+    files_in: &WeightFiles,
+    i: usize,
+    quantized: Option<&QuantizedLayers>,
+    opts: &MergeOptions,
+) -> Result<Vec<(String, Dtype, Vec<usize>)>> {
+    files_in
+        .names_in_file(i)
+        .into_iter()
+        .filter(|n| !quantized.is_some_and(|q| q.is_auxiliary(n)))
+        .map(|n| {
+            let module = n.strip_suffix(".weight").unwrap_or("");
+            if let Some((shape, _)) = quantized.and_then(|q| q.layers.get(module)) {
+                let kind = match opts.dtype {
+                    Some(k) => k,
+                    None => quantized
+                        .and_then(|q| q.dequantize(files_in, module).transpose())
+                        .transpose()?
+                        .map_or(Kind::Float, |(_, k)| k),
+                };
+                let shape = shape.iter().map(|&d| d as usize).collect();
+                return Ok((n.clone(), dtype_of(kind)?, shape));
+            }
+            let (shape, dtype) = files_in.info(&n).expect("listed");
+            let out_dtype = match (opts.dtype, dtype) {
+                (Some(k), Dtype::F32 | Dtype::F16 | Dtype::BF16) => dtype_of(k)?,
+                _ => dtype,
+            };
+            Ok((n.clone(), out_dtype, shape.to_vec()))
+        })
+        .collect()
+}
+
+/// The bytes of tensor `n` in the output: dequantized (a quantized layer),
+/// with `delta` merged in (in fp32), converted to `out_dtype` and checked
+/// finite there; `None` when the base's bytes are written as they are.
+fn merged_tensor(
+    files_in: &WeightFiles,
+    quantized: Option<&QuantizedLayers>,
+    n: &str,
+    out_dtype: Dtype,
+    shape: &[usize],
+    delta: Option<LoraWeights>,
+) -> Result<Option<Vec<u8>>> {
+    let (_, in_dtype) = files_in.info(n).expect("listed");
+    let dequantized = match (quantized, n.strip_suffix(".weight")) {
+        (Some(q), Some(m)) => q.dequantize(files_in, m)?.map(|(t, _)| t),
+        _ => None,
+    };
+    if dequantized.is_none() && delta.is_none() && out_dtype == in_dtype {
+        return Ok(None);
+    }
+    let mut t = match dequantized {
+        Some(t) => t,
+        None => {
+            let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            files_in.load(n, &shape, Kind::Float, Device::Cpu)?
+        }
+    };
+    if let Some(w) = delta {
+        LoraLayer::new("merge", w)
+            .merge(&mut t)
+            .with_context(|| n.to_string())?;
+    }
+    Ok(Some(tensor_bytes(&finite_in(&t, kind_of(out_dtype)?, n)?)?))
 }
 
 /// `t` converted to the output dtype `kind`, refused when a value is not

@@ -143,41 +143,37 @@ pub fn save_adapter(
     files::write_atomic(&dir.join(files::CONFIG_FILE), json.as_bytes())
 }
 
-/// Makes `names` the adapters summed in every forward pass.
-pub fn set_active(model: &mut LlamaForCausalLM, names: &[String]) {
+/// Calls `f` on the adapter of every linear layer that has one.
+fn for_each_adapter(
+    model: &mut LlamaForCausalLM,
+    mut f: impl FnMut(&mut Box<dyn peft_adapters::LinearAdapter>),
+) {
     for (_, lin) in model.linear_layers_mut() {
         if let Some(a) = lin.adapter.as_mut() {
-            a.set_active(names);
+            f(a);
         }
     }
 }
 
+/// Makes `names` the adapters summed in every forward pass.
+pub fn set_active(model: &mut LlamaForCausalLM, names: &[String]) {
+    for_each_adapter(model, |a| a.set_active(names));
+}
+
 /// Switches dropout in every adapter on (training) or off.
 pub fn set_training(model: &mut LlamaForCausalLM, training: bool) {
-    for (_, lin) in model.linear_layers_mut() {
-        if let Some(a) = lin.adapter.as_mut() {
-            a.set_training(training);
-        }
-    }
+    for_each_adapter(model, |a| a.set_training(training));
 }
 
 /// Lets adapters on layers that read the same input share one dropout
 /// draw (`--share-lora-dropout`), or not.
 pub fn set_dropout_sharing(model: &mut LlamaForCausalLM, shared: bool) {
-    for (_, lin) in model.linear_layers_mut() {
-        if let Some(a) = lin.adapter.as_mut() {
-            a.set_dropout_sharing(shared);
-        }
-    }
+    for_each_adapter(model, |a| a.set_dropout_sharing(shared));
 }
 
 /// Sets the dtype of every adapter's matmuls (`--lora-compute-dtype`).
 pub fn set_compute_kind(model: &mut LlamaForCausalLM, kind: Kind) {
-    for (_, lin) in model.linear_layers_mut() {
-        if let Some(a) = lin.adapter.as_mut() {
-            a.set_compute_kind(kind);
-        }
-    }
+    for_each_adapter(model, |a| a.set_compute_kind(kind));
 }
 
 /// Builds adapter `new_name` as a weighted combination of loaded adapters, as

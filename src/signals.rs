@@ -32,12 +32,17 @@ pub fn ignore_file_size_limit() {
 
 /// Installs the handlers for long work that can stop safely (train, merge).
 pub fn install() {
-    // SAFETY: sigaction with a handler that only touches atomics and calls
-    // async-signal-safe functions.
+    on_stop_signals(on_signal);
+}
+
+/// Makes `handler` the handler of SIGINT, SIGTERM and SIGHUP. It must only
+/// touch atomics and call async-signal-safe functions.
+pub fn on_stop_signals(handler: extern "C" fn(libc::c_int)) {
+    // SAFETY: sigaction with a handler that only does what the caller promises.
     unsafe {
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
+            sa.sa_sigaction = handler as *const () as usize;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
@@ -60,6 +65,16 @@ pub fn name(sig: i32) -> &'static str {
         libc::SIGHUP => "SIGHUP",
         _ => "a signal",
     }
+}
+
+/// The [`Interrupted`] error for `signal`, whose message is `what` said of
+/// the signal's name (`|name| format!("stopped by {name} ...")`).
+pub fn interrupted(signal: i32, what: impl FnOnce(&str) -> String) -> anyhow::Error {
+    Interrupted {
+        signal,
+        message: what(name(signal)),
+    }
+    .into()
 }
 
 /// The work stopped because a signal arrived; the process should exit with

@@ -14,6 +14,7 @@ pub mod dtype;
 pub mod fsio;
 pub mod lora;
 pub mod rng;
+pub mod text;
 
 use std::cell::RefCell;
 

@@ -11,10 +11,6 @@
 //!   TRL, Axolotl and Unsloth use: `L` is the padded length of the batch and
 //!   every position is noised. For runs that must match a Python TRL run.
 
-use std::fmt;
-use std::str::FromStr;
-
-use anyhow::bail;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -30,25 +26,7 @@ pub enum NeftuneMode {
     Hf,
 }
 
-impl FromStr for NeftuneMode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "paper" => Ok(Self::Paper),
-            "hf" => Ok(Self::Hf),
-            other => bail!("--neftune-mode `{other}`: expected paper or hf"),
-        }
-    }
-}
-
-impl fmt::Display for NeftuneMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Paper => "paper",
-            Self::Hf => "hf",
-        })
-    }
-}
+peft_adapters::value_enum_text!(NeftuneMode, "--neftune-mode");
 
 /// The distribution of `ε`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -60,25 +38,7 @@ pub enum NoiseDistribution {
     Gaussian,
 }
 
-impl FromStr for NoiseDistribution {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "uniform" => Ok(Self::Uniform),
-            "gaussian" => Ok(Self::Gaussian),
-            other => bail!("--neftune-noise `{other}`: expected uniform or gaussian"),
-        }
-    }
-}
-
-impl fmt::Display for NoiseDistribution {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Uniform => "uniform",
-            Self::Gaussian => "gaussian",
-        })
-    }
-}
+peft_adapters::value_enum_text!(NoiseDistribution, "--neftune-noise");
 
 /// The NEFTune regularizer.
 #[derive(Debug, Clone)]

@@ -4,7 +4,6 @@
 
 use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
@@ -28,26 +27,7 @@ pub enum DataFormat {
     Text,
 }
 
-impl FromStr for DataFormat {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "alpaca" => Self::Alpaca,
-            "messages" => Self::Messages,
-            "prompt-completion" => Self::PromptCompletion,
-            "text" => Self::Text,
-            other => {
-                bail!("--format `{other}`: expected alpaca, messages, prompt-completion or text")
-            }
-        })
-    }
-}
-
-impl fmt::Display for DataFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+peft_adapters::value_enum_text!(DataFormat, "--format");
 
 /// What each format needs, for error messages.
 pub(crate) const SHAPES: &str =
@@ -56,13 +36,8 @@ pub(crate) const SHAPES: &str =
 
 impl DataFormat {
     /// The name used on the command line (`--format`).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Alpaca => "alpaca",
-            Self::Messages => "messages",
-            Self::PromptCompletion => "prompt-completion",
-            Self::Text => "text",
-        }
+    pub fn name(&self) -> String {
+        self.to_string()
     }
 
     /// The sentence that ends a missing- or wrong-field error.

@@ -58,6 +58,20 @@ pub struct Example {
 }
 
 impl Example {
+    /// One example of `input_ids` and `labels`, with `eos` appended to both
+    /// when given (a completion's end, which is learned).
+    pub fn ended(mut input_ids: Vec<i64>, mut labels: Vec<i64>, eos: Option<i64>) -> Self {
+        if let Some(eos) = eos {
+            input_ids.push(eos);
+            labels.push(eos);
+        }
+        Self {
+            input_ids,
+            labels,
+            segments: vec![],
+        }
+    }
+
     /// Positions that take a loss (`labels[1..]` that are not [`IGNORE`]).
     pub fn num_label_tokens(&self) -> usize {
         self.labels.iter().skip(1).filter(|&&l| l != IGNORE).count()

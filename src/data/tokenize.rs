@@ -55,9 +55,9 @@ pub(crate) fn prompt_completion(
     let joined = format!("{prompt}{completion}");
     let text = cut(&joined, budget);
     let (tokens, offsets) = tok.encode_with_offsets(text, true)?;
-    let mut input_ids = ids(tokens);
+    let input_ids = ids(tokens);
     let boundary = prompt.len();
-    let mut labels: Vec<i64> = input_ids
+    let labels: Vec<i64> = input_ids
         .iter()
         .zip(&offsets)
         .map(|(&t, &(_, end))| {
@@ -69,15 +69,8 @@ pub(crate) fn prompt_completion(
         })
         .collect();
     // TRL appends `tokenizer.eos_token` unless the completion already ends with it.
-    if input_ids.last() != Some(&eos) {
-        input_ids.push(eos);
-        labels.push(eos);
-    }
-    Ok(Example {
-        input_ids,
-        labels,
-        segments: vec![],
-    })
+    let end = input_ids.last() != Some(&eos);
+    Ok(Example::ended(input_ids, labels, end.then_some(eos)))
 }
 
 pub(crate) fn tokenize(
@@ -185,7 +178,7 @@ pub(crate) fn chat_example(
     } else {
         assistant_spans(tok, messages, &full, kept_end)?
     };
-    let mut input_ids = ids(tokens);
+    let input_ids = ids(tokens);
     let mut labels = vec![IGNORE; input_ids.len()];
     if train_on_prompt {
         labels.clone_from(&input_ids);
@@ -216,15 +209,8 @@ pub(crate) fn chat_example(
     let content_end = full.trim_end().len();
     let last_real = offsets.iter().rposition(|&(s, _)| s < content_end);
     let ends_special = last_real.is_some_and(|i| tok.is_special(input_ids[i] as u32));
-    if !marked && !ends_special {
-        input_ids.push(eos);
-        labels.push(eos);
-    }
-    Ok(Example {
-        input_ids,
-        labels,
-        segments: vec![],
-    })
+    let end = !marked && !ends_special;
+    Ok(Example::ended(input_ids, labels, end.then_some(eos)))
 }
 
 /// The byte spans of the assistant turns in `full` (the whole chat rendered)

@@ -146,14 +146,9 @@ impl ProcessGroup {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 }
                 if let Some(sig) = crate::signals::pending() {
-                    return Err(crate::signals::Interrupted {
-                        signal: sig,
-                        message: format!(
-                            "rank {rank}: stopped by {} while joining the process group; nothing to save",
-                            crate::signals::name(sig)
-                        ),
-                    }
-                    .into());
+                    return Err(crate::signals::interrupted(sig, |name| {
+                        format!("rank {rank}: stopped by {name} while joining the process group; nothing to save")
+                    }));
                 }
                 if start.elapsed() > timeout {
                     bail!(

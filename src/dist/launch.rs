@@ -136,14 +136,9 @@ fn supervise(workers: &mut [Option<Child>]) -> Result<Vec<(usize, Option<i32>)>>
                 signal_all(workers, sig);
             } else {
                 kill_all(workers);
-                return Err(crate::signals::Interrupted {
-                    signal: sig,
-                    message: format!(
-                        "{} again: the workers were killed",
-                        crate::signals::name(sig)
-                    ),
-                }
-                .into());
+                return Err(crate::signals::interrupted(sig, |name| {
+                    format!("{name} again: the workers were killed")
+                }));
             }
         }
         for (rank, slot) in workers.iter_mut().enumerate() {
@@ -182,15 +177,7 @@ fn kill_all(workers: &mut [Option<Child>]) {
 /// The launcher's own handlers only count signals: the supervision loop
 /// passes them on.
 fn install_forwarding() {
-    // SAFETY: a handler that only touches atomics.
-    unsafe {
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = remember as *const () as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
+    crate::signals::on_stop_signals(remember);
 }
 
 /// Makes the worker receive SIGTERM when the launcher dies, however it dies

@@ -98,6 +98,19 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// One sliding window for every layer, from `sliding_window` (absent or
+    /// null: full attention), as Mistral and Phi-3 read it.
+    pub fn set_sliding_window(&mut self, raw: &RawConfig) -> Result<()> {
+        let window = raw.opt_usize("sliding_window")?;
+        raw.ensure(
+            window != Some(0),
+            "sliding_window",
+            "must be positive or null",
+        )?;
+        self.sliding_window = vec![window; self.num_hidden_layers];
+        Ok(())
+    }
+
     /// Reads the fields every Llama-family config shares.
     pub fn from_raw(raw: &RawConfig) -> Result<Self> {
         let hidden_size = raw.usize("hidden_size")?;

@@ -103,6 +103,20 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// Every RMS norm of the layer (those the architecture has).
+    pub fn norms(&self) -> impl Iterator<Item = &RmsNorm> {
+        [
+            Some(&self.input_layernorm),
+            Some(&self.post_attention_layernorm),
+            self.self_attn.q_norm.as_ref(),
+            self.self_attn.k_norm.as_ref(),
+            self.pre_feedforward_layernorm.as_ref(),
+            self.post_feedforward_layernorm.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
     /// One pre-norm residual block.
     fn forward(
         &self,
@@ -400,17 +414,7 @@ impl LlamaForCausalLM {
                     count(lin, &mut all);
                 }
             }
-            all += dense(&l.input_layernorm.weight) + dense(&l.post_attention_layernorm.weight);
-            all += [
-                &l.self_attn.q_norm,
-                &l.self_attn.k_norm,
-                &l.pre_feedforward_layernorm,
-                &l.post_feedforward_layernorm,
-            ]
-            .iter()
-            .filter_map(|n| n.as_ref())
-            .map(|n| dense(&n.weight))
-            .sum::<usize>();
+            all += l.norms().map(|n| dense(&n.weight)).sum::<usize>();
         }
         if !self.config.tie_word_embeddings {
             count(&self.lm_head, &mut all);
@@ -432,17 +436,7 @@ impl LlamaForCausalLM {
                 .filter(|(name, _)| names.contains(name))
                 .map(|(_, lin)| numel(lin))
                 .sum::<i64>();
-            n += 2 * h;
-            n += [
-                &l.self_attn.q_norm,
-                &l.self_attn.k_norm,
-                &l.pre_feedforward_layernorm,
-                &l.post_feedforward_layernorm,
-            ]
-            .iter()
-            .filter_map(|n| n.as_ref())
-            .map(|n| n.weight.numel() as i64)
-            .sum::<i64>();
+            n += l.norms().map(|n| n.weight.numel() as i64).sum::<i64>();
         }
         if !c.tie_word_embeddings {
             n += v * h;

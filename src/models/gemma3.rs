@@ -55,7 +55,9 @@ fn with_defaults(raw: &RawConfig) -> RawConfig {
     }
 }
 
-/// Reads a `model_type: gemma3_text` config.
+/// Reads a `model_type: gemma3_text` config. (Long on purpose: Gemma 3's
+/// differences from the shared configuration, one after another, as
+/// transformers' `Gemma3TextConfig` reads them.)
 pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {
     let raw = &with_defaults(raw);
     let mut c = LlamaConfig::from_raw(raw)?;

@@ -160,80 +160,12 @@ impl LlamaForCausalLM {
     /// Builds the model from checkpoint tensors, checking every shape against the config.
     pub fn load(config: LlamaConfig, w: &Weights) -> Result<Self> {
         let c = &config;
-        let (h, hd) = (c.hidden_size as i64, c.head_dim as i64);
-        let (nh, nkv) = (c.num_attention_heads as i64, c.num_key_value_heads as i64);
+        let h = c.hidden_size as i64;
         let m = w.pp(&c.stored_decoder);
         let embed_tokens = m.get("embed_tokens.weight", &[c.vocab_size as i64, h])?;
-        let norm_of = |w: &Weights, name: &str, width: i64| -> Result<RmsNorm> {
-            let weight = w.get(&format!("{name}.weight"), &[width])?;
-            Ok(RmsNorm {
-                // Gemma's `1 + w` in fp32, as its forward computes it each time.
-                weight: if c.gemma_norms {
-                    weight.to_kind(Kind::Float) + 1.0
-                } else {
-                    weight
-                },
-                eps: c.rms_norm_eps,
-                scale_in_fp32: c.gemma_norms,
-            })
-        };
-        let norm = |w: &Weights, name: &str| norm_of(w, name, h);
-        let sandwich = |w: &Weights, name: &str| -> Result<Option<RmsNorm>> {
-            c.sandwich_norms.then(|| norm(w, name)).transpose()
-        };
-        let head_norm = |w: &Weights, name: &str| -> Result<Option<RmsNorm>> {
-            c.qk_norm
-                .then(|| norm_of(&w.pp("self_attn"), name, hd))
-                .transpose()
-        };
-        let shapes = c.layer_linear_shapes();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for (i, window) in c.sliding_window.iter().enumerate() {
-            let l = m.pp(&format!("layers.{i}"));
-            let empty = || Linear::new(Tensor::new(), None);
-            let mut layer = DecoderLayer {
-                self_attn: Attention {
-                    q_proj: empty(),
-                    k_proj: empty(),
-                    v_proj: empty(),
-                    o_proj: empty(),
-                    qkv_proj: empty(),
-                    q_norm: head_norm(&l, "q_norm")?,
-                    k_norm: head_norm(&l, "k_norm")?,
-                    num_heads: nh,
-                    num_kv_heads: nkv,
-                    head_dim: hd,
-                    sliding_window: window.map(|w| w as i64),
-                    scale: c
-                        .attention_scale
-                        .unwrap_or_else(|| 1.0 / (c.head_dim as f64).sqrt()),
-                    fused: c.fused_projections,
-                },
-                mlp: Mlp {
-                    gate_proj: empty(),
-                    up_proj: empty(),
-                    down_proj: empty(),
-                    gate_up_proj: empty(),
-                    act: c.hidden_act,
-                    fused: c.fused_projections,
-                },
-                input_layernorm: norm(&l, "input_layernorm")?,
-                post_attention_layernorm: norm(&l, "post_attention_layernorm")?,
-                pre_feedforward_layernorm: sandwich(&l, "pre_feedforward_layernorm")?,
-                post_feedforward_layernorm: sandwich(&l, "post_feedforward_layernorm")?,
-                local_rope: c.local_rope.is_some() && window.is_some(),
-            };
-            let mut loaded = 0;
-            for (name, lin) in layer_linears!(layer, mut) {
-                if let Some(&(_, i_, o, bias)) = shapes.iter().find(|s| s.0 == name) {
-                    *lin = l.linear(name, i_, o, bias)?;
-                    loaded += 1;
-                }
-            }
-            if loaded != shapes.len() {
-                bail!("internal: a linear module of {:?} has no field", shapes);
-            }
-            layers.push(layer);
+            layers.push(load_layer(c, &m.pp(&format!("layers.{i}")), *window)?);
         }
         let lm_head = if c.tie_word_embeddings {
             Linear::new(embed_tokens.shallow_clone(), None)
@@ -243,7 +175,7 @@ impl LlamaForCausalLM {
         let model = LlamaModel {
             embed_tokens,
             layers,
-            norm: norm(&m, "norm")?,
+            norm: rms_norm(c, &m, "norm", h)?,
             rotary_emb: RotaryEmbedding::new(
                 c.rotary_dim,
                 c.rope_theta,
@@ -262,4 +194,77 @@ impl LlamaForCausalLM {
             lm_head,
         })
     }
+}
+
+/// The RMS norm `name` of width `width`; Gemma's stored `w` becomes `1 + w`
+/// in fp32 once here, as its forward computes it each time.
+fn rms_norm(c: &LlamaConfig, w: &Weights, name: &str, width: i64) -> Result<RmsNorm> {
+    let weight = w.get(&format!("{name}.weight"), &[width])?;
+    Ok(RmsNorm {
+        weight: if c.gemma_norms {
+            weight.to_kind(Kind::Float) + 1.0
+        } else {
+            weight
+        },
+        eps: c.rms_norm_eps,
+        scale_in_fp32: c.gemma_norms,
+    })
+}
+
+/// Decoder layer `l` (`model.layers.N`), with a sliding `window` or none:
+/// its norms, and its linear modules checked against
+/// [`LlamaConfig::layer_linear_shapes`].
+fn load_layer(c: &LlamaConfig, l: &Weights, window: Option<usize>) -> Result<DecoderLayer> {
+    let h = c.hidden_size as i64;
+    let hd = c.head_dim as i64;
+    let norm = |name: &str| rms_norm(c, l, name, h);
+    let optional = |on: bool, w: &Weights, name: &str, width: i64| {
+        on.then(|| rms_norm(c, w, name, width)).transpose()
+    };
+    let attn = l.pp("self_attn");
+    let empty = || Linear::new(Tensor::new(), None);
+    let mut layer = DecoderLayer {
+        self_attn: Attention {
+            q_proj: empty(),
+            k_proj: empty(),
+            v_proj: empty(),
+            o_proj: empty(),
+            qkv_proj: empty(),
+            q_norm: optional(c.qk_norm, &attn, "q_norm", hd)?,
+            k_norm: optional(c.qk_norm, &attn, "k_norm", hd)?,
+            num_heads: c.num_attention_heads as i64,
+            num_kv_heads: c.num_key_value_heads as i64,
+            head_dim: hd,
+            sliding_window: window.map(|w| w as i64),
+            scale: c
+                .attention_scale
+                .unwrap_or_else(|| 1.0 / (c.head_dim as f64).sqrt()),
+            fused: c.fused_projections,
+        },
+        mlp: Mlp {
+            gate_proj: empty(),
+            up_proj: empty(),
+            down_proj: empty(),
+            gate_up_proj: empty(),
+            act: c.hidden_act,
+            fused: c.fused_projections,
+        },
+        input_layernorm: norm("input_layernorm")?,
+        post_attention_layernorm: norm("post_attention_layernorm")?,
+        pre_feedforward_layernorm: optional(c.sandwich_norms, l, "pre_feedforward_layernorm", h)?,
+        post_feedforward_layernorm: optional(c.sandwich_norms, l, "post_feedforward_layernorm", h)?,
+        local_rope: c.local_rope.is_some() && window.is_some(),
+    };
+    let shapes = c.layer_linear_shapes();
+    let mut loaded = 0;
+    for (name, lin) in layer_linears!(layer, mut) {
+        if let Some(&(_, i_, o, bias)) = shapes.iter().find(|s| s.0 == name) {
+            *lin = l.linear(name, i_, o, bias)?;
+            loaded += 1;
+        }
+    }
+    if loaded != shapes.len() {
+        bail!("internal: a linear module of {:?} has no field", shapes);
+    }
+    Ok(layer)
 }

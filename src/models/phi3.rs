@@ -69,12 +69,6 @@ pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {
             )?;
         }
     }
-    let window = raw.opt_usize("sliding_window")?;
-    raw.ensure(
-        window != Some(0),
-        "sliding_window",
-        "must be positive or null",
-    )?;
-    c.sliding_window = vec![window; c.num_hidden_layers];
+    c.set_sliding_window(raw)?;
     Ok(c)
 }

@@ -9,8 +9,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::checkpoint::{load_4bit, load_int8, BnbMode, BnbQuantization};
+use super::checkpoint::{load_4bit, load_int8};
 use super::codebook::QuantType;
+use super::config::{BnbMode, BnbQuantization};
 use super::four_bit::quantize_4bit;
 use super::frozen::FrozenWeight;
 use super::int8::quantize_int8;

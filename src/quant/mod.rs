@@ -20,20 +20,22 @@
 //!   values are quantized again (8-bit dynamic map, blocks of 256, an offset).
 //! - [`quantize_int8`] / [`Int8Weight::dequantize`]: row-wise absmax to int8, as
 //!   transformers' `load_in_8bit` stores it (`weight` int8 and `SCB` fp32).
-//! - [`checkpoint`]: pre-quantized transformers checkpoints and config.json's
-//!   `quantization_config`.
+//! - [`checkpoint`]: pre-quantized transformers checkpoints; [`config`]:
+//!   config.json's `quantization_config`.
 //! - [`load`]: quantizing a model's linear layers while it loads (`--quantize`).
 //! - [`frozen`]: a linear layer's frozen weight, dense or quantized.
 
 pub mod checkpoint;
 pub mod codebook;
+pub mod config;
 pub mod four_bit;
 pub mod frozen;
 pub mod int8;
 pub mod load;
 
-pub use checkpoint::{load_4bit, load_int8, read_quantization, BnbMode, BnbQuantization};
+pub use checkpoint::{load_4bit, load_int8};
 pub use codebook::{dynamic_map, QuantType};
+pub use config::{read_quantization, BnbMode, BnbQuantization};
 pub use four_bit::{
     dequantize_blockwise, quantize_4bit, quantize_blockwise, NestedAbsmax, Quantized4bit,
     BLOCKSIZE, NESTED_BLOCKSIZE,

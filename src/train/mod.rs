@@ -23,6 +23,7 @@ pub mod scaler;
 pub mod settings_file;
 pub mod step;
 pub mod trainer;
+pub mod validate;
 
 pub use checkpoint::TrainerState;
 pub use config::{Schedule, TrainConfig};
@@ -33,3 +34,4 @@ pub use run::Summary;
 pub use scaler::LossScaler;
 pub use step::{apply_loss_regularizers, forward_backward, MicroBatch, StepOptions, StepStats};
 pub use trainer::Trainer;
+pub use validate::InvalidSetting;

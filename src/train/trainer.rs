@@ -67,76 +67,12 @@ impl Trainer {
         if cfg.tf32 {
             crate::device::allow_tf32();
         }
-        // Where this process sits decides its device (cuda:LOCAL_RANK), so
-        // the process group is described before the device is chosen.
-        let dist = crate::dist::DistEnv::from_env()?;
-        if let Some(d) = &dist {
-            d.check_master()?;
-        }
-        let place = crate::device::Placement::resolve_for(
-            cfg.device,
-            cfg.dtype,
-            dist.as_ref().map(crate::dist::DistEnv::local),
-        )?;
+        let (place, group, lock) = claim_and_join(&mut cfg)?;
         let (device, kind) = (place.device, place.kind);
-        // training_args.json records what was used, not "auto"; with several
-        // processes each takes its own GPU, which `cuda` says.
-        (cfg.device, cfg.dtype) = place.recorded(dist.is_some());
-        let writer = dist.as_ref().is_none_or(|d| d.rank == 0);
-        if writer {
-            eprintln!("training on {}", place.describe());
-        }
-        let model_dir = resolve_model_dir(cfg.model.clone())?;
-        cfg.model = Some(model_dir.clone());
-        let Some(data_path) = cfg.data.clone() else {
-            bail!("no training data: pass --data FILE (Alpaca JSON, or JSONL with messages, prompt/completion or text)");
-        };
-        // Claimed before anything slow, so that a second writer fails at once.
-        let mut inputs = vec![
-            ("base model", model_dir.as_path()),
-            ("training data", data_path.as_path()),
-        ];
-        if let Some(e) = &cfg.eval_data {
-            inputs.push(("evaluation data", e.as_path()));
-        }
-        outputs::refuse_overlap("--output", &cfg.output, &inputs)?;
-        let group = match &dist {
-            Some(env) => Some(join_process_group(&cfg, env, device)?),
-            None => None,
-        };
-        // One writer: rank 0 owns the output; the other ranks only read it (resume).
-        let lock = match writer {
-            false => None,
-            true => Some(outputs::claim_dir("--output", &cfg.output, "train")?),
-        };
+        let model_dir = cfg.model.clone().expect("resolved by claim_and_join");
         let quantize = cfg.quantization(kind, device);
         let base = Pretrained::load_quantized(&model_dir, kind, device, quantize.as_ref())?;
-        let eos = base.completion_eos()?;
-        let opts = DataOptions {
-            format: cfg.format,
-            max_seq_len: cfg.max_seq_length,
-            train_on_prompt: cfg.train_on_prompt,
-        };
-        let mut train = data::load_dataset(&data_path, &base.tokenizer, eos, &opts)?;
-        let eval = match (&cfg.eval_data, cfg.eval_holdout) {
-            (Some(p), _) => Some(data::load_dataset(p, &base.tokenizer, eos, &opts)?),
-            (None, 0) => None,
-            (None, n) => {
-                if n >= train.examples.len() {
-                    bail!(
-                        "--eval-holdout {n} leaves no training data ({} examples)",
-                        train.examples.len()
-                    );
-                }
-                let (t, e) = data::split_holdout(train, n, cfg.seed);
-                train = t;
-                Some(e)
-            }
-        };
-        if cfg.packing {
-            train.examples = data::pack(std::mem::take(&mut train.examples), cfg.max_seq_length);
-        }
-        let pad_id = base.tokenizer.pad_token_id().map(i64::from).unwrap_or(eos);
+        let (train, eval, pad_id) = load_data(&cfg, &base)?;
         let mut model = base.model;
         let lora = cfg.lora_config(&model_dir);
         with_torch_seed(cfg.seed, || {
@@ -156,24 +92,8 @@ impl Trainer {
             cfg.adam_epsilon,
             cfg.weight_decay,
         );
-        // A batch is --batch-size rows on each rank.
         let world_size = group.as_ref().map_or(1, |g| g.world_size());
-        let plan = EpochPlan {
-            batches_per_epoch: train
-                .examples
-                .len()
-                .div_ceil(cfg.per_device_train_batch_size * world_size)
-                as u64,
-            gradient_accumulation_steps: cfg.gradient_accumulation_steps as u64,
-        };
-        let total_steps = plan.total_steps(cfg.num_train_epochs, cfg.max_steps);
-        let warmup = if !cfg.lr_scheduler_type.has_warmup() {
-            0
-        } else if cfg.warmup_steps > 0 {
-            cfg.warmup_steps
-        } else {
-            (cfg.warmup_ratio * total_steps as f64).ceil() as u64
-        };
+        let (plan, total_steps, warmup) = schedule(&cfg, train.examples.len(), world_size);
         // fp16 gradients underflow without loss scaling (torch's GradScaler);
         // bf16 has fp32's range and needs none.
         let scaler = (kind == Kind::Half).then(LossScaler::default);
@@ -285,6 +205,110 @@ impl Trainer {
         self.check_finite()?;
         peft_model::save_adapter(&self.model, DEFAULT_ADAPTER, &self.lora, dir)
     }
+}
+
+/// Where this process trains and with whom: its device (cuda:LOCAL_RANK
+/// for one of several processes, so the process group is read before the
+/// device is chosen), the process group joined, and rank 0's lock on the
+/// output folder, claimed before anything slow. Records in `cfg` the model
+/// directory and the device and dtype used, not "auto".
+fn claim_and_join(
+    cfg: &mut TrainConfig,
+) -> Result<(
+    crate::device::Placement,
+    Option<crate::dist::ProcessGroup>,
+    Option<outputs::OutputLock>,
+)> {
+    let dist = crate::dist::DistEnv::from_env()?;
+    if let Some(d) = &dist {
+        d.check_master()?;
+    }
+    let place = crate::device::Placement::resolve_for(
+        cfg.device,
+        cfg.dtype,
+        dist.as_ref().map(crate::dist::DistEnv::local),
+    )?;
+    // With several processes each takes its own GPU, which `cuda` records.
+    (cfg.device, cfg.dtype) = place.recorded(dist.is_some());
+    let writer = dist.as_ref().is_none_or(|d| d.rank == 0);
+    if writer {
+        eprintln!("training on {}", place.describe());
+    }
+    let model_dir = resolve_model_dir(cfg.model.clone())?;
+    cfg.model = Some(model_dir.clone());
+    let Some(data_path) = cfg.data.clone() else {
+        bail!("no training data: pass --data FILE (Alpaca JSON, or JSONL with messages, prompt/completion or text)");
+    };
+    let mut inputs = vec![
+        ("base model", model_dir.as_path()),
+        ("training data", data_path.as_path()),
+    ];
+    if let Some(e) = &cfg.eval_data {
+        inputs.push(("evaluation data", e.as_path()));
+    }
+    outputs::refuse_overlap("--output", &cfg.output, &inputs)?;
+    let group = match &dist {
+        Some(env) => Some(join_process_group(cfg, env, place.device)?),
+        None => None,
+    };
+    // One writer: rank 0 owns the output; the other ranks only read it.
+    let lock = match writer {
+        false => None,
+        true => Some(outputs::claim_dir("--output", &cfg.output, "train")?),
+    };
+    Ok((place, group, lock))
+}
+
+/// The training data (packed when asked), the evaluation data (a file, or
+/// records held out of the training data), and the padding token.
+fn load_data(cfg: &TrainConfig, base: &Pretrained) -> Result<(Dataset, Option<Dataset>, i64)> {
+    let eos = base.completion_eos()?;
+    let opts = DataOptions {
+        format: cfg.format,
+        max_seq_len: cfg.max_seq_length,
+        train_on_prompt: cfg.train_on_prompt,
+    };
+    let data_path = cfg.data.as_deref().expect("checked by claim_and_join");
+    let mut train = data::load_dataset(data_path, &base.tokenizer, eos, &opts)?;
+    let eval = match (&cfg.eval_data, cfg.eval_holdout) {
+        (Some(p), _) => Some(data::load_dataset(p, &base.tokenizer, eos, &opts)?),
+        (None, 0) => None,
+        (None, n) => {
+            if n >= train.examples.len() {
+                bail!(
+                    "--eval-holdout {n} leaves no training data ({} examples)",
+                    train.examples.len()
+                );
+            }
+            let (t, e) = data::split_holdout(train, n, cfg.seed);
+            train = t;
+            Some(e)
+        }
+    };
+    if cfg.packing {
+        train.examples = data::pack(std::mem::take(&mut train.examples), cfg.max_seq_length);
+    }
+    let pad_id = base.tokenizer.pad_token_id().map(i64::from).unwrap_or(eos);
+    Ok((train, eval, pad_id))
+}
+
+/// How `examples` training examples map to optimizer steps (a batch is
+/// `--batch-size` rows on each of `world_size` ranks), the run's steps, and
+/// its warmup steps.
+fn schedule(cfg: &TrainConfig, examples: usize, world_size: usize) -> (EpochPlan, u64, u64) {
+    let plan = EpochPlan {
+        batches_per_epoch: examples.div_ceil(cfg.per_device_train_batch_size * world_size) as u64,
+        gradient_accumulation_steps: cfg.gradient_accumulation_steps as u64,
+    };
+    let total_steps = plan.total_steps(cfg.num_train_epochs, cfg.max_steps);
+    let warmup = if !cfg.lr_scheduler_type.has_warmup() {
+        0
+    } else if cfg.warmup_steps > 0 {
+        cfg.warmup_steps
+    } else {
+        (cfg.warmup_ratio * total_steps as f64).ceil() as u64
+    };
+    (plan, total_steps, warmup)
 }
 
 /// What every rank of a run must share: its settings but those that may

@@ -3,6 +3,8 @@
 pub mod config;
 pub mod files;
 pub mod layer;
+pub mod targets;
 
-pub use config::{InitLoraWeights, LoraConfig, TargetModules};
+pub use config::{InitLoraWeights, LoraConfig};
 pub use layer::{Combination, LoraLayer, LoraWeights};
+pub use targets::TargetModules;

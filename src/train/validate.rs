@@ -1,0 +1,163 @@
+//! The rules every training setting must meet, each naming its field when
+//! broken.
+
+use std::fmt;
+
+use super::TrainConfig;
+use crate::quant::Quantize;
+
+/// A setting with a value that cannot work: the field and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidSetting {
+    /// The field name (as in config files and `training_args.json`).
+    pub field: &'static str,
+    /// What is wrong, e.g. "must be at least 1".
+    pub problem: String,
+}
+
+impl fmt::Display for InvalidSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "setting `{}` {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for InvalidSetting {}
+
+impl TrainConfig {
+    /// Rejects settings that cannot work, naming the field. (A long
+    /// function on purpose: one rule per setting, in the order of the
+    /// settings, so that each rule is found next to its neighbours.)
+    pub fn validate(&self) -> std::result::Result<(), InvalidSetting> {
+        let check = |ok: bool, field: &'static str, problem: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(InvalidSetting {
+                    field,
+                    problem: problem.to_owned(),
+                })
+            }
+        };
+        let finite = |x: f64| x.is_finite();
+        // The adapter's own rules, under the settings' field names.
+        if let Some((field, problem)) = self.lora.problem() {
+            return Err(InvalidSetting {
+                field: if field == "r" { "lora_rank" } else { field },
+                problem,
+            });
+        }
+        check(
+            self.neftune_noise_alpha >= 0.0 && finite(self.neftune_noise_alpha),
+            "neftune_noise_alpha",
+            "must be a finite number >= 0 (0 is off)",
+        )?;
+        check(
+            self.per_device_train_batch_size > 0,
+            "per_device_train_batch_size",
+            "must be at least 1",
+        )?;
+        check(
+            (1..=1024).contains(&self.nproc),
+            "nproc",
+            "must be between 1 and 1024",
+        )?;
+        check(
+            self.dist_timeout > 0,
+            "dist_timeout",
+            "must be at least 1 second",
+        )?;
+        check(
+            self.gradient_accumulation_steps > 0,
+            "gradient_accumulation_steps",
+            "must be at least 1",
+        )?;
+        check(
+            self.learning_rate > 0.0 && finite(self.learning_rate),
+            "learning_rate",
+            "must be a finite number > 0",
+        )?;
+        check(
+            self.weight_decay >= 0.0 && finite(self.weight_decay),
+            "weight_decay",
+            "must be a finite number >= 0",
+        )?;
+        check(
+            (0.0..1.0).contains(&self.adam_beta1),
+            "adam_beta1",
+            "must be in [0, 1)",
+        )?;
+        check(
+            (0.0..1.0).contains(&self.adam_beta2),
+            "adam_beta2",
+            "must be in [0, 1)",
+        )?;
+        check(
+            self.adam_epsilon > 0.0 && finite(self.adam_epsilon),
+            "adam_epsilon",
+            "must be a finite number > 0",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.warmup_ratio),
+            "warmup_ratio",
+            "must be in [0, 1]",
+        )?;
+        check(
+            self.max_grad_norm >= 0.0 && finite(self.max_grad_norm),
+            "max_grad_norm",
+            "must be a finite number >= 0 (0 is off)",
+        )?;
+        check(
+            finite(self.num_train_epochs) && self.num_train_epochs >= 0.0,
+            "num_train_epochs",
+            "must be a finite number >= 0",
+        )?;
+        check(
+            self.num_train_epochs <= 1e6,
+            "num_train_epochs",
+            "must be at most 1000000",
+        )?;
+        check(
+            self.max_steps > 0 || self.num_train_epochs > 0.0,
+            "num_train_epochs",
+            "must be > 0 when max_steps is 0",
+        )?;
+        check(
+            self.max_steps <= 1 << 40,
+            "max_steps",
+            "must be at most 2^40",
+        )?;
+        check(
+            self.max_seq_length >= 2,
+            "max_seq_length",
+            "must be at least 2",
+        )?;
+        check(
+            self.max_seq_length <= 1 << 20,
+            "max_seq_length",
+            "must be at most 1048576",
+        )?;
+        check(
+            self.loss_chunk_size > 0,
+            "loss_chunk_size",
+            "must be at least 1",
+        )?;
+        check(
+            self.logging_steps > 0,
+            "logging_steps",
+            "must be at least 1",
+        )?;
+        check(
+            !(self.quantize == Some(Quantize::Int8)
+                && (self.bnb_4bit_use_double_quant || self.bnb_4bit_compute_dtype.is_some())),
+            "bnb_4bit_use_double_quant",
+            "and bnb_4bit_compute_dtype apply to 4-bit quantization (nf4, fp4), not int8",
+        )?;
+        check(
+            self.quantize.is_some()
+                || (!self.bnb_4bit_use_double_quant && self.bnb_4bit_compute_dtype.is_none()),
+            "bnb_4bit_use_double_quant",
+            "and bnb_4bit_compute_dtype need quantize (nf4 or fp4)",
+        )?;
+        Ok(())
+    }
+}
