@@ -11,6 +11,7 @@ use anyhow::Result;
 use clap::ArgAction;
 use serde::{Deserialize, Serialize};
 
+use super::settings_file::one_line;
 use crate::data::DataFormat;
 use crate::device::{DeviceArg, DtypeArg};
 use crate::quant::{BnbQuantization, Quantize};
@@ -369,8 +370,14 @@ impl TrainConfig {
             }
             all.insert(key, v);
         }
+        let culprit = first_bad_field(&all);
         serde_path_to_error::deserialize(serde_json::Value::Object(all)).map_err(|e| {
-            let field = e.path().to_string();
+            // serde's `flatten` (the LoRA part) hides the path of a bad value,
+            // so the field is found by trying them one at a time.
+            let field = match e.path().to_string() {
+                p if p == "." => culprit.unwrap_or(p),
+                p => p,
+            };
             anyhow::anyhow!(
                 "{}: {}{}",
                 path.display(),
@@ -459,6 +466,18 @@ impl TrainConfig {
     }
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+/// The first field of `all` whose value alone fails to deserialise over the
+/// defaults, where the whole object fails without a path.
+fn first_bad_field(all: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    let serde_json::Value::Object(defaults) = serde_json::to_value(TrainConfig::default()).ok()?
+    else {
+        return None;
+    };
+    all.iter().find_map(|(k, v)| {
+        let mut one = defaults.clone();
+        one.insert(k.clone(), v.clone());
+        serde_json::from_value::<TrainConfig>(serde_json::Value::Object(one))
+            .is_err()
+            .then(|| k.clone())
+    })
 }

@@ -125,7 +125,8 @@ fn join(at: &str, key: &str) -> String {
     }
 }
 
-fn one_line(s: &str) -> String {
+/// `s` with every run of white space made one space: errors are one line.
+pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

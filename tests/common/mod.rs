@@ -40,8 +40,13 @@ pub fn alpaca(dir: &Path, n: usize) -> PathBuf {
     let src = shared("data/alpaca_5000.json");
     let all: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
-    let p = dir.join("alpaca.json");
-    std::fs::write(&p, serde_json::to_string(&all[..n]).unwrap()).unwrap();
+    // One file per size, renamed into place: tests run in parallel and
+    // share the scratch folder, and a run must never read a half-written
+    // or another test's data.
+    let p = dir.join(format!("alpaca_{n}.json"));
+    let tmp = tempfile::NamedTempFile::new_in(dir).unwrap();
+    std::fs::write(tmp.path(), serde_json::to_string(&all[..n]).unwrap()).unwrap();
+    tmp.persist(&p).unwrap();
     p
 }
 

@@ -114,3 +114,72 @@ pub(crate) fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str)
             .map(|_| v)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_modules_read_as_flags_and_as_peft_writes_them() {
+        let flag: TargetModules = "q_proj, v_proj".parse().unwrap();
+        assert_eq!(
+            flag,
+            TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])
+        );
+        assert_eq!(flag.to_string(), "q_proj,v_proj");
+        assert_eq!(
+            "all-linear".parse::<TargetModules>().unwrap(),
+            TargetModules::AllLinear
+        );
+        assert!("q_proj,,v_proj".parse::<TargetModules>().is_err());
+        // PEFT's three JSON forms, and the list older settings wrote.
+        let read = |v: Value| serde_json::from_value::<TargetModules>(v).unwrap();
+        assert_eq!(read(json!("all-linear")), TargetModules::AllLinear);
+        assert_eq!(read(json!(["all-linear"])), TargetModules::AllLinear);
+        assert_eq!(
+            read(json!(".*q_proj")),
+            TargetModules::Regex(".*q_proj".into())
+        );
+        assert_eq!(
+            read(json!(["o_proj"])),
+            TargetModules::Names(vec!["o_proj".into()])
+        );
+        assert!(serde_json::from_value::<TargetModules>(json!(3)).is_err());
+        for t in [read(json!("all-linear")), read(json!(["o_proj"]))] {
+            assert_eq!(read(serde_json::to_value(&t).unwrap()), t);
+        }
+    }
+
+    #[test]
+    fn names_match_by_suffix_regexes_whole_paths_and_all_linear_spares_the_head() {
+        let path = "model.layers.0.self_attn.q_proj";
+        assert!(matches(
+            &TargetModules::Names(vec!["q_proj".into()]),
+            path,
+            "lm_head"
+        ));
+        assert!(!matches(
+            &TargetModules::Names(vec!["_proj".into()]),
+            path,
+            "lm_head"
+        ));
+        assert!(matches(
+            &TargetModules::Regex(r".*\.q_proj".into()),
+            path,
+            "lm_head"
+        ));
+        assert!(!matches(
+            &TargetModules::Regex("q_proj".into()),
+            path,
+            "lm_head"
+        ));
+        assert!(matches(&TargetModules::AllLinear, path, "lm_head"));
+        assert!(!matches(&TargetModules::AllLinear, "lm_head", "lm_head"));
+        let patterns: BTreeMap<String, usize> = [("q_proj".to_owned(), 4)].into();
+        assert_eq!(pattern_value(&patterns, path), Some(4));
+        assert_eq!(
+            pattern_value(&patterns, "model.layers.0.self_attn.v_proj"),
+            None
+        );
+    }
+}
