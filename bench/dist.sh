@@ -6,16 +6,10 @@
 # (including waiting for the slower rank) and both runs' throughput.
 #   ./bench/dist.sh [STEPS] [BATCH_PER_RANK] [MAX_LEN]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-./scripts/setup.sh >/dev/null
-. scripts/env.sh
+. "$(dirname "$0")/common.sh"
 S=${1:-6}; B=${2:-2}; LEN=${3:-256}
-shared=${PEFT_RS_SHARED:-../shared}
 cargo build --release --quiet
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-"$PYTHON" -c "import json,sys; json.dump(json.load(open(sys.argv[1]))[:200], open(sys.argv[2],'w'))" \
-  "$shared/data/alpaca_5000.json" "$out/data.json"
+alpaca_records 200 "$out/data.json"
 common=(--data "$out/data.json" --device cpu --lora-rank 16 --max-steps "$S" --max-seq-len "$LEN" --group-by-length false)
 # Two ranks on two cores: each gets one thread, as torchrun would arrange.
 OMP_NUM_THREADS=1 target/release/peft-rs train "${common[@]}" --output "$out/two" --batch-size "$B" --nproc 2 > /dev/null 2>&1

@@ -7,18 +7,11 @@
 # RUNS > 1, the median and the spread.
 #   ./bench/e2e.sh [RECORDS] [MAX_LEN] [RUNS] [EXTRA peft-rs FLAGS...]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-./scripts/setup.sh >/dev/null
-. scripts/env.sh
+. "$(dirname "$0")/common.sh"
 N=${1:-160}; LEN=${2:-256}; RUNS=${3:-1}; shift $(( $# < 3 ? $# : 3 ))
 EXTRA=("$@")
-model=models/SmolLM2-135M-Instruct
-shared=${PEFT_RS_SHARED:-../shared}
 cargo build --release --quiet
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-"$PYTHON" -c "import json,sys; json.dump(json.load(open(sys.argv[1]))[:int(sys.argv[2])], open(sys.argv[3],'w'))" \
-  "$shared/data/alpaca_5000.json" "$N" "$out/data.json"
+alpaca_records "$N" "$out/data.json"
 for r in $(seq 1 "$RUNS"); do
   /usr/bin/time -f '%M %e' -o "$out/rust-$r.time" target/release/peft-rs train --data "$out/data.json" \
     --output "$out/rust-run-$r" --model "$model" --device cpu --lora-rank 16 --neftune-alpha 5 \

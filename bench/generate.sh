@@ -5,15 +5,10 @@
 # speed-ups.
 #   ./bench/generate.sh [BATCH] [MAX_NEW_TOKENS]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-./scripts/setup.sh >/dev/null
-. scripts/env.sh
+. "$(dirname "$0")/common.sh"
 B=${1:-16}; M=${2:-24}
-model=models/SmolLM2-135M-Instruct
 data=data/dates/test.jsonl
 cargo build --release --quiet
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
 for b in 1 "$B"; do
   target/release/peft-rs eval --data "$data" --exact-match --batch-size "$b" --max-new-tokens "$M" \
     --device cpu --json 2>/dev/null > "$out/rust-$b.json"

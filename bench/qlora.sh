@@ -10,17 +10,10 @@
 # and the bytes per parameter of the 4-bit layers, and the ratios.
 #   ./bench/qlora.sh [RECORDS] [MAX_LEN]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-./scripts/setup.sh >/dev/null
-. scripts/env.sh
+. "$(dirname "$0")/common.sh"
 N=${1:-80}; LEN=${2:-256}
-model=models/SmolLM2-135M-Instruct
-shared=${PEFT_RS_SHARED:-../shared}
 cargo build --release --quiet
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-"$PYTHON" -c "import json,sys; json.dump(json.load(open(sys.argv[1]))[:int(sys.argv[2])], open(sys.argv[3],'w'))" \
-  "$shared/data/alpaca_5000.json" "$N" "$out/data.json"
+alpaca_records "$N" "$out/data.json"
 run_rust() {
   local name=$1; shift
   /usr/bin/time -f '%M %e' -o "$out/$name.time" target/release/peft-rs train --data "$out/data.json" \

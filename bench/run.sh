@@ -7,14 +7,9 @@
 # ratios (median and every run).
 #   ./bench/run.sh [BATCH] [SEQ] [STEPS] [RUNS]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-./scripts/setup.sh >/dev/null
-. scripts/env.sh
+. "$(dirname "$0")/common.sh"
 B=${1:-4}; T=${2:-256}; N=${3:-3}; RUNS=${4:-1}
-model=models/SmolLM2-135M-Instruct
 cargo build --release --quiet --example bench_train_step
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
 run() { # name, command...
   local name=$1; shift
   /usr/bin/time -f '%M' -o "$out/$name.mem" "$@" > "$out/$name.json"

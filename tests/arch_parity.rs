@@ -7,11 +7,9 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::path::PathBuf;
 
+use common::{arch_reference as fx, logits, masked_max_diff, ref_loss, tensors as read, Cmd};
 use peft_rs::adapters::lora::{LoraConfig, TargetModules};
 use peft_rs::models::DecoderInput;
 use peft_rs::models::{self, LlamaForCausalLM};
@@ -19,59 +17,28 @@ use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::ForwardHooks;
 use peft_rs::regularizers::RegularizerStack;
 use peft_rs::train::StepOptions;
-use tch::{Device, Kind, Tensor};
-
-fn fx() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        common::fixture(
-            "arch_reference.py",
-            &[],
-            &[&common::default_model(), common::reference()],
-        )
-    })
-}
+use tch::{Kind, Tensor};
 
 fn model_dir(name: &str) -> PathBuf {
     fx().join("models").join(name)
 }
 
-fn read(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
 fn load(name: &str) -> LlamaForCausalLM {
-    models::load(&model_dir(name), Kind::Float, Device::Cpu).unwrap()
-}
-
-/// Max |a - b| over real (non-pad) positions.
-fn max_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let keep = mask.to_kind(Kind::Bool).unsqueeze(-1);
-    (a - b)
-        .abs()
-        .masked_fill(&keep.logical_not(), 0.0)
-        .max()
-        .double_value(&[])
+    common::load(&model_dir(name))
 }
 
 fn logits_parity(name: &str) {
     let r = read(&fx().join(name).join("logits.safetensors"));
     let model = load(name);
     let ours = tch::no_grad(|| model.forward(&r["input_ids"]));
-    let d = max_diff(&ours, &r["logits"], &r["attention_mask"]);
+    let d = masked_max_diff(&ours, &r["logits"], &r["attention_mask"]);
     eprintln!("{name}: max |logits - transformers| = {d:.3e} (right-padded batch)");
     assert!(d < 1e-4, "{name}: {d}");
 }
 
 fn generation_parity(name: &str) {
     let reference = fx().join(name);
-    let read_json = |f: &str| -> Vec<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(reference.join(f)).unwrap()).unwrap()
-    };
+    let read_json = |f: &str| -> Vec<serde_json::Value> { common::read_json(&reference.join(f)) };
     let expected = read_json("generate.json");
     let batched = read_json("generate_batched.json");
     // With LongRoPE the batch's length picks the RoPE factors for every row
@@ -80,30 +47,11 @@ fn generation_parity(name: &str) {
     let rope = models::read_config(&model_dir(name)).unwrap().rope_scaling;
     let batch_sets_rope = matches!(rope, models::rope::RopeScaling::LongRope { .. });
     for batch_size in ["1", "16"] {
-        let out = common::peft_rs(&[
-            "generate",
-            "--model",
-            model_dir(name).to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--prompts",
-            reference.join("prompts.jsonl").to_str().unwrap(),
-            "--max-new-tokens",
-            "32",
-            "--batch-size",
+        let lines = common::generate_json(
+            &model_dir(name),
+            &reference.join("prompts.jsonl"),
             batch_size,
-            "--json",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
         );
-        let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
         assert_eq!(lines.len(), expected.len());
         for (i, (ours, theirs)) in lines.iter().zip(&expected).enumerate() {
             assert_eq!(
@@ -129,12 +77,8 @@ fn generation_parity(name: &str) {
 
 fn inputs(name: &str) -> (PathBuf, Tensor, Tensor) {
     let p = fx().join(name).join("inputs.safetensors");
-    let t = read(&p);
-    (
-        p,
-        t["input_ids"].shallow_clone(),
-        t["attention_mask"].shallow_clone(),
-    )
+    let (ids, mask) = common::ids_and_mask(&p);
+    (p, ids, mask)
 }
 
 /// PEFT's adapter in peft-rs (unmerged and merged in memory), and
@@ -142,14 +86,14 @@ fn inputs(name: &str) -> (PathBuf, Tensor, Tensor) {
 fn peft_adapter_parity(name: &str, variant: &str) {
     let (_, ids, mask) = inputs(name);
     let dir = fx().join(name).join(variant);
-    let expected = read(&dir.join("logits.safetensors"))["logits"].shallow_clone();
-    let merged_expected = read(&dir.join("merged_logits.safetensors"))["logits"].shallow_clone();
+    let expected = logits(&dir.join("logits.safetensors"));
+    let merged_expected = logits(&dir.join("merged_logits.safetensors"));
     let mut model = load(name);
     let plain = tch::no_grad(|| model.forward(&ids));
     peft_model::load_adapter(&mut model, &dir.join("adapter"), DEFAULT_ADAPTER).unwrap();
     let ours = tch::no_grad(|| model.forward(&ids));
-    let effect = max_diff(&plain, &expected, &mask);
-    let d = max_diff(&ours, &expected, &mask);
+    let effect = masked_max_diff(&plain, &expected, &mask);
+    let d = masked_max_diff(&ours, &expected, &mask);
     assert!(
         effect > 1e-2,
         "the reference adapter must change the logits"
@@ -157,21 +101,12 @@ fn peft_adapter_parity(name: &str, variant: &str) {
     assert!(d < 1e-4, "{name}/{variant}: {d}");
     peft_model::merge(&mut model).unwrap();
     let merged = tch::no_grad(|| model.forward(&ids));
-    let dm = max_diff(&merged, &merged_expected, &mask);
+    let dm = masked_max_diff(&merged, &merged_expected, &mask);
     assert!(dm < 1e-4, "{name}/{variant} merged in memory: {dm}");
 
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
-    let o = common::peft_rs(&[
-        "merge",
-        "--model",
-        model_dir(name).to_str().unwrap(),
-        "--adapter",
-        dir.join("adapter").to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Cmd::merge(&model_dir(name), &dir.join("adapter"), &out).run_ok();
     let state = read(&dir.join("merged_state.safetensors"));
     // The state dict names tensors by module path; a multimodal checkpoint
     // stores them as transformers saves it (`language_model.model.*`).
@@ -187,12 +122,8 @@ fn peft_adapter_parity(name: &str, variant: &str) {
             .unwrap_or_else(|| panic!("{name}/{variant}: merge wrote {k}, not in PEFT's state"));
         worst = worst.max((t.to_kind(Kind::Float) - r).abs().max().double_value(&[]));
     }
-    let cli = tch::no_grad(|| {
-        models::load(&out, Kind::Float, Device::Cpu)
-            .unwrap()
-            .forward(&ids)
-    });
-    let dc = max_diff(&cli, &merged_expected, &mask);
+    let cli = tch::no_grad(|| common::load(&out).forward(&ids));
+    let dc = masked_max_diff(&cli, &merged_expected, &mask);
     eprintln!(
         "{name}/{variant}: PEFT adapter in peft-rs {d:.2e} (effect {effect:.2e}); merged in memory {dm:.2e}; \
          `merge` weights vs merge_and_unload {worst:.2e}, its logits {dc:.2e}"
@@ -204,53 +135,17 @@ fn peft_adapter_parity(name: &str, variant: &str) {
     assert!(dc < 1e-4, "{name}/{variant}: merged logits {dc}");
 }
 
-fn python_logits(model_dir: &Path, inputs: &Path, adapter: &Path) -> Tensor {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("logits.safetensors");
-    let status = Command::new(common::python())
-        .arg(common::repo().join("tests/fixtures/peft_reference.py"))
-        .arg("logits")
-        .arg(model_dir)
-        .arg(inputs)
-        .arg(&out)
-        .arg("--adapter")
-        .arg(adapter)
-        .status()
-        .unwrap();
-    assert!(status.success(), "peft_reference.py logits failed");
-    read(&out).remove("logits").unwrap()
-}
-
 /// An all-linear adapter made by peft-rs (random B, jittered magnitude),
 /// saved and loaded by PEFT (strictly: every key, every value).
 fn our_adapter_in_peft(name: &str, variant: &str) {
     let (inputs_path, ids, mask) = inputs(name);
-    let mut model = load(name);
     let config = LoraConfig {
-        r: 4,
-        lora_alpha: 12.0,
-        target_modules: TargetModules::AllLinear,
         use_dora: variant == "dora",
-        ..LoraConfig::default()
+        ..common::lora(4, 12.0)
     };
-    tch::manual_seed(7);
-    peft_model::inject(&mut model, DEFAULT_ADAPTER, &config).unwrap();
-    tch::no_grad(|| {
-        for (k, t) in peft_model::trainable_parameters(&model) {
-            let mut t = t.shallow_clone();
-            if k.ends_with("lora_B.weight") {
-                let _ = t.normal_(0.0, 0.05);
-            } else if k.ends_with("lora_magnitude_vector") {
-                let noise = t.randn_like() * 0.05 + 1.0;
-                t *= noise;
-            }
-        }
-    });
-    let ours = tch::no_grad(|| model.forward(&ids));
-    let tmp = tempfile::tempdir().unwrap();
-    peft_model::save_adapter(&model, DEFAULT_ADAPTER, &config, tmp.path()).unwrap();
-    let theirs = python_logits(&model_dir(name), &inputs_path, tmp.path());
-    let d = max_diff(&ours, &theirs, &mask);
+    let (ours, theirs) =
+        common::our_adapter_in_peft(load(name), &config, &model_dir(name), &inputs_path, &ids);
+    let d = masked_max_diff(&ours, &theirs, &mask);
     eprintln!("{name}/{variant}: peft-rs adapter in PEFT: max diff {d:.2e}");
     assert!(d < 1e-4, "{name}/{variant}: {d}");
 }
@@ -275,7 +170,7 @@ fn embedding_hook_parity(name: &str) {
     let ours = seen.0.expect("the embedding hook ran");
     let theirs = read(&fx().join(name).join("embedding_hook.safetensors"))["embedding_output"]
         .shallow_clone();
-    let d = max_diff(&ours, &theirs, &mask);
+    let d = masked_max_diff(&ours, &theirs, &mask);
     eprintln!("{name}: embedding hook output vs transformers' forward hook: max diff {d:.2e}");
     assert!(d == 0.0, "{name}: {d}");
 }
@@ -293,9 +188,7 @@ fn gradient_parity(name: &str, variant: &str) {
     let (grads, loss) =
         common::one_step_grads(&mut model, &batch, opts, &mut RegularizerStack::new());
     let theirs = read(&dir.join("grads.safetensors"));
-    let ref_loss: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("loss.json")).unwrap()).unwrap();
-    let ref_loss = ref_loss["loss"].as_f64().unwrap();
+    let ref_loss = ref_loss(&dir);
     assert!(
         (loss - ref_loss).abs() < 1e-5 * ref_loss.abs(),
         "{name}/{variant}: loss {loss} vs {ref_loss}"
@@ -383,7 +276,7 @@ fn phi3_longrope_switches_factors_where_transformers_does() {
     for tag in ["short", "long"] {
         let ids = &r[&format!("{tag}_input_ids")];
         let logits = tch::no_grad(|| model.forward(ids));
-        let d = max_diff(
+        let d = masked_max_diff(
             &logits,
             &r[&format!("{tag}_logits")],
             &r[&format!("{tag}_attention_mask")],
@@ -398,7 +291,7 @@ fn phi3_longrope_switches_factors_where_transformers_does() {
     // The first 20 positions change when the 21st switches the factors.
     let short = &ours[0];
     let long = ours[1].narrow(1, 0, short.size()[1]);
-    let moved = max_diff(short, &long, &r["short_attention_mask"]);
+    let moved = masked_max_diff(short, &long, &r["short_attention_mask"]);
     assert!(
         moved > 1e-2,
         "the long factors must change the logits ({moved})"
@@ -411,8 +304,7 @@ fn phi3_longrope_switches_factors_where_transformers_does() {
 #[test]
 fn gemma3_mm_reads_both_checkpoint_layouts() {
     let (_, ids, mask) = inputs("gemma3_mm");
-    let dir = fx().join("models").join("gemma3_mm_module_names");
-    let model = models::load(&dir, Kind::Float, Device::Cpu).unwrap();
+    let model = load("gemma3_mm_module_names");
     assert_eq!(model.config.stored_decoder, "model.language_model");
     assert_eq!(
         load("gemma3_mm").config.stored_decoder,
@@ -423,7 +315,7 @@ fn gemma3_mm_reads_both_checkpoint_layouts() {
             .join("gemma3_mm")
             .join("module_names_logits.safetensors"),
     );
-    let d = max_diff(
+    let d = masked_max_diff(
         &tch::no_grad(|| model.forward(&ids)),
         &theirs["logits"],
         &mask,
@@ -438,17 +330,11 @@ fn gemma3_mm_reads_both_checkpoint_layouts() {
 #[test]
 fn gemma3_mm_notes_the_skipped_tower_and_saves_exact_targets() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = common::peft_rs(&[
-        "generate",
-        "--model",
-        model_dir("gemma3_mm").to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--prompt",
-        "Hello",
-        "--max-new-tokens",
-        "2",
-    ]);
+    let out = Cmd::generate(
+        &model_dir("gemma3_mm"),
+        "--device cpu --prompt Hello --max-new-tokens 2",
+    )
+    .run();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stderr.matches("skips").count(), 1, "{stderr}");
@@ -468,10 +354,7 @@ fn gemma3_mm_notes_the_skipped_tower_and_saves_exact_targets() {
         .iter()
         .all(|p| p.starts_with("model.language_model.layers.")));
     peft_model::save_adapter(&model, DEFAULT_ADAPTER, &config, tmp.path()).unwrap();
-    let saved: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
-    )
-    .unwrap();
+    let saved: serde_json::Value = common::read_json(&tmp.path().join("adapter_config.json"));
     let targets: Vec<&str> = saved["target_modules"]
         .as_array()
         .unwrap()

@@ -3,42 +3,36 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::process::Output;
 
-use common::{assert_user_error, peft_rs};
+use common::{assert_user_error, copy_dir, edit_json, tiny, Cmd};
 
-/// A writable copy of the tiny Llama model.
-fn copy_model(tmp: &Path) -> PathBuf {
-    let src = common::model_dir("llama");
-    let dst = tmp.join("model");
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
-    dst
+fn generate(model: &Path) -> Output {
+    Cmd::generate(model, "--device cpu --prompt hi --max-new-tokens 2").run()
 }
 
-fn generate(model: &Path) -> std::process::Output {
-    peft_rs(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--prompt",
-        "hi",
-        "--max-new-tokens",
-        "2",
-    ])
+/// `generate` on a copy of `model` that `damage` has broken.
+fn generate_broken_copy(model: &Path, damage: impl FnOnce(&Path)) -> Output {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = copy_dir(model, &tmp.path().join("model"));
+    damage(&m);
+    generate(&m)
 }
 
-fn edit_config(model: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let p = model.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    f(&mut v);
-    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+/// `generate` on a copy of the tiny Llama that `damage` has broken.
+fn generate_broken(damage: impl FnOnce(&Path)) -> Output {
+    generate_broken_copy(&tiny(), damage)
+}
+
+/// `generate` on a copy of the tiny Llama without `file`.
+fn generate_without(file: &str) -> Output {
+    generate_broken(|m| std::fs::remove_file(m.join(file)).unwrap())
+}
+
+/// `generate` on a copy of the tiny Llama with its config.json edited.
+fn generate_with_config(edit: impl FnOnce(&mut serde_json::Value)) -> Output {
+    generate_broken(|m| edit_json(&m.join("config.json"), edit))
 }
 
 /// Rewrites the safetensors header of `model.safetensors` (keeping the data).
@@ -66,27 +60,23 @@ fn missing_model_directory() {
 
 #[test]
 fn missing_config() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    std::fs::remove_file(m.join("config.json")).unwrap();
-    assert_user_error(&generate(&m), &["config.json"]);
+    let out = generate_without("config.json");
+    assert_user_error(&out, &["config.json"]);
 }
 
 #[test]
 fn malformed_config() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    std::fs::write(m.join("config.json"), "{\"model_type\": \"llama\",").unwrap();
-    assert_user_error(&generate(&m), &["config.json", "not valid JSON"]);
+    let out = generate_broken(|m| {
+        std::fs::write(m.join("config.json"), "{\"model_type\": \"llama\",").unwrap();
+    });
+    assert_user_error(&out, &["config.json", "not valid JSON"]);
 }
 
 #[test]
 fn unsupported_architecture() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    edit_config(&m, |c| c["model_type"] = "gpt2".into());
+    let out = generate_with_config(|c| c["model_type"] = "gpt2".into());
     assert_user_error(
-        &generate(&m),
+        &out,
         &[
             "config.json",
             "model_type",
@@ -169,23 +159,18 @@ fn config_fields_that_change_the_math_are_refused_by_name() {
         ),
     ];
     for (edit, expected) in cases {
-        let tmp = tempfile::tempdir().unwrap();
-        let m = copy_model(tmp.path());
-        edit_config(&m, edit);
-        assert_user_error(&generate(&m), expected);
+        assert_user_error(&generate_with_config(edit), expected);
     }
 }
 
 #[test]
 fn gemma3_checkpoint_with_another_text_model_is_refused_by_name() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    edit_config(&m, |c| {
+    let out = generate_with_config(|c| {
         c["model_type"] = "gemma3".into();
         c["text_config"] = serde_json::json!({"model_type": "llama"});
     });
     assert_user_error(
-        &generate(&m),
+        &out,
         &[
             "config.json (text_config)",
             "model_type",
@@ -197,77 +182,64 @@ fn gemma3_checkpoint_with_another_text_model_is_refused_by_name() {
 
 #[test]
 fn missing_config_field() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    edit_config(&m, |c| {
+    let out = generate_with_config(|c| {
         c.as_object_mut().unwrap().remove("hidden_size");
     });
-    assert_user_error(&generate(&m), &["config.json", "hidden_size"]);
+    assert_user_error(&out, &["config.json", "hidden_size"]);
 }
 
 #[test]
 fn missing_weights_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    std::fs::remove_file(m.join("model.safetensors")).unwrap();
-    assert_user_error(
-        &generate(&m),
-        &["model.safetensors", "model.safetensors.index.json"],
-    );
+    let out = generate_without("model.safetensors");
+    assert_user_error(&out, &["model.safetensors", "model.safetensors.index.json"]);
 }
 
 #[test]
 fn truncated_safetensors() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    let p = m.join("model.safetensors");
-    let len = std::fs::metadata(&p).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&p)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
-    assert_user_error(&generate(&m), &["model.safetensors", "truncated"]);
+    let out = generate_broken(|m| {
+        let p = m.join("model.safetensors");
+        let len = std::fs::metadata(&p).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+    });
+    assert_user_error(&out, &["model.safetensors", "truncated"]);
 }
 
 #[test]
 fn header_length_beyond_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    let p = m.join("model.safetensors");
-    let mut bytes = std::fs::read(&p).unwrap();
-    let too_long = (bytes.len() as u64 * 2).to_le_bytes();
-    bytes[..8].copy_from_slice(&too_long);
-    std::fs::write(&p, bytes).unwrap();
-    assert_user_error(&generate(&m), &["model.safetensors", "header"]);
+    let out = generate_broken(|m| {
+        let p = m.join("model.safetensors");
+        let mut bytes = std::fs::read(&p).unwrap();
+        let too_long = (bytes.len() as u64 * 2).to_le_bytes();
+        bytes[..8].copy_from_slice(&too_long);
+        std::fs::write(&p, bytes).unwrap();
+    });
+    assert_user_error(&out, &["model.safetensors", "header"]);
 }
 
 #[test]
 fn header_offsets_lie() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    edit_header(&m, |h| {
-        let t = &mut h["model.norm.weight"];
-        let end = t["data_offsets"][1].as_u64().unwrap();
-        t["data_offsets"][1] = (end + 4).into();
+    let out = generate_broken(|m| {
+        edit_header(m, |h| {
+            let t = &mut h["model.norm.weight"];
+            let end = t["data_offsets"][1].as_u64().unwrap();
+            t["data_offsets"][1] = (end + 4).into();
+        });
     });
-    assert_user_error(&generate(&m), &["model.safetensors"]);
+    assert_user_error(&out, &["model.safetensors"]);
 }
 
 #[test]
 fn index_names_missing_shard() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = common::model_dir("mistral");
-    let m = tmp.path().join("sharded");
-    std::fs::create_dir_all(&m).unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
-    }
-    std::fs::remove_file(m.join("model-00002-of-00002.safetensors")).unwrap();
+    let out = generate_broken_copy(&common::model_dir("mistral"), |m| {
+        std::fs::remove_file(m.join("model-00002-of-00002.safetensors")).unwrap()
+    });
     assert_user_error(
-        &generate(&m),
+        &out,
         &[
             "model.safetensors.index.json",
             "model-00002-of-00002.safetensors",
@@ -277,12 +249,10 @@ fn index_names_missing_shard() {
 
 #[test]
 fn tensor_of_wrong_shape() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
     // A config that disagrees with the checkpoint: every q_proj is now too small.
-    edit_config(&m, |c| c["head_dim"] = 8.into());
+    let out = generate_with_config(|c| c["head_dim"] = 8.into());
     assert_user_error(
-        &generate(&m),
+        &out,
         &[
             "model.safetensors",
             "model.layers.0.self_attn.q_proj.weight",
@@ -294,16 +264,16 @@ fn tensor_of_wrong_shape() {
 
 #[test]
 fn missing_tensor() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    edit_header(&m, |h| {
-        // Rename the tensor, so the data stays valid but the name is gone.
-        let obj = h.as_object_mut().unwrap();
-        let t = obj.remove("model.layers.1.mlp.up_proj.weight").unwrap();
-        obj.insert("model.layers.1.mlp.up_proj.weight_renamed".into(), t);
+    let out = generate_broken(|m| {
+        edit_header(m, |h| {
+            // Rename the tensor, so the data stays valid but the name is gone.
+            let obj = h.as_object_mut().unwrap();
+            let t = obj.remove("model.layers.1.mlp.up_proj.weight").unwrap();
+            obj.insert("model.layers.1.mlp.up_proj.weight_renamed".into(), t);
+        });
     });
     assert_user_error(
-        &generate(&m),
+        &out,
         &[
             "model.layers.1.mlp.up_proj.weight",
             "missing",
@@ -314,62 +284,41 @@ fn missing_tensor() {
 
 #[test]
 fn tokenizer_of_another_vocabulary() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    edit_config(&m, |c| c["vocab_size"] = 1000.into());
+    let out = generate_with_config(|c| c["vocab_size"] = 1000.into());
     assert_user_error(
-        &generate(&m),
+        &out,
         &["tokenizer.json", "vocab_size = 1000", "config.json"],
     );
 }
 
 #[test]
 fn missing_tokenizer() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    std::fs::remove_file(m.join("tokenizer.json")).unwrap();
-    assert_user_error(&generate(&m), &["tokenizer.json", "not found"]);
+    let out = generate_without("tokenizer.json");
+    assert_user_error(&out, &["tokenizer.json", "not found"]);
 }
 
 #[test]
 fn pickle_checkpoints_are_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = copy_model(tmp.path());
-    std::fs::rename(m.join("model.safetensors"), m.join("pytorch_model.bin")).unwrap();
-    assert_user_error(&generate(&m), &["pytorch_model.bin", "safetensors"]);
+    let out = generate_broken(|m| {
+        std::fs::rename(m.join("model.safetensors"), m.join("pytorch_model.bin")).unwrap();
+    });
+    assert_user_error(&out, &["pytorch_model.bin", "safetensors"]);
 }
 
 #[test]
 fn bad_flags() {
-    let m = common::model_dir("llama");
-    let m = m.to_str().unwrap();
+    let gen = |line: &str| Cmd::generate(&tiny(), line);
+    assert_user_error(&gen("--device tpu --prompt x").run(), &["--device", "tpu"]);
     assert_user_error(
-        &peft_rs(&["generate", "--model", m, "--device", "tpu", "--prompt", "x"]),
-        &["--device", "tpu"],
-    );
-    assert_user_error(
-        &peft_rs(&[
-            "generate", "--model", m, "--device", "cpu", "--prompt", "x", "--top-p", "0",
-        ]),
+        &gen("--device cpu --prompt x --top-p 0").run(),
         &["--top-p"],
     );
-    assert_user_error(
-        &peft_rs(&["generate", "--model", m, "--device", "cpu"]),
-        &["--prompt"],
-    );
+    assert_user_error(&gen("--device cpu").run(), &["--prompt"]);
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("p.jsonl");
     std::fs::write(&f, "{\"prompt\": \"ok\"}\n{\"promt\": \"typo\"}\n").unwrap();
     assert_user_error(
-        &peft_rs(&[
-            "generate",
-            "--model",
-            m,
-            "--device",
-            "cpu",
-            "--prompts",
-            f.to_str().unwrap(),
-        ]),
+        &gen("--device cpu").path("--prompts", &f).run(),
         &["p.jsonl:2"],
     );
 }

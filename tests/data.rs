@@ -47,6 +47,13 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
+/// `text` written as `name` in a new temporary folder, returned with it.
+fn temp_file(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write(tmp.path(), name, text);
+    (tmp, p)
+}
+
 fn load(path: &Path, o: &DataOptions) -> Dataset {
     load_dataset(path, tok(), eos(), o).unwrap_or_else(|e| panic!("{e:#}"))
 }
@@ -202,9 +209,7 @@ fn detects_all_four_formats_in_arrays_and_jsonl() {
 
 #[test]
 fn alpaca_loss_is_on_the_output_and_eos_only() {
-    let tmp = tempfile::tempdir().unwrap();
-    let p = write(
-        tmp.path(),
+    let (_tmp, p) = temp_file(
         "a.jsonl",
         concat!(
             r#"{"instruction": "Name a primary colour.", "input": "", "output": "Red is a primary colour."}"#,
@@ -263,9 +268,7 @@ fn alpaca_loss_is_on_the_output_and_eos_only() {
 
 #[test]
 fn prompt_completion_and_text() {
-    let tmp = tempfile::tempdir().unwrap();
-    let p = write(
-        tmp.path(),
+    let (tmp, p) = temp_file(
         "pc.jsonl",
         "{\"prompt\": \"Q: What is the capital of Italy?\\nA:\", \"completion\": \" Rome\"}\n",
     );
@@ -291,9 +294,7 @@ fn prompt_completion_and_text() {
 
 #[test]
 fn messages_loss_is_on_assistant_turns_only() {
-    let tmp = tempfile::tempdir().unwrap();
-    let p = write(
-        tmp.path(),
+    let (_tmp, p) = temp_file(
         "chat.jsonl",
         concat!(
             r#"{"messages": [{"role": "user", "content": "What is 2+2?"}, "#,
@@ -361,9 +362,7 @@ fn tokenizer_with_template(dir: &Path, template: &str) -> Tokenizer {
 
 #[test]
 fn messages_with_other_templates() {
-    let tmp = tempfile::tempdir().unwrap();
-    let p = write(
-        tmp.path(),
+    let (tmp, p) = temp_file(
         "chat.jsonl",
         &format!(
             "{}
@@ -493,49 +492,44 @@ fn malformed_records_name_file_line_and_field() {
     let tmp = tempfile::tempdir().unwrap();
     let o = opts(None, 512, false);
     let good = r#"{"instruction": "a", "output": "b"}"#;
+    // The error of loading `text`, written as `name`.
+    let err = |name: &str, text: &str| load_err(&write(tmp.path(), name, text), &o);
 
-    let p = write(
-        tmp.path(),
-        "missing.jsonl",
-        &format!("{good}\n{good}\n{{\"instruction\": \"c\", \"outptu\": \"d\"}}\n"),
-    );
     assert_has(
-        &load_err(&p, &o),
+        &err(
+            "missing.jsonl",
+            &format!("{good}\n{good}\n{{\"instruction\": \"c\", \"outptu\": \"d\"}}\n"),
+        ),
         &["missing.jsonl:3", "`output`", "missing", "instruction"],
     );
 
-    let p = write(
-        tmp.path(),
-        "type.jsonl",
-        &format!("{good}\n{{\"instruction\": \"c\", \"output\": 42}}\n"),
-    );
     assert_has(
-        &load_err(&p, &o),
+        &err(
+            "type.jsonl",
+            &format!("{good}\n{{\"instruction\": \"c\", \"output\": 42}}\n"),
+        ),
         &["type.jsonl:2", "`output`", "string", "number"],
     );
 
-    let p = write(
-        tmp.path(),
-        "input.jsonl",
-        "{\"instruction\": \"c\", \"input\": [1], \"output\": \"d\"}\n",
+    assert_has(
+        &err(
+            "input.jsonl",
+            "{\"instruction\": \"c\", \"input\": [1], \"output\": \"d\"}\n",
+        ),
+        &["input.jsonl:1", "`input`", "string"],
     );
-    assert_has(&load_err(&p, &o), &["input.jsonl:1", "`input`", "string"]);
 
     // Blank lines still count in line numbers.
-    let p = write(
-        tmp.path(),
-        "invalid.jsonl",
-        &format!("{good}\n\n{{\"instruction\": \"c\", \"output\": \"d\"\n{good}\n"),
-    );
-    assert_has(&load_err(&p, &o), &["invalid.jsonl:3", "JSON"]);
-
-    let p = write(
-        tmp.path(),
-        "shape.jsonl",
-        "{\"question\": \"q\", \"answer\": \"a\"}\n",
-    );
     assert_has(
-        &load_err(&p, &o),
+        &err(
+            "invalid.jsonl",
+            &format!("{good}\n\n{{\"instruction\": \"c\", \"output\": \"d\"\n{good}\n"),
+        ),
+        &["invalid.jsonl:3", "JSON"],
+    );
+
+    assert_has(
+        &err("shape.jsonl", "{\"question\": \"q\", \"answer\": \"a\"}\n"),
         &[
             "shape.jsonl:1",
             "format",
@@ -547,32 +541,31 @@ fn malformed_records_name_file_line_and_field() {
         ],
     );
 
-    let p = write(tmp.path(), "scalar.jsonl", "\"just a string\"\n");
-    assert_has(&load_err(&p, &o), &["scalar.jsonl:1", "object"]);
+    assert_has(
+        &err("scalar.jsonl", "\"just a string\"\n"),
+        &["scalar.jsonl:1", "object"],
+    );
 
     // In a JSON array, the line where the bad record starts.
-    let p = write(
-        tmp.path(),
-        "array.json",
-        &format!("[\n  {good},\n  {good},\n\n  {{\"instruction\": \"x\"}}\n]\n"),
+    assert_has(
+        &err(
+            "array.json",
+            &format!("[\n  {good},\n  {good},\n\n  {{\"instruction\": \"x\"}}\n]\n"),
+        ),
+        &["array.json:5", "`output`", "missing"],
     );
-    assert_has(&load_err(&p, &o), &["array.json:5", "`output`", "missing"]);
-    let p = write(
-        tmp.path(),
-        "broken.json",
-        &format!("[\n  {good},\n  {good}\n  {good}\n]\n"),
+    assert_has(
+        &err(
+            "broken.json",
+            &format!("[\n  {good},\n  {good}\n  {good}\n]\n"),
+        ),
+        &["broken.json:4", "JSON"],
     );
-    assert_has(&load_err(&p, &o), &["broken.json:4", "JSON"]);
 
     // The format is decided by the first record; a later record of another
     // shape is an error, not a silent skip.
-    let p = write(
-        tmp.path(),
-        "mixed.jsonl",
-        &format!("{good}\n{{\"text\": \"t\"}}\n"),
-    );
     assert_has(
-        &load_err(&p, &o),
+        &err("mixed.jsonl", &format!("{good}\n{{\"text\": \"t\"}}\n")),
         &["mixed.jsonl:2", "`instruction`", "missing"],
     );
 
@@ -583,13 +576,11 @@ fn malformed_records_name_file_line_and_field() {
     );
 
     let chat = |messages: &str| format!("{{\"messages\": {messages}}}\n");
-    let p = write(
-        tmp.path(),
-        "chat_type.jsonl",
-        &chat(r#"[{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]"#),
-    );
     assert_has(
-        &load_err(&p, &o),
+        &err(
+            "chat_type.jsonl",
+            &chat(r#"[{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]"#),
+        ),
         &[
             "chat_type.jsonl:1",
             "messages[1].content",
@@ -597,30 +588,27 @@ fn malformed_records_name_file_line_and_field() {
             "number",
         ],
     );
-    let p = write(
-        tmp.path(),
-        "chat_role.jsonl",
-        &chat(r#"[{"content": "hi"}]"#),
-    );
     assert_has(
-        &load_err(&p, &o),
+        &err("chat_role.jsonl", &chat(r#"[{"content": "hi"}]"#)),
         &["chat_role.jsonl:1", "messages[0].role", "missing"],
     );
-    let p = write(tmp.path(), "chat_list.jsonl", &chat(r#""hello""#));
     assert_has(
-        &load_err(&p, &o),
+        &err("chat_list.jsonl", &chat(r#""hello""#)),
         &["chat_list.jsonl:1", "`messages`", "list"],
     );
-    let p = write(
-        tmp.path(),
-        "no_assistant.jsonl",
-        &format!(
-            "{}{}",
-            chat(r#"[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]"#),
-            chat(r#"[{"role": "user", "content": "only a question"}]"#)
+    assert_has(
+        &err(
+            "no_assistant.jsonl",
+            &format!(
+                "{}{}",
+                chat(
+                    r#"[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]"#
+                ),
+                chat(r#"[{"role": "user", "content": "only a question"}]"#)
+            ),
         ),
+        &["no_assistant.jsonl:2", "assistant"],
     );
-    assert_has(&load_err(&p, &o), &["no_assistant.jsonl:2", "assistant"]);
 }
 
 #[test]
@@ -837,9 +825,7 @@ fn the_demo_dates_chats_learn_exactly_the_answers() {
 
 #[test]
 fn generation_cases_hold_the_training_prompts() {
-    let tmp = tempfile::tempdir().unwrap();
-    let p = write(
-        tmp.path(),
+    let (tmp, p) = temp_file(
         "a.json",
         r#"[{"instruction": "Say yes.", "input": "", "output": "Yes"}]"#,
     );

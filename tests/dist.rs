@@ -5,25 +5,19 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{children, losses, max_adapter_diff, max_diff, peft_rs, rank_of, Cmd};
+use common::{children, losses, max_adapter_diff, max_diff, rank_of, read_json, series, Cmd};
 
-fn args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    Cmd::new("train --device cpu --max-seq-len 64 --lora-rank 4 --lr 1e-3 --seed 7")
-        .args("--group-by-length false --dist-timeout 20")
-        .path("--model", &common::tiny())
-        .path("--data", data)
-        .path("--output", out)
-        .all(extra)
-        .0
+fn args(data: &Path, out: &Path, extra: &[&str]) -> Cmd {
+    let line = "train --device cpu --max-seq-len 64 --lora-rank 4 --lr 1e-3 --seed 7 \
+                --group-by-length false --dist-timeout 20";
+    Cmd::train_tiny(line, data, out).all(extra)
 }
 
 fn train(data: &Path, out: &Path, extra: &[&str]) {
-    let a = args(data, out, extra);
-    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-    let r = peft_rs(&refs);
+    let r = args(data, out, extra).run();
     assert!(
         r.status.success(),
         "train {extra:?} failed: {}",
@@ -32,11 +26,7 @@ fn train(data: &Path, out: &Path, extra: &[&str]) {
 }
 
 fn eval_losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["eval_loss"].as_f64())
-        .collect()
+    series(out, "eval_loss")
 }
 
 #[test]
@@ -94,9 +84,7 @@ fn two_ranks_equal_one_process_with_the_same_global_batch() {
     let d_eval = max_diff(&e1, &e2);
     eprintln!("eval loss, 2 ranks vs 1: {d_eval:.2e}");
     assert!(d_eval < 1e-5, "sharded eval differs: {e1:?} {e2:?}");
-    let recorded: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(two.join("training_args.json")).unwrap())
-            .unwrap();
+    let recorded: serde_json::Value = read_json(&two.join("training_args.json"));
     assert_eq!(recorded["world_size"], 2);
 
     // With dropout on, each rank draws its own masks: the curve moves away
@@ -122,28 +110,10 @@ fn two_ranks_equal_one_process_with_the_same_global_batch() {
     assert!(d < 0.1 * losses(&n1)[0], "curves far apart: {d}");
 
     // Resuming with another number of processes is refused by name.
-    let r = peft_rs(
-        &args(
-            &data,
-            &two,
-            &[
-                "--max-steps",
-                "8",
-                "--lora-dropout",
-                "0",
-                "--neftune-alpha",
-                "5",
-                "--eval-holdout",
-                "5",
-                "--batch-size",
-                "2",
-                "--resume",
-            ],
-        )
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>(),
-    );
+    let r = args(&data, &two, &[])
+        .args("--max-steps 8 --lora-dropout 0 --neftune-alpha 5 --eval-holdout 5")
+        .args("--batch-size 2 --resume")
+        .run();
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success());
     assert!(err.contains("world_size"), "{err}");
@@ -154,26 +124,8 @@ fn a_dying_rank_ends_the_run_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::alpaca(tmp.path(), 64);
     let out = tmp.path().join("run");
-    let a = args(
-        &data,
-        &out,
-        &[
-            "--max-steps",
-            "40",
-            "--batch-size",
-            "2",
-            "--nproc",
-            "2",
-            "--save-steps",
-            "2",
-        ],
-    );
-    let mut launcher = Command::new(env!("CARGO_BIN_EXE_peft-rs"))
-        .args(&a)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let a = args(&data, &out, &[]).args("--max-steps 40 --batch-size 2 --nproc 2 --save-steps 2");
+    let mut launcher = a.spawn(&[]);
     // Wait for the first checkpoint, then kill rank 1 as the OOM killer would.
     let start = Instant::now();
     while !out.join("checkpoint-2").exists() {
@@ -215,22 +167,7 @@ fn a_dying_rank_ends_the_run_naming_it() {
         .join(format!("checkpoint-{last}"))
         .join("COMPLETE")
         .exists());
-    let resume = args(
-        &data,
-        &out,
-        &[
-            "--max-steps",
-            "40",
-            "--batch-size",
-            "2",
-            "--nproc",
-            "2",
-            "--save-steps",
-            "2",
-            "--resume",
-        ],
-    );
-    let r = peft_rs(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    let r = a.arg("--resume").run();
     assert!(
         r.status.success(),
         "resume failed: {}",
@@ -252,7 +189,7 @@ fn nccl_is_built_and_linked_where_libtorch_has_cuda() {
         eprintln!("libtorch without CUDA: NCCL cannot be built here");
         return;
     }
-    let env = peft_rs(&["env"]);
+    let env = Cmd::new("env").run();
     let env = String::from_utf8_lossy(&env.stdout);
     assert!(env.contains("gloo, nccl"), "NCCL not built: {env}");
     let nm = Command::new("nm")

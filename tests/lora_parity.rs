@@ -4,26 +4,21 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 
+use common::{logits, masked_max_diff, peft_logits, tensors as read, Cmd};
 use peft_rs::adapters::lora::{Combination, InitLoraWeights, LoraConfig, TargetModules};
-use peft_rs::models::{self, LlamaForCausalLM};
+use peft_rs::models::LlamaForCausalLM;
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 const VARIANTS: [&str; 3] = ["lora", "rslora", "dora"];
 
 /// The PEFT fixtures: adapters, logits and merged states.
 fn peft_fx() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let tiny = common::model_dir("llama");
-        let default = common::default_model();
-        common::fixture("peft_reference.py", &["make"], &[&tiny, &default])
-    })
+    let tiny = common::tiny();
+    let default = common::default_model();
+    common::fixture("peft_reference.py", &["make"], &[&tiny, &default])
 }
 
 fn base_dir(base: &str) -> PathBuf {
@@ -33,75 +28,31 @@ fn base_dir(base: &str) -> PathBuf {
     }
 }
 
-fn read(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
+/// The fixtures of `variant` on `base`.
+fn variant_dir(base: &str, variant: &str) -> PathBuf {
+    peft_fx().join(base).join(variant)
 }
 
 fn inputs(base: &str) -> (PathBuf, Tensor, Tensor) {
     let p = peft_fx().join(base).join("inputs.safetensors");
-    let t = read(&p);
-    (
-        p,
-        t["input_ids"].shallow_clone(),
-        t["attention_mask"].shallow_clone(),
-    )
-}
-
-/// Max |a - b| over real (non-pad) positions.
-fn max_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let keep = mask.to_kind(Kind::Bool).unsqueeze(-1);
-    (a - b)
-        .abs()
-        .masked_fill(&keep.logical_not(), 0.0)
-        .max()
-        .double_value(&[])
+    let (ids, mask) = common::ids_and_mask(&p);
+    (p, ids, mask)
 }
 
 fn load_base(base: &str) -> LlamaForCausalLM {
-    models::load(&base_dir(base), Kind::Float, Device::Cpu).unwrap()
-}
-
-/// Runs `peft_reference.py logits ...` and returns the logits it wrote.
-fn python_logits(model_dir: &Path, inputs: &Path, adapter: Option<&Path>, merge: bool) -> Tensor {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("logits.safetensors");
-    let mut cmd = Command::new(common::python());
-    cmd.arg(common::repo().join("tests/fixtures/peft_reference.py"))
-        .arg("logits")
-        .arg(model_dir)
-        .arg(inputs)
-        .arg(&out);
-    if let Some(a) = adapter {
-        cmd.arg("--adapter").arg(a);
-    }
-    if merge {
-        cmd.arg("--merge");
-    }
-    let status = cmd.status().unwrap();
-    assert!(status.success(), "peft_reference.py logits failed");
-    read(&out).remove("logits").unwrap()
+    common::load(&base_dir(base))
 }
 
 fn python_adapter_matches(base: &str, variant: &str) {
     let (_, ids, mask) = inputs(base);
     let mut model = load_base(base);
-    let dir = peft_fx().join(base).join(variant).join("adapter");
+    let dir = variant_dir(base, variant).join("adapter");
     peft_model::load_adapter(&mut model, &dir, DEFAULT_ADAPTER).unwrap();
     let ours = tch::no_grad(|| model.forward(&ids));
-    let expected = read(
-        &peft_fx()
-            .join(base)
-            .join(variant)
-            .join("logits.safetensors"),
-    )["logits"]
-        .shallow_clone();
+    let expected = logits(&variant_dir(base, variant).join("logits.safetensors"));
     let plain = tch::no_grad(|| load_base(base).forward(&ids));
-    let effect = max_diff(&plain, &expected, &mask);
-    let d = max_diff(&ours, &expected, &mask);
+    let effect = masked_max_diff(&plain, &expected, &mask);
+    let d = masked_max_diff(&ours, &expected, &mask);
     eprintln!(
         "{base}/{variant}: PEFT adapter in peft-rs: max diff {d:.2e} (adapter effect {effect:.2e})"
     );
@@ -129,10 +80,7 @@ fn peft_adapters_load_with_peft_logits_smollm2() {
 /// An adapter made by peft-rs, with random B (and magnitude), saved and read back by PEFT.
 fn our_adapter_matches(base: &str, variant: &str) {
     let (inputs_path, ids, mask) = inputs(base);
-    let mut model = load_base(base);
     let config = LoraConfig {
-        r: 4,
-        lora_alpha: 12.0,
         target_modules: if base == "tiny" {
             TargetModules::AllLinear
         } else {
@@ -140,26 +88,16 @@ fn our_adapter_matches(base: &str, variant: &str) {
         },
         use_rslora: variant == "rslora",
         use_dora: variant == "dora",
-        ..LoraConfig::default()
+        ..common::lora(4, 12.0)
     };
-    tch::manual_seed(7);
-    peft_model::inject(&mut model, DEFAULT_ADAPTER, &config).unwrap();
-    tch::no_grad(|| {
-        for (k, t) in peft_model::trainable_parameters(&model) {
-            let mut t = t.shallow_clone();
-            if k.ends_with("lora_B.weight") {
-                let _ = t.normal_(0.0, 0.05);
-            } else if k.ends_with("lora_magnitude_vector") {
-                let noise = t.randn_like() * 0.05 + 1.0;
-                t *= noise;
-            }
-        }
-    });
-    let ours = tch::no_grad(|| model.forward(&ids));
-    let tmp = tempfile::tempdir().unwrap();
-    peft_model::save_adapter(&model, DEFAULT_ADAPTER, &config, tmp.path()).unwrap();
-    let theirs = python_logits(&base_dir(base), &inputs_path, Some(tmp.path()), false);
-    let d = max_diff(&ours, &theirs, &mask);
+    let (ours, theirs) = common::our_adapter_in_peft(
+        load_base(base),
+        &config,
+        &base_dir(base),
+        &inputs_path,
+        &ids,
+    );
+    let d = masked_max_diff(&ours, &theirs, &mask);
     eprintln!("{base}/{variant}: peft-rs adapter in PEFT: max diff {d:.2e}");
     assert!(d < 1e-4, "{base}/{variant}: {d}");
 }
@@ -177,20 +115,11 @@ fn our_adapter_loads_in_peft_smollm2() {
 }
 
 fn merge_cli(base: &str, adapters: &[PathBuf], extra: &[&str], out: &Path) {
-    let mut args: Vec<String> = vec![
-        "merge".into(),
-        "--model".into(),
-        base_dir(base).display().to_string(),
-    ];
+    let mut cmd = Cmd::new("merge").path("--model", &base_dir(base));
     for a in adapters {
-        args.push("--adapter".into());
-        args.push(a.display().to_string());
+        cmd = cmd.path("--adapter", a);
     }
-    args.push("--output".into());
-    args.push(out.display().to_string());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = common::peft_rs(&refs);
+    let o = cmd.path("--output", out).all(extra).run();
     assert!(
         o.status.success(),
         "merge failed: {}",
@@ -202,21 +131,11 @@ fn merged_matches(base: &str, variant: &str) {
     let (inputs_path, _, mask) = inputs(base);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
-    merge_cli(
-        base,
-        &[peft_fx().join(base).join(variant).join("adapter")],
-        &[],
-        &out,
-    );
-    let theirs = python_logits(&out, &inputs_path, None, false);
-    let expected = read(
-        &peft_fx()
-            .join(base)
-            .join(variant)
-            .join("merged_logits.safetensors"),
-    )["logits"]
-        .shallow_clone();
-    let d = max_diff(&theirs, &expected, &mask);
+    let dir = variant_dir(base, variant);
+    merge_cli(base, &[dir.join("adapter")], &[], &out);
+    let theirs = peft_logits(&out, &inputs_path, None, None);
+    let expected = logits(&dir.join("merged_logits.safetensors"));
+    let d = masked_max_diff(&theirs, &expected, &mask);
     eprintln!("{base}/{variant}: transformers on peft-rs merge vs PEFT merge_and_unload: {d:.2e}");
     assert!(d < 1e-4, "{base}/{variant}: {d}");
 }
@@ -238,22 +157,11 @@ fn merge_in_bf16_is_peft_merge_rounded_to_bf16() {
     for v in VARIANTS {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged");
-        merge_cli(
-            "tiny",
-            &[peft_fx().join("tiny").join(v).join("adapter")],
-            &["--dtype", "bf16"],
-            &out,
-        );
+        let dir = variant_dir("tiny", v);
+        merge_cli("tiny", &[dir.join("adapter")], &["--dtype", "bf16"], &out);
         let ours = read(&out.join("model.safetensors"));
-        let reference = read(
-            &peft_fx()
-                .join("tiny")
-                .join(v)
-                .join("merged_state.safetensors"),
-        );
-        let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
-                .unwrap();
+        let reference = read(&dir.join("merged_state.safetensors"));
+        let cfg: serde_json::Value = common::read_json(&out.join("config.json"));
         assert_eq!(cfg["dtype"], "bfloat16");
         let mut merged_checked = 0;
         for (k, t) in &ours {
@@ -285,11 +193,8 @@ fn fresh_adapters_leave_logits_exactly_unchanged() {
     let before = tch::no_grad(|| model.forward(&ids));
     for (name, dora) in [("a", false), ("b", true)] {
         let config = LoraConfig {
-            r: 8,
-            lora_alpha: 16.0,
-            target_modules: TargetModules::AllLinear,
             use_dora: dora,
-            ..LoraConfig::default()
+            ..common::lora(8, 16.0)
         };
         peft_model::inject(&mut model, name, &config).unwrap();
         peft_model::set_active(&mut model, &[name.to_owned()]);
@@ -303,21 +208,15 @@ fn fresh_adapters_leave_logits_exactly_unchanged() {
 
 #[test]
 fn initial_a_has_the_variance_of_peft_init() {
-    let stats: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(peft_fx().join("tiny/init_stats.json")).unwrap(),
-    )
-    .unwrap();
+    let stats: serde_json::Value = common::read_json(&peft_fx().join("tiny/init_stats.json"));
     for (init, key) in [
         (InitLoraWeights::Default, "default"),
         (InitLoraWeights::Gaussian, "gaussian"),
     ] {
         let mut model = load_base("tiny");
         let config = LoraConfig {
-            r: 64,
-            lora_alpha: 16.0,
-            target_modules: TargetModules::AllLinear,
             init_lora_weights: init,
-            ..LoraConfig::default()
+            ..common::lora(64, 16.0)
         };
         tch::manual_seed(11);
         peft_model::inject(&mut model, DEFAULT_ADAPTER, &config).unwrap();
@@ -375,8 +274,8 @@ fn weighted_linear_combination_matches_peft() {
     let mut model = load_base("tiny");
     peft_model::load_adapters(&mut model, &[w.join("a"), w.join("b")], &[0.7, 0.3]).unwrap();
     let ours = tch::no_grad(|| model.forward(&ids));
-    let expected = read(&w.join("ab_logits.safetensors"))["logits"].shallow_clone();
-    let d = max_diff(&ours, &expected, &mask);
+    let expected = logits(&w.join("ab_logits.safetensors"));
+    let d = masked_max_diff(&ours, &expected, &mask);
     eprintln!("weighted linear: {d:.2e}");
     assert!(d < 1e-4, "{d}");
 
@@ -394,11 +293,7 @@ fn weighted_linear_combination_matches_peft() {
     .unwrap();
     peft_model::set_active(&mut model, &["ab".to_owned()]);
     let cat = tch::no_grad(|| model.forward(&ids));
-    let d = max_diff(
-        &cat,
-        &read(&w.join("ab_cat_logits.safetensors"))["logits"],
-        &mask,
-    );
+    let d = masked_max_diff(&cat, &logits(&w.join("ab_cat_logits.safetensors")), &mask);
     eprintln!("weighted cat: {d:.2e}");
     assert!(d < 1e-4, "{d}");
 
@@ -406,13 +301,7 @@ fn weighted_linear_combination_matches_peft() {
     let mut model = load_base("tiny");
     peft_model::load_adapters(&mut model, &[w.join("a")], &[]).unwrap();
     let only_a = tch::no_grad(|| model.forward(&ids));
-    assert!(
-        max_diff(
-            &only_a,
-            &read(&w.join("a_logits.safetensors"))["logits"],
-            &mask
-        ) < 1e-4
-    );
+    assert!(masked_max_diff(&only_a, &logits(&w.join("a_logits.safetensors")), &mask) < 1e-4);
 
     // The merge command with weights gives PEFT's merged combination.
     let tmp = tempfile::tempdir().unwrap();
@@ -423,9 +312,9 @@ fn weighted_linear_combination_matches_peft() {
         &["--weights", "0.7,0.3"],
         &out,
     );
-    let theirs = python_logits(&out, &inputs_path, None, false);
-    let expected = read(&w.join("ab_merged_logits.safetensors"))["logits"].shallow_clone();
-    let d = max_diff(&theirs, &expected, &mask);
+    let theirs = peft_logits(&out, &inputs_path, None, None);
+    let expected = logits(&w.join("ab_merged_logits.safetensors"));
+    let d = masked_max_diff(&theirs, &expected, &mask);
     eprintln!("weighted merge: {d:.2e}");
     assert!(d < 1e-4, "{d}");
 }
@@ -441,7 +330,7 @@ fn unmerge_restores_base_weights() {
             .collect();
         peft_model::load_adapter(
             &mut model,
-            &peft_fx().join("tiny").join(v).join("adapter"),
+            &variant_dir("tiny", v).join("adapter"),
             DEFAULT_ADAPTER,
         )
         .unwrap();

@@ -5,21 +5,12 @@
 
 mod common;
 
-use std::collections::HashMap;
-
-use peft_rs::models;
-use tch::{Device, Kind, Tensor};
-
-fn read(path: &std::path::Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap()
-        .into_iter()
-        .collect()
-}
+use common::{load, read_json, reference};
+use tch::Kind;
 
 fn logits_parity(name: &str) {
-    let r = read(&common::reference().join(name).join("logits.safetensors"));
-    let model = models::load(&common::model_dir(name), Kind::Float, Device::Cpu).unwrap();
+    let r = common::tensors(&reference().join(name).join("logits.safetensors"));
+    let model = load(&common::model_dir(name));
     let ids = &r["input_ids"];
     let mask = r["attention_mask"].to_kind(Kind::Bool).unsqueeze(-1);
     let ours = tch::no_grad(|| model.forward(ids));
@@ -42,42 +33,16 @@ fn logits_parity(name: &str) {
 }
 
 fn generate_ids(name: &str, batch_size: &str) -> Vec<serde_json::Value> {
-    let reference = common::reference().join(name);
-    let model = common::model_dir(name);
-    let out = common::peft_rs(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--prompts",
-        reference.join("prompts.jsonl").to_str().unwrap(),
-        "--max-new-tokens",
-        "32",
-        "--batch-size",
-        batch_size,
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let prompts = reference().join(name).join("prompts.jsonl");
+    common::generate_json(&common::model_dir(name), &prompts, batch_size)
 }
 
 /// Greedy generation one prompt at a time and all prompts in one
 /// left-padded batch: both equal transformers' one-at-a-time `generate`, and
 /// the batch equals transformers' batched `generate`.
 fn generation_parity(name: &str) {
-    let reference = common::reference().join(name);
-    let read = |f: &str| -> Vec<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(reference.join(f)).unwrap()).unwrap()
-    };
+    let reference = reference().join(name);
+    let read = |f: &str| -> Vec<serde_json::Value> { read_json(&reference.join(f)) };
     let expected = read("generate.json");
     let batched_reference = read("generate_batched.json");
     assert!(expected.len() >= 5);
@@ -145,7 +110,7 @@ fn smollm2_greedy_generation_matches_transformers() {
 
 #[test]
 fn frozen_weights_never_require_grad() {
-    let mut model = models::load(&common::model_dir("llama"), Kind::Float, Device::Cpu).unwrap();
+    let mut model = common::load_tiny();
     assert!(!model.model.embed_tokens.requires_grad());
     for (path, lin) in model.linear_layers_mut() {
         assert!(!lin.weight.dense().requires_grad(), "{path}");

@@ -5,6 +5,8 @@ mod common;
 
 use std::process::Command;
 
+use common::hook_context as ctx;
+
 use peft_rs::regularizers::{
     HookContext, HookPoint, Neftune, NeftuneMode, NoiseDistribution, Regularizer,
 };
@@ -24,20 +26,6 @@ fn batch() -> (Tensor, Tensor, Vec<i64>) {
     tch::manual_seed(3);
     let emb = Tensor::randn([3, t, D], (Kind::Float, Device::Cpu));
     (emb, mask, lengths)
-}
-
-fn ctx<'a>(mask: &'a Tensor, training: bool, seed: u64) -> HookContext<'a> {
-    HookContext {
-        training,
-        step: 0,
-        attention_mask: mask,
-        segment_ids: None,
-        seed,
-        row_seeds: None,
-        micro_batch: 0,
-        micro_batches: 1,
-        trainable: &[],
-    }
 }
 
 fn noise_of(n: &mut Neftune, emb: &Tensor, mask: &Tensor, training: bool, seed: u64) -> Tensor {
@@ -125,22 +113,11 @@ fn uniform_noise_has_the_predicted_mean_and_variance() {
 #[test]
 fn no_noise_in_evaluation_or_at_alpha_zero() {
     let (emb, mask, _) = batch();
+    let max_abs = |t: Tensor| t.abs().max().double_value(&[]);
     let mut n = Neftune::new(5.0);
-    assert_eq!(
-        noise_of(&mut n, &emb, &mask, false, 1)
-            .abs()
-            .max()
-            .double_value(&[]),
-        0.0
-    );
+    assert_eq!(max_abs(noise_of(&mut n, &emb, &mask, false, 1)), 0.0);
     let mut zero = Neftune::new(0.0);
-    assert_eq!(
-        noise_of(&mut zero, &emb, &mask, true, 1)
-            .abs()
-            .max()
-            .double_value(&[]),
-        0.0
-    );
+    assert_eq!(max_abs(noise_of(&mut zero, &emb, &mask, true, 1)), 0.0);
 }
 
 #[test]
@@ -208,15 +185,8 @@ fn packed_segments_use_their_own_lengths() {
     let emb = Tensor::zeros([1, 12, D], (Kind::Float, Device::Cpu));
     let mut n = Neftune::new(5.0);
     let c = HookContext {
-        training: true,
-        step: 0,
-        attention_mask: &mask,
         segment_ids: Some(&seg),
-        seed: 4,
-        row_seeds: None,
-        micro_batch: 0,
-        micro_batches: 1,
-        trainable: &[],
+        ..ctx(&mask, true, 4)
     };
     let noise = n.apply(HookPoint::EmbeddingOutput, emb.shallow_clone(), &c);
     let first = noise.get(0).narrow(0, 0, 3).abs().max().double_value(&[]);
@@ -248,10 +218,7 @@ fn hf_mode_matches_transformers_hook() {
         .status()
         .unwrap();
     assert!(status.success());
-    let theirs: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&output)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let theirs = common::tensors(&output);
     let mut n = Neftune {
         alpha: 5.0,
         mode: NeftuneMode::Hf,
@@ -303,8 +270,7 @@ const PEAK_T: i64 = 8192;
 #[ignore = "child process of paper_mode_on_a_packed_8k_batch_needs_no_pairwise_matrix"]
 fn packed_noise_peak_child() {
     let with_noise = std::env::var("PEFT_RS_PEAK_WITH_NOISE").unwrap() == "1";
-    let model =
-        peft_rs::models::load(&common::model_dir("llama"), Kind::Float, Device::Cpu).unwrap();
+    let model = common::load_tiny();
     let (b, t) = (2, PEAK_T);
     let ids = Tensor::randint(100, [b, t], (Kind::Int64, Device::Cpu));
     let mask = Tensor::ones([b, t], (Kind::Int64, Device::Cpu));

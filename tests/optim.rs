@@ -13,13 +13,8 @@ use tch::{Kind, Tensor};
 
 fn reference() -> (HashMap<String, Tensor>, Value) {
     let dir = common::fixture("optim_reference.py", &[], &[]);
-    let t = Tensor::read_safetensors(dir.join("optim.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect();
-    let j =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("optim.json")).unwrap()).unwrap();
-    (t, j)
+    let t = common::tensors(&dir.join("optim.safetensors"));
+    (t, common::read_json(&dir.join("optim.json")))
 }
 
 #[test]

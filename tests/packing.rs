@@ -18,12 +18,8 @@ use tch::{Device, Kind, Tensor};
 
 fn examples(n: usize) -> Vec<Example> {
     let tmp = tempfile::tempdir().unwrap();
-    let src = common::shared("data/alpaca_5000.json");
-    let all: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
-    let p = tmp.path().join("a.json");
-    std::fs::write(&p, serde_json::to_string(&all[..n]).unwrap()).unwrap();
-    let base = Pretrained::load(&common::model_dir("llama"), Kind::Float, Device::Cpu).unwrap();
+    let p = common::alpaca(tmp.path(), n);
+    let base = Pretrained::load(&common::tiny(), Kind::Float, Device::Cpu).unwrap();
     let opts = DataOptions {
         format: None,
         max_seq_len: 80,
@@ -36,8 +32,8 @@ fn examples(n: usize) -> Vec<Example> {
 
 /// The tiny model with a PEFT LoRA adapter whose B is not zero.
 fn model() -> models::LlamaForCausalLM {
-    let fx = common::fixture("grad_reference.py", &[], &[&common::model_dir("llama")]);
-    let mut m = models::load(&common::model_dir("llama"), Kind::Float, Device::Cpu).unwrap();
+    let fx = common::grad_reference();
+    let mut m = common::load_tiny();
     peft_model::load_adapter(&mut m, &fx.join("lora").join("adapter"), DEFAULT_ADAPTER).unwrap();
     m
 }
@@ -64,14 +60,10 @@ fn grads_and_loss(
     regs: &mut RegularizerStack,
 ) -> (HashMap<String, Tensor>, f64) {
     peft_model::set_training(m, true);
-    let params = peft_model::trainable_parameters(m);
+    let (params, trainable) = common::trainable(m);
     for p in params.values() {
         p.shallow_clone().zero_grad();
     }
-    let trainable: Vec<(String, Tensor)> = params
-        .iter()
-        .map(|(k, v)| (k.clone(), v.shallow_clone()))
-        .collect();
     let mb = MicroBatch {
         seed: 3,
         ..MicroBatch::single(0, batch.num_label_tokens as f64, 1.0)
@@ -167,15 +159,8 @@ fn a_packed_row_computes_what_its_examples_compute_apart() {
     );
     let mask = packed_batch.attention_mask.shallow_clone();
     let ctx = HookContext {
-        training: true,
-        step: 0,
-        attention_mask: &mask,
         segment_ids: Some(seg),
-        seed: 9,
-        row_seeds: None,
-        micro_batch: 0,
-        micro_batches: 1,
-        trainable: &[],
+        ..common::hook_context(&mask, true, 9)
     };
     let noise = n.apply(HookPoint::EmbeddingOutput, emb, &ctx);
     let mut offset = 0i64;

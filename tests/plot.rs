@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_user_error, peft_rs};
+use common::{assert_user_error, s, Cmd};
 
 #[test]
 fn plots_two_runs_and_reports_bad_ones() {
@@ -24,22 +24,12 @@ fn plots_two_runs_and_reports_bad_ones() {
     let png = tmp.path().join("loss.png");
     let a = tmp.path().join("with-neftune");
     let b = tmp.path().join("without");
-    let out = peft_rs(&[
-        "plot",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        "--output",
-        png.to_str().unwrap(),
-        "--width",
-        "900",
-        "--height",
-        "500",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    Cmd::new("plot")
+        .arg(s(&a))
+        .arg(s(&b))
+        .path("--output", &png)
+        .args("--width 900 --height 500")
+        .run_ok();
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[1..4], b"PNG");
     let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
@@ -49,23 +39,8 @@ fn plots_two_runs_and_reports_bad_ones() {
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     std::fs::write(empty.join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
-    assert_user_error(
-        &peft_rs(&[
-            "plot",
-            empty.to_str().unwrap(),
-            "--output",
-            png.to_str().unwrap(),
-        ]),
-        &["metrics.jsonl", "no loss"],
-    );
+    let plot = |run: &std::path::Path| Cmd::new("plot").arg(s(run)).path("--output", &png).run();
+    assert_user_error(&plot(&empty), &["metrics.jsonl", "no loss"]);
     let missing = tmp.path().join("nope");
-    assert_user_error(
-        &peft_rs(&[
-            "plot",
-            missing.to_str().unwrap(),
-            "--output",
-            png.to_str().unwrap(),
-        ]),
-        &["nope", "metrics.jsonl"],
-    );
+    assert_user_error(&plot(&missing), &["nope", "metrics.jsonl"]);
 }

@@ -12,8 +12,8 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
+use common::{load_tiny, peft_logits, read_json, ref_loss, tensor_diff as diff, tensors as read};
 use peft_rs::generate::{generate, GenerationConfig};
 use peft_rs::models::{self, LlamaForCausalLM, Pretrained};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
@@ -23,18 +23,11 @@ use peft_rs::train::StepOptions;
 use tch::{Device, Kind, Tensor};
 
 fn fx() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        common::fixture(
-            "qlora_reference.py",
-            &[],
-            &[&common::model_dir("llama"), &common::default_model()],
-        )
-    })
-}
-
-fn read(p: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(p).unwrap().into_iter().collect()
+    common::fixture(
+        "qlora_reference.py",
+        &[],
+        &[&common::tiny(), &common::default_model()],
+    )
 }
 
 fn nf4_dq() -> BnbQuantization {
@@ -42,22 +35,7 @@ fn nf4_dq() -> BnbQuantization {
 }
 
 fn tiny(q: &BnbQuantization) -> LlamaForCausalLM {
-    models::load_quantized(
-        &common::model_dir("llama"),
-        Kind::Float,
-        Device::Cpu,
-        Some(q),
-    )
-    .unwrap()
-}
-
-/// max |a - b| and max |b|.
-fn diff(a: &Tensor, b: &Tensor) -> (f64, f64) {
-    assert_eq!(a.size(), b.size());
-    (
-        (a - b).abs().max().double_value(&[]),
-        b.abs().max().double_value(&[]),
-    )
+    models::load_quantized(&common::tiny(), Kind::Float, Device::Cpu, Some(q)).unwrap()
 }
 
 /// fp32 logits of the same dequantized weights: the matmuls may sum in
@@ -81,7 +59,7 @@ fn tiny_4bit_logits_match_bitsandbytes() {
         eprintln!("tiny {name}: max |logit diff| {d:.3e} (max |logit| {scale:.2})");
         assert!(d < LOGIT_TOL, "{name}: {d}");
         // Quantization did change the model: the unquantized logits differ.
-        let dense = models::load(&common::model_dir("llama"), Kind::Float, Device::Cpu).unwrap();
+        let dense = load_tiny();
         let (dd, _) = diff(&tch::no_grad(|| dense.forward(&ids)), theirs);
         assert!(
             dd > 100.0 * LOGIT_TOL,
@@ -121,8 +99,7 @@ fn tiny_4bit_bf16_compute_matches_both_bitsandbytes_cpu_paths() {
     // order of the sums may differ, and each bf16 rounding of a layer's
     // output is 2^-9 relative.
     assert!(d < bf16_vs_fp32 / 4.0, "{d} vs {bf16_vs_fp32}");
-    let cpu: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fx().join("cpu.json")).unwrap()).unwrap();
+    let cpu: serde_json::Value = read_json(&fx().join("cpu.json"));
     let kernel = dir.join("kernel/logits.safetensors");
     assert_eq!(
         kernel.exists(),
@@ -200,7 +177,7 @@ fn merging_for_decoding_keeps_the_adapter_of_a_4bit_base() {
     eprintln!("  re-quantized merge instead: {lost:.3e} from the unmerged logits");
     assert!(lost > 10.0 * LOGIT_TOL, "{lost}");
     // A dense base merges.
-    let mut dense = models::load(&common::model_dir("llama"), Kind::Float, Device::Cpu).unwrap();
+    let mut dense = load_tiny();
     peft_model::load_adapter(&mut dense, &dir.join("adapter"), DEFAULT_ADAPTER).unwrap();
     let before = tch::no_grad(|| dense.forward(&ids));
     assert_eq!(peft_model::merge_for_decoding(&mut dense).unwrap(), (14, 0));
@@ -230,9 +207,7 @@ fn adapter_gradients_on_4bit_base_match_peft() {
         let dir = fx().join("tiny").join(variant);
         let (ours, loss) = grads(variant, false);
         let theirs = read(&dir.join("grads.safetensors"));
-        let ref_loss: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("loss.json")).unwrap()).unwrap();
-        let ref_loss = ref_loss["loss"].as_f64().unwrap();
+        let ref_loss = ref_loss(&dir);
         assert!(
             (loss - ref_loss).abs() < 1e-5 * ref_loss.abs(),
             "{variant}: loss {loss} vs {ref_loss}"
@@ -264,13 +239,17 @@ fn adapter_gradients_on_4bit_base_match_peft() {
     }
 }
 
+/// The logits of one prompt's tokens, every position.
+fn logits_of(model: &LlamaForCausalLM, ids: &[u32]) -> Tensor {
+    let t = Tensor::from_slice(&ids.iter().map(|&x| x as i64).collect::<Vec<_>>()).unsqueeze(0);
+    tch::no_grad(|| model.forward(&t)).squeeze_dim(0)
+}
+
 #[test]
 fn smollm2_nf4_logits_and_greedy_generation_match_bitsandbytes() {
     let dir = fx().join("smollm2");
-    let prompts: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("prompts.json")).unwrap()).unwrap();
-    let want_gen: Vec<Vec<i64>> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("generate.json")).unwrap()).unwrap();
+    let prompts: Vec<String> = read_json(&dir.join("prompts.json"));
+    let want_gen: Vec<Vec<i64>> = read_json(&dir.join("generate.json"));
     let logits = read(&dir.join("logits.safetensors"));
     let mut base = Pretrained::load_quantized(
         &common::default_model(),
@@ -304,8 +283,7 @@ fn smollm2_nf4_logits_and_greedy_generation_match_bitsandbytes() {
     let mut same = 0;
     let mut worst: f64 = 0.0;
     for (i, p) in ids.iter().enumerate() {
-        let t = Tensor::from_slice(&p.iter().map(|&x| x as i64).collect::<Vec<_>>()).unsqueeze(0);
-        let ours = tch::no_grad(|| base.model.forward(&t)).squeeze_dim(0);
+        let ours = logits_of(&base.model, p);
         let (d, _) = diff(&ours, &logits[&format!("p{i}")]);
         worst = worst.max(d);
         let got = generate(&base.model, p, &cfg).unwrap();
@@ -324,8 +302,7 @@ fn smollm2_nf4_logits_and_greedy_generation_match_bitsandbytes() {
     peft_model::load_adapter(&mut base.model, &dir.join("adapter"), DEFAULT_ADAPTER).unwrap();
     let mut worst: f64 = 0.0;
     for (i, p) in ids.iter().enumerate() {
-        let t = Tensor::from_slice(&p.iter().map(|&x| x as i64).collect::<Vec<_>>()).unsqueeze(0);
-        let ours = tch::no_grad(|| base.model.forward(&t)).squeeze_dim(0);
+        let ours = logits_of(&base.model, p);
         let (d, _) = diff(&ours, &logits[&format!("adapter_p{i}")]);
         worst = worst.max(d);
     }
@@ -333,20 +310,9 @@ fn smollm2_nf4_logits_and_greedy_generation_match_bitsandbytes() {
     assert!(worst < LOGIT_TOL, "{worst}");
 }
 
-fn merge_fx() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        common::fixture(
-            "qlora_merge_reference.py",
-            &[],
-            &[&common::model_dir("llama")],
-        )
-    })
-}
-
 #[test]
 fn merge_into_prequantized_base_matches_peft_before_requantization() {
-    let fx = merge_fx();
+    let fx = common::qlora_merge_reference();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
     let report = peft_rs::merge::merge_to_dir(&peft_rs::merge::MergeOptions {
@@ -384,14 +350,13 @@ fn merge_into_prequantized_base_matches_peft_before_requantization() {
     // Both add the same fp32 delta to the same dequantized weight; the delta
     // (B @ A * scaling) may be summed in another order.
     assert!(worst < 1e-6, "{worst}");
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = read_json(&out.join("config.json"));
     assert!(cfg.get("quantization_config").is_none());
     // The merged model loads as a plain model and gives the adapted 4-bit
     // model's logits up to the merge's rounding.
     let ids = read(&fixture_batch())["input_ids"].shallow_clone();
-    let merged = models::load(&out, Kind::Float, Device::Cpu).unwrap();
-    let mut adapted = models::load(&fx.join("base4"), Kind::Float, Device::Cpu).unwrap();
+    let merged = common::load(&out);
+    let mut adapted = common::load(&fx.join("base4"));
     peft_model::load_adapter(&mut adapted, &fx.join("adapter"), DEFAULT_ADAPTER).unwrap();
     let (d, scale) = diff(
         &tch::no_grad(|| merged.forward(&ids)),
@@ -407,25 +372,8 @@ fn fixture_batch() -> PathBuf {
 
 /// Logits `peft_reference.py logits` computes with Python PEFT for `adapter`
 /// on the tiny base, quantized by bitsandbytes when `quant` says so.
-fn peft_logits(adapter: &Path, quant: Option<&str>) -> Tensor {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("logits.safetensors");
-    let mut cmd = std::process::Command::new(common::python());
-    cmd.arg(common::repo().join("tests/fixtures/peft_reference.py"))
-        .arg("logits")
-        .arg(common::model_dir("llama"))
-        .arg(fixture_batch())
-        .arg(&out)
-        .arg("--adapter")
-        .arg(adapter);
-    if let Some(q) = quant {
-        cmd.args(["--load-in-4bit", q]);
-    }
-    assert!(
-        cmd.status().unwrap().success(),
-        "peft_reference.py logits failed"
-    );
-    read(&out).remove("logits").unwrap()
+fn tiny_peft_logits(adapter: &Path, quant: Option<&str>) -> Tensor {
+    peft_logits(&common::tiny(), &fixture_batch(), Some(adapter), quant)
 }
 
 /// The other direction: an adapter trained by peft-rs on a 4-bit base is an
@@ -437,30 +385,10 @@ fn adapter_trained_on_4bit_base_loads_in_peft_on_4bit_and_full_bases() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::alpaca(tmp.path(), 12);
     let out = tmp.path().join("run");
-    let (model_dir, out_s) = (common::model_dir("llama"), out.to_str().unwrap().to_owned());
-    let r = common::peft_rs(&[
-        "train",
-        "--model",
-        model_dir.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        &out_s,
-        "--device",
-        "cpu",
-        "--quantize",
-        "nf4",
-        "--bnb-4bit-use-double-quant",
-        "--max-steps",
-        "3",
-        "--lr",
-        "1e-2",
-        "--lora-rank",
-        "4",
-        "--max-seq-len",
-        "48",
-    ]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    common::Cmd::train_tiny("train", &data, &out)
+        .args("--device cpu --quantize nf4 --bnb-4bit-use-double-quant --max-steps 3 --lr 1e-2")
+        .args("--lora-rank 4 --max-seq-len 48")
+        .run_ok();
     let batch = read(&fixture_batch());
     let (ids, mask) = (&batch["input_ids"], &batch["attention_mask"]);
     let masked = |t: &Tensor| t.masked_fill(&mask.eq(0).unsqueeze(-1), 0.0);
@@ -470,19 +398,19 @@ fn adapter_trained_on_4bit_base_loads_in_peft_on_4bit_and_full_bases() {
         }
         masked(&tch::no_grad(|| m.forward(ids)))
     };
-    let dense = || models::load(&common::model_dir("llama"), Kind::Float, Device::Cpu).unwrap();
+    let dense = load_tiny;
     for (name, ours, plain, theirs) in [
         (
             "nf4 + double quant",
             logits(tiny(&nf4_dq()), true),
             logits(tiny(&nf4_dq()), false),
-            peft_logits(&out, Some("nf4")),
+            tiny_peft_logits(&out, Some("nf4")),
         ),
         (
             "unquantized",
             logits(dense(), true),
             logits(dense(), false),
-            peft_logits(&out, None),
+            tiny_peft_logits(&out, None),
         ),
     ] {
         let (d, scale) = diff(&ours, &masked(&theirs));

@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::Instant;
 
 use peft_rs::quant::codebook::host_tables_made;
@@ -29,19 +28,22 @@ const SETTINGS: [(&str, QuantType, bool); 4] = [
 ];
 
 fn reference() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| common::fixture("quant_reference.py", &[], &[&common::default_model()]))
+    common::fixture("quant_reference.py", &[], &[&common::default_model()])
 }
 
 fn read(file: &str) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(reference().join(file))
-        .unwrap()
-        .into_iter()
-        .collect()
+    common::tensors(&reference().join(file))
 }
 
 fn info() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(reference().join("info.json")).unwrap()).unwrap()
+    common::read_json(&reference().join("info.json"))
+}
+
+/// The weight of the linear layer `prefix` in `files`, of `shape`, in `kind`.
+fn weight(files: &WeightFiles, prefix: &str, shape: &[i64], kind: Kind) -> Tensor {
+    files
+        .load(&format!("{prefix}.weight"), shape, kind, Device::Cpu)
+        .unwrap()
 }
 
 fn sha(t: &Tensor) -> String {
@@ -216,14 +218,7 @@ fn every_smollm2_linear_layer_matches_bitsandbytes() {
             .iter()
             .map(|d| d.as_i64().unwrap())
             .collect();
-        let w = files
-            .load(
-                &format!("{prefix}.weight"),
-                &shape,
-                Kind::Float,
-                Device::Cpu,
-            )
-            .unwrap();
+        let w = weight(&files, prefix, &shape, Kind::Float);
         for (setting, qt, dq) in SETTINGS {
             let start = Instant::now();
             let q = quantize_4bit(&w, qt, dq).unwrap();
@@ -352,6 +347,16 @@ fn model(name: &str) -> PathBuf {
     reference().join("models").join(name)
 }
 
+/// The weights of the quantized checkpoint in `dir`, those of the base it
+/// was quantized from, and bitsandbytes' dequantization of each layer.
+fn saved(dir: &Path) -> (WeightFiles, WeightFiles, HashMap<String, Tensor>) {
+    (
+        WeightFiles::from_model_dir(dir).unwrap(),
+        WeightFiles::from_model_dir(&model("base")).unwrap(),
+        common::tensors(&dir.join("dequant.safetensors")),
+    )
+}
+
 #[test]
 fn transformers_4bit_checkpoints_load_as_bitsandbytes_reads_them() {
     for (name, qt, dq, dtype) in [
@@ -371,13 +376,7 @@ fn transformers_4bit_checkpoints_load_as_bitsandbytes_reads_them() {
             },
             "{name}"
         );
-        let files = WeightFiles::from_model_dir(&dir).unwrap();
-        let base = WeightFiles::from_model_dir(&model("base")).unwrap();
-        let want: HashMap<String, Tensor> =
-            Tensor::read_safetensors(dir.join("dequant.safetensors"))
-                .unwrap()
-                .into_iter()
-                .collect();
+        let (files, base, want) = saved(&dir);
         assert_eq!(want.len(), 14);
         for (prefix, want) in &want {
             let shape = want.size();
@@ -388,9 +387,7 @@ fn transformers_4bit_checkpoints_load_as_bitsandbytes_reads_them() {
             }
             // transformers quantized the base weight (in the model's dtype)
             // with bitsandbytes: quantizing it here gives the stored bytes.
-            let w = base
-                .load(&format!("{prefix}.weight"), &shape, dtype, Device::Cpu)
-                .unwrap();
+            let w = weight(&base, prefix, &shape, dtype);
             let ours = quantize_4bit(&w, qt, dq).unwrap();
             for (field, a, b) in [
                 ("weight", &ours.data, &q.data),
@@ -424,12 +421,7 @@ fn transformers_int8_checkpoint_loads_as_bitsandbytes_reads_it() {
     let dir = model("int8");
     let config = read_quantization(&dir).unwrap().unwrap();
     assert_eq!(config.mode, BnbMode::EightBit { threshold: 6.0 });
-    let files = WeightFiles::from_model_dir(&dir).unwrap();
-    let base = WeightFiles::from_model_dir(&model("base")).unwrap();
-    let want: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("dequant.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect();
+    let (files, base, want) = saved(&dir);
     assert_eq!(want.len(), 14);
     for (prefix, want) in &want {
         let shape = want.size();
@@ -437,14 +429,7 @@ fn transformers_int8_checkpoint_loads_as_bitsandbytes_reads_it() {
         if let Some(d) = differs(&w.dequantize(Kind::Float, Device::Cpu), want) {
             panic!("{prefix}: dequantized weight: {d}");
         }
-        let fp32 = base
-            .load(
-                &format!("{prefix}.weight"),
-                &shape,
-                Kind::Float,
-                Device::Cpu,
-            )
-            .unwrap();
+        let fp32 = weight(&base, prefix, &shape, Kind::Float);
         let ours = quantize_int8(&fp32).unwrap();
         assert!(differs(&ours.cb, &w.cb).is_none(), "{prefix}.weight");
         assert!(differs(&ours.scb, &w.scb).is_none(), "{prefix}.SCB");

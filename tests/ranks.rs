@@ -11,23 +11,17 @@ use std::process::{Child, Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{children, max_adapter_diff, rank_of, s, scratch, steps_logged, wait_for, Cmd};
+use common::{
+    children, max_adapter_diff, rank_of, s, scratch, stderr, steps_logged, wait_for, Cmd,
+};
 
 /// `train` on the tiny Llama with settings that make every step
 /// deterministic whatever the split over ranks (no dropout, NEFTune noise
 /// drawn per example), plus `extra`.
-fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    Cmd::new("train --device cpu --max-seq-len 64 --lora-rank 4 --lora-dropout 0")
-        .args("--neftune-alpha 5 --lr 1e-3 --seed 7 --group-by-length false --batch-size 2")
-        .path("--model", &common::tiny())
-        .path("--data", data)
-        .path("--output", out)
-        .all(extra)
-        .0
-}
-
-fn spawn(args: &[String], envs: &[(&str, String)]) -> Child {
-    Cmd(args.to_vec()).spawn(envs)
+fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Cmd {
+    let line = "train --device cpu --max-seq-len 64 --lora-rank 4 --lora-dropout 0 \
+                --neftune-alpha 5 --lr 1e-3 --seed 7 --group-by-length false --batch-size 2";
+    Cmd::train_tiny(line, data, out).all(extra)
 }
 
 /// Waits for `child` at most `limit`; its output, and how long it took.
@@ -45,10 +39,6 @@ fn finish(child: Child, limit: Duration) -> (Output, Duration) {
             panic!("peft-rs (pid {pid}) still running after {limit:?}");
         }
     }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn worker(launcher: &Child, rank: &str) -> u32 {
@@ -104,7 +94,7 @@ fn uninterrupted() -> &'static Path {
     DIR.get_or_init(|| {
         let out = scratch().join("uninterrupted");
         let a = train_args(data(), &out, &["--max-steps", STEPS, "--nproc", "2"]);
-        let (o, _) = finish(spawn(&a, &[]), Duration::from_secs(600));
+        let (o, _) = finish(a.spawn(&[]), Duration::from_secs(600));
         assert!(o.status.success(), "{}", stderr(&o));
         out
     })
@@ -117,7 +107,7 @@ fn uninterrupted() -> &'static Path {
 fn sigterm_stops_every_rank(target: &str) {
     let out = scratch().join(format!("term-{target}"));
     let a = train_args(data(), &out, &["--max-steps", STEPS, "--nproc", "2"]);
-    let launcher = spawn(&a, &[]);
+    let launcher = a.spawn(&[]);
     let workers = [worker(&launcher, "0"), worker(&launcher, "1")];
     wait_for("two steps", Duration::from_secs(120), || {
         steps_logged(&out) >= 2
@@ -147,9 +137,7 @@ fn sigterm_stops_every_rank(target: &str) {
         !err.contains("barrier failed") && !err.contains("Connection"),
         "{err}"
     );
-    let mut resume = a.clone();
-    resume.push("--resume".into());
-    let (o, _) = finish(spawn(&resume, &[]), Duration::from_secs(600));
+    let (o, _) = finish(a.arg("--resume").spawn(&[]), Duration::from_secs(600));
     assert!(o.status.success(), "resume: {}", stderr(&o));
     let d = max_adapter_diff(&out, uninterrupted());
     eprintln!(
@@ -177,7 +165,7 @@ fn case_01_sigterm_to_the_launcher_stops_its_workers() {
 fn case_01_a_killed_launcher_leaves_no_orphan_training() {
     let out = scratch().join("orphans");
     let a = train_args(data(), &out, &["--max-steps", "100000", "--nproc", "2"]);
-    let launcher = spawn(&a, &[]);
+    let launcher = a.spawn(&[]);
     let workers = [worker(&launcher, "0"), worker(&launcher, "1")];
     wait_for("a step", Duration::from_secs(120), || {
         steps_logged(&out) >= 1
@@ -201,19 +189,8 @@ fn case_01_a_killed_launcher_leaves_no_orphan_training() {
 #[test]
 fn case_03_a_stopped_rank_is_named() {
     let out = scratch().join("stopped");
-    let a = train_args(
-        data(),
-        &out,
-        &[
-            "--max-steps",
-            "100000",
-            "--nproc",
-            "2",
-            "--dist-timeout",
-            "5",
-        ],
-    );
-    let launcher = spawn(&a, &[]);
+    let a = train_args(data(), &out, &[]).args("--max-steps 100000 --nproc 2 --dist-timeout 5");
+    let launcher = a.spawn(&[]);
     let rank1 = worker(&launcher, "1");
     wait_for("two steps", Duration::from_secs(120), || {
         steps_logged(&out) >= 2
@@ -258,7 +235,7 @@ fn case_04_joining_a_silent_master_is_bounded_and_interruptible() {
     let out = scratch().join("silent");
     let a = train_args(data(), &out, &["--max-steps", "4", "--dist-timeout", "4"]);
     let (o, took) = finish(
-        spawn(&a, &as_rank_1(port, "127.0.0.1")),
+        a.spawn(&as_rank_1(port, "127.0.0.1")),
         Duration::from_secs(60),
     );
     let err = stderr(&o);
@@ -268,7 +245,7 @@ fn case_04_joining_a_silent_master_is_bounded_and_interruptible() {
     common::assert_user_error(&o, &["rank 1", "--dist-timeout 4 s", "rank 0 running"]);
     // The same join with a long timeout, ended by SIGTERM.
     let a = train_args(data(), &out, &["--max-steps", "4", "--dist-timeout", "600"]);
-    let child = spawn(&a, &as_rank_1(port, "127.0.0.1"));
+    let child = a.spawn(&as_rank_1(port, "127.0.0.1"));
     std::thread::sleep(Duration::from_secs(3));
     kill("-TERM", child.id());
     let (o, took) = finish(child, Duration::from_secs(30));
@@ -285,14 +262,14 @@ fn case_05_bad_master_addresses_are_refused_in_one_line() {
         ("", "MASTER_ADDR is empty"),
         ("no-such-host.invalid", "cannot resolve"),
     ] {
-        let (o, took) = finish(spawn(&a, &as_rank_1(29624, addr)), Duration::from_secs(30));
+        let (o, took) = finish(a.spawn(&as_rank_1(29624, addr)), Duration::from_secs(30));
         assert!(took < Duration::from_secs(10), "{addr:?}: {took:?}");
         common::assert_user_error(&o, &[needle]);
     }
     // Nothing listens: bounded by the timeout, without c10d's retry warnings.
     let port = silent_port().1; // the listener is dropped: the port is closed
     let (o, took) = finish(
-        spawn(&a, &as_rank_1(port, "127.0.0.1")),
+        a.spawn(&as_rank_1(port, "127.0.0.1")),
         Duration::from_secs(30),
     );
     let err = stderr(&o);
@@ -309,7 +286,7 @@ fn case_05_bad_master_addresses_are_refused_in_one_line() {
 fn case_06_only_rank_0_prints_progress() {
     let out = scratch().join("quiet");
     let a = train_args(data(), &out, &["--max-steps", "3", "--nproc", "2"]);
-    let (o, _) = finish(spawn(&a, &[]), Duration::from_secs(300));
+    let (o, _) = finish(a.spawn(&[]), Duration::from_secs(300));
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     for line in ["step 3/3", "trainable params", "training examples"] {
@@ -319,7 +296,7 @@ fn case_06_only_rank_0_prints_progress() {
 
 /// Two processes started by hand as torchrun would, each with its own
 /// arguments; both outputs.
-fn by_hand(rank0: &[String], rank1: &[String]) -> (Output, Output) {
+fn by_hand(rank0: &Cmd, rank1: &Cmd) -> (Output, Output) {
     let port = silent_port().1;
     let env = |r: &str| {
         vec![
@@ -330,7 +307,7 @@ fn by_hand(rank0: &[String], rank1: &[String]) -> (Output, Output) {
             ("MASTER_PORT", port.to_string()),
         ]
     };
-    let (c0, c1) = (spawn(rank0, &env("0")), spawn(rank1, &env("1")));
+    let (c0, c1) = (rank0.spawn(&env("0")), rank1.spawn(&env("1")));
     let limit = Duration::from_secs(300);
     let (o1, _) = finish(c1, limit);
     let (o0, _) = finish(c0, limit);
@@ -344,7 +321,7 @@ fn case_07_and_08_ranks_with_other_settings_or_data_fail_naming_them() {
     let short_dir = scratch().join("short");
     std::fs::create_dir_all(&short_dir).unwrap();
     let short = common::alpaca(&short_dir, 16);
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    let cases: Vec<(Cmd, &str)> = vec![
         (
             base(&["--lora-rank", "8"]),
             "lora_rank (rank 0: 4, this rank: 8)",
@@ -381,7 +358,7 @@ fn case_09_every_rank_resumes_from_rank_0s_checkpoint() {
         &out0,
         &["--max-steps", STEPS, "--nproc", "2", "--save-steps", "2"],
     );
-    let launcher = spawn(&first, &[]);
+    let launcher = first.spawn(&[]);
     wait_for("four steps", Duration::from_secs(120), || {
         steps_logged(&out0) >= 4
     });
@@ -411,7 +388,7 @@ fn case_10_nproc_under_a_launcher_is_an_error() {
     let out = scratch().join("nproc");
     let a = train_args(data(), &out, &["--max-steps", "1", "--nproc", "4"]);
     let (o, _) = finish(
-        spawn(&a, &as_rank_1(29500, "127.0.0.1")),
+        a.spawn(&as_rank_1(29500, "127.0.0.1")),
         Duration::from_secs(30),
     );
     common::assert_user_error(&o, &["--nproc 4", "WORLD_SIZE=2", "leave out --nproc"]);

@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
 use peft_rs::data::{load_dataset, DataFormat, DataOptions, Dataset, IGNORE};
 use peft_rs::models::Pretrained;
@@ -15,22 +14,16 @@ use serde_json::Value;
 use tch::{Device, Kind};
 
 fn fx() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        common::fixture(
-            "tokenizer_reference.py",
-            &[],
-            &[
-                &common::shared("data/alpaca_5000.json"),
-                &common::default_model(),
-            ],
-        )
-    })
+    let alpaca = common::shared("data/alpaca_5000.json");
+    common::fixture(
+        "tokenizer_reference.py",
+        &[],
+        &[&alpaca, &common::default_model()],
+    )
 }
 
 fn expected(dir: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fx().join(dir).join("expected.json")).unwrap())
-        .unwrap()
+    common::read_json(&fx().join(dir).join("expected.json"))
 }
 
 fn ids(v: &Value) -> Vec<i64> {

@@ -6,28 +6,18 @@ mod common;
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{assert_user_error, peft_rs};
-
-fn tiny() -> PathBuf {
-    common::model_dir("llama")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{
+    assert_ok, assert_user_error, copy_dir, edit_json, peft_rs, run_within, s, steps_logged, tiny,
+    wait_for, Cmd,
+};
 
 /// A copy of the tiny model in `dir`.
 fn copy_model(dir: &Path) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    for e in std::fs::read_dir(tiny()).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
-    }
-    dir.to_path_buf()
+    copy_dir(&tiny(), dir)
 }
 
 /// A small trained adapter for the tiny model (made once per test binary).
@@ -42,24 +32,12 @@ fn adapter() -> &'static Path {
         std::fs::create_dir_all(&root).unwrap();
         let data = common::alpaca(&root, 16);
         let out = root.join("adapter");
-        let r = peft_rs(&[
-            "train",
-            "--model",
-            s(&tiny()),
-            "--data",
-            s(&data),
-            "--output",
-            s(&out),
-            "--device",
-            "cpu",
-            "--max-steps",
-            "1",
-            "--lora-rank",
-            "2",
-            "--max-seq-len",
-            "96",
-        ]);
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        Cmd::new("train")
+            .path("--model", &tiny())
+            .path("--data", &data)
+            .path("--output", &out)
+            .args("--device cpu --max-steps 1 --lora-rank 2 --max-seq-len 96")
+            .run_ok();
         out
     })
 }
@@ -73,53 +51,17 @@ fn copy_adapter(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-fn train_cmd<'a>(data: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
-    let flags = "train --device cpu --batch-size 2 --max-seq-len 64 --lora-rank 2 --seed 3";
-    let mut v: Vec<&str> = flags.split(' ').collect();
-    v.extend(["--data", data, "--output", out, "--model", model]);
-    v
+/// `train` on the tiny model with `data`, written to `out`.
+fn train_cmd(data: &Path, out: &Path) -> Cmd {
+    Cmd::new("train --device cpu --batch-size 2 --max-seq-len 64 --lora-rank 2 --seed 3")
+        .path("--data", data)
+        .path("--output", out)
+        .path("--model", &tiny())
 }
 
-fn spawn(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_peft-rs"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// Runs `peft-rs` and fails the test if it takes longer than `limit`.
-fn run_within(limit: Duration, args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_peft-rs"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > limit {
-            child.kill().unwrap();
-            panic!("peft-rs {args:?} ran past {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ok() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn steps_logged(out: &Path) -> usize {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
-        .unwrap_or(0)
+/// `generate --device cpu --prompt hi` on `model`.
+fn generate(model: &Path) -> Cmd {
+    Cmd::generate(model, "--device cpu --prompt hi")
 }
 
 fn send(child: &Child, sig: i32) {
@@ -148,18 +90,7 @@ fn case_01_merge_never_overwrites_its_inputs() {
     let adapter = copy_adapter(&tmp.path().join("adapter"));
     std::fs::write(tmp.path().join("notes.txt"), "mine").unwrap();
     let before = snapshot(tmp.path());
-    let merge = |out: &Path| {
-        peft_rs(&[
-            "merge",
-            "--model",
-            s(&model),
-            "--adapter",
-            s(&adapter),
-            "--output",
-            s(out),
-            "--overwrite",
-        ])
-    };
+    let merge = |out: &Path| Cmd::merge(&model, &adapter, out).arg("--overwrite").run();
     assert_user_error(&merge(tmp.path()), &["contains the base model"]);
     assert_user_error(&merge(&adapter), &["is the adapter"]);
     assert_user_error(
@@ -175,8 +106,7 @@ fn case_01_merge_never_overwrites_its_inputs() {
     assert!(other.join("keep.txt").exists());
     let out = tmp.path().join("merged");
     for _ in 0..2 {
-        let r = merge(&out);
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert_ok(&merge(&out));
     }
     assert!(out.join("model.safetensors").exists());
 }
@@ -193,16 +123,7 @@ fn case_02_merge_follows_a_model_dir_of_symlinks() {
         symlink(e.path(), snap.join(e.file_name())).unwrap();
     }
     let out = tmp.path().join("merged");
-    let r = peft_rs(&[
-        "merge",
-        "--model",
-        s(&snap),
-        "--adapter",
-        s(adapter()),
-        "--output",
-        s(&out),
-    ]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    Cmd::merge(&snap, adapter(), &out).run_ok();
     for f in [
         "config.json",
         "tokenizer.json",
@@ -212,18 +133,7 @@ fn case_02_merge_follows_a_model_dir_of_symlinks() {
     ] {
         assert!(out.join(f).is_file(), "{f} missing from the merged model");
     }
-    let g = peft_rs(&[
-        "generate",
-        "--model",
-        s(&out),
-        "--device",
-        "cpu",
-        "--prompt",
-        "hi",
-        "--max-new-tokens",
-        "2",
-    ]);
-    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    generate(&out).args("--max-new-tokens 2").run_ok();
 }
 
 #[test]
@@ -240,10 +150,8 @@ fn case_03_train_refuses_a_folder_of_someone_elses_files() {
         std::fs::write(out.join(f), text).unwrap();
     }
     let before = snapshot(&out);
-    let mut args = train_cmd(s(&data), s(&out), s(&tiny()).to_owned().leak());
-    args.extend(["--max-steps", "1"]);
     assert_user_error(
-        &peft_rs(&args),
+        &train_cmd(&data, &out).args("--max-steps 1").run(),
         &["holds files peft-rs did not write", "adapter_config.json"],
     );
     assert_eq!(snapshot(&out), before, "the user's files are untouched");
@@ -254,19 +162,18 @@ fn case_04_a_second_writer_of_one_output_fails_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::alpaca(tmp.path(), 64);
     let out = tmp.path().join("run");
-    let m = s(&tiny()).to_owned();
-    let mut args = train_cmd(s(&data), s(&out), &m);
-    args.extend(["--max-steps", "200", "--save-steps", "5"]);
-    let mut first = spawn(&args);
+    let mut first = train_cmd(&data, &out)
+        .args("--max-steps 200 --save-steps 5")
+        .spawn(&[]);
     wait_for(
         "the first run's first step",
         Duration::from_secs(120),
         || steps_logged(&out) > 0,
     );
     let t0 = Instant::now();
-    let mut second_args = train_cmd(s(&data), s(&out), &m);
-    second_args.extend(["--max-steps", "200", "--seed", "9", "--resume"]);
-    let second = peft_rs(&second_args);
+    let second = train_cmd(&data, &out)
+        .args("--max-steps 200 --seed 9 --resume")
+        .run();
     assert_user_error(
         &second,
         &["another peft-rs process", &format!("pid {}", first.id())],
@@ -281,32 +188,14 @@ fn case_04_a_second_writer_of_one_output_fails_at_once() {
 fn case_05_first_signal_checkpoints_and_resume_continues_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::alpaca(tmp.path(), 48);
-    let m = s(&tiny()).to_owned();
     let full = tmp.path().join("full");
     let cut = tmp.path().join("cut");
-    let mut full_args = train_cmd(s(&data), s(&full), &m);
-    full_args.extend([
-        "--max-steps",
-        "12",
-        "--lora-dropout",
-        "0.1",
-        "--neftune-alpha",
-        "5",
-    ]);
-    let r = peft_rs(&full_args);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let steps = "--max-steps 12 --lora-dropout 0.1 --neftune-alpha 5";
+    train_cmd(&data, &full).args(steps).run_ok();
 
     // No --save-steps: without the handler everything would be lost.
-    let mut args = train_cmd(s(&data), s(&cut), &m);
-    args.extend([
-        "--max-steps",
-        "12",
-        "--lora-dropout",
-        "0.1",
-        "--neftune-alpha",
-        "5",
-    ]);
-    let child = spawn(&args);
+    let cmd = train_cmd(&data, &cut).args(steps);
+    let child = cmd.spawn(&[]);
     wait_for("step 3", Duration::from_secs(120), || {
         steps_logged(&cut) >= 3
     });
@@ -325,9 +214,7 @@ fn case_05_first_signal_checkpoints_and_resume_continues_exactly() {
         .collect();
     assert_eq!(saved.len(), 1);
     assert!(saved[0].path().join("COMPLETE").exists());
-    args.push("--resume");
-    let r = peft_rs(&args);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    cmd.arg("--resume").run_ok();
     let a = std::fs::read(full.join("adapter_model.safetensors")).unwrap();
     let b = std::fs::read(cut.join("adapter_model.safetensors")).unwrap();
     assert!(
@@ -337,9 +224,7 @@ fn case_05_first_signal_checkpoints_and_resume_continues_exactly() {
 
     // A second signal ends the process at once.
     let again = tmp.path().join("again");
-    let mut args = train_cmd(s(&data), s(&again), &m);
-    args.extend(["--max-steps", "400"]);
-    let child = spawn(&args);
+    let child = train_cmd(&data, &again).args("--max-steps 400").spawn(&[]);
     wait_for("step 1", Duration::from_secs(120), || {
         steps_logged(&again) >= 1
     });
@@ -354,7 +239,6 @@ fn case_05_first_signal_checkpoints_and_resume_continues_exactly() {
 #[test]
 fn case_06_inputs_cannot_cost_unbounded_time_or_memory() {
     let tmp = tempfile::tempdir().unwrap();
-    let m = s(&tiny()).to_owned();
     let out = tmp.path().join("out");
     // A chat of more turns than any conversation has.
     let turns: Vec<serde_json::Value> = (0..5000)
@@ -366,10 +250,9 @@ fn case_06_inputs_cannot_cost_unbounded_time_or_memory() {
         format!("{}\n", serde_json::json!({"messages": turns})),
     )
     .unwrap();
-    let mut args = train_cmd(s(&chat), s(&out), &m);
-    args.extend(["--max-steps", "1"]);
+    let cmd = train_cmd(&chat, &out).args("--max-steps 1");
     assert_user_error(
-        &run_within(Duration::from_secs(60), &args),
+        &cmd.run_within(Duration::from_secs(60)),
         &["chat.jsonl:1", "5000 turns"],
     );
     // 1000 turns (365 KB) is allowed, and fast: what cannot fit in
@@ -382,9 +265,10 @@ fn case_06_inputs_cannot_cost_unbounded_time_or_memory() {
         format!("{}\n", serde_json::json!({"messages": turns})),
     )
     .unwrap();
-    args.extend(["--max-seq-len", "1024"]);
-    let r = run_within(Duration::from_secs(60), &args);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = cmd
+        .args("--max-seq-len 1024")
+        .run_within(Duration::from_secs(60));
+    assert_ok(&r);
 
     // A chat template that never ends.
     let model = copy_model(&tmp.path().join("model"));
@@ -393,54 +277,20 @@ fn case_06_inputs_cannot_cost_unbounded_time_or_memory() {
         "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
     )
     .unwrap();
-    let g = run_within(
-        Duration::from_secs(120),
-        &[
-            "generate",
-            "--model",
-            s(&model),
-            "--device",
-            "cpu",
-            "--chat",
-            "hi",
-        ],
-    );
+    let g = Cmd::generate(&model, "--device cpu --chat hi").run_within(Duration::from_secs(120));
     assert_user_error(&g, &["chat template", "steps"]);
 
     // num_hidden_layers 1e9 is refused before anything is allocated.
     let model = copy_model(&tmp.path().join("model2"));
-    let cfg_path = model.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["num_hidden_layers"] = serde_json::json!(1_000_000_000u64);
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let g = run_within(
-        Duration::from_secs(30),
-        &[
-            "generate",
-            "--model",
-            s(&model),
-            "--device",
-            "cpu",
-            "--prompt",
-            "hi",
-        ],
-    );
+    let layers = |n: u64| {
+        edit_json(&model.join("config.json"), |c| {
+            c["num_hidden_layers"] = serde_json::json!(n)
+        });
+        generate(&model).run_within(Duration::from_secs(30))
+    };
+    let g = layers(1_000_000_000);
     assert_user_error(&g, &["num_hidden_layers"]);
-    cfg["num_hidden_layers"] = serde_json::json!(3);
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let g = run_within(
-        Duration::from_secs(30),
-        &[
-            "generate",
-            "--model",
-            s(&model),
-            "--device",
-            "cpu",
-            "--prompt",
-            "hi",
-        ],
-    );
+    let g = layers(3);
     assert_user_error(&g, &["num_hidden_layers", "hold 2 layers"]);
 
     // One 10 MB JSONL line costs what the kept tokens cost.
@@ -455,12 +305,13 @@ fn case_06_inputs_cannot_cost_unbounded_time_or_memory() {
     )
     .unwrap();
     let out2 = tmp.path().join("out2");
-    let mut args = train_cmd(s(&big), s(&out2), &m);
-    args.extend(["--max-steps", "1"]);
-    let mut full = vec!["-f", "%M", env!("CARGO_BIN_EXE_peft-rs")];
-    full.extend(&args);
+    let cmd = train_cmd(&big, &out2).args("--max-steps 1");
     let t0 = Instant::now();
-    let r = Command::new("/usr/bin/time").args(&full).output().unwrap();
+    let r = Command::new("/usr/bin/time")
+        .args(["-f", "%M", env!("CARGO_BIN_EXE_peft-rs")])
+        .args(&cmd.0)
+        .output()
+        .unwrap();
     let secs = t0.elapsed().as_secs_f64();
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert!(r.status.success(), "{stderr}");
@@ -472,59 +323,27 @@ fn case_06_inputs_cannot_cost_unbounded_time_or_memory() {
     let model = copy_model(&tmp.path().join("model3"));
     std::fs::remove_file(model.join("config.json")).unwrap();
     symlink("/dev/zero", model.join("config.json")).unwrap();
-    let g = run_within(
-        Duration::from_secs(20),
-        &[
-            "generate",
-            "--model",
-            s(&model),
-            "--device",
-            "cpu",
-            "--prompt",
-            "hi",
-        ],
-    );
+    let g = generate(&model).run_within(Duration::from_secs(20));
     assert_user_error(&g, &["config.json", "not a regular file"]);
     let model = copy_model(&tmp.path().join("model4"));
     std::fs::remove_file(model.join("model.safetensors")).unwrap();
     let c = std::ffi::CString::new(s(&model.join("model.safetensors"))).unwrap();
     // SAFETY: mkfifo with a valid path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
-    let g = run_within(
-        Duration::from_secs(20),
-        &[
-            "generate",
-            "--model",
-            s(&model),
-            "--device",
-            "cpu",
-            "--prompt",
-            "hi",
-        ],
-    );
+    let g = generate(&model).run_within(Duration::from_secs(20));
     assert_user_error(&g, &["model.safetensors", "not a regular file"]);
     let bad_adapter = copy_adapter(&tmp.path().join("adapter"));
     std::fs::remove_file(bad_adapter.join("adapter_model.safetensors")).unwrap();
     symlink("/dev/zero", bad_adapter.join("adapter_model.safetensors")).unwrap();
-    let g = run_within(
-        Duration::from_secs(20),
-        &[
-            "generate",
-            "--model",
-            &m,
-            "--adapter",
-            s(&bad_adapter),
-            "--device",
-            "cpu",
-            "--prompt",
-            "hi",
-        ],
-    );
+    let g = Cmd::generate(&tiny(), "")
+        .path("--adapter", &bad_adapter)
+        .args("--device cpu --prompt hi")
+        .run_within(Duration::from_secs(20));
     assert_user_error(&g, &["adapter_model.safetensors", "not a regular file"]);
-    let mut args = train_cmd("/dev/zero", s(&out), &m);
-    args.extend(["--max-steps", "1"]);
     assert_user_error(
-        &run_within(Duration::from_secs(20), &args),
+        &train_cmd(Path::new("/dev/zero"), &out)
+            .args("--max-steps 1")
+            .run_within(Duration::from_secs(20)),
         &["/dev/zero", "not a regular file"],
     );
 }
@@ -533,40 +352,30 @@ fn case_06_inputs_cannot_cost_unbounded_time_or_memory() {
 fn case_07_huge_requests_are_errors_not_panics() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::alpaca(tmp.path(), 8);
-    let m = s(&tiny()).to_owned();
     let out = tmp.path().join("o");
-    let mut args = train_cmd(s(&data), s(&out), &m);
-    args.extend(["--lora-rank", "1000000000"]);
-    assert_user_error(&peft_rs(&args), &["--lora-rank 1000000000"]);
-    let mut args = train_cmd(s(&data), s(&out), &m);
-    args.extend(["--epochs", "inf"]);
-    assert_user_error(&peft_rs(&args), &["--epochs"]);
     assert_user_error(
-        &peft_rs(&[
-            "eval",
-            "--model",
-            &m,
-            "--device",
-            "cpu",
-            "--data",
-            s(&data),
-            "--batch-size",
-            "0",
-        ]),
+        &train_cmd(&data, &out).args("--lora-rank 1000000000").run(),
+        &["--lora-rank 1000000000"],
+    );
+    assert_user_error(
+        &train_cmd(&data, &out).args("--epochs inf").run(),
+        &["--epochs"],
+    );
+    assert_user_error(
+        &Cmd::new("eval")
+            .path("--model", &tiny())
+            .args("--device cpu")
+            .path("--data", &data)
+            .args("--batch-size 0")
+            .run(),
         &["--batch-size"],
     );
     assert_user_error(
-        &peft_rs(&[
-            "generate",
-            "--model",
-            &m,
-            "--device",
-            "cpu",
-            "--prompt",
-            "x",
-            "--max-new-tokens",
-            "1000000000000",
-        ]),
+        &Cmd::generate(
+            &tiny(),
+            "--device cpu --prompt x --max-new-tokens 1000000000000",
+        )
+        .run(),
         &["--max-new-tokens"],
     );
     let run = tmp.path().join("run");
@@ -574,16 +383,11 @@ fn case_07_huge_requests_are_errors_not_panics() {
     std::fs::write(run.join("metrics.jsonl"), "{\"step\": 1, \"loss\": 2.0}\n").unwrap();
     let png = tmp.path().join("x.png");
     assert_user_error(
-        &peft_rs(&[
-            "plot",
-            s(&run),
-            "--output",
-            s(&png),
-            "--width",
-            "100000",
-            "--height",
-            "100000",
-        ]),
+        &Cmd::new("plot")
+            .arg(s(&run))
+            .path("--output", &png)
+            .args("--width 100000 --height 100000")
+            .run(),
         &["--width 100000"],
     );
     // A libtorch failure inside the process (an allocation that cannot be
@@ -606,17 +410,9 @@ fn case_08_broken_adapters_and_configs_are_refused_not_silently_used() {
     let tmp = tempfile::tempdir().unwrap();
     let m = s(&tiny()).to_owned();
     let gen = |extra: &[&str]| {
-        let mut a = vec![
-            "generate",
-            "--device",
-            "cpu",
-            "--prompt",
-            "hi",
-            "--max-new-tokens",
-            "2",
-        ];
-        a.extend_from_slice(extra);
-        peft_rs(&a)
+        Cmd::new("generate --device cpu --prompt hi --max-new-tokens 2")
+            .all(extra)
+            .run()
     };
     // NaN weights.
     let nan = copy_adapter(&tmp.path().join("nan"));
@@ -630,11 +426,9 @@ fn case_08_broken_adapters_and_configs_are_refused_not_silently_used() {
     );
     // lora_alpha 1e38.
     let big = copy_adapter(&tmp.path().join("alpha"));
-    let cp = big.join("adapter_config.json");
-    let mut c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
-    c["lora_alpha"] = serde_json::json!(1e38);
-    std::fs::write(&cp, c.to_string()).unwrap();
+    edit_json(&big.join("adapter_config.json"), |c| {
+        c["lora_alpha"] = serde_json::json!(1e38)
+    });
     assert_user_error(
         &gen(&["--model", &m, "--adapter", s(&big)]),
         &["lora_alpha", "overflow"],
@@ -656,11 +450,9 @@ fn case_08_broken_adapters_and_configs_are_refused_not_silently_used() {
     );
     // rms_norm_eps -1.
     let model = copy_model(&tmp.path().join("model"));
-    let cfg_path = model.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["rms_norm_eps"] = serde_json::json!(-1.0);
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    edit_json(&model.join("config.json"), |c| {
+        c["rms_norm_eps"] = serde_json::json!(-1.0)
+    });
     assert_user_error(&gen(&["--model", s(&model)]), &["rms_norm_eps"]);
 }
 
@@ -673,33 +465,16 @@ fn case_09_no_leftovers_and_whole_units() {
     std::fs::create_dir_all(&stale).unwrap();
     std::fs::write(stale.join("model.safetensors"), vec![0u8; 4096]).unwrap();
     let out = tmp.path().join("merged");
-    let r = peft_rs(&[
-        "merge",
-        "--model",
-        &m,
-        "--adapter",
-        s(adapter()),
-        "--output",
-        s(&out),
-    ]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    Cmd::merge(&tiny(), adapter(), &out).run_ok();
     assert!(!stale.exists(), "the stale temporary folder is gone");
-    let leftovers: Vec<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
+    let leftovers = common::entries(tmp.path(), |n| n.starts_with('.'));
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 
     // A write that fails removes its temporary file.
     let target = tmp.path().join("occupied");
     std::fs::create_dir_all(target.join("inside")).unwrap();
     assert!(peft_rs::adapters::fsio::write_atomic(&target, b"data").is_err());
-    let tmp_files: Vec<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".tmp-"))
-        .collect();
+    let tmp_files = common::entries(tmp.path(), |n| n.contains(".tmp-"));
     assert!(tmp_files.is_empty(), "left behind: {tmp_files:?}");
 
     // Past `ulimit -f`, a write fails with the file named, no silent death.
@@ -718,9 +493,7 @@ fn case_09_no_leftovers_and_whole_units() {
     // written last in one rename, never appear without it.
     let data = common::alpaca(tmp.path(), 32);
     let run = tmp.path().join("run");
-    let mut args = train_cmd(s(&data), s(&run), &m);
-    args.extend(["--max-steps", "300"]);
-    let mut child = spawn(&args);
+    let mut child = train_cmd(&data, &run).args("--max-steps 300").spawn(&[]);
     wait_for("step 1", Duration::from_secs(120), || {
         steps_logged(&run) >= 1
     });
@@ -766,15 +539,7 @@ fn case_10_shard_paths_stay_in_the_model_dir() {
             serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
         )
         .unwrap();
-        let g = peft_rs(&[
-            "generate",
-            "--model",
-            s(&model),
-            "--device",
-            "cpu",
-            "--prompt",
-            "hi",
-        ]);
+        let g = generate(&model).run();
         assert_user_error(
             &g,
             &["model.safetensors.index.json", bad, "not a plain file name"],
@@ -789,41 +554,40 @@ fn case_11_disk_errors_name_the_file() {
     let bin = env!("CARGO_BIN_EXE_peft-rs");
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    // A 256 KiB file system (in a private mount namespace): the merged model does not fit.
-    let full = format!(
-        "mount -t tmpfs -o size=256k tmpfs {mnt} && exec {bin} merge --model {m} --adapter {a} --output {mnt}/merged",
-        mnt = s(&mnt),
-        a = s(adapter())
-    );
-    let r = Command::new("unshare")
-        .args(["-rm", "sh", "-c", &full])
-        .output()
-        .unwrap();
+    // Merges into {mnt}/merged after `mount` (in a private mount namespace).
+    let merge_after = |mount: String| {
+        let sh = format!(
+            "{mount} && exec {bin} merge --model {m} --adapter {a} --output {mnt}/merged",
+            mnt = s(&mnt),
+            a = s(adapter())
+        );
+        Command::new("unshare")
+            .args(["-rm", "sh", "-c", &sh])
+            .output()
+            .unwrap()
+    };
+    // A 256 KiB file system: the merged model does not fit.
+    let r = merge_after(format!("mount -t tmpfs -o size=256k tmpfs {}", s(&mnt)));
     assert_user_error(&r, &["model.safetensors", "No space left on device"]);
     // A read-only file system.
-    let ro = format!(
-        "mount -t tmpfs -o size=1m tmpfs {mnt} && mount -o remount,ro {mnt} && exec {bin} merge --model {m} --adapter {a} --output {mnt}/merged",
-        mnt = s(&mnt),
-        a = s(adapter())
-    );
-    let r = Command::new("unshare")
-        .args(["-rm", "sh", "-c", &ro])
-        .output()
-        .unwrap();
+    let r = merge_after(format!(
+        "mount -t tmpfs -o size=1m tmpfs {mnt} && mount -o remount,ro {mnt}",
+        mnt = s(&mnt)
+    ));
     assert_user_error(&r, &["merged", "Read-only file system"]);
     // A damaged trainer state.
     let data = common::alpaca(tmp.path(), 16);
     let run = tmp.path().join("run");
-    let mut args = train_cmd(s(&data), s(&run), &m);
-    args.extend(["--max-steps", "4", "--save-steps", "2"]);
-    let r = peft_rs(&args);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let cmd = train_cmd(&data, &run).args("--max-steps 4 --save-steps 2");
+    cmd.run_ok();
     let state = run.join("checkpoint-2/trainer_state.json");
     // Damaged in place, at its size, so that the manifest still lists it.
     let len = std::fs::metadata(&state).unwrap().len() as usize;
     std::fs::write(&state, format!("{{{}", "x".repeat(len - 1))).unwrap();
-    args.push("--resume");
-    assert_user_error(&peft_rs(&args), &["checkpoint-2/trainer_state.json"]);
+    assert_user_error(
+        &cmd.arg("--resume").run(),
+        &["checkpoint-2/trainer_state.json"],
+    );
     // A plot that cannot be written.
     let png = tmp.path().join("no/such/dir/loss.png");
     assert_user_error(
@@ -853,7 +617,7 @@ fn case_12_plot_draws_absurd_losses_without_hanging() {
         Duration::from_secs(30),
         &["plot", s(&run), "--output", s(&png)],
     );
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_ok(&r);
     assert!(String::from_utf8_lossy(&r.stderr).contains("2 loss value(s)"));
     assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
     // A file that is not a picture is not replaced.

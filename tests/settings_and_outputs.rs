@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{assert_user_error, copy_dir, edit_json, losses, run_within, s, scratch, tiny, Cmd};
+use common::{
+    assert_ok, assert_user_error, copy_dir, edit_json, losses, s, scratch, stderr, tiny, Cmd,
+};
 use tch::Tensor;
 
 fn data() -> &'static Path {
@@ -19,11 +21,9 @@ fn data() -> &'static Path {
 }
 
 fn train(out: &Path, extra: &[&str]) -> std::process::Output {
-    Cmd::new("train --device cpu --max-seq-len 64 --lora-rank 2 --batch-size 2 --max-steps 2")
-        .args("--seed 5")
-        .path("--model", &tiny())
-        .path("--data", data())
-        .path("--output", out)
+    let line = "train --device cpu --max-seq-len 64 --lora-rank 2 --batch-size 2 --max-steps 2 \
+                --seed 5";
+    Cmd::train_tiny(line, data(), out)
         .all(extra)
         .run_within(Duration::from_secs(300))
 }
@@ -33,14 +33,9 @@ fn adapter() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let out = scratch().join("adapter");
-        let r = train(&out, &[]);
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert_ok(&train(&out, &[]));
         out
     })
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]
@@ -51,18 +46,11 @@ fn case_11_a_runs_training_args_json_repeats_it_as_one_process() {
     let recorded = two.join("training_args.json");
     // Fed back with --nproc 1: one process, the curve of a plain run.
     let again = scratch().join("again");
-    let r = run_within(
-        Duration::from_secs(300),
-        &[
-            "train",
-            "--config",
-            s(&recorded),
-            "--output",
-            s(&again),
-            "--nproc",
-            "1",
-        ],
-    );
+    let r = Cmd::new("train")
+        .path("--config", &recorded)
+        .path("--output", &again)
+        .args("--nproc 1")
+        .run_within(Duration::from_secs(300));
     let err = stderr(&r);
     assert!(r.status.success(), "{err}");
     assert!(
@@ -132,18 +120,28 @@ fn case_13_deeply_nested_settings_fail_at_once() {
     assert_user_error(&r, &[s(&path)]);
 }
 
-/// Multiplies every `lora_B` tensor of the adapter in `dir` by `factor`.
-fn scale_lora_b(dir: &Path, factor: f64) {
-    let file = dir.join("adapter_model.safetensors");
-    let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(&file)
+/// Rewrites every tensor of the safetensors file `file` as `edit(name, tensor)`.
+fn map_tensors(file: &Path, edit: impl Fn(&str, Tensor) -> Tensor) {
+    let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(file)
         .unwrap()
         .into_iter()
         .map(|(k, t)| {
-            let t = if k.contains("lora_B") { t * factor } else { t };
+            let t = edit(&k, t);
             (k, t)
         })
         .collect();
-    Tensor::write_safetensors(&tensors, &file).unwrap();
+    Tensor::write_safetensors(&tensors, file).unwrap();
+}
+
+/// Multiplies every `lora_B` tensor of the adapter in `dir` by `factor`.
+fn scale_lora_b(dir: &Path, factor: f64) {
+    map_tensors(&dir.join("adapter_model.safetensors"), |k, t| {
+        if k.contains("lora_B") {
+            t * factor
+        } else {
+            t
+        }
+    });
 }
 
 #[test]
@@ -154,10 +152,7 @@ fn case_14_a_merge_that_overflows_fp16_is_refused_naming_the_tensor() {
     scale_lora_b(&big, 1e10);
     let out = scratch().join("merged-fp16");
     let merge = |dtype: &str| {
-        Cmd::new("merge")
-            .path("--model", &tiny())
-            .path("--adapter", &big)
-            .path("--output", &out)
+        Cmd::merge(&tiny(), &big, &out)
             .args(&format!("--dtype {dtype}"))
             .run_within(Duration::from_secs(120))
     };
@@ -175,7 +170,7 @@ fn case_14_a_merge_that_overflows_fp16_is_refused_naming_the_tensor() {
 /// transformers + bitsandbytes (tests/fixtures/qlora_merge_reference.py),
 /// copied with its tokenizer.
 fn quantized_copy(name: &str) -> PathBuf {
-    let q = common::fixture("qlora_merge_reference.py", &[], &[&tiny()]);
+    let q = common::qlora_merge_reference();
     let dir = copy_dir(&q.join("base4"), &scratch().join(name));
     std::fs::copy(tiny().join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
     dir
@@ -183,16 +178,13 @@ fn quantized_copy(name: &str) -> PathBuf {
 
 /// Sets one tensor of `dir/model.safetensors` with `edit`.
 fn edit_tensor(dir: &Path, name: &str, edit: impl Fn(&Tensor) -> Tensor) {
-    let file = dir.join("model.safetensors");
-    let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(&file)
-        .unwrap()
-        .into_iter()
-        .map(|(k, t)| {
-            let t = if k == name { edit(&t) } else { t };
-            (k, t)
-        })
-        .collect();
-    Tensor::write_safetensors(&tensors, &file).unwrap();
+    map_tensors(&dir.join("model.safetensors"), |k, t| {
+        if k == name {
+            edit(&t)
+        } else {
+            t
+        }
+    });
 }
 
 #[test]
@@ -207,18 +199,8 @@ fn case_14_and_15_non_finite_quantization_state_is_refused_at_load() {
     ] {
         let dir = quantized_copy(&format!("bad-state-{what}"));
         edit_tensor(&dir, tensor, edit);
-        let r = run_within(
-            Duration::from_secs(60),
-            &[
-                "generate",
-                "--model",
-                s(&dir),
-                "--prompt",
-                "Hi",
-                "--max-new-tokens",
-                "2",
-            ],
-        );
+        let r = Cmd::generate(&dir, "--prompt Hi --max-new-tokens 2")
+            .run_within(Duration::from_secs(60));
         assert_user_error(
             &r,
             &[
@@ -242,20 +224,8 @@ fn case_14_and_15_non_finite_quantization_state_is_refused_at_load() {
         let _ = t.get(0).get(0).fill_(f64::NAN);
         t
     });
-    let r = run_within(
-        Duration::from_secs(60),
-        &[
-            "generate",
-            "--model",
-            s(&dir),
-            "--quantize",
-            "nf4",
-            "--prompt",
-            "Hi",
-            "--max-new-tokens",
-            "2",
-        ],
-    );
+    let r = Cmd::generate(&dir, "--quantize nf4 --prompt Hi --max-new-tokens 2")
+        .run_within(Duration::from_secs(60));
     assert_user_error(&r, &["model.safetensors", name, "NaN"]);
 }
 
@@ -272,23 +242,13 @@ fn case_16_answers_never_replace_an_input() {
         ad.join("adapter_config.json"),
     ] {
         let before = std::fs::read(&target).unwrap();
-        let r = run_within(
-            Duration::from_secs(120),
-            &[
-                "eval",
-                "--model",
-                s(&model),
-                "--adapter",
-                s(&ad),
-                "--data",
-                s(&data),
-                "--exact-match",
-                "--max-new-tokens",
-                "2",
-                "--answers-out",
-                s(&target),
-            ],
-        );
+        let r = Cmd::new("eval")
+            .path("--model", &model)
+            .path("--adapter", &ad)
+            .path("--data", &data)
+            .args("--exact-match --max-new-tokens 2")
+            .path("--answers-out", &target)
+            .run_within(Duration::from_secs(120));
         assert_user_error(&r, &["--answers-out", "choose another --answers-out"]);
         assert_eq!(
             std::fs::read(&target).unwrap(),
@@ -304,19 +264,10 @@ fn case_17_sampling_below_the_temperature_floor_is_an_error() {
     let model = tiny();
     for t in ["1e-40", "1e-45"] {
         for extra in [&[][..], &["--top-k", "5"]] {
-            let mut a = vec![
-                "generate",
-                "--model",
-                s(&model),
-                "--prompt",
-                "Once",
-                "--max-new-tokens",
-                "4",
-                "--temperature",
-                t,
-            ];
-            a.extend(extra);
-            let r = run_within(Duration::from_secs(60), &a);
+            let r = Cmd::generate(&model, "--prompt Once --max-new-tokens 4 --temperature")
+                .arg(t)
+                .all(extra)
+                .run_within(Duration::from_secs(60));
             assert_user_error(&r, &["--temperature", "--temperature 0"]);
         }
     }
@@ -325,19 +276,10 @@ fn case_17_sampling_below_the_temperature_floor_is_an_error() {
 #[test]
 fn case_18_answers_are_capped_at_the_models_positions() {
     let t0 = Instant::now();
-    let r = run_within(
-        Duration::from_secs(300),
-        &[
-            "generate",
-            "--model",
-            s(&tiny()),
-            "--prompt",
-            "Once upon a time",
-            "--max-new-tokens",
-            "100000",
-            "--json",
-        ],
-    );
+    let r = Cmd::generate(&tiny(), "--prompt")
+        .arg("Once upon a time")
+        .args("--max-new-tokens 100000 --json")
+        .run_within(Duration::from_secs(300));
     let err = stderr(&r);
     assert!(r.status.success(), "{err}");
     assert!(
@@ -354,23 +296,15 @@ fn case_18_answers_are_capped_at_the_models_positions() {
 
 #[test]
 fn case_19_config_values_of_the_wrong_type_are_errors() {
+    let generate = |dir: &Path| {
+        Cmd::generate(dir, "--prompt Hi --max-new-tokens 1").run_within(Duration::from_secs(60))
+    };
     // A string where transformers reads a number: never the default instead.
     let dir = copy_dir(&tiny(), &scratch().join("typed"));
     edit_json(&dir.join("config.json"), |c| {
         c["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": "500000"});
     });
-    let r = run_within(
-        Duration::from_secs(60),
-        &[
-            "generate",
-            "--model",
-            s(&dir),
-            "--prompt",
-            "Hi",
-            "--max-new-tokens",
-            "1",
-        ],
-    );
+    let r = generate(&dir);
     assert_user_error(
         &r,
         &[
@@ -382,42 +316,16 @@ fn case_19_config_values_of_the_wrong_type_are_errors() {
     edit_json(&dir.join("config.json"), |c| {
         c["rope_parameters"] = serde_json::json!({"rope_type": 3});
     });
-    let r = run_within(
-        Duration::from_secs(60),
-        &[
-            "generate",
-            "--model",
-            s(&dir),
-            "--prompt",
-            "Hi",
-            "--max-new-tokens",
-            "1",
-        ],
-    );
+    let r = generate(&dir);
     assert_user_error(&r, &["rope_parameters.rope_type", "must be a string"]);
     edit_json(&dir.join("config.json"), |c| {
         c.as_object_mut().unwrap().remove("rope_parameters");
         c["eos_token_id"] = serde_json::json!("2");
     });
-    let r = run_within(
-        Duration::from_secs(60),
-        &[
-            "generate",
-            "--model",
-            s(&dir),
-            "--prompt",
-            "Hi",
-            "--max-new-tokens",
-            "1",
-        ],
-    );
+    let r = generate(&dir);
     assert_user_error(&r, &["eos_token_id", "token id"]);
     // Phi-3's partial_rotary_factor as a string (transformers raises).
-    let arch = common::fixture(
-        "arch_reference.py",
-        &[],
-        &[&common::default_model(), common::reference()],
-    );
+    let arch = common::arch_reference();
     let phi = copy_dir(&arch.join("models/phi3"), &scratch().join("phi3"));
     edit_json(&phi.join("config.json"), |c| {
         let params = c["rope_parameters"]
@@ -425,18 +333,7 @@ fn case_19_config_values_of_the_wrong_type_are_errors() {
             .expect("rope_parameters");
         params.insert("partial_rotary_factor".into(), serde_json::json!("0.5"));
     });
-    let r = run_within(
-        Duration::from_secs(60),
-        &[
-            "generate",
-            "--model",
-            s(&phi),
-            "--prompt",
-            "Hi",
-            "--max-new-tokens",
-            "1",
-        ],
-    );
+    let r = generate(&phi);
     assert_user_error(
         &r,
         &["rope_parameters.partial_rotary_factor", "must be a number"],

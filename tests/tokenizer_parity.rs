@@ -17,8 +17,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 fn check(name: &str) {
     let tok = Tokenizer::from_model_dir(&common::model_dir(name)).unwrap();
-    let path = common::reference().join(name).join("tokenize.json");
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let r: Value = common::read_json(&common::reference().join(name).join("tokenize.json"));
     let texts = r["texts"].as_array().unwrap();
     assert!(texts.len() >= 8);
     for t in texts {

@@ -4,35 +4,15 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_user_error, losses, metrics, peft_rs};
+use common::{assert_user_error, losses, metrics, read_json, s, tiny, train_tiny_small, Cmd};
 use tch::Tensor;
 
-fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let flags =
-        "train --device cpu --batch-size 4 --max-seq-len 96 --lora-rank 4 --lr 1e-3 --seed 7";
-    let mut v: Vec<&str> = flags.split(' ').collect();
-    v.extend(["--data", data, "--output", out]);
-    v.extend_from_slice(extra);
-    v
-}
-
-fn tiny() -> String {
-    common::model_dir("llama").display().to_string()
-}
-
 fn run_train(data: &Path, out: &Path, extra: &[&str]) {
-    let (d, o, m) = (
-        data.display().to_string(),
-        out.display().to_string(),
-        tiny(),
-    );
-    let mut args = train_args(&d, &o, &["--model", &m]);
-    args.extend_from_slice(extra);
-    let r = peft_rs(&args);
+    let r = train_tiny_small(data, out).all(extra).run();
     assert!(
         r.status.success(),
         "train failed: {}",
@@ -84,9 +64,7 @@ fn same_seed_same_curve_and_neftune_alpha_zero_is_off() {
     // The first step's loss is measured with noise on; the evaluation before it has noise off.
     let eval0 = |o: &Path| metrics(o)[0]["eval_loss"].as_f64().unwrap();
     assert_eq!(eval0(&a), eval0(&noisy), "evaluation must not be noised");
-    let args: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(noisy.join("training_args.json")).unwrap())
-            .unwrap();
+    let args: serde_json::Value = read_json(&noisy.join("training_args.json"));
     assert_eq!(args["neftune_noise_alpha"], 5.0);
     assert_eq!(args["neftune_mode"], "paper");
     // What was used, not "auto" (this machine has no GPU).
@@ -114,15 +92,9 @@ fn kill_and_resume_gives_the_uninterrupted_result() {
     run_train(&data, &full, &extra);
 
     let cut = tmp.path().join("cut");
-    let (d, o, m) = (
-        data.display().to_string(),
-        cut.display().to_string(),
-        tiny(),
-    );
-    let mut args = train_args(&d, &o, &["--model", &m]);
-    args.extend_from_slice(&extra);
+    let cmd = train_tiny_small(&data, &cut).all(&extra);
     let mut child = Command::new(env!("CARGO_BIN_EXE_peft-rs"))
-        .args(&args)
+        .args(&cmd.0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -147,10 +119,7 @@ fn kill_and_resume_gives_the_uninterrupted_result() {
         "killed before the end"
     );
 
-    let mut resume = args.clone();
-    resume.push("--resume");
-    let r = peft_rs(&resume);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    cmd.arg("--resume").run_ok();
     let (x, y) = (adapter(&full), adapter(&cut));
     assert_eq!(x.len(), y.len());
     for ((k1, t1), (k2, t2)) in x.iter().zip(&y) {
@@ -164,102 +133,84 @@ fn kill_and_resume_gives_the_uninterrupted_result() {
     );
 }
 
-#[test]
-fn config_file_with_flag_overrides() {
+/// `train --config FILE` and the words of `line`, in a new temporary folder
+/// `dir`. FILE, `name` in `dir` (TOML or YAML by its extension), sets
+/// `model`, `data` (the first `records` Alpaca records) and `output`
+/// (`dir/out`), then holds `rest`. The folder, the settings the run recorded,
+/// and its output folder.
+fn train_with_config(
+    records: usize,
+    name: &str,
+    rest: &str,
+    line: &str,
+) -> (tempfile::TempDir, serde_json::Value, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
-    let data = common::alpaca(tmp.path(), 24);
-    let out = tmp.path().join("out");
-    let cfg = tmp.path().join("run.toml");
+    let dir = tmp.path();
+    let data = common::alpaca(dir, records);
+    let out = dir.join("out");
+    let cfg = dir.join(name);
+    let sep = if name.ends_with(".toml") { " =" } else { ":" };
     std::fs::write(
         &cfg,
         format!(
-            "model = {:?}\ndata = {:?}\noutput = {:?}\nlora_rank = 2\nmax_steps = 2\nlearning_rate = 5e-4\ndevice = \"cpu\"\nmax_seq_length = 64\n",
-            tiny(),
-            data.display().to_string(),
-            out.display().to_string()
+            "model{sep} {:?}\ndata{sep} {:?}\noutput{sep} {:?}\n{rest}",
+            s(&tiny()),
+            s(&data),
+            s(&out)
         ),
     )
     .unwrap();
-    let r = peft_rs(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--lora-rank",
-        "3",
-    ]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let args: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("training_args.json")).unwrap())
-            .unwrap();
+    Cmd::new("train").path("--config", &cfg).args(line).run_ok();
+    (tmp, read_json(&out.join("training_args.json")), out)
+}
+
+#[test]
+fn config_file_with_flag_overrides() {
+    let settings = "lora_rank = 2\nmax_steps = 2\nlearning_rate = 5e-4\ndevice = \"cpu\"\nmax_seq_length = 64\n";
+    let (tmp, args, out) = train_with_config(24, "run.toml", settings, "--lora-rank 3");
     assert_eq!(args["lora_rank"], 3, "the flag overrides the file");
     assert_eq!(
         args["learning_rate"], 5e-4,
         "the file overrides the default"
     );
-    let cfg_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
-            .unwrap();
+    let cfg_json: serde_json::Value = read_json(&out.join("adapter_config.json"));
     assert_eq!(cfg_json["r"], 3);
 
+    let with_config =
+        |file: &Path, line: &str| Cmd::new("train").path("--config", file).args(line).run();
     let bad = tmp.path().join("bad.yaml");
     std::fs::write(&bad, "lora_rnak: 4\n").unwrap();
-    assert_user_error(
-        &peft_rs(&["train", "--config", bad.to_str().unwrap()]),
-        &["bad.yaml", "lora_rnak"],
-    );
+    assert_user_error(&with_config(&bad, ""), &["bad.yaml", "lora_rnak"]);
     // A bad value names the field and the file when it comes from the file,
     // and the flag when it comes from the command line.
     let zero = tmp.path().join("zero.toml");
     std::fs::write(&zero, "lora_rank = 0\nlearning_rate = 1e-3\n").unwrap();
-    let z = zero.to_str().unwrap();
     assert_user_error(
-        &peft_rs(&["train", "--config", z]),
+        &with_config(&zero, ""),
         &["zero.toml", "field `lora_rank` = 0", "at least 1"],
     );
     assert_user_error(
-        &peft_rs(&["train", "--config", z, "--lora-rank", "2", "--lr", "-1"]),
+        &with_config(&zero, "--lora-rank 2 --lr -1"),
         &["--lr -1", "> 0"],
     );
     std::fs::write(&zero, "scheduler = \"constant\"\n").unwrap();
-    assert_user_error(
-        &peft_rs(&["train", "--config", z]),
-        &["zero.toml", "scheduler"],
-    );
+    assert_user_error(&with_config(&zero, ""), &["zero.toml", "scheduler"]);
     std::fs::write(&zero, "lr_scheduler_type = \"step\"\n").unwrap();
     assert_user_error(
-        &peft_rs(&["train", "--config", z]),
+        &with_config(&zero, ""),
         &["zero.toml", "step", "constant_with_warmup"],
     );
 }
 
 #[test]
 fn a_flag_turns_off_a_boolean_from_the_config_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = common::alpaca(tmp.path(), 12);
-    let out = tmp.path().join("out");
-    let cfg = tmp.path().join("run.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "model: {:?}\ndata: {:?}\noutput: {:?}\nuse_dora: true\ngroup_by_length: true\nmax_steps: 1\ndevice: cpu\nmax_seq_length: 48\nlora_rank: 2\nlr_scheduler_type: constant_with_warmup\n",
-            tiny(),
-            data.display().to_string(),
-            out.display().to_string()
-        ),
-    )
-    .unwrap();
-    let r = peft_rs(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--use-dora",
-        "false",
-        "--no-group-by-length",
-    ]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let args: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("training_args.json")).unwrap())
-            .unwrap();
+    let settings = "use_dora: true\ngroup_by_length: true\nmax_steps: 1\ndevice: cpu\nmax_seq_length: 48\nlora_rank: 2\nlr_scheduler_type: constant_with_warmup\n";
+    let (_tmp, args, _) = train_with_config(
+        12,
+        "run.yaml",
+        settings,
+        "--use-dora false --no-group-by-length",
+    );
     assert_eq!(
         args["use_dora"], false,
         "the flag turns the file's true off"
@@ -275,64 +226,46 @@ fn a_flag_turns_off_a_boolean_from_the_config_file() {
 #[test]
 fn bad_data_and_flags_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let m = tiny();
-    let out = tmp.path().join("o").display().to_string();
+    let out = tmp.path().join("o");
+    let train = |data: &Path, line: &str| train_tiny_small(data, &out).args(line).run();
+    // Writes `text` to `file` and trains on it.
+    let train_on = |file: &Path, text: &str| {
+        std::fs::write(file, text).unwrap();
+        train(file, "")
+    };
     let jsonl = tmp.path().join("d.jsonl");
-    std::fs::write(&jsonl, "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"c\", \"outptu\": \"d\"}\n").unwrap();
-    let j = jsonl.display().to_string();
     assert_user_error(
-        &peft_rs(&train_args(&j, &out, &["--model", &m])),
+        &train_on(&jsonl, "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"c\", \"outptu\": \"d\"}\n"),
         &["d.jsonl:2", "`output`"],
     );
-    std::fs::write(&jsonl, "{\"instruction\": \"a\", \"output\": 3}\n").unwrap();
     assert_user_error(
-        &peft_rs(&train_args(&j, &out, &["--model", &m])),
+        &train_on(&jsonl, "{\"instruction\": \"a\", \"output\": 3}\n"),
         &["d.jsonl:1", "`output`", "string"],
     );
-    std::fs::write(
-        &jsonl,
-        "{\"instruction\": \"a\", \"output\": \"b\"}\nnot json\n",
-    )
-    .unwrap();
     assert_user_error(
-        &peft_rs(&train_args(&j, &out, &["--model", &m])),
+        &train_on(
+            &jsonl,
+            "{\"instruction\": \"a\", \"output\": \"b\"}\nnot json\n",
+        ),
         &["d.jsonl:2", "JSON"],
     );
-    std::fs::write(&jsonl, "").unwrap();
-    assert_user_error(
-        &peft_rs(&train_args(&j, &out, &["--model", &m])),
-        &["d.jsonl", "empty"],
-    );
+    assert_user_error(&train_on(&jsonl, ""), &["d.jsonl", "empty"]);
     let arr = tmp.path().join("a.json");
-    std::fs::write(
-        &arr,
-        "[\n {\"instruction\": \"a\", \"output\": \"b\"},\n {\"instruction\": \"a\"}\n]",
-    )
-    .unwrap();
-    let a = arr.display().to_string();
     assert_user_error(
-        &peft_rs(&train_args(&a, &out, &["--model", &m])),
+        &train_on(
+            &arr,
+            "[\n {\"instruction\": \"a\", \"output\": \"b\"},\n {\"instruction\": \"a\"}\n]",
+        ),
         &["a.json:3", "`output`"],
     );
     std::fs::write(&arr, "[{\"instruction\": \"a\", \"output\": \"b\"}]").unwrap();
+    assert_user_error(&train(&arr, "--lora-alpha 0"), &["--lora-alpha"]);
     assert_user_error(
-        &peft_rs(&train_args(&a, &out, &["--model", &m, "--lora-alpha", "0"])),
-        &["--lora-alpha"],
-    );
-    assert_user_error(
-        &peft_rs(&train_args(
-            &a,
-            &out,
-            &["--model", &m, "--neftune-mode", "trl"],
-        )),
+        &train(&arr, "--neftune-mode trl"),
         &["--neftune-mode", "trl"],
     );
     assert_user_error(
-        &peft_rs(&train_args(
-            &a,
-            &out,
-            &["--model", &m, "--target-modules", "q_proj,qkv"],
-        )),
+        &train(&arr, "--target-modules q_proj,qkv"),
         &["qkv", "matches no linear layer"],
     );
 }
@@ -342,28 +275,11 @@ fn a_diverging_run_stops_with_the_step() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::alpaca(tmp.path(), 16);
     let out = tmp.path().join("out");
-    let (d, o, m) = (
-        data.display().to_string(),
-        out.display().to_string(),
-        tiny(),
-    );
-    let mut args = train_args(
-        &d,
-        &o,
-        &[
-            "--model",
-            &m,
-            "--max-steps",
-            "6",
-            "--max-grad-norm",
-            "0",
-            "--warmup-steps",
-            "0",
-        ],
-    );
-    let lr_pos = args.iter().position(|a| *a == "--lr").unwrap();
-    args[lr_pos + 1] = "1e30";
-    assert_user_error(&peft_rs(&args), &["loss became", "at step"]);
+    let mut cmd =
+        train_tiny_small(&data, &out).args("--max-steps 6 --max-grad-norm 0 --warmup-steps 0");
+    let lr_pos = cmd.0.iter().position(|a| *a == "--lr").unwrap();
+    cmd.0[lr_pos + 1] = "1e30".into();
+    assert_user_error(&cmd.run(), &["loss became", "at step"]);
 }
 
 #[test]
@@ -371,30 +287,12 @@ fn training_the_default_model_lowers_held_out_loss() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::alpaca(tmp.path(), 160);
     let out = tmp.path().join("out");
-    let (d, o) = (data.display().to_string(), out.display().to_string());
-    let args = [
-        "train",
-        "--data",
-        &d,
-        "--output",
-        &o,
-        "--device",
-        "cpu",
-        "--batch-size",
-        "4",
-        "--max-seq-len",
-        "128",
-        "--max-steps",
-        "12",
-        "--lr",
-        "1e-3",
-        "--eval-holdout",
-        "16",
-        "--neftune-alpha",
-        "5",
-    ];
-    let r = peft_rs(&args);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    Cmd::new("train")
+        .path("--data", &data)
+        .path("--output", &out)
+        .args("--device cpu --batch-size 4 --max-seq-len 128 --max-steps 12 --lr 1e-3")
+        .args("--eval-holdout 16 --neftune-alpha 5")
+        .run_ok();
     let m = metrics(&out);
     let before = m.first().unwrap()["eval_loss"].as_f64().unwrap();
     let after = m.last().unwrap()["eval_loss"].as_f64().unwrap();
@@ -407,15 +305,7 @@ fn progress_is_printed_as_plain_lines_without_a_terminal() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::alpaca(tmp.path(), 24);
     let out = tmp.path().join("out");
-    let (d, o, m) = (
-        data.display().to_string(),
-        out.display().to_string(),
-        tiny(),
-    );
-    let mut args = train_args(&d, &o, &["--model", &m]);
-    args.extend(["--max-steps", "4"]);
-    let r = peft_rs(&args);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = train_tiny_small(&data, &out).args("--max-steps 4").run_ok();
     let stderr = String::from_utf8_lossy(&r.stderr);
     for step in 1..=4 {
         assert!(

@@ -6,10 +6,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::metrics;
-use peft_rs::adapters::lora::{InitLoraWeights, LoraConfig, TargetModules};
+use common::{assert_user_error, losses, metrics, tensors, tiny, train_tiny_small, Cmd};
+use peft_rs::adapters::lora::{InitLoraWeights, LoraConfig};
 use peft_rs::data::Batch;
 use peft_rs::device::DeviceArg;
 use peft_rs::models;
@@ -18,10 +18,6 @@ use peft_rs::regularizers::rng::with_torch_seed;
 use peft_rs::regularizers::{HookContext, HookPoint, Registry, Regularizer, RegularizerStack};
 use peft_rs::train::{forward_backward, MicroBatch, StepOptions, TrainConfig, Trainer};
 use tch::{Device, Kind, Tensor};
-
-fn tiny() -> PathBuf {
-    common::model_dir("llama")
-}
 
 fn config(dir: &Path, records: usize, out: &str) -> TrainConfig {
     TrainConfig {
@@ -58,10 +54,7 @@ fn trainer_with(
 }
 
 fn read_adapter(dir: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(dir.join("adapter_model.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect()
+    tensors(&dir.join("adapter_model.safetensors"))
 }
 
 fn all_finite(t: &HashMap<String, Tensor>) -> bool {
@@ -152,17 +145,11 @@ fn fp16_loss_scaling_keeps_small_gradients() {
     let grads = |kind: Kind, loss_scale: f64| -> HashMap<String, Tensor> {
         let mut model = models::load(&tiny(), kind, Device::Cpu).unwrap();
         let lora = LoraConfig {
-            r: 4,
-            target_modules: TargetModules::AllLinear,
             init_lora_weights: InitLoraWeights::Random,
-            ..LoraConfig::default()
+            ..common::lora(4, LoraConfig::default().lora_alpha)
         };
         with_torch_seed(3, || peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora)).unwrap();
-        let params = peft_model::trainable_parameters(&model);
-        let trainable: Vec<(String, Tensor)> = params
-            .iter()
-            .map(|(k, t)| (k.clone(), t.shallow_clone()))
-            .collect();
+        let (params, trainable) = common::trainable(&model);
         let mb = MicroBatch::single(0, batch.num_label_tokens as f64 * 4096.0, loss_scale);
         let opts = StepOptions {
             gradient_checkpointing: false,
@@ -299,11 +286,7 @@ fn a_loss_penalty_counts_once_per_step_whatever_the_accumulation() {
         trainer_with(cfg, "l2", || Box::new(L2(0.05)))
             .run()
             .unwrap();
-        let losses: Vec<f64> = metrics(&out)
-            .iter()
-            .filter_map(|l| l["loss"].as_f64())
-            .collect();
-        (losses, read_adapter(&out))
+        (losses(&out), read_adapter(&out))
     };
     let (l1, a1) = run("b8", 8, 1);
     let (l4, a4) = run("b2x4", 2, 4);
@@ -318,27 +301,17 @@ fn a_loss_penalty_counts_once_per_step_whatever_the_accumulation() {
     assert!(worst < 1e-5, "adapters differ by {worst}");
 }
 
-fn train_args<'a>(data: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
-    let flags =
-        "train --device cpu --batch-size 4 --max-seq-len 96 --lora-rank 4 --lr 1e-3 --seed 7";
-    let mut v: Vec<&str> = flags.split(' ').collect();
-    v.extend(["--data", data, "--output", out, "--model", model]);
-    v.extend(["--max-steps", "4", "--save-steps", "2"]);
-    v
+/// Four steps, with a checkpoint every two.
+fn train_cmd(data: &Path, out: &Path) -> Cmd {
+    train_tiny_small(data, out).args("--max-steps 4 --save-steps 2")
 }
 
 #[test]
 fn resume_refuses_every_setting_that_changes_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::alpaca(tmp.path(), 32);
-    let (d, m) = (data.display().to_string(), tiny().display().to_string());
-    let out = tmp.path().join("run").display().to_string();
-    let first = common::peft_rs(&train_args(&d, &out, &m));
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    let out = tmp.path().join("run");
+    train_cmd(&data, &out).run_ok();
     for (change, field) in [
         (&["--max-seq-len", "64"][..], "max_seq_length"),
         (&["--eval-holdout", "4"], "eval_holdout"),
@@ -356,20 +329,18 @@ fn resume_refuses_every_setting_that_changes_the_run() {
         (&["--neftune-alpha", "5"], "neftune_noise_alpha"),
         (&["--dtype", "bf16"], "dtype"),
     ] {
-        let mut args = train_args(&d, &out, &m);
-        let pos = args.iter().position(|a| *a == change[0]);
+        let mut cmd = train_cmd(&data, &out);
+        let pos = cmd.0.iter().position(|a| *a == change[0]);
         match pos {
-            Some(p) => args[p + 1] = change[1],
-            None => args.extend_from_slice(change),
+            Some(p) => cmd.0[p + 1] = change[1].into(),
+            None => cmd = cmd.all(change),
         }
-        args.push("--resume");
-        common::assert_user_error(&common::peft_rs(&args), &["--resume", field]);
+        assert_user_error(&cmd.arg("--resume").run(), &["--resume", field]);
     }
     // What only changes logging or saving is accepted.
-    let mut args = train_args(&d, &out, &m);
-    args.extend_from_slice(&["--logging-steps", "2", "--resume"]);
-    let r = common::peft_rs(&args);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    train_cmd(&data, &out)
+        .args("--logging-steps 2 --resume")
+        .run_ok();
 }
 
 #[test]
@@ -378,18 +349,11 @@ fn epochs_are_counted_as_transformers_counts_them() {
     // gives steps of 4, 4 and 2 micro-batches, so 3 epochs are 9 steps.
     let tmp = tempfile::tempdir().unwrap();
     let data = common::alpaca(tmp.path(), 40);
-    let (d, m) = (data.display().to_string(), tiny().display().to_string());
     let out = tmp.path().join("run");
-    let o = out.display().to_string();
-    let mut args = train_args(&d, &o, &m);
-    args.truncate(args.len() - 4);
-    args.extend_from_slice(&["--grad-accum", "4", "--epochs", "3"]);
-    let r = common::peft_rs(&args);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let epochs: Vec<f64> = metrics(&out)
-        .iter()
-        .filter_map(|l| l["epoch"].as_f64())
-        .collect();
+    train_tiny_small(&data, &out)
+        .args("--grad-accum 4 --epochs 3")
+        .run_ok();
+    let epochs = common::series(&out, "epoch");
     assert_eq!(epochs, [0.4, 0.8, 1.0, 1.4, 1.8, 2.0, 2.4, 2.8, 3.0]);
 }
 
@@ -462,17 +426,7 @@ fn the_regularizer_stack_returns_what_the_next_bf16_layer_expects() {
     let mut stack = RegularizerStack::new();
     stack.push(Box::new(Fp32Noise));
     let mask = Tensor::ones([2, 3], (Kind::Int64, Device::Cpu));
-    let ctx = HookContext {
-        training: true,
-        step: 0,
-        attention_mask: &mask,
-        segment_ids: None,
-        seed: 1,
-        row_seeds: None,
-        micro_batch: 0,
-        micro_batches: 1,
-        trainable: &[],
-    };
+    let ctx = common::hook_context(&mask, true, 1);
     let x = Tensor::ones([2, 3, 4], (Kind::BFloat16, Device::Cpu));
     for point in [HookPoint::EmbeddingOutput, HookPoint::DecoderLayerOutput(0)] {
         let y = stack.apply(point, x.shallow_clone(), &ctx);

@@ -5,23 +5,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
+use common::{edit_json, grad_reference as fx, ref_loss, tensors as read};
 use peft_rs::models;
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::{Neftune, RegularizerStack};
 use peft_rs::train::StepOptions;
 use tch::{Device, Kind, Tensor};
-
-fn fx() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| common::fixture("grad_reference.py", &[], &[&common::model_dir("llama")]))
-}
-
-fn read(p: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(p).unwrap().into_iter().collect()
-}
 
 /// Our gradients for `variant`, by adapter key, and the loss.
 fn our_grads(variant: &str, opts: StepOptions) -> (HashMap<String, Tensor>, f64) {
@@ -40,7 +31,7 @@ fn grads_with(
     opts: StepOptions,
     mut regs: RegularizerStack,
 ) -> (HashMap<String, Tensor>, f64) {
-    let mut model = models::load(&common::model_dir("llama"), kind, Device::Cpu).unwrap();
+    let mut model = models::load(&common::tiny(), kind, Device::Cpu).unwrap();
     peft_model::load_adapter(&mut model, adapter_dir, DEFAULT_ADAPTER).unwrap();
     common::one_step_grads(&mut model, &fx().join("batch.safetensors"), opts, &mut regs)
 }
@@ -55,11 +46,7 @@ fn adapter_gradients_match_peft() {
     for variant in ["lora", "dora"] {
         let (ours, loss) = our_grads(variant, PLAIN);
         let theirs = read(&fx().join(variant).join("grads.safetensors"));
-        let ref_loss: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fx().join(variant).join("loss.json")).unwrap(),
-        )
-        .unwrap();
-        let ref_loss = ref_loss["loss"].as_f64().unwrap();
+        let ref_loss = ref_loss(&fx().join(variant));
         assert!(
             (loss - ref_loss).abs() < 1e-5 * ref_loss.abs(),
             "{variant}: loss {loss} vs {ref_loss}"
@@ -127,9 +114,7 @@ fn bf16_base_gradients_match_peft_in_bf16() {
     );
     let peft_bf16 = read(&dir.join("grads.safetensors"));
     let peft_fp32 = read(&dir.join("grads_fp32.safetensors"));
-    let ref_loss: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("loss.json")).unwrap()).unwrap();
-    let ref_loss = ref_loss["loss"].as_f64().unwrap();
+    let ref_loss = ref_loss(&dir);
     let ours_vs_peft = worst_error(&ours, &peft_bf16);
     // How far bf16 itself is from exact: PEFT in bf16 against PEFT in fp32.
     let bf16_floor = worst_error(&peft_bf16, &peft_fp32);
@@ -158,11 +143,9 @@ fn gradient_checkpointing_with_dropout_and_neftune_gives_identical_gradients() {
     for f in ["adapter_model.safetensors", "adapter_config.json"] {
         std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
     }
-    let cfg_path = tmp.path().join("adapter_config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["lora_dropout"] = serde_json::json!(0.1);
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    edit_json(&tmp.path().join("adapter_config.json"), |c| {
+        c["lora_dropout"] = serde_json::json!(0.1)
+    });
     let regs = || {
         let mut r = RegularizerStack::new();
         r.push(Box::new(Neftune::new(5.0)));

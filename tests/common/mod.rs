@@ -1,10 +1,17 @@
 //! Shared helpers for the integration tests: the Python reference
-//! environment, the cached reference fixtures, and running the binary.
+//! environment, the cached reference fixtures and the tensors and JSON they
+//! hold, loading models and making adapters, and running the binary.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+
+use peft_rs::adapters::lora::{LoraConfig, TargetModules};
+use peft_rs::models::{self, LlamaForCausalLM};
+use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
+use tch::{Device, Kind, Tensor};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -70,8 +77,27 @@ fn hash_file(p: &Path) -> u64 {
 }
 
 /// Runs `script LEADING... OUT ARGS...` once per content hash of the fixture scripts and returns OUT
-/// (cached under `target/test-fixtures`, written to a temporary folder and renamed).
-pub fn fixture(script: &str, leading: &[&str], args: &[&Path]) -> PathBuf {
+/// (cached under `target/test-fixtures`, written to a temporary folder and renamed; looked up once
+/// per test binary).
+pub fn fixture(script: &str, leading: &[&str], args: &[&Path]) -> &'static Path {
+    type Once = &'static OnceLock<PathBuf>;
+    static SEEN: Mutex<Vec<(String, Once)>> = Mutex::new(Vec::new());
+    let call = format!("{script}\0{leading:?}\0{args:?}");
+    let once: Once = {
+        let mut seen = SEEN.lock().unwrap();
+        match seen.iter().find(|(c, _)| *c == call) {
+            Some((_, once)) => once,
+            None => {
+                let once: Once = Box::leak(Box::default());
+                seen.push((call, once));
+                once
+            }
+        }
+    };
+    once.get_or_init(|| run_fixture(script, leading, args))
+}
+
+fn run_fixture(script: &str, leading: &[&str], args: &[&Path]) -> PathBuf {
     let script = repo().join("tests/fixtures").join(script);
     // The arguments are part of the key: they name other fixtures, themselves keyed by content.
     let arg_text: String = args
@@ -122,8 +148,25 @@ pub fn fixture(script: &str, leading: &[&str], args: &[&Path]) -> PathBuf {
 
 /// The transformers reference for the tiny models and the default model.
 pub fn reference() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| fixture("reference.py", &[], &[&default_model()]))
+    fixture("reference.py", &[], &[&default_model()])
+}
+
+/// `tests/fixtures/grad_reference.py`: PEFT adapters on the tiny Llama and
+/// one training step's gradients.
+pub fn grad_reference() -> &'static Path {
+    fixture("grad_reference.py", &[], &[&tiny()])
+}
+
+/// `tests/fixtures/arch_reference.py`: the tiny models of the newer
+/// architectures and their transformers + PEFT references.
+pub fn arch_reference() -> &'static Path {
+    fixture("arch_reference.py", &[], &[&default_model(), reference()])
+}
+
+/// `tests/fixtures/qlora_merge_reference.py`: the tiny Llama quantized and
+/// saved by transformers + bitsandbytes, an adapter, and PEFT's merges.
+pub fn qlora_merge_reference() -> &'static Path {
+    fixture("qlora_merge_reference.py", &[], &[&tiny()])
 }
 
 /// The model directory of a reference model (`llama`, `mistral`, `qwen2`, `smollm2`).
@@ -171,23 +214,14 @@ pub fn assert_user_error(out: &Output, needles: &[&str]) {
 /// tokens as transformers' Trainer does. Returns every trainable tensor's
 /// gradient by PEFT key, and the loss.
 pub fn one_step_grads(
-    model: &mut peft_rs::models::LlamaForCausalLM,
+    model: &mut LlamaForCausalLM,
     batch_file: &Path,
     opts: peft_rs::train::StepOptions,
     regs: &mut peft_rs::regularizers::RegularizerStack,
-) -> (std::collections::HashMap<String, tch::Tensor>, f64) {
-    use peft_rs::peft_model;
-    use tch::{Kind, Tensor};
+) -> (HashMap<String, Tensor>, f64) {
     peft_model::set_training(model, true);
-    let params = peft_model::trainable_parameters(model);
-    let trainable: Vec<(String, Tensor)> = params
-        .iter()
-        .map(|(k, t)| (k.clone(), t.shallow_clone()))
-        .collect();
-    let b: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(batch_file)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let (params, trainable) = trainable(model);
+    let b = tensors(batch_file);
     let labels = b["labels"].shallow_clone();
     let batch = peft_rs::data::Batch {
         input_ids: b["input_ids"].shallow_clone(),
@@ -265,10 +299,15 @@ pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 
 /// The training losses `metrics.jsonl` in `out` records, step by step.
 pub fn losses(out: &Path) -> Vec<f64> {
+    series(out, "loss")
+}
+
+/// The numbers `metrics.jsonl` in `out` records under `key`, in order.
+pub fn series(out: &Path, key: &str) -> Vec<f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64())
         .collect()
 }
 
@@ -435,4 +474,242 @@ pub fn tensor_diff(a: &tch::Tensor, b: &tch::Tensor) -> (f64, f64) {
         (a - b).abs().max().double_value(&[]),
         b.abs().max().double_value(&[]),
     )
+}
+
+/// The stderr of a run, as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts that a run succeeded, with its stderr as the message.
+pub fn assert_ok(out: &Output) {
+    assert!(out.status.success(), "{}", stderr(out));
+}
+
+impl Cmd {
+    /// `peft-rs merge` of `adapter` into `model`, written to `out`.
+    pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Self {
+        Self::new("merge")
+            .path("--model", model)
+            .path("--adapter", adapter)
+            .path("--output", out)
+    }
+
+    /// `peft-rs generate --model MODEL` and the words of `line`.
+    pub fn generate(model: &Path, line: &str) -> Self {
+        Self::new("generate").path("--model", model).args(line)
+    }
+
+    /// The words of `line` (a `train` command), then the tiny Llama, `data` and `out`.
+    pub fn train_tiny(line: &str, data: &Path, out: &Path) -> Self {
+        Self::new(line)
+            .path("--model", &tiny())
+            .path("--data", data)
+            .path("--output", out)
+    }
+
+    /// Runs `peft-rs`, asserting that it succeeds (its stderr is the message).
+    pub fn run_ok(&self) -> Output {
+        let out = self.run();
+        assert_ok(&out);
+        out
+    }
+}
+
+/// Greedy answers of `peft-rs generate --json` to the prompts file, in
+/// batches of `batch_size`, one JSON value per prompt.
+pub fn generate_json(model: &Path, prompts: &Path, batch_size: &str) -> Vec<serde_json::Value> {
+    let out = Cmd::generate(model, "--device cpu")
+        .path("--prompts", prompts)
+        .args("--max-new-tokens 32 --batch-size")
+        .arg(batch_size)
+        .arg("--json")
+        .run_ok();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A JSON file, parsed.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> T {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The `loss` a reference script wrote to `dir/loss.json`.
+pub fn ref_loss(dir: &Path) -> f64 {
+    read_json::<serde_json::Value>(&dir.join("loss.json"))["loss"]
+        .as_f64()
+        .unwrap()
+}
+
+/// The tensors of a safetensors file, by name.
+pub fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+/// The `logits` tensor of a safetensors file.
+pub fn logits(path: &Path) -> Tensor {
+    tensors(path)
+        .remove("logits")
+        .unwrap_or_else(|| panic!("{}: no logits", path.display()))
+}
+
+/// The `input_ids` and `attention_mask` of a safetensors file.
+pub fn ids_and_mask(path: &Path) -> (Tensor, Tensor) {
+    let mut t = tensors(path);
+    let mut take = |k: &str| {
+        t.remove(k)
+            .unwrap_or_else(|| panic!("{}: no {k}", path.display()))
+    };
+    (take("input_ids"), take("attention_mask"))
+}
+
+/// Max |a - b| over real (non-pad) positions.
+pub fn masked_max_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    let keep = mask.to_kind(Kind::Bool).unsqueeze(-1);
+    (a - b)
+        .abs()
+        .masked_fill(&keep.logical_not(), 0.0)
+        .max()
+        .double_value(&[])
+}
+
+/// A model directory loaded in fp32 on the CPU.
+pub fn load(dir: &Path) -> LlamaForCausalLM {
+    models::load(dir, Kind::Float, Device::Cpu).unwrap()
+}
+
+/// The tiny Llama, loaded in fp32 on the CPU.
+pub fn load_tiny() -> LlamaForCausalLM {
+    load(&tiny())
+}
+
+/// A LoRA config of rank `r` and `lora_alpha` on every linear layer, PEFT's
+/// defaults otherwise.
+pub fn lora(r: usize, lora_alpha: f64) -> LoraConfig {
+    LoraConfig {
+        r,
+        lora_alpha,
+        target_modules: TargetModules::AllLinear,
+        ..LoraConfig::default()
+    }
+}
+
+/// Logits that `tests/fixtures/peft_reference.py logits` computes with
+/// transformers (and PEFT, given an adapter) for `base` on the `inputs` file;
+/// with `quant` ("nf4", "fp4"), on the base quantized by bitsandbytes.
+pub fn peft_logits(
+    base: &Path,
+    inputs: &Path,
+    adapter: Option<&Path>,
+    quant: Option<&str>,
+) -> Tensor {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let mut cmd = Command::new(python());
+    cmd.arg(repo().join("tests/fixtures/peft_reference.py"))
+        .arg("logits")
+        .arg(base)
+        .arg(inputs)
+        .arg(&out);
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(a);
+    }
+    if let Some(q) = quant {
+        cmd.args(["--load-in-4bit", q]);
+    }
+    let status = cmd.status().unwrap();
+    assert!(status.success(), "peft_reference.py logits failed");
+    logits(&out)
+}
+
+/// An adapter made by peft-rs and read back by PEFT: `config` injected into
+/// `model` (base `base`) with seed 7, its B drawn from N(0, 0.05²) and a DoRA
+/// magnitude jittered by 5%, saved, and loaded by PEFT (strictly: every key,
+/// every value). Our logits on `ids` and PEFT's on the `inputs` file.
+pub fn our_adapter_in_peft(
+    mut model: LlamaForCausalLM,
+    config: &LoraConfig,
+    base: &Path,
+    inputs: &Path,
+    ids: &Tensor,
+) -> (Tensor, Tensor) {
+    tch::manual_seed(7);
+    peft_model::inject(&mut model, DEFAULT_ADAPTER, config).unwrap();
+    tch::no_grad(|| {
+        for (k, t) in peft_model::trainable_parameters(&model) {
+            let mut t = t.shallow_clone();
+            if k.ends_with("lora_B.weight") {
+                let _ = t.normal_(0.0, 0.05);
+            } else if k.ends_with("lora_magnitude_vector") {
+                let noise = t.randn_like() * 0.05 + 1.0;
+                t *= noise;
+            }
+        }
+    });
+    let ours = tch::no_grad(|| model.forward(ids));
+    let tmp = tempfile::tempdir().unwrap();
+    peft_model::save_adapter(&model, DEFAULT_ADAPTER, config, tmp.path()).unwrap();
+    let theirs = peft_logits(base, inputs, Some(tmp.path()), None);
+    (ours, theirs)
+}
+
+/// `model`'s trainable tensors by PEFT key, and the same as the list of
+/// pairs that `forward_backward` takes.
+pub fn trainable(
+    model: &LlamaForCausalLM,
+) -> (
+    std::collections::BTreeMap<String, Tensor>,
+    Vec<(String, Tensor)>,
+) {
+    let params = peft_model::trainable_parameters(model);
+    let list = params
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    (params, list)
+}
+
+/// The context a regularizer sees at step 0 of a one-micro-batch step, with
+/// no segments, row seeds or trainable tensors.
+pub fn hook_context(
+    attention_mask: &Tensor,
+    training: bool,
+    seed: u64,
+) -> peft_rs::regularizers::HookContext<'_> {
+    peft_rs::regularizers::HookContext {
+        training,
+        step: 0,
+        attention_mask,
+        segment_ids: None,
+        seed,
+        row_seeds: None,
+        micro_batch: 0,
+        micro_batches: 1,
+        trainable: &[],
+    }
+}
+
+/// `train` of the tiny Llama on `data` into `out` with the settings of the
+/// one-process training tests (batch 4, length 96, rank 4, lr 1e-3, seed 7).
+pub fn train_tiny_small(data: &Path, out: &Path) -> Cmd {
+    let line =
+        "train --device cpu --batch-size 4 --max-seq-len 96 --lora-rank 4 --lr 1e-3 --seed 7";
+    Cmd::train_tiny(line, data, out)
+}
+
+/// The names of the entries of `dir` that `keep` accepts, in directory order.
+pub fn entries(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| keep(n))
+        .collect()
 }
