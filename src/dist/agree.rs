@@ -102,6 +102,31 @@ pub fn share_from_rank0(group: &ProcessGroup, key: &str, bytes: &[u8]) -> Result
     }
 }
 
+/// [`share_from_rank0`] as the last exchange before the processes exit:
+/// rank 0 hosts the rendezvous store, so it waits (at most `linger`) until
+/// every other rank says it has read the value before it may exit and
+/// close the store under them.
+pub fn share_from_rank0_before_exit(
+    group: &ProcessGroup,
+    key: &str,
+    bytes: &[u8],
+    linger: std::time::Duration,
+) -> Result<Vec<u8>> {
+    let got = share_from_rank0(group, key, bytes)?;
+    let ack = |r: usize| format!("peft-rs/share/{key}/read-by/{r}");
+    if group.rank() == 0 {
+        for r in 1..group.world_size() {
+            // A rank that died reads nothing: exit anyway after `linger`.
+            if group.store_get(&ack(r), linger).is_err() {
+                break;
+            }
+        }
+    } else {
+        group.store_set(&ack(group.rank()), b"1")?;
+    }
+    Ok(got)
+}
+
 /// Every rank's settings (a name and a printable value each) compared with
 /// rank 0's; a rank whose differ fails, naming each setting with both
 /// values, and every rank fails with it. Settings that may differ between

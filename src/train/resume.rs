@@ -22,6 +22,10 @@ struct Resumed {
     loss_scaler: Option<LossScaler>,
 }
 
+/// How long rank 0 waits on a stop for the other ranks to read where the
+/// checkpoint went, before it exits and takes the rendezvous store with it.
+const STOP_LINGER: std::time::Duration = std::time::Duration::from_secs(20);
+
 impl Trainer {
     /// The state saved with a checkpoint after `step` steps.
     pub fn state(&self, step: u64) -> TrainerState {
@@ -79,7 +83,8 @@ impl Trainer {
         let dir = agree::fail_together(self.group.as_ref(), "to save the checkpoint", saved)?;
         let message = match &self.group {
             Some(g) if g.rank() != 0 => {
-                let dir = agree::share_from_rank0(g, "stop-checkpoint", &[])?;
+                let dir =
+                    agree::share_from_rank0_before_exit(g, "stop-checkpoint", &[], STOP_LINGER)?;
                 format!(
                     "rank {}: stopped by {name} after step {step} with every rank; rank 0 saved {}",
                     g.rank(),
@@ -88,10 +93,11 @@ impl Trainer {
             }
             group => {
                 if let Some(g) = group {
-                    agree::share_from_rank0(
+                    agree::share_from_rank0_before_exit(
                         g,
                         "stop-checkpoint",
                         dir.display().to_string().as_bytes(),
+                        STOP_LINGER,
                     )?;
                 }
                 format!(
