@@ -205,10 +205,19 @@ pub fn add_weighted_adapter(
 /// `merge_adapter`); a quantized weight is dequantized, merged and quantized
 /// again, as PEFT does on a bitsandbytes layer (so it loses precision).
 pub fn merge(model: &mut LlamaForCausalLM) -> Result<()> {
+    change_base_weights(model, |a, w| a.merge(w))
+}
+
+/// Applies `change` (a merge or an unmerge) to the dense weight of every
+/// layer with an adapter, and stores it back the way it was held.
+fn change_base_weights(
+    model: &mut LlamaForCausalLM,
+    change: impl Fn(&mut Box<dyn peft_adapters::LinearAdapter>, &mut Tensor) -> Result<()>,
+) -> Result<()> {
     for (path, lin) in model.linear_layers_mut() {
         if let Some(a) = lin.adapter.as_mut() {
             let mut w = lin.weight.dense();
-            a.merge(&mut w).with_context(|| path.clone())?;
+            change(a, &mut w).with_context(|| path.clone())?;
             lin.weight.replace(&w).with_context(|| path.clone())?;
         }
     }
@@ -271,14 +280,7 @@ pub fn merge_for_decoding(model: &mut LlamaForCausalLM) -> Result<(usize, usize)
 
 /// Restores the base weights after [`merge`] (PEFT's `unmerge_adapter`).
 pub fn unmerge(model: &mut LlamaForCausalLM) -> Result<()> {
-    for (path, lin) in model.linear_layers_mut() {
-        if let Some(a) = lin.adapter.as_mut() {
-            let mut w = lin.weight.dense();
-            a.unmerge(&mut w).with_context(|| path.clone())?;
-            lin.weight.replace(&w).with_context(|| path.clone())?;
-        }
-    }
-    Ok(())
+    change_base_weights(model, |a, w| a.unmerge(w))
 }
 
 /// Trainable tensors of the active adapters, keyed by PEFT file key.

@@ -115,24 +115,8 @@ fn json(keys: &'static [&'static str]) -> impl Strategy<Value = Value> + Clone {
     })
 }
 
-const ADAPTER_KEYS: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "rank_pattern",
-    "alpha_pattern",
-    "use_rslora",
-    "use_dora",
-    "init_lora_weights",
-    "bias",
-    "fan_in_fan_out",
-    "modules_to_save",
-];
+/// Every adapter_config.json key peft-rs reads.
+const ADAPTER_KEYS: &[&str] = peft_rs::adapters::lora::config::KNOWN_FIELDS;
 
 const RECORD_KEYS: &[&str] = &[
     "instruction",

@@ -40,6 +40,20 @@ fn run(driver: Option<&str>, env: &[(&str, &str)], snippet: &str) -> (bool, Stri
     )
 }
 
+/// `run` that must succeed: its stdout.
+fn stdout_of(driver: Option<&str>, env: &[(&str, &str)], snippet: &str) -> String {
+    let (ok, out, err) = run(driver, env, snippet);
+    assert!(ok, "{snippet} with driver {driver:?}: {err}");
+    out
+}
+
+/// `run` that must fail: its stderr.
+fn stderr_of(driver: Option<&str>, env: &[(&str, &str)], snippet: &str) -> String {
+    let (ok, out, err) = run(driver, env, snippet);
+    assert!(!ok, "{snippet} with driver {driver:?} succeeded: {out}");
+    err
+}
+
 #[test]
 fn the_driver_picks_the_torch_build() {
     let cases = [
@@ -69,35 +83,32 @@ fn the_driver_picks_the_torch_build() {
 
 #[test]
 fn the_install_command_and_its_errors() {
-    let (ok, out, _) = run(None, &[], "torch_pip_args default");
-    assert!(ok);
-    assert_eq!(out, "torch==2.11.0");
+    assert_eq!(
+        stdout_of(None, &[], "torch_pip_args default"),
+        "torch==2.11.0"
+    );
     // A non-default build needs PyTorch's index, and says so when it is not set.
-    let (ok, _, err) = run(Some("550.127.05"), &[], "torch_pip_args $(torch_variant)");
-    assert!(!ok);
+    let err = stderr_of(Some("550.127.05"), &[], "torch_pip_args $(torch_variant)");
     assert!(
         err.contains("cu126") && err.contains("PEFT_RS_TORCH_INDEX") && err.contains("550.127.05"),
         "{err}"
     );
-    let (ok, out, _) = run(
+    let out = stdout_of(
         Some("550.127.05"),
         &[("PEFT_RS_TORCH_INDEX", "https://wheels.example/whl/")],
         "torch_pip_args $(torch_variant)",
     );
-    assert!(ok);
     assert_eq!(
         out,
         "torch==2.11.0 --index-url https://wheels.example/whl/cu126"
     );
     // The user's choice wins over the driver, and a typo is named.
-    let (ok, out, _) = run(
+    let out = stdout_of(
         Some("550.127.05"),
         &[("PEFT_RS_TORCH_VARIANT", "default")],
         "torch_variant",
     );
-    assert!(ok);
     assert_eq!(out, "default");
-    let (ok, _, err) = run(None, &[("PEFT_RS_TORCH_VARIANT", "cu999")], "torch_variant");
-    assert!(!ok);
+    let err = stderr_of(None, &[("PEFT_RS_TORCH_VARIANT", "cu999")], "torch_variant");
     assert!(err.contains("cu999"), "{err}");
 }

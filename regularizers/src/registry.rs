@@ -99,6 +99,15 @@ impl Params<'_> {
         }
     }
 
+    /// A required finite number that is at least 0 (a scale, a deviation).
+    pub fn non_negative(&self, key: &str) -> Result<f64> {
+        let x = self.number(key, None)?;
+        if x < 0.0 {
+            bail!("regularizer {}: `{key}` = {x} must be >= 0", self.kind);
+        }
+        Ok(x)
+    }
+
     /// A list of non-negative integers, given as one (`3`) or as several
     /// joined by `+` (`2+5`, since `,` separates keys on the command line)
     /// or as a list in a settings file.
@@ -161,12 +170,8 @@ impl Registry {
                 ("noise", "uniform (the paper) or gaussian (its ablation)"),
             ],
             |p| {
-                let alpha = p.number("alpha", None)?;
-                if alpha < 0.0 {
-                    bail!("regularizer neftune: `alpha` = {alpha} must be >= 0");
-                }
                 Ok(Box::new(Neftune {
-                    alpha,
+                    alpha: p.non_negative("alpha")?,
                     mode: p.parse("mode", NeftuneMode::Paper)?,
                     noise: p.parse("noise", NoiseDistribution::Uniform)?,
                 }))
@@ -183,13 +188,9 @@ impl Registry {
                 ("std", "the noise's standard deviation"),
             ],
             |p| {
-                let std = p.number("std", None)?;
-                if std < 0.0 {
-                    bail!("regularizer hidden_noise: `std` = {std} must be >= 0");
-                }
                 Ok(Box::new(HiddenNoise {
                     layers: p.indices("layer")?,
-                    std,
+                    std: p.non_negative("std")?,
                 }))
             },
         );

@@ -178,8 +178,8 @@ pub const MAX_RANK: usize = 65_536;
 /// The largest scaling (alpha / r, or alpha / √r) accepted.
 pub const MAX_SCALING: f64 = 1e5;
 
-/// PEFT fields we read and understand.
-const KNOWN: &[&str] = &[
+/// PEFT fields we read and understand (the fuzz test draws its keys from it).
+pub const KNOWN_FIELDS: &[&str] = &[
     "peft_type",
     "task_type",
     "r",
@@ -343,7 +343,10 @@ impl LoraConfig {
             }
         }
         for (k, v) in obj {
-            if !KNOWN.contains(&k.as_str()) && !INFORMATIONAL.contains(&k.as_str()) && !is_off(v) {
+            if !KNOWN_FIELDS.contains(&k.as_str())
+                && !INFORMATIONAL.contains(&k.as_str())
+                && !is_off(v)
+            {
                 bail!("`{k}` = {v} is a PEFT option peft-rs does not support");
             }
         }
@@ -407,34 +410,10 @@ impl LoraConfig {
             Some(v) => bail!("`layers_to_transform` must be an index or a list, found {v}"),
         };
         let init_lora_weights = InitLoraWeights::from_json(obj.get("init_lora_weights"))?;
-        let map = |k: &str| -> Result<Map<String, Value>> {
-            match obj.get(k) {
-                None | Some(Value::Null) => Ok(Map::new()),
-                Some(Value::Object(m)) => Ok(m.clone()),
-                Some(v) => bail!("`{k}` must be an object, found {v}"),
-            }
-        };
-        let rank_pattern = map("rank_pattern")?
-            .into_iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.clone(),
-                    v.as_u64()
-                        .with_context(|| format!("`rank_pattern.{k}` must be an integer"))?
-                        as usize,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        let alpha_pattern = map("alpha_pattern")?
-            .into_iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.clone(),
-                    v.as_f64()
-                        .with_context(|| format!("`alpha_pattern.{k}` must be a number"))?,
-                ))
-            })
-            .collect::<Result<_>>()?;
+        let rank_pattern = pattern(obj, "rank_pattern", "an integer", |v| {
+            v.as_u64().map(|x| x as usize)
+        })?;
+        let alpha_pattern = pattern(obj, "alpha_pattern", "a number", Value::as_f64)?;
         let c = Self {
             r,
             lora_alpha: f64_field("lora_alpha", d.lora_alpha)?,
@@ -540,4 +519,25 @@ impl LoraConfig {
         }
         Ok(chosen)
     }
+}
+
+/// `rank_pattern` / `alpha_pattern`: an object of module pattern -> value.
+fn pattern<T>(
+    obj: &Map<String, Value>,
+    k: &str,
+    what: &str,
+    value: impl Fn(&Value) -> Option<T>,
+) -> Result<BTreeMap<String, T>> {
+    let entries = match obj.get(k) {
+        None | Some(Value::Null) => return Ok(Default::default()),
+        Some(Value::Object(m)) => m,
+        Some(v) => bail!("`{k}` must be an object, found {v}"),
+    };
+    entries
+        .iter()
+        .map(|(p, v)| {
+            let x = value(v).with_context(|| format!("`{k}.{p}` must be {what}"))?;
+            Ok((p.clone(), x))
+        })
+        .collect()
 }
