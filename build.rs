@@ -24,6 +24,41 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     build_c10d_shim(&lib_dir);
+    build_matmul_4bit(&lib_dir);
+}
+
+/// Compiles `src/quant/matmul_4bit.cpp`, the 4-bit linear layer as one
+/// autograd operation (tch binds no custom autograd functions). It needs only
+/// libtorch's own headers; without them the layers fall back to plain
+/// autograd, which keeps each dequantized weight until the backward pass.
+fn build_matmul_4bit(lib_dir: &std::path::Path) {
+    println!("cargo:rustc-check-cfg=cfg(peft_rs_matmul_4bit)");
+    println!("cargo:rerun-if-changed=src/quant/matmul_4bit.cpp");
+    let Some(include) = lib_dir.parent().map(|t| t.join("include")) else {
+        return;
+    };
+    if !include
+        .join("torch/csrc/autograd/custom_function.h")
+        .exists()
+    {
+        println!("cargo:warning=4-bit layers without their autograd function: libtorch's headers are missing");
+        return;
+    }
+    let built = cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("src/quant/matmul_4bit.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(false)
+        .try_compile("peft_matmul_4bit");
+    match built {
+        Ok(()) => println!("cargo:rustc-cfg=peft_rs_matmul_4bit"),
+        Err(e) => println!("cargo:warning=4-bit layers without their autograd function: {e}"),
+    }
 }
 
 /// Compiles `src/dist/c10d_shim.cpp` against the torch wheel's headers (c10d

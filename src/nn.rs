@@ -58,26 +58,23 @@ impl Linear {
     /// The layer on a `[tokens, in_features]` input shared with other layers.
     fn forward_rows(&self, input: &LayerInput) -> Tensor {
         let x = input.tensor();
-        let (weight, base) = match &self.weight {
-            FrozenWeight::Dense(w) => (w.shallow_clone(), x.linear(w, self.bias.as_ref())),
+        let base = match &self.weight {
+            FrozenWeight::Dense(w) => x.linear(w, self.bias.as_ref()),
             q => {
                 let compute = q.compute_kind();
-                let w = q.dense();
                 let bias = self.bias.as_ref().map(|b| b.to_kind(compute));
-                let base = x
-                    .to_kind(compute)
-                    .linear(&w, bias.as_ref())
-                    .to_kind(x.kind());
-                (w, base)
+                q.linear(&x.to_kind(compute), bias.as_ref())
+                    .to_kind(x.kind())
             }
         };
         match &self.adapter {
             None => base,
+            // The dense weight is made only for adapters that read it (DoRA).
             Some(adapter) => adapter.forward(
                 input,
                 base,
                 &BaseLinear {
-                    weight: &weight,
+                    weight: &|| self.weight.dense(),
                     bias: self.bias.as_ref(),
                 },
             ),

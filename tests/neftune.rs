@@ -295,28 +295,11 @@ fn packed_noise_peak_child() {
 
 #[test]
 fn paper_mode_on_a_packed_8k_batch_needs_no_pairwise_matrix() {
-    let rise = |noise: &str| -> f64 {
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "packed_noise_peak_child",
-                "--ignored",
-                "--nocapture",
-            ])
-            .env("PEFT_RS_PEAK_WITH_NOISE", noise)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "child failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let line = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("PEAK_RISE "))
-            .unwrap_or_else(|| panic!("no PEAK_RISE line in {stdout}"));
-        line.trim().parse::<f64>().unwrap() / (1 << 20) as f64
+    let rise = |noise: &str| {
+        common::child_peak_rise_mib(
+            "packed_noise_peak_child",
+            ("PEFT_RS_PEAK_WITH_NOISE", noise),
+        )
     };
     let (plain, noisy) = (rise("0"), rise("1"));
     eprintln!("packed 2 x {PEAK_T}: peak rise {plain:.1} MiB without NEFTune, {noisy:.1} MiB with");

@@ -25,6 +25,8 @@ fn config(dir: &Path, records: usize, out: &str) -> TrainConfig {
         data: Some(common::alpaca(dir, records)),
         output: dir.join(out),
         device: DeviceArg::Cpu,
+        // The reference runs are fp32 (auto is bf16 on CPUs with native bf16).
+        dtype: peft_rs::device::DtypeArg::Fp32,
         per_device_train_batch_size: 4,
         max_seq_length: 96,
         lora: LoraConfig {
@@ -468,7 +470,7 @@ fn lora_compute_dtype_bf16_runs_the_adapter_matmuls_in_bf16_with_fp32_gradients(
             &LayerInput::new(&x),
             base.shallow_clone(),
             &BaseLinear {
-                weight: &weight,
+                weight: &|| weight.shallow_clone(),
                 bias: None,
             },
         );
@@ -519,8 +521,9 @@ fn dropout_pair(shared: bool) -> (Tensor, Tensor, Tensor) {
     };
     let (first, second) = (layer(), layer());
     let x = with_torch_seed(4, || Tensor::randn([4096, 64], (Kind::Float, Device::Cpu)));
+    let dense = || weight.shallow_clone();
     let base = BaseLinear {
-        weight: &weight,
+        weight: &dense,
         bias: None,
     };
     let input = LayerInput::new(&x);

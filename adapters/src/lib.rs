@@ -63,8 +63,9 @@ impl<'a> LayerInput<'a> {
 
 /// The frozen layer an adapter wraps.
 pub struct BaseLinear<'a> {
-    /// `W`, `[out_features, in_features]`.
-    pub weight: &'a Tensor,
+    /// `W`, `[out_features, in_features]`, made when asked: a quantized
+    /// base is dequantized only for the adapters that read it (DoRA).
+    pub weight: &'a dyn Fn() -> Tensor,
     /// `b`, `[out_features]`.
     pub bias: Option<&'a Tensor>,
 }

@@ -62,19 +62,26 @@ impl FrozenWeight {
     pub fn dense(&self) -> Tensor {
         match self {
             Self::Dense(t) => t.shallow_clone(),
-            Self::FourBit { q, compute } => {
-                let d = q.data.device();
-                // bitsandbytes rounds the f32 products to the weight's dtype,
-                // then to the compute dtype; one rounding gives the same
-                // bits when either of the two is the identity.
-                if q.dtype == Kind::Float || q.dtype == *compute {
-                    q.dequantize(*compute, d)
-                } else {
-                    q.dequantize(q.dtype, d).to_kind(*compute)
-                }
-            }
+            Self::FourBit { q, compute } => super::matmul_4bit::dense_4bit(q, *compute),
             Self::Int8 { w, compute } => w.dequantize(*compute, w.cb.device()),
         }
+    }
+
+    /// `x Wᵀ + bias` with `x` in the compute dtype, as bitsandbytes'
+    /// `Linear4bit` and `Linear8bitLt` compute it. Where autograd needs the
+    /// input's gradient through a 4-bit weight, one operation that keeps only
+    /// the packed weight for the backward pass (bitsandbytes' `MatMul4Bit`);
+    /// elsewhere the weight is dequantized for this product and dropped.
+    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        if let (Self::FourBit { q, compute }, true) = (self, x.requires_grad()) {
+            if let Some(y) = super::matmul_4bit::matmul_4bit(x, q, *compute) {
+                return match bias {
+                    Some(b) => y + b,
+                    None => y,
+                };
+            }
+        }
+        x.linear(&self.dense(), bias)
     }
 
     /// Bytes the frozen weight holds in memory.

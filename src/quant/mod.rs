@@ -32,6 +32,7 @@ pub mod four_bit;
 pub mod frozen;
 pub mod int8;
 pub mod load;
+pub mod matmul_4bit;
 
 pub use checkpoint::{load_4bit, load_int8};
 pub use codebook::{dynamic_map, QuantType};

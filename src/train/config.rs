@@ -214,10 +214,12 @@ pub struct TrainConfig {
     /// Dtype the 4-bit matmuls run in (default: --dtype).
     #[arg(long, value_enum)]
     pub bnb_4bit_compute_dtype: Option<DtypeArg>,
-    /// Recompute each decoder layer in the backward pass (less memory, about a third more compute).
+    /// Recompute each decoder layer in the backward pass (less memory, about a third more
+    /// compute). Default: on with --quantize (as PEFT's `prepare_model_for_kbit_training`),
+    /// off otherwise.
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
-          value_name = "BOOL", default_value_t = defaults().gradient_checkpointing)]
-    pub gradient_checkpointing: bool,
+          value_name = "BOOL")]
+    pub gradient_checkpointing: Option<bool>,
     /// Dtype of the LoRA matmuls: fp32 (PEFT's eager default: the input is cast
     /// to the fp32 adapter) or bf16/fp16 (as under transformers' bf16 autocast:
     /// faster on a GPU, adapter parameters still fp32). DoRA layers stay fp32.
@@ -297,7 +299,7 @@ impl Default for TrainConfig {
             quantize: None,
             bnb_4bit_use_double_quant: false,
             bnb_4bit_compute_dtype: None,
-            gradient_checkpointing: false,
+            gradient_checkpointing: None,
             lora_compute_dtype: DtypeArg::Fp32,
             tf32: false,
             nproc: 1,
@@ -410,6 +412,13 @@ impl TrainConfig {
                 })
             })
             .collect()
+    }
+
+    /// Whether each decoder layer is recomputed in the backward pass: as
+    /// asked, else with a quantized base only.
+    pub fn checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+            .unwrap_or(self.quantize.is_some())
     }
 
     /// The bitsandbytes quantization these settings ask for, with the

@@ -90,7 +90,7 @@ impl Trainer {
         let denom = label_tokens.max(1) as f64;
         let loss_scale = self.scaler.as_ref().map_or(1.0, LossScaler::scale);
         let opts = StepOptions {
-            gradient_checkpointing: self.cfg.gradient_checkpointing,
+            gradient_checkpointing: self.cfg.checkpointing(),
             loss_chunk_size: self.cfg.loss_chunk_size,
         };
         let mut loss = 0.0;

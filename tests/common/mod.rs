@@ -247,6 +247,28 @@ pub fn one_step_grads(
     (grads, loss)
 }
 
+/// Runs the ignored test `child` of this test binary in a child process
+/// with `env` set, and returns the `PEAK_RISE <bytes>` it prints, in MiB:
+/// a peak measured in a process of its own.
+pub fn child_peak_rise_mib(child: &str, env: (&str, &str)) -> f64 {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", child, "--ignored", "--nocapture"])
+        .env(env.0, env.1)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("PEAK_RISE "))
+        .unwrap_or_else(|| panic!("no PEAK_RISE line in {stdout}"));
+    line.trim().parse::<f64>().unwrap() / (1 << 20) as f64
+}
+
 /// This process's peak resident memory so far (`VmHWM`), in bytes.
 pub fn peak_rss_bytes() -> i64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -519,7 +541,7 @@ impl Cmd {
 /// Greedy answers of `peft-rs generate --json` to the prompts file, in
 /// batches of `batch_size`, one JSON value per prompt.
 pub fn generate_json(model: &Path, prompts: &Path, batch_size: &str) -> Vec<serde_json::Value> {
-    let out = Cmd::generate(model, "--device cpu")
+    let out = Cmd::generate(model, "--device cpu --dtype fp32")
         .path("--prompts", prompts)
         .args("--max-new-tokens 32 --batch-size")
         .arg(batch_size)
@@ -701,7 +723,7 @@ pub fn hook_context(
 /// one-process training tests (batch 4, length 96, rank 4, lr 1e-3, seed 7).
 pub fn train_tiny_small(data: &Path, out: &Path) -> Cmd {
     let line =
-        "train --device cpu --batch-size 4 --max-seq-len 96 --lora-rank 4 --lr 1e-3 --seed 7";
+        "train --device cpu --dtype fp32 --batch-size 4 --max-seq-len 96 --lora-rank 4 --lr 1e-3 --seed 7";
     Cmd::train_tiny(line, data, out)
 }
 

@@ -372,7 +372,7 @@ impl LinearAdapter for LoraLayer {
                 }
                 Some(m) => {
                     let lora = kept(h).linear::<Tensor>(&w.b, None);
-                    let w32 = base.weight.to_kind(Kind::Float);
+                    let w32 = (base.weight)().to_kind(Kind::Float);
                     // The norm is a constant for backprop, as in the DoRA paper (§4.3) and PEFT.
                     let norm = row_norm(&(&w32 + w.delta().detach())).detach();
                     let scale = m / norm;
