@@ -12,6 +12,7 @@ pub mod data;
 pub mod device;
 pub mod dist;
 pub mod generate;
+pub mod memory;
 pub mod merge;
 pub mod models;
 pub mod nn;

@@ -209,6 +209,9 @@ impl WeightFiles {
         let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
         let host = host_copy(bytes, &found, file_kind, device)
             .with_context(|| format!("{}: tensor {name}", shard.path.display()))?;
+        // The mapped pages are copied: let them go, so that the resident set
+        // holds the model once, not the model and the file it came from.
+        self.release(name);
         // To the device first, then converted there: a bf16 file moves half
         // the bytes of an fp32 model. From page-locked memory the copy is
         // asynchronous; the caching host allocator keeps the block until it is done.

@@ -154,5 +154,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         prompts.len() as f64 / secs.max(1e-9),
         a.batch_size
     );
+    let mut memory = crate::memory::MemoryWatch::default();
+    memory.sample();
+    eprintln!("memory: {memory}");
     Ok(())
 }

@@ -55,6 +55,9 @@ pub fn run(a: MergeArgs) -> Result<()> {
         r.largest_tensor_bytes as f64 / 1e6,
         r.seconds
     );
+    let mut memory = crate::memory::MemoryWatch::default();
+    memory.sample();
+    eprintln!("memory: {memory}");
     println!("{}", opts.output.display());
     Ok(())
 }

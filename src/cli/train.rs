@@ -119,6 +119,7 @@ pub fn run(
         s.steps, s.seconds, s.tokens_per_second
     );
     println!("final training loss: {:.4}", s.final_train_loss);
+    println!("memory: {}", s.memory);
     if let (Some(b), Some(after)) = (s.eval_loss_before, s.eval_loss_after) {
         println!(
             "eval loss: {b:.4} -> {after:.4} (perplexity {:.2} -> {:.2})",

@@ -39,6 +39,9 @@ pub struct Summary {
     pub frozen_weight_bytes: usize,
     /// Bytes per parameter of the quantized linear layers, when there are some.
     pub quantized_bytes_per_param: Option<f64>,
+    /// This process's peak resident memory, and the largest anonymous and
+    /// file-backed parts sampled after each step.
+    pub memory: crate::memory::MemoryWatch,
 }
 
 impl Summary {
@@ -53,6 +56,8 @@ impl Summary {
             "wait_for_ranks_seconds": trainer.wait_seconds,
             "frozen_weight_bytes": self.frozen_weight_bytes,
             "quantized_bytes_per_param": self.quantized_bytes_per_param,
+            "peak_rss_bytes": self.memory.peak, "max_rss_anon_bytes": self.memory.max_anon,
+            "max_rss_file_bytes": self.memory.max_file,
         })
     }
 }
@@ -66,6 +71,7 @@ struct Progress {
     tokens: i64,
     last_loss: f64,
     eval_after: Option<f64>,
+    memory: crate::memory::MemoryWatch,
 }
 
 impl Trainer {
@@ -112,6 +118,10 @@ impl Trainer {
             output: self.cfg.output.clone(),
             frozen_weight_bytes,
             quantized_bytes_per_param: (qparams > 0).then(|| qbytes as f64 / qparams as f64),
+            memory: {
+                p.memory.sample();
+                p.memory
+            },
         };
         if self.is_writer() {
             peft_adapters::fsio::write_atomic(
@@ -231,6 +241,7 @@ impl Trainer {
             tokens: 0,
             last_loss: f64::NAN,
             eval_after: None,
+            memory: crate::memory::MemoryWatch::default(),
         }
     }
 
@@ -238,6 +249,7 @@ impl Trainer {
     /// schedule, a checkpoint on schedule, and the stop every rank agreed on.
     fn one_step(&mut self, step: u64, p: &mut Progress, metrics: &mut MetricsLog) -> Result<()> {
         let s = self.train_step(step)?;
+        p.memory.sample();
         p.tokens += s.tokens;
         p.last_loss = s.loss;
         let done = step + 1;
