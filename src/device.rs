@@ -134,8 +134,8 @@ pub fn place(asked: DeviceArg, local: Option<LocalRank>, visible_gpus: usize) ->
 /// `--dtype`: the dtype of the frozen weights, as the user asked for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum DtypeArg {
-    /// fp32 on the CPU (where bf16 matmul is two orders of magnitude
-    /// slower), bf16 on CUDA.
+    /// bf16 on CUDA; on the CPU bf16 where its matmuls are native and
+    /// measured faster (AVX512-BF16, AMX, Arm BF16), else fp32.
     #[default]
     Auto,
     /// 32-bit float.
@@ -152,10 +152,16 @@ pub enum DtypeArg {
 peft_adapters::value_enum_text!(DtypeArg, "--dtype");
 
 impl DtypeArg {
-    /// The libtorch kind on `device`.
+    /// The libtorch kind on `device` (this CPU probed once if it decides).
     pub fn resolve(self, device: Device) -> Kind {
+        self.resolve_with(device, || crate::cpu::dtype().kind)
+    }
+
+    /// The libtorch kind on `device`, with `cpu_auto` what `auto` means on
+    /// the CPU (asked only then), so a test decides for CPUs of every kind.
+    pub fn resolve_with(self, device: Device, cpu_auto: impl FnOnce() -> Kind) -> Kind {
         match self {
-            Self::Auto if device == Device::Cpu => Kind::Float,
+            Self::Auto if device == Device::Cpu => cpu_auto(),
             Self::Auto | Self::Bf16 => Kind::BFloat16,
             Self::Fp32 => Kind::Float,
             Self::Fp16 => Kind::Half,
@@ -323,6 +329,17 @@ impl Placement {
         let (d, t) = self.as_args();
         format!("device {d}, dtype {t}")
     }
+
+    /// [`Placement::describe`], with the CPU's reason where `--dtype auto`
+    /// (`asked`) was decided by probing it.
+    pub fn describe_choice(&self, asked: DtypeArg) -> String {
+        match (asked, self.device) {
+            (DtypeArg::Auto, Device::Cpu) => {
+                format!("{} (auto: {})", self.describe(), crate::cpu::dtype().reason)
+            }
+            _ => self.describe(),
+        }
+    }
 }
 
 /// A bf16 matmul and a scaled-dot-product attention on `device`, checked
@@ -362,8 +379,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
 
 /// Parses `auto`, `fp32`, `bf16` or `fp16` (and their torch spellings).
 ///
-/// `auto` is fp32 on CPU (bf16 matmul there is two orders of magnitude
-/// slower) and bf16 on CUDA.
+/// `auto` is bf16 on CUDA and on CPUs with native bf16, else fp32
+/// ([`crate::cpu::dtype`]).
 pub fn parse_dtype(s: &str, device: Device) -> Result<Kind> {
     let arg: DtypeArg = s.parse()?;
     Ok(arg.resolve(device))
@@ -483,8 +500,25 @@ mod tests {
         assert_eq!(cpu.recorded(true), (DeviceArg::Cpu, DtypeArg::Fp32));
         // auto: bf16 weights on a GPU.
         assert_eq!(DtypeArg::Auto.resolve(Device::Cuda(3)), Kind::BFloat16);
+        // auto on the CPU: what the CPU's probe says, either way.
+        assert_eq!(
+            DtypeArg::Auto.resolve_with(Device::Cpu, || Kind::Float),
+            Kind::Float
+        );
+        assert_eq!(
+            DtypeArg::Auto.resolve_with(Device::Cpu, || Kind::BFloat16),
+            Kind::BFloat16
+        );
+        assert_eq!(
+            DtypeArg::Auto.resolve_with(Device::Cuda(0), || unreachable!("not asked on CUDA")),
+            Kind::BFloat16
+        );
+        assert_eq!(
+            DtypeArg::Fp32.resolve_with(Device::Cpu, || Kind::BFloat16),
+            Kind::Float
+        );
         let auto = Placement::resolve(DeviceArg::Cpu, DtypeArg::Auto).unwrap();
-        assert_eq!(auto.as_args(), (DeviceArg::Cpu, DtypeArg::Fp32));
+        assert_eq!(auto.kind, crate::cpu::dtype().kind);
     }
 
     #[test]

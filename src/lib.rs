@@ -8,6 +8,7 @@
 pub mod answers;
 pub mod cli;
 pub mod config_json;
+pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod dist;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{children, losses, max_adapter_diff, max_diff, rank_of, read_json, series, Cmd};
 
 fn args(data: &Path, out: &Path, extra: &[&str]) -> Cmd {
-    let line = "train --device cpu --max-seq-len 64 --lora-rank 4 --lr 1e-3 --seed 7 \
+    let line = "train --device cpu --dtype fp32 --max-seq-len 64 --lora-rank 4 --lr 1e-3 --seed 7 \
                 --group-by-length false --dist-timeout 20";
     Cmd::train_tiny(line, data, out).all(extra)
 }

@@ -54,7 +54,7 @@ impl ModelArgs {
         eprintln!(
             "{}: {}{}, loaded in {:.2} s",
             dir.display(),
-            place.describe(),
+            place.describe_choice(self.dtype),
             self.quantize
                 .map(|q| format!(", {q:?} base"))
                 .unwrap_or_default(),

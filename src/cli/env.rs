@@ -82,9 +82,34 @@ pub fn run() -> Result<()> {
             device: auto,
             kind: crate::device::DtypeArg::Auto.resolve(auto)
         }
-        .describe()
+        .describe_choice(crate::device::DtypeArg::Auto)
     );
+    report_cpu_matmul();
     Ok(())
+}
+
+/// The CPU's bf16 flags and both matmul rates, measured here whatever the
+/// flags say, so a reader sees what `--dtype auto` weighs on the CPU.
+fn report_cpu_matmul() {
+    let flags = crate::cpu::flags();
+    let native = crate::cpu::bf16_flags(&flags);
+    let r = crate::cpu::measure_matmul_rates();
+    println!(
+        "cpu bf16 flags: {}",
+        if native.is_empty() {
+            "none".to_owned()
+        } else {
+            native.join(", ")
+        }
+    );
+    println!(
+        "cpu matmul ({} threads): fp32 {:.0} GFLOP/s, bf16 {:.0} GFLOP/s ({:.2}×); --dtype auto on the cpu: {}",
+        tch::get_num_threads(),
+        r.fp32,
+        r.bf16,
+        r.bf16 / r.fp32,
+        crate::cpu::dtype().reason
+    );
 }
 
 fn first_line(s: &str) -> &str {

@@ -79,7 +79,7 @@ impl Trainer {
             peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora)
         })?;
         peft_model::set_training(&mut model, true);
-        peft_model::set_compute_kind(&mut model, cfg.lora_compute_dtype.resolve(tch::Device::Cpu));
+        peft_model::set_compute_kind(&mut model, cfg.lora_compute_dtype.resolve(device));
         peft_model::set_dropout_sharing(&mut model, cfg.share_lora_dropout);
         let params = peft_model::trainable_parameters(&model);
         let trainable = params
@@ -228,11 +228,13 @@ fn claim_and_join(
         cfg.dtype,
         dist.as_ref().map(crate::dist::DistEnv::local),
     )?;
+    let asked = cfg.dtype;
+    cfg.gradient_checkpointing = Some(cfg.checkpointing());
     // With several processes each takes its own GPU, which `cuda` records.
     (cfg.device, cfg.dtype) = place.recorded(dist.is_some());
     let writer = dist.as_ref().is_none_or(|d| d.rank == 0);
     if writer {
-        eprintln!("training on {}", place.describe());
+        eprintln!("training on {}", place.describe_choice(asked));
     }
     let model_dir = resolve_model_dir(cfg.model.clone())?;
     cfg.model = Some(model_dir.clone());
