@@ -35,7 +35,7 @@ rust, py = load("rust"), load("python")
 med = lambda rows, k: statistics.median(x[k] for x in rows)
 span = lambda rows, k: f"{min(x[k] for x in rows):.0f}-{max(x[k] for x in rows):.0f}" if runs > 1 else ""
 print(f"end to end: {sys.argv[3]} Alpaca records, max length {sys.argv[4]}, batch 4, one epoch, "
-      f"SmolLM2-135M fp32 CPU, LoRA r=16 all-linear, NEFTune 5; peft-rs flags: {sys.argv[5]}; {runs} run(s)")
+      f"SmolLM2-135M on the CPU, LoRA r=16 all-linear, NEFTune 5; peft-rs flags: {sys.argv[5]}; {runs} run(s)")
 print(f"{'':20}{'wall s':>10}{'(range)':>12}{'real tok/s':>12}{'peak RSS MiB':>14}{'(range)':>12}")
 for name, rows in (("peft-rs", rust), ("transformers+peft", py)):
     print(f"{name:20}{med(rows,'wall'):10.1f}{span(rows,'wall'):>12}{med(rows,'tps'):12.1f}{med(rows,'mib'):14.0f}{span(rows,'mib'):>12}")

@@ -18,7 +18,7 @@
 # NCCL symbols, logits parity fp32 and bf16 against transformers' CPU logits
 # and greedy generation against our CPU path, a bf16 LoRA step of a
 # Llama-2-7B-shaped model (random weights, T=2048, batch 1, 2, 4) with
-# tokens/s, MFU and peak memory, the same with packing (the masked attention
+# tokens/s, MFU and peak memory, the Llama-3.1-8B shape of bench/sizes.sh, the same with packing (the masked attention
 # path), LoRA compute dtype fp32 vs bf16 and TF32, transformers + PEFT on the
 # same step when the machine has them, QLoRA (when built in), NCCL with one
 # rank (when built in), placement (with two GPUs a 2-process NCCL run against
@@ -63,6 +63,17 @@ PY
  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
  "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "hidden_act": "silu",
  "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"}
+JSON
+  # The Llama-3.1-8B shape of bench/sizes.sh (grouped-query heads, a
+  # 128k vocabulary, llama3 RoPE), for the same step side by side.
+  mkdir -p "$carry/models/llama3.1-8b-shape"
+  cat > "$carry/models/llama3.1-8b-shape/config.json" <<'JSON'
+{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+ "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+ "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "hidden_act": "silu", "tie_word_embeddings": false,
+ "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "high_freq_factor": 4.0,
+                     "low_freq_factor": 1.0, "original_max_position_embeddings": 8192},
+ "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"}
 JSON
   du -sh "$carry"
   echo "carry: $carry   then: ./scripts/gpu_check.sh run   (OUT=<folder for the report>)"
@@ -130,6 +141,17 @@ run() {
   with_memory "step-7b-b4-checkpointing" 150 "$bin/bench_train_step" "$m7" 4 "$T" 3 --random-weights --gradient-checkpointing
   grep '^{' "$out/step-7b-b4-checkpointing.txt" | sed 's/^/    /' >> "$report"
   say "MFU = flops_per_step / seconds_per_step / peak; H200 dense bf16 peak 989 TFLOP/s; matmul_peak_flops is measured on the step's shapes."
+
+  say
+  say "## The Llama-3.1-8B shape of bench/sizes.sh (batch 1, T=512 and 2048; with checkpointing at 2048)"
+  m8=$carry/models/llama3.1-8b-shape
+  [ -n "${GPU_CHECK_SMOKE:-}" ] && m8=$carry/models/mistral
+  for t in 512 $T; do
+    with_memory "step-8b-t$t" 150 "$bin/bench_train_step" "$m8" 1 "$t" 3 --random-weights
+    grep '^{' "$out/step-8b-t$t.txt" | sed 's/^/    /' >> "$report"
+  done
+  with_memory "step-8b-checkpointing" 150 "$bin/bench_train_step" "$m8" 1 "$T" 3 --random-weights --gradient-checkpointing
+  grep '^{' "$out/step-8b-checkpointing.txt" | sed 's/^/    /' >> "$report"
 
   say
   say "## Attention path, LoRA compute dtype, TF32 (batch 2, T=2048)"
