@@ -198,6 +198,19 @@ impl QuantizedLayers {
 
     /// The weight of quantized module `module`, dequantized as bitsandbytes
     /// does into its original dtype, then in fp32; and that dtype.
+    /// The dtype `module`'s dequantized weight is written in (the 4-bit
+    /// state's original dtype; fp32 for int8), read without dequantizing.
+    fn output_kind(&self, files: &WeightFiles, module: &str) -> Result<Option<Kind>> {
+        let Some((shape, four_bit)) = self.layers.get(module) else {
+            return Ok(None);
+        };
+        Ok(Some(if *four_bit {
+            crate::quant::load_4bit(files, module, shape)?.dtype
+        } else {
+            Kind::Float
+        }))
+    }
+
     fn dequantize(&self, files: &WeightFiles, module: &str) -> Result<Option<(Tensor, Kind)>> {
         let Some((shape, four_bit)) = self.layers.get(module) else {
             return Ok(None);
@@ -333,9 +346,9 @@ fn shard_plan(
                 let kind = match opts.dtype {
                     Some(k) => k,
                     None => quantized
-                        .and_then(|q| q.dequantize(files_in, module).transpose())
+                        .and_then(|q| q.output_kind(files_in, module).transpose())
                         .transpose()?
-                        .map_or(Kind::Float, |(_, k)| k),
+                        .unwrap_or(Kind::Float),
                 };
                 let shape = shape.iter().map(|&d| d as usize).collect();
                 return Ok((n.clone(), dtype_of(kind)?, shape));
