@@ -2,7 +2,9 @@
 all-linear, AdamW, NEFTune hook (alpha 5), on a fixed batch.
 
 Usage: python bench/train_step.py MODEL_DIR BATCH SEQ STEPS [--random-weights] [--gradient-checkpointing]
-On CUDA it trains in bf16 (as peft-rs's --dtype auto does) and reports peak memory.
+    [--dtype fp32|bf16]
+The base's dtype is --dtype (default: bf16 on CUDA, fp32 on the CPU); PEFT keeps
+the adapters in fp32 either way (autocast_adapter_dtype). On CUDA it reports peak memory.
 Prints one JSON line: {"stack": "transformers+peft", "tokens_per_second": ..., ...}
 """
 import json
@@ -17,6 +19,8 @@ from transformers.integrations.neftune import neftune_post_forward_hook
 model_dir, batch, seq, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
+if "--dtype" in sys.argv:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[sys.argv.index("--dtype") + 1]]
 torch.manual_seed(0)
 if "--random-weights" in sys.argv:
     from transformers import AutoConfig
@@ -53,7 +57,8 @@ for _ in range(steps):
     loss = step()
 dt = time.perf_counter() - t0
 res = {"stack": "transformers+peft", "tokens_per_second": batch * seq * steps / dt,
-       "seconds_per_step": dt / steps, "loss": loss, "threads": torch.get_num_threads(), "device": device}
+       "seconds_per_step": dt / steps, "loss": loss, "threads": torch.get_num_threads(), "device": device,
+       "dtype": str(dtype).removeprefix("torch.")}
 if device == "cuda":
     res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
 print(json.dumps(res))

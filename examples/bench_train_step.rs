@@ -3,13 +3,14 @@
 //! own `forward_backward`, clipping and AdamW.
 //!
 //! cargo run --release --example bench_train_step -- MODEL_DIR BATCH SEQ STEPS [--gradient-checkpointing] [--random-weights]
-//!     [--packed] [--lora-compute-dtype bf16] [--tf32]
+//!     [--packed] [--lora-compute-dtype bf16] [--tf32] [--dtype fp32|bf16|auto]
 //!
 //! --packed packs two examples per row (block-diagonal causal mask), which
 //! sends attention through the masked path (keys and values expanded for
 //! grouped heads); --lora-compute-dtype bf16 runs the adapters' matmuls in bf16.
 //!
-//! On CUDA (when libtorch sees a GPU) the base is bf16.
+//! The base's dtype is `--dtype` (default auto, as `peft-rs train`: bf16 on
+//! CUDA and on CPUs with native bf16, fp32 elsewhere).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -44,10 +45,9 @@ fn main() -> Result<()> {
         None => Kind::Float,
     };
     let device = Device::cuda_if_available();
-    let kind = if device == Device::Cpu {
-        Kind::Float
-    } else {
-        Kind::BFloat16
+    let kind = match args.iter().position(|a| a == "--dtype") {
+        Some(i) => peft_rs::device::parse_dtype(&args[i + 1], device)?,
+        None => peft_rs::device::DtypeArg::Auto.resolve(device),
     };
     // --random-weights: only config.json is read (a 7B-shaped model on a GPU
     // machine that has no checkpoint).

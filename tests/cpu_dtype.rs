@@ -52,7 +52,11 @@ fn env_reports_both_rates_and_a_choice_that_follows_the_flags() {
         );
     }
     // The choice follows the CPU, not its load: asked again, the same.
-    assert_eq!(env_choice().0, choice, "the choice changed between two runs");
+    assert_eq!(
+        env_choice().0,
+        choice,
+        "the choice changed between two runs"
+    );
     assert!(
         text.contains(&format!("--device auto picks: device cpu, dtype {choice}"))
             || tch::Cuda::is_available(),
