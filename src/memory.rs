@@ -10,8 +10,7 @@ use std::fmt;
 /// One reading of `/proc/self/status`, in bytes (0 where not reported).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemoryUsage {
-    /// `VmHWM`: the peak resident set since the start (or the last
-    /// [`reset_peak`]).
+    /// `VmHWM`: the peak resident set since the process started.
     pub peak: u64,
     /// `RssAnon`: resident anonymous memory now.
     pub anon: u64,
@@ -40,12 +39,6 @@ impl MemoryUsage {
     pub fn now() -> Self {
         Self::parse(&std::fs::read_to_string("/proc/self/status").unwrap_or_default())
     }
-}
-
-/// Starts the peak (`VmHWM`) again from the current resident set, so that a
-/// phase's own peak can be read; false where the kernel does not allow it.
-pub fn reset_peak() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// The largest anonymous and file-backed resident sets seen over a run,
@@ -82,7 +75,7 @@ impl fmt::Display for MemoryWatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "peak resident {:.2} GB (at most {:.2} GB anonymous, {:.2} GB file-backed)",
+            "peak resident {:.2} GB (largest sampled: {:.2} GB anonymous, {:.2} GB file-backed)",
             gb(self.peak),
             gb(self.max_anon),
             gb(self.max_file)
