@@ -250,7 +250,7 @@ pub fn cpu_fallback_reason(smi: Option<&NvidiaSmi>) -> Option<String> {
         )
     };
     Some(format!(
-        "note: --device auto is using the CPU (fp32) although nvidia-smi sees {}: {why}",
+        "note: --device auto is using the CPU although nvidia-smi sees {}: {why}",
         smi.gpus[0].0
     ))
 }

@@ -199,7 +199,7 @@ pub struct TrainConfig {
     /// auto, cpu, cuda or cuda:N; auto uses CUDA when libtorch can.
     #[arg(long, default_value_t = defaults().device)]
     pub device: DeviceArg,
-    /// Dtype of the frozen base (adapters and the loss are fp32): auto is fp32 on CPU, bf16 on CUDA.
+    /// Dtype of the frozen base (adapters and the loss are fp32): auto is bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere.
     #[arg(long, value_enum, default_value_t = defaults().dtype)]
     pub dtype: DtypeArg,
     /// Store the frozen linear layers quantized as bitsandbytes does (QLoRA: nf4); embeddings,
