@@ -97,6 +97,8 @@ pub struct CpuDtype {
     pub kind: Kind,
     /// One line: the flags and rates behind the choice.
     pub reason: String,
+    /// The matmul rates measured for it (`None`: not measured).
+    pub rates: Option<MatmulRates>,
 }
 
 /// Whether oneDNN may use bf16 instructions under `ONEDNN_MAX_CPU_ISA`
@@ -120,6 +122,7 @@ pub fn choose(native: &[&str], isa_cap: Option<&str>, rates: Option<MatmulRates>
     let fp32 = |reason: String| CpuDtype {
         kind: Kind::Float,
         reason,
+        rates,
     };
     if native.is_empty() {
         return fp32(
@@ -137,6 +140,7 @@ pub fn choose(native: &[&str], isa_cap: Option<&str>, rates: Option<MatmulRates>
         return CpuDtype {
             kind: Kind::BFloat16,
             reason: format!("bf16: this CPU has {has}"),
+            rates,
         };
     };
     let measured = format!(
@@ -153,6 +157,7 @@ pub fn choose(native: &[&str], isa_cap: Option<&str>, rates: Option<MatmulRates>
         CpuDtype {
             kind: Kind::BFloat16,
             reason: format!("bf16: this CPU has {has}; {measured}"),
+            rates,
         }
     }
 }

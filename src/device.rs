@@ -134,8 +134,8 @@ pub fn place(asked: DeviceArg, local: Option<LocalRank>, visible_gpus: usize) ->
 /// `--dtype`: the dtype of the frozen weights, as the user asked for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum DtypeArg {
-    /// bf16 on CUDA; on the CPU bf16 where its matmuls are native and
-    /// measured faster (AVX512-BF16, AMX, Arm BF16), else fp32.
+    /// bf16 on CUDA; on the CPU bf16 where it is native (AVX512-BF16,
+    /// AMX, Arm BF16) and not measured emulated, else fp32.
     #[default]
     Auto,
     /// 32-bit float.

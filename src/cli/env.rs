@@ -88,12 +88,16 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// The CPU's bf16 flags and both matmul rates, measured here whatever the
-/// flags say, so a reader sees what `--dtype auto` weighs on the CPU.
+/// The CPU's bf16 flags and both matmul rates (the probe's own, or measured
+/// here where the flags spared the probe), so a reader sees what
+/// `--dtype auto` weighs on the CPU, with the same numbers as its reason.
 fn report_cpu_matmul() {
     let flags = crate::cpu::flags();
     let native = crate::cpu::bf16_flags(&flags);
-    let r = crate::cpu::measure_matmul_rates();
+    let choice = crate::cpu::dtype();
+    let r = choice
+        .rates
+        .unwrap_or_else(crate::cpu::measure_matmul_rates);
     println!(
         "cpu bf16 flags: {}",
         if native.is_empty() {
@@ -108,7 +112,7 @@ fn report_cpu_matmul() {
         r.fp32,
         r.bf16,
         r.bf16 / r.fp32,
-        crate::cpu::dtype().reason
+        choice.reason
     );
 }
 
