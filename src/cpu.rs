@@ -53,42 +53,81 @@ pub struct MatmulRates {
     pub bf16: f64,
 }
 
-/// The shape of the probe, `m × k` times `k × n`: the size of a LoRA step's
-/// smaller matmuls, big enough for libtorch to use every thread and small
-/// enough to take a few milliseconds (emulated bf16: under a second).
-const PROBE: (i64, i64, i64) = (256, 1024, 1024);
+/// The shape of the probe, `m × k` times `k × n`: a LoRA projection's
+/// shape in small, a fraction of a millisecond in native bf16 and well
+/// under a second emulated in scalar code.
+const PROBE: (i64, i64, i64) = (128, 512, 512);
 
-/// Times fp32 and bf16 matmuls of the probe's shape, best of a few runs (a
-/// busy machine slows a run, never speeds one up).
-pub fn measure_matmul_rates() -> MatmulRates {
-    let _no_grad = tch::no_grad_guard();
-    let (m, k, n) = PROBE;
-    let flop = 2.0 * (m * k * n) as f64;
-    let rate = |kind: Kind| {
+/// How long one timed sample lasts at least: many scheduler ticks, so a
+/// preemption is a small part of it.
+const SAMPLE_SECONDS: f64 = 0.02;
+
+/// Timed samples per dtype, alternating fp32 and bf16 so that a change in
+/// the machine's load falls on both.
+const ROUNDS: usize = 4;
+
+/// One dtype's matmul, repeated enough times to last [`SAMPLE_SECONDS`].
+struct Probe {
+    a: Tensor,
+    b: Tensor,
+    reps: u32,
+}
+
+impl Probe {
+    fn new(kind: Kind) -> Self {
+        let (m, k, n) = PROBE;
         let a = Tensor::randn([m, k], (kind, Device::Cpu));
         let b = Tensor::randn([k, n], (kind, Device::Cpu));
-        let _warm = a.matmul(&b);
-        let mut best = f64::INFINITY;
-        for _ in 0..5 {
-            let t = Instant::now();
-            let _ = a.matmul(&b);
-            best = best.min(t.elapsed().as_secs_f64());
+        let _jit = a.matmul(&b);
+        let t = Instant::now();
+        let _ = a.matmul(&b);
+        let once = t.elapsed().as_secs_f64().max(1e-7);
+        let reps = (SAMPLE_SECONDS / once).ceil().clamp(1.0, 10_000.0) as u32;
+        Self { a, b, reps }
+    }
+
+    /// Seconds per matmul in one sample.
+    fn sample(&self) -> f64 {
+        let t = Instant::now();
+        for _ in 0..self.reps {
+            let _ = self.a.matmul(&self.b);
         }
-        flop / best.max(1e-9) / 1e9
-    };
-    MatmulRates {
-        fp32: rate(Kind::Float),
-        bf16: rate(Kind::BFloat16),
+        t.elapsed().as_secs_f64() / f64::from(self.reps)
     }
 }
 
-/// Below this fraction of fp32's rate a bf16 matmul is emulated, not native
-/// (emulation runs at a few percent of fp32; native at about 4×). A wide
-/// margin on purpose: on a busy machine both rates drop by different
-/// amounts (measured during a test run here: 65 against 57 GFLOP/s), and
-/// the choice must not change with the load, or a run could not resume
-/// and two ranks of one run could disagree.
-pub const EMULATED_BELOW: f64 = 0.5;
+/// Times fp32 and bf16 matmuls of the probe's shape on one thread, best of
+/// a few alternating samples. One thread, because two busy threads on a
+/// loaded machine wait on each other at every barrier and the faster dtype
+/// (more barriers per second) loses most; best of, because load only ever
+/// slows a sample down.
+pub fn measure_matmul_rates() -> MatmulRates {
+    let _no_grad = tch::no_grad_guard();
+    let threads = tch::get_num_threads();
+    tch::set_num_threads(1);
+    let (m, k, n) = PROBE;
+    let flop = 2.0 * (m * k * n) as f64;
+    let probes = [Probe::new(Kind::Float), Probe::new(Kind::BFloat16)];
+    let mut best = [f64::INFINITY; 2];
+    for _ in 0..ROUNDS {
+        for (b, p) in best.iter_mut().zip(&probes) {
+            *b = b.min(p.sample());
+        }
+    }
+    tch::set_num_threads(threads);
+    let rate = |seconds: f64| flop / seconds.max(1e-9) / 1e9;
+    MatmulRates {
+        fp32: rate(best[0]),
+        bf16: rate(best[1]),
+    }
+}
+
+/// Below this fraction of fp32's rate a bf16 matmul is emulated in scalar
+/// code, not run by oneDNN's bf16 kernels (measured here: scalar emulation
+/// at 1% of fp32, oneDNN's AVX-512 emulation at 95%, native at 4–7×). A
+/// wide margin on purpose: the choice must not change with the load, or a
+/// run could not resume and two ranks of one run could disagree.
+pub const EMULATED_BELOW: f64 = 0.25;
 
 /// What `--dtype auto` picks on the CPU, and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -144,7 +183,7 @@ pub fn choose(native: &[&str], isa_cap: Option<&str>, rates: Option<MatmulRates>
         };
     };
     let measured = format!(
-        "bf16 matmul {:.0} GFLOP/s, fp32 {:.0} GFLOP/s ({:.1}×)",
+        "one thread's bf16 matmul {:.0} GFLOP/s, fp32 {:.0} GFLOP/s ({:.1}×)",
         r.bf16,
         r.fp32,
         r.bf16 / r.fp32
@@ -251,9 +290,48 @@ mod tests {
     }
 
     #[test]
-    fn the_probe_measures_positive_rates() {
+    fn the_probe_measures_positive_rates_and_restores_the_thread_count() {
+        let threads = tch::get_num_threads();
         let r = measure_matmul_rates();
         assert!(r.fp32 > 0.0 && r.fp32.is_finite(), "{r:?}");
         assert!(r.bf16 > 0.0 && r.bf16.is_finite(), "{r:?}");
+        assert_eq!(tch::get_num_threads(), threads);
+    }
+
+    /// The choice on a machine whose every core is busy is the choice on
+    /// an idle one (what broke a resume and a test before: a loaded
+    /// machine slowed the bf16 samples most and flipped it to fp32).
+    #[test]
+    fn the_choice_holds_when_every_core_is_busy() {
+        let native = ["avx512_bf16"];
+        let idle = choose(&native, None, Some(measure_matmul_rates()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let spinners: Vec<_> = (0..2 * cores)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 1u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                })
+            })
+            .collect();
+        let busy: Vec<_> = (0..3).map(|_| measure_matmul_rates()).collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for s in spinners {
+            s.join().unwrap();
+        }
+        for r in busy {
+            let loaded = choose(&native, None, Some(r));
+            assert_eq!(
+                loaded.kind, idle.kind,
+                "idle: {}; busy: {}",
+                idle.reason, loaded.reason
+            );
+        }
     }
 }

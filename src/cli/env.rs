@@ -107,8 +107,7 @@ fn report_cpu_matmul() {
         }
     );
     println!(
-        "cpu matmul ({} threads): fp32 {:.0} GFLOP/s, bf16 {:.0} GFLOP/s ({:.2}×); --dtype auto on the cpu: {}",
-        tch::get_num_threads(),
+        "cpu matmul (one thread): fp32 {:.0} GFLOP/s, bf16 {:.0} GFLOP/s ({:.2}×); --dtype auto on the cpu: {}",
         r.fp32,
         r.bf16,
         r.bf16 / r.fp32,
