@@ -4,6 +4,10 @@
 //! (autograd bookkeeping, allocation, small-op overhead).
 //!
 //! cargo run --release --example profile_step -- MODEL_DIR BATCH SEQ [REPEATS]
+//!     [--dtype bf16] [--lora-compute-dtype bf16]
+//!
+//! Also times the whole step with gradient checkpointing, so the cost of
+//! the recompute is a row of its own.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -76,8 +80,22 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = PathBuf::from(&args[0]);
     let (b, t): (i64, i64) = (args[1].parse()?, args[2].parse()?);
-    let repeats: usize = args.get(3).map(|r| r.parse()).transpose()?.unwrap_or(3);
-    let load = || models::load(&dir, Kind::Float, Device::Cpu);
+    let repeats: usize = match args.get(3) {
+        Some(r) if !r.starts_with("--") => r.parse()?,
+        _ => 3,
+    };
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| match v.as_str() {
+                "bf16" => Kind::BFloat16,
+                _ => Kind::Float,
+            })
+    };
+    let kind = flag("--dtype").unwrap_or(Kind::Float);
+    let lora_kind = flag("--lora-compute-dtype").unwrap_or(Kind::Float);
+    let load = || models::load(&dir, kind, Device::Cpu);
     let ids = with_torch_seed(1, || {
         Tensor::randint_low(3, 40000, [b, t], (Kind::Int64, Device::Cpu))
     });
@@ -118,14 +136,22 @@ fn main() -> Result<()> {
     with_torch_seed(0, || {
         peft_model::inject(&mut plain, DEFAULT_ADAPTER, &lora(0.0))
     })?;
+    peft_model::set_compute_kind(&mut model, lora_kind);
+    peft_model::set_compute_kind(&mut plain, lora_kind);
     let base = load()?;
     let (params, trainable, mut noisy) = stepper(&mut model, true);
     let (_, _, mut quiet) = stepper(&mut model, false);
+    let (_, _, mut noisy_again) = stepper(&mut model, true);
     let (plain_params, plain_trainable, mut plain_regs) = stepper(&mut plain, false);
-    let run = |model: &LlamaForCausalLM,
-               regs: &mut RegularizerStack,
-               trainable: &[(String, Tensor)],
-               params: &std::collections::BTreeMap<String, Tensor>| {
+    let checkpointed = StepOptions {
+        gradient_checkpointing: true,
+        ..opts
+    };
+    let run_with = |opts: StepOptions,
+                    model: &LlamaForCausalLM,
+                    regs: &mut RegularizerStack,
+                    trainable: &[(String, Tensor)],
+                    params: &std::collections::BTreeMap<String, Tensor>| {
         forward_backward(model, regs, trainable, &batch, &mb, opts).unwrap();
         for p in params.values() {
             p.shallow_clone().zero_grad();
@@ -141,9 +167,18 @@ fn main() -> Result<()> {
     let times = time_interleaved(
         repeats,
         &mut [
-            &mut || run(&model, &mut noisy, &trainable, &params),
-            &mut || run(&model, &mut quiet, &trainable, &params),
-            &mut || run(&plain, &mut plain_regs, &plain_trainable, &plain_params),
+            &mut || run_with(opts, &model, &mut noisy, &trainable, &params),
+            &mut || run_with(opts, &model, &mut quiet, &trainable, &params),
+            &mut || {
+                run_with(
+                    opts,
+                    &plain,
+                    &mut plain_regs,
+                    &plain_trainable,
+                    &plain_params,
+                )
+            },
+            &mut || run_with(checkpointed, &model, &mut noisy_again, &trainable, &params),
             &mut || {
                 let normed =
                     base.forward_hidden(&DecoderInput::causal(&ids), None, &mut GradAtEmbeddings);
@@ -152,7 +187,8 @@ fn main() -> Result<()> {
             },
         ],
     );
-    let (full, no_noise, no_dropout, base_step) = (times[0], times[1], times[2], times[3]);
+    let (full, no_noise, no_dropout, recomputed, base_step) =
+        (times[0], times[1], times[2], times[3], times[4]);
     let mut optim = AdamW::new(&params, (0.9, 0.999), 1e-8, 0.0);
     let optimizer = time(repeats, || {
         clip_grad_norm(&params, 1.0);
@@ -166,7 +202,7 @@ fn main() -> Result<()> {
         c.head_dim as i64,
     );
     let layers = c.num_hidden_layers as f64;
-    let opt = (Kind::Float, Device::Cpu);
+    let opt = (kind, Device::Cpu);
     // The base matmuls of one layer, forward and input-gradient backward.
     let x = Tensor::randn([b, t, h], opt).set_requires_grad(true);
     let weights: Vec<Tensor> = [
@@ -231,13 +267,25 @@ fn main() -> Result<()> {
             "frozen-base rest (RoPE, SiLU, residuals, framework)",
             base_step - matmuls - attention - norms - loss,
         ),
-        ("LoRA branch (r=16, 210 modules)", no_dropout - base_step),
+        (
+            "LoRA branch (r=16, every linear layer)",
+            no_dropout - base_step,
+        ),
         ("LoRA dropout 0.05", no_noise - no_dropout),
         ("NEFTune noise", full - no_noise),
         ("optimizer (clip + AdamW)", optimizer),
+        (
+            "(not in the step) gradient checkpointing's recompute",
+            recomputed - full,
+        ),
     ];
     let total = full + optimizer;
-    println!("one training step, batch {b} x {t}, SmolLM2-135M fp32, LoRA r=16 all-linear; {total:.2} s in all");
+    println!(
+        "one training step, batch {b} x {t}, {} base {}, LoRA r=16 all-linear computing in {}; {total:.2} s in all",
+        dir.file_name().unwrap_or_default().to_string_lossy(),
+        peft_rs::device::dtype_name(kind),
+        peft_rs::device::dtype_name(lora_kind),
+    );
     println!("{:<52}{:>9}{:>8}", "part", "seconds", "share");
     for (name, s) in rows {
         println!("{name:<52}{s:>9.3}{:>7.1}%", 100.0 * s / total);

@@ -152,6 +152,15 @@ pub enum DtypeArg {
 peft_adapters::value_enum_text!(DtypeArg, "--dtype");
 
 impl DtypeArg {
+    /// The flag that names `kind` exactly (what a run records, not "auto").
+    pub fn naming(kind: Kind) -> Self {
+        match kind {
+            Kind::BFloat16 => Self::Bf16,
+            Kind::Half => Self::Fp16,
+            _ => Self::Fp32,
+        }
+    }
+
     /// The libtorch kind on `device` (this CPU probed once if it decides).
     pub fn resolve(self, device: Device) -> Kind {
         self.resolve_with(device, || crate::cpu::dtype().kind)
@@ -305,12 +314,7 @@ impl Placement {
             Device::Cuda(n) => DeviceArg::Cuda(n),
             _ => DeviceArg::Cpu,
         };
-        let dtype = match self.kind {
-            Kind::BFloat16 => DtypeArg::Bf16,
-            Kind::Half => DtypeArg::Fp16,
-            _ => DtypeArg::Fp32,
-        };
-        (device, dtype)
+        (device, DtypeArg::naming(self.kind))
     }
 
     /// [`Placement::as_args`] as `training_args.json` records it: with

@@ -135,6 +135,48 @@ fn bf16_base_gradients_match_peft_in_bf16() {
     );
 }
 
+/// `--lora-compute-dtype bf16` (the default on a bf16 base) is PEFT under
+/// transformers' bf16 autocast, as Trainer runs it with `bf16=True`.
+#[test]
+fn bf16_lora_compute_gradients_match_peft_under_bf16_autocast() {
+    let dir = fx().join("lora_bf16");
+    let mut model = models::load(&common::tiny(), Kind::BFloat16, Device::Cpu).unwrap();
+    peft_model::load_adapter(&mut model, &dir.join("adapter"), DEFAULT_ADAPTER).unwrap();
+    peft_model::set_compute_kind(&mut model, Kind::BFloat16);
+    let (ours, loss) = common::one_step_grads(
+        &mut model,
+        &fx().join("batch.safetensors"),
+        PLAIN,
+        &mut RegularizerStack::new(),
+    );
+    let autocast = read(&dir.join("grads_autocast.safetensors"));
+    let eager = read(&dir.join("grads.safetensors"));
+    let fp32 = read(&dir.join("grads_fp32.safetensors"));
+    let ref_loss = common::read_json::<serde_json::Value>(&dir.join("loss_autocast.json"))["loss"]
+        .as_f64()
+        .unwrap();
+    let ours_vs_autocast = worst_error(&ours, &autocast);
+    let ours_vs_eager = worst_error(&ours, &eager);
+    let bf16_floor = worst_error(&autocast, &fp32);
+    eprintln!(
+        "bf16 LoRA compute: loss {loss:.6} (PEFT autocast {ref_loss:.6}); worst relative gradient error \
+         vs PEFT autocast {ours_vs_autocast:.2e}, vs PEFT eager {ours_vs_eager:.2e}, PEFT autocast vs fp32 {bf16_floor:.2e}"
+    );
+    assert!(
+        (loss - ref_loss).abs() < 1e-2 * ref_loss.abs(),
+        "loss {loss} vs {ref_loss}"
+    );
+    assert!(
+        ours_vs_autocast < 0.5 * bf16_floor,
+        "ours vs PEFT under autocast {ours_vs_autocast} is not well below bf16's own error {bf16_floor}"
+    );
+    // And it is autocast's arithmetic that is followed, not PEFT's eager one.
+    assert!(
+        ours_vs_autocast < ours_vs_eager,
+        "closer to PEFT eager ({ours_vs_eager}) than under autocast ({ours_vs_autocast})"
+    );
+}
+
 #[test]
 fn gradient_checkpointing_with_dropout_and_neftune_gives_identical_gradients() {
     // The PEFT adapter with dropout 0.1 on every module.

@@ -220,9 +220,12 @@ pub struct TrainConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL")]
     pub gradient_checkpointing: Option<bool>,
-    /// Dtype of the LoRA matmuls: fp32 (PEFT's eager default: the input is cast
-    /// to the fp32 adapter) or bf16/fp16 (as under transformers' bf16 autocast:
-    /// faster on a GPU, adapter parameters still fp32). DoRA layers stay fp32.
+    /// Dtype of the LoRA matmuls. auto (default): the frozen base's compute dtype,
+    /// as transformers' Trainer runs PEFT under autocast with bf16=True or fp16=True:
+    /// a bf16 base gets bf16 LoRA matmuls, scaling and sum (adapter parameters,
+    /// gradients and optimizer stay fp32), an fp32 base fp32 ones. fp32: PEFT's eager
+    /// forward bit for bit (the input cast to the fp32 adapter, the sum in fp32), about
+    /// a fifth slower on a bf16 base. DoRA layers always compute in fp32.
     #[arg(long, value_enum, value_name = "DTYPE", default_value_t = defaults().lora_compute_dtype)]
     pub lora_compute_dtype: DtypeArg,
     /// Allow TF32 tensor cores for fp32 matmuls on CUDA (Ampere and newer):
@@ -300,7 +303,7 @@ impl Default for TrainConfig {
             bnb_4bit_use_double_quant: false,
             bnb_4bit_compute_dtype: None,
             gradient_checkpointing: None,
-            lora_compute_dtype: DtypeArg::Fp32,
+            lora_compute_dtype: DtypeArg::Auto,
             tf32: false,
             nproc: 1,
             dist_backend: crate::dist::Backend::Auto,
@@ -419,6 +422,15 @@ impl TrainConfig {
     pub fn checkpointing(&self) -> bool {
         self.gradient_checkpointing
             .unwrap_or(self.quantize.is_some())
+    }
+
+    /// The dtype of the LoRA matmuls on `device` over a frozen base whose
+    /// layers output `base_output` (`auto`: that dtype, as under autocast).
+    pub fn lora_compute_kind(&self, base_output: tch::Kind, device: tch::Device) -> tch::Kind {
+        match self.lora_compute_dtype {
+            DtypeArg::Auto => base_output,
+            d => d.resolve(device),
+        }
     }
 
     /// The bitsandbytes quantization these settings ask for, with the

@@ -79,7 +79,14 @@ impl Trainer {
             peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora)
         })?;
         peft_model::set_training(&mut model, true);
-        peft_model::set_compute_kind(&mut model, cfg.lora_compute_dtype.resolve(device));
+        let base_output = match quantize.as_ref().map(|q| &q.mode) {
+            Some(crate::quant::config::BnbMode::FourBit { compute_dtype, .. }) => *compute_dtype,
+            _ => kind,
+        };
+        let lora_kind = cfg.lora_compute_kind(base_output, device);
+        // Recorded as used, not "auto", as the base's dtype is.
+        cfg.lora_compute_dtype = crate::device::DtypeArg::naming(lora_kind);
+        peft_model::set_compute_kind(&mut model, lora_kind);
         peft_model::set_dropout_sharing(&mut model, cfg.share_lora_dropout);
         let params = peft_model::trainable_parameters(&model);
         let trainable = params

@@ -307,6 +307,20 @@ impl LoraLayer {
         (xd, factor)
     }
 
+    /// PEFT's LoRA under transformers' 16-bit autocast (Trainer's `bf16=True`
+    /// or `fp16=True`): the matmuls, the scaling and the sum with the base
+    /// output all in the compute dtype. No fp32 copy of the `[tokens, out]`
+    /// output is made, in either pass, which is what makes it cheap.
+    fn forward_as_autocast(&self, input: &LayerInput, base_output: Tensor) -> Tensor {
+        let ck = self.compute_kind;
+        self.active_unmerged().fold(base_output, |out, w| {
+            let (xd, keep_scale) = self.adapter_input(input, w.dropout, ck);
+            let h = xd.linear::<Tensor>(&w.a.to_kind(ck), None);
+            let h = if keep_scale != 1.0 { h * keep_scale } else { h };
+            out + h.linear::<Tensor>(&w.b.to_kind(ck), None) * w.scaling
+        })
+    }
+
     fn active_unmerged(&self) -> impl Iterator<Item = &LoraWeights> {
         self.active
             .iter()
@@ -324,6 +338,9 @@ impl LinearAdapter for LoraLayer {
         }
         // DoRA's backward keeps the base output, so its sum is never changed in place.
         let in_place = !self.active_unmerged().any(|w| w.magnitude.is_some());
+        if in_place && self.compute_kind != Kind::Float {
+            return self.forward_as_autocast(input, base_output);
+        }
         // As PEFT: the adapters' outputs are added to the base output in fp32
         // and the sum is cast back once, so a bf16 base rounds only there.
         let mut sum = base_output.to_kind(Kind::Float);
