@@ -25,6 +25,7 @@ fn main() {
     }
     build_c10d_shim(&lib_dir);
     build_matmul_4bit(&lib_dir);
+    build_fused_norm(&lib_dir);
 }
 
 /// Compiles `src/quant/matmul_4bit.cpp`, the 4-bit linear layer as one
@@ -32,8 +33,27 @@ fn main() {
 /// libtorch's own headers; without them the layers fall back to plain
 /// autograd, which keeps each dequantized weight until the backward pass.
 fn build_matmul_4bit(lib_dir: &std::path::Path) {
-    println!("cargo:rustc-check-cfg=cfg(peft_rs_matmul_4bit)");
-    println!("cargo:rerun-if-changed=src/quant/matmul_4bit.cpp");
+    build_autograd_op(
+        lib_dir,
+        "src/quant/matmul_4bit.cpp",
+        "matmul_4bit",
+        "4-bit layers",
+    );
+}
+
+/// Compiles `src/fused_norm.cpp`, the RMS norm as one fused autograd
+/// operation; without libtorch's headers the norm runs as ATen ops.
+fn build_fused_norm(lib_dir: &std::path::Path) {
+    build_autograd_op(lib_dir, "src/fused_norm.cpp", "fused_norm", "RMS norms");
+}
+
+/// Compiles `file`, a custom autograd operation against libtorch's headers,
+/// into `libpeft_NAME.a` and sets `cfg(peft_rs_NAME)` when it builds;
+/// `what` names the layers that fall back to plain autograd otherwise. Always
+/// optimised: a debug build of the tests runs it too, on every step.
+fn build_autograd_op(lib_dir: &std::path::Path, file: &str, name: &str, what: &str) {
+    println!("cargo:rustc-check-cfg=cfg(peft_rs_{name})");
+    println!("cargo:rerun-if-changed={file}");
     let Some(include) = lib_dir.parent().map(|t| t.join("include")) else {
         return;
     };
@@ -41,23 +61,26 @@ fn build_matmul_4bit(lib_dir: &std::path::Path) {
         .join("torch/csrc/autograd/custom_function.h")
         .exists()
     {
-        println!("cargo:warning=4-bit layers without their autograd function: libtorch's headers are missing");
+        println!(
+            "cargo:warning={what} without their autograd function: libtorch's headers are missing"
+        );
         return;
     }
     let built = cc::Build::new()
         .cpp(true)
         .std("c++17")
-        .file("src/quant/matmul_4bit.cpp")
+        .opt_level(3)
+        .file(file)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")
         .warnings(false)
-        .try_compile("peft_matmul_4bit");
+        .try_compile(&format!("peft_{name}"));
     match built {
-        Ok(()) => println!("cargo:rustc-cfg=peft_rs_matmul_4bit"),
-        Err(e) => println!("cargo:warning=4-bit layers without their autograd function: {e}"),
+        Ok(()) => println!("cargo:rustc-cfg=peft_rs_{name}"),
+        Err(e) => println!("cargo:warning={what} without their autograd function: {e}"),
     }
 }
 

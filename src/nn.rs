@@ -119,8 +119,15 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// Normalises over the last dimension.
+    /// Normalises over the last dimension: fused on the CPU
+    /// ([`crate::fused_norm`]), as ATen ops elsewhere.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        crate::fused_norm::rms_norm(x, &self.weight, self.eps, self.scale_in_fp32)
+            .unwrap_or_else(|| self.forward_aten(x))
+    }
+
+    /// The norm as transformers writes it, in ATen ops.
+    pub fn forward_aten(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
         let h = x.to_kind(tch::Kind::Float);
         let variance = h.pow_tensor_scalar(2).mean_dim(-1, true, tch::Kind::Float);
