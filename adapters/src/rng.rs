@@ -76,6 +76,12 @@ pub fn with_torch_seed<R>(seed: u64, draw: impl FnOnce() -> R) -> R {
     draw()
 }
 
+/// The 16-bit draw below which [`keep_mask`] drops an element: four 16-bit
+/// draws per 64-bit number, so p is resolved to 1/65536.
+pub fn drop_threshold(p: f64) -> u64 {
+    (p * 65536.0).round() as u64
+}
+
 /// A dropout keep-mask of `n` elements (`false`: dropped, with probability `p`),
 /// drawn from `seed` on the host. Chunks are seeded apart, so the mask is
 /// the same however many threads draw it. Far faster on a CPU than
@@ -83,8 +89,7 @@ pub fn with_torch_seed<R>(seed: u64, draw: impl FnOnce() -> R) -> R {
 pub fn keep_mask(n: usize, p: f64, seed: u64) -> Vec<bool> {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
-    // Four 16-bit draws per 64-bit number: p is resolved to 1/65536.
-    let threshold = (p * 65536.0).round() as u64;
+    let threshold = drop_threshold(p);
     let mut mask = vec![false; n];
     mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
         let mut g = SplitMix64::new(mix(seed, c as u64));

@@ -202,15 +202,19 @@ pub fn dropout_with(x: &Tensor, p: f64, kernel: DropoutKernel) -> Tensor {
     match kernel {
         DropoutKernel::Fused => x.dropout(p, true),
         DropoutKernel::HostMask => {
-            let seed =
-                Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64;
-            let keep = crate::rng::keep_mask(x.numel(), p, seed);
+            let keep = crate::rng::keep_mask(x.numel(), p, draw_seed());
             let keep = Tensor::from_slice(&keep)
                 .view(x.size().as_slice())
                 .to_device(x.device());
             x.where_scalarother(&keep, 0.0)
         }
     }
+}
+
+/// The seed of one dropout mask, from libtorch's generator (seeded per
+/// step and layer by the caller, so a recomputed layer draws it again).
+fn draw_seed() -> u64 {
+    Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64
 }
 
 /// [`dropout_with`] the kernel of `x`'s device.
@@ -307,6 +311,37 @@ impl LoraLayer {
         (xd, factor)
     }
 
+    /// The rank-r product `dropout(x) Aᵀ` in dtype `ck`, and the dropout
+    /// factor still due. In training on the CPU one fused operation
+    /// ([`super::dropout_a`]) that keeps no mask and no dropped-out copy of
+    /// the input, with the mask [`adapter_input`](Self::adapter_input) would
+    /// draw (from the same seed, one per shared input when sharing is on).
+    fn first_product(&self, input: &LayerInput, w: &LoraWeights, ck: Kind) -> (Tensor, f64) {
+        let a = if ck == Kind::Float {
+            w.a.shallow_clone()
+        } else {
+            w.a.to_kind(ck)
+        };
+        let p = w.dropout;
+        let host = DropoutKernel::for_device(input.tensor().device()) == DropoutKernel::HostMask;
+        if self.training && p > 0.0 && host && super::dropout_a::AVAILABLE {
+            let x = input.derived(&format!("{ck:?}"), |x| x.to_kind(ck));
+            let seed = if self.share_dropout {
+                let seed = input.derived(&format!("{ck:?} dropout seed {p}"), |_| {
+                    Tensor::from(draw_seed() as i64)
+                });
+                seed.int64_value(&[]) as u64
+            } else {
+                draw_seed()
+            };
+            if let Some(h) = super::dropout_a::dropout_a(&x, &a, p, seed) {
+                return (h, DropoutKernel::HostMask.remaining_factor(p));
+            }
+        }
+        let (xd, keep_scale) = self.adapter_input(input, p, ck);
+        (xd.linear::<Tensor>(&a, None), keep_scale)
+    }
+
     /// PEFT's LoRA under transformers' 16-bit autocast (Trainer's `bf16=True`
     /// or `fp16=True`): the matmuls, the scaling and the sum with the base
     /// output all in the compute dtype. No fp32 copy of the `[tokens, out]`
@@ -314,8 +349,7 @@ impl LoraLayer {
     fn forward_as_autocast(&self, input: &LayerInput, base_output: Tensor) -> Tensor {
         let ck = self.compute_kind;
         self.active_unmerged().fold(base_output, |out, w| {
-            let (xd, keep_scale) = self.adapter_input(input, w.dropout, ck);
-            let h = xd.linear::<Tensor>(&w.a.to_kind(ck), None);
+            let (h, keep_scale) = self.first_product(input, w, ck);
             let h = if keep_scale != 1.0 { h * keep_scale } else { h };
             out + h.linear::<Tensor>(&w.b.to_kind(ck), None) * w.scaling
         })
@@ -352,9 +386,6 @@ impl LinearAdapter for LoraLayer {
                 Some(_) => Kind::Float,
             };
             let dropout_on = self.training && w.dropout > 0.0;
-            let (xd, keep_scale) = self.adapter_input(input, w.dropout, ck);
-            // Dropout's factor where it is still due (on the CPU).
-            let kept = |t: Tensor| if keep_scale != 1.0 { t * keep_scale } else { t };
             // As autocast when `ck` is 16-bit: the fp32 weights are cast for
             // the matmul, and their gradients flow back through the cast in fp32.
             let cast = |t: &Tensor| {
@@ -364,7 +395,20 @@ impl LinearAdapter for LoraLayer {
                     t.to_kind(ck)
                 }
             };
-            let h = xd.linear::<Tensor>(&cast(&w.a), None);
+            // DoRA reads the dropped-out input itself; LoRA only its product.
+            let (xd, h, keep_scale) = match w.magnitude {
+                None => {
+                    let (h, keep_scale) = self.first_product(input, w, ck);
+                    (None, h, keep_scale)
+                }
+                Some(_) => {
+                    let (xd, keep_scale) = self.adapter_input(input, w.dropout, ck);
+                    let h = xd.linear::<Tensor>(&cast(&w.a), None);
+                    (Some(xd), h, keep_scale)
+                }
+            };
+            // Dropout's factor where it is still due (on the CPU).
+            let kept = |t: Tensor| if keep_scale != 1.0 { t * keep_scale } else { t };
             let added = match &w.magnitude {
                 None if in_place && ck == Kind::Float && sum.dim() == 2 => {
                     // sum += (s·h) Bᵀ as one GEMM accumulating into the sum,
@@ -397,6 +441,7 @@ impl LinearAdapter for LoraLayer {
                     // subtracts it); with dropout on, recomputed on the
                     // dropped-out input so both terms see the same x.
                     let base_nb = if dropout_on {
+                        let xd = xd.as_ref().expect("DoRA keeps its dropped-out input");
                         kept(xd.matmul(&w32.tr()))
                     } else {
                         match base.bias {

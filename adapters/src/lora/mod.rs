@@ -1,6 +1,7 @@
 //! LoRA (with rsLoRA and DoRA): configuration, layer, and PEFT's file format.
 
 pub mod config;
+pub mod dropout_a;
 pub mod files;
 pub mod layer;
 pub mod targets;
