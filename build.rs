@@ -10,8 +10,13 @@
 //!   a machine whose libtorch lives elsewhere).
 use std::path::PathBuf;
 
+#[path = "build_support/autograd_op.rs"]
+mod autograd_op;
+use autograd_op::build_autograd_op;
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build_support/autograd_op.rs");
     // Set by torch-sys (`links = "tch"`, `cargo:libtorch_lib=...`).
     let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
@@ -45,43 +50,6 @@ fn build_matmul_4bit(lib_dir: &std::path::Path) {
 /// operation; without libtorch's headers the norm runs as ATen ops.
 fn build_fused_norm(lib_dir: &std::path::Path) {
     build_autograd_op(lib_dir, "src/fused_norm.cpp", "fused_norm", "RMS norms");
-}
-
-/// Compiles `file`, a custom autograd operation against libtorch's headers,
-/// into `libpeft_NAME.a` and sets `cfg(peft_rs_NAME)` when it builds;
-/// `what` names the layers that fall back to plain autograd otherwise. Always
-/// optimised: a debug build of the tests runs it too, on every step.
-fn build_autograd_op(lib_dir: &std::path::Path, file: &str, name: &str, what: &str) {
-    println!("cargo:rustc-check-cfg=cfg(peft_rs_{name})");
-    println!("cargo:rerun-if-changed={file}");
-    let Some(include) = lib_dir.parent().map(|t| t.join("include")) else {
-        return;
-    };
-    if !include
-        .join("torch/csrc/autograd/custom_function.h")
-        .exists()
-    {
-        println!(
-            "cargo:warning={what} without their autograd function: libtorch's headers are missing"
-        );
-        return;
-    }
-    let built = cc::Build::new()
-        .cpp(true)
-        .std("c++17")
-        .opt_level(3)
-        .file(file)
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .flag_if_supported("-Wno-unused-parameter")
-        .flag_if_supported("-Wno-deprecated-declarations")
-        .warnings(false)
-        .try_compile(&format!("peft_{name}"));
-    match built {
-        Ok(()) => println!("cargo:rustc-cfg=peft_rs_{name}"),
-        Err(e) => println!("cargo:warning={what} without their autograd function: {e}"),
-    }
 }
 
 /// Compiles `src/dist/c10d_shim.cpp` against the torch wheel's headers (c10d
