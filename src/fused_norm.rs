@@ -49,16 +49,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, scale_in_fp32: bool) -> O
         // the result is a new at::Tensor* that the returned Tensor owns.
         let out =
             unsafe { peft_rms_norm(ptr(x), ptr(weight), eps, scale_in_fp32.into(), &mut err) };
-        if out.is_null() {
-            // SAFETY: set by the C++ side with strdup.
-            let message = unsafe { std::ffi::CStr::from_ptr(err) }
-                .to_string_lossy()
-                .into_owned();
-            unsafe { libc::free(err.cast()) };
-            panic!("RMS norm: {message}");
-        }
-        // SAFETY: a new at::Tensor* from the C++ side, owned from here on.
-        Some(unsafe { Tensor::from_ptr(out.cast()) })
+        // SAFETY: `out` and `err` are what the C++ side just returned.
+        Some(unsafe { peft_adapters::ffi::take_tensor(out, err, "RMS norm") })
     }
     #[cfg(not(peft_rs_fused_norm))]
     {

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod dtype;
+pub mod ffi;
 pub mod fsio;
 pub mod lora;
 pub mod rng;

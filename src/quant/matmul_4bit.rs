@@ -204,16 +204,8 @@ pub fn matmul_4bit(x: &Tensor, q: &Quantized4bit, compute: Kind) -> Option<Tenso
                 &mut err,
             )
         };
-        if out.is_null() {
-            // SAFETY: set by the C++ side with strdup.
-            let message = unsafe { std::ffi::CStr::from_ptr(err) }
-                .to_string_lossy()
-                .into_owned();
-            unsafe { libc::free(err.cast()) };
-            panic!("4-bit matmul: {message}");
-        }
-        // SAFETY: a new at::Tensor* from the C++ side, owned from here on.
-        Some(unsafe { Tensor::from_ptr(out.cast()) })
+        // SAFETY: `out` and `err` are what the C++ side just returned.
+        Some(unsafe { peft_adapters::ffi::take_tensor(out, err, "4-bit matmul") })
     }
     #[cfg(not(peft_rs_matmul_4bit))]
     {

@@ -37,16 +37,8 @@ pub fn dropout_a(x: &Tensor, a: &Tensor, p: f64, seed: u64) -> Option<Tensor> {
         // SAFETY: both pointers are live at::Tensors borrowed for the call;
         // the result is a new at::Tensor* that the returned Tensor owns.
         let out = unsafe { peft_lora_dropout_a(ptr(x), ptr(a), seed, threshold, &mut err) };
-        if out.is_null() {
-            // SAFETY: set by the C++ side with strdup.
-            let message = unsafe { std::ffi::CStr::from_ptr(err) }
-                .to_string_lossy()
-                .into_owned();
-            unsafe { libc::free(err.cast()) };
-            panic!("LoRA dropout: {message}");
-        }
-        // SAFETY: a new at::Tensor* from the C++ side, owned from here on.
-        Some(unsafe { Tensor::from_ptr(out.cast()) })
+        // SAFETY: `out` and `err` are what the C++ side just returned.
+        Some(unsafe { crate::ffi::take_tensor(out, err, "LoRA dropout") })
     }
     #[cfg(not(peft_rs_dropout_a))]
     {
