@@ -54,23 +54,46 @@ fn build_fused_norm(lib_dir: &std::path::Path) {
 
 /// Compiles `src/dist/c10d_shim.cpp` against the torch wheel's headers (c10d
 /// ships inside libtorch, but tch binds none of it). The wheel lacks Gloo's
-/// headers, which `scripts/setup.sh` unpacks into the cache and names in
-/// `PEFT_RS_GLOO_INCLUDE`; NCCL is added when the wheel's CUDA and NCCL
-/// headers are present. Without Gloo's headers, peft-rs builds without
-/// multi-process training and says so when asked for it.
+/// headers, which `scripts/setup.sh` unpacks into the cache ([`gloo_include`]);
+/// NCCL is added when the wheel's CUDA and NCCL headers are present. Without
+/// Gloo's headers the build stops on Linux, unless `PEFT_RS_WITHOUT_C10D` asks
+/// for a binary without multi-process training.
 fn build_c10d_shim(lib_dir: &std::path::Path) {
     println!("cargo:rustc-check-cfg=cfg(peft_rs_c10d)");
     println!("cargo:rerun-if-changed=src/dist/c10d_shim.cpp");
-    println!("cargo:rerun-if-env-changed=PEFT_RS_GLOO_INCLUDE");
+    for var in [
+        "PEFT_RS_GLOO_INCLUDE",
+        "PEFT_RS_CACHE",
+        "PEFT_RS_WITHOUT_C10D",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
     let Some(torch) = lib_dir.parent() else {
         return;
     };
     let include = torch.join("include");
-    let gloo = std::env::var_os("PEFT_RS_GLOO_INCLUDE").map(PathBuf::from);
-    let Some(gloo) = gloo.filter(|g| g.join("gloo/context.h").exists()) else {
-        println!("cargo:warning=building without c10d (multi-process training): Gloo's headers are missing; run ./scripts/setup.sh");
+    let gloo = gloo_include();
+    if std::env::var_os("PEFT_RS_WITHOUT_C10D").is_some() {
+        println!("cargo:warning=building without c10d (multi-process training): PEFT_RS_WITHOUT_C10D is set");
         return;
-    };
+    }
+    if !gloo.join("gloo/context.h").exists() {
+        let why = format!(
+            "Gloo's headers are not in {} (c10d, multi-process training, compiles against them); run ./scripts/setup.sh, or set PEFT_RS_GLOO_INCLUDE to a folder holding gloo/context.h, or set PEFT_RS_WITHOUT_C10D=1 to build without multi-process training",
+            gloo.display()
+        );
+        // Where c10d should build (Linux), a binary quietly without it is a
+        // surprise found only at `--nproc 2`: stop the build instead.
+        if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+            panic!("{why}");
+        }
+        println!("cargo:warning=building without c10d: {why}");
+        return;
+    }
+    println!(
+        "cargo:rerun-if-changed={}",
+        gloo.join("gloo/context.h").display()
+    );
     let mut build = cc::Build::new();
     build
         .cpp(true)
@@ -124,6 +147,22 @@ fn build_c10d_shim(lib_dir: &std::path::Path) {
     }
     build.compile("peft_c10d_shim");
     println!("cargo:rustc-cfg=peft_rs_c10d");
+}
+
+/// Where Gloo's headers are: `PEFT_RS_GLOO_INCLUDE`, else where
+/// `scripts/setup.sh` puts them (`$PEFT_RS_CACHE`, default `~/.cache/peft-rs`,
+/// then `gloo-headers/include`), so that a plain `cargo build` or `cargo
+/// install --path .` finds them as the scripts do.
+fn gloo_include() -> PathBuf {
+    if let Some(g) = std::env::var_os("PEFT_RS_GLOO_INCLUDE") {
+        return PathBuf::from(g);
+    }
+    let cache = std::env::var_os("PEFT_RS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/peft-rs")
+        });
+    cache.join("gloo-headers/include")
 }
 
 /// The CUDA include folder of the wheel's `nvidia-cuda-runtime` package

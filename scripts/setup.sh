@@ -45,7 +45,7 @@ if [ ! -f "$PEFT_RS_GLOO_INCLUDE/gloo/context.h" ]; then
     rm -rf "$PEFT_RS_GLOO_INCLUDE"
     mv "$tmp/x/usr/include" "$PEFT_RS_GLOO_INCLUDE"
   else
-    echo "warning: could not fetch libgloo-dev (apt-get download); peft-rs will build without multi-process training" >&2
+    echo "warning: could not fetch libgloo-dev (apt-get download); the build stops without Gloo's headers: set PEFT_RS_GLOO_INCLUDE to a folder with gloo/context.h, or PEFT_RS_WITHOUT_C10D=1 to build without multi-process training" >&2
   fi
   rm -rf "$tmp"
 fi
