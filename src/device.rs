@@ -412,10 +412,11 @@ pub fn default_model_dir() -> PathBuf {
     }
 }
 
-/// `--model` or, when absent, the default model, with a hint when it is missing.
+/// `--model` (a folder, or a Hub id resolved through the Hugging Face cache,
+/// [`crate::hub`]) or, when absent, the default model, with a hint when it is missing.
 pub fn resolve_model_dir(model: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(m) = model {
-        return Ok(m);
+        return crate::hub::resolve(&m, crate::hub::RepoKind::Model);
     }
     let d = default_model_dir();
     if !d.join("config.json").exists() {

@@ -87,6 +87,8 @@ fn kill_and_resume_gives_the_uninterrupted_result() {
         "0.1",
         "--neftune-alpha",
         "5",
+        "--report-to",
+        "tensorboard",
     ];
     let full = tmp.path().join("full");
     run_train(&data, &full, &extra);
@@ -131,6 +133,8 @@ fn kill_and_resume_gives_the_uninterrupted_result() {
         losses(&cut),
         "the resumed loss curve must continue the original"
     );
+    // TensorBoard drops what the killed run logged after its checkpoint.
+    common::assert_tensorboard_matches_metrics(&cut);
 }
 
 /// `train --config FILE` and the words of `line`, in a new temporary folder

@@ -14,9 +14,10 @@ use crate::quant::Quantize;
 /// Where the model comes from and where it runs.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json), or a
+    /// Hub id ORG/NAME[@REVISION] found in (or, online, downloaded into) the Hugging Face cache.
     /// Defaults to the SmolLM2-135M-Instruct that ./scripts/setup.sh converts into models/.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR|ID")]
     pub model: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N; auto uses CUDA when libtorch can.
     #[arg(long, default_value_t = DeviceArg::Auto)]
@@ -92,9 +93,9 @@ impl ModelArgs {
 /// Adapters to apply on top of the base model.
 #[derive(Args, Debug, Clone)]
 pub struct AdapterArgs {
-    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors);
-    /// repeat to combine several, with --weights.
-    #[arg(long, value_name = "DIR")]
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors) or Hub id
+    /// ORG/NAME[@REVISION]; repeat to combine several, with --weights.
+    #[arg(long, value_name = "DIR|ID")]
     pub adapter: Vec<PathBuf>,
     /// One weight per adapter, combined as PEFT's add_weighted_adapter(combination_type="linear").
     #[arg(long, value_delimiter = ',', value_name = "W,W,...")]
@@ -103,6 +104,16 @@ pub struct AdapterArgs {
     /// three): auto (on CUDA), always, never. Quantized layers keep theirs unmerged.
     #[arg(long, value_enum, default_value_t = peft_model::MergeForDecoding::Auto)]
     pub merge_for_decoding: peft_model::MergeForDecoding,
+}
+
+impl AdapterArgs {
+    /// The adapter folders: local ones as given, Hub ids from the Hugging Face cache.
+    pub fn dirs(&self) -> Result<Vec<PathBuf>> {
+        self.adapter
+            .iter()
+            .map(|a| crate::hub::resolve(a, crate::hub::RepoKind::Adapter))
+            .collect()
+    }
 }
 
 /// Folds the adapters of dense layers into their weights before decoding

@@ -55,6 +55,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    let adapters = a.adapters.dirs()?;
     if let Some(out) = &a.answers_out {
         // Checked before anything slow: an output is never one of the inputs.
         let model_dir = resolve_model_dir(a.model.model.clone())?;
@@ -62,14 +63,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
             ("data", a.data.as_path()),
             ("base model", model_dir.as_path()),
         ];
-        inputs.extend(a.adapters.adapter.iter().map(|d| ("adapter", d.as_path())));
+        inputs.extend(adapters.iter().map(|d| ("adapter", d.as_path())));
         crate::outputs::refuse_overlap("--answers-out", out, &inputs)?;
     }
     if a.max_seq_len < 2 {
         bail!("--max-seq-len must be at least 2");
     }
     let mut base = a.model.load()?;
-    peft_model::load_adapters(&mut base.model, &a.adapters.adapter, &a.adapters.weights)?;
+    peft_model::load_adapters(&mut base.model, &adapters, &a.adapters.weights)?;
     let eos = base.completion_eos()?;
     let opts = crate::data::DataOptions {
         format: a.format,

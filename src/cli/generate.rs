@@ -81,7 +81,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     cfg.validate()?;
     let mut base = a.model.load()?;
-    peft_model::load_adapters(&mut base.model, &a.adapters.adapter, &a.adapters.weights)?;
+    peft_model::load_adapters(&mut base.model, &a.adapters.dirs()?, &a.adapters.weights)?;
     super::args::merge_for_decoding(&mut base.model, a.adapters.merge_for_decoding)?;
     let cfg = GenerationConfig {
         eos_token_ids: base.eos_token_ids.clone(),

@@ -13,8 +13,8 @@ use crate::merge::{merge_to_dir, MergeOptions};
 // The flags of `peft-rs merge` (a plain comment: a doc comment would replace the subcommand's help).
 #[allow(missing_docs)]
 pub struct MergeArgs {
-    /// Base model directory (defaults to the embedded default model).
-    #[arg(long, value_name = "DIR")]
+    /// Base model directory or Hub id (defaults to the embedded default model).
+    #[arg(long, value_name = "DIR|ID")]
     pub(crate) model: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) adapters: AdapterArgs,
@@ -38,7 +38,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
         .map(|d| d.resolve(tch::Device::Cpu));
     let opts = MergeOptions {
         base: resolve_model_dir(a.model)?,
-        adapters: a.adapters.adapter,
+        adapters: a.adapters.dirs()?,
         weights: a.adapters.weights,
         output: a.output,
         dtype,

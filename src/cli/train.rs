@@ -109,6 +109,7 @@ pub fn run(
         return crate::dist::launch_local(cfg.nproc);
     }
     crate::signals::install();
+    let tensorboard = cfg.report_to == crate::train::ReportTo::Tensorboard;
     let mut trainer = Trainer::new(cfg, registry)?;
     let s = trainer.run()?;
     if dist.is_some_and(|d| d.rank != 0) {
@@ -131,5 +132,11 @@ pub fn run(
     }
     println!("adapter (PEFT format): {}", s.output.display());
     println!("metrics: {}", s.output.join("metrics.jsonl").display());
+    if tensorboard {
+        println!(
+            "tensorboard: tensorboard --logdir {}",
+            s.output.join("runs").display()
+        );
+    }
     Ok(())
 }

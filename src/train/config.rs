@@ -40,6 +40,17 @@ impl Schedule {
     }
 }
 
+/// Where metrics are reported besides `metrics.jsonl` (transformers' `report_to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum ReportTo {
+    /// Only `metrics.jsonl`.
+    None,
+    /// Also TensorBoard event files under `OUTPUT/runs/`.
+    Tensorboard,
+}
+
 /// Settings a resumed run may change: they affect where things are written,
 /// what is logged, or how fast, but not the loss curve or the adapter.
 pub const RESUMABLE_CHANGES: &[&str] = &[
@@ -48,6 +59,7 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "device",
     "eval_steps",
     "logging_steps",
+    "report_to",
     "save_steps",
     "save_total_limit",
     "gradient_checkpointing",
@@ -75,8 +87,9 @@ fn defaults() -> TrainConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default)]
 pub struct TrainConfig {
-    /// Base model directory (default: the SmolLM2-135M-Instruct that ./scripts/setup.sh converts).
-    #[arg(long, value_name = "DIR")]
+    /// Base model directory, or Hub id ORG/NAME[@REVISION] from the Hugging Face cache
+    /// (default: the SmolLM2-135M-Instruct that ./scripts/setup.sh converts).
+    #[arg(long, value_name = "DIR|ID")]
     pub model: Option<PathBuf>,
     /// Training data: Alpaca JSON/JSONL, or JSONL with messages, prompt/completion or text.
     #[arg(long, value_name = "FILE")]
@@ -251,6 +264,9 @@ pub struct TrainConfig {
     /// Write a metrics.jsonl line every N steps.
     #[arg(long, value_name = "N", default_value_t = defaults().logging_steps)]
     pub logging_steps: u64,
+    /// Also report the metrics to: none, or tensorboard (event files under OUTPUT/runs/).
+    #[arg(long, value_enum, default_value_t = defaults().report_to)]
+    pub report_to: ReportTo,
     /// Save a checkpoint every N steps (0: none).
     #[arg(long, value_name = "N", default_value_t = defaults().save_steps)]
     pub save_steps: u64,
@@ -310,6 +326,7 @@ impl Default for TrainConfig {
             dist_timeout: 600,
             loss_chunk_size: LOSS_CHUNK_SIZE,
             logging_steps: 1,
+            report_to: ReportTo::None,
             save_steps: 0,
             save_total_limit: 0,
             resume: false,
@@ -481,7 +498,11 @@ impl TrainConfig {
     /// a model read from `base_model_name_or_path`.
     pub fn lora_config(&self, base_model_name_or_path: &Path) -> LoraConfig {
         LoraConfig {
-            base_model_name_or_path: Some(base_model_name_or_path.display().to_string()),
+            // A base from the Hub cache is recorded by its id, as PEFT does.
+            base_model_name_or_path: Some(
+                crate::hub::id_of_snapshot(base_model_name_or_path)
+                    .unwrap_or_else(|| base_model_name_or_path.display().to_string()),
+            ),
             ..self.lora.clone()
         }
     }

@@ -22,11 +22,12 @@ pub mod run;
 pub mod scaler;
 pub mod settings_file;
 pub mod step;
+pub mod tensorboard;
 pub mod trainer;
 pub mod validate;
 
 pub use checkpoint::TrainerState;
-pub use config::{Schedule, TrainConfig};
+pub use config::{ReportTo, Schedule, TrainConfig};
 pub use eval::mean_loss;
 pub use loss::chunked_cross_entropy;
 pub use plan::EpochPlan;

@@ -51,11 +51,13 @@ impl PlainProgress {
     }
 }
 
-/// `metrics.jsonl`, appended line by line and flushed, with errors naming the file.
+/// `metrics.jsonl`, appended line by line and flushed, with errors naming the
+/// file; and the same lines as TensorBoard scalars with `--report-to tensorboard`.
 pub(crate) struct MetricsLog {
     /// `None` on ranks other than 0, which write nothing.
     file: Option<std::fs::File>,
     path: PathBuf,
+    events: Option<super::tensorboard::EventWriter>,
 }
 
 impl MetricsLog {
@@ -72,7 +74,18 @@ impl MetricsLog {
         Ok(Self {
             file,
             path: path.to_path_buf(),
+            events: None,
         })
+    }
+
+    /// Also writes every line to a TensorBoard event file in `dir` (rank 0
+    /// only), for a run that starts at `start_step`.
+    pub(crate) fn with_tensorboard(mut self, dir: &Path, start_step: u64) -> Result<Self> {
+        if self.file.is_some() {
+            let resumed_at = (start_step > 0).then_some(start_step);
+            self.events = Some(super::tensorboard::EventWriter::create(dir, resumed_at)?);
+        }
+        Ok(self)
     }
 
     pub(crate) fn write(&mut self, line: &serde_json::Value) -> Result<()> {
@@ -81,7 +94,11 @@ impl MetricsLog {
         };
         writeln!(file, "{line}")
             .and_then(|()| file.flush())
-            .with_context(|| format!("{}: cannot write", self.path.display()))
+            .with_context(|| format!("{}: cannot write", self.path.display()))?;
+        match self.events.as_mut() {
+            Some(events) => events.metrics_line(line),
+            None => Ok(()),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::checkpoint;
 use super::progress::{keep_metrics_until, MetricsLog, PlainProgress};
-use super::Trainer;
+use super::{ReportTo, Trainer};
 use crate::dist::agree;
 use crate::peft_model::{self, DEFAULT_ADAPTER};
 use crate::signals;
@@ -88,6 +88,9 @@ impl Trainer {
         self.write_run_files()?;
         self.announce();
         let mut metrics = MetricsLog::open(&metrics_path, self.is_writer())?;
+        if self.cfg.report_to == ReportTo::Tensorboard {
+            metrics = metrics.with_tensorboard(&self.cfg.output.join("runs"), start_step)?;
+        }
         // A signal that arrived while loading stops every rank before the first step.
         if let Some(sig) = agree::agree(self.group.as_ref(), true, signals::pending())?.stop {
             self.stop_on(sig, start_step, false)?;
@@ -161,6 +164,7 @@ impl Trainer {
         agree::fail_together(self.group.as_ref(), "to start a run in its --output", fresh)?;
         if writer {
             let _ = std::fs::remove_file(metrics_path);
+            remove_event_files(&output.join("runs"));
         }
         Ok(0)
     }
@@ -311,5 +315,22 @@ impl Trainer {
             g.barrier()?;
         }
         Ok(())
+    }
+}
+
+/// Removes the event files an earlier, unsaved run left in `OUTPUT/runs/`
+/// (a fresh run removes its `metrics.jsonl` likewise); other files stay.
+fn remove_event_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if name
+            .to_string_lossy()
+            .starts_with(super::tensorboard::EVENTS_PREFIX)
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }

@@ -330,10 +330,11 @@ fn settings_to_agree_on(
     train: &Dataset,
     eval: Option<&Dataset>,
 ) -> Result<BTreeMap<String, String>> {
-    const PER_RANK: [&str; 9] = [
+    const PER_RANK: [&str; 10] = [
         "output",
         "device",
         "logging_steps",
+        "report_to",
         "save_steps",
         "save_total_limit",
         "nproc",

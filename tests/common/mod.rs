@@ -735,3 +735,70 @@ pub fn entries(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
         .filter(|n| keep(n))
         .collect()
 }
+
+/// The scalars of the event files under `dir`, as TensorBoard's own reader
+/// loads them (orphaned steps of a resumed run purged): `{tag: [[step, value]]}`.
+fn tensorboard_scalars(dir: &Path) -> serde_json::Value {
+    let script = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0})
+acc.Reload()
+print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
+"#;
+    let out = Command::new(python())
+        .args(["-c", script, s(dir)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Asserts that the TensorBoard scalars of run `out` are `metrics.jsonl`'s.
+pub fn assert_tensorboard_matches_metrics(out: &Path) {
+    let tb = tensorboard_scalars(&out.join("runs"));
+    let tags = [
+        ("loss", "train/loss"),
+        ("lr", "train/learning_rate"),
+        ("grad_norm", "train/grad_norm"),
+        ("epoch", "train/epoch"),
+        ("tokens_per_second", "train/tokens_per_second"),
+        ("eval_loss", "eval/loss"),
+    ];
+    for (key, tag) in tags {
+        let want: Vec<(u64, f64)> = metrics(out)
+            .iter()
+            .filter_map(|l| Some((l["step"].as_u64()?, l[key].as_f64()?)))
+            .collect();
+        if want.is_empty() {
+            assert!(key != "loss", "metrics.jsonl has no loss");
+            assert!(
+                tb.get(tag).is_none(),
+                "{tag} in TensorBoard, not in metrics.jsonl"
+            );
+            continue;
+        }
+        let got: Vec<(u64, f64)> = tb[tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {tag} in {tb}"))
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+            .collect();
+        assert_eq!(
+            got.iter().map(|p| p.0).collect::<Vec<_>>(),
+            want.iter().map(|p| p.0).collect::<Vec<_>>(),
+            "{tag}: steps"
+        );
+        for ((step, g), (_, w)) in got.iter().zip(&want) {
+            // TensorBoard stores scalars as float32.
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1e-30),
+                "{tag} at step {step}: {g} in TensorBoard, {w} in metrics.jsonl"
+            );
+        }
+    }
+}
