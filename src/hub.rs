@@ -253,24 +253,22 @@ fn download(id: &HubId, kind: RepoKind, cache: &Path) -> Result<PathBuf> {
         id.revision.clone(),
     ));
     let info = repo.info()?;
-    let files: Vec<String> = info
-        .siblings
-        .into_iter()
-        .map(|s| s.rfilename)
-        .filter(|f| kind.wants(f))
-        .collect();
-    let mut snapshot = None;
-    for f in &files {
-        eprintln!("downloading {}/{f}", id.repo);
-        let path = repo.get(f)?;
-        snapshot = path.parent().map(Path::to_path_buf);
+    // Files go into the snapshot of the commit the revision names now; those
+    // already there are kept (a partly downloaded model resumes), and files of
+    // an older snapshot of the same branch are not mixed in.
+    let dir = id.folder(cache).join("snapshots").join(&info.sha);
+    for f in info.siblings.iter().map(|s| &s.rfilename) {
+        if kind.wants(f) && !dir.join(f).exists() {
+            eprintln!("downloading {}/{f}", id.repo);
+            repo.download(f)?;
+        }
     }
-    let Some(dir) = snapshot else {
+    if !dir.is_dir() {
         bail!(
             "the repository holds none of the files a {} needs",
             kind.what()
         );
-    };
+    }
     let missing = missing_files(&dir, kind);
     if !missing.is_empty() {
         bail!(
