@@ -203,32 +203,26 @@ pub fn resolve(arg: &Path, kind: RepoKind) -> Result<PathBuf> {
     if let Some(dir) = cached.as_ref().filter(|_| missing.is_empty()) {
         return Ok(dir.clone());
     }
-    let at = id.folder(&cache);
     let lacking = match missing.is_empty() {
         true => String::new(),
         false => format!(" (its snapshot lacks {})", missing.join(", ")),
     };
+    let not_found = format!(
+        "{}: no such local folder, and the {} {}@{} is not in the Hugging Face cache at {}{lacking}",
+        arg.display(),
+        kind.what(),
+        id.repo,
+        id.revision,
+        id.folder(&cache).display()
+    );
     if offline() {
         bail!(
-            "{}: no such local folder, and the {} {}@{} is not in the Hugging Face cache at {}{lacking}; HF_HUB_OFFLINE is set, so nothing is downloaded (unset it, or fetch it with `hf download {}`)",
-            arg.display(),
-            kind.what(),
-            id.repo,
-            id.revision,
-            at.display(),
+            "{not_found}; HF_HUB_OFFLINE is set, so nothing is downloaded (unset it, or fetch it with `hf download {}`)",
             id.repo
         );
     }
-    download(&id, kind, &cache).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: no such local folder, and the {} {}@{} is not in the Hugging Face cache at {}{lacking}; downloading it failed: {e:#}",
-            arg.display(),
-            kind.what(),
-            id.repo,
-            id.revision,
-            at.display()
-        )
-    })
+    download(&id, kind, &cache)
+        .map_err(|e| anyhow::anyhow!("{not_found}; downloading it failed: {e:#}"))
 }
 
 /// Downloads the files of `id` that peft-rs reads into `cache` with
