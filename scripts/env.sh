@@ -12,3 +12,5 @@ export LIBTORCH_USE_PYTORCH=1
 export PYTHON="$PEFT_RS_VENV/bin/python"
 # Gloo's headers for the c10d shim (fetched by setup.sh; see build.rs).
 export PEFT_RS_GLOO_INCLUDE="${PEFT_RS_GLOO_INCLUDE:-$PEFT_RS_CACHE/gloo-headers/include}"
+# llama.cpp's GGUF converters, taken from llama-cpp-python's source by setup.sh.
+export PEFT_RS_LLAMA_CPP_CONVERTERS="${PEFT_RS_LLAMA_CPP_CONVERTERS:-$PEFT_RS_CACHE/llama-cpp-python-0.3.36/converters}"

@@ -32,6 +32,38 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# llama.cpp for the GGUF tests (tests/gguf.rs): llama-cpp-python, published
+# as source only, is built once (cmake, about 12 minutes on 2 cores) and its
+# wheel kept in the cache; its source also carries llama.cpp's converters
+# (convert_hf_to_gguf.py, convert_lora_to_gguf.py), which the tests compare with.
+lcp_version=0.3.36
+lcp="$PEFT_RS_CACHE/llama-cpp-python-$lcp_version"
+if [ ! -f "$PEFT_RS_LLAMA_CPP_CONVERTERS/convert_lora_to_gguf.py" ] \
+    || ! "$PYTHON" -c "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$lcp_version')" 2>/dev/null; then
+  echo "== building llama-cpp-python $lcp_version into $lcp (llama.cpp for the GGUF tests; one time)"
+  mkdir -p "$lcp"
+  if ! ls "$lcp"/llama_cpp_python-*.tar.gz > /dev/null 2>&1; then
+    "$PYTHON" -m pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$lcp_version" -d "$lcp"
+  fi
+  sdist=$(ls "$lcp"/llama_cpp_python-*.tar.gz | head -1)
+  if [ ! -f "$PEFT_RS_LLAMA_CPP_CONVERTERS/convert_lora_to_gguf.py" ]; then
+    tmp=$(mktemp -d)
+    tar -xzf "$sdist" -C "$tmp"
+    src=$(ls -d "$tmp"/*/vendor/llama.cpp)
+    mkdir -p "$tmp/converters"
+    cp -r "$src"/convert_hf_to_gguf.py "$src"/convert_lora_to_gguf.py "$src"/conversion "$src"/gguf-py "$tmp/converters/"
+    rm -rf "$PEFT_RS_LLAMA_CPP_CONVERTERS"
+    mv "$tmp/converters" "$PEFT_RS_LLAMA_CPP_CONVERTERS"
+    rm -rf "$tmp"
+  fi
+  if ! ls "$lcp"/llama_cpp_python-*.whl > /dev/null 2>&1; then
+    # A portable build (no -march=native): the cached wheel may outlive this CPU.
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      "$PYTHON" -m pip wheel --quiet --no-deps "$sdist" -w "$lcp"
+  fi
+  "$PYTHON" -m pip install --quiet --no-deps "$(ls "$lcp"/llama_cpp_python-*.whl | head -1)"
+fi
+
 # c10d (multi-process training) is inside libtorch, but the wheel lacks the
 # headers of Gloo, its CPU transport; Debian's libgloo-dev has them. Only
 # headers are used (pointer-only members: the layout does not depend on Gloo's

@@ -14,6 +14,7 @@ pub mod device;
 pub mod dist;
 pub mod fused_norm;
 pub mod generate;
+pub mod gguf;
 pub mod hub;
 pub mod memory;
 pub mod merge;

@@ -472,3 +472,87 @@ fn copy_other_files(base: &Path, out: &Path, dtype: Option<Kind>, dequantized: b
     }
     Ok(())
 }
+
+/// Questions `merge --verify` asks both models (as chat turns where the
+/// model has a chat template).
+const VERIFY_PROMPTS: [&str; 16] = [
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "List the first five prime numbers.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Describe a cat to someone who has never seen one.",
+    "Why is the sky blue?",
+    "Suggest a name for a coffee shop.",
+    "Summarize the plot of Romeo and Juliet.",
+    "How do I boil an egg?",
+    "Name two renewable sources of energy.",
+    "Write a Python function that reverses a string.",
+    "What does a compiler do?",
+    "Give an example of a metaphor.",
+];
+
+/// How close a merged model is to its base with the adapters applied.
+#[derive(Debug)]
+pub struct Verification {
+    /// Prompts compared.
+    pub prompts: usize,
+    /// Positions compared (all prompt tokens).
+    pub positions: usize,
+    /// Largest |logit difference| over all positions and the vocabulary.
+    pub max_abs_diff: f64,
+    /// Largest |logit| of the unmerged model, for scale.
+    pub max_abs_logit: f64,
+    /// Positions where both models pick the same next token.
+    pub same_argmax: usize,
+}
+
+/// `merge --verify N`: the logits of `merged` against those of `base` with
+/// `adapters` applied (combined with `weights`), both in fp32 on the CPU,
+/// on the first `n` of [`VERIFY_PROMPTS`]. Both models are in memory at once.
+pub fn verify(
+    base: &Path,
+    adapters: &[PathBuf],
+    weights: &[f64],
+    merged: &Path,
+    n: usize,
+) -> Result<Verification> {
+    if n == 0 || n > VERIFY_PROMPTS.len() {
+        bail!(
+            "--verify {n}: give a number of prompts from 1 to {}",
+            VERIFY_PROMPTS.len()
+        );
+    }
+    let mut unmerged = models::Pretrained::load(base, Kind::Float, Device::Cpu)?;
+    crate::peft_model::load_adapters(&mut unmerged.model, adapters, weights)?;
+    let merged = models::load(merged, Kind::Float, Device::Cpu)?;
+    let mut v = Verification {
+        prompts: n,
+        positions: 0,
+        max_abs_diff: 0.0,
+        max_abs_logit: 0.0,
+        same_argmax: 0,
+    };
+    for p in &VERIFY_PROMPTS[..n] {
+        let tok = &unmerged.tokenizer;
+        let ids = if tok.has_chat_template() {
+            tok.encode_chat(&[crate::tokenizer::Message::user(*p)], true)?
+        } else {
+            tok.encode(p, true)?
+        };
+        let ids =
+            Tensor::from_slice(&ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>()).unsqueeze(0);
+        let (a, b) = tch::no_grad(|| (unmerged.model.forward(&ids), merged.forward(&ids)));
+        v.positions += ids.size()[1] as usize;
+        v.max_abs_diff = v.max_abs_diff.max((&a - &b).abs().max().double_value(&[]));
+        v.max_abs_logit = v.max_abs_logit.max(a.abs().max().double_value(&[]));
+        v.same_argmax += a
+            .argmax(-1, false)
+            .eq_tensor(&b.argmax(-1, false))
+            .sum(Kind::Int64)
+            .int64_value(&[]) as usize;
+    }
+    Ok(v)
+}

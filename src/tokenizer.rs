@@ -195,6 +195,17 @@ impl Tokenizer {
             .and_then(|t| self.token_to_id(t))
     }
 
+    /// The content of `key` (`bos_token`, `eos_token`, `unk_token`,
+    /// `pad_token`) in `tokenizer_config.json`.
+    pub fn special_token(&self, key: &str) -> Option<&str> {
+        self.special_tokens.get(key).and_then(Value::as_str)
+    }
+
+    /// The chat template's source, if the model directory has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
     /// Whether the model directory has a chat template.
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()

@@ -27,6 +27,11 @@ pub struct MergeArgs {
     /// Replace --output if it exists.
     #[arg(long)]
     pub(crate) overwrite: bool,
+    /// After merging, compare the merged model's logits with the base + adapters' on N
+    /// built-in prompts (both in fp32; both models are held in memory) and print the
+    /// largest difference.
+    #[arg(long, value_name = "N")]
+    pub(crate) verify: Option<usize>,
 }
 
 /// `peft-rs merge`.
@@ -45,6 +50,12 @@ pub fn run(a: MergeArgs) -> Result<()> {
         overwrite: a.overwrite,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
+    if let Some(n) = a.verify {
+        // Checked before the merge, so that a bad count costs nothing.
+        if n == 0 || n > 16 {
+            anyhow::bail!("--verify {n}: give a number of prompts from 1 to 16");
+        }
+    }
     let r = merge_to_dir(&opts)?;
     eprintln!(
         "merged {} adapter(s) into {} of {} tensors ({:.1} MB, largest tensor {:.1} MB) in {:.1} s",
@@ -58,6 +69,13 @@ pub fn run(a: MergeArgs) -> Result<()> {
     let mut memory = crate::memory::MemoryWatch::default();
     memory.sample();
     eprintln!("memory: {memory}");
+    if let Some(n) = a.verify {
+        let v = crate::merge::verify(&opts.base, &opts.adapters, &opts.weights, &opts.output, n)?;
+        eprintln!(
+            "verify: {} prompts, {} positions: largest logit difference {:.3e} (largest |logit| {:.1}); same next token at {}/{} positions",
+            v.prompts, v.positions, v.max_abs_diff, v.max_abs_logit, v.same_argmax, v.positions
+        );
+    }
     println!("{}", opts.output.display());
     Ok(())
 }

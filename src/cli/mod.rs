@@ -4,6 +4,7 @@
 pub mod args;
 pub mod env;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod merge;
 pub mod plot;
@@ -39,6 +40,8 @@ enum Command {
     /// Print the loss and perplexity of a model (with or without adapters) on a data file.
     #[command(allow_negative_numbers = true, args_override_self = true)]
     Eval(eval::EvalArgs),
+    /// Export a model or an adapter for other runtimes (GGUF for llama.cpp and Ollama).
+    Export(export::ExportArgs),
     /// Draw training and evaluation loss against step for one or more runs into a PNG.
     Plot(plot::PlotArgs),
 }
@@ -97,6 +100,7 @@ pub fn main_with(registry: &crate::regularizers::Registry) -> Result<()> {
         ),
         Command::Eval(a) => eval::run(a),
         Command::Plot(a) => plot::run(a),
+        Command::Export(a) => export::run(a),
     }
 }
 

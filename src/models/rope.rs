@@ -258,6 +258,11 @@ impl RotaryEmbedding {
         }
     }
 
+    /// The inverse frequencies (for sequences up to the original length, with LongRoPE).
+    pub(crate) fn inv_freq(&self) -> &Tensor {
+        &self.inv_freq
+    }
+
     /// Whether the frequencies depend on the sequence length (LongRoPE).
     pub(crate) fn depends_on_length(&self) -> bool {
         self.long.is_some()

@@ -1,0 +1,591 @@
+//! `peft-rs export gguf`: a LoRA adapter, a base model or a merged model as
+//! the GGUF files llama.cpp, Ollama and LM Studio load.
+//!
+//! Names, metadata and layouts follow what llama.cpp's own converters
+//! (`convert_lora_to_gguf.py`, `convert_hf_to_gguf.py`) write for these
+//! architectures, so that llama.cpp reads our files as it reads theirs; the
+//! tests check both against them and against llama.cpp's answers. Tensors
+//! are read, merged, converted and written one at a time.
+
+pub mod file;
+mod vocab;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::models::{self, LlamaConfig, OUTPUT_HEAD};
+use crate::weights::WeightFiles;
+pub use file::{TensorEntry, TensorType, Value};
+use peft_adapters::lora::{files, LoraLayer, LoraWeights};
+use peft_adapters::LinearAdapter;
+
+/// What to export and where.
+pub struct ExportOptions {
+    /// The base model directory.
+    pub model: PathBuf,
+    /// Adapter directories: one alone with `adapter_only` exports it as a
+    /// LoRA GGUF; otherwise they are merged into the model.
+    pub adapters: Vec<PathBuf>,
+    /// Export the adapter itself rather than a merged model.
+    pub adapter_only: bool,
+    /// The GGUF file to write.
+    pub output: PathBuf,
+    /// Type of the 2-D tensors (1-D tensors stay f32, as llama.cpp's converters keep them).
+    pub outtype: TensorType,
+    /// Replace an existing GGUF file at `output`.
+    pub overwrite: bool,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// What an export wrote.
+#[derive(Debug)]
+pub struct ExportReport {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes of the file.
+    pub bytes: u64,
+    /// Adapter modules whose scaling was folded into `lora_b` (rsLoRA,
+    /// `rank_pattern`/`alpha_pattern`: llama.cpp applies one `alpha / r`).
+    pub folded_scalings: usize,
+    /// llama.cpp's architecture name.
+    pub architecture: &'static str,
+    /// Warnings the user should read (behaviour llama.cpp does not have).
+    pub warnings: Vec<String>,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// How llama.cpp names and lays out one architecture.
+struct Arch {
+    name: &'static str,
+    /// HF stores q/k rows for `rotate_half`; llama.cpp's `llama` rotates
+    /// interleaved pairs, so its converter permutes those rows.
+    permute_qk: bool,
+}
+
+fn arch_of(config: &LlamaConfig, dir: &Path) -> Result<Arch> {
+    Ok(match config.model_type.as_str() {
+        "llama" | "mistral" => Arch { name: "llama", permute_qk: true },
+        "qwen2" => Arch { name: "qwen2", permute_qk: false },
+        "qwen3" => Arch { name: "qwen3", permute_qk: false },
+        other => bail!(
+            "{}: model_type {other}: export gguf writes llama, mistral, qwen2 and qwen3 models so far; \
+             for this one run `peft-rs merge` and llama.cpp's convert_hf_to_gguf.py on the merged folder",
+            dir.join("config.json").display()
+        ),
+    })
+}
+
+/// The GGUF name of the module path or tensor name `hf` (`.weight` and
+/// `.bias` kept); `None` for tensors llama.cpp does not read.
+fn gguf_name(config: &LlamaConfig, hf: &str) -> Result<Option<String>> {
+    let hf = config.module_name(hf);
+    if hf.ends_with("rotary_emb.inv_freq") {
+        return Ok(None);
+    }
+    let decoder = &config.decoder_path;
+    let (stem, suffix) = match hf.rsplit_once('.') {
+        Some((s, x @ ("weight" | "bias"))) => (s, format!(".{x}")),
+        _ => (hf.as_str(), String::new()),
+    };
+    let top = match stem
+        .strip_prefix(decoder.as_str())
+        .and_then(|r| r.strip_prefix('.'))
+    {
+        Some("embed_tokens") => Some("token_embd".to_owned()),
+        Some("norm") => Some("output_norm".to_owned()),
+        _ if stem == OUTPUT_HEAD => Some("output".to_owned()),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Ok(Some(t + &suffix));
+    }
+    let layer = stem
+        .strip_prefix(decoder.as_str())
+        .and_then(|r| r.strip_prefix(".layers."))
+        .and_then(|r| r.split_once('.'));
+    let Some((i, rest)) = layer else {
+        bail!("tensor {hf}: no GGUF name for it (not part of a decoder llama.cpp knows)");
+    };
+    let part = match rest {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => bail!("tensor {hf}: no GGUF name for it (not part of a decoder llama.cpp knows)"),
+    };
+    Ok(Some(format!("blk.{i}.{part}{suffix}")))
+}
+
+/// The storage type of a tensor of `shape` under `outtype`: 1-D tensors
+/// (norms, biases, RoPE factors) in f32; q8_0 falls back to f16 for rows
+/// that are not whole blocks, as llama.cpp's converter does.
+fn storage_type(shape: &[usize], outtype: TensorType) -> TensorType {
+    match shape {
+        [] | [_] => TensorType::F32,
+        [.., row] if !outtype.fits_row(*row) => TensorType::F16,
+        _ => outtype,
+    }
+}
+
+/// `general.file_type` (llama.cpp's `LLAMA_FTYPE_*`) for `outtype`.
+fn file_type(outtype: TensorType) -> u32 {
+    match outtype {
+        TensorType::F32 => 0,
+        TensorType::F16 => 1,
+        TensorType::Q8_0 => 7,
+        TensorType::BF16 => 32,
+    }
+}
+
+/// `general.*` metadata; `outtype` gives a model's `general.file_type`
+/// (llama.cpp's converter writes none for an adapter).
+fn general(
+    arch: &Arch,
+    kind: &str,
+    name: &str,
+    outtype: Option<TensorType>,
+) -> Vec<(String, Value)> {
+    let mut kv = vec![
+        ("general.architecture".into(), Value::Str(arch.name.into())),
+        ("general.type".into(), Value::Str(kind.into())),
+        ("general.name".into(), Value::Str(name.into())),
+    ];
+    if let Some(t) = outtype {
+        kv.push(("general.file_type".into(), Value::U32(file_type(t))));
+    }
+    kv.push(("general.quantization_version".into(), Value::U32(2)));
+    kv
+}
+
+/// The architecture's hyperparameters under `{arch}.*`.
+fn hparams(arch: &Arch, c: &LlamaConfig) -> Vec<(String, Value)> {
+    let a = arch.name;
+    let u = |k: &str, v: usize| (format!("{a}.{k}"), Value::U32(v as u32));
+    let mut kv = vec![
+        u("block_count", c.num_hidden_layers),
+        u("context_length", c.max_position_embeddings.unwrap_or(2048)),
+        u("embedding_length", c.hidden_size),
+        u("feed_forward_length", c.intermediate_size),
+        u("attention.head_count", c.num_attention_heads),
+        u("attention.head_count_kv", c.num_key_value_heads),
+        (
+            format!("{a}.rope.freq_base"),
+            Value::F32(c.rope_theta as f32),
+        ),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+        u("attention.key_length", c.head_dim),
+        u("attention.value_length", c.head_dim),
+    ];
+    // llama.cpp's converter writes these for llama only (other
+    // architectures take the vocabulary from the token list and the rotary
+    // dimension from the head size).
+    if a == "llama" {
+        kv.push(u("vocab_size", c.vocab_size));
+        kv.push(u("rope.dimension_count", c.rotary_dim));
+    }
+    if let models::rope::RopeScaling::Linear { factor } = c.rope_scaling {
+        kv.push((
+            format!("{a}.rope.scaling.type"),
+            Value::Str("linear".into()),
+        ));
+        kv.push((
+            format!("{a}.rope.scaling.factor"),
+            Value::F32(factor as f32),
+        ));
+    }
+    kv
+}
+
+/// What llama.cpp cannot do that the model does, as warnings; refuses what
+/// would change every answer.
+fn unsupported(c: &LlamaConfig, dir: &Path) -> Result<Vec<String>> {
+    let config = dir.join("config.json");
+    let mut warnings = Vec::new();
+    if let Some(w) = c.sliding_window.iter().flatten().min() {
+        warnings.push(format!(
+            "{}: sliding_window {w}: llama.cpp's {} attends over the whole context, so answers differ once a sequence is longer than {w} tokens",
+            config.display(),
+            c.model_type
+        ));
+    }
+    if matches!(c.rope_scaling, models::rope::RopeScaling::LongRope { .. }) {
+        bail!(
+            "{}: LongRoPE is not written by export gguf",
+            config.display()
+        );
+    }
+    if crate::quant::read_quantization(dir)?.is_some() {
+        bail!(
+            "{}: a bitsandbytes-quantized checkpoint; write a dequantized model with `peft-rs merge` first and export that",
+            config.display()
+        );
+    }
+    Ok(warnings)
+}
+
+/// Llama 3's RoPE scaling as llama.cpp takes it: one divisor per frequency
+/// (`rope_freqs.weight`), the ratio of the unscaled to the scaled frequency.
+fn rope_factors(c: &LlamaConfig) -> Option<Tensor> {
+    if !matches!(c.rope_scaling, models::rope::RopeScaling::Llama3 { .. }) {
+        return None;
+    }
+    let plain = models::rope::RotaryEmbedding::new(
+        c.rotary_dim,
+        c.rope_theta,
+        &models::rope::RopeScaling::Default,
+        Device::Cpu,
+    );
+    let scaled = models::rope::RotaryEmbedding::new(
+        c.rotary_dim,
+        c.rope_theta,
+        &c.rope_scaling,
+        Device::Cpu,
+    );
+    Some(plain.inv_freq() / scaled.inv_freq())
+}
+
+/// HF's q/k rows (per head: the first half of the rotary dimensions, then
+/// the second) reordered to llama.cpp's interleaved pairs; `t`'s first
+/// dimension is `heads × head_dim`.
+fn permute_rows(t: &Tensor, heads: usize) -> Tensor {
+    let size = t.size();
+    let mut split = vec![heads as i64, 2, size[0] / heads as i64 / 2];
+    split.extend_from_slice(&size[1..]);
+    t.reshape(split.as_slice())
+        .transpose(1, 2)
+        .reshape(size.as_slice())
+}
+
+/// The number of heads whose rows `gguf` (an `attn_q`/`attn_k` tensor)
+/// holds, when the architecture permutes them.
+fn permuted_heads(arch: &Arch, c: &LlamaConfig, gguf: &str) -> Option<usize> {
+    if !arch.permute_qk {
+        return None;
+    }
+    let part = gguf.split('.').nth(2)?;
+    match part {
+        "attn_q" => Some(c.num_attention_heads),
+        "attn_k" => Some(c.num_key_value_heads),
+        _ => None,
+    }
+}
+
+/// Refuses an output that overlaps an input or, without `overwrite`,
+/// exists; replaces only a GGUF file.
+fn check_output(opts: &ExportOptions) -> Result<()> {
+    let mut inputs = vec![("--model", opts.model.as_path())];
+    inputs.extend(opts.adapters.iter().map(|a| ("--adapter", a.as_path())));
+    crate::outputs::refuse_overlap("--output", &opts.output, &inputs)?;
+    if opts.output.exists() || opts.output.is_symlink() {
+        if !opts.overwrite {
+            bail!(
+                "{}: already exists (choose another --output, or pass --overwrite)",
+                opts.output.display()
+            );
+        }
+        if !opts.output.is_file() || !file::is_gguf(&opts.output) {
+            bail!(
+                "--output {}: exists and is not a GGUF file; --overwrite replaces only a GGUF file",
+                opts.output.display()
+            );
+        }
+    }
+    if let Some(parent) = opts.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("{}: cannot create", parent.display()))?;
+    }
+    Ok(())
+}
+
+fn display_name(dir: &Path) -> String {
+    crate::hub::id_of_snapshot(dir).unwrap_or_else(|| {
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    })
+}
+
+/// Writes the GGUF file `opts` describes.
+pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
+    let start = Instant::now();
+    check_output(opts)?;
+    let mut report = if opts.adapter_only {
+        match opts.adapters.as_slice() {
+            [one] => export_adapter(opts, one)?,
+            _ => bail!(
+                "--adapter-only exports one adapter (got {})",
+                opts.adapters.len()
+            ),
+        }
+    } else {
+        export_model(opts)?
+    };
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn progress(shown: bool, total: usize) -> indicatif::ProgressBar {
+    if !shown {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(total as u64);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("writing gguf {bar:40} {pos}/{len} tensors")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
+fn check_signals(output: &Path) -> Result<()> {
+    match crate::signals::pending() {
+        Some(sig) => Err(crate::signals::interrupted(sig, |name| {
+            format!(
+                "stopped by {name} while exporting; nothing was written to {}",
+                output.display()
+            )
+        })),
+        None => Ok(()),
+    }
+}
+
+/// A LoRA adapter as llama.cpp's `convert_lora_to_gguf.py` writes it:
+/// `<base tensor>.lora_a` `[r, in]` and `.lora_b` `[out, r]`, one
+/// `adapter.lora.alpha`. llama.cpp scales every module by `alpha / r`;
+/// where PEFT's scaling differs (rsLoRA, per-module rank or alpha) the
+/// ratio is folded into `lora_b`, which gives the same product.
+fn export_adapter(opts: &ExportOptions, dir: &Path) -> Result<ExportReport> {
+    let config = models::read_config(&opts.model)?;
+    let arch = arch_of(&config, &opts.model)?;
+    let (lora, weights) = files::read_checked(
+        dir,
+        &config.linear_modules(),
+        OUTPUT_HEAD,
+        config.tie_word_embeddings,
+        Device::Cpu,
+    )?;
+    if lora.use_dora {
+        bail!(
+            "{}: use_dora is true; llama.cpp has no DoRA — merge it (`peft-rs export gguf --model ... --adapter {}` without --adapter-only) to serve it",
+            dir.join(files::CONFIG_FILE).display(),
+            dir.display()
+        );
+    }
+    let alpha = lora.lora_alpha;
+    let mut report = ExportReport {
+        tensors: 0,
+        bytes: 0,
+        folded_scalings: 0,
+        architecture: arch.name,
+        warnings: unsupported(&config, &opts.model)?,
+        seconds: 0.0,
+    };
+    let mut tensors = Vec::new();
+    for (path, w) in weights {
+        let base = gguf_name(&config, &format!("{path}.weight"))?.context("adapter module")?;
+        let r = w.a.size()[0] as f64;
+        let llama_scale = if alpha == 0.0 { 1.0 } else { alpha / r };
+        let mut b = w.b.shallow_clone();
+        if (w.scaling / llama_scale - 1.0).abs() > 1e-12 {
+            b *= w.scaling / llama_scale;
+            report.folded_scalings += 1;
+        }
+        if let Some(heads) = permuted_heads(&arch, &config, &base) {
+            b = permute_rows(&b, heads);
+        }
+        tensors.push((format!("{base}.lora_a"), w.a));
+        tensors.push((format!("{base}.lora_b"), b));
+    }
+    let entries: Vec<TensorEntry> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+            TensorEntry {
+                ty: storage_type(&shape, opts.outtype),
+                name: name.clone(),
+                shape,
+            }
+        })
+        .collect();
+    let mut kv = general(&arch, "adapter", &display_name(dir), None);
+    kv.push(("adapter.type".into(), Value::Str("lora".into())));
+    kv.push(("adapter.lora.alpha".into(), Value::F32(alpha as f32)));
+    let mut writer = file::GgufWriter::create(&opts.output, &kv, entries)?;
+    for (name, t) in &tensors {
+        check_signals(&opts.output)?;
+        writer.write(name, t)?;
+        report.tensors += 1;
+    }
+    report.bytes = writer.finish()?;
+    Ok(report)
+}
+
+/// The base model, or the model with `opts.adapters` merged, as one GGUF
+/// with its tokenizer: each tensor read from the memory-mapped checkpoint,
+/// merged in fp32, permuted where llama.cpp's layout differs, converted and
+/// written before the next is read.
+fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
+    let base = &opts.model;
+    let files_in = WeightFiles::from_model_dir(base)?;
+    let config = models::read_config(base)?.with_stored_names(|n| files_in.contains(n));
+    let arch = arch_of(&config, base)?;
+    let warnings = unsupported(&config, base)?;
+    let mut deltas = plan_deltas(&config, &opts.adapters)?;
+    // The plan: every tensor llama.cpp reads, in checkpoint order.
+    let mut plan: Vec<(String, String, Vec<usize>)> = Vec::new();
+    for name in files_in.names() {
+        if config.tie_word_embeddings && config.module_name(name) == format!("{OUTPUT_HEAD}.weight")
+        {
+            continue;
+        }
+        if let Some(g) = gguf_name(&config, name)? {
+            let (shape, _) = files_in.info(name).expect("listed");
+            plan.push((name.to_owned(), g, shape.to_vec()));
+        }
+    }
+    plan.sort_by_key(|(_, g, _)| gguf_order(g));
+    let rope = rope_factors(&config);
+    let mut entries: Vec<TensorEntry> = plan
+        .iter()
+        .map(|(_, g, shape)| TensorEntry {
+            name: g.clone(),
+            shape: shape.clone(),
+            ty: storage_type(shape, opts.outtype),
+        })
+        .collect();
+    if let Some(f) = &rope {
+        entries.insert(
+            0,
+            TensorEntry {
+                name: "rope_freqs.weight".into(),
+                shape: vec![f.size()[0] as usize],
+                ty: TensorType::F32,
+            },
+        );
+    }
+    let mut kv = general(&arch, "model", &display_name(base), Some(opts.outtype));
+    kv.extend(hparams(&arch, &config));
+    kv.extend(vocab::metadata(base, config.vocab_size)?);
+    let mut writer = file::GgufWriter::create(&opts.output, &kv, entries)?;
+    let mut report = ExportReport {
+        tensors: 0,
+        bytes: 0,
+        folded_scalings: 0,
+        architecture: arch.name,
+        warnings,
+        seconds: 0.0,
+    };
+    if let Some(f) = &rope {
+        writer.write("rope_freqs.weight", f)?;
+        report.tensors += 1;
+    }
+    let bar = progress(opts.progress, plan.len());
+    for (name, g, shape) in &plan {
+        check_signals(&opts.output)?;
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let mut t = files_in.load(name, &dims, Kind::Float, Device::Cpu)?;
+        if let Some(w) = name
+            .strip_suffix(".weight")
+            .and_then(|m| deltas.remove(&config.module_name(m)))
+        {
+            LoraLayer::new("merge", w)
+                .merge(&mut t)
+                .with_context(|| name.clone())?;
+        }
+        if let Some(heads) = permuted_heads(&arch, &config, g) {
+            t = permute_rows(&t, heads);
+        }
+        writer.write(g, &t)?;
+        files_in.release(name);
+        report.tensors += 1;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if let Some(left) = deltas.keys().next() {
+        bail!(
+            "{}: no tensor {}.weight to merge into",
+            base.display(),
+            config.stored_name(left)
+        );
+    }
+    report.bytes = writer.finish()?;
+    Ok(report)
+}
+
+/// Sort key putting tensors in llama.cpp's converter order: the embedding,
+/// then the layers in order, then the final norm and the head.
+fn gguf_order(g: &str) -> (usize, usize) {
+    match g
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|i| i.parse().ok())
+    {
+        Some(i) => (1, i),
+        None if g.starts_with("token_embd") => (0, 0),
+        None => (2, 0),
+    }
+}
+
+/// The adapters to merge, per module path, read and checked against the base.
+fn plan_deltas(
+    config: &LlamaConfig,
+    adapters: &[PathBuf],
+) -> Result<BTreeMap<String, LoraWeights>> {
+    let mut out = BTreeMap::new();
+    for dir in adapters {
+        let (_, weights) = files::read_checked(
+            dir,
+            &config.linear_modules(),
+            OUTPUT_HEAD,
+            config.tie_word_embeddings,
+            Device::Cpu,
+        )?;
+        for (path, w) in weights {
+            if out.contains_key(&path) {
+                bail!(
+                    "{}: {path} is adapted by an earlier --adapter too; merge several adapters into one folder with `peft-rs merge --adapter-weights` first",
+                    dir.display()
+                );
+            }
+            out.insert(path, LoraWeights { dropout: 0.0, ..w });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permute_interleaves_the_rotary_halves_of_each_head() {
+        // One head of dimension 4, rows [a0, a1, b0, b1] (rotate_half pairs a_i with b_i).
+        let t = Tensor::from_slice(&[0f32, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0]).reshape([8, 1]);
+        let p = permute_rows(&t, 2);
+        let v: Vec<f32> = Vec::try_from(p.reshape([-1])).unwrap();
+        assert_eq!(v, vec![0.0, 2.0, 1.0, 3.0, 10.0, 12.0, 11.0, 13.0]);
+    }
+
+    #[test]
+    fn storage_type_keeps_vectors_f32_and_whole_blocks_for_q8_0() {
+        assert_eq!(storage_type(&[64], TensorType::Q8_0), TensorType::F32);
+        assert_eq!(storage_type(&[64, 64], TensorType::Q8_0), TensorType::Q8_0);
+        assert_eq!(storage_type(&[64, 16], TensorType::Q8_0), TensorType::F16);
+        assert_eq!(storage_type(&[64, 16], TensorType::BF16), TensorType::BF16);
+    }
+}

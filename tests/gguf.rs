@@ -1,0 +1,656 @@
+//! `peft-rs export gguf` against llama.cpp: the files llama.cpp's own
+//! converters write for the same PEFT adapter and model (metadata, tensor
+//! names, shapes, types and bytes), and what llama.cpp (llama-cpp-python,
+//! built by scripts/setup.sh) computes from ours: its tokenization, its
+//! logits and its greedy answers, against peft-rs's with the adapter loaded.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{arch_reference, python, repo, s};
+use peft_rs::adapters::lora::{LoraConfig, TargetModules};
+use peft_rs::models::LlamaForCausalLM;
+use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
+use peft_rs::tokenizer::Tokenizer;
+use serde_json::Value;
+use tch::{Kind, Tensor};
+
+/// Plain and chat-formatted prompts: digits, punctuation, newlines,
+/// non-ASCII text and special tokens, so that tokenization is exercised.
+const PROMPTS: [&str; 8] = [
+    "The capital of France is",
+    "List three colors:\n1.",
+    "In 1969, 3 astronauts flew 384,400 km to the Moon.",
+    "def fibonacci(n):\n    if n < 2:",
+    "Über café naïve — résumé, 東京 and emoji 🙂 are",
+    "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+    "Q: Why is the sky blue?\nA:",
+];
+const NEW_TOKENS: usize = 12;
+
+fn converters() -> PathBuf {
+    let dir = std::env::var_os("PEFT_RS_LLAMA_CPP_CONVERTERS")
+        .map(PathBuf::from)
+        .expect("PEFT_RS_LLAMA_CPP_CONVERTERS is unset: run the tests through scripts/test.sh after scripts/setup.sh");
+    assert!(
+        dir.join("convert_lora_to_gguf.py").exists(),
+        "{}: llama.cpp's converters are missing; run scripts/setup.sh",
+        dir.display()
+    );
+    dir
+}
+
+fn fixture(args: &[&str]) {
+    let out = std::process::Command::new(python())
+        .arg(repo().join("tests/fixtures/gguf_reference.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gguf_reference.py {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn export(args: &[&str]) {
+    let mut all = vec!["export", "gguf"];
+    all.extend_from_slice(args);
+    common::assert_ok(&common::peft_rs(&all));
+}
+
+fn dump(file: &Path) -> Value {
+    let out = file.with_extension("json");
+    fixture(&["dump", s(file), s(&out)]);
+    common::read_json(&out)
+}
+
+/// A random adapter on `base`, saved: all linear layers, B drawn so that
+/// answers change but stay sensible.
+fn random_adapter(base: &Path, config: &LoraConfig, out: &Path) -> LlamaForCausalLM {
+    let mut model = common::load(base);
+    tch::manual_seed(5);
+    peft_model::inject(&mut model, DEFAULT_ADAPTER, config).unwrap();
+    tch::no_grad(|| {
+        for (k, t) in peft_model::trainable_parameters(&model) {
+            if k.ends_with("lora_B.weight") {
+                let _ = t.shallow_clone().normal_(0.0, 0.02);
+            }
+        }
+    });
+    peft_model::save_adapter(&model, DEFAULT_ADAPTER, config, out).unwrap();
+    model
+}
+
+/// peft-rs's tokenization, logits at every prompt position and greedy
+/// tokens, for each prompt.
+struct Answers {
+    tokens: Vec<Vec<i64>>,
+    logits: Vec<Tensor>,
+    generated: Vec<Vec<i64>>,
+}
+
+fn ours(model: &LlamaForCausalLM, tokenizer: &Tokenizer) -> Answers {
+    let mut a = Answers {
+        tokens: vec![],
+        logits: vec![],
+        generated: vec![],
+    };
+    for p in PROMPTS {
+        let ids: Vec<i64> = tokenizer
+            .encode(p, true)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        let mut seq = ids.clone();
+        let logits = tch::no_grad(|| model.forward(&Tensor::from_slice(&ids).unsqueeze(0)));
+        a.logits.push(logits.squeeze_dim(0).to_kind(Kind::Float));
+        let mut generated = vec![];
+        for _ in 0..NEW_TOKENS {
+            let l = tch::no_grad(|| model.forward(&Tensor::from_slice(&seq).unsqueeze(0)));
+            let next = l.get(0).get(-1).argmax(0, false).int64_value(&[]);
+            generated.push(next);
+            seq.push(next);
+        }
+        a.tokens.push(ids);
+        a.generated.push(generated);
+    }
+    a
+}
+
+/// llama.cpp's answers for `model` (+ `lora`), and the largest logit
+/// difference from `ours` relative to the largest |logit|.
+fn llama_cpp(model: &Path, lora: Option<&Path>, ours: &Answers, dir: &Path) -> f64 {
+    let prompts = dir.join("prompts.json");
+    std::fs::write(&prompts, serde_json::to_string(&PROMPTS).unwrap()).unwrap();
+    let out = dir.join(model.file_stem().unwrap());
+    let mut args = vec!["run", s(model), s(&prompts), s(&out)];
+    let n = NEW_TOKENS.to_string();
+    args.extend(["--tokens", &n]);
+    if let Some(l) = lora {
+        args.extend(["--lora", s(l)]);
+    }
+    fixture(&args);
+    let theirs: Value = common::read_json(&out.join("llama_cpp.json"));
+    let logits = common::tensors(&out.join("logits.safetensors"));
+    let mut worst: f64 = 0.0;
+    for (i, p) in PROMPTS.iter().enumerate() {
+        let tokens: Vec<i64> = serde_json::from_value(theirs["tokens"][i].clone()).unwrap();
+        assert_eq!(
+            tokens,
+            ours.tokens[i],
+            "{}: llama.cpp tokenizes {p:?} differently",
+            model.display()
+        );
+        let generated: Vec<i64> = serde_json::from_value(theirs["generated"][i].clone()).unwrap();
+        assert_eq!(
+            generated,
+            ours.generated[i],
+            "{}: llama.cpp's greedy answer to {p:?} differs",
+            model.display()
+        );
+        let l = &logits[&format!("logits_{i}")];
+        let scale = ours.logits[i].abs().max().double_value(&[]);
+        let diff = (l - &ours.logits[i]).abs().max().double_value(&[]) / scale;
+        worst = worst.max(diff);
+    }
+    eprintln!(
+        "{}: llama.cpp logits within {worst:.2e} of peft-rs's (relative to max |logit|)",
+        model.display()
+    );
+    worst
+}
+
+/// llama.cpp's kernels sum in other orders (ggml's own blocking of f32
+/// matmuls), so logits agree to float rounding accumulated over the layers,
+/// not bit for bit: about 1e-6 of the largest logit with the f32 KV cache
+/// the fixture asks for. 1e-4 leaves room for other CPUs' kernels and is
+/// still far below a difference a wrong tensor, a missed permutation or a
+/// misapplied scaling makes (those move logits by 1e-2 and more).
+const LOGIT_TOLERANCE: f64 = 1e-4;
+
+#[test]
+fn smollm2_adapter_and_merged_gguf_answer_as_peft_rs_in_llama_cpp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = common::default_model();
+    let adapter = tmp.path().join("adapter");
+    // rsLoRA: llama.cpp scales by alpha / r, so the export folds √r into lora_b.
+    let config = LoraConfig {
+        r: 8,
+        lora_alpha: 16.0,
+        use_rslora: true,
+        target_modules: TargetModules::AllLinear,
+        ..LoraConfig::default()
+    };
+    let model = random_adapter(&base, &config, &adapter);
+    let tokenizer = Tokenizer::from_model_dir(&base).unwrap();
+    let answers = ours(&model, &tokenizer);
+    drop(model);
+    let (base_gguf, lora_gguf, merged_gguf) = (
+        tmp.path().join("base.gguf"),
+        tmp.path().join("lora.gguf"),
+        tmp.path().join("merged.gguf"),
+    );
+    export(&[
+        "--model",
+        s(&base),
+        "--output",
+        s(&base_gguf),
+        "--outtype",
+        "f32",
+    ]);
+    export(&[
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--adapter-only",
+        "--output",
+        s(&lora_gguf),
+        "--outtype",
+        "f32",
+    ]);
+    export(&[
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(&merged_gguf),
+        "--outtype",
+        "f32",
+    ]);
+    let with_lora = llama_cpp(&base_gguf, Some(&lora_gguf), &answers, tmp.path());
+    let merged = llama_cpp(&merged_gguf, None, &answers, tmp.path());
+    assert!(with_lora < LOGIT_TOLERANCE, "base + lora: {with_lora:.2e}");
+    assert!(merged < LOGIT_TOLERANCE, "merged: {merged:.2e}");
+}
+
+/// The tiny models of the architecture fixture (Llama 3.2 style with
+/// Llama 3 RoPE scaling, Qwen3 with q/k norms) and their PEFT adapters.
+fn tiny_in_llama_cpp(name: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    // llama.cpp's llama and qwen3 attend over the whole context (the export
+    // warns about a sliding window); the fixture's Qwen3 has a window of 5
+    // tokens on one layer, so both sides run a copy without it.
+    let base = common::copy_dir(
+        &arch_reference().join("models").join(name),
+        &tmp.path().join(name),
+    );
+    common::edit_json(&base.join("config.json"), |c| {
+        c["use_sliding_window"] = false.into();
+        c["sliding_window"] = Value::Null;
+        if let Some(types) = c["layer_types"].as_array_mut() {
+            types.iter_mut().for_each(|t| *t = "full_attention".into());
+        }
+    });
+    let adapter = arch_reference().join(name).join("lora/adapter");
+    let mut model = common::load(&base);
+    peft_model::load_adapter(&mut model, &adapter, DEFAULT_ADAPTER).unwrap();
+    let answers = ours(&model, &Tokenizer::from_model_dir(&base).unwrap());
+    let (base_gguf, lora_gguf, merged_gguf) = (
+        tmp.path().join("base.gguf"),
+        tmp.path().join("lora.gguf"),
+        tmp.path().join("merged.gguf"),
+    );
+    export(&[
+        "--model",
+        s(&base),
+        "--output",
+        s(&base_gguf),
+        "--outtype",
+        "f32",
+    ]);
+    export(&[
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--adapter-only",
+        "--output",
+        s(&lora_gguf),
+        "--outtype",
+        "f32",
+    ]);
+    export(&[
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(&merged_gguf),
+        "--outtype",
+        "f32",
+    ]);
+    assert!(llama_cpp(&base_gguf, Some(&lora_gguf), &answers, tmp.path()) < LOGIT_TOLERANCE);
+    assert!(llama_cpp(&merged_gguf, None, &answers, tmp.path()) < LOGIT_TOLERANCE);
+}
+
+#[test]
+fn tiny_llama32_ggufs_answer_as_peft_rs_in_llama_cpp() {
+    tiny_in_llama_cpp("llama32");
+}
+
+#[test]
+fn tiny_qwen3_ggufs_answer_as_peft_rs_in_llama_cpp() {
+    tiny_in_llama_cpp("qwen3");
+}
+
+/// Metadata that differs by design: what llama.cpp's converter derives
+/// from the model card (README.md) and the folder's name (names, tags,
+/// base-model links); `tokenizer.ggml.pre`, which it picks by hashing a
+/// tokenization and we by the declared pre-tokenizer (the llama.cpp tests
+/// above check that the splits agree); `add_bos_token` and `add_eos_token`,
+/// which we always write and it sometimes leaves to llama.cpp's default
+/// (their values are compared where both files have them).
+fn informational(key: &str) -> bool {
+    key.starts_with("general.base_model.")
+        || [
+            "general.name",
+            "general.finetune",
+            "general.basename",
+            "general.size_label",
+            "general.tags",
+            "tokenizer.ggml.pre",
+            "tokenizer.ggml.add_bos_token",
+            "tokenizer.ggml.add_eos_token",
+        ]
+        .contains(&key)
+}
+
+fn assert_same_gguf(ours: &Path, theirs: &Path) {
+    let (a, b) = (dump(ours), dump(theirs));
+    let keys = |v: &Value| -> std::collections::BTreeSet<String> {
+        v["kv"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| !informational(k))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        keys(&a),
+        keys(&b),
+        "metadata keys of {} and {}",
+        ours.display(),
+        theirs.display()
+    );
+    for k in keys(&a)
+        .into_iter()
+        .chain(["tokenizer.ggml.add_bos_token".to_owned()])
+    {
+        if b["kv"].get(&k).is_some() {
+            assert_eq!(
+                a["kv"][&k],
+                b["kv"][&k],
+                "metadata {k} of {}",
+                ours.display()
+            );
+        }
+    }
+    let (ta, tb) = (
+        a["tensors"].as_object().unwrap(),
+        b["tensors"].as_object().unwrap(),
+    );
+    let names = |t: &serde_json::Map<String, Value>| {
+        t.keys().cloned().collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(names(ta), names(tb), "tensor names of {}", ours.display());
+    for (n, v) in ta {
+        assert_eq!(
+            v,
+            &tb[n],
+            "tensor {n} (shape, type, bytes) of {}",
+            ours.display()
+        );
+    }
+}
+
+fn matches_converters(name: &str, base: &Path, adapter: &Path) {
+    let conv = converters();
+    let tmp = tempfile::tempdir().unwrap();
+    for outtype in ["f32", "q8_0"] {
+        let (ours, theirs) = (
+            tmp.path().join(format!("ours-lora-{outtype}.gguf")),
+            tmp.path().join(format!("ref-lora-{outtype}.gguf")),
+        );
+        export(&[
+            "--model",
+            s(base),
+            "--adapter",
+            s(adapter),
+            "--adapter-only",
+            "--output",
+            s(&ours),
+            "--outtype",
+            outtype,
+        ]);
+        fixture(&[
+            "convert-lora",
+            s(&conv),
+            s(adapter),
+            s(base),
+            s(&theirs),
+            outtype,
+        ]);
+        assert_same_gguf(&ours, &theirs);
+        let (ours, theirs) = (
+            tmp.path().join(format!("ours-{outtype}.gguf")),
+            tmp.path().join(format!("ref-{outtype}.gguf")),
+        );
+        export(&[
+            "--model",
+            s(base),
+            "--output",
+            s(&ours),
+            "--outtype",
+            outtype,
+        ]);
+        fixture(&["convert-model", s(&conv), s(base), s(&theirs), outtype]);
+        assert_same_gguf(&ours, &theirs);
+    }
+    eprintln!("{name}: adapter and model GGUFs (f32, q8_0) equal llama.cpp's converters' output");
+}
+
+#[test]
+fn ggufs_equal_what_llama_cpp_converters_write() {
+    for name in ["llama32", "qwen3"] {
+        let base = arch_reference().join("models").join(name);
+        matches_converters(
+            name,
+            &base,
+            &arch_reference().join(name).join("lora/adapter"),
+        );
+    }
+}
+
+#[test]
+fn export_refuses_what_llama_cpp_cannot_serve_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.gguf");
+    let fx = arch_reference();
+    let llama32 = fx.join("models/llama32");
+    let run = |args: &[&str]| {
+        let mut all = vec!["export", "gguf"];
+        all.extend_from_slice(args);
+        common::peft_rs(&all)
+    };
+    // DoRA has no llama.cpp form as an adapter; merged, it does.
+    let dora = fx.join("llama32/dora/adapter");
+    common::assert_user_error(
+        &run(&[
+            "--model",
+            s(&llama32),
+            "--adapter",
+            s(&dora),
+            "--adapter-only",
+            "--output",
+            s(&out),
+        ]),
+        &[
+            "use_dora",
+            "llama.cpp has no DoRA",
+            "without --adapter-only",
+        ],
+    );
+    export(&[
+        "--model",
+        s(&llama32),
+        "--adapter",
+        s(&dora),
+        "--output",
+        s(&out),
+    ]);
+    // An existing output is kept unless --overwrite, and --overwrite replaces only a GGUF file.
+    common::assert_user_error(
+        &run(&["--model", s(&llama32), "--output", s(&out)]),
+        &["already exists", "--overwrite"],
+    );
+    let text = tmp.path().join("notes.gguf");
+    std::fs::write(&text, "my notes").unwrap();
+    common::assert_user_error(
+        &run(&["--model", s(&llama32), "--output", s(&text), "--overwrite"]),
+        &["not a GGUF file"],
+    );
+    assert_eq!(std::fs::read_to_string(&text).unwrap(), "my notes");
+    common::assert_user_error(
+        &run(&[
+            "--model",
+            s(&llama32),
+            "--output",
+            s(&tmp.path().join("x.bin")),
+        ]),
+        &["FILE.gguf"],
+    );
+    // Architectures the export does not write yet are named, with the way out.
+    common::assert_user_error(
+        &run(&[
+            "--model",
+            s(&fx.join("models/phi3")),
+            "--output",
+            s(&tmp.path().join("p.gguf")),
+        ]),
+        &["phi3", "convert_hf_to_gguf.py"],
+    );
+    // A sliding window llama.cpp does not apply is said, not hidden.
+    let out2 = common::peft_rs(&[
+        "export",
+        "gguf",
+        "--model",
+        s(&common::model_dir("mistral")),
+        "--output",
+        s(&tmp.path().join("m.gguf")),
+    ]);
+    common::assert_ok(&out2);
+    assert!(
+        common::stderr(&out2).contains("sliding_window 5"),
+        "{}",
+        common::stderr(&out2)
+    );
+    // Nothing half-written is left behind.
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
+}
+
+#[test]
+fn ollama_modelfile_names_the_files_the_template_and_the_stop_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = common::default_model();
+    let adapter = tmp.path().join("adapter");
+    drop(random_adapter(&base, &common::lora(4, 8.0), &adapter));
+    let lora = tmp.path().join("serve/my-lora.gguf");
+    export(&[
+        "--adapter",
+        s(&adapter),
+        "--model",
+        s(&base),
+        "--adapter-only",
+        "--output",
+        s(&lora),
+        "--ollama",
+    ]);
+    let text = std::fs::read_to_string(tmp.path().join("serve/Modelfile")).unwrap();
+    assert!(
+        text.contains("FROM ./SmolLM2-135M-Instruct.gguf\n"),
+        "{text}"
+    );
+    assert!(text.contains("ADAPTER ./my-lora.gguf\n"), "{text}");
+    assert!(
+        text.contains("TEMPLATE \"\"\"") && text.contains("<|im_start|>{{ .Role }}"),
+        "{text}"
+    );
+    assert!(text.contains("PARAMETER stop \"<|im_end|>\""), "{text}");
+    // The adapter alone names its base in the Modelfile; its file is a LoRA GGUF.
+    let kv = dump(&lora)["kv"].clone();
+    assert_eq!(kv["general.type"], "adapter");
+    assert_eq!(kv["adapter.lora.alpha"], 8.0);
+    // A second export keeps the Modelfile unless --overwrite.
+    let again = common::peft_rs(&[
+        "export",
+        "gguf",
+        "--adapter",
+        s(&adapter),
+        "--model",
+        s(&base),
+        "--adapter-only",
+        "--output",
+        s(&tmp.path().join("serve/b.gguf")),
+        "--ollama",
+    ]);
+    common::assert_user_error(&again, &["Modelfile", "already exists"]);
+}
+
+#[test]
+fn merge_verify_compares_the_merged_model_with_base_and_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = arch_reference().join("models/llama32");
+    let adapter = arch_reference().join("llama32/lora/adapter");
+    let out = common::peft_rs(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(&tmp.path().join("m")),
+        "--verify",
+        "4",
+    ]);
+    common::assert_ok(&out);
+    let err = common::stderr(&out);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("verify: 4 prompts"))
+        .unwrap_or_else(|| panic!("{err}"));
+    let diff: f64 = line
+        .split("largest logit difference ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(diff < 1e-4, "{line}");
+    let (same, total) = line
+        .rsplit_once("same next token at ")
+        .unwrap()
+        .1
+        .split_once(" positions")
+        .unwrap()
+        .0
+        .split_once('/')
+        .unwrap();
+    assert_eq!(same, total, "{line}");
+    // In bf16 the merged weights are rounded: the difference is reported, larger.
+    let out = common::peft_rs(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(&tmp.path().join("b")),
+        "--dtype",
+        "bf16",
+        "--verify",
+        "2",
+    ]);
+    common::assert_ok(&out);
+    let err = common::stderr(&out);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("verify: 2 prompts"))
+        .unwrap_or_else(|| panic!("{err}"));
+    let bf16: f64 = line
+        .split("largest logit difference ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(bf16 > diff, "{line}");
+    common::assert_user_error(
+        &common::peft_rs(&[
+            "merge",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(&adapter),
+            "--output",
+            s(&tmp.path().join("z")),
+            "--verify",
+            "0",
+        ]),
+        &["--verify 0"],
+    );
+}
