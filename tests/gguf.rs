@@ -189,57 +189,61 @@ fn smollm2_adapter_and_merged_gguf_answer_as_peft_rs_in_llama_cpp() {
     let tokenizer = Tokenizer::from_model_dir(&base).unwrap();
     let answers = ours(&model, &tokenizer);
     drop(model);
+    serve_in_llama_cpp(&base, &adapter, &answers, tmp.path());
+}
+
+/// Exports `base` and `adapter` (adapter GGUF and merged GGUF) and checks
+/// llama.cpp's answers for base + adapter and for the merged model.
+fn serve_in_llama_cpp(base: &Path, adapter: &Path, answers: &Answers, tmp: &Path) {
     let (base_gguf, lora_gguf, merged_gguf) = (
-        tmp.path().join("base.gguf"),
-        tmp.path().join("lora.gguf"),
-        tmp.path().join("merged.gguf"),
+        tmp.join("base.gguf"),
+        tmp.join("lora.gguf"),
+        tmp.join("merged.gguf"),
     );
-    export(&[
-        "--model",
-        s(&base),
-        "--output",
-        s(&base_gguf),
-        "--outtype",
-        "f32",
-    ]);
-    export(&[
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&adapter),
-        "--adapter-only",
-        "--output",
-        s(&lora_gguf),
-        "--outtype",
-        "f32",
-    ]);
-    export(&[
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&adapter),
-        "--output",
-        s(&merged_gguf),
-        "--outtype",
-        "f32",
-    ]);
-    let with_lora = llama_cpp(&base_gguf, Some(&lora_gguf), &answers, tmp.path());
-    let merged = llama_cpp(&merged_gguf, None, &answers, tmp.path());
+    let f32 = ["--outtype", "f32"];
+    export(&[&["--model", s(base), "--output", s(&base_gguf)][..], &f32].concat());
+    export(
+        &[
+            &[
+                "--model",
+                s(base),
+                "--adapter",
+                s(adapter),
+                "--adapter-only",
+                "--output",
+                s(&lora_gguf),
+            ][..],
+            &f32,
+        ]
+        .concat(),
+    );
+    export(
+        &[
+            &[
+                "--model",
+                s(base),
+                "--adapter",
+                s(adapter),
+                "--output",
+                s(&merged_gguf),
+            ][..],
+            &f32,
+        ]
+        .concat(),
+    );
+    let with_lora = llama_cpp(&base_gguf, Some(&lora_gguf), answers, tmp);
+    let merged = llama_cpp(&merged_gguf, None, answers, tmp);
     assert!(with_lora < LOGIT_TOLERANCE, "base + lora: {with_lora:.2e}");
     assert!(merged < LOGIT_TOLERANCE, "merged: {merged:.2e}");
 }
 
-/// The tiny models of the architecture fixture (Llama 3.2 style with
-/// Llama 3 RoPE scaling, Qwen3 with q/k norms) and their PEFT adapters.
-fn tiny_in_llama_cpp(name: &str) {
+/// A tiny model, with `adapter` or a random one made here. llama.cpp's
+/// llama, qwen2 and qwen3 attend over the whole context (the export warns
+/// about a sliding window), and the fixtures' Mistral and Qwen3 have a
+/// window of 5 tokens, so both sides run a copy without it.
+fn tiny_in_llama_cpp(src: &Path, adapter: Option<PathBuf>) {
     let tmp = tempfile::tempdir().unwrap();
-    // llama.cpp's llama and qwen3 attend over the whole context (the export
-    // warns about a sliding window); the fixture's Qwen3 has a window of 5
-    // tokens on one layer, so both sides run a copy without it.
-    let base = common::copy_dir(
-        &arch_reference().join("models").join(name),
-        &tmp.path().join(name),
-    );
+    let base = common::copy_dir(src, &tmp.path().join("model"));
     common::edit_json(&base.join("config.json"), |c| {
         c["use_sliding_window"] = false.into();
         c["sliding_window"] = Value::Null;
@@ -247,56 +251,45 @@ fn tiny_in_llama_cpp(name: &str) {
             types.iter_mut().for_each(|t| *t = "full_attention".into());
         }
     });
-    let adapter = arch_reference().join(name).join("lora/adapter");
-    let mut model = common::load(&base);
-    peft_model::load_adapter(&mut model, &adapter, DEFAULT_ADAPTER).unwrap();
+    let model = match adapter {
+        Some(a) => {
+            let mut model = common::load(&base);
+            peft_model::load_adapter(&mut model, &a, DEFAULT_ADAPTER).unwrap();
+            std::fs::create_dir_all(tmp.path().join("adapter")).unwrap();
+            common::copy_dir(&a, &tmp.path().join("adapter"));
+            model
+        }
+        None => random_adapter(&base, &common::lora(8, 16.0), &tmp.path().join("adapter")),
+    };
     let answers = ours(&model, &Tokenizer::from_model_dir(&base).unwrap());
-    let (base_gguf, lora_gguf, merged_gguf) = (
-        tmp.path().join("base.gguf"),
-        tmp.path().join("lora.gguf"),
-        tmp.path().join("merged.gguf"),
-    );
-    export(&[
-        "--model",
-        s(&base),
-        "--output",
-        s(&base_gguf),
-        "--outtype",
-        "f32",
-    ]);
-    export(&[
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&adapter),
-        "--adapter-only",
-        "--output",
-        s(&lora_gguf),
-        "--outtype",
-        "f32",
-    ]);
-    export(&[
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&adapter),
-        "--output",
-        s(&merged_gguf),
-        "--outtype",
-        "f32",
-    ]);
-    assert!(llama_cpp(&base_gguf, Some(&lora_gguf), &answers, tmp.path()) < LOGIT_TOLERANCE);
-    assert!(llama_cpp(&merged_gguf, None, &answers, tmp.path()) < LOGIT_TOLERANCE);
+    drop(model);
+    serve_in_llama_cpp(&base, &tmp.path().join("adapter"), &answers, tmp.path());
 }
 
 #[test]
 fn tiny_llama32_ggufs_answer_as_peft_rs_in_llama_cpp() {
-    tiny_in_llama_cpp("llama32");
+    // Llama 3.2 style: Llama 3 RoPE scaling (rope_freqs), tied head; a PEFT-made adapter.
+    tiny_in_llama_cpp(
+        &arch_reference().join("models/llama32"),
+        Some(arch_reference().join("llama32/lora/adapter")),
+    );
 }
 
 #[test]
 fn tiny_qwen3_ggufs_answer_as_peft_rs_in_llama_cpp() {
-    tiny_in_llama_cpp("qwen3");
+    // q/k norms, head_dim apart from hidden / heads; a PEFT-made adapter.
+    tiny_in_llama_cpp(
+        &arch_reference().join("models/qwen3"),
+        Some(arch_reference().join("qwen3/lora/adapter")),
+    );
+}
+
+#[test]
+fn tiny_qwen2_and_mistral_ggufs_answer_as_peft_rs_in_llama_cpp() {
+    // Qwen2: q/k/v biases, an fp16 checkpoint, untied head. Mistral: a bf16
+    // checkpoint in shards, tied head. Adapters made by peft-rs.
+    tiny_in_llama_cpp(&common::model_dir("qwen2"), None);
+    tiny_in_llama_cpp(&common::model_dir("mistral"), None);
 }
 
 /// Metadata that differs by design: what llama.cpp's converter derives
@@ -370,10 +363,15 @@ fn assert_same_gguf(ours: &Path, theirs: &Path) {
     }
 }
 
-fn matches_converters(name: &str, base: &Path, adapter: &Path) {
+fn matches_converters(name: &str, base: &Path, adapter: &Path, with_model: bool) {
     let conv = converters();
     let tmp = tempfile::tempdir().unwrap();
-    for outtype in ["f32", "q8_0"] {
+    let outtypes: &[&str] = if with_model {
+        &["f32", "f16", "bf16", "q8_0"]
+    } else {
+        &["f32", "q8_0"]
+    };
+    for &outtype in outtypes {
         let (ours, theirs) = (
             tmp.path().join(format!("ours-lora-{outtype}.gguf")),
             tmp.path().join(format!("ref-lora-{outtype}.gguf")),
@@ -398,6 +396,9 @@ fn matches_converters(name: &str, base: &Path, adapter: &Path) {
             outtype,
         ]);
         assert_same_gguf(&ours, &theirs);
+        if !with_model {
+            continue;
+        }
         let (ours, theirs) = (
             tmp.path().join(format!("ours-{outtype}.gguf")),
             tmp.path().join(format!("ref-{outtype}.gguf")),
@@ -413,17 +414,35 @@ fn matches_converters(name: &str, base: &Path, adapter: &Path) {
         fixture(&["convert-model", s(&conv), s(base), s(&theirs), outtype]);
         assert_same_gguf(&ours, &theirs);
     }
-    eprintln!("{name}: adapter and model GGUFs (f32, q8_0) equal llama.cpp's converters' output");
+    let what = if with_model {
+        "adapter and model GGUFs"
+    } else {
+        "adapter GGUF"
+    };
+    eprintln!(
+        "{name}: {what} ({}) equal llama.cpp's converters' output",
+        outtypes.join(", ")
+    );
 }
 
 #[test]
 fn ggufs_equal_what_llama_cpp_converters_write() {
-    for name in ["llama32", "qwen3"] {
+    // Models and adapters; for Phi-3 (fused qkv_proj and gate_up_proj) and
+    // Gemma 3 (text and multimodal layouts), adapters.
+    for (name, with_model) in [
+        ("llama32", true),
+        ("qwen3", true),
+        ("phi3", false),
+        ("phi3_longrope", false),
+        ("gemma3", false),
+        ("gemma3_mm", false),
+    ] {
         let base = arch_reference().join("models").join(name);
         matches_converters(
             name,
             &base,
             &arch_reference().join(name).join("lora/adapter"),
+            with_model,
         );
     }
 }

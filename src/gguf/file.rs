@@ -124,7 +124,10 @@ impl TensorType {
             TensorType::BF16 => crate::weights::tensor_bytes(&t.to_kind(Kind::BFloat16)),
             TensorType::Q8_0 => {
                 let n = t.numel();
-                ensure!(n.is_multiple_of(Q8_0_BLOCK), "q8_0 needs whole blocks of 32 values");
+                ensure!(
+                    n.is_multiple_of(Q8_0_BLOCK),
+                    "q8_0 needs whole blocks of 32 values"
+                );
                 let blocks = t.to_kind(Kind::Float).reshape([-1, Q8_0_BLOCK as i64]);
                 let d = blocks.abs().amax([1], true) / 127.0;
                 let inv = d.reciprocal().where_self(&d.ne(0.0), &d.zeros_like());

@@ -68,14 +68,20 @@ struct Arch {
     permute_qk: bool,
 }
 
-fn arch_of(config: &LlamaConfig, dir: &Path) -> Result<Arch> {
+/// llama.cpp's architecture for `config`. Adapters need only tensor names,
+/// so Phi-3 and Gemma 3 adapters are written; their models (Gemma 3's
+/// shifted norms and local RoPE, Phi-3's LongRoPE factors and SentencePiece
+/// vocabularies) not yet.
+fn arch_of(config: &LlamaConfig, dir: &Path, adapter_only: bool) -> Result<Arch> {
     Ok(match config.model_type.as_str() {
         "llama" | "mistral" => Arch { name: "llama", permute_qk: true },
         "qwen2" => Arch { name: "qwen2", permute_qk: false },
         "qwen3" => Arch { name: "qwen3", permute_qk: false },
+        "phi3" if adapter_only => Arch { name: "phi3", permute_qk: false },
+        "gemma3" | "gemma3_text" if adapter_only => Arch { name: "gemma3", permute_qk: false },
         other => bail!(
-            "{}: model_type {other}: export gguf writes llama, mistral, qwen2 and qwen3 models so far; \
-             for this one run `peft-rs merge` and llama.cpp's convert_hf_to_gguf.py on the merged folder",
+            "{}: model_type {other}: export gguf writes llama, mistral, qwen2 and qwen3 models (and phi3 and gemma3 adapters with --adapter-only) so far; \
+             for this model run `peft-rs merge` and llama.cpp's convert_hf_to_gguf.py on the merged folder",
             dir.join("config.json").display()
         ),
     })
@@ -119,6 +125,8 @@ fn gguf_name(config: &LlamaConfig, hf: &str) -> Result<Option<String>> {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.qkv_proj" => "attn_qkv",
+        "mlp.gate_up_proj" => "ffn_up",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
@@ -212,18 +220,26 @@ fn hparams(arch: &Arch, c: &LlamaConfig) -> Vec<(String, Value)> {
     kv
 }
 
-/// What llama.cpp cannot do that the model does, as warnings; refuses what
-/// would change every answer.
-fn unsupported(c: &LlamaConfig, dir: &Path) -> Result<Vec<String>> {
-    let config = dir.join("config.json");
+/// What llama.cpp does not do that the model does, as warnings.
+fn warnings(c: &LlamaConfig, arch: &Arch, dir: &Path) -> Vec<String> {
     let mut warnings = Vec::new();
-    if let Some(w) = c.sliding_window.iter().flatten().min() {
+    // Gemma 3's local layers are llama.cpp's too.
+    if let (Some(w), false) = (
+        c.sliding_window.iter().flatten().min(),
+        arch.name == "gemma3",
+    ) {
         warnings.push(format!(
             "{}: sliding_window {w}: llama.cpp's {} attends over the whole context, so answers differ once a sequence is longer than {w} tokens",
-            config.display(),
-            c.model_type
+            dir.join("config.json").display(),
+            arch.name
         ));
     }
+    warnings
+}
+
+/// Refuses a base model the export cannot write.
+fn refuse_model(c: &LlamaConfig, dir: &Path) -> Result<()> {
+    let config = dir.join("config.json");
     if matches!(c.rope_scaling, models::rope::RopeScaling::LongRope { .. }) {
         bail!(
             "{}: LongRoPE is not written by export gguf",
@@ -236,7 +252,7 @@ fn unsupported(c: &LlamaConfig, dir: &Path) -> Result<Vec<String>> {
             config.display()
         );
     }
-    Ok(warnings)
+    Ok(())
 }
 
 /// Llama 3's RoPE scaling as llama.cpp takes it: one divisor per frequency
@@ -371,7 +387,7 @@ fn check_signals(output: &Path) -> Result<()> {
 /// ratio is folded into `lora_b`, which gives the same product.
 fn export_adapter(opts: &ExportOptions, dir: &Path) -> Result<ExportReport> {
     let config = models::read_config(&opts.model)?;
-    let arch = arch_of(&config, &opts.model)?;
+    let arch = arch_of(&config, &opts.model, true)?;
     let (lora, weights) = files::read_checked(
         dir,
         &config.linear_modules(),
@@ -392,7 +408,7 @@ fn export_adapter(opts: &ExportOptions, dir: &Path) -> Result<ExportReport> {
         bytes: 0,
         folded_scalings: 0,
         architecture: arch.name,
-        warnings: unsupported(&config, &opts.model)?,
+        warnings: warnings(&config, &arch, &opts.model),
         seconds: 0.0,
     };
     let mut tensors = Vec::new();
@@ -402,7 +418,7 @@ fn export_adapter(opts: &ExportOptions, dir: &Path) -> Result<ExportReport> {
         let llama_scale = if alpha == 0.0 { 1.0 } else { alpha / r };
         let mut b = w.b.shallow_clone();
         if (w.scaling / llama_scale - 1.0).abs() > 1e-12 {
-            b *= w.scaling / llama_scale;
+            b = &b * (w.scaling / llama_scale);
             report.folded_scalings += 1;
         }
         if let Some(heads) = permuted_heads(&arch, &config, &base) {
@@ -443,8 +459,9 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
     let base = &opts.model;
     let files_in = WeightFiles::from_model_dir(base)?;
     let config = models::read_config(base)?.with_stored_names(|n| files_in.contains(n));
-    let arch = arch_of(&config, base)?;
-    let warnings = unsupported(&config, base)?;
+    let arch = arch_of(&config, base, false)?;
+    refuse_model(&config, base)?;
+    let warnings = warnings(&config, &arch, base);
     let mut deltas = plan_deltas(&config, &opts.adapters)?;
     // The plan: every tensor llama.cpp reads, in checkpoint order.
     let mut plan: Vec<(String, String, Vec<usize>)> = Vec::new();
