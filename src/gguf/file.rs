@@ -267,11 +267,32 @@ impl GgufWriter {
             "GGUF writer: {name} has shape {shape:?}, the directory says {:?}",
             e.shape
         );
-        let bytes = e.ty.encode(t).with_context(|| name.to_string())?;
-        debug_assert_eq!(bytes.len(), e.bytes());
-        let pad = padding(bytes.len() as u64) as usize;
-        self.out
-            .write_all(&bytes)
+        let len = e.bytes();
+        let kind = match e.ty {
+            TensorType::F32 => Some(Kind::Float),
+            TensorType::F16 => Some(Kind::Half),
+            TensorType::BF16 => Some(Kind::BFloat16),
+            TensorType::Q8_0 => None,
+        };
+        let written = match kind {
+            // Written from the tensor's own memory: a big tensor is not copied
+            // once more into a byte vector.
+            Some(k) => {
+                let t = t.to_kind(k).contiguous().to_device(tch::Device::Cpu);
+                debug_assert_eq!(t.numel() * t.kind().elt_size_in_bytes(), len);
+                // SAFETY: `t` is a contiguous CPU tensor of `len` bytes that
+                // lives until the end of this block.
+                let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) };
+                self.out.write_all(bytes)
+            }
+            None => {
+                let bytes = e.ty.encode(t).with_context(|| name.to_string())?;
+                debug_assert_eq!(bytes.len(), len);
+                self.out.write_all(&bytes)
+            }
+        };
+        let pad = padding(len as u64) as usize;
+        written
             .and_then(|()| self.out.write_all(&vec![0u8; pad]))
             .with_context(|| format!("{}: cannot write", self.tmp.display()))?;
         self.next += 1;

@@ -388,13 +388,7 @@ fn check_signals(output: &Path) -> Result<()> {
 fn export_adapter(opts: &ExportOptions, dir: &Path) -> Result<ExportReport> {
     let config = models::read_config(&opts.model)?;
     let arch = arch_of(&config, &opts.model, true)?;
-    let (lora, weights) = files::read_checked(
-        dir,
-        &config.linear_modules(),
-        OUTPUT_HEAD,
-        config.tie_word_embeddings,
-        Device::Cpu,
-    )?;
+    let (lora, weights) = read_adapter(&config, dir)?;
     if lora.use_dora {
         bail!(
             "{}: use_dora is true; llama.cpp has no DoRA — merge it (`peft-rs export gguf --model ... --adapter {}` without --adapter-only) to serve it",
@@ -516,6 +510,8 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
         check_signals(&opts.output)?;
         let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         let mut t = files_in.load(name, &dims, Kind::Float, Device::Cpu)?;
+        // The copy is ours: the checkpoint's pages can go before it is converted.
+        files_in.release(name);
         if let Some(w) = name
             .strip_suffix(".weight")
             .and_then(|m| deltas.remove(&config.module_name(m)))
@@ -528,7 +524,6 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
             t = permute_rows(&t, heads);
         }
         writer.write(g, &t)?;
-        files_in.release(name);
         report.tensors += 1;
         bar.inc(1);
     }
@@ -558,6 +553,20 @@ fn gguf_order(g: &str) -> (usize, usize) {
     }
 }
 
+/// The adapter in `dir`, checked against the base `config` (fp32, CPU).
+fn read_adapter(
+    config: &LlamaConfig,
+    dir: &Path,
+) -> Result<(peft_adapters::lora::LoraConfig, Vec<(String, LoraWeights)>)> {
+    files::read_checked(
+        dir,
+        &config.linear_modules(),
+        OUTPUT_HEAD,
+        config.tie_word_embeddings,
+        Device::Cpu,
+    )
+}
+
 /// The adapters to merge, per module path, read and checked against the base.
 fn plan_deltas(
     config: &LlamaConfig,
@@ -565,13 +574,7 @@ fn plan_deltas(
 ) -> Result<BTreeMap<String, LoraWeights>> {
     let mut out = BTreeMap::new();
     for dir in adapters {
-        let (_, weights) = files::read_checked(
-            dir,
-            &config.linear_modules(),
-            OUTPUT_HEAD,
-            config.tie_word_embeddings,
-            Device::Cpu,
-        )?;
+        let (_, weights) = read_adapter(config, dir)?;
         for (path, w) in weights {
             if out.contains_key(&path) {
                 bail!(
