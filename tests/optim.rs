@@ -95,3 +95,74 @@ fn schedules_match_transformers() {
         }
     }
 }
+
+/// LoRA+ against PEFT's `create_loraplus_optimizer`: the learning rate of
+/// every adapter tensor (LoRA and DoRA), and three AdamW steps from the same
+/// gradients.
+#[test]
+fn loraplus_groups_and_steps_match_peft() {
+    let fx = common::fixture("loraplus_reference.py", &[], &[&common::tiny()]);
+    let s: Value = common::read_json(&fx.join("settings.json"));
+    let f = |k: &str| s[k].as_f64().unwrap();
+    for variant in ["lora", "dora"] {
+        let mut model = common::load_tiny();
+        peft_rs::peft_model::load_adapter(
+            &mut model,
+            &fx.join(variant).join("adapter"),
+            peft_rs::peft_model::DEFAULT_ADAPTER,
+        )
+        .unwrap();
+        let params = peft_rs::peft_model::trainable_parameters(&model);
+        for p in params.values() {
+            let _ = p.set_requires_grad(true);
+        }
+        let groups: BTreeMap<String, (f64, f64)> =
+            common::read_json(&fx.join(variant).join("groups.json"));
+        assert_eq!(
+            params.keys().collect::<Vec<_>>(),
+            groups.keys().collect::<Vec<_>>(),
+            "{variant}: the trainable tensors"
+        );
+        let scales = peft_rs::train::optim::loraplus_lr_scales(&params, f("loraplus_lr_ratio"));
+        for (k, (lr, wd)) in &groups {
+            let ours = f("lr") * scales.get(k).copied().unwrap_or(1.0);
+            assert!(
+                (ours - lr).abs() <= 1e-15,
+                "{variant} {k}: lr {ours} vs PEFT's {lr}"
+            );
+            assert_eq!(
+                *wd,
+                f("loraplus_weight_decay"),
+                "{variant} {k}: weight decay"
+            );
+        }
+        let mut opt = AdamW::new(
+            &params,
+            (
+                s["betas"][0].as_f64().unwrap(),
+                s["betas"][1].as_f64().unwrap(),
+            ),
+            f("eps"),
+            f("loraplus_weight_decay"),
+        );
+        opt.lr_scale = scales;
+        let t = common::tensors(&fx.join(variant).join("steps.safetensors"));
+        for step in 0..s["steps"].as_u64().unwrap() {
+            for (k, p) in &params {
+                p.shallow_clone().zero_grad();
+                (p * &t[&format!("grad{step}.{k}")])
+                    .sum(Kind::Float)
+                    .backward();
+            }
+            opt.step(&params, f("lr"));
+            for (k, p) in &params {
+                let want = &t[&format!("after{step}.{k}")];
+                let err = (p - want).abs().max().double_value(&[]);
+                assert!(
+                    err < 1e-6,
+                    "{variant} step {step} {k}: max difference {err} from PEFT"
+                );
+            }
+        }
+    }
+}

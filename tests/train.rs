@@ -197,6 +197,17 @@ fn config_file_with_flag_overrides() {
         &with_config(&zero, "--lora-rank 2 --lr -1"),
         &["--lr -1", "> 0"],
     );
+    // LoRA+'s groups carry their own weight decay, as in PEFT: an
+    // optimizer-wide one would be dropped, so it is refused by name.
+    std::fs::write(&zero, "loraplus_lr_ratio = 16.0\nweight_decay = 0.01\n").unwrap();
+    assert_user_error(
+        &with_config(&zero, ""),
+        &["zero.toml", "weight_decay", "--loraplus-weight-decay"],
+    );
+    assert_user_error(
+        &with_config(&zero, "--weight-decay 0 --loraplus-lr-ratio -2"),
+        &["--loraplus-lr-ratio -2", "> 0"],
+    );
     std::fs::write(&zero, "scheduler = \"constant\"\n").unwrap();
     assert_user_error(&with_config(&zero, ""), &["zero.toml", "scheduler"]);
     std::fs::write(&zero, "lr_scheduler_type = \"step\"\n").unwrap();

@@ -157,6 +157,14 @@ pub struct TrainConfig {
     /// AdamW weight decay (decoupled).
     #[arg(long, default_value_t = defaults().weight_decay)]
     pub weight_decay: f64,
+    /// LoRA+ (PEFT's create_loraplus_optimizer): lora_B (and 1-D adapter
+    /// tensors such as DoRA's magnitude) learn at R times the learning rate.
+    #[arg(long, value_name = "R")]
+    pub loraplus_lr_ratio: Option<f64>,
+    /// The weight decay of LoRA+'s parameter groups (PEFT's default 0, which
+    /// replaces --weight-decay under LoRA+).
+    #[arg(long, value_name = "WD", default_value_t = defaults().loraplus_weight_decay)]
+    pub loraplus_weight_decay: f64,
     /// AdamW beta1.
     #[arg(long, default_value_t = defaults().adam_beta1)]
     pub adam_beta1: f64,
@@ -299,6 +307,8 @@ impl Default for TrainConfig {
             gradient_accumulation_steps: 1,
             learning_rate: 2e-4,
             weight_decay: 0.0,
+            loraplus_lr_ratio: None,
+            loraplus_weight_decay: 0.0,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,

@@ -23,6 +23,22 @@ pub struct AdamW {
     pub exp_avg: BTreeMap<String, Tensor>,
     /// Second moments by parameter name.
     pub exp_avg_sq: BTreeMap<String, Tensor>,
+    /// Per-parameter multipliers of the learning rate (absent: 1), as
+    /// parameter groups with their own `lr` give them in PyTorch.
+    pub lr_scale: BTreeMap<String, f64>,
+}
+
+/// LoRA+'s learning-rate multipliers, grouped as PEFT's
+/// `create_loraplus_optimizer` groups parameters: `lora_B` and every 1-D
+/// adapter tensor (DoRA's magnitude) learn at `ratio` times the rate,
+/// `lora_A` at the rate. (Its embedding group, `loraplus_lr_embedding`,
+/// would hold adapters on embeddings, which peft-rs does not train.)
+pub fn loraplus_lr_scales(params: &BTreeMap<String, Tensor>, ratio: f64) -> BTreeMap<String, f64> {
+    params
+        .iter()
+        .filter(|(k, t)| k.contains("lora_B") || t.dim() == 1)
+        .map(|(k, _)| (k.clone(), ratio))
+        .collect()
 }
 
 impl AdamW {
@@ -41,6 +57,7 @@ impl AdamW {
             step: 0,
             exp_avg: params.iter().map(|(k, t)| (k.clone(), zeros(t))).collect(),
             exp_avg_sq: params.iter().map(|(k, t)| (k.clone(), zeros(t))).collect(),
+            lr_scale: BTreeMap::new(),
         }
     }
 
@@ -56,6 +73,7 @@ impl AdamW {
             if !g.defined() {
                 continue;
             }
+            let lr = lr * self.lr_scale.get(k).copied().unwrap_or(1.0);
             let mut p = p.shallow_clone();
             let mut m = self.exp_avg[k].shallow_clone();
             let mut v = self.exp_avg_sq[k].shallow_clone();

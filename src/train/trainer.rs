@@ -93,12 +93,16 @@ impl Trainer {
             .iter()
             .map(|(k, t)| (k.clone(), t.shallow_clone()))
             .collect();
-        let optim = AdamW::new(
+        let mut optim = AdamW::new(
             &params,
             (cfg.adam_beta1, cfg.adam_beta2),
             cfg.adam_epsilon,
             cfg.weight_decay,
         );
+        if let Some(ratio) = cfg.loraplus_lr_ratio {
+            optim.lr_scale = super::optim::loraplus_lr_scales(&params, ratio);
+            optim.weight_decay = cfg.loraplus_weight_decay;
+        }
         let world_size = group.as_ref().map_or(1, |g| g.world_size());
         let (plan, total_steps, warmup) = schedule(&cfg, train.examples.len(), world_size);
         // fp16 gradients underflow without loss scaling (torch's GradScaler);

@@ -82,6 +82,28 @@ impl TrainConfig {
             "must be a finite number >= 0",
         )?;
         check(
+            self.loraplus_lr_ratio.is_none_or(|r| r > 0.0 && finite(r)),
+            "loraplus_lr_ratio",
+            "must be a finite number > 0",
+        )?;
+        check(
+            self.loraplus_weight_decay >= 0.0 && finite(self.loraplus_weight_decay),
+            "loraplus_weight_decay",
+            "must be a finite number >= 0",
+        )?;
+        // PEFT's LoRA+ groups carry their own weight decay, so an
+        // optimizer-wide one would be silently dropped there.
+        check(
+            self.loraplus_lr_ratio.is_none() || self.weight_decay == 0.0,
+            "weight_decay",
+            "does not apply with loraplus_lr_ratio (PEFT's LoRA+ groups use loraplus_weight_decay); set --loraplus-weight-decay instead",
+        )?;
+        check(
+            self.loraplus_lr_ratio.is_some() || self.loraplus_weight_decay == 0.0,
+            "loraplus_weight_decay",
+            "applies only with loraplus_lr_ratio; use --weight-decay without LoRA+",
+        )?;
+        check(
             (0.0..1.0).contains(&self.adam_beta1),
             "adam_beta1",
             "must be in [0, 1)",
