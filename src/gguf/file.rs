@@ -112,36 +112,14 @@ impl TensorType {
         }
     }
 
-    /// `t` (any float dtype, row-major) encoded as this type. Q8_0 follows
-    /// ggml's reference quantizer: scale `max|x| / 127` per block of 32,
-    /// values `x / scale` rounded half away from zero, the scale stored as
-    /// fp16.
-    pub fn encode(self, t: &Tensor) -> Result<Vec<u8>> {
-        let t = t.contiguous();
+    /// The libtorch dtype a tensor of this type is written from; `None` for
+    /// Q8_0, which is quantized by [`quantize_q8_0`].
+    fn kind(self) -> Option<Kind> {
         match self {
-            TensorType::F32 => crate::weights::tensor_bytes(&t.to_kind(Kind::Float)),
-            TensorType::F16 => crate::weights::tensor_bytes(&t.to_kind(Kind::Half)),
-            TensorType::BF16 => crate::weights::tensor_bytes(&t.to_kind(Kind::BFloat16)),
-            TensorType::Q8_0 => {
-                let n = t.numel();
-                ensure!(
-                    n.is_multiple_of(Q8_0_BLOCK),
-                    "q8_0 needs whole blocks of 32 values"
-                );
-                let blocks = t.to_kind(Kind::Float).reshape([-1, Q8_0_BLOCK as i64]);
-                let d = blocks.abs().amax([1], true) / 127.0;
-                let inv = d.reciprocal().where_self(&d.ne(0.0), &d.zeros_like());
-                let x = &blocks * inv;
-                let q = (x.abs() + 0.5).floor() * x.sign();
-                let scales = crate::weights::tensor_bytes(&d.to_kind(Kind::Half))?;
-                let values = crate::weights::tensor_bytes(&q.to_kind(Kind::Int8))?;
-                let mut out = Vec::with_capacity(self.bytes(n));
-                for (s, v) in scales.chunks(2).zip(values.chunks(Q8_0_BLOCK)) {
-                    out.extend_from_slice(s);
-                    out.extend_from_slice(v);
-                }
-                Ok(out)
-            }
+            TensorType::F32 => Some(Kind::Float),
+            TensorType::F16 => Some(Kind::Half),
+            TensorType::BF16 => Some(Kind::BFloat16),
+            TensorType::Q8_0 => None,
         }
     }
 
@@ -159,6 +137,33 @@ impl TensorType {
     pub fn fits_row(self, row: usize) -> bool {
         self != TensorType::Q8_0 || row.is_multiple_of(Q8_0_BLOCK)
     }
+}
+
+/// `t` (any float dtype) as Q8_0, following ggml's reference quantizer:
+/// scale `max|x| / 127` per block of 32, values `x / scale` rounded half away
+/// from zero, the scale stored as fp16 before its block.
+pub fn quantize_q8_0(t: &Tensor) -> Result<Vec<u8>> {
+    let n = t.numel();
+    ensure!(
+        n.is_multiple_of(Q8_0_BLOCK),
+        "q8_0 needs whole blocks of 32 values"
+    );
+    let blocks = t
+        .contiguous()
+        .to_kind(Kind::Float)
+        .reshape([-1, Q8_0_BLOCK as i64]);
+    let d = blocks.abs().amax([1], true) / 127.0;
+    let inv = d.reciprocal().where_self(&d.ne(0.0), &d.zeros_like());
+    let x = &blocks * inv;
+    let q = (x.abs() + 0.5).floor() * x.sign();
+    let scales = crate::weights::tensor_bytes(&d.to_kind(Kind::Half))?;
+    let values = crate::weights::tensor_bytes(&q.to_kind(Kind::Int8))?;
+    let mut out = Vec::with_capacity(TensorType::Q8_0.bytes(n));
+    for (s, v) in scales.chunks(2).zip(values.chunks(Q8_0_BLOCK)) {
+        out.extend_from_slice(s);
+        out.extend_from_slice(v);
+    }
+    Ok(out)
 }
 
 /// One tensor of the directory: its GGUF name, its shape in PyTorch's
@@ -268,13 +273,7 @@ impl GgufWriter {
             e.shape
         );
         let len = e.bytes();
-        let kind = match e.ty {
-            TensorType::F32 => Some(Kind::Float),
-            TensorType::F16 => Some(Kind::Half),
-            TensorType::BF16 => Some(Kind::BFloat16),
-            TensorType::Q8_0 => None,
-        };
-        let written = match kind {
+        let written = match e.ty.kind() {
             // Written from the tensor's own memory: a big tensor is not copied
             // once more into a byte vector.
             Some(k) => {
@@ -286,7 +285,7 @@ impl GgufWriter {
                 self.out.write_all(bytes)
             }
             None => {
-                let bytes = e.ty.encode(t).with_context(|| name.to_string())?;
+                let bytes = quantize_q8_0(t).with_context(|| name.to_string())?;
                 debug_assert_eq!(bytes.len(), len);
                 self.out.write_all(&bytes)
             }
@@ -353,7 +352,7 @@ mod tests {
         v[1] = 2.5;
         v[2] = -2.5;
         v[3] = 0.49;
-        let bytes = TensorType::Q8_0.encode(&Tensor::from_slice(&v)).unwrap();
+        let bytes = quantize_q8_0(&Tensor::from_slice(&v)).unwrap();
         assert_eq!(bytes.len(), 34);
         assert_eq!(&bytes[..2], &[0x00, 0x3c], "fp16 1.0");
         assert_eq!(bytes[2] as i8, 127);
@@ -361,9 +360,7 @@ mod tests {
         assert_eq!(bytes[4] as i8, -3);
         assert_eq!(bytes[5] as i8, 0);
         // An all-zero block has scale 0 and zero values.
-        let zeros = TensorType::Q8_0
-            .encode(&Tensor::zeros([32], tch::kind::FLOAT_CPU))
-            .unwrap();
+        let zeros = quantize_q8_0(&Tensor::zeros([32], tch::kind::FLOAT_CPU)).unwrap();
         assert!(zeros.iter().all(|&b| b == 0));
     }
 
