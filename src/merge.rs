@@ -65,7 +65,7 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Lora
     let modules = config.linear_modules();
     let mut per_module: BTreeMap<String, Vec<(LoraWeights, f64)>> = BTreeMap::new();
     for (i, dir) in opts.adapters.iter().enumerate() {
-        let (_, weights) = files::read_checked(
+        let (_, weights) = files::read_checked_plain(
             dir,
             &modules,
             OUTPUT_HEAD,

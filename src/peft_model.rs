@@ -13,7 +13,10 @@ use crate::models::LlamaForCausalLM;
 use crate::models::OUTPUT_HEAD;
 use crate::nn::Linear;
 use peft_adapters::lora::files::{self, key};
-use peft_adapters::lora::{Combination, LoraConfig, LoraLayer, LoraWeights, TargetModules};
+use peft_adapters::lora::init::from_base;
+use peft_adapters::lora::{
+    Combination, InitLoraWeights, LoraConfig, LoraLayer, LoraWeights, TargetModules,
+};
 
 /// The name PEFT gives an adapter when none is given.
 pub const DEFAULT_ADAPTER: &str = "default";
@@ -59,10 +62,20 @@ pub fn inject(
             continue;
         }
         let (r, alpha) = config.rank_and_alpha(&path);
+        let scaling = config.scaling(r, alpha);
+        if config.init_lora_weights.mutates_base() {
+            let init = config.init_lora_weights;
+            let (trained, initial) =
+                init_from_base(lin, r, scaling, config.lora_dropout, init, device)
+                    .with_context(|| path.clone())?;
+            attach(lin, name, trained).with_context(|| path.clone())?;
+            attach(lin, &initial_name(name), initial).with_context(|| path.clone())?;
+            continue;
+        }
         let w = LoraWeights::init(
             &lin.weight.dense(),
             r,
-            config.scaling(r, alpha),
+            scaling,
             config.lora_dropout,
             config.init_lora_weights,
             config.use_dora,
@@ -71,6 +84,48 @@ pub fn inject(
         attach(lin, name, w).with_context(|| path.clone())?;
     }
     Ok(chosen)
+}
+
+/// The name of the inactive copy of a PiSSA/OLoRA adapter's initial
+/// weights, which saving needs to express the trained adapter against the
+/// original base.
+fn initial_name(name: &str) -> String {
+    format!("{name}:initial")
+}
+
+/// PiSSA's or OLoRA's initial adapter for `lin`, whose weight becomes the
+/// residual: the adapter to train and an untrained copy of it (both fp32 on
+/// `device`, placed as [`LoraWeights::init`] places its draws). A quantized
+/// weight is dequantized and its residual quantized again, as PEFT does for
+/// OLoRA; PiSSA refuses it, as PEFT does.
+fn init_from_base(
+    lin: &mut Linear,
+    r: usize,
+    scaling: f64,
+    dropout: f64,
+    init: InitLoraWeights,
+    device: tch::Device,
+) -> Result<(LoraWeights, LoraWeights)> {
+    if lin.weight.is_quantized() && matches!(init, InitLoraWeights::Pissa { .. }) {
+        bail!("`init_lora_weights` = {init} needs a 16- or 32-bit base weight, as in PEFT: train without 4/8-bit quantization (and quantize the merged model afterwards), or use olora");
+    }
+    let dense = lin.weight.dense();
+    // PEFT moves new adapters to the base's dtype only when that is a float dtype.
+    let kind = if lin.weight.is_quantized() {
+        Kind::Float
+    } else {
+        dense.kind()
+    };
+    let f = from_base(&dense, r as i64, scaling, init)?;
+    drop(dense);
+    lin.weight.replace(&f.residual)?;
+    let place = |a: &Tensor, b: &Tensor, dropout| {
+        LoraWeights::from_initial(a.copy(), b.copy(), kind, scaling, dropout, device)
+    };
+    let initial = place(&f.a, &f.b, 0.0);
+    let _ = initial.a.set_requires_grad(false);
+    let _ = initial.b.set_requires_grad(false);
+    Ok((place(&f.a, &f.b, dropout), initial))
 }
 
 /// Loads a PEFT adapter directory as adapter `name`, checking every tensor
@@ -84,9 +139,28 @@ pub fn load_adapter(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Res
         model.config.tie_word_embeddings,
         model.device(),
     )?;
+    let init = config.init_lora_weights;
+    if let InitLoraWeights::Pissa { niter: Some(_) } = init {
+        bail!(
+            "{}: `init_lora_weights` = {init}: this adapter was saved unconverted, and its starting point came from a random projection that cannot be drawn again; \
+             save it with PEFT's path_initial_model_for_weight_conversion (peft-rs saves such adapters converted)",
+            dir.join(files::CONFIG_FILE).display()
+        );
+    }
+    let device = model.device();
     for (path, lin) in model.linear_layers_mut() {
         if let Some(i) = weights.iter().position(|(p, _)| *p == path) {
             let (_, w) = weights.swap_remove(i);
+            if init.mutates_base() {
+                // As PEFT loading it: the base becomes the residual of a
+                // fresh initialisation, over which the saved A and B apply.
+                let (r, scaling, dropout) = (w.rank() as usize, w.scaling, w.dropout);
+                let (_, initial) = init_from_base(lin, r, scaling, dropout, init, device)
+                    .with_context(|| path.clone())?;
+                attach(lin, name, w).with_context(|| path.clone())?;
+                attach(lin, &initial_name(name), initial).with_context(|| path.clone())?;
+                continue;
+            }
             attach(lin, name, w).with_context(|| path.clone())?;
         }
     }
@@ -108,6 +182,47 @@ pub fn adapter_tensors(model: &LlamaForCausalLM, name: &str) -> Vec<(String, Ten
     out
 }
 
+/// Adapter `name` as it is saved: its configuration and its tensors under
+/// their file keys. A PiSSA or OLoRA adapter, trained over a residual base,
+/// is converted into a plain LoRA adapter against the original base, as
+/// PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)`
+/// does: BA − B₀A₀ = [B | −B₀][A ; A₀], twice the rank at the same
+/// scaling, so it loads anywhere (llama.cpp, vLLM, PEFT) without the
+/// residual.
+pub fn saved_form(
+    model: &LlamaForCausalLM,
+    name: &str,
+    config: &LoraConfig,
+) -> Result<(LoraConfig, Vec<(String, Tensor)>)> {
+    let tensors = adapter_tensors(model, name);
+    if tensors.is_empty() {
+        bail!("no adapter named `{name}` is attached to the model");
+    }
+    if !config.init_lora_weights.mutates_base() {
+        return Ok((config.clone(), tensors));
+    }
+    let initial: BTreeMap<String, Tensor> = adapter_tensors(model, &initial_name(name))
+        .into_iter()
+        .collect();
+    let converted = tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let Some(t0) = initial.get(&k) else {
+                bail!("{k}: the adapter's initial weights are not kept, so it cannot be saved against the original base");
+            };
+            let t = tch::no_grad(|| {
+                if k.ends_with("lora_A.weight") {
+                    Tensor::cat(&[&t, t0], 0)
+                } else {
+                    Tensor::cat(&[&t, &(-t0)], 1)
+                }
+            });
+            Ok((k, t))
+        })
+        .collect::<Result<_>>()?;
+    Ok((config.converted_for_saving(), converted))
+}
+
 /// Saves adapter `name` as a PEFT adapter directory (each file written to a
 /// temporary name and renamed).
 pub fn save_adapter(
@@ -116,13 +231,9 @@ pub fn save_adapter(
     config: &LoraConfig,
     dir: &Path,
 ) -> Result<()> {
-    let tensors = adapter_tensors(model, name);
-    if tensors.is_empty() {
-        bail!("no adapter named `{name}` is attached to the model");
-    }
+    let (mut config, tensors) = saved_form(model, name, config)?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     files::write_safetensors(&dir.join(files::WEIGHTS_FILE), &tensors)?;
-    let mut config = config.clone();
     if !model.config.skipped_towers.is_empty() {
         // In a multimodal model, PEFT would match `all-linear` or a module
         // name in the towers peft-rs skips too: name the adapted modules.

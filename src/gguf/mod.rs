@@ -558,7 +558,7 @@ fn read_adapter(
     config: &LlamaConfig,
     dir: &Path,
 ) -> Result<(peft_adapters::lora::LoraConfig, Vec<(String, LoraWeights)>)> {
-    files::read_checked(
+    files::read_checked_plain(
         dir,
         &config.linear_modules(),
         OUTPUT_HEAD,

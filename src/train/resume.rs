@@ -196,7 +196,7 @@ impl Trainer {
                 let t = adapter
                     .get(k)
                     .with_context(|| format!("{}: checkpoint lacks {k}", dir.display()))?;
-                p.shallow_clone().copy_(t);
+                p.shallow_clone().copy_(&trained_part(t, p));
             }
             Ok(())
         })?;
@@ -208,5 +208,17 @@ impl Trainer {
             self.scaler = state.loss_scaler;
         }
         Ok(step)
+    }
+}
+
+/// The part of saved tensor `t` that parameter `p` holds: all of it, or,
+/// for a PiSSA/OLoRA adapter saved converted ([`peft_model::saved_form`]),
+/// the trained half (the first rows of A, the first columns of B; the rest
+/// is the initial adapter, which resuming makes again from the seed).
+fn trained_part(t: &Tensor, p: &Tensor) -> Tensor {
+    let (ts, ps) = (t.size(), p.size());
+    match (0..ts.len()).find(|&d| ts.len() == ps.len() && ts[d] == 2 * ps[d]) {
+        Some(d) => t.narrow(d as i64, 0, ps[d]),
+        None => t.shallow_clone(),
     }
 }

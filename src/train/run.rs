@@ -186,7 +186,8 @@ impl Trainer {
         )?;
         peft_adapters::fsio::write_atomic(
             &output.join(peft_adapters::lora::files::CONFIG_FILE),
-            serde_json::to_string_pretty(&self.lora.to_json())?.as_bytes(),
+            // As the adapter is saved: PiSSA/OLoRA converted to plain LoRA.
+            serde_json::to_string_pretty(&self.lora.converted_for_saving().to_json())?.as_bytes(),
         )
     }
 
@@ -302,7 +303,7 @@ impl Trainer {
     fn write_adapter(&mut self) -> Result<()> {
         self.check_finite()?;
         if self.is_writer() {
-            let tensors = peft_model::adapter_tensors(&self.model, DEFAULT_ADAPTER);
+            let (_, tensors) = peft_model::saved_form(&self.model, DEFAULT_ADAPTER, &self.lora)?;
             peft_adapters::lora::files::write_safetensors(
                 &self
                     .cfg

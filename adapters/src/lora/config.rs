@@ -30,51 +30,17 @@ pub enum InitLoraWeights {
     Gaussian,
     /// `false`: A and B both as `nn.Linear`'s default; the adapter is not a no-op.
     Random,
-}
-
-impl FromStr for InitLoraWeights {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "true" => Ok(Self::Default),
-            "false" => Ok(Self::Random),
-            "gaussian" => Ok(Self::Gaussian),
-            other => bail!("`{other}`: expected true, false or gaussian"),
-        }
-    }
-}
-
-impl fmt::Display for InitLoraWeights {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Default => "true",
-            Self::Random => "false",
-            Self::Gaussian => "gaussian",
-        })
-    }
-}
-
-impl InitLoraWeights {
-    /// PEFT's JSON form: true, false or "gaussian".
-    pub fn to_json(self) -> Value {
-        match self {
-            Self::Default => json!(true),
-            Self::Random => json!(false),
-            Self::Gaussian => json!("gaussian"),
-        }
-    }
-
-    fn from_json(v: Option<&Value>) -> Result<Self> {
-        Ok(match v {
-            None | Some(Value::Bool(true)) => Self::Default,
-            Some(Value::Bool(false)) => Self::Random,
-            Some(Value::String(s)) if s == "gaussian" => Self::Gaussian,
-            Some(v) => {
-                bail!("`init_lora_weights` = {v} is not supported (true, false or \"gaussian\")")
-            }
-        })
-    }
+    /// `"pissa"` (`niter: None`: the exact SVD) or `"pissa_niter_N"` (the
+    /// randomized SVD with N subspace iterations): A and B from the `r`
+    /// principal singular triplets of W, and the base becomes the residual
+    /// W − scaling·BA.
+    Pissa {
+        /// Subspace iterations of the randomized SVD.
+        niter: Option<u32>,
+    },
+    /// `"olora"`: B and A from W's QR factorisation (Q's and R's first r
+    /// columns and rows); the base becomes W − scaling·BA.
+    Olora,
 }
 
 impl Serialize for InitLoraWeights {
@@ -87,6 +53,104 @@ impl<'de> Deserialize<'de> for InitLoraWeights {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let v = Value::deserialize(d)?;
         Self::from_json(Some(&v)).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Initialisations PEFT has that peft-rs does not, with why.
+const UNSUPPORTED_INITS: &[(&str, &str)] = &[
+    (
+        "loftq",
+        "LoftQ is not implemented; quantize with --load-in-4bit and use the default initialisation",
+    ),
+    (
+        "eva",
+        "EVA needs activations from a data pass before training and is not implemented",
+    ),
+    (
+        "corda",
+        "CorDA needs covariance statistics from a data pass and is not implemented",
+    ),
+    (
+        "lora_ga",
+        "LoRA-GA needs gradients from a data pass and is not implemented",
+    ),
+    (
+        "orthogonal",
+        "the orthogonal initialisation is not implemented",
+    ),
+    ("mica", "MiCA is not implemented"),
+];
+
+const EXPECTED_INITS: &str = "true, false, gaussian, pissa, pissa_niter_N or olora";
+
+impl FromStr for InitLoraWeights {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "true" => return Ok(Self::Default),
+            "false" => return Ok(Self::Random),
+            "gaussian" => return Ok(Self::Gaussian),
+            "pissa" => return Ok(Self::Pissa { niter: None }),
+            _ => {}
+        }
+        if s.eq_ignore_ascii_case("olora") {
+            return Ok(Self::Olora);
+        }
+        if let Some(n) = s.strip_prefix("pissa_niter_") {
+            let niter = n.parse::<u32>().map_err(|_| {
+                anyhow::anyhow!("`{s}`: the number of iterations after pissa_niter_ must be a whole number, as in pissa_niter_16")
+            })?;
+            return Ok(Self::Pissa { niter: Some(niter) });
+        }
+        if let Some((_, why)) = UNSUPPORTED_INITS
+            .iter()
+            .find(|(name, _)| s.to_ascii_lowercase().starts_with(name))
+        {
+            bail!("`{s}`: {why} (peft-rs supports {EXPECTED_INITS})");
+        }
+        bail!("`{s}`: expected {EXPECTED_INITS}")
+    }
+}
+
+impl fmt::Display for InitLoraWeights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Default => f.write_str("true"),
+            Self::Random => f.write_str("false"),
+            Self::Gaussian => f.write_str("gaussian"),
+            Self::Pissa { niter: None } => f.write_str("pissa"),
+            Self::Pissa { niter: Some(n) } => write!(f, "pissa_niter_{n}"),
+            Self::Olora => f.write_str("olora"),
+        }
+    }
+}
+
+impl InitLoraWeights {
+    /// PEFT's JSON form: true, false or a string.
+    pub fn to_json(self) -> Value {
+        match self {
+            Self::Default => json!(true),
+            Self::Random => json!(false),
+            other => json!(other.to_string()),
+        }
+    }
+
+    fn from_json(v: Option<&Value>) -> Result<Self> {
+        match v {
+            None | Some(Value::Bool(true)) => Ok(Self::Default),
+            Some(Value::Bool(false)) => Ok(Self::Random),
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|e| anyhow::anyhow!("`init_lora_weights` = {e}")),
+            Some(v) => bail!("`init_lora_weights` = {v} is not supported ({EXPECTED_INITS})"),
+        }
+    }
+
+    /// Whether this initialisation changes the base weights (PiSSA and
+    /// OLoRA leave the residual W − scaling·BA in the base layer).
+    pub fn mutates_base(self) -> bool {
+        matches!(self, Self::Pissa { .. } | Self::Olora)
     }
 }
 
@@ -129,8 +193,12 @@ pub struct LoraConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = false)]
     pub use_dora: bool,
-    /// How new adapters start: true (kaiming-uniform A, zero B), gaussian, or false.
-    #[arg(long, value_name = "true|false|gaussian", default_value_t = InitLoraWeights::Default)]
+    /// How new adapters start: true (kaiming-uniform A, zero B), gaussian,
+    /// false, pissa, pissa_niter_N or olora (these two leave the residual
+    /// in the base; the adapter is saved as a plain LoRA adapter of twice
+    /// the rank against the original base, as PEFT converts it).
+    #[arg(long, value_name = "true|false|gaussian|pissa|pissa_niter_N|olora",
+          default_value_t = InitLoraWeights::Default)]
     pub init_lora_weights: InitLoraWeights,
     /// The base model the adapter was trained on (recorded, not enforced).
     #[serde(skip)]
@@ -309,7 +377,52 @@ impl LoraConfig {
                 return bad("target_modules", format!("regex `{r}`: {e}"));
             }
         }
+        let init = self.init_lora_weights;
+        if init.mutates_base() && self.use_dora {
+            return bad(
+                "use_dora",
+                format!("with `init_lora_weights` = {init}: such an adapter is saved as a plain LoRA adapter against the original base, which has no form for DoRA's magnitude; use one or the other"),
+            );
+        }
+        if init.mutates_base()
+            && self.use_rslora
+            && !(self.rank_pattern.is_empty() && self.alpha_pattern.is_empty())
+        {
+            return bad(
+                "rank_pattern",
+                format!("(or `alpha_pattern`) with `use_rslora` and `init_lora_weights` = {init}: the adapter could not be saved as a plain LoRA adapter (PEFT refuses this conversion too)"),
+            );
+        }
         None
+    }
+
+    /// The configuration a [`InitLoraWeights::mutates_base`] adapter is
+    /// saved with, once converted to a plain LoRA adapter against the
+    /// original base (PEFT's `path_initial_model_for_weight_conversion`):
+    /// twice the rank, with alpha doubled (×√2 with rsLoRA) so that the
+    /// scaling stays, and the default initialisation. Other configurations
+    /// are returned as they are.
+    pub fn converted_for_saving(&self) -> Self {
+        if !self.init_lora_weights.mutates_base() {
+            return self.clone();
+        }
+        let alpha_factor = if self.use_rslora { 2f64.sqrt() } else { 2.0 };
+        Self {
+            r: 2 * self.r,
+            lora_alpha: self.lora_alpha * alpha_factor,
+            rank_pattern: self
+                .rank_pattern
+                .iter()
+                .map(|(k, r)| (k.clone(), 2 * r))
+                .collect(),
+            alpha_pattern: self
+                .alpha_pattern
+                .iter()
+                .map(|(k, a)| (k.clone(), 2.0 * a))
+                .collect(),
+            init_lora_weights: InitLoraWeights::Default,
+            ..self.clone()
+        }
     }
 
     /// Reads `DIR/adapter_config.json`.
@@ -540,4 +653,70 @@ fn pattern<T>(
             Ok((p.clone(), x))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every initialisation reads back from its PEFT spelling, in flags and JSON.
+    #[test]
+    fn initialisations_round_trip_through_their_peft_names() {
+        for s in [
+            "true",
+            "false",
+            "gaussian",
+            "pissa",
+            "pissa_niter_16",
+            "olora",
+        ] {
+            let init: InitLoraWeights = s.parse().unwrap();
+            assert_eq!(init.to_string(), s);
+            assert_eq!(
+                InitLoraWeights::from_json(Some(&init.to_json())).unwrap(),
+                init
+            );
+        }
+        assert!(InitLoraWeights::from_json(Some(&json!("loftq"))).is_err());
+    }
+
+    /// The converted configuration keeps every module's scaling at twice the
+    /// rank, with rsLoRA too, and starts from the default initialisation.
+    #[test]
+    fn converted_configuration_keeps_the_scaling() {
+        for use_rslora in [false, true] {
+            let c = LoraConfig {
+                init_lora_weights: InitLoraWeights::Pissa { niter: None },
+                use_rslora,
+                r: 8,
+                lora_alpha: 16.0,
+                alpha_pattern: if use_rslora {
+                    BTreeMap::new()
+                } else {
+                    [("q_proj".to_owned(), 4.0)].into()
+                },
+                rank_pattern: if use_rslora {
+                    BTreeMap::new()
+                } else {
+                    [("q_proj".to_owned(), 2)].into()
+                },
+                ..LoraConfig::default()
+            };
+            c.validate().unwrap();
+            let s = c.converted_for_saving();
+            assert_eq!(s.init_lora_weights, InitLoraWeights::Default);
+            for path in [
+                "model.layers.0.self_attn.q_proj",
+                "model.layers.0.mlp.up_proj",
+            ] {
+                let (r, a) = c.rank_and_alpha(path);
+                let (r2, a2) = s.rank_and_alpha(path);
+                assert_eq!(r2, 2 * r);
+                assert!(
+                    (s.scaling(r2, a2) - c.scaling(r, a)).abs() < 1e-12,
+                    "{path}"
+                );
+            }
+        }
+    }
 }

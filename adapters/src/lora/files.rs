@@ -215,6 +215,30 @@ pub fn take_weights(
     })
 }
 
+/// [`read_checked`] for tools that apply an adapter to the original base
+/// weights as they stream past (merge, GGUF export): an adapter saved
+/// unconverted from a PiSSA or OLoRA start, which applies only over a
+/// residual base, is refused with the fix.
+pub fn read_checked_plain(
+    dir: &Path,
+    modules: &[(String, i64, i64)],
+    output_head: &str,
+    tied_head: bool,
+    device: Device,
+) -> Result<(super::LoraConfig, Vec<(String, super::LoraWeights)>)> {
+    let read = read_checked(dir, modules, output_head, tied_head, device)?;
+    let init = read.0.init_lora_weights;
+    if init.mutates_base() {
+        bail!(
+            "{}: `init_lora_weights` = {init}: this adapter applies over a residual base and was saved unconverted; \
+             save it again with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA adapter \
+             (adapters peft-rs trains are saved that way), or load it with `peft-rs generate`/`eval`, which make the residual",
+            dir.join(CONFIG_FILE).display()
+        );
+    }
+    Ok(read)
+}
+
 /// A PEFT adapter directory read and checked against a base model: the one
 /// loading path of `peft-rs` (attaching to a loaded model and streaming
 /// merges alike). `modules` are the base's linear modules as (path,

@@ -57,26 +57,43 @@ impl LoraWeights {
                 Tensor::zeros([out_f, r], opts),
             ),
             InitLoraWeights::Random => (kaiming(r, in_f), kaiming(out_f, r)),
+            base_reading => {
+                panic!("{base_reading} reads the base weight: use LoraWeights::from_initial")
+            }
         };
-        let placed = |t: Tensor| {
-            let t = match weight.kind() {
-                k @ (Kind::BFloat16 | Kind::Half) => t.to_kind(k).to_kind(Kind::Float),
-                _ => t,
-            };
-            t.to_device(device).set_requires_grad(true)
-        };
-        let mut w = Self {
-            a: placed(a),
-            b: placed(b),
-            magnitude: None,
-            scaling,
-            dropout,
-        };
+        let mut w = Self::from_initial(a, b, weight.kind(), scaling, dropout, device);
         if dora {
             let m = tch::no_grad(|| row_norm(&(weight.to_kind(Kind::Float) + w.delta())));
             w.magnitude = Some(m.set_requires_grad(true));
         }
         w
+    }
+
+    /// Weights starting at the fp32 `a` and `b` made on the CPU for a base
+    /// of dtype `base_kind`, placed on `device` as [`LoraWeights::init`]
+    /// places its draws.
+    pub fn from_initial(
+        a: Tensor,
+        b: Tensor,
+        base_kind: Kind,
+        scaling: f64,
+        dropout: f64,
+        device: Device,
+    ) -> Self {
+        let placed = |t: Tensor| {
+            let t = match base_kind {
+                k @ (Kind::BFloat16 | Kind::Half) => t.to_kind(k).to_kind(Kind::Float),
+                _ => t,
+            };
+            t.to_device(device).set_requires_grad(true)
+        };
+        Self {
+            a: placed(a),
+            b: placed(b),
+            magnitude: None,
+            scaling,
+            dropout,
+        }
     }
 
     /// `scaling · B @ A`, `[out, in]`, fp32.

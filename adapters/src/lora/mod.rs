@@ -3,6 +3,7 @@
 pub mod config;
 pub mod dropout_a;
 pub mod files;
+pub mod init;
 pub mod layer;
 pub mod targets;
 
