@@ -22,8 +22,10 @@ use crate::outputs;
 use crate::weights::{
     dtype_of, kind_of, tensor_bytes, StreamingWriter, WeightFiles, INDEX_FILE, SINGLE_FILE,
 };
+use peft_adapters::ia3::{Ia3Config, Ia3Layer};
 use peft_adapters::lora::files;
 use peft_adapters::lora::{Combination, LoraLayer, LoraWeights};
+use peft_adapters::method::AdapterConfig;
 use peft_adapters::LinearAdapter;
 
 /// What to merge and where.
@@ -59,12 +61,49 @@ pub struct MergeReport {
     pub seconds: f64,
 }
 
+/// What one module folds in: a LoRA delta (several adapters already
+/// combined) or IA³ vectors.
+pub(crate) enum Delta {
+    /// `scaling·BA` (or DoRA's rescaling).
+    Lora(LoraWeights),
+    /// IA³'s vector, and whether it rescales the module's input.
+    Ia3 { l: Tensor, is_feedforward: bool },
+}
+
+impl Delta {
+    /// A fresh, unmerged layer of this delta: each tensor it changes (the
+    /// weight, and IA³'s bias) is merged by its own copy, in any order.
+    fn layer(&self) -> Box<dyn LinearAdapter> {
+        match self {
+            Self::Lora(w) => Box::new(LoraLayer::new(
+                "merge",
+                LoraWeights {
+                    a: w.a.shallow_clone(),
+                    b: w.b.shallow_clone(),
+                    magnitude: w.magnitude.as_ref().map(Tensor::shallow_clone),
+                    scaling: w.scaling,
+                    dropout: 0.0,
+                },
+            )),
+            Self::Ia3 { l, is_feedforward } => {
+                Box::new(Ia3Layer::new("merge", l.shallow_clone(), *is_feedforward))
+            }
+        }
+    }
+}
+
 /// The adapters, read and checked against the base, per module path.
-fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, LoraWeights>> {
+fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Delta>> {
     let config = models::read_config(base)?;
     let modules = config.linear_modules();
     let mut per_module: BTreeMap<String, Vec<(LoraWeights, f64)>> = BTreeMap::new();
     for (i, dir) in opts.adapters.iter().enumerate() {
+        if let AdapterConfig::Ia3(c) = AdapterConfig::read(dir)? {
+            if opts.adapters.len() > 1 {
+                bail!("{}: an IA³ adapter is merged alone (its vectors multiply; they do not combine with --weights)", dir.display());
+            }
+            return ia3_deltas(dir, &c, &modules, config.tie_word_embeddings);
+        }
         let (_, weights) = files::read_checked_plain(
             dir,
             &modules,
@@ -90,9 +129,48 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Lora
                 let refs: Vec<(&LoraWeights, f64)> = parts.iter().map(|(w, x)| (w, *x)).collect();
                 LoraWeights::combine(&refs, Combination::Linear).with_context(|| path.clone())?
             };
-            Ok((path, w))
+            Ok((path, Delta::Lora(w)))
         })
         .collect()
+}
+
+/// The IA³ adapter in `dir` (configuration `c`) as per-module deltas,
+/// checked against the base's linear `modules`.
+fn ia3_deltas(
+    dir: &Path,
+    c: &Ia3Config,
+    modules: &[(String, i64, i64)],
+    tied_head: bool,
+) -> Result<BTreeMap<String, Delta>> {
+    let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
+    let config_file = dir.join(files::CONFIG_FILE);
+    let chosen = c
+        .select(&paths, OUTPUT_HEAD)
+        .with_context(|| config_file.display().to_string())?;
+    if tied_head && chosen.contains(&OUTPUT_HEAD) {
+        bail!("{}: targets {OUTPUT_HEAD}, which shares its weight with model.embed_tokens in this base model", config_file.display());
+    }
+    let mut tensors = files::read_weights(dir)?;
+    let expected: Vec<(String, Vec<i64>)> = modules
+        .iter()
+        .filter(|(p, _, _)| chosen.contains(&p.as_str()))
+        .map(|(p, i, o)| (files::key(p, "ia3_l"), c.vector_shape(p, *i, *o)))
+        .collect();
+    files::check_tensors(&dir.join(files::WEIGHTS_FILE), &expected, &tensors)?;
+    Ok(chosen
+        .into_iter()
+        .map(|p| {
+            let l = tensors
+                .remove(&files::key(p, "ia3_l"))
+                .expect("checked")
+                .to_kind(Kind::Float);
+            let d = Delta::Ia3 {
+                l,
+                is_feedforward: c.is_feedforward(p),
+            };
+            (p.to_owned(), d)
+        })
+        .collect())
 }
 
 /// Merges and writes the output directory: refuses an output that overlaps
@@ -231,7 +309,7 @@ impl QuantizedLayers {
 fn write_model(
     base: &Path,
     files_in: &WeightFiles,
-    deltas: &mut BTreeMap<String, LoraWeights>,
+    deltas: &mut BTreeMap<String, Delta>,
     out: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
@@ -244,6 +322,8 @@ fn write_model(
         seconds: 0.0,
     };
     let mut weight_map = serde_json::Map::new();
+    // The modules whose weight was merged (their bias may come later).
+    let mut done: Vec<String> = Vec::new();
     // A bitsandbytes base: its quantized layers are written dequantized
     // (merged where an adapter targets them), as PEFT's merge_and_unload
     // followed by transformers' dequantize() gives, without re-quantizing.
@@ -272,10 +352,43 @@ fn write_model(
             }
             // Adapters name modules by their paths, which a multimodal
             // checkpoint may store under other names.
-            let module = n.strip_suffix(".weight");
-            let delta = module.and_then(|m| deltas.remove(&config.module_name(m)));
-            report.tensors_merged += usize::from(delta.is_some());
-            let merged = merged_tensor(files_in, quantized.as_ref(), n, *out_dtype, shape, delta)?;
+            let (module, is_bias) = match (n.strip_suffix(".weight"), n.strip_suffix(".bias")) {
+                (Some(m), _) => (Some(config.module_name(m)), false),
+                (_, Some(m)) => (Some(config.module_name(m)), true),
+                _ => (None, false),
+            };
+            let delta = module.as_ref().and_then(|m| deltas.get(m));
+            let merged = match delta {
+                // A bias changes only under a method that scales outputs (IA³).
+                Some(d) if is_bias => {
+                    let layer = d.layer();
+                    let mut change = |t: &mut Tensor| layer.merge_bias(t);
+                    merged_tensor(
+                        files_in,
+                        quantized.as_ref(),
+                        n,
+                        *out_dtype,
+                        shape,
+                        Some(&mut change),
+                    )?
+                }
+                Some(d) => {
+                    let mut layer = d.layer();
+                    let mut change = |t: &mut Tensor| layer.merge(t);
+                    report.tensors_merged += 1;
+                    let m = merged_tensor(
+                        files_in,
+                        quantized.as_ref(),
+                        n,
+                        *out_dtype,
+                        shape,
+                        Some(&mut change),
+                    )?;
+                    done.push(module.clone().expect("a module"));
+                    m
+                }
+                None => merged_tensor(files_in, quantized.as_ref(), n, *out_dtype, shape, None)?,
+            };
             let bytes: &[u8] = match &merged {
                 Some(t) => t,
                 None => files_in.raw(n).expect("listed"),
@@ -291,7 +404,7 @@ fn write_model(
         writer.finish()?;
     }
     bar.finish_and_clear();
-    if let Some(left) = deltas.keys().next() {
+    if let Some(left) = deltas.keys().find(|m| !done.contains(m)) {
         bail!(
             "{}: no tensor {}.weight to merge into",
             base.display(),
@@ -363,6 +476,9 @@ fn shard_plan(
         .collect()
 }
 
+/// A change made to a base tensor in fp32 (an adapter merged into it).
+type TensorChange<'a> = dyn FnMut(&mut Tensor) -> Result<()> + 'a;
+
 /// The bytes of tensor `n` in the output: dequantized (a quantized layer),
 /// with `delta` merged in (in fp32), converted to `out_dtype` and checked
 /// finite there; `None` when the base's bytes are written as they are.
@@ -372,14 +488,14 @@ fn merged_tensor(
     n: &str,
     out_dtype: Dtype,
     shape: &[usize],
-    delta: Option<LoraWeights>,
+    change: Option<&mut TensorChange>,
 ) -> Result<Option<Vec<u8>>> {
     let (_, in_dtype) = files_in.info(n).expect("listed");
     let dequantized = match (quantized, n.strip_suffix(".weight")) {
         (Some(q), Some(m)) => q.dequantize(files_in, m)?.map(|(t, _)| t),
         _ => None,
     };
-    if dequantized.is_none() && delta.is_none() && out_dtype == in_dtype {
+    if dequantized.is_none() && change.is_none() && out_dtype == in_dtype {
         return Ok(None);
     }
     let mut t = match dequantized {
@@ -389,10 +505,8 @@ fn merged_tensor(
             files_in.load(n, &shape, Kind::Float, Device::Cpu)?
         }
     };
-    if let Some(w) = delta {
-        LoraLayer::new("merge", w)
-            .merge(&mut t)
-            .with_context(|| n.to_string())?;
+    if let Some(change) = change {
+        change(&mut t).with_context(|| n.to_string())?;
     }
     Ok(Some(tensor_bytes(&finite_in(&t, kind_of(out_dtype)?, n)?)?))
 }

@@ -57,7 +57,12 @@ impl Linear {
 
     /// The layer on a `[tokens, in_features]` input shared with other layers.
     fn forward_rows(&self, input: &LayerInput) -> Tensor {
-        let x = input.tensor();
+        // IA³ on a feed-forward module rescales what the frozen layer reads.
+        let rescaled = self
+            .adapter
+            .as_ref()
+            .and_then(|a| a.base_input(input.tensor()));
+        let x = rescaled.as_ref().unwrap_or(input.tensor());
         let base = match &self.weight {
             FrozenWeight::Dense(w) => x.linear(w, self.bias.as_ref()),
             q => {

@@ -7,13 +7,17 @@
 //! same split as PEFT's `LoraLayer` wrapping `base_layer`.
 //!
 //! [`lora`] holds LoRA with its rsLoRA and DoRA variants: the configuration
-//! (`adapter_config.json`), the layer, and PEFT's file format.
+//! (`adapter_config.json`), the layer, and PEFT's file format; [`ia3`]
+//! holds IA³. [`method`] reads an adapter directory's `peft_type` and
+//! gives the configuration of its method.
 #![warn(missing_docs)]
 
 pub mod dtype;
 pub mod ffi;
 pub mod fsio;
+pub mod ia3;
 pub mod lora;
+pub mod method;
 pub mod rng;
 pub mod text;
 
@@ -104,6 +108,25 @@ pub trait LinearAdapter: Send {
 
     /// Undoes [`LinearAdapter::merge`], restoring `weight` within fp32 rounding.
     fn unmerge(&mut self, weight: &mut Tensor) -> Result<()>;
+
+    /// The input the frozen layer computes on instead of `x`, for methods
+    /// that change it (IA³ on feed-forward modules rescales it); `None`
+    /// leaves it as it is (the default).
+    fn base_input(&self, _x: &Tensor) -> Option<Tensor> {
+        None
+    }
+
+    /// Folds what [`LinearAdapter::merge`] will fold into the weight into the
+    /// layer's `bias` too, for methods that scale the output (IA³); call it
+    /// before `merge`. The default changes nothing.
+    fn merge_bias(&self, _bias: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    /// Undoes [`LinearAdapter::merge_bias`]; call it before `unmerge`.
+    fn unmerge_bias(&self, _bias: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
 
     /// The tensors of the adapter `name` on this layer in PEFT's file
     /// format (its state dict), trained or not, active or not; empty when

@@ -558,6 +558,14 @@ fn read_adapter(
     config: &LlamaConfig,
     dir: &Path,
 ) -> Result<(peft_adapters::lora::LoraConfig, Vec<(String, LoraWeights)>)> {
+    if let peft_adapters::method::AdapterConfig::Ia3(_) =
+        peft_adapters::method::AdapterConfig::read(dir)?
+    {
+        bail!(
+            "{}: an IA³ adapter; llama.cpp has no IA³ adapters — merge it first (peft-rs merge) and export the merged model with --model",
+            dir.display()
+        );
+    }
     files::read_checked_plain(
         dir,
         &config.linear_modules(),

@@ -15,7 +15,9 @@ use super::settings_file::one_line;
 use crate::data::DataFormat;
 use crate::device::{DeviceArg, DtypeArg};
 use crate::quant::{BnbQuantization, Quantize};
-use peft_adapters::lora::LoraConfig;
+use peft_adapters::ia3::Ia3Config;
+use peft_adapters::lora::{LoraConfig, TargetModules};
+use peft_adapters::method::AdapterConfig;
 use peft_regularizers::{NeftuneMode, NoiseDistribution, RegularizerSpec};
 
 /// Learning-rate schedules, with transformers' `SchedulerType` names.
@@ -110,6 +112,19 @@ pub struct TrainConfig {
     #[arg(long, value_name = "N", default_value_t = defaults().eval_steps)]
     pub eval_steps: u64,
 
+    /// The adapter method: lora (with rsLoRA, DoRA, PiSSA/OLoRA) or ia3
+    /// (PEFT's `peft_type`). IA³ reads `target_modules` and
+    /// `exclude_modules` below, and `feedforward_modules`, `init_ia3_weights`.
+    #[arg(long, value_enum, default_value_t = defaults().peft_type)]
+    pub peft_type: PeftType,
+    /// IA³: the targeted modules whose input is rescaled (PEFT's
+    /// `feedforward_modules`: names a path ends with); the others rescale their output.
+    #[arg(long, value_name = "NAMES", default_value_t = defaults().feedforward_modules)]
+    pub feedforward_modules: TargetModules,
+    /// IA³: start every vector at one (the model is unchanged), or N(0, 1) with false.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().init_ia3_weights)]
+    pub init_ia3_weights: bool,
     /// The adapter: LoRA's settings (`lora_rank`, `lora_alpha`,
     /// `lora_dropout`, `target_modules`, `use_rslora`, `use_dora`,
     /// `init_lora_weights`, and in settings files the pattern fields),
@@ -297,6 +312,9 @@ impl Default for TrainConfig {
             eval_data: None,
             eval_holdout: 0,
             eval_steps: 0,
+            peft_type: PeftType::Lora,
+            feedforward_modules: Ia3Config::default().feedforward_modules,
+            init_ia3_weights: true,
             lora: LoraConfig::training(),
             share_lora_dropout: true,
             neftune_noise_alpha: 0.0,
@@ -508,14 +526,44 @@ impl TrainConfig {
     /// a model read from `base_model_name_or_path`.
     pub fn lora_config(&self, base_model_name_or_path: &Path) -> LoraConfig {
         LoraConfig {
-            // A base from the Hub cache is recorded by its id, as PEFT does.
-            base_model_name_or_path: Some(
-                crate::hub::id_of_snapshot(base_model_name_or_path)
-                    .unwrap_or_else(|| base_model_name_or_path.display().to_string()),
-            ),
+            base_model_name_or_path: Some(recorded_base(base_model_name_or_path)),
             ..self.lora.clone()
         }
     }
+
+    /// The adapter configuration (of `peft_type`'s method) these settings
+    /// describe, for a model read from `base_model_name_or_path`.
+    pub fn adapter_config(&self, base_model_name_or_path: &Path) -> AdapterConfig {
+        match self.peft_type {
+            PeftType::Lora => self.lora_config(base_model_name_or_path).into(),
+            PeftType::Ia3 => Ia3Config {
+                target_modules: self.lora.target_modules.clone(),
+                exclude_modules: self.lora.exclude_modules.clone(),
+                feedforward_modules: self.feedforward_modules.clone(),
+                init_ia3_weights: self.init_ia3_weights,
+                base_model_name_or_path: Some(recorded_base(base_model_name_or_path)),
+            }
+            .into(),
+        }
+    }
+}
+
+/// How a base is recorded in an adapter's configuration: a base from the
+/// Hub cache by its id, as PEFT does, else its path.
+fn recorded_base(dir: &Path) -> String {
+    crate::hub::id_of_snapshot(dir).unwrap_or_else(|| dir.display().to_string())
+}
+
+/// The adapter method (PEFT's `peft_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PeftType {
+    /// LoRA and its variants.
+    #[serde(alias = "LORA")]
+    Lora,
+    /// IA³.
+    #[serde(alias = "IA3")]
+    Ia3,
 }
 
 /// The first field of `all` whose value alone fails to deserialise over the

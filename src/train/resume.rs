@@ -50,9 +50,9 @@ impl Trainer {
         let optim = self.optim.state();
         let output = self.cfg.output.clone();
         let model = &mut self.model;
-        let lora = &self.lora;
+        let adapter = &self.adapter;
         let dir = checkpoint::save(&output, step, &optim, &state, |d| {
-            peft_model::save_adapter(model, DEFAULT_ADAPTER, lora, d)
+            peft_model::save_adapter_of(model, DEFAULT_ADAPTER, adapter, d)
         })?;
         checkpoint::prune(&output, self.cfg.save_total_limit)?;
         Ok(dir)

@@ -187,7 +187,8 @@ impl Trainer {
         peft_adapters::fsio::write_atomic(
             &output.join(peft_adapters::lora::files::CONFIG_FILE),
             // As the adapter is saved: PiSSA/OLoRA converted to plain LoRA.
-            serde_json::to_string_pretty(&self.lora.converted_for_saving().to_json())?.as_bytes(),
+            serde_json::to_string_pretty(&peft_model::saved_config(&self.adapter).to_json())?
+                .as_bytes(),
         )
     }
 
@@ -303,7 +304,7 @@ impl Trainer {
     fn write_adapter(&mut self) -> Result<()> {
         self.check_finite()?;
         if self.is_writer() {
-            let (_, tensors) = peft_model::saved_form(&self.model, DEFAULT_ADAPTER, &self.lora)?;
+            let (_, tensors) = peft_model::saved_form(&self.model, DEFAULT_ADAPTER, &self.adapter)?;
             peft_adapters::lora::files::write_safetensors(
                 &self
                     .cfg

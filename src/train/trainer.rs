@@ -16,7 +16,7 @@ use crate::dist::agree;
 use crate::models::{LlamaForCausalLM, Pretrained};
 use crate::outputs;
 use crate::peft_model::{self, DEFAULT_ADAPTER};
-use peft_adapters::lora::LoraConfig;
+use peft_adapters::method::AdapterConfig;
 use peft_regularizers::rng::with_torch_seed;
 use peft_regularizers::{Registry, RegularizerStack};
 
@@ -26,8 +26,9 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     /// The base with adapters attached.
     pub model: LlamaForCausalLM,
-    /// The adapter's configuration as saved.
-    pub lora: LoraConfig,
+    /// The adapter's configuration (before a PiSSA/OLoRA adapter's
+    /// conversion for saving).
+    pub adapter: AdapterConfig,
     pub(crate) regs: RegularizerStack,
     pub(crate) params: BTreeMap<String, Tensor>,
     pub(crate) trainable: Vec<(String, Tensor)>,
@@ -74,9 +75,9 @@ impl Trainer {
         let base = Pretrained::load_quantized(&model_dir, kind, device, quantize.as_ref())?;
         let (train, eval, pad_id) = load_data(&cfg, &base)?;
         let mut model = base.model;
-        let lora = cfg.lora_config(&model_dir);
+        let adapter = cfg.adapter_config(&model_dir);
         with_torch_seed(cfg.seed, || {
-            peft_model::inject(&mut model, DEFAULT_ADAPTER, &lora)
+            peft_model::inject_adapter(&mut model, DEFAULT_ADAPTER, &adapter)
         })?;
         peft_model::set_training(&mut model, true);
         let base_output = match quantize.as_ref().map(|q| &q.mode) {
@@ -120,7 +121,7 @@ impl Trainer {
             wait_seconds: 0.0,
             cfg,
             model,
-            lora,
+            adapter,
             regs,
             params,
             trainable,
@@ -214,7 +215,7 @@ impl Trainer {
     /// Writes the adapter (PEFT format) into `dir`.
     pub fn save_adapter(&mut self, dir: &Path) -> Result<()> {
         self.check_finite()?;
-        peft_model::save_adapter(&self.model, DEFAULT_ADAPTER, &self.lora, dir)
+        peft_model::save_adapter_of(&self.model, DEFAULT_ADAPTER, &self.adapter, dir)
     }
 }
 

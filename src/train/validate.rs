@@ -3,8 +3,10 @@
 
 use std::fmt;
 
+use super::config::PeftType;
 use super::TrainConfig;
 use crate::quant::Quantize;
+use peft_adapters::method::AdapterConfig;
 
 /// A setting with a value that cannot work: the field and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +26,66 @@ impl fmt::Display for InvalidSetting {
 impl std::error::Error for InvalidSetting {}
 
 impl TrainConfig {
+    /// Refuses settings of another method than `peft_type`'s (set away from
+    /// their defaults), and IA³'s own rules.
+    fn check_method_settings(&self) -> std::result::Result<(), InvalidSetting> {
+        let d = TrainConfig::default();
+        let (l, dl) = (&self.lora, &d.lora);
+        let (other_method, set): (&str, Vec<(&'static str, bool)>) = match self.peft_type {
+            PeftType::Ia3 => (
+                "a LoRA setting; it does not apply with peft_type ia3",
+                vec![
+                    ("lora_rank", l.r != dl.r),
+                    ("lora_alpha", l.lora_alpha != dl.lora_alpha),
+                    ("lora_dropout", l.lora_dropout != dl.lora_dropout),
+                    ("use_rslora", l.use_rslora),
+                    ("use_dora", l.use_dora),
+                    (
+                        "init_lora_weights",
+                        l.init_lora_weights != dl.init_lora_weights,
+                    ),
+                    ("rank_pattern", !l.rank_pattern.is_empty()),
+                    ("alpha_pattern", !l.alpha_pattern.is_empty()),
+                    ("layers_to_transform", l.layers_to_transform.is_some()),
+                    ("loraplus_lr_ratio", self.loraplus_lr_ratio.is_some()),
+                ],
+            ),
+            PeftType::Lora => (
+                "an IA³ setting; it applies only with peft_type ia3",
+                vec![
+                    (
+                        "feedforward_modules",
+                        self.feedforward_modules != d.feedforward_modules,
+                    ),
+                    (
+                        "init_ia3_weights",
+                        self.init_ia3_weights != d.init_ia3_weights,
+                    ),
+                ],
+            ),
+        };
+        if let Some((field, _)) = set.iter().find(|(_, on)| *on) {
+            return Err(InvalidSetting {
+                field,
+                problem: format!("is {other_method}"),
+            });
+        }
+        if let AdapterConfig::Ia3(c) = self.adapter_config(std::path::Path::new("")) {
+            if let Err(e) = c.validate() {
+                let msg = e.to_string();
+                return Err(InvalidSetting {
+                    field: if msg.starts_with("`feedforward_modules`") {
+                        "feedforward_modules"
+                    } else {
+                        "target_modules"
+                    },
+                    problem: msg,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Rejects settings that cannot work, naming the field. (A long
     /// function on purpose: one rule per setting, in the order of the
     /// settings, so that each rule is found next to its neighbours.)
@@ -46,6 +108,7 @@ impl TrainConfig {
                 problem,
             });
         }
+        self.check_method_settings()?;
         check(
             self.neftune_noise_alpha >= 0.0 && finite(self.neftune_noise_alpha),
             "neftune_noise_alpha",

@@ -19,7 +19,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{json, Map, Value};
 
 use super::targets::TargetModules;
-use super::targets::{matches, parse_targets, pattern_value, suffix_match};
+use super::targets::{parse_targets, pattern_value, select_modules};
 
 /// How new adapter weights start (PEFT's `init_lora_weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -447,7 +447,7 @@ impl LoraConfig {
         };
         match obj.get("peft_type").and_then(Value::as_str) {
             Some("LORA") => {}
-            Some(other) => bail!("`peft_type` is `{other}`; peft-rs reads LORA adapters only"),
+            Some(other) => bail!("`peft_type` is `{other}`; expected LORA here"),
             None => bail!("`peft_type` missing (PEFT writes \"LORA\")"),
         }
         if let Some(t) = obj.get("task_type").and_then(Value::as_str) {
@@ -583,54 +583,15 @@ impl LoraConfig {
         (r, alpha)
     }
 
-    /// Which of `linear_paths` get an adapter. Stricter than PEFT: every
-    /// listed target name must match at least one module, so a typo in one of
-    /// several names is an error that lists the model's linear modules.
+    /// Which of `linear_paths` get an adapter (see [`select_modules`]).
     pub fn select<'a>(&self, linear_paths: &[&'a str], output_head: &str) -> Result<Vec<&'a str>> {
-        let layer_of = Regex::new(r"^.*?\.[^.]*\.(\d+)\.").expect("valid regex");
-        let in_layers = |p: &str| match &self.layers_to_transform {
-            None => true,
-            Some(ls) => layer_of
-                .captures(p)
-                .and_then(|c| c[1].parse::<usize>().ok())
-                .is_some_and(|i| ls.contains(&i)),
-        };
-        let excluded = |p: &str| {
-            self.exclude_modules
-                .as_ref()
-                .is_some_and(|e| matches(e, p, output_head))
-        };
-        let chosen: Vec<&str> = linear_paths
-            .iter()
-            .copied()
-            .filter(|p| {
-                matches(&self.target_modules, p, output_head) && !excluded(p) && in_layers(p)
-            })
-            .collect();
-        let names = || {
-            let mut short: Vec<&str> = linear_paths
-                .iter()
-                .map(|p| p.rsplit('.').next().unwrap_or(p))
-                .collect();
-            short.sort();
-            short.dedup();
-            short.join(", ")
-        };
-        if let TargetModules::Names(list) = &self.target_modules {
-            for n in list {
-                if !linear_paths.iter().any(|p| suffix_match(n, p)) {
-                    bail!("target module `{n}` matches no linear layer of this model (its linear modules: {})", names());
-                }
-            }
-        }
-        if chosen.is_empty() {
-            bail!(
-                "`target_modules` {:?} selects no linear layer of this model (its linear modules: {})",
-                self.target_modules,
-                names()
-            );
-        }
-        Ok(chosen)
+        select_modules(
+            &self.target_modules,
+            self.exclude_modules.as_ref(),
+            self.layers_to_transform.as_deref(),
+            linear_paths,
+            output_head,
+        )
     }
 }
 

@@ -75,7 +75,8 @@ impl<'de> Deserialize<'de> for TargetModules {
     }
 }
 
-pub(crate) fn parse_targets(v: &Value, field: &str) -> Result<TargetModules> {
+/// A `target_modules`-style field of PEFT's JSON (`field` names it in errors).
+pub fn parse_targets(v: &Value, field: &str) -> Result<TargetModules> {
     Ok(match v {
         Value::String(s) if s == "all-linear" => TargetModules::AllLinear,
         Value::String(s) => TargetModules::Regex(s.clone()),
@@ -113,6 +114,61 @@ pub(crate) fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str)
             .filter(|re| re.is_match(path))
             .map(|_| v)
     })
+}
+
+/// Which of `linear_paths` get an adapter: those `target` matches, minus
+/// those `exclude` matches, in `layers` when given. Stricter than PEFT:
+/// every listed target name must match at least one module, so a typo in one
+/// of several names is an error that lists the model's linear modules.
+pub fn select_modules<'a>(
+    target: &TargetModules,
+    exclude: Option<&TargetModules>,
+    layers: Option<&[usize]>,
+    linear_paths: &[&'a str],
+    output_head: &str,
+) -> Result<Vec<&'a str>> {
+    let layer_of = Regex::new(r"^.*?\.[^.]*\.(\d+)\.").expect("valid regex");
+    let in_layers = |p: &str| match layers {
+        None => true,
+        Some(ls) => layer_of
+            .captures(p)
+            .and_then(|c| c[1].parse::<usize>().ok())
+            .is_some_and(|i| ls.contains(&i)),
+    };
+    let excluded = |p: &str| exclude.is_some_and(|e| matches(e, p, output_head));
+    let chosen: Vec<&str> = linear_paths
+        .iter()
+        .copied()
+        .filter(|p| matches(target, p, output_head) && !excluded(p) && in_layers(p))
+        .collect();
+    if let TargetModules::Names(list) = target {
+        for n in list {
+            if !linear_paths.iter().any(|p| suffix_match(n, p)) {
+                bail!(
+                    "target module `{n}` matches no linear layer of this model (its linear modules: {})",
+                    short_names(linear_paths)
+                );
+            }
+        }
+    }
+    if chosen.is_empty() {
+        bail!(
+            "`target_modules` {target:?} selects no linear layer of this model (its linear modules: {})",
+            short_names(linear_paths)
+        );
+    }
+    Ok(chosen)
+}
+
+/// The distinct last components of `paths`, sorted, for error messages.
+pub fn short_names(paths: &[&str]) -> String {
+    let mut short: Vec<&str> = paths
+        .iter()
+        .map(|p| p.rsplit('.').next().unwrap_or(p))
+        .collect();
+    short.sort();
+    short.dedup();
+    short.join(", ")
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
-//! Attaching LoRA adapters to a loaded base model by Hugging Face module
-//! path: inject fresh ones, load and save PEFT adapter directories, choose or
+//! Attaching adapters to a loaded base model by Hugging Face module path:
+//! inject fresh ones, load and save PEFT adapter directories, choose or
 //! combine adapters, merge and unmerge — what PEFT's `PeftModel` and
-//! `LoraModel` do.
+//! `LoraModel` do. IA³'s own parts are in [`ia3`].
+
+pub mod ia3;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,6 +19,7 @@ use peft_adapters::lora::init::from_base;
 use peft_adapters::lora::{
     Combination, InitLoraWeights, LoraConfig, LoraLayer, LoraWeights, TargetModules,
 };
+use peft_adapters::method::AdapterConfig;
 
 /// The name PEFT gives an adapter when none is given.
 pub const DEFAULT_ADAPTER: &str = "default";
@@ -41,10 +44,16 @@ fn select(model: &LlamaForCausalLM, config: &LoraConfig) -> Result<Vec<String>> 
         .into_iter()
         .map(str::to_owned)
         .collect();
+    tied_head_targeted(model, &chosen)?;
+    Ok(chosen)
+}
+
+/// Refuses `chosen` paths that adapt an output head tied to the embeddings.
+fn tied_head_targeted(model: &LlamaForCausalLM, chosen: &[String]) -> Result<()> {
     if model.config.tie_word_embeddings && chosen.iter().any(|p| p == OUTPUT_HEAD) {
         bail!("lm_head shares its weight with model.embed_tokens in this model; leave it out of target_modules");
     }
-    Ok(chosen)
+    Ok(())
 }
 
 /// Injects a freshly initialised adapter `name` into every module `config`
@@ -84,6 +93,28 @@ pub fn inject(
         attach(lin, name, w).with_context(|| path.clone())?;
     }
     Ok(chosen)
+}
+
+/// Injects a fresh adapter `name` of `config`'s method ([`inject`],
+/// [`ia3::inject`]) and returns the adapted paths.
+pub fn inject_adapter(
+    model: &mut LlamaForCausalLM,
+    name: &str,
+    config: &AdapterConfig,
+) -> Result<Vec<String>> {
+    match config {
+        AdapterConfig::Lora(c) => inject(model, name, c),
+        AdapterConfig::Ia3(c) => ia3::inject(model, name, c),
+    }
+}
+
+/// The configuration an adapter of `config` is saved with (a PiSSA/OLoRA
+/// adapter's after its conversion, see [`saved_form`]).
+pub fn saved_config(config: &AdapterConfig) -> AdapterConfig {
+    match config {
+        AdapterConfig::Lora(c) => c.converted_for_saving().into(),
+        other => other.clone(),
+    }
 }
 
 /// The name of the inactive copy of a PiSSA/OLoRA adapter's initial
@@ -128,10 +159,21 @@ fn init_from_base(
     Ok((place(&f.a, &f.b, dropout), initial))
 }
 
-/// Loads a PEFT adapter directory as adapter `name`, checking every tensor
-/// against the base: a missing key, an extra key or a wrong shape is an error
-/// naming the key (and both shapes).
-pub fn load_adapter(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Result<LoraConfig> {
+/// Loads a PEFT adapter directory (LoRA or IA³, as its `peft_type` says) as
+/// adapter `name`, checking every tensor against the base: a missing key, an
+/// extra key or a wrong shape is an error naming the key (and both shapes).
+pub fn load_adapter(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Result<AdapterConfig> {
+    match AdapterConfig::read(dir)? {
+        AdapterConfig::Lora(_) => load_lora(model, dir, name).map(AdapterConfig::Lora),
+        AdapterConfig::Ia3(c) => {
+            ia3::load(model, dir, name, &c)?;
+            Ok(AdapterConfig::Ia3(c))
+        }
+    }
+}
+
+/// [`load_adapter`] for a LoRA adapter directory.
+fn load_lora(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Result<LoraConfig> {
     let (config, mut weights) = files::read_checked(
         dir,
         &model.config.linear_modules(),
@@ -192,15 +234,16 @@ pub fn adapter_tensors(model: &LlamaForCausalLM, name: &str) -> Vec<(String, Ten
 pub fn saved_form(
     model: &LlamaForCausalLM,
     name: &str,
-    config: &LoraConfig,
-) -> Result<(LoraConfig, Vec<(String, Tensor)>)> {
+    config: &AdapterConfig,
+) -> Result<(AdapterConfig, Vec<(String, Tensor)>)> {
     let tensors = adapter_tensors(model, name);
     if tensors.is_empty() {
         bail!("no adapter named `{name}` is attached to the model");
     }
-    if !config.init_lora_weights.mutates_base() {
-        return Ok((config.clone(), tensors));
-    }
+    let config = match config {
+        AdapterConfig::Lora(c) if c.init_lora_weights.mutates_base() => c,
+        other => return Ok((other.clone(), tensors)),
+    };
     let initial: BTreeMap<String, Tensor> = adapter_tensors(model, &initial_name(name))
         .into_iter()
         .collect();
@@ -220,7 +263,7 @@ pub fn saved_form(
             Ok((k, t))
         })
         .collect::<Result<_>>()?;
-    Ok((config.converted_for_saving(), converted))
+    Ok((config.converted_for_saving().into(), converted))
 }
 
 /// Saves adapter `name` as a PEFT adapter directory (each file written to a
@@ -231,13 +274,23 @@ pub fn save_adapter(
     config: &LoraConfig,
     dir: &Path,
 ) -> Result<()> {
+    save_adapter_of(model, name, &config.clone().into(), dir)
+}
+
+/// [`save_adapter`] for an adapter of any method.
+pub fn save_adapter_of(
+    model: &LlamaForCausalLM,
+    name: &str,
+    config: &AdapterConfig,
+    dir: &Path,
+) -> Result<()> {
     let (mut config, tensors) = saved_form(model, name, config)?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     files::write_safetensors(&dir.join(files::WEIGHTS_FILE), &tensors)?;
     if !model.config.skipped_towers.is_empty() {
         // In a multimodal model, PEFT would match `all-linear` or a module
         // name in the towers peft-rs skips too: name the adapted modules.
-        config.target_modules = TargetModules::Names(
+        let adapted = TargetModules::Names(
             model
                 .linear_layers()
                 .into_iter()
@@ -249,6 +302,10 @@ pub fn save_adapter(
                 .map(|(path, _)| path)
                 .collect(),
         );
+        match &mut config {
+            AdapterConfig::Lora(c) => c.target_modules = adapted,
+            AdapterConfig::Ia3(c) => c.target_modules = adapted,
+        }
     }
     let json = serde_json::to_string_pretty(&config.to_json())?;
     files::write_atomic(&dir.join(files::CONFIG_FILE), json.as_bytes())
@@ -316,19 +373,29 @@ pub fn add_weighted_adapter(
 /// `merge_adapter`); a quantized weight is dequantized, merged and quantized
 /// again, as PEFT does on a bitsandbytes layer (so it loses precision).
 pub fn merge(model: &mut LlamaForCausalLM) -> Result<()> {
-    change_base_weights(model, |a, w| a.merge(w))
+    change_base_weights(model, |a, w, b| {
+        // The bias first: it takes what `merge` is about to fold (IA³).
+        if let Some(b) = b {
+            a.merge_bias(b)?;
+        }
+        a.merge(w)
+    })
 }
 
 /// Applies `change` (a merge or an unmerge) to the dense weight of every
 /// layer with an adapter, and stores it back the way it was held.
 fn change_base_weights(
     model: &mut LlamaForCausalLM,
-    change: impl Fn(&mut Box<dyn peft_adapters::LinearAdapter>, &mut Tensor) -> Result<()>,
+    change: impl Fn(
+        &mut Box<dyn peft_adapters::LinearAdapter>,
+        &mut Tensor,
+        Option<&mut Tensor>,
+    ) -> Result<()>,
 ) -> Result<()> {
     for (path, lin) in model.linear_layers_mut() {
         if let Some(a) = lin.adapter.as_mut() {
             let mut w = lin.weight.dense();
-            change(a, &mut w).with_context(|| path.clone())?;
+            change(a, &mut w, lin.bias.as_mut()).with_context(|| path.clone())?;
             lin.weight.replace(&w).with_context(|| path.clone())?;
         }
     }
@@ -382,6 +449,9 @@ pub fn merge_for_decoding(model: &mut LlamaForCausalLM) -> Result<(usize, usize)
             continue;
         }
         let mut w = lin.weight.dense();
+        if let Some(b) = lin.bias.as_mut() {
+            a.merge_bias(b).with_context(|| path.clone())?;
+        }
         a.merge(&mut w).with_context(|| path.clone())?;
         lin.weight.replace(&w).with_context(|| path.clone())?;
         merged += 1;
@@ -391,7 +461,12 @@ pub fn merge_for_decoding(model: &mut LlamaForCausalLM) -> Result<(usize, usize)
 
 /// Restores the base weights after [`merge`] (PEFT's `unmerge_adapter`).
 pub fn unmerge(model: &mut LlamaForCausalLM) -> Result<()> {
-    change_base_weights(model, |a, w| a.unmerge(w))
+    change_base_weights(model, |a, w, b| {
+        if let Some(b) = b {
+            a.unmerge_bias(b)?;
+        }
+        a.unmerge(w)
+    })
 }
 
 /// Trainable tensors of the active adapters, keyed by PEFT file key.
