@@ -22,7 +22,6 @@ use crate::outputs;
 use crate::weights::{
     dtype_of, kind_of, tensor_bytes, StreamingWriter, WeightFiles, INDEX_FILE, SINGLE_FILE,
 };
-use peft_adapters::ia3::{Ia3Config, Ia3Layer};
 use peft_adapters::lora::files;
 use peft_adapters::lora::{Combination, LoraLayer, LoraWeights};
 use peft_adapters::method::AdapterConfig;
@@ -62,12 +61,16 @@ pub struct MergeReport {
 }
 
 /// What one module folds in: a LoRA delta (several adapters already
-/// combined) or IA³ vectors.
+/// combined), or the tensors of another method's adapter.
 pub(crate) enum Delta {
     /// `scaling·BA` (or DoRA's rescaling).
     Lora(LoraWeights),
-    /// IA³'s vector, and whether it rescales the module's input.
-    Ia3 { l: Tensor, is_feedforward: bool },
+    /// An IA³ or LoHa adapter's tensors on module `path`.
+    Method {
+        config: std::rc::Rc<AdapterConfig>,
+        path: String,
+        tensors: Vec<Tensor>,
+    },
 }
 
 impl Delta {
@@ -85,9 +88,15 @@ impl Delta {
                     dropout: 0.0,
                 },
             )),
-            Self::Ia3 { l, is_feedforward } => {
-                Box::new(Ia3Layer::new("merge", l.shallow_clone(), *is_feedforward))
-            }
+            Self::Method {
+                config,
+                path,
+                tensors,
+            } => config.as_method().expect("not LoRA").layer(
+                path,
+                "merge",
+                tensors.iter().map(Tensor::shallow_clone).collect(),
+            ),
         }
     }
 }
@@ -98,11 +107,16 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Delt
     let modules = config.linear_modules();
     let mut per_module: BTreeMap<String, Vec<(LoraWeights, f64)>> = BTreeMap::new();
     for (i, dir) in opts.adapters.iter().enumerate() {
-        if let AdapterConfig::Ia3(c) = AdapterConfig::read(dir)? {
+        let adapter = AdapterConfig::read(dir)?;
+        if adapter.as_method().is_some() {
             if opts.adapters.len() > 1 {
-                bail!("{}: an IA³ adapter is merged alone (its vectors multiply; they do not combine with --weights)", dir.display());
+                bail!(
+                    "{}: an {} adapter is merged alone (--weights combines LoRA adapters only)",
+                    dir.display(),
+                    adapter.method()
+                );
             }
-            return ia3_deltas(dir, &c, &modules, config.tie_word_embeddings);
+            return method_deltas(dir, adapter, &modules, config.tie_word_embeddings);
         }
         let (_, weights) = files::read_checked_plain(
             dir,
@@ -134,41 +148,52 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Delt
         .collect()
 }
 
-/// The IA³ adapter in `dir` (configuration `c`) as per-module deltas,
-/// checked against the base's linear `modules`.
-fn ia3_deltas(
+/// The adapter in `dir` (of a method other than LoRA, configuration
+/// `adapter`) as per-module deltas, checked against the base's linear `modules`.
+fn method_deltas(
     dir: &Path,
-    c: &Ia3Config,
+    adapter: AdapterConfig,
     modules: &[(String, i64, i64)],
     tied_head: bool,
 ) -> Result<BTreeMap<String, Delta>> {
+    let method = adapter.as_method().expect("not LoRA");
     let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
     let config_file = dir.join(files::CONFIG_FILE);
-    let chosen = c
+    let chosen = method
         .select(&paths, OUTPUT_HEAD)
         .with_context(|| config_file.display().to_string())?;
     if tied_head && chosen.contains(&OUTPUT_HEAD) {
         bail!("{}: targets {OUTPUT_HEAD}, which shares its weight with model.embed_tokens in this base model", config_file.display());
     }
     let mut tensors = files::read_weights(dir)?;
-    let expected: Vec<(String, Vec<i64>)> = modules
-        .iter()
-        .filter(|(p, _, _)| chosen.contains(&p.as_str()))
-        .map(|(p, i, o)| (files::key(p, "ia3_l"), c.vector_shape(p, *i, *o)))
-        .collect();
+    let keys = |p: &str, i: i64, o: i64| -> Vec<(String, Vec<i64>)> {
+        method
+            .tensor_shapes(p, i, o)
+            .into_iter()
+            .map(|(s, shape)| (files::key(p, &s), shape))
+            .collect()
+    };
+    let adapted = || {
+        modules
+            .iter()
+            .filter(|(p, _, _)| chosen.contains(&p.as_str()))
+    };
+    let expected: Vec<(String, Vec<i64>)> =
+        adapted().flat_map(|(p, i, o)| keys(p, *i, *o)).collect();
     files::check_tensors(&dir.join(files::WEIGHTS_FILE), &expected, &tensors)?;
-    Ok(chosen
-        .into_iter()
-        .map(|p| {
-            let l = tensors
-                .remove(&files::key(p, "ia3_l"))
-                .expect("checked")
-                .to_kind(Kind::Float);
-            let d = Delta::Ia3 {
-                l,
-                is_feedforward: c.is_feedforward(p),
+    let config = std::rc::Rc::new(adapter.clone());
+    Ok(adapted()
+        .map(|(p, i, o)| {
+            let taken = keys(p, *i, *o)
+                .into_iter()
+                .map(|(k, _)| tensors.remove(&k).expect("checked").to_kind(Kind::Float))
+                .collect();
+            let d = Delta::Method {
+                config: config.clone(),
+                path: p.clone(),
+                tensors: taken,
             };
-            (p.to_owned(), d)
+            (p.clone(), d)
         })
         .collect())
 }

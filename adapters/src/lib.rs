@@ -16,6 +16,7 @@ pub mod dtype;
 pub mod ffi;
 pub mod fsio;
 pub mod ia3;
+pub mod loha;
 pub mod lora;
 pub mod method;
 pub mod rng;

@@ -6,8 +6,97 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::ia3::Ia3Config;
+use tch::Tensor;
+
+use crate::ia3::{Ia3Config, Ia3Layer};
+use crate::loha::{LohaConfig, LohaLayer, LohaWeights};
 use crate::lora::LoraConfig;
+use crate::LinearAdapter;
+
+/// What peft-rs needs of an adapter method other than LoRA (whose
+/// initialisations and combinations take their own path) to inject, load,
+/// save and merge it: which modules it adapts, the tensors it keeps on each,
+/// how PEFT makes fresh ones, and the layer that holds them.
+pub trait Method {
+    /// Which of `linear_paths` the adapter adapts.
+    fn select<'a>(&self, linear_paths: &[&'a str], output_head: &str) -> Result<Vec<&'a str>>;
+
+    /// The tensors kept on module `path` of a base layer `[out, in]`: their
+    /// names in PEFT's files (after the module path) and shapes.
+    fn tensor_shapes(&self, path: &str, in_f: i64, out_f: i64) -> Vec<(String, Vec<i64>)>;
+
+    /// Fresh tensors for module `path`, in [`Method::tensor_shapes`]' order,
+    /// drawn from libtorch's CPU generator as PEFT draws them (fp32, CPU).
+    fn fresh(&self, path: &str, in_f: i64, out_f: i64) -> Vec<Tensor>;
+
+    /// The layer holding adapter `name` on module `path` with `tensors`
+    /// (fp32, in [`Method::tensor_shapes`]' order).
+    fn layer(&self, path: &str, name: &str, tensors: Vec<Tensor>) -> Box<dyn LinearAdapter>;
+}
+
+impl Method for Ia3Config {
+    fn select<'a>(&self, linear_paths: &[&'a str], output_head: &str) -> Result<Vec<&'a str>> {
+        Ia3Config::select(self, linear_paths, output_head)
+    }
+
+    fn tensor_shapes(&self, path: &str, in_f: i64, out_f: i64) -> Vec<(String, Vec<i64>)> {
+        vec![("ia3_l".to_owned(), self.vector_shape(path, in_f, out_f))]
+    }
+
+    fn fresh(&self, path: &str, in_f: i64, out_f: i64) -> Vec<Tensor> {
+        let shape = self.vector_shape(path, in_f, out_f);
+        // PEFT draws the normal values even when it then sets them to one.
+        let l = Tensor::randn(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu));
+        vec![if self.init_ia3_weights {
+            l.ones_like()
+        } else {
+            l
+        }]
+    }
+
+    fn layer(&self, path: &str, name: &str, mut tensors: Vec<Tensor>) -> Box<dyn LinearAdapter> {
+        let l = tensors.remove(0);
+        Box::new(Ia3Layer::new(name, l, self.is_feedforward(path)))
+    }
+}
+
+impl Method for LohaConfig {
+    fn select<'a>(&self, linear_paths: &[&'a str], output_head: &str) -> Result<Vec<&'a str>> {
+        LohaConfig::select(self, linear_paths, output_head)
+    }
+
+    fn tensor_shapes(&self, path: &str, in_f: i64, out_f: i64) -> Vec<(String, Vec<i64>)> {
+        let (r, _) = self.rank_and_scaling(path);
+        let shapes = [vec![out_f, r], vec![r, in_f], vec![out_f, r], vec![r, in_f]];
+        crate::loha::layer::FACTORS
+            .iter()
+            .zip(shapes)
+            .map(|(n, s)| (n.to_string(), s))
+            .collect()
+    }
+
+    fn fresh(&self, path: &str, in_f: i64, out_f: i64) -> Vec<Tensor> {
+        let (r, _) = self.rank_and_scaling(path);
+        LohaWeights::fresh(out_f, in_f, r, self.init_weights).into()
+    }
+
+    fn layer(&self, path: &str, name: &str, tensors: Vec<Tensor>) -> Box<dyn LinearAdapter> {
+        let (_, scaling) = self.rank_and_scaling(path);
+        let [w1a, w1b, w2a, w2b]: [Tensor; 4] = tensors.try_into().expect("four LoHa factors");
+        Box::new(LohaLayer::new(
+            name,
+            LohaWeights {
+                w1a,
+                w1b,
+                w2a,
+                w2b,
+                scaling,
+                rank_dropout: self.rank_dropout,
+                module_dropout: self.module_dropout,
+            },
+        ))
+    }
+}
 
 /// The configuration of an adapter of any method peft-rs implements.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +105,14 @@ pub enum AdapterConfig {
     Lora(LoraConfig),
     /// `peft_type` IA3.
     Ia3(Ia3Config),
+    /// `peft_type` LOHA.
+    Loha(LohaConfig),
+}
+
+impl From<LohaConfig> for AdapterConfig {
+    fn from(c: LohaConfig) -> Self {
+        Self::Loha(c)
+    }
 }
 
 impl From<LoraConfig> for AdapterConfig {
@@ -49,8 +146,9 @@ impl AdapterConfig {
         match json.get("peft_type").and_then(Value::as_str) {
             Some("LORA") => Ok(Self::Lora(LoraConfig::from_json(json)?)),
             Some("IA3") => Ok(Self::Ia3(Ia3Config::from_json(json)?)),
+            Some("LOHA") => Ok(Self::Loha(LohaConfig::from_json(json)?)),
             Some(other) => bail!(
-                "`peft_type` is `{other}`; peft-rs reads LORA and IA3 adapters (VeRA, LoHa, LoKr and the others are not implemented)"
+                "`peft_type` is `{other}`; peft-rs reads LORA, IA3 and LOHA adapters (VeRA, LoKr and the others are not implemented)"
             ),
             None => bail!("`peft_type` missing (PEFT writes \"LORA\", \"IA3\", ...)"),
         }
@@ -61,6 +159,7 @@ impl AdapterConfig {
         match self {
             Self::Lora(c) => c.to_json(),
             Self::Ia3(c) => c.to_json(),
+            Self::Loha(c) => c.to_json(),
         }
     }
 
@@ -69,6 +168,7 @@ impl AdapterConfig {
         match self {
             Self::Lora(_) => "LoRA",
             Self::Ia3(_) => "IA³",
+            Self::Loha(_) => "LoHa",
         }
     }
 
@@ -79,6 +179,7 @@ impl AdapterConfig {
                 .validate()
                 .and_then(|()| c.select(linear_paths, output_head)),
             Self::Ia3(c) => c.select(linear_paths, output_head),
+            Self::Loha(c) => c.select(linear_paths, output_head),
         }
     }
 
@@ -98,6 +199,25 @@ impl AdapterConfig {
         match self {
             Self::Lora(c) => c.base_model_name_or_path = base,
             Self::Ia3(c) => c.base_model_name_or_path = base,
+            Self::Loha(c) => c.base_model_name_or_path = base,
+        }
+    }
+
+    /// The method's parts for a method other than LoRA.
+    pub fn as_method(&self) -> Option<&dyn Method> {
+        match self {
+            Self::Lora(_) => None,
+            Self::Ia3(c) => Some(c),
+            Self::Loha(c) => Some(c),
+        }
+    }
+
+    /// Sets `target_modules` to `targets`.
+    pub fn set_target_modules(&mut self, targets: crate::lora::TargetModules) {
+        match self {
+            Self::Lora(c) => c.target_modules = targets,
+            Self::Ia3(c) => c.target_modules = targets,
+            Self::Loha(c) => c.target_modules = targets,
         }
     }
 }

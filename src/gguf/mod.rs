@@ -558,11 +558,11 @@ fn read_adapter(
     config: &LlamaConfig,
     dir: &Path,
 ) -> Result<(peft_adapters::lora::LoraConfig, Vec<(String, LoraWeights)>)> {
-    if let peft_adapters::method::AdapterConfig::Ia3(_) =
-        peft_adapters::method::AdapterConfig::read(dir)?
-    {
+    let adapter = peft_adapters::method::AdapterConfig::read(dir)?;
+    if adapter.as_method().is_some() {
+        let m = adapter.method();
         bail!(
-            "{}: an IA³ adapter; llama.cpp has no IA³ adapters — merge it first (peft-rs merge) and export the merged model with --model",
+            "{}: an {m} adapter; llama.cpp has no {m} adapters — merge it first (peft-rs merge) and export the merged model with --model",
             dir.display()
         );
     }

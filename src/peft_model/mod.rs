@@ -1,9 +1,9 @@
 //! Attaching adapters to a loaded base model by Hugging Face module path:
 //! inject fresh ones, load and save PEFT adapter directories, choose or
 //! combine adapters, merge and unmerge — what PEFT's `PeftModel` and
-//! `LoraModel` do. IA³'s own parts are in [`ia3`].
+//! `LoraModel` do. Methods other than LoRA go through [`method`].
 
-pub mod ia3;
+pub mod method;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -96,7 +96,7 @@ pub fn inject(
 }
 
 /// Injects a fresh adapter `name` of `config`'s method ([`inject`],
-/// [`ia3::inject`]) and returns the adapted paths.
+/// [`method::inject`]) and returns the adapted paths.
 pub fn inject_adapter(
     model: &mut LlamaForCausalLM,
     name: &str,
@@ -104,7 +104,7 @@ pub fn inject_adapter(
 ) -> Result<Vec<String>> {
     match config {
         AdapterConfig::Lora(c) => inject(model, name, c),
-        AdapterConfig::Ia3(c) => ia3::inject(model, name, c),
+        other => method::inject(model, name, other.as_method().expect("not LoRA")),
     }
 }
 
@@ -165,9 +165,9 @@ fn init_from_base(
 pub fn load_adapter(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Result<AdapterConfig> {
     match AdapterConfig::read(dir)? {
         AdapterConfig::Lora(_) => load_lora(model, dir, name).map(AdapterConfig::Lora),
-        AdapterConfig::Ia3(c) => {
-            ia3::load(model, dir, name, &c)?;
-            Ok(AdapterConfig::Ia3(c))
+        other => {
+            method::load(model, dir, name, other.as_method().expect("not LoRA"))?;
+            Ok(other)
         }
     }
 }
@@ -302,10 +302,7 @@ pub fn save_adapter_of(
                 .map(|(path, _)| path)
                 .collect(),
         );
-        match &mut config {
-            AdapterConfig::Lora(c) => c.target_modules = adapted,
-            AdapterConfig::Ia3(c) => c.target_modules = adapted,
-        }
+        config.set_target_modules(adapted);
     }
     let json = serde_json::to_string_pretty(&config.to_json())?;
     files::write_atomic(&dir.join(files::CONFIG_FILE), json.as_bytes())

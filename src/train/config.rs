@@ -16,6 +16,7 @@ use crate::data::DataFormat;
 use crate::device::{DeviceArg, DtypeArg};
 use crate::quant::{BnbQuantization, Quantize};
 use peft_adapters::ia3::Ia3Config;
+use peft_adapters::loha::LohaConfig;
 use peft_adapters::lora::{LoraConfig, TargetModules};
 use peft_adapters::method::AdapterConfig;
 use peft_regularizers::{NeftuneMode, NoiseDistribution, RegularizerSpec};
@@ -112,9 +113,12 @@ pub struct TrainConfig {
     #[arg(long, value_name = "N", default_value_t = defaults().eval_steps)]
     pub eval_steps: u64,
 
-    /// The adapter method: lora (with rsLoRA, DoRA, PiSSA/OLoRA) or ia3
-    /// (PEFT's `peft_type`). IA³ reads `target_modules` and
-    /// `exclude_modules` below, and `feedforward_modules`, `init_ia3_weights`.
+    /// The adapter method: lora (with rsLoRA, DoRA, PiSSA/OLoRA), ia3 or
+    /// loha (PEFT's `peft_type`). IA³ reads `target_modules` and
+    /// `exclude_modules` below, and `feedforward_modules`,
+    /// `init_ia3_weights`; LoHa reads `lora_rank` and `lora_alpha` as its `r`
+    /// and `alpha`, the targeting fields, `rank_dropout`, `module_dropout`
+    /// and `init_weights`.
     #[arg(long, value_enum, default_value_t = defaults().peft_type)]
     pub peft_type: PeftType,
     /// IA³: the targeted modules whose input is rescaled (PEFT's
@@ -125,6 +129,16 @@ pub struct TrainConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().init_ia3_weights)]
     pub init_ia3_weights: bool,
+    /// LoHa: in training, the probability of dropping each row of ΔW.
+    #[arg(long, value_name = "P", default_value_t = defaults().rank_dropout)]
+    pub rank_dropout: f64,
+    /// LoHa: in training, the probability of skipping the adapter in a forward pass.
+    #[arg(long, value_name = "P", default_value_t = defaults().module_dropout)]
+    pub module_dropout: f64,
+    /// LoHa: start with ΔW = 0 (true), or every factor random (false).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().init_weights)]
+    pub init_weights: bool,
     /// The adapter: LoRA's settings (`lora_rank`, `lora_alpha`,
     /// `lora_dropout`, `target_modules`, `use_rslora`, `use_dora`,
     /// `init_lora_weights`, and in settings files the pattern fields),
@@ -315,6 +329,9 @@ impl Default for TrainConfig {
             peft_type: PeftType::Lora,
             feedforward_modules: Ia3Config::default().feedforward_modules,
             init_ia3_weights: true,
+            rank_dropout: 0.0,
+            module_dropout: 0.0,
+            init_weights: true,
             lora: LoraConfig::training(),
             share_lora_dropout: true,
             neftune_noise_alpha: 0.0,
@@ -544,6 +561,20 @@ impl TrainConfig {
                 base_model_name_or_path: Some(recorded_base(base_model_name_or_path)),
             }
             .into(),
+            PeftType::Loha => LohaConfig {
+                r: self.lora.r,
+                alpha: self.lora.lora_alpha,
+                rank_dropout: self.rank_dropout,
+                module_dropout: self.module_dropout,
+                target_modules: self.lora.target_modules.clone(),
+                exclude_modules: self.lora.exclude_modules.clone(),
+                layers_to_transform: self.lora.layers_to_transform.clone(),
+                rank_pattern: self.lora.rank_pattern.clone(),
+                alpha_pattern: self.lora.alpha_pattern.clone(),
+                init_weights: self.init_weights,
+                base_model_name_or_path: Some(recorded_base(base_model_name_or_path)),
+            }
+            .into(),
         }
     }
 }
@@ -564,6 +595,9 @@ pub enum PeftType {
     /// IA³.
     #[serde(alias = "IA3")]
     Ia3,
+    /// LoHa (reads `lora_rank` and `lora_alpha` as its `r` and `alpha`).
+    #[serde(alias = "LOHA")]
+    Loha,
 }
 
 /// The first field of `all` whose value alone fails to deserialise over the

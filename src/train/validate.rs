@@ -27,50 +27,84 @@ impl std::error::Error for InvalidSetting {}
 
 impl TrainConfig {
     /// Refuses settings of another method than `peft_type`'s (set away from
-    /// their defaults), and IA³'s own rules.
+    /// their defaults), and the methods' own rules.
     fn check_method_settings(&self) -> std::result::Result<(), InvalidSetting> {
+        use PeftType::{Ia3, Loha, Lora};
         let d = TrainConfig::default();
         let (l, dl) = (&self.lora, &d.lora);
-        let (other_method, set): (&str, Vec<(&'static str, bool)>) = match self.peft_type {
-            PeftType::Ia3 => (
-                "a LoRA setting; it does not apply with peft_type ia3",
-                vec![
-                    ("lora_rank", l.r != dl.r),
-                    ("lora_alpha", l.lora_alpha != dl.lora_alpha),
-                    ("lora_dropout", l.lora_dropout != dl.lora_dropout),
-                    ("use_rslora", l.use_rslora),
-                    ("use_dora", l.use_dora),
-                    (
-                        "init_lora_weights",
-                        l.init_lora_weights != dl.init_lora_weights,
-                    ),
-                    ("rank_pattern", !l.rank_pattern.is_empty()),
-                    ("alpha_pattern", !l.alpha_pattern.is_empty()),
-                    ("layers_to_transform", l.layers_to_transform.is_some()),
-                    ("loraplus_lr_ratio", self.loraplus_lr_ratio.is_some()),
-                ],
+        // (setting, set away from its default, the methods it belongs to)
+        let settings: [(&'static str, bool, &[PeftType]); 15] = [
+            ("lora_rank", l.r != dl.r, &[Lora, Loha]),
+            ("lora_alpha", l.lora_alpha != dl.lora_alpha, &[Lora, Loha]),
+            ("lora_dropout", l.lora_dropout != dl.lora_dropout, &[Lora]),
+            ("use_rslora", l.use_rslora, &[Lora]),
+            ("use_dora", l.use_dora, &[Lora]),
+            (
+                "init_lora_weights",
+                l.init_lora_weights != dl.init_lora_weights,
+                &[Lora],
             ),
-            PeftType::Lora => (
-                "an IA³ setting; it applies only with peft_type ia3",
-                vec![
-                    (
-                        "feedforward_modules",
-                        self.feedforward_modules != d.feedforward_modules,
-                    ),
-                    (
-                        "init_ia3_weights",
-                        self.init_ia3_weights != d.init_ia3_weights,
-                    ),
-                ],
+            ("rank_pattern", !l.rank_pattern.is_empty(), &[Lora, Loha]),
+            ("alpha_pattern", !l.alpha_pattern.is_empty(), &[Lora, Loha]),
+            (
+                "layers_to_transform",
+                l.layers_to_transform.is_some(),
+                &[Lora, Loha],
             ),
-        };
-        if let Some((field, _)) = set.iter().find(|(_, on)| *on) {
+            (
+                "loraplus_lr_ratio",
+                self.loraplus_lr_ratio.is_some(),
+                &[Lora],
+            ),
+            (
+                "feedforward_modules",
+                self.feedforward_modules != d.feedforward_modules,
+                &[Ia3],
+            ),
+            (
+                "init_ia3_weights",
+                self.init_ia3_weights != d.init_ia3_weights,
+                &[Ia3],
+            ),
+            ("rank_dropout", self.rank_dropout != d.rank_dropout, &[Loha]),
+            (
+                "module_dropout",
+                self.module_dropout != d.module_dropout,
+                &[Loha],
+            ),
+            ("init_weights", self.init_weights != d.init_weights, &[Loha]),
+        ];
+        if let Some((field, _, methods)) = settings
+            .iter()
+            .find(|(_, set, methods)| *set && !methods.contains(&self.peft_type))
+        {
+            let names: Vec<String> = methods
+                .iter()
+                .map(|m| format!("{m:?}").to_lowercase())
+                .collect();
             return Err(InvalidSetting {
                 field,
-                problem: format!("is {other_method}"),
+                problem: format!(
+                    "applies to peft_type {}, not {}",
+                    names.join(" or "),
+                    format!("{:?}", self.peft_type).to_lowercase()
+                ),
             });
         }
-        if let AdapterConfig::Ia3(c) = self.adapter_config(std::path::Path::new("")) {
+        let adapter = self.adapter_config(std::path::Path::new(""));
+        if let AdapterConfig::Loha(c) = &adapter {
+            if let Err(e) = c.validate() {
+                return Err(InvalidSetting {
+                    field: if e.to_string().contains("module_dropout") {
+                        "module_dropout"
+                    } else {
+                        "rank_dropout"
+                    },
+                    problem: e.to_string(),
+                });
+            }
+        }
+        if let AdapterConfig::Ia3(c) = adapter {
             if let Err(e) = c.validate() {
                 let msg = e.to_string();
                 return Err(InvalidSetting {

@@ -99,10 +99,12 @@ pub fn fixture(script: &str, leading: &[&str], args: &[&Path]) -> &'static Path 
 
 fn run_fixture(script: &str, leading: &[&str], args: &[&Path]) -> PathBuf {
     let script = repo().join("tests/fixtures").join(script);
-    // The arguments are part of the key: they name other fixtures, themselves keyed by content.
-    let arg_text: String = args
+    // The arguments are part of the key: the leading ones choose what the
+    // script makes, the others name other fixtures, themselves keyed by content.
+    let arg_text: String = leading
         .iter()
-        .map(|a| a.display().to_string())
+        .map(|a| a.to_string())
+        .chain(args.iter().map(|a| a.display().to_string()))
         .collect::<Vec<_>>()
         .join("\0");
     // Scripts import each other and refkit.py: every script of the folder is in the key.

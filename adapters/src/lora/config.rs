@@ -596,7 +596,7 @@ impl LoraConfig {
 }
 
 /// `rank_pattern` / `alpha_pattern`: an object of module pattern -> value.
-fn pattern<T>(
+pub(crate) fn pattern<T>(
     obj: &Map<String, Value>,
     k: &str,
     what: &str,

@@ -107,7 +107,7 @@ pub(crate) fn matches(t: &TargetModules, path: &str, output_head: &str) -> bool 
 }
 
 /// PEFT's `get_pattern_key`: the first pattern `p` with `(.*\.)?(p)$` matching.
-pub(crate) fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Option<T> {
+pub fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Option<T> {
     patterns.iter().find_map(|(p, &v)| {
         Regex::new(&format!(r"^(.*\.)?({p})$"))
             .ok()
