@@ -371,48 +371,44 @@ fn matches_converters(name: &str, base: &Path, adapter: &Path, with_model: bool)
     } else {
         &["f32", "q8_0"]
     };
-    for &outtype in outtypes {
-        let (ours, theirs) = (
-            tmp.path().join(format!("ours-lora-{outtype}.gguf")),
-            tmp.path().join(format!("ref-lora-{outtype}.gguf")),
-        );
-        export(&[
-            "--model",
-            s(base),
-            "--adapter",
-            s(adapter),
-            "--adapter-only",
-            "--output",
-            s(&ours),
-            "--outtype",
-            outtype,
-        ]);
-        fixture(&[
-            "convert-lora",
-            s(&conv),
-            s(adapter),
-            s(base),
-            s(&theirs),
-            outtype,
-        ]);
-        assert_same_gguf(&ours, &theirs);
-        if !with_model {
-            continue;
+    // (kind, outtype): an adapter GGUF ("lora") or the model's ("model").
+    let mut cases: Vec<(&str, &str)> = outtypes.iter().map(|&t| ("lora", t)).collect();
+    if with_model {
+        cases.extend(outtypes.iter().map(|&t| ("model", t)));
+    }
+    let path = |who: &str, kind: &str, t: &str| tmp.path().join(format!("{who}-{kind}-{t}.gguf"));
+    // The converters (a Python start each) run beside our exports, two at a time.
+    std::thread::scope(|scope| {
+        for pair in cases.chunks(2) {
+            let handles: Vec<_> = pair
+                .iter()
+                .map(|&(kind, t)| {
+                    let theirs = path("ref", kind, t);
+                    let (conv, base, adapter) = (&conv, base, adapter);
+                    scope.spawn(move || match kind {
+                        "lora" => {
+                            fixture(&["convert-lora", s(conv), s(adapter), s(base), s(&theirs), t])
+                        }
+                        _ => fixture(&["convert-model", s(conv), s(base), s(&theirs), t]),
+                    })
+                })
+                .collect();
+            for &(kind, t) in pair {
+                let ours = path("ours", kind, t);
+                let mut args = vec!["--model", s(base)];
+                if kind == "lora" {
+                    args.extend(["--adapter", s(adapter), "--adapter-only"]);
+                }
+                args.extend(["--output", s(&ours), "--outtype", t]);
+                export(&args);
+            }
+            for h in handles {
+                h.join().expect("a converter thread panicked");
+            }
         }
-        let (ours, theirs) = (
-            tmp.path().join(format!("ours-{outtype}.gguf")),
-            tmp.path().join(format!("ref-{outtype}.gguf")),
-        );
-        export(&[
-            "--model",
-            s(base),
-            "--output",
-            s(&ours),
-            "--outtype",
-            outtype,
-        ]);
-        fixture(&["convert-model", s(&conv), s(base), s(&theirs), outtype]);
-        assert_same_gguf(&ours, &theirs);
+    });
+    for &(kind, t) in &cases {
+        assert_same_gguf(&path("ours", kind, t), &path("ref", kind, t));
     }
     let what = if with_model {
         "adapter and model GGUFs"

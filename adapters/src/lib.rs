@@ -19,6 +19,7 @@ pub mod ia3;
 pub mod loha;
 pub mod lora;
 pub mod method;
+pub mod peft_json;
 pub mod rng;
 pub mod text;
 

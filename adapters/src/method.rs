@@ -130,14 +130,7 @@ impl From<Ia3Config> for AdapterConfig {
 impl AdapterConfig {
     /// Reads `DIR/adapter_config.json`.
     pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join(crate::lora::files::CONFIG_FILE);
-        let text = crate::fsio::read_regular_string(
-            &path,
-            crate::fsio::MAX_JSON_BYTES,
-            "adapter config (a PEFT adapter directory has adapter_config.json)",
-        )?;
-        let json: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let (path, json) = crate::peft_json::read(dir)?;
         Self::from_json(&json).with_context(|| path.display().to_string())
     }
 

@@ -4,7 +4,8 @@
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::lora::targets::{parse_targets, select_modules, TargetModules};
+use crate::lora::targets::{select_modules, TargetModules};
+use crate::peft_json;
 
 /// An IA³ adapter's configuration, with PEFT's field names.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,53 +61,16 @@ const KNOWN_FIELDS: &[&str] = &[
 impl Ia3Config {
     /// Parses PEFT's JSON, refusing options peft-rs does not implement.
     pub fn from_json(json: &Value) -> Result<Self> {
-        let Some(obj) = json.as_object() else {
-            bail!("expected a JSON object");
-        };
-        if let Some(t) = obj.get("task_type").and_then(Value::as_str) {
-            if t != "CAUSAL_LM" {
-                bail!("`task_type` is `{t}`; peft-rs adapts causal language models (CAUSAL_LM)");
-            }
-        }
-        for (k, v) in obj {
-            let off = v.is_null() || v == &json!(false) || v == &json!([]) || v == &json!({});
-            if !KNOWN_FIELDS.contains(&k.as_str()) && !off {
-                bail!("`{k}` = {v} is a PEFT IA3Config option peft-rs does not support");
-            }
-        }
-        if obj.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
-            bail!("`fan_in_fan_out` = true is for GPT-2-style Conv1D layers, which Llama-family models do not have");
-        }
-        if obj
-            .get("modules_to_save")
-            .is_some_and(|v| !(v.is_null() || v == &json!([])))
-        {
-            bail!(
-                "`modules_to_save` is not supported (only adapter weights are trained and loaded)"
-            );
-        }
-        let targets = |k: &str| -> Result<Option<TargetModules>> {
-            match obj.get(k) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => parse_targets(v, k).map(Some),
-            }
-        };
+        let obj = peft_json::object(json, KNOWN_FIELDS, "IA3Config")?;
         let c = Self {
-            target_modules: targets("target_modules")?.context("`target_modules` missing")?,
-            exclude_modules: targets("exclude_modules")?,
-            feedforward_modules: targets("feedforward_modules")?.context(
+            target_modules: peft_json::targets(obj, "target_modules")?
+                .context("`target_modules` missing")?,
+            exclude_modules: peft_json::targets(obj, "exclude_modules")?,
+            feedforward_modules: peft_json::targets(obj, "feedforward_modules")?.context(
                 "`feedforward_modules` missing (PEFT writes the modules whose input IA³ rescales, e.g. [\"down_proj\"])",
             )?,
-            init_ia3_weights: match obj.get("init_ia3_weights") {
-                None | Some(Value::Null) => true,
-                Some(v) => v
-                    .as_bool()
-                    .with_context(|| format!("`init_ia3_weights` must be true or false, found {v}"))?,
-            },
-            base_model_name_or_path: obj
-                .get("base_model_name_or_path")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            init_ia3_weights: peft_json::boolean(obj, "init_ia3_weights", true)?,
+            base_model_name_or_path: peft_json::base_model(obj),
         };
         c.validate()?;
         Ok(c)

@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::lora::config::pattern;
-use crate::lora::targets::{parse_targets, pattern_value, select_modules, TargetModules};
+use crate::lora::targets::{pattern_value, select_modules, TargetModules};
+use crate::peft_json;
 
 /// A LoHa adapter's configuration, with PEFT's field names.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,89 +83,28 @@ const KNOWN_FIELDS: &[&str] = &[
 impl LohaConfig {
     /// Parses PEFT's JSON, refusing options peft-rs does not implement.
     pub fn from_json(json: &Value) -> Result<Self> {
-        let Some(obj) = json.as_object() else {
-            bail!("expected a JSON object");
-        };
-        if let Some(t) = obj.get("task_type").and_then(Value::as_str) {
-            if t != "CAUSAL_LM" {
-                bail!("`task_type` is `{t}`; peft-rs adapts causal language models (CAUSAL_LM)");
-            }
-        }
-        for (k, v) in obj {
-            let off = v.is_null() || v == &json!(false) || v == &json!([]) || v == &json!({});
-            if !KNOWN_FIELDS.contains(&k.as_str()) && !off {
-                bail!("`{k}` = {v} is a PEFT LoHaConfig option peft-rs does not support");
-            }
-        }
-        if obj
-            .get("modules_to_save")
-            .is_some_and(|v| !(v.is_null() || v == &json!([])))
-        {
-            bail!(
-                "`modules_to_save` is not supported (only adapter weights are trained and loaded)"
-            );
-        }
+        let obj = peft_json::object(json, KNOWN_FIELDS, "LoHaConfig")?;
         if obj.get("layers_pattern").is_some_and(|v| !v.is_null()) {
             bail!(
                 "`layers_pattern` is not supported (peft-rs finds decoder layers by its own paths)"
             );
         }
         let d = Self::default();
-        let num = |k: &str, default: f64| -> Result<f64> {
-            match obj.get(k) {
-                None | Some(Value::Null) => Ok(default),
-                Some(v) => v
-                    .as_f64()
-                    .with_context(|| format!("`{k}` must be a number, found {v}")),
-            }
-        };
         let c = Self {
-            r: match obj.get("r") {
-                None => d.r,
-                Some(v) => v
-                    .as_u64()
-                    .with_context(|| format!("`r` must be a positive integer, found {v}"))?
-                    as usize,
-            },
-            alpha: num("alpha", d.alpha)?,
-            rank_dropout: num("rank_dropout", 0.0)?,
-            module_dropout: num("module_dropout", 0.0)?,
-            target_modules: match obj.get("target_modules") {
-                None | Some(Value::Null) => bail!("`target_modules` missing"),
-                Some(v) => parse_targets(v, "target_modules")?,
-            },
-            exclude_modules: match obj.get("exclude_modules") {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(parse_targets(v, "exclude_modules")?),
-            },
-            layers_to_transform: match obj.get("layers_to_transform") {
-                None | Some(Value::Null) => None,
-                Some(Value::Number(n)) => Some(vec![n
-                    .as_u64()
-                    .context("`layers_to_transform` must be >= 0")?
-                    as usize]),
-                Some(Value::Array(a)) => Some(
-                    a.iter()
-                        .map(|v| v.as_u64().map(|x| x as usize))
-                        .collect::<Option<Vec<_>>>()
-                        .context("`layers_to_transform` must list layer indices")?,
-                ),
-                Some(v) => bail!("`layers_to_transform` must be an index or a list, found {v}"),
-            },
+            r: peft_json::rank(obj, d.r)?,
+            alpha: peft_json::number(obj, "alpha", d.alpha)?,
+            rank_dropout: peft_json::number(obj, "rank_dropout", 0.0)?,
+            module_dropout: peft_json::number(obj, "module_dropout", 0.0)?,
+            target_modules: peft_json::targets(obj, "target_modules")?
+                .context("`target_modules` missing")?,
+            exclude_modules: peft_json::targets(obj, "exclude_modules")?,
+            layers_to_transform: peft_json::layers(obj)?,
             rank_pattern: pattern(obj, "rank_pattern", "an integer", |v| {
                 v.as_u64().map(|x| x as usize)
             })?,
             alpha_pattern: pattern(obj, "alpha_pattern", "a number", Value::as_f64)?,
-            init_weights: match obj.get("init_weights") {
-                None | Some(Value::Null) => true,
-                Some(v) => v
-                    .as_bool()
-                    .with_context(|| format!("`init_weights` must be true or false, found {v}"))?,
-            },
-            base_model_name_or_path: obj
-                .get("base_model_name_or_path")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            init_weights: peft_json::boolean(obj, "init_weights", true)?,
+            base_model_name_or_path: peft_json::base_model(obj),
         };
         c.validate()?;
         Ok(c)

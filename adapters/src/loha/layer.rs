@@ -184,3 +184,63 @@ impl LinearAdapter for LohaLayer {
             .collect();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(rank_dropout: f64, module_dropout: f64) -> LohaLayer {
+        let [w1a, w1b, w2a, w2b] = LohaWeights::fresh(16, 8, 2, false);
+        LohaLayer::new(
+            "a",
+            LohaWeights {
+                w1a,
+                w1b,
+                w2a,
+                w2b,
+                scaling: 2.0,
+                rank_dropout,
+                module_dropout,
+            },
+        )
+    }
+
+    fn adapter_output(l: &LohaLayer, x: &Tensor) -> Tensor {
+        let base = Tensor::zeros([x.size()[0], 16], (Kind::Float, Device::Cpu));
+        let w = || Tensor::zeros([16, 8], (Kind::Float, Device::Cpu));
+        let b = BaseLinear {
+            weight: &w,
+            bias: None,
+        };
+        l.forward(&LayerInput::new(x), base, &b)
+    }
+
+    /// Rank dropout zeroes whole output rows of ΔW in training and scales
+    /// the others by n / kept (PEFT's `drop /= drop.mean()`); module dropout
+    /// skips the adapter; neither acts outside training.
+    #[test]
+    fn rank_and_module_dropout_act_in_training_only() {
+        tch::manual_seed(1);
+        let x = Tensor::randn([3, 8], (Kind::Float, Device::Cpu));
+        let mut l = layer(0.5, 0.0);
+        let plain = adapter_output(&l, &x);
+        l.set_training(true);
+        let dropped = adapter_output(&l, &x);
+        let ratio = (&dropped / &plain).mean_dim(0, false, Kind::Float);
+        let kept: Vec<f64> = Vec::<f64>::try_from(&ratio).unwrap();
+        let n_kept = kept.iter().filter(|r| r.abs() > 1e-6).count();
+        assert!(n_kept > 0 && n_kept < 16, "{kept:?}");
+        let c = 16.0 / n_kept as f64;
+        for r in &kept {
+            assert!(
+                r.abs() < 1e-6 || (r - c).abs() < 1e-4,
+                "{r} is neither 0 nor {c}"
+            );
+        }
+        let mut skip = layer(0.0, 1.0);
+        skip.set_training(true);
+        assert_eq!(adapter_output(&skip, &x).abs().max().double_value(&[]), 0.0);
+        skip.set_training(false);
+        assert!(adapter_output(&skip, &x).abs().max().double_value(&[]) > 0.0);
+    }
+}

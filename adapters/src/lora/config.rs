@@ -19,7 +19,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{json, Map, Value};
 
 use super::targets::TargetModules;
-use super::targets::{parse_targets, pattern_value, select_modules};
+use super::targets::{pattern_value, select_modules};
+use crate::peft_json;
 
 /// How new adapter weights start (PEFT's `init_lora_weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,12 +279,6 @@ const INFORMATIONAL: &[&str] = &[
     "qalora_group_size",
 ];
 
-/// Any other field is accepted only at its "off" value (null, false, empty);
-/// otherwise it asks for a PEFT feature peft-rs does not implement.
-fn is_off(v: &Value) -> bool {
-    v.is_null() || v == &json!(false) || v == &json!({}) || v == &json!([])
-}
-
 impl LoraConfig {
     /// scaling for a module with rank `r` and alpha `alpha`.
     pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
@@ -427,14 +422,7 @@ impl LoraConfig {
 
     /// Reads `DIR/adapter_config.json`.
     pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join("adapter_config.json");
-        let text = crate::fsio::read_regular_string(
-            &path,
-            crate::fsio::MAX_JSON_BYTES,
-            "adapter config (a PEFT adapter directory has adapter_config.json)",
-        )?;
-        let json: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let (path, json) = crate::peft_json::read(dir)?;
         Self::from_json(&json).with_context(|| path.display().to_string())
     }
 
@@ -442,86 +430,23 @@ impl LoraConfig {
     /// (Long on purpose: one field of `adapter_config.json` after another,
     /// each with its own error.)
     pub fn from_json(json: &Value) -> Result<Self> {
-        let Some(obj) = json.as_object() else {
-            bail!("expected a JSON object");
-        };
+        let known: Vec<&str> = KNOWN_FIELDS.iter().chain(INFORMATIONAL).copied().collect();
+        let obj = peft_json::object(json, &known, "LoraConfig")?;
         match obj.get("peft_type").and_then(Value::as_str) {
             Some("LORA") => {}
             Some(other) => bail!("`peft_type` is `{other}`; expected LORA here"),
             None => bail!("`peft_type` missing (PEFT writes \"LORA\")"),
         }
-        if let Some(t) = obj.get("task_type").and_then(Value::as_str) {
-            if t != "CAUSAL_LM" {
-                bail!("`task_type` is `{t}`; peft-rs adapts causal language models (CAUSAL_LM)");
-            }
-        }
-        for (k, v) in obj {
-            if !KNOWN_FIELDS.contains(&k.as_str())
-                && !INFORMATIONAL.contains(&k.as_str())
-                && !is_off(v)
-            {
-                bail!("`{k}` = {v} is a PEFT option peft-rs does not support");
-            }
-        }
         let bias = obj.get("bias").and_then(Value::as_str).unwrap_or("none");
         if bias != "none" {
             bail!("`bias` is `{bias}`; only \"none\" is supported (biases stay frozen)");
         }
-        if obj.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
-            bail!("`fan_in_fan_out` = true is for GPT-2-style Conv1D layers, which Llama-family models do not have");
-        }
-        if obj
-            .get("modules_to_save")
-            .is_some_and(|v| !(v.is_null() || v == &json!([])))
-        {
-            bail!("`modules_to_save` is not supported (only LoRA weights are trained and loaded)");
-        }
         let d = Self::default();
-        let r = match obj.get("r") {
-            None => d.r,
-            Some(v) => v
-                .as_u64()
-                .with_context(|| format!("`r` must be a positive integer, found {v}"))?
-                as usize,
-        };
-        let f64_field = |k: &str, default: f64| -> Result<f64> {
-            match obj.get(k) {
-                None | Some(Value::Null) => Ok(default),
-                Some(v) => v
-                    .as_f64()
-                    .with_context(|| format!("`{k}` must be a number, found {v}")),
-            }
-        };
-        let bool_field = |k: &str| -> Result<bool> {
-            match obj.get(k) {
-                None | Some(Value::Null) => Ok(false),
-                Some(v) => v
-                    .as_bool()
-                    .with_context(|| format!("`{k}` must be true or false, found {v}")),
-            }
-        };
-        let target_modules = match obj.get("target_modules") {
-            None | Some(Value::Null) => bail!("`target_modules` missing"),
-            Some(v) => parse_targets(v, "target_modules")?,
-        };
-        let exclude_modules = match obj.get("exclude_modules") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(parse_targets(v, "exclude_modules")?),
-        };
-        let layers_to_transform = match obj.get("layers_to_transform") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => Some(vec![n
-                .as_u64()
-                .context("`layers_to_transform` must be >= 0")?
-                as usize]),
-            Some(Value::Array(a)) => Some(
-                a.iter()
-                    .map(|v| v.as_u64().map(|x| x as usize))
-                    .collect::<Option<Vec<_>>>()
-                    .context("`layers_to_transform` must list layer indices")?,
-            ),
-            Some(v) => bail!("`layers_to_transform` must be an index or a list, found {v}"),
-        };
+        let r = peft_json::rank(obj, d.r)?;
+        let target_modules =
+            peft_json::targets(obj, "target_modules")?.context("`target_modules` missing")?;
+        let exclude_modules = peft_json::targets(obj, "exclude_modules")?;
+        let layers_to_transform = peft_json::layers(obj)?;
         let init_lora_weights = InitLoraWeights::from_json(obj.get("init_lora_weights"))?;
         let rank_pattern = pattern(obj, "rank_pattern", "an integer", |v| {
             v.as_u64().map(|x| x as usize)
@@ -529,20 +454,17 @@ impl LoraConfig {
         let alpha_pattern = pattern(obj, "alpha_pattern", "a number", Value::as_f64)?;
         let c = Self {
             r,
-            lora_alpha: f64_field("lora_alpha", d.lora_alpha)?,
-            lora_dropout: f64_field("lora_dropout", 0.0)?,
+            lora_alpha: peft_json::number(obj, "lora_alpha", d.lora_alpha)?,
+            lora_dropout: peft_json::number(obj, "lora_dropout", 0.0)?,
             target_modules,
             exclude_modules,
             layers_to_transform,
             rank_pattern,
             alpha_pattern,
-            use_rslora: bool_field("use_rslora")?,
-            use_dora: bool_field("use_dora")?,
+            use_rslora: peft_json::boolean(obj, "use_rslora", false)?,
+            use_dora: peft_json::boolean(obj, "use_dora", false)?,
             init_lora_weights,
-            base_model_name_or_path: obj
-                .get("base_model_name_or_path")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            base_model_name_or_path: peft_json::base_model(obj),
         };
         c.validate()?;
         Ok(c)
