@@ -68,6 +68,12 @@ impl<'a> LayerInput<'a> {
     }
 }
 
+/// The names of `names` that `held` says a layer holds, in order: what a
+/// layer activates when asked for `names` (names it lacks are skipped).
+pub fn held_names(names: &[String], held: impl Fn(&str) -> bool) -> Vec<String> {
+    names.iter().filter(|n| held(n)).cloned().collect()
+}
+
 /// The frozen layer an adapter wraps.
 pub struct BaseLinear<'a> {
     /// `W`, `[out_features, in_features]`, made when asked: a quantized

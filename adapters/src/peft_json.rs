@@ -22,13 +22,29 @@ pub fn read(dir: &Path) -> Result<(std::path::PathBuf, Value)> {
     Ok((path, json))
 }
 
+/// Fields every PEFT config has, read or checked by [`object`] or only
+/// recording where the adapter came from.
+pub const COMMON_FIELDS: &[&str] = &[
+    "peft_type",
+    "task_type",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "base_model_name_or_path",
+    "inference_mode",
+    "revision",
+    "auto_mapping",
+    "peft_version",
+];
+
 /// Whether a field holds its "off" value (null, false, empty).
 pub fn is_off(v: &Value) -> bool {
     v.is_null() || v == &json!(false) || v == &json!({}) || v == &json!([])
 }
 
 /// The JSON object, checked for what every method refuses: another
-/// `task_type` than CAUSAL_LM, a field outside `known` that is not off
+/// `task_type` than CAUSAL_LM, a field outside `known` and
+/// [`COMMON_FIELDS`] that is not off
 /// (`config_class` names the PEFT class in the error), GPT-2's
 /// `fan_in_fan_out`, and `modules_to_save`.
 pub fn object<'a>(
@@ -44,10 +60,10 @@ pub fn object<'a>(
             bail!("`task_type` is `{t}`; peft-rs adapts causal language models (CAUSAL_LM)");
         }
     }
-    if let Some((k, v)) = obj
-        .iter()
-        .find(|(k, v)| !known.contains(&k.as_str()) && !is_off(v))
-    {
+    if let Some((k, v)) = obj.iter().find(|(k, v)| {
+        let k = k.as_str();
+        !(known.contains(&k) || COMMON_FIELDS.contains(&k) || is_off(v))
+    }) {
         bail!("`{k}` = {v} is a PEFT {config_class} option peft-rs does not support");
     }
     if obj.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {

@@ -7,10 +7,11 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::tied_head_targeted;
+use super::selected_paths;
 use crate::models::{LlamaForCausalLM, OUTPUT_HEAD};
 use crate::nn::Linear;
 use peft_adapters::lora::files::{self, key};
+use peft_adapters::lora::layer::placed_like_peft;
 use peft_adapters::method::Method;
 
 fn attach(lin: &mut Linear, layer: Box<dyn peft_adapters::LinearAdapter>) -> Result<()> {
@@ -23,29 +24,18 @@ fn attach(lin: &mut Linear, layer: Box<dyn peft_adapters::LinearAdapter>) -> Res
 
 /// The paths `method` selects in `model`, refusing a tied output head.
 fn select(model: &LlamaForCausalLM, method: &dyn Method) -> Result<Vec<String>> {
-    let modules = model.config.linear_modules();
-    let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
-    let chosen: Vec<String> = method
-        .select(&paths, OUTPUT_HEAD)?
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    tied_head_targeted(model, &chosen)?;
-    Ok(chosen)
+    selected_paths(model, |paths| method.select(paths, OUTPUT_HEAD))
 }
 
-/// A fresh tensor placed as PEFT places new adapter tensors: through the
-/// base's dtype when that is a 16-bit float (PEFT moves adapters to it, then
-/// upcasts them to fp32; it leaves them alone on a quantized base), then fp32
-/// on `device`, trainable.
+/// A fresh tensor placed as PEFT places new adapter tensors (see
+/// [`placed_like_peft`]); PEFT leaves them alone on a quantized base.
 fn placed(t: Tensor, lin: &Linear, device: Device) -> Tensor {
-    let t = match lin.weight.compute_kind() {
-        k @ (Kind::BFloat16 | Kind::Half) if !lin.weight.is_quantized() => {
-            t.to_kind(k).to_kind(Kind::Float)
-        }
-        _ => t,
+    let base_kind = if lin.weight.is_quantized() {
+        Kind::Float
+    } else {
+        lin.weight.compute_kind()
     };
-    t.to_device(device).set_requires_grad(true)
+    placed_like_peft(t, base_kind, device)
 }
 
 /// Injects a fresh adapter `name` of `method` into every module it selects

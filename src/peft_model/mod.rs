@@ -37,23 +37,22 @@ fn attach(lin: &mut Linear, name: &str, weights: LoraWeights) -> Result<()> {
 /// The module paths `config` selects in `model`, refusing a tied output head.
 fn select(model: &LlamaForCausalLM, config: &LoraConfig) -> Result<Vec<String>> {
     config.validate()?;
-    let modules = model.config.linear_modules();
-    let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
-    let chosen: Vec<String> = config
-        .select(&paths, OUTPUT_HEAD)?
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    tied_head_targeted(model, &chosen)?;
-    Ok(chosen)
+    selected_paths(model, |paths| config.select(paths, OUTPUT_HEAD))
 }
 
-/// Refuses `chosen` paths that adapt an output head tied to the embeddings.
-fn tied_head_targeted(model: &LlamaForCausalLM, chosen: &[String]) -> Result<()> {
+/// The linear-module paths of `model` that `choose` picks from all of them,
+/// refusing an output head tied to the embeddings.
+fn selected_paths(
+    model: &LlamaForCausalLM,
+    choose: impl for<'a> FnOnce(&[&'a str]) -> Result<Vec<&'a str>>,
+) -> Result<Vec<String>> {
+    let modules = model.config.linear_modules();
+    let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
+    let chosen: Vec<String> = choose(&paths)?.into_iter().map(str::to_owned).collect();
     if model.config.tie_word_embeddings && chosen.iter().any(|p| p == OUTPUT_HEAD) {
         bail!("lm_head shares its weight with model.embed_tokens in this model; leave it out of target_modules");
     }
-    Ok(())
+    Ok(chosen)
 }
 
 /// Injects a freshly initialised adapter `name` into every module `config`

@@ -41,22 +41,8 @@ impl Default for Ia3Config {
     }
 }
 
-/// PEFT `IA3Config` fields peft-rs reads.
-const KNOWN_FIELDS: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "target_modules",
-    "exclude_modules",
-    "feedforward_modules",
-    "init_ia3_weights",
-    "fan_in_fan_out",
-    "modules_to_save",
-    "base_model_name_or_path",
-    "inference_mode",
-    "revision",
-    "auto_mapping",
-    "peft_version",
-];
+/// PEFT `IA3Config` fields peft-rs reads, beyond [`peft_json::COMMON_FIELDS`].
+const KNOWN_FIELDS: &[&str] = &["feedforward_modules", "init_ia3_weights", "fan_in_fan_out"];
 
 impl Ia3Config {
     /// Parses PEFT's JSON, refusing options peft-rs does not implement.

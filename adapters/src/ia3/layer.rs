@@ -140,10 +140,6 @@ impl LinearAdapter for Ia3Layer {
     }
 
     fn set_active(&mut self, names: &[String]) {
-        self.active = names
-            .iter()
-            .filter(|n| self.vectors.contains_key(*n))
-            .cloned()
-            .collect();
+        self.active = crate::held_names(names, |n| self.vectors.contains_key(n));
     }
 }

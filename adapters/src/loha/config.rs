@@ -57,27 +57,18 @@ impl Default for LohaConfig {
     }
 }
 
+/// PEFT `LoHaConfig` fields peft-rs reads, beyond [`peft_json::COMMON_FIELDS`].
 const KNOWN_FIELDS: &[&str] = &[
-    "peft_type",
-    "task_type",
     "r",
     "alpha",
     "rank_dropout",
     "module_dropout",
     "use_effective_conv2d",
-    "target_modules",
-    "exclude_modules",
     "init_weights",
     "layers_to_transform",
     "layers_pattern",
     "rank_pattern",
     "alpha_pattern",
-    "modules_to_save",
-    "base_model_name_or_path",
-    "inference_mode",
-    "revision",
-    "auto_mapping",
-    "peft_version",
 ];
 
 impl LohaConfig {

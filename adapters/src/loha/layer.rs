@@ -177,11 +177,7 @@ impl LinearAdapter for LohaLayer {
     }
 
     fn set_active(&mut self, names: &[String]) {
-        self.active = names
-            .iter()
-            .filter(|n| self.adapters.contains_key(*n))
-            .cloned()
-            .collect();
+        self.active = crate::held_names(names, |n| self.adapters.contains_key(n));
     }
 }
 

@@ -80,16 +80,9 @@ impl LoraWeights {
         dropout: f64,
         device: Device,
     ) -> Self {
-        let placed = |t: Tensor| {
-            let t = match base_kind {
-                k @ (Kind::BFloat16 | Kind::Half) => t.to_kind(k).to_kind(Kind::Float),
-                _ => t,
-            };
-            t.to_device(device).set_requires_grad(true)
-        };
         Self {
-            a: placed(a),
-            b: placed(b),
+            a: placed_like_peft(a, base_kind, device),
+            b: placed_like_peft(b, base_kind, device),
             magnitude: None,
             scaling,
             dropout,
@@ -117,6 +110,18 @@ impl LoraWeights {
         }
         v
     }
+}
+
+/// A fresh fp32 adapter tensor placed as PEFT places it: moved to the
+/// base's dtype when that is 16-bit (PEFT's move to the base layer) and back
+/// to fp32 (its upcast of adapters), so it is rounded through that dtype;
+/// then on `device`, trainable.
+pub fn placed_like_peft(t: Tensor, base_kind: Kind, device: Device) -> Tensor {
+    let t = match base_kind {
+        k @ (Kind::BFloat16 | Kind::Half) => t.to_kind(k).to_kind(Kind::Float),
+        _ => t,
+    };
+    t.to_device(device).set_requires_grad(true)
 }
 
 /// How [`LoraWeights::combine`] combines adapters (PEFT's `combination_type`).
@@ -288,11 +293,7 @@ impl LoraLayer {
 
     /// Chooses which adapters are summed in the forward pass.
     pub fn set_active(&mut self, names: &[String]) {
-        self.active = names
-            .iter()
-            .filter(|n| self.adapters.contains_key(*n))
-            .cloned()
-            .collect();
+        self.active = crate::held_names(names, |n| self.adapters.contains_key(n));
     }
 
     /// The adapter named `name`.
