@@ -65,10 +65,11 @@ pub struct MergeReport {
 pub(crate) enum Delta {
     /// `scaling·BA` (or DoRA's rescaling).
     Lora(LoraWeights),
-    /// An IA³ or LoHa adapter's tensors on module `path`.
+    /// An IA³, LoHa or LoKr adapter's tensors on module `path`, `[out, in]`.
     Method {
         config: std::rc::Rc<AdapterConfig>,
         path: String,
+        dims: (i64, i64),
         tensors: Vec<Tensor>,
     },
 }
@@ -91,9 +92,12 @@ impl Delta {
             Self::Method {
                 config,
                 path,
+                dims: (in_f, out_f),
                 tensors,
             } => config.as_method().expect("not LoRA").layer(
                 path,
+                *in_f,
+                *out_f,
                 "merge",
                 tensors.iter().map(Tensor::shallow_clone).collect(),
             ),
@@ -191,6 +195,7 @@ fn method_deltas(
             let d = Delta::Method {
                 config: config.clone(),
                 path: p.clone(),
+                dims: (*i, *o),
                 tensors: taken,
             };
             (p.clone(), d)

@@ -1,4 +1,5 @@
-//! The adapter methods beside LoRA — IA³ (`peft_type` IA3) and LoHa (LOHA) —
+//! The adapter methods beside LoRA — IA³ (`peft_type` IA3), LoHa (LOHA)
+//! and LoKr (LOKR) —
 //! against PEFT on the tiny Llama and Qwen2 (whose adapted q/v projections
 //! have biases): PEFT's adapters load with PEFT's logits, ours load strictly
 //! in PEFT, initialisation (PEFT's draws for a seed), in-memory merge and
@@ -14,7 +15,9 @@ use std::path::{Path, PathBuf};
 use common::{assert_user_error, logits, masked_max_diff, tensors as read, Cmd};
 use peft_rs::adapters::ia3::Ia3Config;
 use peft_rs::adapters::loha::LohaConfig;
+use peft_rs::adapters::lokr::{InitWeights, LokrConfig};
 use peft_rs::adapters::lora::TargetModules;
+use peft_rs::adapters::lycoris::LycorisConfig;
 use peft_rs::adapters::method::AdapterConfig;
 use peft_rs::models::LlamaForCausalLM;
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
@@ -23,11 +26,11 @@ use peft_rs::train::StepOptions;
 use tch::Tensor;
 
 const BASES: [&str; 2] = ["llama", "qwen2"];
-const METHODS: [&str; 2] = ["ia3", "loha"];
+const METHODS: [&str; 3] = ["ia3", "loha", "lokr"];
 /// The seed method_reference.py sets right before `get_peft_model`.
 const SEED: i64 = 17;
 
-/// The fixtures of `method` (ia3, loha).
+/// The fixtures of `method` (ia3, loha, lokr).
 fn fx(method: &str) -> &'static Path {
     let (llama, qwen2) = (common::model_dir("llama"), common::model_dir("qwen2"));
     common::fixture("method_reference.py", &[method], &[&llama, &qwen2])
@@ -50,15 +53,42 @@ fn config(method: &str, base: &str, random_init: bool) -> AdapterConfig {
             ..Ia3Config::default()
         }
         .into(),
-        _ => LohaConfig {
-            r: 4,
-            alpha: 8.0,
-            target_modules,
+        "loha" => LohaConfig {
+            lycoris: LycorisConfig {
+                r: 4,
+                alpha: 8.0,
+                target_modules,
+                ..LycorisConfig::default()
+            },
             init_weights: !random_init,
-            ..LohaConfig::default()
         }
         .into(),
+        _ => lokr_config(base, target_modules, random_init),
     }
+}
+
+/// The fixture's LoKr: r 2 (8 on v_proj, where both factors are whole),
+/// on llama with decompose_both, on qwen2 with decompose_factor 4.
+fn lokr_config(base: &str, target_modules: TargetModules, random_init: bool) -> AdapterConfig {
+    let llama = base == "llama";
+    LokrConfig {
+        lycoris: LycorisConfig {
+            r: 2,
+            alpha: 4.0,
+            target_modules,
+            rank_pattern: [("v_proj".to_owned(), 8)].into(),
+            ..LycorisConfig::default()
+        },
+        init_weights: if random_init {
+            InitWeights::False
+        } else {
+            InitWeights::True
+        },
+        decompose_both: llama,
+        decompose_factor: if llama { -1 } else { 4 },
+        rank_dropout_scale: true,
+    }
+    .into()
 }
 
 fn inputs(base: &str) -> (PathBuf, Tensor, Tensor) {
@@ -121,8 +151,8 @@ fn peft_adapters_load_with_peft_logits() {
 }
 
 /// Fresh adapters: by default they leave the model exactly as it was (IA³'s
-/// ones, LoHa's zero W2b); initialised at random they are PEFT's draws for
-/// the same seed, bit for bit.
+/// ones, LoHa's zero W2b, LoKr's zero W1); initialised at random (and LoKr
+/// "lycoris") they are PEFT's draws for the same seed, bit for bit.
 #[test]
 fn fresh_adapters_are_no_ops_or_pefts_random_draws() {
     each(|method, base, d| {
@@ -148,6 +178,25 @@ fn fresh_adapters_are_no_ops_or_pefts_random_draws() {
             diff, 0.0,
             "{method}/{base}: random tensors differ from PEFT's by {diff}"
         );
+        if method == "lokr" {
+            let mut model = load(base);
+            let AdapterConfig::Lokr(mut cfg) = config(method, base, false) else {
+                unreachable!()
+            };
+            cfg.init_weights = InitWeights::Lycoris;
+            tch::manual_seed(SEED);
+            peft_model::inject_adapter(&mut model, DEFAULT_ADAPTER, &cfg.into()).unwrap();
+            let lycoris = tch::no_grad(|| model.forward(&ids));
+            assert!(
+                lycoris.equal(&plain),
+                "{base}: lycoris init changed the model"
+            );
+            let ours: HashMap<String, Tensor> = peft_model::trainable_parameters(&model)
+                .into_iter()
+                .collect();
+            let diff = worst_rel(&ours, &read(&d.join("lycoris_init.safetensors")));
+            assert_eq!(diff, 0.0, "lokr/{base}: lycoris init differs by {diff}");
+        }
     });
 }
 
@@ -159,7 +208,7 @@ fn our_adapters_load_in_peft() {
     each(|method, base, _| {
         let (inputs_path, ids, mask) = inputs(base);
         let mut model = load(base);
-        let cfg = config(method, base, method == "loha");
+        let cfg = config(method, base, method != "ia3");
         peft_model::inject_adapter(&mut model, DEFAULT_ADAPTER, &cfg).unwrap();
         tch::manual_seed(9);
         tch::no_grad(|| {
@@ -262,10 +311,10 @@ fn gradients_match_peft() {
     });
 }
 
-/// `peft-rs train --peft-type ia3|loha` trains and saves an adapter that PEFT
-/// loads strictly and computes with as peft-rs does.
+/// `peft-rs train --peft-type ia3|loha|lokr` trains and saves an adapter
+/// that PEFT loads strictly and computes with as peft-rs does.
 #[test]
-fn cli_trains_ia3_and_loha() {
+fn cli_trains_each_method() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::alpaca(tmp.path(), 16);
     let (inputs_path, ids, mask) = inputs("llama");
@@ -274,6 +323,7 @@ fn cli_trains_ia3_and_loha() {
     for (method, flags, peft_type) in [
         ("ia3", "--lr 5e-2 --peft-type ia3 --target-modules k_proj,v_proj,down_proj", "IA3"),
         ("loha", "--lr 1e-2 --peft-type loha --lora-rank 4 --lora-alpha 8 --target-modules q_proj,v_proj,down_proj", "LOHA"),
+        ("lokr", "--lr 1e-2 --peft-type lokr --lora-rank 2 --lora-alpha 4 --decompose-both --rank-dropout 0.1 --target-modules q_proj,v_proj,down_proj", "LOKR"),
     ] {
         let out = tmp.path().join(method);
         Cmd::train_tiny(line, &data, &out).args(flags).run_ok();
@@ -306,6 +356,15 @@ fn what_does_not_apply_is_refused_by_name() {
         ("--peft-type ia3 --lora-rank 4", vec!["lora-rank", "ia3"]),
         ("--peft-type loha --use-rslora", vec!["use-rslora", "loha"]),
         ("--rank-dropout 0.1", vec!["rank-dropout", "loha"]),
+        (
+            "--peft-type loha --init-weights lycoris",
+            vec!["init-weights", "lokr"],
+        ),
+        ("--decompose-both", vec!["decompose-both", "lokr"]),
+        (
+            "--peft-type lokr --decompose-factor 0",
+            vec!["decompose-factor", "-1"],
+        ),
         (
             "--peft-type loha --module-dropout 1.5",
             vec!["module-dropout", "[0, 1)"],

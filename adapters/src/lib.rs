@@ -8,7 +8,8 @@
 //!
 //! [`lora`] holds LoRA with its rsLoRA and DoRA variants: the configuration
 //! (`adapter_config.json`), the layer, and PEFT's file format; [`ia3`]
-//! holds IA³. [`method`] reads an adapter directory's `peft_type` and
+//! holds IA³, [`loha`] and [`lokr`] the LyCORIS methods on their shared
+//! [`lycoris`] parts. [`method`] reads an adapter directory's `peft_type` and
 //! gives the configuration of its method.
 #![warn(missing_docs)]
 
@@ -17,7 +18,9 @@ pub mod ffi;
 pub mod fsio;
 pub mod ia3;
 pub mod loha;
+pub mod lokr;
 pub mod lora;
+pub mod lycoris;
 pub mod method;
 pub mod peft_json;
 pub mod rng;

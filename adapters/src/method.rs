@@ -10,6 +10,7 @@ use tch::Tensor;
 
 use crate::ia3::{Ia3Config, Ia3Layer};
 use crate::loha::{LohaConfig, LohaLayer, LohaWeights};
+use crate::lokr::{LokrConfig, LokrLayer, LokrWeights};
 use crate::lora::LoraConfig;
 use crate::LinearAdapter;
 
@@ -29,9 +30,16 @@ pub trait Method {
     /// drawn from libtorch's CPU generator as PEFT draws them (fp32, CPU).
     fn fresh(&self, path: &str, in_f: i64, out_f: i64) -> Vec<Tensor>;
 
-    /// The layer holding adapter `name` on module `path` with `tensors`
-    /// (fp32, in [`Method::tensor_shapes`]' order).
-    fn layer(&self, path: &str, name: &str, tensors: Vec<Tensor>) -> Box<dyn LinearAdapter>;
+    /// The layer holding adapter `name` on module `path` (`[out, in]`) with
+    /// `tensors` (fp32, in [`Method::tensor_shapes`]' order).
+    fn layer(
+        &self,
+        path: &str,
+        in_f: i64,
+        out_f: i64,
+        name: &str,
+        tensors: Vec<Tensor>,
+    ) -> Box<dyn LinearAdapter>;
 }
 
 impl Method for Ia3Config {
@@ -54,7 +62,14 @@ impl Method for Ia3Config {
         }]
     }
 
-    fn layer(&self, path: &str, name: &str, mut tensors: Vec<Tensor>) -> Box<dyn LinearAdapter> {
+    fn layer(
+        &self,
+        path: &str,
+        _in_f: i64,
+        _out_f: i64,
+        name: &str,
+        mut tensors: Vec<Tensor>,
+    ) -> Box<dyn LinearAdapter> {
         let l = tensors.remove(0);
         Box::new(Ia3Layer::new(name, l, self.is_feedforward(path)))
     }
@@ -62,11 +77,11 @@ impl Method for Ia3Config {
 
 impl Method for LohaConfig {
     fn select<'a>(&self, linear_paths: &[&'a str], output_head: &str) -> Result<Vec<&'a str>> {
-        LohaConfig::select(self, linear_paths, output_head)
+        self.lycoris.select(linear_paths, output_head)
     }
 
     fn tensor_shapes(&self, path: &str, in_f: i64, out_f: i64) -> Vec<(String, Vec<i64>)> {
-        let (r, _) = self.rank_and_scaling(path);
+        let (r, _) = self.lycoris.rank_and_scaling(path);
         let shapes = [vec![out_f, r], vec![r, in_f], vec![out_f, r], vec![r, in_f]];
         crate::loha::layer::FACTORS
             .iter()
@@ -76,12 +91,19 @@ impl Method for LohaConfig {
     }
 
     fn fresh(&self, path: &str, in_f: i64, out_f: i64) -> Vec<Tensor> {
-        let (r, _) = self.rank_and_scaling(path);
+        let (r, _) = self.lycoris.rank_and_scaling(path);
         LohaWeights::fresh(out_f, in_f, r, self.init_weights).into()
     }
 
-    fn layer(&self, path: &str, name: &str, tensors: Vec<Tensor>) -> Box<dyn LinearAdapter> {
-        let (_, scaling) = self.rank_and_scaling(path);
+    fn layer(
+        &self,
+        path: &str,
+        _in_f: i64,
+        _out_f: i64,
+        name: &str,
+        tensors: Vec<Tensor>,
+    ) -> Box<dyn LinearAdapter> {
+        let (_, scaling) = self.lycoris.rank_and_scaling(path);
         let [w1a, w1b, w2a, w2b]: [Tensor; 4] = tensors.try_into().expect("four LoHa factors");
         Box::new(LohaLayer::new(
             name,
@@ -91,9 +113,39 @@ impl Method for LohaConfig {
                 w2a,
                 w2b,
                 scaling,
-                rank_dropout: self.rank_dropout,
-                module_dropout: self.module_dropout,
+                dropout: self.lycoris.dropout(true),
             },
+        ))
+    }
+}
+
+impl Method for LokrConfig {
+    fn select<'a>(&self, linear_paths: &[&'a str], output_head: &str) -> Result<Vec<&'a str>> {
+        self.lycoris.select(linear_paths, output_head)
+    }
+
+    fn tensor_shapes(&self, path: &str, in_f: i64, out_f: i64) -> Vec<(String, Vec<i64>)> {
+        self.layout(path, in_f, out_f).tensor_shapes()
+    }
+
+    fn fresh(&self, path: &str, in_f: i64, out_f: i64) -> Vec<Tensor> {
+        LokrWeights::fresh(&self.layout(path, in_f, out_f), self.init_weights)
+    }
+
+    fn layer(
+        &self,
+        path: &str,
+        in_f: i64,
+        out_f: i64,
+        name: &str,
+        tensors: Vec<Tensor>,
+    ) -> Box<dyn LinearAdapter> {
+        let (_, scaling) = self.lycoris.rank_and_scaling(path);
+        let dropout = self.lycoris.dropout(self.rank_dropout_scale);
+        let layout = self.layout(path, in_f, out_f);
+        Box::new(LokrLayer::new(
+            name,
+            LokrWeights::new(&layout, tensors, scaling, dropout),
         ))
     }
 }
@@ -107,6 +159,14 @@ pub enum AdapterConfig {
     Ia3(Ia3Config),
     /// `peft_type` LOHA.
     Loha(LohaConfig),
+    /// `peft_type` LOKR.
+    Lokr(LokrConfig),
+}
+
+impl From<LokrConfig> for AdapterConfig {
+    fn from(c: LokrConfig) -> Self {
+        Self::Lokr(c)
+    }
 }
 
 impl From<LohaConfig> for AdapterConfig {
@@ -140,8 +200,9 @@ impl AdapterConfig {
             Some("LORA") => Ok(Self::Lora(LoraConfig::from_json(json)?)),
             Some("IA3") => Ok(Self::Ia3(Ia3Config::from_json(json)?)),
             Some("LOHA") => Ok(Self::Loha(LohaConfig::from_json(json)?)),
+            Some("LOKR") => Ok(Self::Lokr(LokrConfig::from_json(json)?)),
             Some(other) => bail!(
-                "`peft_type` is `{other}`; peft-rs reads LORA, IA3 and LOHA adapters (VeRA, LoKr and the others are not implemented)"
+                "`peft_type` is `{other}`; peft-rs reads LORA, IA3, LOHA and LOKR adapters (VeRA and the others are not implemented)"
             ),
             None => bail!("`peft_type` missing (PEFT writes \"LORA\", \"IA3\", ...)"),
         }
@@ -153,6 +214,7 @@ impl AdapterConfig {
             Self::Lora(c) => c.to_json(),
             Self::Ia3(c) => c.to_json(),
             Self::Loha(c) => c.to_json(),
+            Self::Lokr(c) => c.to_json(),
         }
     }
 
@@ -162,6 +224,7 @@ impl AdapterConfig {
             Self::Lora(_) => "LoRA",
             Self::Ia3(_) => "IA³",
             Self::Loha(_) => "LoHa",
+            Self::Lokr(_) => "LoKr",
         }
     }
 
@@ -172,7 +235,8 @@ impl AdapterConfig {
                 .validate()
                 .and_then(|()| c.select(linear_paths, output_head)),
             Self::Ia3(c) => c.select(linear_paths, output_head),
-            Self::Loha(c) => c.select(linear_paths, output_head),
+            Self::Loha(c) => c.lycoris.select(linear_paths, output_head),
+            Self::Lokr(c) => c.lycoris.select(linear_paths, output_head),
         }
     }
 
@@ -192,7 +256,8 @@ impl AdapterConfig {
         match self {
             Self::Lora(c) => c.base_model_name_or_path = base,
             Self::Ia3(c) => c.base_model_name_or_path = base,
-            Self::Loha(c) => c.base_model_name_or_path = base,
+            Self::Loha(c) => c.lycoris.base_model_name_or_path = base,
+            Self::Lokr(c) => c.lycoris.base_model_name_or_path = base,
         }
     }
 
@@ -202,6 +267,7 @@ impl AdapterConfig {
             Self::Lora(_) => None,
             Self::Ia3(c) => Some(c),
             Self::Loha(c) => Some(c),
+            Self::Lokr(c) => Some(c),
         }
     }
 
@@ -210,7 +276,8 @@ impl AdapterConfig {
         match self {
             Self::Lora(c) => c.target_modules = targets,
             Self::Ia3(c) => c.target_modules = targets,
-            Self::Loha(c) => c.target_modules = targets,
+            Self::Loha(c) => c.lycoris.target_modules = targets,
+            Self::Lokr(c) => c.lycoris.target_modules = targets,
         }
     }
 }

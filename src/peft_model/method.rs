@@ -1,4 +1,4 @@
-//! Adapters of methods other than LoRA (IA³, LoHa) on a loaded base: inject
+//! Adapters of methods other than LoRA (IA³, LoHa, LoKr) on a loaded base: inject
 //! fresh ones and load PEFT's adapter directories, through each method's
 //! [`Method`] parts.
 
@@ -57,7 +57,8 @@ pub fn inject(
             .into_iter()
             .map(|t| placed(t, lin, device))
             .collect();
-        attach(lin, method.layer(&path, name, tensors)).with_context(|| path.clone())?;
+        attach(lin, method.layer(&path, in_f, out_f, name, tensors))
+            .with_context(|| path.clone())?;
     }
     Ok(chosen)
 }
@@ -110,7 +111,7 @@ pub fn load(
                     .set_requires_grad(true),
             );
         }
-        attach(lin, method.layer(&path, name, taken)).with_context(|| path.clone())?;
+        attach(lin, method.layer(&path, in_f, out_f, name, taken)).with_context(|| path.clone())?;
     }
     Ok(())
 }

@@ -17,7 +17,9 @@ use crate::device::{DeviceArg, DtypeArg};
 use crate::quant::{BnbQuantization, Quantize};
 use peft_adapters::ia3::Ia3Config;
 use peft_adapters::loha::LohaConfig;
+use peft_adapters::lokr::{InitWeights, LokrConfig};
 use peft_adapters::lora::{LoraConfig, TargetModules};
+use peft_adapters::lycoris::LycorisConfig;
 use peft_adapters::method::AdapterConfig;
 use peft_regularizers::{NeftuneMode, NoiseDistribution, RegularizerSpec};
 
@@ -113,12 +115,13 @@ pub struct TrainConfig {
     #[arg(long, value_name = "N", default_value_t = defaults().eval_steps)]
     pub eval_steps: u64,
 
-    /// The adapter method: lora (with rsLoRA, DoRA, PiSSA/OLoRA), ia3 or
-    /// loha (PEFT's `peft_type`). IA³ reads `target_modules` and
+    /// The adapter method: lora (with rsLoRA, DoRA, PiSSA/OLoRA), ia3, loha
+    /// or lokr (PEFT's `peft_type`). IA³ reads `target_modules` and
     /// `exclude_modules` below, and `feedforward_modules`,
-    /// `init_ia3_weights`; LoHa reads `lora_rank` and `lora_alpha` as its `r`
-    /// and `alpha`, the targeting fields, `rank_dropout`, `module_dropout`
-    /// and `init_weights`.
+    /// `init_ia3_weights`; LoHa and LoKr read `lora_rank` and `lora_alpha`
+    /// as their `r` and `alpha`, the targeting and pattern fields,
+    /// `rank_dropout`, `module_dropout` and `init_weights`; LoKr also
+    /// `decompose_both`, `decompose_factor` and `rank_dropout_scale`.
     #[arg(long, value_enum, default_value_t = defaults().peft_type)]
     pub peft_type: PeftType,
     /// IA³: the targeted modules whose input is rescaled (PEFT's
@@ -129,16 +132,30 @@ pub struct TrainConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().init_ia3_weights)]
     pub init_ia3_weights: bool,
-    /// LoHa: in training, the probability of dropping each row of ΔW.
+    /// LoHa, LoKr: in training, the probability of dropping each row of ΔW.
     #[arg(long, value_name = "P", default_value_t = defaults().rank_dropout)]
     pub rank_dropout: f64,
-    /// LoHa: in training, the probability of skipping the adapter in a forward pass.
+    /// LoHa, LoKr: in training, the probability of skipping the adapter in a forward pass.
     #[arg(long, value_name = "P", default_value_t = defaults().module_dropout)]
     pub module_dropout: f64,
-    /// LoHa: start with ΔW = 0 (true), or every factor random (false).
+    /// LoHa, LoKr: start with ΔW = 0 (true), every factor random (false), or
+    /// for LoKr as LyCORIS does (lycoris: W2 zero instead of W1).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true",
+          value_name = "true|false|lycoris", default_value_t = defaults().init_weights)]
+    pub init_weights: InitWeights,
+    /// LoKr: write the left Kronecker factor as a low-rank product too.
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
-          value_name = "BOOL", default_value_t = defaults().init_weights)]
-    pub init_weights: bool,
+          value_name = "BOOL", default_value_t = defaults().decompose_both)]
+    pub decompose_both: bool,
+    /// LoKr: the left factor's size along each dimension where it divides
+    /// the dimension (-1: near the square root).
+    #[arg(long, value_name = "N", allow_negative_numbers = true,
+          default_value_t = defaults().decompose_factor)]
+    pub decompose_factor: i64,
+    /// LoKr: rescale the rows rank dropout keeps by the share kept.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().rank_dropout_scale)]
+    pub rank_dropout_scale: bool,
     /// The adapter: LoRA's settings (`lora_rank`, `lora_alpha`,
     /// `lora_dropout`, `target_modules`, `use_rslora`, `use_dora`,
     /// `init_lora_weights`, and in settings files the pattern fields),
@@ -331,7 +348,10 @@ impl Default for TrainConfig {
             init_ia3_weights: true,
             rank_dropout: 0.0,
             module_dropout: 0.0,
-            init_weights: true,
+            init_weights: InitWeights::True,
+            decompose_both: false,
+            decompose_factor: -1,
+            rank_dropout_scale: false,
             lora: LoraConfig::training(),
             share_lora_dropout: true,
             neftune_noise_alpha: 0.0,
@@ -562,19 +582,36 @@ impl TrainConfig {
             }
             .into(),
             PeftType::Loha => LohaConfig {
-                r: self.lora.r,
-                alpha: self.lora.lora_alpha,
-                rank_dropout: self.rank_dropout,
-                module_dropout: self.module_dropout,
-                target_modules: self.lora.target_modules.clone(),
-                exclude_modules: self.lora.exclude_modules.clone(),
-                layers_to_transform: self.lora.layers_to_transform.clone(),
-                rank_pattern: self.lora.rank_pattern.clone(),
-                alpha_pattern: self.lora.alpha_pattern.clone(),
-                init_weights: self.init_weights,
-                base_model_name_or_path: Some(recorded_base(base_model_name_or_path)),
+                lycoris: self.lycoris_config(base_model_name_or_path),
+                init_weights: self.init_weights != InitWeights::False,
             }
             .into(),
+            PeftType::Lokr => LokrConfig {
+                lycoris: self.lycoris_config(base_model_name_or_path),
+                init_weights: self.init_weights,
+                decompose_both: self.decompose_both,
+                decompose_factor: self.decompose_factor,
+                rank_dropout_scale: self.rank_dropout_scale,
+            }
+            .into(),
+        }
+    }
+
+    /// The settings LoHa and LoKr share: LoRA's rank, alpha, targeting and
+    /// patterns, with the LyCORIS dropouts.
+    fn lycoris_config(&self, base_model_name_or_path: &Path) -> LycorisConfig {
+        let l = &self.lora;
+        LycorisConfig {
+            r: l.r,
+            alpha: l.lora_alpha,
+            rank_dropout: self.rank_dropout,
+            module_dropout: self.module_dropout,
+            target_modules: l.target_modules.clone(),
+            exclude_modules: l.exclude_modules.clone(),
+            layers_to_transform: l.layers_to_transform.clone(),
+            rank_pattern: l.rank_pattern.clone(),
+            alpha_pattern: l.alpha_pattern.clone(),
+            base_model_name_or_path: Some(recorded_base(base_model_name_or_path)),
         }
     }
 }
@@ -598,6 +635,9 @@ pub enum PeftType {
     /// LoHa (reads `lora_rank` and `lora_alpha` as its `r` and `alpha`).
     #[serde(alias = "LOHA")]
     Loha,
+    /// LoKr (reads `lora_rank` and `lora_alpha` as its `r` and `alpha`).
+    #[serde(alias = "LOKR")]
+    Lokr,
 }
 
 /// The first field of `all` whose value alone fails to deserialise over the

@@ -6,6 +6,7 @@ use std::fmt;
 use super::config::PeftType;
 use super::TrainConfig;
 use crate::quant::Quantize;
+use peft_adapters::lokr::InitWeights;
 use peft_adapters::method::AdapterConfig;
 
 /// A setting with a value that cannot work: the field and why.
@@ -29,13 +30,17 @@ impl TrainConfig {
     /// Refuses settings of another method than `peft_type`'s (set away from
     /// their defaults), and the methods' own rules.
     fn check_method_settings(&self) -> std::result::Result<(), InvalidSetting> {
-        use PeftType::{Ia3, Loha, Lora};
+        use PeftType::{Ia3, Loha, Lokr, Lora};
         let d = TrainConfig::default();
         let (l, dl) = (&self.lora, &d.lora);
         // (setting, set away from its default, the methods it belongs to)
-        let settings: [(&'static str, bool, &[PeftType]); 15] = [
-            ("lora_rank", l.r != dl.r, &[Lora, Loha]),
-            ("lora_alpha", l.lora_alpha != dl.lora_alpha, &[Lora, Loha]),
+        let settings: [(&'static str, bool, &[PeftType]); 19] = [
+            ("lora_rank", l.r != dl.r, &[Lora, Loha, Lokr]),
+            (
+                "lora_alpha",
+                l.lora_alpha != dl.lora_alpha,
+                &[Lora, Loha, Lokr],
+            ),
             ("lora_dropout", l.lora_dropout != dl.lora_dropout, &[Lora]),
             ("use_rslora", l.use_rslora, &[Lora]),
             ("use_dora", l.use_dora, &[Lora]),
@@ -44,12 +49,20 @@ impl TrainConfig {
                 l.init_lora_weights != dl.init_lora_weights,
                 &[Lora],
             ),
-            ("rank_pattern", !l.rank_pattern.is_empty(), &[Lora, Loha]),
-            ("alpha_pattern", !l.alpha_pattern.is_empty(), &[Lora, Loha]),
+            (
+                "rank_pattern",
+                !l.rank_pattern.is_empty(),
+                &[Lora, Loha, Lokr],
+            ),
+            (
+                "alpha_pattern",
+                !l.alpha_pattern.is_empty(),
+                &[Lora, Loha, Lokr],
+            ),
             (
                 "layers_to_transform",
                 l.layers_to_transform.is_some(),
-                &[Lora, Loha],
+                &[Lora, Loha, Lokr],
             ),
             (
                 "loraplus_lr_ratio",
@@ -66,13 +79,33 @@ impl TrainConfig {
                 self.init_ia3_weights != d.init_ia3_weights,
                 &[Ia3],
             ),
-            ("rank_dropout", self.rank_dropout != d.rank_dropout, &[Loha]),
+            (
+                "rank_dropout",
+                self.rank_dropout != d.rank_dropout,
+                &[Loha, Lokr],
+            ),
             (
                 "module_dropout",
                 self.module_dropout != d.module_dropout,
-                &[Loha],
+                &[Loha, Lokr],
             ),
-            ("init_weights", self.init_weights != d.init_weights, &[Loha]),
+            (
+                "init_weights",
+                self.init_weights != d.init_weights,
+                &[Loha, Lokr],
+            ),
+            (
+                "init_weights",
+                self.init_weights == InitWeights::Lycoris,
+                &[Lokr],
+            ),
+            ("decompose_both", self.decompose_both, &[Lokr]),
+            (
+                "decompose_factor",
+                self.decompose_factor != d.decompose_factor,
+                &[Lokr],
+            ),
+            ("rank_dropout_scale", self.rank_dropout_scale, &[Lokr]),
         ];
         if let Some((field, _, methods)) = settings
             .iter()
@@ -92,15 +125,29 @@ impl TrainConfig {
             });
         }
         let adapter = self.adapter_config(std::path::Path::new(""));
-        if let AdapterConfig::Loha(c) = &adapter {
-            if let Err(e) = c.validate() {
+        let lycoris = match &adapter {
+            AdapterConfig::Loha(c) => Some(&c.lycoris),
+            AdapterConfig::Lokr(c) => Some(&c.lycoris),
+            _ => None,
+        };
+        if let Some(Err(e)) = lycoris.map(|c| c.validate()) {
+            return Err(InvalidSetting {
+                field: if e.to_string().contains("module_dropout") {
+                    "module_dropout"
+                } else {
+                    "rank_dropout"
+                },
+                problem: e.to_string(),
+            });
+        }
+        if let AdapterConfig::Lokr(c) = &adapter {
+            if c.decompose_factor == 0 || c.decompose_factor < -1 {
                 return Err(InvalidSetting {
-                    field: if e.to_string().contains("module_dropout") {
-                        "module_dropout"
-                    } else {
-                        "rank_dropout"
-                    },
-                    problem: e.to_string(),
+                    field: "decompose_factor",
+                    problem: format!(
+                        "must be -1 (near the square root) or a size >= 1, got {}",
+                        c.decompose_factor
+                    ),
                 });
             }
         }
