@@ -65,12 +65,14 @@ pub struct MergeReport {
 pub(crate) enum Delta {
     /// `scaling·BA` (or DoRA's rescaling).
     Lora(LoraWeights),
-    /// An IA³, LoHa or LoKr adapter's tensors on module `path`, `[out, in]`.
+    /// An IA³, LoHa, LoKr or VeRA adapter's tensors on module `path`
+    /// (`(in, out)` = `dims`), and those its modules share.
     Method {
         config: std::rc::Rc<AdapterConfig>,
         path: String,
         dims: (i64, i64),
         tensors: Vec<Tensor>,
+        shared: std::rc::Rc<Vec<Tensor>>,
     },
 }
 
@@ -92,14 +94,15 @@ impl Delta {
             Self::Method {
                 config,
                 path,
-                dims: (in_f, out_f),
+                dims,
                 tensors,
+                shared,
             } => config.as_method().expect("not LoRA").layer(
                 path,
-                *in_f,
-                *out_f,
+                *dims,
                 "merge",
                 tensors.iter().map(Tensor::shallow_clone).collect(),
+                shared,
             ),
         }
     }
@@ -169,36 +172,26 @@ fn method_deltas(
     if tied_head && chosen.contains(&OUTPUT_HEAD) {
         bail!("{}: targets {OUTPUT_HEAD}, which shares its weight with model.embed_tokens in this base model", config_file.display());
     }
-    let mut tensors = files::read_weights(dir)?;
-    let keys = |p: &str, i: i64, o: i64| -> Vec<(String, Vec<i64>)> {
-        method
-            .tensor_shapes(p, i, o)
-            .into_iter()
-            .map(|(s, shape)| (files::key(p, &s), shape))
-            .collect()
-    };
-    let adapted = || {
-        modules
-            .iter()
-            .filter(|(p, _, _)| chosen.contains(&p.as_str()))
-    };
-    let expected: Vec<(String, Vec<i64>)> =
-        adapted().flat_map(|(p, i, o)| keys(p, *i, *o)).collect();
-    files::check_tensors(&dir.join(files::WEIGHTS_FILE), &expected, &tensors)?;
+    let adapted: Vec<(String, i64, i64)> = modules
+        .iter()
+        .filter(|(p, _, _)| chosen.contains(&p.as_str()))
+        .cloned()
+        .collect();
+    let read = peft_adapters::method::read_tensors(dir, method, &adapted)?;
     let config = std::rc::Rc::new(adapter.clone());
-    Ok(adapted()
+    let shared = std::rc::Rc::new(read.shared);
+    let mut per_module = read.modules;
+    Ok(adapted
+        .into_iter()
         .map(|(p, i, o)| {
-            let taken = keys(p, *i, *o)
-                .into_iter()
-                .map(|(k, _)| tensors.remove(&k).expect("checked").to_kind(Kind::Float))
-                .collect();
             let d = Delta::Method {
                 config: config.clone(),
                 path: p.clone(),
-                dims: (*i, *o),
-                tensors: taken,
+                dims: (i, o),
+                tensors: per_module.remove(&p).expect("read"),
+                shared: shared.clone(),
             };
-            (p.clone(), d)
+            (p, d)
         })
         .collect())
 }

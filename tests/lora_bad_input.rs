@@ -67,8 +67,8 @@ fn adapter_for_another_base() {
 #[test]
 fn unknown_peft_type() {
     let (_tmp, a) = adapter();
-    let out = generate_edited(&a, |c| c["peft_type"] = "VERA".into());
-    assert_user_error(&out, &["adapter_config.json", "peft_type", "VERA"]);
+    let out = generate_edited(&a, |c| c["peft_type"] = "BOFT".into());
+    assert_user_error(&out, &["adapter_config.json", "peft_type", "BOFT"]);
 }
 
 #[test]

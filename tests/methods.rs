@@ -1,5 +1,5 @@
-//! The adapter methods beside LoRA — IA³ (`peft_type` IA3), LoHa (LOHA)
-//! and LoKr (LOKR) —
+//! The adapter methods beside LoRA — IA³ (`peft_type` IA3), LoHa (LOHA),
+//! LoKr (LOKR) and VeRA (VERA) —
 //! against PEFT on the tiny Llama and Qwen2 (whose adapted q/v projections
 //! have biases): PEFT's adapters load with PEFT's logits, ours load strictly
 //! in PEFT, initialisation (PEFT's draws for a seed), in-memory merge and
@@ -19,6 +19,7 @@ use peft_rs::adapters::lokr::{InitWeights, LokrConfig};
 use peft_rs::adapters::lora::TargetModules;
 use peft_rs::adapters::lycoris::LycorisConfig;
 use peft_rs::adapters::method::AdapterConfig;
+use peft_rs::adapters::vera::VeraConfig;
 use peft_rs::models::LlamaForCausalLM;
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::RegularizerStack;
@@ -26,11 +27,11 @@ use peft_rs::train::StepOptions;
 use tch::Tensor;
 
 const BASES: [&str; 2] = ["llama", "qwen2"];
-const METHODS: [&str; 3] = ["ia3", "loha", "lokr"];
+const METHODS: [&str; 4] = ["ia3", "loha", "lokr", "vera"];
 /// The seed method_reference.py sets right before `get_peft_model`.
 const SEED: i64 = 17;
 
-/// The fixtures of `method` (ia3, loha, lokr).
+/// The fixtures of `method` (ia3, loha, lokr, vera).
 fn fx(method: &str) -> &'static Path {
     let (llama, qwen2) = (common::model_dir("llama"), common::model_dir("qwen2"));
     common::fixture("method_reference.py", &[method], &[&llama, &qwen2])
@@ -63,7 +64,17 @@ fn config(method: &str, base: &str, random_init: bool) -> AdapterConfig {
             init_weights: !random_init,
         }
         .into(),
-        _ => lokr_config(base, target_modules, random_init),
+        "lokr" => lokr_config(base, target_modules, random_init),
+        _ => VeraConfig {
+            r: 4,
+            target_modules,
+            init_weights: !random_init,
+            // On qwen2 the projections are not saved: drawn again from the key.
+            save_projection: base == "llama",
+            projection_prng_key: if base == "llama" { 0 } else { 5 },
+            ..VeraConfig::default()
+        }
+        .into(),
     }
 }
 
@@ -178,6 +189,16 @@ fn fresh_adapters_are_no_ops_or_pefts_random_draws() {
             diff, 0.0,
             "{method}/{base}: random tensors differ from PEFT's by {diff}"
         );
+        if method == "vera" && base == "llama" {
+            // The shared projections, saved with this adapter.
+            let shared: HashMap<String, Tensor> =
+                peft_model::adapter_tensors(&model, DEFAULT_ADAPTER)
+                    .into_iter()
+                    .filter(|(k, _)| !k.contains("lambda"))
+                    .collect();
+            let diff = worst_rel(&shared, &read(&d.join("projections.safetensors")));
+            assert_eq!(diff, 0.0, "vera/{base}: projections differ by {diff}");
+        }
         if method == "lokr" {
             let mut model = load(base);
             let AdapterConfig::Lokr(mut cfg) = config(method, base, false) else {
@@ -311,7 +332,7 @@ fn gradients_match_peft() {
     });
 }
 
-/// `peft-rs train --peft-type ia3|loha|lokr` trains and saves an adapter
+/// `peft-rs train --peft-type ia3|loha|lokr|vera` trains and saves an adapter
 /// that PEFT loads strictly and computes with as peft-rs does.
 #[test]
 fn cli_trains_each_method() {
@@ -324,6 +345,7 @@ fn cli_trains_each_method() {
         ("ia3", "--lr 5e-2 --peft-type ia3 --target-modules k_proj,v_proj,down_proj", "IA3"),
         ("loha", "--lr 1e-2 --peft-type loha --lora-rank 4 --lora-alpha 8 --target-modules q_proj,v_proj,down_proj", "LOHA"),
         ("lokr", "--lr 1e-2 --peft-type lokr --lora-rank 2 --lora-alpha 4 --decompose-both --rank-dropout 0.1 --target-modules q_proj,v_proj,down_proj", "LOKR"),
+        ("vera", "--lr 5e-2 --peft-type vera --lora-rank 8 --vera-dropout 0.1 --save-projection false --target-modules q_proj,v_proj,down_proj", "VERA"),
     ] {
         let out = tmp.path().join(method);
         Cmd::train_tiny(line, &data, &out).args(flags).run_ok();
@@ -361,6 +383,11 @@ fn what_does_not_apply_is_refused_by_name() {
             vec!["init-weights", "lokr"],
         ),
         ("--decompose-both", vec!["decompose-both", "lokr"]),
+        ("--vera-dropout 0.1", vec!["vera-dropout", "vera"]),
+        (
+            "--peft-type vera --lora-alpha 4",
+            vec!["lora-alpha", "vera"],
+        ),
         (
             "--peft-type lokr --decompose-factor 0",
             vec!["decompose-factor", "-1"],
@@ -386,8 +413,8 @@ fn what_does_not_apply_is_refused_by_name() {
     // PEFT files that ask for what peft-rs does not do, or do not fit the base.
     for (edit, needles) in [
         (
-            ("peft_type", serde_json::json!("VERA")),
-            vec!["peft_type", "VERA"],
+            ("peft_type", serde_json::json!("BOFT")),
+            vec!["peft_type", "BOFT"],
         ),
         (
             ("fan_in_fan_out", serde_json::json!(true)),

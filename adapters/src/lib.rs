@@ -9,7 +9,7 @@
 //! [`lora`] holds LoRA with its rsLoRA and DoRA variants: the configuration
 //! (`adapter_config.json`), the layer, and PEFT's file format; [`ia3`]
 //! holds IA³, [`loha`] and [`lokr`] the LyCORIS methods on their shared
-//! [`lycoris`] parts. [`method`] reads an adapter directory's `peft_type` and
+//! [`lycoris`] parts, [`vera`] VeRA. [`method`] reads an adapter directory's `peft_type` and
 //! gives the configuration of its method.
 #![warn(missing_docs)]
 
@@ -25,6 +25,7 @@ pub mod method;
 pub mod peft_json;
 pub mod rng;
 pub mod text;
+pub mod vera;
 
 use std::cell::RefCell;
 
@@ -143,6 +144,13 @@ pub trait LinearAdapter: Send {
     /// format (its state dict), trained or not, active or not; empty when
     /// the layer has no adapter of that name.
     fn state_dict(&self, name: &str) -> Vec<(String, Tensor)>;
+
+    /// Tensors of adapter `name` that every layer shares (VeRA's saved
+    /// projections), under their names in PEFT's files after
+    /// `base_model.`: saved once per adapter.
+    fn shared_state(&self, _name: &str) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
 
     /// Chooses which of the layer's adapters are summed in the forward pass
     /// (names the layer does not have are skipped).

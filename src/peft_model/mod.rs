@@ -208,9 +208,11 @@ fn load_lora(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Result<Lor
     Ok(config)
 }
 
-/// The tensors of adapter `name` under their PEFT file keys.
+/// The tensors of adapter `name` under their PEFT file keys, those all
+/// layers share (VeRA's projections) once, under `base_model.`.
 pub fn adapter_tensors(model: &LlamaForCausalLM, name: &str) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
+    let mut shared = BTreeMap::new();
     for (path, lin) in model.linear_layers() {
         if let Some(a) = lin.adapter.as_ref() {
             out.extend(
@@ -218,8 +220,12 @@ pub fn adapter_tensors(model: &LlamaForCausalLM, name: &str) -> Vec<(String, Ten
                     .into_iter()
                     .map(|(s, t)| (key(&path, &s), t)),
             );
+            for (s, t) in a.shared_state(name) {
+                shared.entry(format!("base_model.{s}")).or_insert(t);
+            }
         }
     }
+    out.extend(shared);
     out
 }
 

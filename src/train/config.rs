@@ -21,6 +21,7 @@ use peft_adapters::lokr::{InitWeights, LokrConfig};
 use peft_adapters::lora::{LoraConfig, TargetModules};
 use peft_adapters::lycoris::LycorisConfig;
 use peft_adapters::method::AdapterConfig;
+use peft_adapters::vera::VeraConfig;
 use peft_regularizers::{NeftuneMode, NoiseDistribution, RegularizerSpec};
 
 /// Learning-rate schedules, with transformers' `SchedulerType` names.
@@ -115,13 +116,16 @@ pub struct TrainConfig {
     #[arg(long, value_name = "N", default_value_t = defaults().eval_steps)]
     pub eval_steps: u64,
 
-    /// The adapter method: lora (with rsLoRA, DoRA, PiSSA/OLoRA), ia3, loha
-    /// or lokr (PEFT's `peft_type`). IA³ reads `target_modules` and
+    /// The adapter method: lora (with rsLoRA, DoRA, PiSSA/OLoRA), ia3, loha,
+    /// lokr or vera (PEFT's `peft_type`). IA³ reads `target_modules` and
     /// `exclude_modules` below, and `feedforward_modules`,
     /// `init_ia3_weights`; LoHa and LoKr read `lora_rank` and `lora_alpha`
     /// as their `r` and `alpha`, the targeting and pattern fields,
     /// `rank_dropout`, `module_dropout` and `init_weights`; LoKr also
-    /// `decompose_both`, `decompose_factor` and `rank_dropout_scale`.
+    /// `decompose_both`, `decompose_factor` and `rank_dropout_scale`; VeRA
+    /// reads `lora_rank` as its `r`, the targeting fields, `init_weights`
+    /// and `projection_prng_key`, `save_projection`, `vera_dropout`,
+    /// `d_initial`.
     #[arg(long, value_enum, default_value_t = defaults().peft_type)]
     pub peft_type: PeftType,
     /// IA³: the targeted modules whose input is rescaled (PEFT's
@@ -138,8 +142,8 @@ pub struct TrainConfig {
     /// LoHa, LoKr: in training, the probability of skipping the adapter in a forward pass.
     #[arg(long, value_name = "P", default_value_t = defaults().module_dropout)]
     pub module_dropout: f64,
-    /// LoHa, LoKr: start with ΔW = 0 (true), every factor random (false), or
-    /// for LoKr as LyCORIS does (lycoris: W2 zero instead of W1).
+    /// LoHa, LoKr, VeRA: start with ΔW = 0 (true), every factor random
+    /// (false), or for LoKr as LyCORIS does (lycoris: W2 zero instead of W1).
     #[arg(long, num_args = 0..=1, default_missing_value = "true",
           value_name = "true|false|lycoris", default_value_t = defaults().init_weights)]
     pub init_weights: InitWeights,
@@ -156,6 +160,21 @@ pub struct TrainConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().rank_dropout_scale)]
     pub rank_dropout_scale: bool,
+    /// VeRA: the seed of the random projections all layers share.
+    #[arg(long, value_name = "N", default_value_t = defaults().projection_prng_key)]
+    pub projection_prng_key: u64,
+    /// VeRA: save the shared projections in the adapter (else they are drawn
+    /// again from the seed when loading).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().save_projection)]
+    pub save_projection: bool,
+    /// VeRA: dropout on the adapter's input in training.
+    #[arg(long, value_name = "P", default_value_t = defaults().vera_dropout)]
+    pub vera_dropout: f64,
+    /// VeRA: the starting value of the λ_d vectors.
+    #[arg(long, value_name = "X", allow_negative_numbers = true,
+          default_value_t = defaults().d_initial)]
+    pub d_initial: f64,
     /// The adapter: LoRA's settings (`lora_rank`, `lora_alpha`,
     /// `lora_dropout`, `target_modules`, `use_rslora`, `use_dora`,
     /// `init_lora_weights`, and in settings files the pattern fields),
@@ -352,6 +371,10 @@ impl Default for TrainConfig {
             decompose_both: false,
             decompose_factor: -1,
             rank_dropout_scale: false,
+            projection_prng_key: 0,
+            save_projection: true,
+            vera_dropout: 0.0,
+            d_initial: 0.1,
             lora: LoraConfig::training(),
             share_lora_dropout: true,
             neftune_noise_alpha: 0.0,
@@ -594,6 +617,19 @@ impl TrainConfig {
                 rank_dropout_scale: self.rank_dropout_scale,
             }
             .into(),
+            PeftType::Vera => VeraConfig {
+                r: self.lora.r,
+                target_modules: self.lora.target_modules.clone(),
+                exclude_modules: self.lora.exclude_modules.clone(),
+                layers_to_transform: self.lora.layers_to_transform.clone(),
+                projection_prng_key: self.projection_prng_key,
+                save_projection: self.save_projection,
+                vera_dropout: self.vera_dropout,
+                d_initial: self.d_initial,
+                init_weights: self.init_weights != InitWeights::False,
+                base_model_name_or_path: Some(recorded_base(base_model_name_or_path)),
+            }
+            .into(),
         }
     }
 
@@ -638,6 +674,9 @@ pub enum PeftType {
     /// LoKr (reads `lora_rank` and `lora_alpha` as its `r` and `alpha`).
     #[serde(alias = "LOKR")]
     Lokr,
+    /// VeRA (reads `lora_rank` as its `r`).
+    #[serde(alias = "VERA")]
+    Vera,
 }
 
 /// The first field of `all` whose value alone fails to deserialise over the

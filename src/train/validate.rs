@@ -30,12 +30,12 @@ impl TrainConfig {
     /// Refuses settings of another method than `peft_type`'s (set away from
     /// their defaults), and the methods' own rules.
     fn check_method_settings(&self) -> std::result::Result<(), InvalidSetting> {
-        use PeftType::{Ia3, Loha, Lokr, Lora};
+        use PeftType::{Ia3, Loha, Lokr, Lora, Vera};
         let d = TrainConfig::default();
         let (l, dl) = (&self.lora, &d.lora);
         // (setting, set away from its default, the methods it belongs to)
-        let settings: [(&'static str, bool, &[PeftType]); 19] = [
-            ("lora_rank", l.r != dl.r, &[Lora, Loha, Lokr]),
+        let settings: [(&'static str, bool, &[PeftType]); 23] = [
+            ("lora_rank", l.r != dl.r, &[Lora, Loha, Lokr, Vera]),
             (
                 "lora_alpha",
                 l.lora_alpha != dl.lora_alpha,
@@ -62,7 +62,7 @@ impl TrainConfig {
             (
                 "layers_to_transform",
                 l.layers_to_transform.is_some(),
-                &[Lora, Loha, Lokr],
+                &[Lora, Loha, Lokr, Vera],
             ),
             (
                 "loraplus_lr_ratio",
@@ -92,7 +92,7 @@ impl TrainConfig {
             (
                 "init_weights",
                 self.init_weights != d.init_weights,
-                &[Loha, Lokr],
+                &[Loha, Lokr, Vera],
             ),
             (
                 "init_weights",
@@ -106,6 +106,14 @@ impl TrainConfig {
                 &[Lokr],
             ),
             ("rank_dropout_scale", self.rank_dropout_scale, &[Lokr]),
+            (
+                "projection_prng_key",
+                self.projection_prng_key != d.projection_prng_key,
+                &[Vera],
+            ),
+            ("save_projection", !self.save_projection, &[Vera]),
+            ("vera_dropout", self.vera_dropout != d.vera_dropout, &[Vera]),
+            ("d_initial", self.d_initial != d.d_initial, &[Vera]),
         ];
         if let Some((field, _, methods)) = settings
             .iter()
@@ -139,6 +147,19 @@ impl TrainConfig {
                 },
                 problem: e.to_string(),
             });
+        }
+        if let AdapterConfig::Vera(c) = &adapter {
+            if let Err(e) = c.validate() {
+                let msg = e.to_string();
+                return Err(InvalidSetting {
+                    field: if msg.contains("d_initial") {
+                        "d_initial"
+                    } else {
+                        "vera_dropout"
+                    },
+                    problem: msg,
+                });
+            }
         }
         if let AdapterConfig::Lokr(c) = &adapter {
             if c.decompose_factor == 0 || c.decompose_factor < -1 {
