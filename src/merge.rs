@@ -23,7 +23,8 @@ use crate::weights::{
     dtype_of, kind_of, tensor_bytes, StreamingWriter, WeightFiles, INDEX_FILE, SINGLE_FILE,
 };
 use peft_adapters::lora::files;
-use peft_adapters::lora::{Combination, LoraLayer, LoraWeights};
+use peft_adapters::lora::init::loftq;
+use peft_adapters::lora::{Combination, InitLoraWeights, LoraLayer, LoraWeights};
 use peft_adapters::method::AdapterConfig;
 use peft_adapters::LinearAdapter;
 
@@ -65,6 +66,9 @@ pub struct MergeReport {
 pub(crate) enum Delta {
     /// `scaling·BA` (or DoRA's rescaling).
     Lora(LoraWeights),
+    /// `scaling·BA` over LoftQ's base: the weight quantized as LoftQ
+    /// quantized it when the adapter was made (`iters` alternations).
+    Loftq { weights: LoraWeights, iters: u32 },
     /// An IA³, LoHa, LoKr or VeRA adapter's tensors on module `path`
     /// (`(in, out)` = `dims`), and those its modules share.
     Method {
@@ -77,11 +81,21 @@ pub(crate) enum Delta {
 }
 
 impl Delta {
+    /// The base weight `t` (fp32) as the adapter applies over it: LoftQ's
+    /// quantized Q, made again; the weight itself for every other adapter.
+    fn base_for(&self, t: &mut Tensor) -> Result<()> {
+        if let Self::Loftq { weights, iters } = self {
+            let r = weights.rank();
+            *t = loftq(t, r, *iters, crate::peft_model::nf4_roundtrip)?.residual;
+        }
+        Ok(())
+    }
+
     /// A fresh, unmerged layer of this delta: each tensor it changes (the
     /// weight, and IA³'s bias) is merged by its own copy, in any order.
     fn layer(&self) -> Box<dyn LinearAdapter> {
         match self {
-            Self::Lora(w) => Box::new(LoraLayer::new(
+            Self::Lora(w) | Self::Loftq { weights: w, .. } => Box::new(LoraLayer::new(
                 "merge",
                 LoraWeights {
                     a: w.a.shallow_clone(),
@@ -125,13 +139,29 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Delt
             }
             return method_deltas(dir, adapter, &modules, config.tie_word_embeddings);
         }
-        let (_, weights) = files::read_checked_plain(
+        let (lora, weights) = files::read_checked(
             dir,
             &modules,
             OUTPUT_HEAD,
             config.tie_word_embeddings,
             Device::Cpu,
         )?;
+        files::refuse_unconverted(dir, lora.init_lora_weights)?;
+        if let InitLoraWeights::Loftq { iters } = lora.init_lora_weights {
+            if opts.adapters.len() > 1 {
+                bail!(
+                    "{}: a LoftQ adapter applies over its own quantized base and is merged alone (--weights combines adapters of one base)",
+                    dir.display()
+                );
+            }
+            return Ok(weights
+                .into_iter()
+                .map(|(path, w)| {
+                    let weights = LoraWeights { dropout: 0.0, ..w };
+                    (path, Delta::Loftq { weights, iters })
+                })
+                .collect());
+        }
         for (path, w) in weights {
             // Merging is inference: no dropout.
             let w = LoraWeights { dropout: 0.0, ..w };
@@ -397,7 +427,10 @@ fn write_model(
                 }
                 Some(d) => {
                     let mut layer = d.layer();
-                    let mut change = |t: &mut Tensor| layer.merge(t);
+                    let mut change = |t: &mut Tensor| {
+                        d.base_for(t)?;
+                        layer.merge(t)
+                    };
                     report.tensors_merged += 1;
                     let m = merged_tensor(
                         files_in,

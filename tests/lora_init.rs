@@ -316,7 +316,7 @@ fn unsupported_initialisations_are_refused_by_name() {
     let data = common::alpaca(tmp.path(), 4);
     let out = tmp.path().join("run");
     for (flags, needles) in [
-        ("--init-lora-weights loftq", vec!["loftq", "LoftQ"]),
+        ("--init-lora-weights eva", vec!["eva", "EVA"]),
         (
             "--init-lora-weights pissa_niter_x",
             vec!["pissa_niter_x", "pissa_niter_16"],

@@ -141,9 +141,11 @@ fn worst_rel(ours: &HashMap<String, Tensor>, expected: &HashMap<String, Tensor>)
         .fold(0.0, f64::max)
 }
 
+/// PEFT's adapters give PEFT's logits and greedy answers.
 #[test]
 fn peft_adapters_load_with_peft_logits() {
     each(|method, base, d| {
+        let d_dir = d.to_path_buf();
         let (_, ids, mask) = inputs(base);
         let ours = tch::no_grad(|| with_peft_adapter(method, base).forward(&ids));
         let expected = logits(&d.join("logits.safetensors"));
@@ -152,7 +154,13 @@ fn peft_adapters_load_with_peft_logits() {
             masked_max_diff(&ours, &expected, &mask),
             masked_max_diff(&plain, &expected, &mask),
         );
-        eprintln!("{method}/{base}: PEFT adapter in peft-rs: max diff {d:.2e} (adapter effect {effect:.2e})");
+        let want: Vec<Vec<i64>> = common::read_json(&d_dir.join("generate.json"));
+        let got = common::greedy_rows(&with_peft_adapter(method, base), &ids, 8);
+        assert_eq!(
+            got, want,
+            "{method}/{base}: greedy answers differ from PEFT's"
+        );
+        eprintln!("{method}/{base}: PEFT adapter in peft-rs: max diff {d:.2e} (adapter effect {effect:.2e}); greedy answers equal");
         assert!(
             effect > 1e-2,
             "the reference adapter must change the logits"

@@ -15,7 +15,7 @@ use crate::models::LlamaForCausalLM;
 use crate::models::OUTPUT_HEAD;
 use crate::nn::Linear;
 use peft_adapters::lora::files::{self, key};
-use peft_adapters::lora::init::from_base;
+use peft_adapters::lora::init::{from_base, loftq};
 use peft_adapters::lora::{
     Combination, InitLoraWeights, LoraConfig, LoraLayer, LoraWeights, TargetModules,
 };
@@ -77,7 +77,7 @@ pub fn inject(
                 init_from_base(lin, r, scaling, config.lora_dropout, init, device)
                     .with_context(|| path.clone())?;
             attach(lin, name, trained).with_context(|| path.clone())?;
-            attach(lin, &initial_name(name), initial).with_context(|| path.clone())?;
+            keep_initial(lin, name, init, initial).with_context(|| path.clone())?;
             continue;
         }
         let w = LoraWeights::init(
@@ -123,11 +123,26 @@ fn initial_name(name: &str) -> String {
     format!("{name}:initial")
 }
 
-/// PiSSA's or OLoRA's initial adapter for `lin`, whose weight becomes the
-/// residual: the adapter to train and an untrained copy of it (both fp32 on
-/// `device`, placed as [`LoraWeights::init`] places its draws). A quantized
-/// weight is dequantized and its residual quantized again, as PEFT does for
-/// OLoRA; PiSSA refuses it, as PEFT does.
+/// Keeps the untrained copy `initial` of adapter `name` beside it, inactive,
+/// where saving converts the adapter (PiSSA, OLoRA).
+fn keep_initial(
+    lin: &mut Linear,
+    name: &str,
+    init: InitLoraWeights,
+    initial: LoraWeights,
+) -> Result<()> {
+    if init.converted_on_save() {
+        attach(lin, &initial_name(name), initial)?;
+    }
+    Ok(())
+}
+
+/// PiSSA's, OLoRA's or LoftQ's initial adapter for `lin`, whose weight
+/// becomes the residual (LoftQ: the quantization): the adapter to train
+/// and an untrained copy of it (both fp32 on `device`, placed as
+/// [`LoraWeights::init`] places its draws). A quantized weight is
+/// dequantized and its residual quantized again, as PEFT does for OLoRA;
+/// PiSSA and LoftQ refuse it.
 fn init_from_base(
     lin: &mut Linear,
     r: usize,
@@ -139,6 +154,9 @@ fn init_from_base(
     if lin.weight.is_quantized() && matches!(init, InitLoraWeights::Pissa { .. }) {
         bail!("`init_lora_weights` = {init} needs a 16- or 32-bit base weight, as in PEFT: train without 4/8-bit quantization (and quantize the merged model afterwards), or use olora");
     }
+    if lin.weight.is_quantized() && matches!(init, InitLoraWeights::Loftq { .. }) {
+        bail!("`init_lora_weights` = loftq quantizes the base itself (NF4, as PEFT's loftq_init): load the base in 16 or 32 bits, without --quantize/--load-in-4bit");
+    }
     let dense = lin.weight.dense();
     // PEFT moves new adapters to the base's dtype only when that is a float dtype.
     let kind = if lin.weight.is_quantized() {
@@ -146,7 +164,10 @@ fn init_from_base(
     } else {
         dense.kind()
     };
-    let f = from_base(&dense, r as i64, scaling, init)?;
+    let f = match init {
+        InitLoraWeights::Loftq { iters } => loftq(&dense, r as i64, iters, nf4_roundtrip)?,
+        _ => from_base(&dense, r as i64, scaling, init)?,
+    };
     drop(dense);
     lin.weight.replace(&f.residual)?;
     let place = |a: &Tensor, b: &Tensor, dropout| {
@@ -156,6 +177,14 @@ fn init_from_base(
     let _ = initial.a.set_requires_grad(false);
     let _ = initial.b.set_requires_grad(false);
     Ok((place(&f.a, &f.b, dropout), initial))
+}
+
+/// W quantized to NF4 and dequantized, in fp32, as LoftQ quantizes it:
+/// bitsandbytes' `Params4bit(quant_type="nf4", compress_statistics=False)`
+/// (blocks of 64, fp32 absmax).
+pub(crate) fn nf4_roundtrip(w: &Tensor) -> Result<Tensor> {
+    let q = crate::quant::four_bit::quantize_4bit(w, crate::quant::QuantType::Nf4, false)?;
+    Ok(q.dequantize(Kind::Float, w.device()))
 }
 
 /// Loads a PEFT adapter directory (LoRA or IA³, as its `peft_type` says) as
@@ -199,7 +228,7 @@ fn load_lora(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Result<Lor
                 let (_, initial) = init_from_base(lin, r, scaling, dropout, init, device)
                     .with_context(|| path.clone())?;
                 attach(lin, name, w).with_context(|| path.clone())?;
-                attach(lin, &initial_name(name), initial).with_context(|| path.clone())?;
+                keep_initial(lin, name, init, initial).with_context(|| path.clone())?;
                 continue;
             }
             attach(lin, name, w).with_context(|| path.clone())?;
@@ -246,7 +275,7 @@ pub fn saved_form(
         bail!("no adapter named `{name}` is attached to the model");
     }
     let config = match config {
-        AdapterConfig::Lora(c) if c.init_lora_weights.mutates_base() => c,
+        AdapterConfig::Lora(c) if c.init_lora_weights.converted_on_save() => c,
         other => return Ok((other.clone(), tensors)),
     };
     let initial: BTreeMap<String, Tensor> = adapter_tensors(model, &initial_name(name))

@@ -18,7 +18,7 @@ use crate::quant::{BnbQuantization, Quantize};
 use peft_adapters::ia3::Ia3Config;
 use peft_adapters::loha::LohaConfig;
 use peft_adapters::lokr::{InitWeights, LokrConfig};
-use peft_adapters::lora::{LoraConfig, TargetModules};
+use peft_adapters::lora::{InitLoraWeights, LoraConfig, TargetModules};
 use peft_adapters::lycoris::LycorisConfig;
 use peft_adapters::method::AdapterConfig;
 use peft_adapters::vera::VeraConfig;
@@ -160,6 +160,10 @@ pub struct TrainConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().rank_dropout_scale)]
     pub rank_dropout_scale: bool,
+    /// LoRA with `init_lora_weights` loftq: alternations of quantizing and
+    /// the SVD (PEFT's `loftq_config.loftq_iter`).
+    #[arg(long, value_name = "N", default_value_t = defaults().loftq_iter)]
+    pub loftq_iter: u32,
     /// VeRA: the seed of the random projections all layers share.
     #[arg(long, value_name = "N", default_value_t = defaults().projection_prng_key)]
     pub projection_prng_key: u64,
@@ -371,6 +375,7 @@ impl Default for TrainConfig {
             decompose_both: false,
             decompose_factor: -1,
             rank_dropout_scale: false,
+            loftq_iter: 1,
             projection_prng_key: 0,
             save_projection: true,
             vera_dropout: 0.0,
@@ -585,8 +590,15 @@ impl TrainConfig {
     /// The LoRA configuration these settings describe, for the adapter of
     /// a model read from `base_model_name_or_path`.
     pub fn lora_config(&self, base_model_name_or_path: &Path) -> LoraConfig {
+        let init_lora_weights = match self.lora.init_lora_weights {
+            InitLoraWeights::Loftq { .. } => InitLoraWeights::Loftq {
+                iters: self.loftq_iter,
+            },
+            other => other,
+        };
         LoraConfig {
             base_model_name_or_path: Some(recorded_base(base_model_name_or_path)),
+            init_lora_weights,
             ..self.lora.clone()
         }
     }

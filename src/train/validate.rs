@@ -7,6 +7,7 @@ use super::config::PeftType;
 use super::TrainConfig;
 use crate::quant::Quantize;
 use peft_adapters::lokr::InitWeights;
+use peft_adapters::lora::InitLoraWeights;
 use peft_adapters::method::AdapterConfig;
 
 /// A setting with a value that cannot work: the field and why.
@@ -34,7 +35,7 @@ impl TrainConfig {
         let d = TrainConfig::default();
         let (l, dl) = (&self.lora, &d.lora);
         // (setting, set away from its default, the methods it belongs to)
-        let settings: [(&'static str, bool, &[PeftType]); 23] = [
+        let settings: [(&'static str, bool, &[PeftType]); 24] = [
             ("lora_rank", l.r != dl.r, &[Lora, Loha, Lokr, Vera]),
             (
                 "lora_alpha",
@@ -106,6 +107,7 @@ impl TrainConfig {
                 &[Lokr],
             ),
             ("rank_dropout_scale", self.rank_dropout_scale, &[Lokr]),
+            ("loftq_iter", self.loftq_iter != d.loftq_iter, &[Lora]),
             (
                 "projection_prng_key",
                 self.projection_prng_key != d.projection_prng_key,
@@ -146,6 +148,20 @@ impl TrainConfig {
                     "rank_dropout"
                 },
                 problem: e.to_string(),
+            });
+        }
+        if self.loftq_iter != d.loftq_iter
+            && !matches!(self.lora.init_lora_weights, InitLoraWeights::Loftq { .. })
+        {
+            return Err(InvalidSetting {
+                field: "loftq_iter",
+                problem: "applies with init_lora_weights loftq".to_owned(),
+            });
+        }
+        if self.loftq_iter == 0 {
+            return Err(InvalidSetting {
+                field: "loftq_iter",
+                problem: "must be at least 1".to_owned(),
             });
         }
         if let AdapterConfig::Vera(c) = &adapter {

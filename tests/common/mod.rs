@@ -804,3 +804,20 @@ pub fn assert_tensorboard_matches_metrics(out: &Path) {
         }
     }
 }
+
+/// Each row of `ids` continued alone by greedy decoding for exactly `n`
+/// tokens, no EOS stopping it (the fixtures' `refkit.greedy`).
+pub fn greedy_rows(model: &LlamaForCausalLM, ids: &Tensor, n: usize) -> Vec<Vec<i64>> {
+    let cfg = peft_rs::generate::GenerationConfig {
+        max_new_tokens: n,
+        eos_token_ids: Vec::new(),
+        ..peft_rs::generate::GenerationConfig::default()
+    };
+    (0..ids.size()[0])
+        .map(|i| {
+            let row: Vec<i64> = Vec::try_from(ids.get(i)).unwrap();
+            let row: Vec<u32> = row.into_iter().map(|t| t as u32).collect();
+            peft_rs::generate::generate(model, &row, &cfg).unwrap()
+        })
+        .collect()
+}

@@ -42,6 +42,14 @@ pub enum InitLoraWeights {
     /// `"olora"`: B and A from W's QR factorisation (Q's and R's first r
     /// columns and rows); the base becomes W − scaling·BA.
     Olora,
+    /// `"loftq"` with `loftq_config` {`loftq_bits`: 4, `loftq_iter`}: the
+    /// base becomes Q, W's NF4 quantization (dequantized), and B, A the
+    /// rank-r SVD factors of W − Q, alternated `iters` times (LoftQ, Li et
+    /// al. 2023), so that Q + BA approximates W better than Q alone.
+    Loftq {
+        /// Alternations of quantizing and the SVD (PEFT's `loftq_iter`).
+        iters: u32,
+    },
 }
 
 impl Serialize for InitLoraWeights {
@@ -59,10 +67,6 @@ impl<'de> Deserialize<'de> for InitLoraWeights {
 
 /// Initialisations PEFT has that peft-rs does not, with why.
 const UNSUPPORTED_INITS: &[(&str, &str)] = &[
-    (
-        "loftq",
-        "LoftQ is not implemented; quantize with --load-in-4bit and use the default initialisation",
-    ),
     (
         "eva",
         "EVA needs activations from a data pass before training and is not implemented",
@@ -82,7 +86,7 @@ const UNSUPPORTED_INITS: &[(&str, &str)] = &[
     ("mica", "MiCA is not implemented"),
 ];
 
-const EXPECTED_INITS: &str = "true, false, gaussian, pissa, pissa_niter_N or olora";
+const EXPECTED_INITS: &str = "true, false, gaussian, pissa, pissa_niter_N, olora or loftq";
 
 impl FromStr for InitLoraWeights {
     type Err = anyhow::Error;
@@ -93,6 +97,7 @@ impl FromStr for InitLoraWeights {
             "false" => return Ok(Self::Random),
             "gaussian" => return Ok(Self::Gaussian),
             "pissa" => return Ok(Self::Pissa { niter: None }),
+            "loftq" => return Ok(Self::Loftq { iters: 1 }),
             _ => {}
         }
         if s.eq_ignore_ascii_case("olora") {
@@ -123,6 +128,7 @@ impl fmt::Display for InitLoraWeights {
             Self::Pissa { niter: None } => f.write_str("pissa"),
             Self::Pissa { niter: Some(n) } => write!(f, "pissa_niter_{n}"),
             Self::Olora => f.write_str("olora"),
+            Self::Loftq { .. } => f.write_str("loftq"),
         }
     }
 }
@@ -149,8 +155,18 @@ impl InitLoraWeights {
     }
 
     /// Whether this initialisation changes the base weights (PiSSA and
-    /// OLoRA leave the residual W − scaling·BA in the base layer).
+    /// OLoRA leave the residual W − scaling·BA in the base layer, LoftQ its
+    /// quantization).
     pub fn mutates_base(self) -> bool {
+        matches!(self, Self::Pissa { .. } | Self::Olora | Self::Loftq { .. })
+    }
+
+    /// Whether an adapter of this initialisation is saved converted to a
+    /// plain LoRA adapter against the original base (PiSSA, OLoRA: their
+    /// change to the base is of rank r). LoftQ's change, W − Q, is not of
+    /// low rank: its adapter is saved as it is, for its quantized base,
+    /// as PEFT saves it.
+    pub fn converted_on_save(self) -> bool {
         matches!(self, Self::Pissa { .. } | Self::Olora)
     }
 }
@@ -263,6 +279,7 @@ pub const KNOWN_FIELDS: &[&str] = &[
     "use_rslora",
     "use_dora",
     "init_lora_weights",
+    "loftq_config",
     "bias",
     "base_model_name_or_path",
     "inference_mode",
@@ -373,13 +390,20 @@ impl LoraConfig {
             }
         }
         let init = self.init_lora_weights;
-        if init.mutates_base() && self.use_dora {
+        if matches!(init, InitLoraWeights::Loftq { .. }) && self.use_dora {
+            return bad(
+                "use_dora",
+                "with `init_lora_weights` = loftq is not implemented; use one or the other"
+                    .to_owned(),
+            );
+        }
+        if init.converted_on_save() && self.use_dora {
             return bad(
                 "use_dora",
                 format!("with `init_lora_weights` = {init}: such an adapter is saved as a plain LoRA adapter against the original base, which has no form for DoRA's magnitude; use one or the other"),
             );
         }
-        if init.mutates_base()
+        if init.converted_on_save()
             && self.use_rslora
             && !(self.rank_pattern.is_empty() && self.alpha_pattern.is_empty())
         {
@@ -398,7 +422,7 @@ impl LoraConfig {
     /// scaling stays, and the default initialisation. Other configurations
     /// are returned as they are.
     pub fn converted_for_saving(&self) -> Self {
-        if !self.init_lora_weights.mutates_base() {
+        if !self.init_lora_weights.converted_on_save() {
             return self.clone();
         }
         let alpha_factor = if self.use_rslora { 2f64.sqrt() } else { 2.0 };
@@ -447,7 +471,10 @@ impl LoraConfig {
             peft_json::targets(obj, "target_modules")?.context("`target_modules` missing")?;
         let exclude_modules = peft_json::targets(obj, "exclude_modules")?;
         let layers_to_transform = peft_json::layers(obj)?;
-        let init_lora_weights = InitLoraWeights::from_json(obj.get("init_lora_weights"))?;
+        let init_lora_weights = with_loftq_config(
+            InitLoraWeights::from_json(obj.get("init_lora_weights"))?,
+            obj.get("loftq_config"),
+        )?;
         let rank_pattern = pattern(obj, "rank_pattern", "an integer", |v| {
             v.as_u64().map(|x| x as usize)
         })?;
@@ -483,6 +510,10 @@ impl LoraConfig {
             "inference_mode": true,
             "init_lora_weights": self.init_lora_weights.to_json(),
             "layers_pattern": null,
+            "loftq_config": match self.init_lora_weights {
+                InitLoraWeights::Loftq { iters } => json!({"loftq_bits": 4, "loftq_iter": iters}),
+                _ => json!({}),
+            },
             "layers_to_transform": self.layers_to_transform,
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
@@ -515,6 +546,47 @@ impl LoraConfig {
             output_head,
         )
     }
+}
+
+/// `init` with the iterations of `loftq_config` when it is LoftQ (PEFT's
+/// `LoftQConfig`: `loftq_bits` 4, `loftq_iter` default 1); a LoftQ config
+/// beside another initialisation changes nothing, as in PEFT.
+fn with_loftq_config(init: InitLoraWeights, loftq: Option<&Value>) -> Result<InitLoraWeights> {
+    let InitLoraWeights::Loftq { .. } = init else {
+        return Ok(init);
+    };
+    let empty = serde_json::Map::new();
+    let cfg = match loftq {
+        None | Some(Value::Null) => &empty,
+        Some(Value::Object(m)) => m,
+        Some(v) => bail!("`loftq_config` must be an object such as {{\"loftq_bits\": 4, \"loftq_iter\": 1}}, found {v}"),
+    };
+    if cfg.is_empty() {
+        bail!("`init_lora_weights` = loftq needs `loftq_config` (PEFT's LoftQConfig: {{\"loftq_bits\": 4, \"loftq_iter\": 1}})");
+    }
+    if let Some((k, _)) = cfg
+        .iter()
+        .find(|(k, _)| !["loftq_bits", "loftq_iter"].contains(&k.as_str()))
+    {
+        bail!(
+            "`loftq_config.{k}` is not a LoftQConfig field peft-rs reads (loftq_bits, loftq_iter)"
+        );
+    }
+    match cfg.get("loftq_bits").map(Value::as_u64) {
+        None | Some(Some(4)) => {}
+        Some(Some(8)) => bail!("`loftq_config.loftq_bits` = 8 is not implemented: peft-rs quantizes LoftQ bases to 4-bit NF4 (loftq_bits 4)"),
+        Some(_) => bail!("`loftq_config.loftq_bits` must be 4 (NF4), found {}", cfg["loftq_bits"]),
+    }
+    let iters = match cfg.get("loftq_iter") {
+        None => 1,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=u32::MAX as u64).contains(n))
+            .with_context(|| {
+                format!("`loftq_config.loftq_iter` must be a whole number >= 1, found {v}")
+            })? as u32,
+    };
+    Ok(InitLoraWeights::Loftq { iters })
 }
 
 /// `rank_pattern` / `alpha_pattern`: an object of module pattern -> value.
@@ -560,7 +632,7 @@ mod tests {
                 init
             );
         }
-        assert!(InitLoraWeights::from_json(Some(&json!("loftq"))).is_err());
+        assert!(InitLoraWeights::from_json(Some(&json!("eva"))).is_err());
     }
 
     /// The converted configuration keeps every module's scaling at twice the

@@ -218,7 +218,8 @@ pub fn take_weights(
 /// [`read_checked`] for tools that apply an adapter to the original base
 /// weights as they stream past (merge, GGUF export): an adapter saved
 /// unconverted from a PiSSA or OLoRA start, which applies only over a
-/// residual base, is refused with the fix.
+/// residual base, or one from a LoftQ start (over its quantized base), is
+/// refused with the fix.
 pub fn read_checked_plain(
     dir: &Path,
     modules: &[(String, i64, i64)],
@@ -228,7 +229,21 @@ pub fn read_checked_plain(
 ) -> Result<(super::LoraConfig, Vec<(String, super::LoraWeights)>)> {
     let read = read_checked(dir, modules, output_head, tied_head, device)?;
     let init = read.0.init_lora_weights;
-    if init.mutates_base() {
+    refuse_unconverted(dir, init)?;
+    if let super::InitLoraWeights::Loftq { .. } = init {
+        bail!(
+            "{}: `init_lora_weights` = loftq: this adapter applies over LoftQ's NF4-quantized base, not the original one; \
+             merge it first (`peft-rs merge` makes that base) and use the merged model",
+            dir.join(CONFIG_FILE).display()
+        );
+    }
+    Ok(read)
+}
+
+/// Refuses a PiSSA or OLoRA adapter saved unconverted (it applies only
+/// over a residual base), with the fix.
+pub fn refuse_unconverted(dir: &Path, init: super::InitLoraWeights) -> Result<()> {
+    if init.converted_on_save() {
         bail!(
             "{}: `init_lora_weights` = {init}: this adapter applies over a residual base and was saved unconverted; \
              save it again with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA adapter \
@@ -236,7 +251,7 @@ pub fn read_checked_plain(
             dir.join(CONFIG_FILE).display()
         );
     }
-    Ok(read)
+    Ok(())
 }
 
 /// A PEFT adapter directory read and checked against a base model: the one

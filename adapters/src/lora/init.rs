@@ -1,8 +1,11 @@
 //! Initialisations that read the frozen weight: PiSSA and OLoRA, as PEFT's
-//! `pissa_init` and `olora_init` compute them. Both put the adapter's
-//! starting product into A and B and leave the rest, the residual
-//! W − scaling·BA, in the base layer, so the model's output does not change
-//! (up to rounding) while training starts from W's principal directions.
+//! `pissa_init` and `olora_init` compute them, and LoftQ, as its
+//! `loftq_init`. PiSSA and OLoRA put the adapter's starting product into A
+//! and B and leave the rest, the residual W − scaling·BA, in the base
+//! layer, so the model's output does not change (up to rounding) while
+//! training starts from W's principal directions. LoftQ leaves W's 4-bit
+//! quantization Q in the base and starts BA at the best rank-r fit of the
+//! quantization error W − Q.
 
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
@@ -63,11 +66,60 @@ pub fn from_base(weight: &Tensor, r: i64, scaling: f64, init: InitLoraWeights) -
                 q.narrow(1, 0, r).contiguous(),
             )
         }
-        other => unreachable!("{other} does not read the base weight"),
+        other => unreachable!("{other} is not PiSSA or OLoRA"),
     });
     // As PEFT: (scaling·B) A, subtracted from the fp32 weight.
     let residual = tch::no_grad(|| &w - (&b * scaling).matmul(&a));
     Ok(FromBase { a, b, residual })
+}
+
+/// LoftQ's start for `weight` (`[out, in]`, any float dtype) at rank `r`,
+/// as PEFT's `loftq_init`: `iters` times, quantize what the adapter does
+/// not hold (`roundtrip`: quantize and dequantize, fp32) and fit the error
+/// W − Q with the rank-r SVD factors L = U√S, R = √S Vᴴ; then A = R, B = L
+/// (no scaling, as in PEFT) and the base becomes the last Q.
+pub fn loftq(
+    weight: &Tensor,
+    r: i64,
+    iters: u32,
+    roundtrip: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<FromBase> {
+    let w = weight.to_kind(Kind::Float);
+    let (out_f, in_f) = (w.size()[0], w.size()[1]);
+    if r > out_f.min(in_f) {
+        bail!(
+            "rank {r} is above the layer's smaller side ({out_f}×{in_f}); loftq needs r ≤ {}",
+            out_f.min(in_f)
+        );
+    }
+    tch::no_grad(|| {
+        let mut res = w.copy();
+        for i in 1..=iters {
+            let q = roundtrip(&res)?;
+            let (l, rr) = low_rank_decomposition(&(&w - &q), r);
+            if i == iters {
+                return Ok(FromBase {
+                    a: rr,
+                    b: l,
+                    residual: q,
+                });
+            }
+            res = &w - l.mm(&rr);
+        }
+        bail!("loftq needs at least one iteration")
+    })
+}
+
+/// PEFT's `_low_rank_decomposition`: with W = U diag(S) Vᴴ (thin SVD),
+/// L = U · √diag(S)[:, :r] and R = √diag(S)[:r, :] · Vᴴ, as matrix products.
+fn low_rank_decomposition(w: &Tensor, r: i64) -> (Tensor, Tensor) {
+    // torch.svd(some) is linalg.svd(full_matrices=False) with V = Vhᴴ (a view).
+    let (u, s, v) = w.svd(true, true);
+    let vh = v.tr();
+    let d = s.diag(0);
+    let l = u.matmul(&d.narrow(1, 0, r).sqrt());
+    let rr = d.narrow(0, 0, r).sqrt().matmul(&vh);
+    (l, rr)
 }
 
 /// `torch.svd_lowrank(a, q, niter)`: Halko et al.'s randomized SVD, with the
