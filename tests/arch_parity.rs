@@ -135,19 +135,30 @@ fn peft_adapter_parity(name: &str, variant: &str) {
     assert!(dc < 1e-4, "{name}/{variant}: merged logits {dc}");
 }
 
-/// An all-linear adapter made by peft-rs (random B, jittered magnitude),
-/// saved and loaded by PEFT (strictly: every key, every value).
-fn our_adapter_in_peft(name: &str, variant: &str) {
+/// All-linear LoRA and DoRA adapters made by peft-rs (random B, jittered
+/// magnitude), saved and loaded by PEFT (strictly: every key, every value).
+fn our_adapters_in_peft(name: &str) {
     let (inputs_path, ids, mask) = inputs(name);
-    let config = LoraConfig {
-        use_dora: variant == "dora",
-        ..common::lora(4, 12.0)
-    };
-    let (ours, theirs) =
-        common::our_adapter_in_peft(load(name), &config, &model_dir(name), &inputs_path, &ids);
-    let d = masked_max_diff(&ours, &theirs, &mask);
-    eprintln!("{name}/{variant}: peft-rs adapter in PEFT: max diff {d:.2e}");
-    assert!(d < 1e-4, "{name}/{variant}: {d}");
+    let variants = ["lora", "dora"];
+    let configs: Vec<LoraConfig> = variants
+        .iter()
+        .map(|v| LoraConfig {
+            use_dora: *v == "dora",
+            ..common::lora(4, 12.0)
+        })
+        .collect();
+    let pairs = common::our_adapters_in_peft(
+        || load(name),
+        &configs,
+        &model_dir(name),
+        &inputs_path,
+        &ids,
+    );
+    for (variant, (ours, theirs)) in variants.iter().zip(&pairs) {
+        let d = masked_max_diff(ours, theirs, &mask);
+        eprintln!("{name}/{variant}: peft-rs adapter in PEFT: max diff {d:.2e}");
+        assert!(d < 1e-4, "{name}/{variant}: {d}");
+    }
 }
 
 /// Records what the decoder's `embed_tokens` hook (where NEFTune adds its noise) sees.
@@ -242,9 +253,7 @@ macro_rules! arch_tests {
 
             #[test]
             fn our_adapters_load_in_peft() {
-                for v in ["lora", "dora"] {
-                    super::our_adapter_in_peft(stringify!($name), v);
-                }
+                super::our_adapters_in_peft(stringify!($name));
             }
 
             #[test]

@@ -169,6 +169,7 @@ fn set_trained(model: &LlamaForCausalLM, trained: &HashMap<String, Tensor>) {
 fn trained_adapters_save_converted_as_peft_converts_them() {
     for base in BASES {
         let (inputs_path, ids, mask) = inputs(base);
+        let tmp = tempfile::tempdir().unwrap();
         for init in INITS {
             let d = fx().join(base).join(init);
             let model = injected(base, init);
@@ -176,14 +177,14 @@ fn trained_adapters_save_converted_as_peft_converts_them() {
             let expected = logits(&d.join("trained_logits.safetensors"));
             let ours = tch::no_grad(|| model.forward(&ids));
             let dl = masked_max_diff(&ours, &expected, &mask);
-            let tmp = tempfile::tempdir().unwrap();
-            peft_model::save_adapter(&model, DEFAULT_ADAPTER, &config(init), tmp.path()).unwrap();
+            let saved = tmp.path().join(init);
+            peft_model::save_adapter(&model, DEFAULT_ADAPTER, &config(init), &saved).unwrap();
             let file = |dir: &Path| read(&dir.join("adapter_model.safetensors"));
-            let t = worst(&file(tmp.path()), &file(&d.join("converted")), init);
+            let t = worst(&file(&saved), &file(&d.join("converted")), init);
             let json = |dir: &Path| -> serde_json::Value {
                 common::read_json(&dir.join("adapter_config.json"))
             };
-            let (ours_cfg, theirs_cfg) = (json(tmp.path()), json(&d.join("converted")));
+            let (ours_cfg, theirs_cfg) = (json(&saved), json(&d.join("converted")));
             for field in ["r", "init_lora_weights", "use_rslora"] {
                 assert_eq!(ours_cfg[field], theirs_cfg[field], "{base}/{init}: {field}");
             }
@@ -191,16 +192,25 @@ fn trained_adapters_save_converted_as_peft_converts_them() {
                 ours_cfg["lora_alpha"].as_f64(),
                 theirs_cfg["lora_alpha"].as_f64()
             );
-            let theirs = common::peft_logits(
-                &common::model_dir(base),
-                &inputs_path,
-                Some(tmp.path()),
-                None,
+            eprintln!(
+                "{base}/{init}: trained logits vs PEFT {dl:.2e}; converted file vs PEFT's {t:.2e}"
             );
-            let dp = masked_max_diff(&theirs, &expected, &mask);
-            eprintln!("{base}/{init}: trained logits vs PEFT {dl:.2e}; converted file vs PEFT's {t:.2e}; in PEFT on the original base {dp:.2e}");
             assert!(dl < 1e-4, "{base}/{init}: logits differ by {dl}");
             assert!(t < 2e-5, "{base}/{init}: converted tensors differ by {t}");
+        }
+        // PEFT loads each converted file strictly on the original base.
+        let dirs: Vec<PathBuf> = INITS.iter().map(|i| tmp.path().join(i)).collect();
+        let dirs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+        let theirs = common::peft_logits_each(&common::model_dir(base), &inputs_path, &dirs);
+        for (init, theirs) in INITS.iter().zip(&theirs) {
+            let expected = logits(
+                &fx()
+                    .join(base)
+                    .join(init)
+                    .join("trained_logits.safetensors"),
+            );
+            let dp = masked_max_diff(theirs, &expected, &mask);
+            eprintln!("{base}/{init}: our converted adapter in PEFT on the original base {dp:.2e}");
             assert!(
                 dp < 1e-4,
                 "{base}/{init}: PEFT computes {dp} off with our converted adapter"
@@ -209,9 +219,11 @@ fn trained_adapters_save_converted_as_peft_converts_them() {
     }
 }
 
-/// PEFT's own saves load: a converted adapter as plain LoRA, an unconverted
-/// PiSSA/OLoRA adapter over the residual peft-rs makes, as PEFT loading it
-/// does; an unconverted pissa_niter adapter, whose random start cannot be
+/// PEFT's own saves load with PEFT's logits and greedy answers: a converted
+/// adapter as plain LoRA, an unconverted PiSSA/OLoRA adapter over the
+/// residual peft-rs makes, as PEFT loading it does; the converted one
+/// merges (`peft-rs merge`) into PEFT's `merge_and_unload`; an unconverted
+/// pissa_niter adapter, whose random start cannot be
 /// made again, is refused by name, and so is merging an unconverted one
 /// into the original weights.
 #[test]
@@ -235,9 +247,24 @@ fn peft_saved_adapters_load_converted_or_not() {
                 }
                 loaded.unwrap();
                 let dl = masked_max_diff(&tch::no_grad(|| model.forward(&ids)), &expected, &mask);
-                eprintln!("{base}/{init}: PEFT's {form} adapter in peft-rs: {dl:.2e}");
+                let want: Vec<Vec<i64>> = common::read_json(&d.join("generate.json"));
+                let greedy_same = common::greedy_rows(&model, &ids, 8) == want;
+                eprintln!("{base}/{init}: PEFT's {form} adapter in peft-rs: {dl:.2e}; greedy answers equal: {greedy_same}");
                 assert!(dl < 1e-4, "{base}/{init}/{form}: {dl}");
+                assert!(greedy_same, "{base}/{init}/{form}: greedy answers differ");
             }
+            // The converted adapter merged into the original base is PEFT's
+            // merge_and_unload of the trained model.
+            let tmp = tempfile::tempdir().unwrap();
+            let out = tmp.path().join("merged");
+            Cmd::merge(&common::model_dir(base), &d.join("converted"), &out)
+                .args("--dtype fp32")
+                .run_ok();
+            let merged = tch::no_grad(|| common::load(&out).forward(&ids));
+            let want = logits(&d.join("merged_logits.safetensors"));
+            let dm = masked_max_diff(&merged, &want, &mask);
+            eprintln!("{base}/{init}: peft-rs merge of the converted adapter vs PEFT merge_and_unload: {dm:.2e}");
+            assert!(dm < 1e-4, "{base}/{init}: merged {dm}");
         }
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -267,7 +294,8 @@ fn cli_trains_from_pissa_and_olora_and_saves_plain_lora() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::alpaca(tmp.path(), 16);
     let (inputs_path, ids, mask) = inputs("llama");
-    for init in ["olora", "pissa_niter_2"] {
+    let inits = ["olora", "pissa_niter_2"];
+    for init in inits {
         let out = tmp.path().join(init);
         common::train_tiny_small(&data, &out)
             .args(&format!(
@@ -277,13 +305,17 @@ fn cli_trains_from_pissa_and_olora_and_saves_plain_lora() {
         let cfg: serde_json::Value = common::read_json(&out.join("adapter_config.json"));
         assert_eq!(cfg["r"], 8, "{init}: saved rank");
         assert_eq!(cfg["init_lora_weights"], true, "{init}");
+    }
+    let dirs: Vec<PathBuf> = inits.iter().map(|i| tmp.path().join(i)).collect();
+    let dir_refs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    let theirs = common::peft_logits_each(&common::tiny(), &inputs_path, &dir_refs);
+    let plain = tch::no_grad(|| common::load_tiny().forward(&ids));
+    for ((init, out), theirs) in inits.iter().zip(&dirs).zip(&theirs) {
         let mut model = common::load_tiny();
-        peft_model::load_adapter(&mut model, &out, DEFAULT_ADAPTER).unwrap();
+        peft_model::load_adapter(&mut model, out, DEFAULT_ADAPTER).unwrap();
         let ours = tch::no_grad(|| model.forward(&ids));
-        let plain = tch::no_grad(|| common::load_tiny().forward(&ids));
-        let theirs = common::peft_logits(&common::tiny(), &inputs_path, Some(&out), None);
         let (d, effect) = (
-            masked_max_diff(&ours, &theirs, &mask),
+            masked_max_diff(&ours, theirs, &mask),
             masked_max_diff(&ours, &plain, &mask),
         );
         eprintln!(

@@ -77,41 +77,45 @@ fn peft_adapters_load_with_peft_logits_smollm2() {
     }
 }
 
-/// An adapter made by peft-rs, with random B (and magnitude), saved and read back by PEFT.
-fn our_adapter_matches(base: &str, variant: &str) {
+/// Adapters made by peft-rs, with random B (and magnitude), saved and read
+/// back by PEFT (one Python process for all `variants`).
+fn our_adapters_match(base: &str, variants: &[&str]) {
     let (inputs_path, ids, mask) = inputs(base);
-    let config = LoraConfig {
-        target_modules: if base == "tiny" {
-            TargetModules::AllLinear
-        } else {
-            TargetModules::Names(vec!["k_proj".into(), "o_proj".into(), "up_proj".into()])
-        },
-        use_rslora: variant == "rslora",
-        use_dora: variant == "dora",
-        ..common::lora(4, 12.0)
-    };
-    let (ours, theirs) = common::our_adapter_in_peft(
-        load_base(base),
-        &config,
+    let configs: Vec<LoraConfig> = variants
+        .iter()
+        .map(|variant| LoraConfig {
+            target_modules: if base == "tiny" {
+                TargetModules::AllLinear
+            } else {
+                TargetModules::Names(vec!["k_proj".into(), "o_proj".into(), "up_proj".into()])
+            },
+            use_rslora: *variant == "rslora",
+            use_dora: *variant == "dora",
+            ..common::lora(4, 12.0)
+        })
+        .collect();
+    let pairs = common::our_adapters_in_peft(
+        || load_base(base),
+        &configs,
         &base_dir(base),
         &inputs_path,
         &ids,
     );
-    let d = masked_max_diff(&ours, &theirs, &mask);
-    eprintln!("{base}/{variant}: peft-rs adapter in PEFT: max diff {d:.2e}");
-    assert!(d < 1e-4, "{base}/{variant}: {d}");
-}
-
-#[test]
-fn our_adapters_load_in_peft_tiny() {
-    for v in VARIANTS {
-        our_adapter_matches("tiny", v);
+    for (variant, (ours, theirs)) in variants.iter().zip(&pairs) {
+        let d = masked_max_diff(ours, theirs, &mask);
+        eprintln!("{base}/{variant}: peft-rs adapter in PEFT: max diff {d:.2e}");
+        assert!(d < 1e-4, "{base}/{variant}: {d}");
     }
 }
 
 #[test]
+fn our_adapters_load_in_peft_tiny() {
+    our_adapters_match("tiny", &VARIANTS);
+}
+
+#[test]
 fn our_adapter_loads_in_peft_smollm2() {
-    our_adapter_matches("smollm2", "dora");
+    our_adapters_match("smollm2", &["dora"]);
 }
 
 fn merge_cli(base: &str, adapters: &[PathBuf], extra: &[&str], out: &Path) {

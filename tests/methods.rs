@@ -32,9 +32,9 @@ const METHODS: [&str; 4] = ["ia3", "loha", "lokr", "vera"];
 const SEED: i64 = 17;
 
 /// The fixtures of `method` (ia3, loha, lokr, vera).
-fn fx(method: &str) -> &'static Path {
+fn fx(method: &str) -> PathBuf {
     let (llama, qwen2) = (common::model_dir("llama"), common::model_dir("qwen2"));
-    common::fixture("method_reference.py", &[method], &[&llama, &qwen2])
+    common::fixture("method_reference.py", &[], &[&llama, &qwen2]).join(method)
 }
 
 fn names(list: &[&str]) -> TargetModules {
@@ -234,34 +234,42 @@ fn fresh_adapters_are_no_ops_or_pefts_random_draws() {
 /// peft-rs does.
 #[test]
 fn our_adapters_load_in_peft() {
-    each(|method, base, _| {
+    for base in BASES {
         let (inputs_path, ids, mask) = inputs(base);
-        let mut model = load(base);
-        let cfg = config(method, base, method != "ia3");
-        peft_model::inject_adapter(&mut model, DEFAULT_ADAPTER, &cfg).unwrap();
-        tch::manual_seed(9);
-        tch::no_grad(|| {
-            for (_, t) in peft_model::trainable_parameters(&model) {
-                let moved = match method {
-                    "ia3" => t.randn_like() * 0.3 + 1.0,
-                    _ => &t * (t.randn_like() * 0.3 + 1.0),
-                };
-                t.shallow_clone().copy_(&moved);
-            }
-        });
-        let ours = tch::no_grad(|| model.forward(&ids));
         let tmp = tempfile::tempdir().unwrap();
-        peft_model::save_adapter_of(&model, DEFAULT_ADAPTER, &cfg, tmp.path()).unwrap();
-        let theirs = common::peft_logits(
-            &common::model_dir(base),
-            &inputs_path,
-            Some(tmp.path()),
-            None,
-        );
-        let d = masked_max_diff(&ours, &theirs, &mask);
-        eprintln!("{method}/{base}: peft-rs adapter in PEFT: max diff {d:.2e}");
-        assert!(d < 1e-4, "{method}/{base}: {d}");
-    });
+        let mut ours = Vec::new();
+        for method in METHODS {
+            let mut model = load(base);
+            let cfg = config(method, base, method != "ia3");
+            peft_model::inject_adapter(&mut model, DEFAULT_ADAPTER, &cfg).unwrap();
+            tch::manual_seed(9);
+            tch::no_grad(|| {
+                for (_, t) in peft_model::trainable_parameters(&model) {
+                    let moved = match method {
+                        "ia3" => t.randn_like() * 0.3 + 1.0,
+                        _ => &t * (t.randn_like() * 0.3 + 1.0),
+                    };
+                    t.shallow_clone().copy_(&moved);
+                }
+            });
+            ours.push(tch::no_grad(|| model.forward(&ids)));
+            let dir = tmp.path().join(method);
+            peft_model::save_adapter_of(&model, DEFAULT_ADAPTER, &cfg, &dir).unwrap();
+        }
+        let theirs = peft_logits_of_dirs(base, &inputs_path, tmp.path(), &METHODS);
+        for ((method, ours), theirs) in METHODS.iter().zip(&ours).zip(&theirs) {
+            let d = masked_max_diff(ours, theirs, &mask);
+            eprintln!("{method}/{base}: peft-rs adapter in PEFT: max diff {d:.2e}");
+            assert!(d < 1e-4, "{method}/{base}: {d}");
+        }
+    }
+}
+
+/// PEFT's logits on `inputs` with each adapter `parent/NAME`, in one Python process.
+fn peft_logits_of_dirs(base: &str, inputs: &Path, parent: &Path, names: &[&str]) -> Vec<Tensor> {
+    let dirs: Vec<PathBuf> = names.iter().map(|n| parent.join(n)).collect();
+    let dirs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    common::peft_logits_each(&common::model_dir(base), inputs, &dirs)
 }
 
 /// In memory: merging gives PEFT's merged logits (IA³ scales the biases of
@@ -359,12 +367,17 @@ fn cli_trains_each_method() {
         Cmd::train_tiny(line, &data, &out).args(flags).run_ok();
         let cfg: serde_json::Value = common::read_json(&out.join("adapter_config.json"));
         assert_eq!(cfg["peft_type"], peft_type);
+    }
+    let plain = tch::no_grad(|| common::load_tiny().forward(&ids));
+    let theirs = peft_logits_of_dirs("llama", &inputs_path, tmp.path(), &METHODS);
+    for (method, theirs) in METHODS.iter().zip(&theirs) {
         let mut model = common::load_tiny();
-        peft_model::load_adapter(&mut model, &out, DEFAULT_ADAPTER).unwrap();
+        peft_model::load_adapter(&mut model, &tmp.path().join(method), DEFAULT_ADAPTER).unwrap();
         let ours = tch::no_grad(|| model.forward(&ids));
-        let plain = tch::no_grad(|| common::load_tiny().forward(&ids));
-        let theirs = common::peft_logits(&common::tiny(), &inputs_path, Some(&out), None);
-        let (d, effect) = (masked_max_diff(&ours, &theirs, &mask), masked_max_diff(&ours, &plain, &mask));
+        let (d, effect) = (
+            masked_max_diff(&ours, theirs, &mask),
+            masked_max_diff(&ours, &plain, &mask),
+        );
         eprintln!("{method}: trained adapter in PEFT: {d:.2e} (training moved the logits by {effect:.2e})");
         assert!(effect > 1e-3, "{method}: training changed nothing");
         assert!(d < 1e-4, "{method}: {d}");

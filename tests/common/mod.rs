@@ -654,35 +654,64 @@ pub fn peft_logits(
     logits(&out)
 }
 
-/// An adapter made by peft-rs and read back by PEFT: `config` injected into
-/// `model` (base `base`) with seed 7, its B drawn from N(0, 0.05²) and a DoRA
-/// magnitude jittered by 5%, saved, and loaded by PEFT (strictly: every key,
-/// every value). Our logits on `ids` and PEFT's on the `inputs` file.
-pub fn our_adapter_in_peft(
-    mut model: LlamaForCausalLM,
-    config: &LoraConfig,
+/// [`peft_logits`] (no quantization) with each of `adapters` in turn, in one
+/// Python process.
+pub fn peft_logits_each(base: &Path, inputs: &Path, adapters: &[&Path]) -> Vec<Tensor> {
+    let tmp = tempfile::tempdir().unwrap();
+    let status = Command::new(python())
+        .arg(repo().join("tests/fixtures/peft_reference.py"))
+        .arg("logits-each")
+        .arg(base)
+        .arg(inputs)
+        .arg(tmp.path())
+        .args(adapters)
+        .status()
+        .unwrap();
+    assert!(status.success(), "peft_reference.py logits-each failed");
+    (0..adapters.len())
+        .map(|i| logits(&tmp.path().join(format!("{i}.safetensors"))))
+        .collect()
+}
+
+/// Adapters made by peft-rs and read back by PEFT: each of `configs`
+/// injected into a fresh `load()` (base `base`) with seed 7, its B drawn
+/// from N(0, 0.05²) and a DoRA magnitude jittered by 5%, saved, and loaded
+/// by PEFT (strictly: every key, every value; one Python process for all).
+/// Per config, our logits on `ids` and PEFT's on the `inputs` file.
+pub fn our_adapters_in_peft(
+    load: impl Fn() -> LlamaForCausalLM,
+    configs: &[LoraConfig],
     base: &Path,
     inputs: &Path,
     ids: &Tensor,
-) -> (Tensor, Tensor) {
-    tch::manual_seed(7);
-    peft_model::inject(&mut model, DEFAULT_ADAPTER, config).unwrap();
-    tch::no_grad(|| {
-        for (k, t) in peft_model::trainable_parameters(&model) {
-            let mut t = t.shallow_clone();
-            if k.ends_with("lora_B.weight") {
-                let _ = t.normal_(0.0, 0.05);
-            } else if k.ends_with("lora_magnitude_vector") {
-                let noise = t.randn_like() * 0.05 + 1.0;
-                t *= noise;
-            }
-        }
-    });
-    let ours = tch::no_grad(|| model.forward(ids));
+) -> Vec<(Tensor, Tensor)> {
     let tmp = tempfile::tempdir().unwrap();
-    peft_model::save_adapter(&model, DEFAULT_ADAPTER, config, tmp.path()).unwrap();
-    let theirs = peft_logits(base, inputs, Some(tmp.path()), None);
-    (ours, theirs)
+    let mut ours = Vec::new();
+    let mut dirs = Vec::new();
+    for (i, config) in configs.iter().enumerate() {
+        let mut model = load();
+        tch::manual_seed(7);
+        peft_model::inject(&mut model, DEFAULT_ADAPTER, config).unwrap();
+        tch::no_grad(|| {
+            for (k, t) in peft_model::trainable_parameters(&model) {
+                let mut t = t.shallow_clone();
+                if k.ends_with("lora_B.weight") {
+                    let _ = t.normal_(0.0, 0.05);
+                } else if k.ends_with("lora_magnitude_vector") {
+                    let noise = t.randn_like() * 0.05 + 1.0;
+                    t *= noise;
+                }
+            }
+        });
+        ours.push(tch::no_grad(|| model.forward(ids)));
+        let dir = tmp.path().join(i.to_string());
+        peft_model::save_adapter(&model, DEFAULT_ADAPTER, config, &dir).unwrap();
+        dirs.push(dir);
+    }
+    let dirs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    ours.into_iter()
+        .zip(peft_logits_each(base, inputs, &dirs))
+        .collect()
 }
 
 /// `model`'s trainable tensors by PEFT key, and the same as the list of
