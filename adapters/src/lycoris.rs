@@ -2,7 +2,8 @@
 //! rank and alpha (with per-module patterns), rank and module dropout, the
 //! targeting fields, and a layer adding ΔW·x with ΔW rebuilt from the
 //! method's factors in every forward pass (as PEFT does), merged and
-//! unmerged as a dense update.
+//! unmerged as a dense update. VeRA's layer is this one too, with its own
+//! thin forward ([`LycorisWeights::output`]) and shared projections.
 
 use std::collections::BTreeMap;
 
@@ -208,8 +209,17 @@ pub trait LycorisWeights: Send {
     fn delta(&self) -> Tensor;
     /// The trainable tensors under their names in PEFT's files.
     fn named(&self) -> Vec<(String, Tensor)>;
-    /// The training-only dropout.
+    /// The training-only rank and module dropout.
     fn dropout(&self) -> Dropout;
+    /// The adapter's output for the fp32 input `x` computed without forming
+    /// ΔW, where the method does so (VeRA); `None`: x·ΔWᵀ.
+    fn output(&self, _x: &Tensor, _training: bool) -> Option<Tensor> {
+        None
+    }
+    /// Tensors every layer shares, saved once (see [`LinearAdapter::shared_state`]).
+    fn shared(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
 }
 
 /// The adapters of one LyCORIS method attached to one linear layer.
@@ -269,16 +279,19 @@ impl<W: LycorisWeights> LinearAdapter for LycorisLayer<W> {
             if self.training && rand(1).double_value(&[0]) <= d.module {
                 continue;
             }
-            let delta = w.delta();
-            let delta = if self.training && d.rank > 0.0 {
-                rank_dropped(delta, d)
-            } else {
-                delta
-            };
             let x = input.derived(&format!("{:?}", Kind::Float), |x| x.to_kind(Kind::Float));
+            let y = w.output(&x, self.training).unwrap_or_else(|| {
+                let delta = w.delta();
+                let delta = if self.training && d.rank > 0.0 {
+                    rank_dropped(delta, d)
+                } else {
+                    delta
+                };
+                x.linear::<Tensor>(&delta, None)
+            });
             let sum = out.unwrap_or_else(|| base_output.shallow_clone());
             // As PEFT: the base output plus the fp32 activations (promoted), cast at the end.
-            out = Some(sum + x.linear::<Tensor>(&delta, None));
+            out = Some(sum + y);
         }
         match out {
             Some(y) => y.to_kind(kind),
@@ -326,6 +339,10 @@ impl<W: LycorisWeights> LinearAdapter for LycorisLayer<W> {
 
     fn state_dict(&self, name: &str) -> Vec<(String, Tensor)> {
         self.adapters.get(name).map(W::named).unwrap_or_default()
+    }
+
+    fn shared_state(&self, name: &str) -> Vec<(String, Tensor)> {
+        self.adapters.get(name).map(W::shared).unwrap_or_default()
     }
 
     fn set_active(&mut self, names: &[String]) {

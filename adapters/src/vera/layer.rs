@@ -1,12 +1,10 @@
-//! The VeRA layer: `y = W x + b + λ_b ⊙ (B[:out] (λ_d ⊙ (A[:, :in] x)))`,
-//! with dropout on x in training, merge and unmerge, as PEFT's `VeraLayer`.
+//! The VeRA weights: `y = W x + b + λ_b ⊙ (B[:out] (λ_d ⊙ (A[:, :in] x)))`,
+//! with dropout on x in training, as PEFT's `VeraLayer`; the layer itself
+//! (merge, unmerge, several adapters) is the shared [`LycorisLayer`].
 
-use std::collections::BTreeMap;
+use tch::Tensor;
 
-use anyhow::{bail, Result};
-use tch::{Kind, Tensor};
-
-use crate::{BaseLinear, LayerInput, LinearAdapter};
+use crate::lycoris::{Dropout, LycorisLayer, LycorisWeights};
 
 /// One VeRA adapter on one layer: its vectors and its view of the shared
 /// projections, fp32.
@@ -35,9 +33,16 @@ impl VeraWeights {
             self.b.narrow(0, 0, out),
         )
     }
+}
+
+/// The VeRA adapters attached to one linear layer.
+pub type VeraLayer = LycorisLayer<VeraWeights>;
+
+impl LycorisWeights for VeraWeights {
+    const METHOD: &'static str = "VeRA";
 
     /// ΔW = (λ_b ⊙ B) (λ_d ⊙ A), `[out, in]`, as PEFT's `get_delta_weight`.
-    pub fn delta(&self) -> Tensor {
+    fn delta(&self) -> Tensor {
         let (a, b) = self.sliced();
         (self.lambda_b.unsqueeze(-1) * b).matmul(&(self.lambda_d.unsqueeze(-1) * a))
     }
@@ -48,114 +53,35 @@ impl VeraWeights {
             ("vera_lambda_d".to_owned(), self.lambda_d.shallow_clone()),
         ]
     }
-}
 
-/// The VeRA adapters attached to one linear layer.
-pub struct VeraLayer {
-    adapters: BTreeMap<String, VeraWeights>,
-    active: Vec<String>,
-    merged: Vec<String>,
-    training: bool,
-}
-
-impl VeraLayer {
-    /// A layer carrying one active adapter.
-    pub fn new(name: &str, weights: VeraWeights) -> Self {
-        Self {
-            adapters: [(name.to_owned(), weights)].into(),
-            active: vec![name.to_owned()],
-            merged: vec![],
-            training: false,
+    /// None of LyCORIS' dropouts: VeRA drops input features instead.
+    fn dropout(&self) -> Dropout {
+        Dropout {
+            rank: 0.0,
+            module: 0.0,
+            rescale_rank: false,
         }
     }
 
-    fn active_unmerged(&self) -> impl Iterator<Item = (&String, &VeraWeights)> {
-        self.active
-            .iter()
-            .filter(|n| !self.merged.contains(n))
-            .filter_map(|n| self.adapters.get_key_value(n))
+    /// PEFT's order: λ_b ⊙ linear(λ_d ⊙ linear(dropout(x), A), B).
+    fn output(&self, x: &Tensor, training: bool) -> Option<Tensor> {
+        let (a, b) = self.sliced();
+        let x = if training && self.dropout > 0.0 {
+            x.dropout(self.dropout, true)
+        } else {
+            x.shallow_clone()
+        };
+        let h = x.linear::<Tensor>(&a, None) * &self.lambda_d;
+        Some(h.linear::<Tensor>(&b, None) * &self.lambda_b)
     }
-}
 
-impl LinearAdapter for VeraLayer {
-    fn forward(&self, input: &LayerInput, base_output: Tensor, _base: &BaseLinear) -> Tensor {
-        let kind = base_output.kind();
-        let mut out: Option<Tensor> = None;
-        for (_, w) in self.active_unmerged() {
-            let (a, b) = w.sliced();
-            let x = input.derived(&format!("{:?}", Kind::Float), |x| x.to_kind(Kind::Float));
-            let x = if self.training && w.dropout > 0.0 {
-                x.dropout(w.dropout, true)
-            } else {
-                x
-            };
-            // PEFT's order: λ_b ⊙ linear(λ_d ⊙ linear(x, A), B).
-            let h = x.linear::<Tensor>(&a, None) * &w.lambda_d;
-            let delta = h.linear::<Tensor>(&b, None) * &w.lambda_b;
-            let sum = out.unwrap_or_else(|| base_output.shallow_clone());
-            out = Some(sum + delta);
+    fn shared(&self) -> Vec<(String, Tensor)> {
+        if !self.save_projection {
+            return Vec::new();
         }
-        match out {
-            Some(y) => y.to_kind(kind),
-            None => base_output,
-        }
-    }
-
-    fn trainable_tensors(&self) -> Vec<(String, Tensor)> {
-        self.active
-            .iter()
-            .filter_map(|n| self.adapters.get(n))
-            .flat_map(VeraWeights::named)
-            .collect()
-    }
-
-    fn set_training(&mut self, training: bool) {
-        self.training = training;
-    }
-
-    fn merge(&mut self, weight: &mut Tensor) -> Result<()> {
-        let _g = tch::no_grad_guard();
-        let names: Vec<String> = self.active_unmerged().map(|(n, _)| n.clone()).collect();
-        for name in names {
-            let new = weight.to_kind(Kind::Float) + self.adapters[&name].delta();
-            if !bool::try_from(new.isfinite().all())? {
-                bail!(
-                    "merging VeRA adapter `{name}` gives NaN or inf weights; the adapter is broken"
-                );
-            }
-            *weight = new.to_kind(weight.kind());
-            self.merged.push(name);
-        }
-        Ok(())
-    }
-
-    fn unmerge(&mut self, weight: &mut Tensor) -> Result<()> {
-        let _g = tch::no_grad_guard();
-        while let Some(name) = self.merged.pop() {
-            let w = &self.adapters[&name];
-            *weight = (weight.to_kind(Kind::Float) - w.delta()).to_kind(weight.kind());
-        }
-        Ok(())
-    }
-
-    fn state_dict(&self, name: &str) -> Vec<(String, Tensor)> {
-        self.adapters
-            .get(name)
-            .map(VeraWeights::named)
-            .unwrap_or_default()
-    }
-
-    fn shared_state(&self, name: &str) -> Vec<(String, Tensor)> {
-        match self.adapters.get(name) {
-            Some(w) if w.save_projection => vec![
-                ("vera_A".to_owned(), w.a.shallow_clone()),
-                ("vera_B".to_owned(), w.b.shallow_clone()),
-            ],
-            _ => Vec::new(),
-        }
-    }
-
-    fn set_active(&mut self, names: &[String]) {
-        self.active = crate::held_names(names, |n| self.adapters.contains_key(n));
+        vec![
+            ("vera_A".to_owned(), self.a.shallow_clone()),
+            ("vera_B".to_owned(), self.b.shallow_clone()),
+        ]
     }
 }
