@@ -310,6 +310,11 @@ impl ProcessGroup {
     /// from what each announced in the store (see [`ProcessGroup::at`]), and
     /// the c10d error in one line.
     fn explain_failure(&self, what: &str, c10d: &str) -> String {
+        // A rank that announced this same collective may still have hung
+        // before taking part in it (stopped between the announcement and the
+        // send). The ranks that merely waited fail too, within about the
+        // same timeout, and say so here: the one that stays silent is named.
+        let _ = self.store_set(&format!("peft-rs/failed/{}", self.rank), self.at.as_bytes());
         let mut behind = Vec::new();
         let mut silent_store = false;
         for r in (0..self.world_size).filter(|&r| r != self.rank) {
@@ -318,6 +323,11 @@ impl ProcessGroup {
                     let theirs = String::from_utf8_lossy(&v).into_owned();
                     if theirs != self.at {
                         behind.push(format!("rank {r} (last at {theirs})"));
+                    } else if self
+                        .store_get(&format!("peft-rs/failed/{r}"), DIAGNOSE_WAIT)
+                        .is_err()
+                    {
+                        behind.push(format!("rank {r} (last at {theirs}, silent since)"));
                     }
                 }
                 Err(_) if r == 0 => {
