@@ -3,7 +3,8 @@
 //! run): right-padded logits, greedy generation (plain and chat prompts,
 //! one at a time and batched), PEFT adapters in both directions (LoRA and
 //! DoRA), `merge` against `merge_and_unload`, and one training step's
-//! gradients.
+//! gradients. The mixtures of experts (Qwen3-MoE, Mixtral) take the same
+//! checks, with adapters on their attention and dense layers.
 
 mod common;
 
@@ -144,6 +145,7 @@ fn our_adapters_in_peft(name: &str) {
         .iter()
         .map(|v| LoraConfig {
             use_dora: *v == "dora",
+            target_modules: targets(name),
             ..common::lora(4, 12.0)
         })
         .collect();
@@ -158,6 +160,21 @@ fn our_adapters_in_peft(name: &str) {
         let d = masked_max_diff(ours, theirs, &mask);
         eprintln!("{name}/{variant}: peft-rs adapter in PEFT: max diff {d:.2e}");
         assert!(d < 1e-4, "{name}/{variant}: {d}");
+    }
+}
+
+/// The modules the adapters of `name` adapt: all linear layers, or on a
+/// mixture of experts (where `all-linear` would mean the router and experts
+/// too) the attention projections, as the fixture's PEFT adapters.
+fn targets(name: &str) -> TargetModules {
+    if name.ends_with("moe") || name == "mixtral" {
+        TargetModules::Names(
+            ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .to_vec(),
+        )
+    } else {
+        TargetModules::AllLinear
     }
 }
 
@@ -272,6 +289,8 @@ arch_tests!(gemma3);
 arch_tests!(phi3);
 arch_tests!(phi3_longrope);
 arch_tests!(gemma3_mm);
+arch_tests!(qwen3_moe);
+arch_tests!(mixtral);
 
 /// LongRoPE switches from the short to the long factors when the sequence
 /// is longer than `original_max_position_embeddings` (20 here): logits of
@@ -333,6 +352,35 @@ fn gemma3_mm_reads_both_checkpoint_layouts() {
     assert!(d < 1e-4, "{d}");
 }
 
+/// Mixture-of-experts checkpoints load from both layouts: one tensor per
+/// expert and projection (as the Hub has them and transformers 5 saves
+/// them) and transformers 5's fused 3D experts (its module state dict).
+#[test]
+fn moe_models_read_both_expert_layouts() {
+    for name in ["qwen3_moe", "mixtral"] {
+        let (_, ids, mask) = inputs(name);
+        let names = |dir: &str| -> Vec<String> {
+            read(&model_dir(dir).join("model.safetensors"))
+                .into_keys()
+                .collect()
+        };
+        let per_expert = names(name);
+        assert!(per_expert.iter().any(|k| k.contains(".experts.0.")));
+        assert!(!per_expert.iter().any(|k| k.ends_with("gate_up_proj")));
+        let fused_name = format!("{name}_fused");
+        let fused = names(&fused_name);
+        assert!(fused
+            .iter()
+            .any(|k| k.ends_with("mlp.experts.gate_up_proj")));
+        assert!(!fused.iter().any(|k| k.contains(".experts.0.")));
+        let theirs = read(&fx().join(name).join("fused_logits.safetensors"));
+        let ours = tch::no_grad(|| load(&fused_name).forward(&ids));
+        let d = masked_max_diff(&ours, &theirs["logits"], &mask);
+        eprintln!("{name} with fused 3D experts: max |logits - transformers| = {d:.3e}");
+        assert!(d < 1e-4, "{name}: {d}");
+    }
+}
+
 /// The vision tower is skipped with one note; an adapter saved by peft-rs
 /// names the language model's modules, not `all-linear` (which PEFT would
 /// also apply to the vision tower).
@@ -388,6 +436,8 @@ fn frozen_bytes_count_every_tensor_read() {
         "phi3",
         "phi3_longrope",
         "gemma3_mm",
+        "qwen3_moe",
+        "mixtral",
     ] {
         let model = load(name);
         let stored: usize = read(&model_dir(name).join("model.safetensors"))
@@ -397,4 +447,61 @@ fn frozen_bytes_count_every_tensor_read() {
             .sum();
         assert_eq!(model.frozen_bytes().0, stored, "{name}");
     }
+}
+
+/// A mixture-of-experts model trains from the command line with named
+/// targets; `all-linear` (which PEFT resolves to the router and experts
+/// too) is refused by name, and so is `output_router_logits` (which makes
+/// transformers add the router's load-balancing loss): neither is run to
+/// something other than what PEFT + transformers would do.
+#[test]
+fn moe_models_train_and_refuse_what_they_would_do_differently() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::alpaca(tmp.path(), 8);
+    let train = |model: &std::path::Path, out: &str, targets: &str| {
+        Cmd::new("train --device cpu --dtype fp32 --batch-size 4 --max-seq-len 48 --lora-rank 4 --max-steps 2")
+            .path("--model", model)
+            .path("--data", &data)
+            .path("--output", &tmp.path().join(out))
+            .args("--target-modules")
+            .arg(targets)
+            .run()
+    };
+    let attention = "q_proj,k_proj,v_proj,o_proj";
+    let ok = train(&model_dir("qwen3_moe"), "ok", attention);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(tmp.path().join("ok/adapter_model.safetensors").exists());
+
+    let all = train(&model_dir("mixtral"), "all", "all-linear");
+    let err = String::from_utf8_lossy(&all.stderr);
+    assert!(!all.status.success());
+    assert!(
+        err.contains("target_modules `all-linear` on a mixture-of-experts model"),
+        "{err}"
+    );
+
+    let with_loss = tmp.path().join("with_router_loss");
+    std::fs::create_dir(&with_loss).unwrap();
+    for e in std::fs::read_dir(model_dir("mixtral")).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(e.path(), with_loss.join(e.file_name())).unwrap();
+    }
+    let config = with_loss.join("config.json");
+    let mut json: serde_json::Value = common::read_json(&config);
+    json["output_router_logits"] = true.into();
+    std::fs::remove_file(&config).unwrap();
+    std::fs::write(&config, json.to_string()).unwrap();
+    let refused = train(&with_loss, "refused", attention);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("field `output_router_logits` is true"),
+        "{err}"
+    );
+    assert!(err.contains("config.json"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

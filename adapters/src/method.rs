@@ -25,6 +25,9 @@ pub trait Method {
     /// Which of `linear_paths` the adapter adapts.
     fn select<'a>(&self, linear_paths: &[&'a str], output_head: &str) -> Result<Vec<&'a str>>;
 
+    /// The `target_modules` setting (`select` applies it).
+    fn target_modules(&self) -> &crate::lora::TargetModules;
+
     /// The tensors kept on module `path` of a base layer `[out, in]`: their
     /// names in PEFT's files (after the module path) and shapes.
     fn tensor_shapes(&self, path: &str, in_f: i64, out_f: i64) -> Vec<(String, Vec<i64>)>;
@@ -137,6 +140,10 @@ pub fn read_tensors(
 }
 
 impl Method for Ia3Config {
+    fn target_modules(&self) -> &crate::lora::TargetModules {
+        &self.target_modules
+    }
+
     fn select<'a>(&self, linear_paths: &[&'a str], output_head: &str) -> Result<Vec<&'a str>> {
         Ia3Config::select(self, linear_paths, output_head)
     }
@@ -170,6 +177,10 @@ impl Method for Ia3Config {
 }
 
 impl Method for LohaConfig {
+    fn target_modules(&self) -> &crate::lora::TargetModules {
+        &self.lycoris.target_modules
+    }
+
     fn select<'a>(&self, linear_paths: &[&'a str], output_head: &str) -> Result<Vec<&'a str>> {
         self.lycoris.select(linear_paths, output_head)
     }
@@ -214,6 +225,10 @@ impl Method for LohaConfig {
 }
 
 impl Method for LokrConfig {
+    fn target_modules(&self) -> &crate::lora::TargetModules {
+        &self.lycoris.target_modules
+    }
+
     fn select<'a>(&self, linear_paths: &[&'a str], output_head: &str) -> Result<Vec<&'a str>> {
         self.lycoris.select(linear_paths, output_head)
     }
@@ -245,6 +260,10 @@ impl Method for LokrConfig {
 }
 
 impl Method for VeraConfig {
+    fn target_modules(&self) -> &crate::lora::TargetModules {
+        &self.target_modules
+    }
+
     fn select<'a>(&self, linear_paths: &[&'a str], output_head: &str) -> Result<Vec<&'a str>> {
         VeraConfig::select(self, linear_paths, output_head)
     }

@@ -95,6 +95,87 @@ pub struct LlamaConfig {
     /// `max_position_embeddings`: the positions the model was trained for
     /// (generation stops there), if stated.
     pub max_position_embeddings: Option<usize>,
+    /// Mixture-of-experts MLPs (Qwen3-MoE, Mixtral): which layers have them
+    /// and how tokens are routed; `None` for dense models.
+    pub moe: Option<MoeConfig>,
+}
+
+/// How a mixture-of-experts model routes tokens to its experts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Experts per sparse layer (`num_experts`, Mixtral's `num_local_experts`).
+    pub num_experts: usize,
+    /// Experts each token is sent to (`num_experts_per_tok`).
+    pub num_experts_per_tok: usize,
+    /// Width of one expert's MLP (`moe_intermediate_size`; Mixtral's
+    /// `intermediate_size`).
+    pub moe_intermediate_size: usize,
+    /// Whether the top-k routing weights are renormalized to sum to 1
+    /// (`norm_topk_prob`; always in Mixtral).
+    pub norm_topk_prob: bool,
+    /// Per layer: whether its MLP is the sparse block (Qwen3-MoE's
+    /// `decoder_sparse_step` and `mlp_only_layers` make some dense).
+    pub sparse_layers: Vec<bool>,
+    /// `router_aux_loss_coef`: the weight of the load-balancing loss.
+    pub router_aux_loss_coef: f64,
+    /// `output_router_logits`: whether transformers adds the load-balancing
+    /// loss to the training loss.
+    pub output_router_logits: bool,
+    /// Where a checkpoint stores each expert's own tensors (the Hub's
+    /// layout), as (the sparse block's stored name, gate, up, down):
+    /// `("mlp", "gate_proj", "up_proj", "down_proj")` for Qwen3-MoE,
+    /// `("block_sparse_moe", "w1", "w3", "w2")` for Mixtral.
+    pub per_expert_names: (&'static str, &'static str, &'static str, &'static str),
+    /// Whether the routing weights are cast back to the model dtype before
+    /// they scale the experts' outputs (Qwen3-MoE) or stay fp32 (Mixtral).
+    pub routing_weights_in_model_dtype: bool,
+}
+
+impl MoeConfig {
+    /// Reads the routing fields every MoE config shares: the number of
+    /// experts (`num_experts` or `num_local_experts`: transformers maps one
+    /// name to the other and saves either) and `num_experts_per_tok`
+    /// (transformers' `defaults` where absent), and the aux-loss fields;
+    /// `width` is the experts' MLP width.
+    pub fn from_raw(
+        raw: &RawConfig,
+        defaults: (usize, usize),
+        width: usize,
+        layers: usize,
+    ) -> Result<Self> {
+        let (experts_field, stored) = match raw.opt_usize("num_experts")? {
+            Some(n) => ("num_experts", Some(n)),
+            None => ("num_local_experts", raw.opt_usize("num_local_experts")?),
+        };
+        let num_experts = stored.unwrap_or(defaults.0);
+        raw.ensure(
+            num_experts > 0 && num_experts <= 1 << 12,
+            experts_field,
+            &format!("{num_experts} is outside 1..=4096"),
+        )?;
+        let top_k = raw.opt_usize("num_experts_per_tok")?.unwrap_or(defaults.1);
+        raw.ensure(
+            top_k > 0 && top_k <= num_experts,
+            "num_experts_per_tok",
+            &format!("{top_k} must be between 1 and {experts_field} ({num_experts})"),
+        )?;
+        raw.ensure(
+            width > 0 && width <= 1 << 22,
+            "moe_intermediate_size",
+            &format!("{width} is outside 1..=4194304"),
+        )?;
+        Ok(Self {
+            num_experts,
+            num_experts_per_tok: top_k,
+            moe_intermediate_size: width,
+            norm_topk_prob: true,
+            sparse_layers: vec![true; layers],
+            router_aux_loss_coef: raw.opt_f64("router_aux_loss_coef")?.unwrap_or(0.001),
+            output_router_logits: raw.opt_bool("output_router_logits")?.unwrap_or(false),
+            per_expert_names: ("mlp", "gate_proj", "up_proj", "down_proj"),
+            routing_weights_in_model_dtype: true,
+        })
+    }
 }
 
 impl LlamaConfig {
@@ -208,6 +289,7 @@ impl LlamaConfig {
                 .or(raw.opt_str("torch_dtype")?)
                 .map(str::to_owned),
             max_position_embeddings: raw.opt_usize("max_position_embeddings")?,
+            moe: None,
         })
     }
 }
@@ -244,13 +326,31 @@ impl LlamaConfig {
         ]
     }
 
+    /// Whether layer `i`'s MLP is a mixture of experts.
+    pub fn is_sparse(&self, i: usize) -> bool {
+        self.moe
+            .as_ref()
+            .is_some_and(|m| m.sparse_layers.get(i).copied().unwrap_or(false))
+    }
+
+    /// [`LlamaConfig::layer_linear_shapes`] of layer `i`: a sparse layer has
+    /// no dense MLP projections (its experts are 3D parameters, its router a
+    /// parameter, not linear modules, as in transformers 5).
+    pub fn layer_linear_shapes_at(&self, i: usize) -> Vec<(&'static str, i64, i64, bool)> {
+        let mut shapes = self.layer_linear_shapes();
+        if self.is_sparse(i) {
+            shapes.retain(|s| !s.0.starts_with("mlp."));
+        }
+        shapes
+    }
+
     /// Every linear module as (Hugging Face path, in_features, out_features),
     /// in the order of [`LlamaForCausalLM::linear_layers`]; lets tools such
     /// as `merge` plan without loading the model.
     pub fn linear_modules(&self) -> Vec<(String, i64, i64)> {
         let mut v = Vec::new();
         for i in 0..self.num_hidden_layers {
-            for (name, i_, o, _) in self.layer_linear_shapes() {
+            for (name, i_, o, _) in self.layer_linear_shapes_at(i) {
                 v.push((format!("{}.layers.{i}.{name}", self.decoder_path), i_, o));
             }
         }

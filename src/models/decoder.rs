@@ -330,9 +330,10 @@ impl LlamaForCausalLM {
         self.logits(&self.forward_hidden(&DecoderInput::causal(input_ids), None, &mut NoHooks))
     }
 
-    fn layer_linear_names(&self) -> Vec<&'static str> {
+    /// The linear modules layer `i` has (a sparse layer has no dense MLP).
+    fn layer_linear_names(&self, i: usize) -> Vec<&'static str> {
         self.config
-            .layer_linear_shapes()
+            .layer_linear_shapes_at(i)
             .iter()
             .map(|s| s.0)
             .collect()
@@ -341,9 +342,9 @@ impl LlamaForCausalLM {
     /// Every linear layer with its Hugging Face module path, in model order
     /// (the order of [`LlamaConfig::linear_modules`]).
     pub fn linear_layers(&self) -> Vec<(String, &Linear)> {
-        let names = self.layer_linear_names();
         let mut out = Vec::new();
         for (i, l) in self.model.layers.iter().enumerate() {
+            let names = self.layer_linear_names(i);
             for (name, lin) in layer_linears!(l) {
                 if names.contains(&name) {
                     out.push((
@@ -360,10 +361,13 @@ impl LlamaForCausalLM {
     /// [`LlamaForCausalLM::linear_layers`], mutable (to attach, merge or
     /// unmerge adapters).
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let names = self.layer_linear_names();
+        let names: Vec<_> = (0..self.model.layers.len())
+            .map(|i| self.layer_linear_names(i))
+            .collect();
         let mut out = Vec::new();
         for (i, l) in self.model.layers.iter_mut().enumerate() {
             for (name, lin) in layer_linears!(l, mut) {
+                let names = &names[i];
                 if names.contains(&name) {
                     out.push((
                         format!("{}.layers.{i}.{name}", self.config.decoder_path),
@@ -407,14 +411,15 @@ impl LlamaForCausalLM {
                 qparams += lin.weight.numel();
             }
         };
-        let names = self.layer_linear_names();
-        for l in &self.model.layers {
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let names = self.layer_linear_names(i);
             for (name, lin) in layer_linears!(l) {
                 if names.contains(&name) {
                     count(lin, &mut all);
                 }
             }
             all += l.norms().map(|n| dense(&n.weight)).sum::<usize>();
+            all += l.mlp.sparse_tensors().map(dense).sum::<usize>();
         }
         if !self.config.tie_word_embeddings {
             count(&self.lm_head, &mut all);
@@ -428,9 +433,14 @@ impl LlamaForCausalLM {
         let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
         let numel =
             |lin: &Linear| lin.weight.numel() + lin.bias.as_ref().map_or(0, |b| b.numel() as i64);
-        let names = self.layer_linear_names();
         let mut n = v * h + h;
-        for l in &self.model.layers {
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let names = self.layer_linear_names(i);
+            n += l
+                .mlp
+                .sparse_tensors()
+                .map(|t| t.numel() as i64)
+                .sum::<i64>();
             n += layer_linears!(l)
                 .iter()
                 .filter(|(name, _)| names.contains(name))

@@ -10,9 +10,10 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::attention::Attention;
-use super::config::LlamaConfig;
+use super::config::{LlamaConfig, MoeConfig};
 use super::decoder::{layer_linears, DecoderLayer, LlamaForCausalLM, LlamaModel};
 use super::mlp::Mlp;
+use super::moe::{Experts, TopKRouter};
 use super::rope::RotaryEmbedding;
 use crate::nn::{Linear, RmsNorm};
 use crate::quant::{FrozenWeight, QuantPlan};
@@ -29,6 +30,12 @@ pub trait TensorSource {
     fn weight_files(&self) -> Option<&WeightFiles> {
         None
     }
+
+    /// Whether the source holds the tensor `name` (random weights hold any).
+    fn contains(&self, name: &str) -> bool {
+        let _ = name;
+        true
+    }
 }
 
 impl TensorSource for WeightFiles {
@@ -38,6 +45,10 @@ impl TensorSource for WeightFiles {
 
     fn weight_files(&self) -> Option<&WeightFiles> {
         Some(self)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        WeightFiles::contains(self, name)
     }
 }
 
@@ -120,6 +131,11 @@ impl<'a> Weights<'a> {
         self.device
     }
 
+    /// Whether the checkpoint holds `prefix + name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.files.contains(&self.path(name))
+    }
+
     /// Loads `prefix + name`, which must have `shape`.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
         let full = self.path(name);
@@ -165,7 +181,7 @@ impl LlamaForCausalLM {
         let embed_tokens = m.get("embed_tokens.weight", &[c.vocab_size as i64, h])?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for (i, window) in c.sliding_window.iter().enumerate() {
-            layers.push(load_layer(c, &m.pp(&format!("layers.{i}")), *window)?);
+            layers.push(load_layer(c, i, &m.pp(&format!("layers.{i}")), *window)?);
         }
         let lm_head = if c.tie_word_embeddings {
             Linear::new(embed_tokens.shallow_clone(), None)
@@ -211,10 +227,15 @@ fn rms_norm(c: &LlamaConfig, w: &Weights, name: &str, width: i64) -> Result<RmsN
     })
 }
 
-/// Decoder layer `l` (`model.layers.N`), with a sliding `window` or none:
-/// its norms, and its linear modules checked against
-/// [`LlamaConfig::layer_linear_shapes`].
-fn load_layer(c: &LlamaConfig, l: &Weights, window: Option<usize>) -> Result<DecoderLayer> {
+/// Decoder layer `i` (`l`, `model.layers.N`), with a sliding `window` or none:
+/// its norms, its linear modules checked against
+/// [`LlamaConfig::layer_linear_shapes_at`], and its experts if it has them.
+fn load_layer(
+    c: &LlamaConfig,
+    i: usize,
+    l: &Weights,
+    window: Option<usize>,
+) -> Result<DecoderLayer> {
     let h = c.hidden_size as i64;
     let hd = c.head_dim as i64;
     let norm = |name: &str| rms_norm(c, l, name, h);
@@ -246,6 +267,8 @@ fn load_layer(c: &LlamaConfig, l: &Weights, window: Option<usize>) -> Result<Dec
             up_proj: empty(),
             down_proj: empty(),
             gate_up_proj: empty(),
+            gate: None,
+            experts: None,
             act: c.hidden_act,
             fused: c.fused_projections,
         },
@@ -255,7 +278,12 @@ fn load_layer(c: &LlamaConfig, l: &Weights, window: Option<usize>) -> Result<Dec
         post_feedforward_layernorm: optional(c.sandwich_norms, l, "post_feedforward_layernorm", h)?,
         local_rope: c.local_rope.is_some() && window.is_some(),
     };
-    let shapes = c.layer_linear_shapes();
+    if let (true, Some(moe)) = (c.is_sparse(i), &c.moe) {
+        let (gate, experts) = load_experts(c, moe, l)?;
+        layer.mlp.gate = Some(gate);
+        layer.mlp.experts = Some(experts);
+    }
+    let shapes = c.layer_linear_shapes_at(i);
     let mut loaded = 0;
     for (name, lin) in layer_linears!(layer, mut) {
         if let Some(&(_, i_, o, bias)) = shapes.iter().find(|s| s.0 == name) {
@@ -267,4 +295,57 @@ fn load_layer(c: &LlamaConfig, l: &Weights, window: Option<usize>) -> Result<Dec
         bail!("internal: a linear module of {:?} has no field", shapes);
     }
     Ok(layer)
+}
+
+/// A sparse layer's router and experts, from either layout: transformers
+/// 5's fused 3D tensors (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`,
+/// `mlp.gate.weight`), or the Hub's tensors per expert (`mlp.experts.N.
+/// gate_proj.weight`, Mixtral's `block_sparse_moe.experts.N.w1.weight`, ...),
+/// copied one by one into the stacked tensors so that no second copy of
+/// the experts is ever held.
+fn load_experts(c: &LlamaConfig, moe: &MoeConfig, l: &Weights) -> Result<(TopKRouter, Experts)> {
+    let (e, h, i) = (
+        moe.num_experts as i64,
+        c.hidden_size as i64,
+        moe.moe_intermediate_size as i64,
+    );
+    let (block, gate_name, up_name, down_name) = moe.per_expert_names;
+    let fused = l.pp("mlp");
+    let (router, gate_up_proj, down_proj) = if l.contains("mlp.experts.gate_up_proj")
+        || !l.contains(&format!("{block}.experts.0.{gate_name}.weight"))
+    {
+        (
+            fused.get("gate.weight", &[e, h])?,
+            fused.get("experts.gate_up_proj", &[e, 2 * i, h])?,
+            fused.get("experts.down_proj", &[e, h, i])?,
+        )
+    } else {
+        let b = l.pp(block);
+        let gate_up = Tensor::f_empty([e, 2 * i, h], (l.kind(), l.device()))?;
+        let down = Tensor::f_empty([e, h, i], (l.kind(), l.device()))?;
+        for x in 0..e {
+            let ex = b.pp(&format!("experts.{x}"));
+            let slot = gate_up.get(x);
+            slot.narrow(0, 0, i)
+                .f_copy_(&ex.get(&format!("{gate_name}.weight"), &[i, h])?)?;
+            slot.narrow(0, i, i)
+                .f_copy_(&ex.get(&format!("{up_name}.weight"), &[i, h])?)?;
+            down.get(x)
+                .f_copy_(&ex.get(&format!("{down_name}.weight"), &[h, i])?)?;
+        }
+        (b.get("gate.weight", &[e, h])?, gate_up, down)
+    };
+    let gate = TopKRouter {
+        weight: router,
+        top_k: moe.num_experts_per_tok as i64,
+        norm_topk_prob: moe.norm_topk_prob,
+        weights_in_model_dtype: moe.routing_weights_in_model_dtype,
+    };
+    Ok((
+        gate,
+        Experts {
+            gate_up_proj,
+            down_proj,
+        },
+    ))
 }

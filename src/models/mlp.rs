@@ -1,8 +1,10 @@
 //! `model.layers.N.mlp`: the gated feed-forward block (SwiGLU, or Gemma's
-//! GELU-tanh), with separate or Phi-3's fused gate and up projections.
+//! GELU-tanh), with separate or Phi-3's fused gate and up projections, or
+//! a mixture of experts (see [`super::moe`]).
 
 use tch::Tensor;
 
+use super::moe::{Experts, TopKRouter};
 use crate::nn::{forward_same_input, Linear};
 
 /// The MLP's activation.
@@ -24,12 +26,29 @@ pub struct Mlp {
     pub down_proj: Linear,
     /// `gate_up_proj` (Phi-3; empty elsewhere).
     pub gate_up_proj: Linear,
+    /// `gate`: the router of a mixture-of-experts layer (else `None`).
+    pub gate: Option<TopKRouter>,
+    /// `experts` of a mixture-of-experts layer (else `None`).
+    pub experts: Option<Experts>,
     pub(crate) act: Activation,
     pub(crate) fused: bool,
 }
 
 impl Mlp {
+    /// The router's and experts' tensors of a mixture-of-experts layer.
+    pub fn sparse_tensors(&self) -> impl Iterator<Item = &Tensor> {
+        let gate = self.gate.iter().map(|g| &g.weight);
+        let experts = self
+            .experts
+            .iter()
+            .flat_map(|e| [&e.gate_up_proj, &e.down_proj]);
+        gate.chain(experts)
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
+        if let (Some(router), Some(experts)) = (&self.gate, &self.experts) {
+            return super::moe::forward(router, experts, x);
+        }
         let (gate, up) = if self.fused {
             let gu = self.gate_up_proj.forward(x);
             let half = gu.size().last().copied().unwrap_or(0) / 2;

@@ -5,7 +5,8 @@
 //! cache), [`mlp`], [`decoder`] (layers, the model and its forward path) and
 //! [`loader`] (weights into modules) — and one thin file per architecture
 //! saying how its configuration differs: [`llama`], [`mistral`], [`qwen2`],
-//! [`qwen3`], [`gemma3`], [`phi3`].
+//! [`qwen3`], [`gemma3`], [`phi3`], and the mixtures of experts
+//! [`qwen3_moe`] and [`mixtral`] (their sparse MLP in [`moe`]).
 
 pub mod attention;
 pub mod config;
@@ -14,10 +15,13 @@ pub mod gemma3;
 pub mod llama;
 pub mod loader;
 pub mod mistral;
+pub mod mixtral;
 pub mod mlp;
+pub mod moe;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
+pub mod qwen3_moe;
 pub mod rope;
 
 use std::cell::RefCell;
@@ -42,6 +46,8 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "mistral",
     "qwen2",
     "qwen3",
+    "qwen3_moe",
+    "mixtral",
     "gemma3_text",
     "gemma3 (text tower)",
     "phi3",
@@ -55,6 +61,8 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
         "mistral" => mistral::config(&raw),
         "qwen2" => qwen2::config(&raw),
         "qwen3" => qwen3::config(&raw),
+        "qwen3_moe" => qwen3_moe::config(&raw),
+        "mixtral" => mixtral::config(&raw),
         "gemma3_text" => gemma3::config(&raw),
         "gemma3" => gemma3::multimodal_config(&raw),
         "phi3" => phi3::config(&raw),

@@ -24,7 +24,9 @@ fn attach(lin: &mut Linear, layer: Box<dyn peft_adapters::LinearAdapter>) -> Res
 
 /// The paths `method` selects in `model`, refusing a tied output head.
 fn select(model: &LlamaForCausalLM, method: &dyn Method) -> Result<Vec<String>> {
-    selected_paths(model, |paths| method.select(paths, OUTPUT_HEAD))
+    selected_paths(model, method.target_modules(), |paths| {
+        method.select(paths, OUTPUT_HEAD)
+    })
 }
 
 /// The selected modules with their `(in, out)`, in the model's order.

@@ -37,15 +37,31 @@ fn attach(lin: &mut Linear, name: &str, weights: LoraWeights) -> Result<()> {
 /// The module paths `config` selects in `model`, refusing a tied output head.
 fn select(model: &LlamaForCausalLM, config: &LoraConfig) -> Result<Vec<String>> {
     config.validate()?;
-    selected_paths(model, |paths| config.select(paths, OUTPUT_HEAD))
+    selected_paths(model, &config.target_modules, |paths| {
+        config.select(paths, OUTPUT_HEAD)
+    })
 }
 
-/// The linear-module paths of `model` that `choose` picks from all of them,
-/// refusing an output head tied to the embeddings.
+/// The linear-module paths of `model` that `choose` picks from all of them
+/// (as `targets` says), refusing an output head tied to the embeddings and
+/// `all-linear` on a mixture of experts.
 fn selected_paths(
     model: &LlamaForCausalLM,
+    targets: &TargetModules,
     choose: impl for<'a> FnOnce(&[&'a str]) -> Result<Vec<&'a str>>,
 ) -> Result<Vec<String>> {
+    if *targets == TargetModules::AllLinear && model.config.moe.is_some() {
+        // PEFT resolves `all-linear` on these models to the attention
+        // projections plus the router and the experts as `target_parameters`
+        // (peft.utils.transformers_weight_conversion); the same name must
+        // not silently adapt less here.
+        bail!(
+            "target_modules `all-linear` on a mixture-of-experts model ({}): PEFT then also adapts the router and the \
+             experts (`target_parameters`), which peft-rs does not do yet; name the modules instead, e.g. \
+             --target-modules q_proj,k_proj,v_proj,o_proj",
+            model.config.model_type
+        );
+    }
     let modules = model.config.linear_modules();
     let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
     let chosen: Vec<String> = choose(&paths)?.into_iter().map(str::to_owned).collect();

@@ -72,6 +72,7 @@ impl Trainer {
         let (device, kind) = (place.device, place.kind);
         let model_dir = cfg.model.clone().expect("resolved by claim_and_join");
         let quantize = cfg.quantization(kind, device);
+        refuse_router_aux_loss(&model_dir)?;
         let base = Pretrained::load_quantized(&model_dir, kind, device, quantize.as_ref())?;
         let (train, eval, pad_id) = load_data(&cfg, &base)?;
         let mut model = base.model;
@@ -412,4 +413,21 @@ fn join_process_group(
         );
     }
     Ok(group)
+}
+
+/// transformers adds the router's load-balancing loss in training when a
+/// mixture-of-experts config sets `output_router_logits`; peft-rs does not
+/// compute it yet, and says so instead of training to another loss.
+fn refuse_router_aux_loss(model_dir: &Path) -> Result<()> {
+    let config = crate::models::read_config(model_dir)?;
+    if let Some(moe) = config.moe.filter(|m| m.output_router_logits) {
+        bail!(
+            "{}: field `output_router_logits` is true: transformers adds the router's load-balancing \
+             loss (× router_aux_loss_coef {}) to the training loss, which peft-rs does not compute yet; \
+             set it to false to train on the language-model loss alone",
+            model_dir.join("config.json").display(),
+            moe.router_aux_loss_coef
+        );
+    }
+    Ok(())
 }
