@@ -7,7 +7,9 @@ meaningless, the shapes, bytes and layout are those of the real model.
 
     python bench/make_checkpoint.py SHAPE OUT_DIR [TOKENIZER_DIR]
 
-SHAPE: llama-3.2-1b, qwen3-1.7b, llama-2-7b, llama-3.1-8b.
+SHAPE: llama-3.2-1b, qwen3-1.7b, llama-2-7b, llama-3.1-8b, qwen3-moe-small
+(a small mixture of experts: 8 experts, top 2, hidden 512; stored with the
+experts fused, as transformers 5's state dict names them).
 """
 import json
 import shutil
@@ -37,6 +39,11 @@ SHAPES = {
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
                          tie_word_embeddings=False, max_position_embeddings=131072, rms_norm_eps=1e-5,
                          rope_parameters=LLAMA3_ROPE),
+    "qwen3-moe-small": dict(model_type="qwen3_moe", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=49152,
+                            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768, norm_topk_prob=True,
+                            tie_word_embeddings=True, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
 }
 SHARD_BYTES = 5 * 10**9
 

@@ -17,13 +17,16 @@
 # baseline of a process that loaded libtorch (`peft-rs env`).
 #
 #   ./bench/sizes.sh [SHAPE...]      (default: llama-3.2-1b llama-3.1-8b)
-# SHAPE: llama-3.2-1b, qwen3-1.7b, llama-2-7b, llama-3.1-8b (bench/make_checkpoint.py).
+# SHAPE: llama-3.2-1b, qwen3-1.7b, llama-2-7b, llama-3.1-8b, qwen3-moe-small
+# (bench/make_checkpoint.py).
 # Environment: SIZES_TOKENS ("512 2048"), SIZES_STEPS (3), SIZES_CACHE (where
 # checkpoints are kept and reused: ~/.cache/peft-rs/bench-checkpoints; each
 # takes its bf16 size on disk: 2.5 GB for 1B, 13.5 GB for 7B, 16 GB for 8B,
 # plus as much again while its merged copy exists), SIZES_KEEP=0 deletes each
 # checkpoint after use, SIZES_SKIP ("" or words: hf, qlora, merge, generate,
-# lora-bf16, no-ckpt) leaves parts out.
+# lora-bf16, no-ckpt) leaves parts out, SIZES_TARGETS (all-linear, or a
+# comma list such as q_proj,k_proj,v_proj,o_proj: the LoRA targets of both
+# stacks; a mixture of experts needs named targets).
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 shapes=${*:-llama-3.2-1b llama-3.1-8b}
@@ -71,7 +74,7 @@ rust_train() { # name ckpt_dir T checkpointing lora_dtype [extra...]
   rm -rf "$out/run-$name"
   measure "$name" "$bin" train --model "$ckpt" --data "$out/texts.jsonl" --output "$out/run-$name" \
     --device cpu --dtype bf16 --batch-size 1 --max-seq-len "$t" --max-steps "$steps" --lr 2e-4 \
-    --lora-rank 16 --lora-alpha 32 --lora-dropout 0 --target-modules all-linear --warmup-steps 0 \
+    --lora-rank 16 --lora-alpha 32 --lora-dropout 0 --target-modules "${SIZES_TARGETS:-all-linear}" --warmup-steps 0 \
     --gradient-checkpointing "$gc" --lora-compute-dtype "$ld" "$@"
   cp "$out/run-$name/train_summary.json" "$out/results/$name.json" 2>/dev/null || true
 }

@@ -13,6 +13,7 @@ LORA_BF16 1 runs the step under CPU bf16 autocast (what Trainer's bf16=True
 does), 0 keeps the adapters' matmuls in fp32 (PEFT's eager default).
 """
 import json
+import os
 import sys
 import time
 
@@ -75,8 +76,10 @@ def train(model_dir, texts, tokens, steps, checkpointing, lora_bf16, quantize, o
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    targets = os.environ.get("SIZES_TARGETS", "all-linear")
+    targets = targets if targets == "all-linear" else targets.split(",")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+                                             target_modules=targets, task_type="CAUSAL_LM"))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if lora_bf16 else contextlib.nullcontext())

@@ -63,12 +63,20 @@ for shape in shapes:
     h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv, vocab = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd, cfg["vocab_size"]
-    linear = L * (h * q + 2 * h * kv + q * h + 3 * h * i) + h * vocab  # incl. lm_head
     r = 16
-    lora = L * r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
+    if cfg.get("num_experts"):
+        # A mixture of experts: the parameters a token passes through (its
+        # top-k experts and the router), and LoRA on attention only (both
+        # stacks' targets, SIZES_TARGETS).
+        i = cfg["num_experts_per_tok"] * cfg["moe_intermediate_size"]
+        linear = L * (h * q + 2 * h * kv + q * h + 3 * h * i + h * cfg["num_experts"]) + h * vocab
+        lora = L * r * ((h + q) + 2 * (h + kv) + (q + h))
+    else:
+        linear = L * (h * q + 2 * h * kv + q * h + 3 * h * i) + h * vocab  # incl. lm_head
+        lora = L * r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
     rate = bf16_rate(512, h, i)
     print(f"\n== {shape}: {weights / GB:.2f} GB bf16, {linear / 1e9:.2f} B linear parameters, "
-          f"LoRA r=16 all-linear {lora / 1e6:.1f} M; bf16 matmul here on {512}x{h}x{i}: {rate:.0f} GFLOP/s")
+          f"LoRA r=16 {lora / 1e6:.1f} M; bf16 matmul here on {512}x{h}x{i}: {rate:.0f} GFLOP/s")
     print(f"{'run':34}{'stack':10}{'tok/s':>8}{'MFU':>6}{'peak GB':>9}{'anon':>7}{'file':>7}{'theory':>8}"
           f"{'meas/th':>8}{'tok/s x':>9}{'peak x':>8}")
     for t in (512, 2048, 1024, 4096):
