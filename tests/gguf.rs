@@ -314,8 +314,10 @@ fn informational(key: &str) -> bool {
         .contains(&key)
 }
 
-fn assert_same_gguf(ours: &Path, theirs: &Path) {
-    let (a, b) = (dump(ours), dump(theirs));
+/// The dumps (see `gguf_reference.py dump`) of our file `ours` and the
+/// converters' are the same GGUF: metadata (less the informational keys)
+/// and every tensor's shape, type and bytes.
+fn assert_same_gguf(ours: &Path, a: &Value, b: &Value) {
     let keys = |v: &Value| -> std::collections::BTreeSet<String> {
         v["kv"]
             .as_object()
@@ -325,14 +327,8 @@ fn assert_same_gguf(ours: &Path, theirs: &Path) {
             .cloned()
             .collect()
     };
-    assert_eq!(
-        keys(&a),
-        keys(&b),
-        "metadata keys of {} and {}",
-        ours.display(),
-        theirs.display()
-    );
-    for k in keys(&a)
+    assert_eq!(keys(a), keys(b), "metadata keys of {}", ours.display());
+    for k in keys(a)
         .into_iter()
         .chain(["tokenizer.ggml.add_bos_token".to_owned()])
     {
@@ -363,83 +359,101 @@ fn assert_same_gguf(ours: &Path, theirs: &Path) {
     }
 }
 
-fn matches_converters(name: &str, base: &Path, adapter: &Path, with_model: bool) {
-    let conv = converters();
-    let tmp = tempfile::tempdir().unwrap();
-    let outtypes: &[&str] = if with_model {
-        &["f32", "f16", "bf16", "q8_0"]
-    } else {
-        &["f32", "q8_0"]
-    };
-    // (kind, outtype): an adapter GGUF ("lora") or the model's ("model").
-    let mut cases: Vec<(&str, &str)> = outtypes.iter().map(|&t| ("lora", t)).collect();
-    if with_model {
-        cases.extend(outtypes.iter().map(|&t| ("model", t)));
-    }
-    let path = |who: &str, kind: &str, t: &str| tmp.path().join(format!("{who}-{kind}-{t}.gguf"));
-    // The converters (a Python start each) run beside our exports, two at a time.
-    std::thread::scope(|scope| {
-        for pair in cases.chunks(2) {
-            let handles: Vec<_> = pair
-                .iter()
-                .map(|&(kind, t)| {
-                    let theirs = path("ref", kind, t);
-                    let (conv, base, adapter) = (&conv, base, adapter);
-                    scope.spawn(move || match kind {
-                        "lora" => {
-                            fixture(&["convert-lora", s(conv), s(adapter), s(base), s(&theirs), t])
-                        }
-                        _ => fixture(&["convert-model", s(conv), s(base), s(&theirs), t]),
-                    })
-                })
-                .collect();
-            for &(kind, t) in pair {
-                let ours = path("ours", kind, t);
-                let mut args = vec!["--model", s(base)];
-                if kind == "lora" {
-                    args.extend(["--adapter", s(adapter), "--adapter-only"]);
-                }
-                args.extend(["--output", s(&ours), "--outtype", t]);
-                export(&args);
-            }
-            for h in handles {
-                h.join().expect("a converter thread panicked");
-            }
-        }
-    });
-    for &(kind, t) in &cases {
-        assert_same_gguf(&path("ours", kind, t), &path("ref", kind, t));
-    }
-    let what = if with_model {
-        "adapter and model GGUFs"
-    } else {
-        "adapter GGUF"
-    };
-    eprintln!(
-        "{name}: {what} ({}) equal llama.cpp's converters' output",
-        outtypes.join(", ")
-    );
+/// Writes `value` as JSON to `dir/name` and returns the path.
+fn json_file(dir: &Path, name: &str, value: &Value) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, value.to_string()).unwrap();
+    path
 }
 
 #[test]
 fn ggufs_equal_what_llama_cpp_converters_write() {
-    // Models and adapters; for Phi-3 (fused qkv_proj and gate_up_proj) and
-    // Gemma 3 (text and multimodal layouts), adapters.
-    for (name, with_model) in [
+    // Models and adapters; for Phi-3 (fused qkv_proj and gate_up_proj),
+    // Gemma 3 (text and multimodal layouts) and the mixtures of experts
+    // (attention adapters), adapters.
+    let models = [
         ("llama32", true),
         ("qwen3", true),
         ("phi3", false),
         ("phi3_longrope", false),
         ("gemma3", false),
         ("gemma3_mm", false),
-    ] {
-        let base = arch_reference().join("models").join(name);
-        matches_converters(
-            name,
-            &base,
-            &arch_reference().join(name).join("lora/adapter"),
-            with_model,
-        );
+        ("qwen3_moe", false),
+        ("mixtral", false),
+    ];
+    // (model, kind, outtype): an adapter GGUF ("lora") or the model's ("model").
+    let mut cases: Vec<(&str, &str, &str)> = Vec::new();
+    for (name, with_model) in models {
+        let (kinds, outtypes): (&[&str], &[&str]) = if with_model {
+            (&["lora", "model"], &["f32", "f16", "bf16", "q8_0"])
+        } else {
+            (&["lora"], &["f32", "q8_0"])
+        };
+        for &kind in kinds {
+            cases.extend(outtypes.iter().map(|&t| (name, kind, t)));
+        }
+    }
+    let conv = converters();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = |name: &str| arch_reference().join("models").join(name);
+    let adapter = |name: &str| arch_reference().join(name).join("lora/adapter");
+    let path = |who: &str, (name, kind, t): (&str, &str, &str)| {
+        tmp.path().join(format!("{who}-{name}-{kind}-{t}.gguf"))
+    };
+    // llama.cpp's converters run in one Python process (torch imported once),
+    // beside our exports.
+    let jobs: Vec<Value> = cases
+        .iter()
+        .map(|&c| {
+            let (name, kind, t) = c;
+            let theirs = path("ref", c);
+            match kind {
+                "lora" => serde_json::json!({
+                    "script": "convert_lora_to_gguf.py",
+                    "args": [s(&adapter(name)), "--base", s(&base(name)), "--outfile", s(&theirs), "--outtype", t],
+                }),
+                _ => serde_json::json!({
+                    "script": "convert_hf_to_gguf.py",
+                    "args": [s(&base(name)), "--outfile", s(&theirs), "--outtype", t],
+                }),
+            }
+        })
+        .collect();
+    let jobs = json_file(tmp.path(), "convert.json", &Value::from(jobs));
+    std::thread::scope(|scope| {
+        let converting = scope.spawn(|| fixture(&["convert-batch", s(&conv), s(&jobs)]));
+        for &c in &cases {
+            let (name, kind, t) = c;
+            let (b, a, ours) = (base(name), adapter(name), path("ours", c));
+            let mut args = vec!["--model", s(&b)];
+            if kind == "lora" {
+                args.extend(["--adapter", s(&a), "--adapter-only"]);
+            }
+            args.extend(["--output", s(&ours), "--outtype", t]);
+            export(&args);
+        }
+        converting.join().expect("the converters' thread panicked");
+    });
+    // Both sides' files, read by the gguf package in one Python process.
+    let dumps: Vec<Value> = cases
+        .iter()
+        .flat_map(|&c| ["ours", "ref"].map(|who| path(who, c)))
+        .map(|g| serde_json::json!([s(&g), s(&g.with_extension("json"))]))
+        .collect();
+    let dumps = json_file(tmp.path(), "dump.json", &Value::from(dumps));
+    fixture(&["dump-batch", s(&dumps)]);
+    let read = |g: PathBuf| -> Value { common::read_json(&g.with_extension("json")) };
+    for &c in &cases {
+        let ours = path("ours", c);
+        assert_same_gguf(&ours, &read(ours.clone()), &read(path("ref", c)));
+    }
+    for (name, with_model) in models {
+        let what = if with_model {
+            "adapter and model GGUFs (f32, f16, bf16, q8_0)"
+        } else {
+            "adapter GGUFs (f32, q8_0)"
+        };
+        eprintln!("{name}: {what} equal llama.cpp's converters' output");
     }
 }
 

@@ -69,9 +69,9 @@ struct Arch {
 }
 
 /// llama.cpp's architecture for `config`. Adapters need only tensor names,
-/// so Phi-3 and Gemma 3 adapters are written; their models (Gemma 3's
-/// shifted norms and local RoPE, Phi-3's LongRoPE factors and SentencePiece
-/// vocabularies) not yet.
+/// so Phi-3, Gemma 3, Qwen3-MoE and Mixtral adapters are written; their
+/// models (Gemma 3's shifted norms and local RoPE, Phi-3's LongRoPE factors
+/// and SentencePiece vocabularies, the experts) not yet.
 fn arch_of(config: &LlamaConfig, dir: &Path, adapter_only: bool) -> Result<Arch> {
     Ok(match config.model_type.as_str() {
         "llama" | "mistral" => Arch { name: "llama", permute_qk: true },
@@ -79,8 +79,11 @@ fn arch_of(config: &LlamaConfig, dir: &Path, adapter_only: bool) -> Result<Arch>
         "qwen3" => Arch { name: "qwen3", permute_qk: false },
         "phi3" if adapter_only => Arch { name: "phi3", permute_qk: false },
         "gemma3" | "gemma3_text" if adapter_only => Arch { name: "gemma3", permute_qk: false },
+        // llama.cpp's Mixtral is its `llama` with experts.
+        "mixtral" if adapter_only => Arch { name: "llama", permute_qk: true },
+        "qwen3_moe" if adapter_only => Arch { name: "qwen3moe", permute_qk: false },
         other => bail!(
-            "{}: model_type {other}: export gguf writes llama, mistral, qwen2 and qwen3 models (and phi3 and gemma3 adapters with --adapter-only) so far; \
+            "{}: model_type {other}: export gguf writes llama, mistral, qwen2 and qwen3 models (and phi3, gemma3, qwen3_moe and mixtral adapters with --adapter-only) so far; \
              for this model run `peft-rs merge` and llama.cpp's convert_hf_to_gguf.py on the merged folder",
             dir.join("config.json").display()
         ),
