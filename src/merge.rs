@@ -24,6 +24,7 @@ use crate::weights::{
 };
 use peft_adapters::lora::files;
 use peft_adapters::lora::init::loftq;
+use peft_adapters::lora::param::ParamLora;
 use peft_adapters::lora::{Combination, InitLoraWeights, LoraLayer, LoraWeights};
 use peft_adapters::method::AdapterConfig;
 use peft_adapters::LinearAdapter;
@@ -123,10 +124,15 @@ impl Delta {
 }
 
 /// The adapters, read and checked against the base, per module path.
-fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Delta>> {
+/// The adapters' LoRA factors on parameters (`target_parameters`: experts
+/// and routers), per parameter path.
+type ParamDeltas = BTreeMap<String, ParamLora>;
+
+fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<(BTreeMap<String, Delta>, ParamDeltas)> {
     let config = models::read_config(base)?;
     let modules = config.linear_modules();
     let mut per_module: BTreeMap<String, Vec<(LoraWeights, f64)>> = BTreeMap::new();
+    let mut params = ParamDeltas::new();
     for (i, dir) in opts.adapters.iter().enumerate() {
         let adapter = AdapterConfig::read(dir)?;
         if adapter.as_method().is_some() {
@@ -137,15 +143,26 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Delt
                     adapter.method()
                 );
             }
-            return method_deltas(dir, adapter, &modules, config.tie_word_embeddings);
+            return Ok((
+                method_deltas(dir, adapter, &modules, config.tie_word_embeddings)?,
+                params,
+            ));
         }
-        let (lora, weights) = files::read_checked(
+        let (lora, weights, on_params) = files::read_checked_with_params(
             dir,
             &modules,
+            &config.adaptable_parameters(),
             OUTPUT_HEAD,
             config.tie_word_embeddings,
             Device::Cpu,
         )?;
+        if !on_params.is_empty() && opts.adapters.len() > 1 {
+            bail!(
+                "{}: an adapter on parameters (`target_parameters`) is merged alone (--weights combines adapters of linear modules only)",
+                dir.display()
+            );
+        }
+        params.extend(on_params);
         files::refuse_unconverted(dir, lora.init_lora_weights)?;
         if let InitLoraWeights::Loftq { iters } = lora.init_lora_weights {
             if opts.adapters.len() > 1 {
@@ -154,13 +171,14 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Delt
                     dir.display()
                 );
             }
-            return Ok(weights
+            let loftq = weights
                 .into_iter()
                 .map(|(path, w)| {
                     let weights = LoraWeights { dropout: 0.0, ..w };
                     (path, Delta::Loftq { weights, iters })
                 })
-                .collect());
+                .collect();
+            return Ok((loftq, params));
         }
         for (path, w) in weights {
             // Merging is inference: no dropout.
@@ -171,7 +189,7 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Delt
                 .push((w, opts.weights.get(i).copied().unwrap_or(1.0)));
         }
     }
-    per_module
+    let deltas = per_module
         .into_iter()
         .map(|(path, parts)| {
             let w = if opts.weights.is_empty() {
@@ -182,7 +200,8 @@ fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<BTreeMap<String, Delt
             };
             Ok((path, Delta::Lora(w)))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((deltas, params))
 }
 
 /// The adapter in `dir` (of a method other than LoRA, configuration
@@ -266,13 +285,13 @@ pub fn merge_to_dir(opts: &MergeOptions) -> Result<MergeReport> {
             );
         }
     }
-    let mut deltas = plan_deltas(base, opts)?;
+    let (mut deltas, params) = plan_deltas(base, opts)?;
     let files_in = WeightFiles::from_model_dir(base)?;
     // Holding the lock, any temporary of this output is a killed run's.
     outputs::remove_temporaries(parent, &format!("{name}.tmp-"))?;
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let result = write_model(base, &files_in, &mut deltas, &tmp, opts)
+    let result = write_model(base, &files_in, &mut deltas, &params, &tmp, opts)
         .and_then(|r| outputs::mark(&tmp, "merge").map(|()| r));
     let report = match result {
         Ok(r) => r,
@@ -363,6 +382,7 @@ fn write_model(
     base: &Path,
     files_in: &WeightFiles,
     deltas: &mut BTreeMap<String, Delta>,
+    params: &ParamDeltas,
     out: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
@@ -377,6 +397,7 @@ fn write_model(
     let mut weight_map = serde_json::Map::new();
     // The modules whose weight was merged (their bias may come later).
     let mut done: Vec<String> = Vec::new();
+    let mut params_done = std::collections::BTreeSet::new();
     // A bitsandbytes base: its quantized layers are written dequantized
     // (merged where an adapter targets them), as PEFT's merge_and_unload
     // followed by transformers' dequantize() gives, without re-quantizing.
@@ -411,11 +432,22 @@ fn write_model(
                 _ => (None, false),
             };
             let delta = module.as_ref().and_then(|m| deltas.get(m));
-            let merged = match delta {
-                // A bias changes only under a method that scales outputs (IA³).
-                Some(d) if is_bias => {
-                    let layer = d.layer();
-                    let mut change = |t: &mut Tensor| layer.merge_bias(t);
+            // An adapted parameter, whole or one expert's part of it.
+            let part = config
+                .parameter_part(n)
+                .and_then(|(p, e, rows)| params.get(&p).map(|l| (p, e, rows, l)));
+            let merged = match (part, delta) {
+                (Some((p, e, rows, l)), _) => {
+                    let d = match e {
+                        Some(e) => l.expert_delta(e, rows),
+                        None => l.delta(),
+                    };
+                    let mut change = |t: &mut Tensor| {
+                        *t += &d;
+                        Ok(())
+                    };
+                    report.tensors_merged += 1;
+                    params_done.insert(p);
                     merged_tensor(
                         files_in,
                         quantized.as_ref(),
@@ -425,25 +457,42 @@ fn write_model(
                         Some(&mut change),
                     )?
                 }
-                Some(d) => {
-                    let mut layer = d.layer();
-                    let mut change = |t: &mut Tensor| {
-                        d.base_for(t)?;
-                        layer.merge(t)
-                    };
-                    report.tensors_merged += 1;
-                    let m = merged_tensor(
-                        files_in,
-                        quantized.as_ref(),
-                        n,
-                        *out_dtype,
-                        shape,
-                        Some(&mut change),
-                    )?;
-                    done.push(module.clone().expect("a module"));
-                    m
-                }
-                None => merged_tensor(files_in, quantized.as_ref(), n, *out_dtype, shape, None)?,
+                (None, delta) => match delta {
+                    // A bias changes only under a method that scales outputs (IA³).
+                    Some(d) if is_bias => {
+                        let layer = d.layer();
+                        let mut change = |t: &mut Tensor| layer.merge_bias(t);
+                        merged_tensor(
+                            files_in,
+                            quantized.as_ref(),
+                            n,
+                            *out_dtype,
+                            shape,
+                            Some(&mut change),
+                        )?
+                    }
+                    Some(d) => {
+                        let mut layer = d.layer();
+                        let mut change = |t: &mut Tensor| {
+                            d.base_for(t)?;
+                            layer.merge(t)
+                        };
+                        report.tensors_merged += 1;
+                        let m = merged_tensor(
+                            files_in,
+                            quantized.as_ref(),
+                            n,
+                            *out_dtype,
+                            shape,
+                            Some(&mut change),
+                        )?;
+                        done.push(module.clone().expect("a module"));
+                        m
+                    }
+                    None => {
+                        merged_tensor(files_in, quantized.as_ref(), n, *out_dtype, shape, None)?
+                    }
+                },
             };
             let bytes: &[u8] = match &merged {
                 Some(t) => t,
@@ -460,6 +509,9 @@ fn write_model(
         writer.finish()?;
     }
     bar.finish_and_clear();
+    if let Some(left) = params.keys().find(|p| !params_done.contains(*p)) {
+        bail!("{}: no tensor holds {left} to merge into", base.display());
+    }
     if let Some(left) = deltas.keys().find(|m| !done.contains(m)) {
         bail!(
             "{}: no tensor {}.weight to merge into",

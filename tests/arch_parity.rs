@@ -381,6 +381,36 @@ fn moe_models_read_both_expert_layouts() {
     }
 }
 
+/// PEFT's own `all-linear` on a mixture of experts: the attention
+/// projections, and the router and the experts as `target_parameters`
+/// (gate_up_proj at twice the rank): PEFT's adapter in peft-rs, merged in
+/// memory and by `peft-rs merge` into either checkpoint layout, and one
+/// training step's gradients on every factor.
+#[test]
+fn moe_peft_adapters_on_experts_and_router_match_peft() {
+    for name in ["qwen3_moe", "mixtral"] {
+        let adapter = fx().join(name).join("experts/adapter");
+        let config: serde_json::Value = common::read_json(&adapter.join("adapter_config.json"));
+        assert!(
+            config["target_parameters"]
+                .as_array()
+                .is_some_and(|a| a.len() == 3),
+            "{name}: PEFT's all-linear adapts router and experts: {config}"
+        );
+        peft_adapter_parity(name, "experts");
+        gradient_parity(name, "experts");
+        let (_, ids, mask) = inputs(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        Cmd::merge(&model_dir(&format!("{name}_fused")), &adapter, &out).run_ok();
+        let expected = logits(&fx().join(name).join("experts/merged_logits.safetensors"));
+        let ours = tch::no_grad(|| common::load(&out).forward(&ids));
+        let d = masked_max_diff(&ours, &expected, &mask);
+        eprintln!("{name}/experts: `merge` into the fused-experts checkpoint, logits vs merge_and_unload {d:.2e}");
+        assert!(d < 1e-4, "{name}: {d}");
+    }
+}
+
 /// The vision tower is skipped with one note; an adapter saved by peft-rs
 /// names the language model's modules, not `all-linear` (which PEFT would
 /// also apply to the vision tower).

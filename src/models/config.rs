@@ -100,6 +100,9 @@ pub struct LlamaConfig {
     pub moe: Option<MoeConfig>,
 }
 
+/// See [`LlamaConfig::parameter_part`]: (parameter path, expert, rows).
+pub type ParameterPart = (String, Option<i64>, Option<(i64, i64)>);
+
 /// How a mixture-of-experts model routes tokens to its experts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeConfig {
@@ -342,6 +345,72 @@ impl LlamaConfig {
             shapes.retain(|s| !s.0.starts_with("mlp."));
         }
         shapes
+    }
+
+    /// The parameters an adapter may target directly (PEFT's
+    /// `target_parameters`) as (path, shape): per sparse layer the router's
+    /// weight, then the experts' `gate_up_proj` and `down_proj` (the order
+    /// transformers registers the experts' two).
+    pub fn adaptable_parameters(&self) -> Vec<(String, Vec<i64>)> {
+        let Some(moe) = &self.moe else {
+            return Vec::new();
+        };
+        let (e, h, i) = (
+            moe.num_experts as i64,
+            self.hidden_size as i64,
+            moe.moe_intermediate_size as i64,
+        );
+        (0..self.num_hidden_layers)
+            .filter(|&l| self.is_sparse(l))
+            .flat_map(|l| {
+                let m = format!("{}.layers.{l}.mlp", self.decoder_path);
+                [
+                    (format!("{m}.gate.weight"), vec![e, h]),
+                    (format!("{m}.experts.gate_up_proj"), vec![e, 2 * i, h]),
+                    (format!("{m}.experts.down_proj"), vec![e, h, i]),
+                ]
+            })
+            .collect()
+    }
+
+    /// Which part of an adaptable parameter (see
+    /// [`LlamaConfig::adaptable_parameters`]) the stored tensor `name` is: the
+    /// whole parameter (transformers 5's layout), or one expert's projection
+    /// as the Hub stores it, as (parameter path, expert, rows of that
+    /// expert's `[out, in]` ΔW: gate and up are the two halves of
+    /// `gate_up_proj`). `None` for every other tensor.
+    pub fn parameter_part(&self, name: &str) -> Option<ParameterPart> {
+        let moe = self.moe.as_ref()?;
+        let name = self.module_name(name);
+        let rest = name.strip_prefix(&format!("{}.layers.", self.decoder_path))?;
+        let (layer, rest) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        if !self.is_sparse(layer) {
+            return None;
+        }
+        let mlp = format!("{}.layers.{layer}.mlp", self.decoder_path);
+        let whole = |p: &str| Some((format!("{mlp}.{p}"), None, None));
+        match rest {
+            "mlp.gate.weight" => return whole("gate.weight"),
+            "mlp.experts.gate_up_proj" => return whole("experts.gate_up_proj"),
+            "mlp.experts.down_proj" => return whole("experts.down_proj"),
+            _ => {}
+        }
+        let (block, gate, up, down) = moe.per_expert_names;
+        let rest = rest.strip_prefix(block)?.strip_prefix('.')?;
+        if rest == "gate.weight" {
+            return whole("gate.weight");
+        }
+        let (e, proj) = rest.strip_prefix("experts.")?.split_once('.')?;
+        let e: i64 = e.parse().ok()?;
+        let i = moe.moe_intermediate_size as i64;
+        let part = |p: &str, rows| Some((format!("{mlp}.experts.{p}"), Some(e), rows));
+        match proj.strip_suffix(".weight")? {
+            p if p == gate => part("gate_up_proj", Some((0, i))),
+            p if p == up => part("gate_up_proj", Some((i, i))),
+            p if p == down => part("down_proj", None),
+            _ => None,
+        }
     }
 
     /// Every linear module as (Hugging Face path, in_features, out_features),

@@ -18,6 +18,7 @@ use super::mlp::Mlp;
 use super::rope::RotaryEmbedding;
 use crate::nn::{Linear, RmsNorm};
 use crate::quant::FrozenWeight;
+use peft_adapters::lora::param::ParamLora;
 use peft_regularizers::hooks::{ForwardHooks, NoHooks};
 use peft_regularizers::rng::with_torch_seed;
 
@@ -337,6 +338,55 @@ impl LlamaForCausalLM {
             .iter()
             .map(|s| s.0)
             .collect()
+    }
+
+    /// Every parameter an adapter may target directly (the routers and
+    /// experts of a mixture of experts), in the order of
+    /// [`LlamaConfig::adaptable_parameters`], with its adapter slot.
+    pub fn parameter_adapters(&self) -> Vec<(String, &Tensor, &Option<ParamLora>)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let m = format!("{}.layers.{i}.mlp", self.config.decoder_path);
+            if let Some(g) = &l.mlp.gate {
+                out.push((format!("{m}.gate.weight"), &g.weight, &g.lora));
+            }
+            if let Some(x) = &l.mlp.experts {
+                out.push((
+                    format!("{m}.experts.gate_up_proj"),
+                    &x.gate_up_proj,
+                    &x.gate_up_lora,
+                ));
+                out.push((format!("{m}.experts.down_proj"), &x.down_proj, &x.down_lora));
+            }
+        }
+        out
+    }
+
+    /// [`LlamaForCausalLM::parameter_adapters`], mutable.
+    pub fn parameter_adapters_mut(&mut self) -> Vec<(String, &mut Tensor, &mut Option<ParamLora>)> {
+        let mut out = Vec::new();
+        let decoder = &self.config.decoder_path;
+        for (i, l) in self.model.layers.iter_mut().enumerate() {
+            let m = format!("{decoder}.layers.{i}.mlp");
+            if let Some(g) = l.mlp.gate.as_mut() {
+                out.push((format!("{m}.gate.weight"), &mut g.weight, &mut g.lora));
+            }
+            if let Some(x) = l.mlp.experts.as_mut() {
+                let super::moe::Experts {
+                    gate_up_proj,
+                    down_proj,
+                    gate_up_lora,
+                    down_lora,
+                } = x;
+                out.push((
+                    format!("{m}.experts.gate_up_proj"),
+                    gate_up_proj,
+                    gate_up_lora,
+                ));
+                out.push((format!("{m}.experts.down_proj"), down_proj, down_lora));
+            }
+        }
+        out
     }
 
     /// Every linear layer with its Hugging Face module path, in model order

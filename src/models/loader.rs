@@ -340,12 +340,15 @@ fn load_experts(c: &LlamaConfig, moe: &MoeConfig, l: &Weights) -> Result<(TopKRo
         top_k: moe.num_experts_per_tok as i64,
         norm_topk_prob: moe.norm_topk_prob,
         weights_in_model_dtype: moe.routing_weights_in_model_dtype,
+        lora: None,
     };
     Ok((
         gate,
         Experts {
             gate_up_proj,
             down_proj,
+            gate_up_lora: None,
+            down_lora: None,
         },
     ))
 }

@@ -9,6 +9,7 @@
 //! by expert once, and each active expert runs one matmul over its
 //! contiguous rows: the same products, added in the same order.
 
+use peft_adapters::lora::param::ParamLora;
 use tch::{Kind, Tensor};
 
 /// `mlp.gate`: scores every expert, keeps the top `top_k`.
@@ -21,6 +22,8 @@ pub struct TopKRouter {
     /// Whether the routing weights are cast back to the model dtype
     /// (Qwen3-MoE) or kept in fp32 (Mixtral).
     pub(crate) weights_in_model_dtype: bool,
+    /// LoRA on `weight` (PEFT's `target_parameters` `gate.weight`).
+    pub lora: Option<ParamLora>,
 }
 
 /// What the router decided for `[tokens, hidden]` inputs.
@@ -36,7 +39,11 @@ pub struct Routing {
 impl TopKRouter {
     /// Routes `[tokens, hidden]` rows; the softmax is taken in fp32.
     pub fn forward(&self, x: &Tensor) -> Routing {
-        let logits = x.linear::<Tensor>(&self.weight, None);
+        let plain = x.linear::<Tensor>(&self.weight, None);
+        let logits = match self.lora.as_ref().filter(|l| l.applies()) {
+            Some(l) => plain + l.forward(0, x),
+            None => plain,
+        };
         let probs = logits.softmax(-1, Kind::Float);
         let (mut top, experts) = probs.topk(self.top_k, -1, true, true);
         if self.norm_topk_prob {
@@ -62,6 +69,10 @@ pub struct Experts {
     pub gate_up_proj: Tensor,
     /// `down_proj`, `[experts, hidden, inter]`.
     pub down_proj: Tensor,
+    /// LoRA on `gate_up_proj` (PEFT's `target_parameters`).
+    pub gate_up_lora: Option<ParamLora>,
+    /// LoRA on `down_proj`.
+    pub down_lora: Option<ParamLora>,
 }
 
 impl Experts {
@@ -81,6 +92,9 @@ impl Experts {
         let token = order.divide_scalar_mode(top_k, "floor");
         let rows = x.index_select(0, &token);
         let weights = routing.weights.reshape([-1]).index_select(0, &order);
+        if flat.numel() == 0 {
+            return x.zeros_like();
+        }
         let mut outs = Vec::new();
         let mut start = 0;
         for (e, &n) in counts.iter().enumerate() {
@@ -94,12 +108,20 @@ impl Experts {
         x.zeros_like().index_add(0, &token, &out.to_kind(x.kind()))
     }
 
-    /// Expert `e` on its rows: `down(silu(gate(x)) · up(x))`.
+    /// Expert `e` on its rows: `down(silu(gate(x)) · up(x))`, each
+    /// projection with its LoRA (as PEFT applies it: W + ΔW) if it has one.
     fn expert(&self, e: i64, x: &Tensor) -> Tensor {
-        let gu = x.linear::<Tensor>(&self.gate_up_proj.get(e), None);
+        let project = |w: &Tensor, lora: &Option<ParamLora>, x: &Tensor| {
+            let y = x.linear::<Tensor>(&w.get(e), None);
+            match lora.as_ref().filter(|l| l.applies()) {
+                Some(l) => y + l.forward(e, x),
+                None => y,
+            }
+        };
+        let gu = project(&self.gate_up_proj, &self.gate_up_lora, x);
         let half = gu.size()[1] / 2;
         let h = gu.narrow(1, 0, half).silu() * gu.narrow(1, half, half);
-        h.linear::<Tensor>(&self.down_proj.get(e), None)
+        project(&self.down_proj, &self.down_lora, &h)
     }
 }
 
@@ -109,4 +131,65 @@ pub fn forward(gate: &TopKRouter, experts: &Experts, x: &Tensor) -> Tensor {
     let rows = x.reshape([-1, *shape.last().expect("hidden")]);
     let routing = gate.forward(&rows);
     experts.forward(&rows, &routing).reshape(shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn experts(e: i64, h: i64, i: i64) -> (TopKRouter, Experts) {
+        let opts = (Kind::Float, Device::Cpu);
+        let router = TopKRouter {
+            weight: Tensor::randn([e, h], opts),
+            top_k: 2,
+            norm_topk_prob: true,
+            weights_in_model_dtype: true,
+            lora: None,
+        };
+        let experts = Experts {
+            gate_up_proj: Tensor::randn([e, 2 * i, h], opts) * 0.3,
+            down_proj: Tensor::randn([e, h, i], opts) * 0.3,
+            gate_up_lora: None,
+            down_lora: None,
+        };
+        (router, experts)
+    }
+
+    /// The grouped computation equals the plain sum over each token's
+    /// chosen experts, computed token by token.
+    #[test]
+    fn grouped_experts_equal_a_token_by_token_sum() {
+        tch::manual_seed(3);
+        let (router, experts) = experts(5, 8, 6);
+        let x = Tensor::randn([13, 8], (Kind::Float, Device::Cpu));
+        let routing = router.forward(&x);
+        let grouped = experts.forward(&x, &routing);
+        for t in 0..13 {
+            let row = x.narrow(0, t, 1);
+            let mut want = row.zeros_like();
+            for k in 0..2 {
+                let e = routing.experts.int64_value(&[t, k]);
+                let w = routing.weights.double_value(&[t, k]);
+                want += experts.expert(e, &row) * w;
+            }
+            let d = (grouped.narrow(0, t, 1) - want)
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(d < 1e-5, "token {t}: {d}");
+        }
+        // norm_topk_prob: each token's weights sum to 1.
+        let sums = routing.weights.sum_dim_intlist(-1, false, Kind::Float);
+        assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-6);
+    }
+
+    /// No rows (an empty batch) give no rows, not a panic.
+    #[test]
+    fn no_rows_give_no_rows() {
+        let (router, experts) = experts(4, 8, 6);
+        let x = Tensor::zeros([0, 8], (Kind::Float, Device::Cpu));
+        let out = experts.forward(&x, &router.forward(&x));
+        assert_eq!(out.size(), vec![0, 8]);
+    }
 }

@@ -16,6 +16,7 @@ use crate::models::OUTPUT_HEAD;
 use crate::nn::Linear;
 use peft_adapters::lora::files::{self, key};
 use peft_adapters::lora::init::{from_base, loftq};
+use peft_adapters::lora::param::ParamLora;
 use peft_adapters::lora::{
     Combination, InitLoraWeights, LoraConfig, LoraLayer, LoraWeights, TargetModules,
 };
@@ -218,13 +219,15 @@ pub fn load_adapter(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Res
 
 /// [`load_adapter`] for a LoRA adapter directory.
 fn load_lora(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Result<LoraConfig> {
-    let (config, mut weights) = files::read_checked(
+    let (config, mut weights, params) = files::read_checked_with_params(
         dir,
         &model.config.linear_modules(),
+        &model.config.adaptable_parameters(),
         OUTPUT_HEAD,
         model.config.tie_word_embeddings,
         model.device(),
     )?;
+    attach_parameters(model, dir, name, params)?;
     let init = config.init_lora_weights;
     if let InitLoraWeights::Pissa { niter: Some(_) } = init {
         bail!(
@@ -253,6 +256,72 @@ fn load_lora(model: &mut LlamaForCausalLM, dir: &Path, name: &str) -> Result<Lor
     Ok(config)
 }
 
+/// Attaches LoRA factors to the parameters they adapt (`target_parameters`).
+fn attach_parameters(
+    model: &mut LlamaForCausalLM,
+    dir: &Path,
+    name: &str,
+    mut params: Vec<(String, ParamLora)>,
+) -> Result<()> {
+    for (path, _, slot) in model.parameter_adapters_mut() {
+        if let Some(i) = params.iter().position(|(p, _)| *p == path) {
+            let (_, lora) = params.swap_remove(i);
+            if slot.is_some() {
+                bail!(
+                    "{}: {path} already carries an adapter; peft-rs holds one adapter per parameter (`target_parameters`)",
+                    dir.display()
+                );
+            }
+            *slot = Some(ParamLora {
+                name: name.to_owned(),
+                ..lora
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The LoRA factors of adapter `name` on parameters (`target_parameters`),
+/// under their PEFT file keys (nested wrappers: see
+/// [`peft_adapters::lora::param::key_stems`]).
+fn parameter_tensors(model: &LlamaForCausalLM, name: &str) -> Vec<(String, Tensor)> {
+    let adapted: Vec<(String, &ParamLora)> = model
+        .parameter_adapters()
+        .into_iter()
+        .filter_map(|(p, _, l)| l.as_ref().filter(|l| l.name == name).map(|l| (p, l)))
+        .collect();
+    let paths: Vec<&str> = adapted.iter().map(|(p, _)| p.as_str()).collect();
+    let stems = peft_adapters::lora::param::key_stems(&paths);
+    adapted
+        .iter()
+        .zip(stems)
+        .flat_map(|((_, l), stem)| {
+            [
+                (key(&stem, "lora_A.weight"), l.a.shallow_clone()),
+                (key(&stem, "lora_B.weight"), l.b.shallow_clone()),
+            ]
+        })
+        .collect()
+}
+
+/// Folds each parameter adapter into its parameter (`merge`), or takes it
+/// back out (`!merge`), in the parameter's dtype as PEFT does.
+fn change_parameters(model: &mut LlamaForCausalLM, merge: bool) {
+    tch::no_grad(|| {
+        for (_, w, slot) in model.parameter_adapters_mut() {
+            if let Some(l) = slot.as_mut().filter(|l| l.merged != merge) {
+                let delta = l.delta().to_kind(w.kind()).to_device(w.device());
+                if merge {
+                    *w += delta;
+                } else {
+                    *w -= delta;
+                }
+                l.merged = merge;
+            }
+        }
+    });
+}
+
 /// The tensors of adapter `name` under their PEFT file keys, those all
 /// layers share (VeRA's projections) once, under `base_model.`.
 pub fn adapter_tensors(model: &LlamaForCausalLM, name: &str) -> Vec<(String, Tensor)> {
@@ -271,6 +340,7 @@ pub fn adapter_tensors(model: &LlamaForCausalLM, name: &str) -> Vec<(String, Ten
         }
     }
     out.extend(shared);
+    out.extend(parameter_tensors(model, name));
     out
 }
 
@@ -373,6 +443,11 @@ fn for_each_adapter(
 /// Makes `names` the adapters summed in every forward pass.
 pub fn set_active(model: &mut LlamaForCausalLM, names: &[String]) {
     for_each_adapter(model, |a| a.set_active(names));
+    for (_, _, slot) in model.parameter_adapters_mut() {
+        if let Some(l) = slot.as_mut() {
+            l.active = names.contains(&l.name);
+        }
+    }
 }
 
 /// Switches dropout in every adapter on (training) or off.
@@ -420,6 +495,7 @@ pub fn add_weighted_adapter(
 /// `merge_adapter`); a quantized weight is dequantized, merged and quantized
 /// again, as PEFT does on a bitsandbytes layer (so it loses precision).
 pub fn merge(model: &mut LlamaForCausalLM) -> Result<()> {
+    change_parameters(model, true);
     change_base_weights(model, |a, w, b| {
         // The bias first: it takes what `merge` is about to fold (IA³).
         if let Some(b) = b {
@@ -508,6 +584,7 @@ pub fn merge_for_decoding(model: &mut LlamaForCausalLM) -> Result<(usize, usize)
 
 /// Restores the base weights after [`merge`] (PEFT's `unmerge_adapter`).
 pub fn unmerge(model: &mut LlamaForCausalLM) -> Result<()> {
+    change_parameters(model, false);
     change_base_weights(model, |a, w, b| {
         if let Some(b) = b {
             a.unmerge_bias(b)?;
@@ -525,6 +602,14 @@ pub fn trainable_parameters(model: &LlamaForCausalLM) -> BTreeMap<String, Tensor
                 out.insert(key(&path, &s), t);
             }
         }
+    }
+    let names: std::collections::BTreeSet<String> = model
+        .parameter_adapters()
+        .into_iter()
+        .filter_map(|(_, _, l)| l.as_ref().map(|l| l.name.clone()))
+        .collect();
+    for name in names {
+        out.extend(parameter_tensors(model, &name));
     }
     out
 }

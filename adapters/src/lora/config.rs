@@ -196,6 +196,12 @@ pub struct LoraConfig {
     /// Only these decoder-layer indices.
     #[arg(skip)]
     pub layers_to_transform: Option<Vec<usize>>,
+    /// Parameters adapted directly rather than through a linear module
+    /// (PEFT's `target_parameters`): a mixture of experts' 3D expert tensors
+    /// (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) and its router
+    /// (`mlp.gate.weight`). See [`super::param`].
+    #[arg(skip)]
+    pub target_parameters: Vec<String>,
     /// Per-module rank overrides: pattern (suffix regex) -> r.
     #[arg(skip)]
     pub rank_pattern: BTreeMap<String, usize>,
@@ -234,6 +240,7 @@ impl Default for LoraConfig {
             target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
             exclude_modules: None,
             layers_to_transform: None,
+            target_parameters: Vec::new(),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             use_rslora: false,
@@ -271,6 +278,7 @@ pub const KNOWN_FIELDS: &[&str] = &[
     "lora_alpha",
     "lora_dropout",
     "target_modules",
+    "target_parameters",
     "exclude_modules",
     "layers_to_transform",
     "layers_pattern",
@@ -349,6 +357,22 @@ impl LoraConfig {
                 return bad(
                     "lora_alpha",
                     format!("{alpha} with r {r} gives scaling {s:e}, above {MAX_SCALING:e}; the adapter would overflow"),
+                );
+            }
+        }
+        if !self.target_parameters.is_empty() {
+            // PEFT's ParamWrapper refuses these too.
+            if self.lora_dropout != 0.0 {
+                return bad(
+                    "lora_dropout",
+                    format!("is {}: LoRA on `target_parameters` takes no dropout (PEFT refuses it as well)", self.lora_dropout),
+                );
+            }
+            if self.use_dora {
+                return bad(
+                    "use_dora",
+                    "is true: DoRA does not apply to `target_parameters` (PEFT refuses it as well)"
+                        .into(),
                 );
             }
         }
@@ -486,6 +510,7 @@ impl LoraConfig {
             target_modules,
             exclude_modules,
             layers_to_transform,
+            target_parameters: target_parameters(obj)?,
             rank_pattern,
             alpha_pattern,
             use_rslora: peft_json::boolean(obj, "use_rslora", false)?,
@@ -523,6 +548,11 @@ impl LoraConfig {
             "rank_pattern": self.rank_pattern,
             "revision": null,
             "target_modules": targets(&self.target_modules),
+            "target_parameters": if self.target_parameters.is_empty() {
+                Value::Null
+            } else {
+                json!(self.target_parameters)
+            },
             "task_type": "CAUSAL_LM",
             "use_dora": self.use_dora,
             "use_rslora": self.use_rslora,
@@ -545,6 +575,25 @@ impl LoraConfig {
             linear_paths,
             output_head,
         )
+    }
+}
+
+/// `target_parameters`: absent, null or a list of parameter names.
+fn target_parameters(obj: &serde_json::Map<String, Value>) -> Result<Vec<String>> {
+    match obj.get("target_parameters") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .with_context(|| {
+                        format!("`target_parameters` holds {v}; expected parameter names")
+                    })
+            })
+            .collect(),
+        Some(other) => bail!("`target_parameters` is {other}; expected a list of parameter names"),
     }
 }
 

@@ -268,6 +268,39 @@ pub fn read_checked(
     tied_head: bool,
     device: Device,
 ) -> Result<(super::LoraConfig, Vec<(String, super::LoraWeights)>)> {
+    let config = super::LoraConfig::read(dir)?;
+    if !config.target_parameters.is_empty() {
+        bail!(
+            "{}: `target_parameters` {:?}: an adapter on a mixture of experts' experts or router; \
+             `generate`, `eval` and `merge` take it, this command not yet",
+            dir.join(CONFIG_FILE).display(),
+            config.target_parameters
+        );
+    }
+    let (config, out, _) =
+        read_checked_with_params(dir, modules, &[], output_head, tied_head, device)?;
+    Ok((config, out))
+}
+
+/// What [`read_checked_with_params`] returns: the configuration, the
+/// adapted linear modules' weights and the adapted parameters' factors.
+pub type CheckedAdapter = (
+    super::LoraConfig,
+    Vec<(String, super::LoraWeights)>,
+    Vec<(String, super::param::ParamLora)>,
+);
+
+/// [`read_checked`] for a base that also has parameters an adapter may
+/// target directly (`target_parameters`: a mixture of experts' experts and
+/// router), given as (path, shape) in the order the model registers them.
+pub fn read_checked_with_params(
+    dir: &Path,
+    modules: &[(String, i64, i64)],
+    params: &[(String, Vec<i64>)],
+    output_head: &str,
+    tied_head: bool,
+    device: Device,
+) -> Result<CheckedAdapter> {
     let config_file = dir.join(CONFIG_FILE);
     let config = super::LoraConfig::read(dir)?;
     let paths: Vec<&str> = modules.iter().map(|(p, _, _)| p.as_str()).collect();
@@ -281,12 +314,35 @@ pub fn read_checked(
             config_file.display()
         );
     }
+    let chosen_params: Vec<&(String, Vec<i64>)> = params
+        .iter()
+        .filter(|(p, _)| super::param::targeted(&config.target_parameters, p))
+        .collect();
+    if !config.target_parameters.is_empty() && chosen_params.is_empty() {
+        bail!(
+            "{}: `target_parameters` {:?} match no parameter of this base model (peft-rs adapts the experts and router of Qwen3-MoE and Mixtral models this way)",
+            config_file.display(),
+            config.target_parameters
+        );
+    }
+    let stems = super::param::key_stems(
+        &chosen_params
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .collect::<Vec<_>>(),
+    );
     let mut tensors = read_weights(dir)?;
-    let expected: Vec<(String, Vec<i64>)> = modules
+    let mut expected: Vec<(String, Vec<i64>)> = modules
         .iter()
         .filter(|(p, _, _)| chosen.contains(&p.as_str()))
         .flat_map(|(p, i, o)| expected_tensors(&config, p, *i, *o))
         .collect();
+    for ((path, shape), stem) in chosen_params.iter().zip(&stems) {
+        let (r, _) = config.rank_and_alpha(path);
+        let (a, b) = super::param::factor_shapes(shape, r as i64)?;
+        expected.push((key(stem, "lora_A.weight"), a.to_vec()));
+        expected.push((key(stem, "lora_B.weight"), b.to_vec()));
+    }
     let weights_file = dir.join(WEIGHTS_FILE);
     check_tensors(&weights_file, &expected, &tensors)?;
     let mut out = Vec::with_capacity(chosen.len());
@@ -298,5 +354,37 @@ pub fn read_checked(
             .with_context(|| weights_file.display().to_string())?;
         out.push((path.clone(), w));
     }
-    Ok((config, out))
+    let mut param_out = Vec::with_capacity(chosen_params.len());
+    for ((path, shape), stem) in chosen_params.into_iter().zip(&stems) {
+        let mut take = |suffix: &str| -> Result<Tensor> {
+            let k = key(stem, suffix);
+            let t = tensors
+                .remove(&k)
+                .with_context(|| format!("{}: tensor {k} is missing", weights_file.display()))?;
+            if !bool::try_from(t.isfinite().all())? {
+                bail!(
+                    "{}: tensor {k} holds NaN or inf; the adapter is broken",
+                    weights_file.display()
+                );
+            }
+            Ok(t.to_kind(Kind::Float)
+                .to_device(device)
+                .set_requires_grad(true))
+        };
+        let (r, alpha) = config.rank_and_alpha(path);
+        let (experts, _, _) = super::param::param_dims(shape)?;
+        param_out.push((
+            path.clone(),
+            super::param::ParamLora {
+                a: take("lora_A.weight")?,
+                b: take("lora_B.weight")?,
+                scaling: config.scaling(r, alpha),
+                experts,
+                merged: false,
+                name: String::new(),
+                active: true,
+            },
+        ));
+    }
+    Ok((config, out, param_out))
 }

@@ -5,6 +5,7 @@ pub mod dropout_a;
 pub mod files;
 pub mod init;
 pub mod layer;
+pub mod param;
 pub mod targets;
 
 pub use config::{InitLoraWeights, LoraConfig};
