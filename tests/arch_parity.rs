@@ -411,6 +411,30 @@ fn moe_peft_adapters_on_experts_and_router_match_peft() {
     }
 }
 
+/// LoRA adapters peft-rs makes with `all-linear` on a mixture of experts
+/// (attention, router, experts; random B) load in PEFT, every key and value,
+/// and give PEFT peft-rs's logits.
+#[test]
+fn our_moe_all_linear_adapters_load_in_peft() {
+    for name in ["qwen3_moe", "mixtral"] {
+        let (inputs_path, ids, mask) = inputs(name);
+        let config = LoraConfig {
+            target_modules: TargetModules::AllLinear,
+            ..common::lora(4, 12.0)
+        };
+        let pairs = common::our_adapters_in_peft(
+            || load(name),
+            &[config],
+            &model_dir(name),
+            &inputs_path,
+            &ids,
+        );
+        let d = masked_max_diff(&pairs[0].0, &pairs[0].1, &mask);
+        eprintln!("{name}: peft-rs all-linear adapter (router, experts, attention) in PEFT: max diff {d:.2e}");
+        assert!(d < 1e-4, "{name}: {d}");
+    }
+}
+
 /// The vision tower is skipped with one note; an adapter saved by peft-rs
 /// names the language model's modules, not `all-linear` (which PEFT would
 /// also apply to the vision tower).
@@ -479,11 +503,12 @@ fn frozen_bytes_count_every_tensor_read() {
     }
 }
 
-/// A mixture-of-experts model trains from the command line with named
-/// targets; `all-linear` (which PEFT resolves to the router and experts
-/// too) is refused by name, and so is `output_router_logits` (which makes
-/// transformers add the router's load-balancing loss): neither is run to
-/// something other than what PEFT + transformers would do.
+/// A mixture-of-experts model trains from the command line, with named
+/// targets or with `all-linear` as PEFT resolves it there (the router and
+/// the experts too, saved as `target_parameters`); `all-linear` for another
+/// method and `output_router_logits` (which makes transformers add the
+/// router's load-balancing loss) are refused by name, not run to something
+/// other than what PEFT + transformers would do.
 #[test]
 fn moe_models_train_and_refuse_what_they_would_do_differently() {
     let tmp = tempfile::tempdir().unwrap();
@@ -506,9 +531,46 @@ fn moe_models_train_and_refuse_what_they_would_do_differently() {
     );
     assert!(tmp.path().join("ok/adapter_model.safetensors").exists());
 
-    let all = train(&model_dir("mixtral"), "all", "all-linear");
-    let err = String::from_utf8_lossy(&all.stderr);
-    assert!(!all.status.success());
+    // all-linear: what PEFT makes of it here, saved spelled out; as in
+    // PEFT, without dropout on the router and experts.
+    let with_dropout = train(&model_dir("mixtral"), "dropout", "all-linear");
+    let err = String::from_utf8_lossy(&with_dropout.stderr);
+    assert!(!with_dropout.status.success());
+    assert!(
+        err.contains("`lora_dropout` is 0.05") && err.contains("--lora-dropout 0"),
+        "{err}"
+    );
+    let all = Cmd::new("train --device cpu --dtype fp32 --batch-size 4 --max-seq-len 48 --lora-rank 4 --max-steps 2")
+        .path("--model", &model_dir("mixtral"))
+        .path("--data", &data)
+        .path("--output", &tmp.path().join("all"))
+        .args("--target-modules all-linear --lora-dropout 0")
+        .run();
+    assert!(
+        all.status.success(),
+        "{}",
+        String::from_utf8_lossy(&all.stderr)
+    );
+    let saved: serde_json::Value = common::read_json(&tmp.path().join("all/adapter_config.json"));
+    assert_eq!(
+        saved["target_parameters"],
+        serde_json::json!(["gate.weight", "gate_up_proj", "down_proj"])
+    );
+    assert_eq!(saved["rank_pattern"][r".*\.gate_up_proj"], 8);
+    let keys = read(&tmp.path().join("all/adapter_model.safetensors"));
+    assert!(
+        keys.contains_key("base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight")
+    );
+    assert!(keys.contains_key("base_model.model.model.layers.0.mlp.gate.lora_B.weight"));
+    // Other methods' all-linear would also take router and experts in PEFT.
+    let loha = Cmd::new("train --device cpu --dtype fp32 --batch-size 4 --max-seq-len 48 --max-steps 1 --peft-type loha")
+        .path("--model", &model_dir("mixtral"))
+        .path("--data", &data)
+        .path("--output", &tmp.path().join("loha"))
+        .args("--target-modules all-linear")
+        .run();
+    let err = String::from_utf8_lossy(&loha.stderr);
+    assert!(!loha.status.success());
     assert!(
         err.contains("target_modules `all-linear` on a mixture-of-experts model"),
         "{err}"

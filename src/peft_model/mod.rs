@@ -80,6 +80,7 @@ pub fn inject(
     name: &str,
     config: &LoraConfig,
 ) -> Result<Vec<String>> {
+    let config = &for_model(config, &model.config);
     let chosen = select(model, config)?;
     let device = model.device();
     for (path, lin) in model.linear_layers_mut() {
@@ -107,6 +108,91 @@ pub fn inject(
             device,
         );
         attach(lin, name, w).with_context(|| path.clone())?;
+    }
+    let mut chosen = chosen;
+    chosen.extend(inject_parameters(model, name, config)?);
+    Ok(chosen)
+}
+
+/// `config` as PEFT applies it to `model`: `all-linear` on a mixture of
+/// experts resolved as PEFT 0.21 resolves it with transformers 5
+/// (`peft.utils.transformers_weight_conversion`): the linear modules by
+/// name, less the transformers-4 names of the router and the experts
+/// (`gate`, `gate_proj`, `up_proj`, `down_proj`; Mixtral's `w1`, `w3`,
+/// `w2`), which become `target_parameters` — the router's `gate.weight`,
+/// the experts' `gate_up_proj` (gate and up fused: twice the rank and
+/// alpha, through `rank_pattern`/`alpha_pattern`) and `down_proj`. (So, as
+/// in PEFT, the dense MLPs of `mlp_only_layers` are not adapted.) Any other
+/// configuration is returned as it is.
+pub fn for_model(config: &LoraConfig, model: &crate::models::LlamaConfig) -> LoraConfig {
+    let Some(moe) = &model.moe else {
+        return config.clone();
+    };
+    if config.target_modules != TargetModules::AllLinear {
+        return config.clone();
+    }
+    let (_, gate, up, down) = moe.per_expert_names;
+    let v4 = ["gate", gate, up, down];
+    let names: std::collections::BTreeSet<String> = model
+        .linear_modules()
+        .into_iter()
+        .filter(|(p, _, _)| p != OUTPUT_HEAD)
+        .filter_map(|(p, _, _)| p.rsplit('.').next().map(str::to_owned))
+        .filter(|n| !v4.contains(&n.as_str()))
+        .collect();
+    let fused = r".*\.gate_up_proj".to_owned();
+    let mut c = config.clone();
+    c.target_modules = TargetModules::Names(names.into_iter().collect());
+    c.target_parameters = ["gate.weight", "gate_up_proj", "down_proj"]
+        .map(String::from)
+        .to_vec();
+    c.rank_pattern.insert(fused.clone(), 2 * config.r);
+    c.alpha_pattern.insert(fused, 2.0 * config.lora_alpha);
+    c
+}
+
+/// Fresh LoRA factors on the parameters `config.target_parameters` names
+/// (after the linear modules, as PEFT injects them); their paths.
+fn inject_parameters(
+    model: &mut LlamaForCausalLM,
+    name: &str,
+    config: &LoraConfig,
+) -> Result<Vec<String>> {
+    if config.target_parameters.is_empty() {
+        return Ok(Vec::new());
+    }
+    if config.init_lora_weights != InitLoraWeights::Default {
+        bail!(
+            "`init_lora_weights` = {}: LoRA on `target_parameters` (experts, routers) starts as PEFT's default only (true)",
+            config.init_lora_weights
+        );
+    }
+    let device = model.device();
+    let mut chosen = Vec::new();
+    for (path, w, slot) in model.parameter_adapters_mut() {
+        if !peft_adapters::lora::param::targeted(&config.target_parameters, &path) {
+            continue;
+        }
+        if slot.is_some() {
+            bail!("{path} already carries an adapter; peft-rs holds one adapter per parameter (`target_parameters`)");
+        }
+        let (r, alpha) = config.rank_and_alpha(&path);
+        let scaling = config.scaling(r, alpha);
+        *slot = Some(ParamLora::init(
+            &w.size(),
+            w.kind(),
+            r as i64,
+            scaling,
+            name,
+            device,
+        )?);
+        chosen.push(path);
+    }
+    if chosen.is_empty() {
+        bail!(
+            "`target_parameters` {:?} match no parameter of this model (peft-rs adapts the experts and router of Qwen3-MoE and Mixtral models this way)",
+            config.target_parameters
+        );
     }
     Ok(chosen)
 }
@@ -405,6 +491,10 @@ pub fn save_adapter_of(
     dir: &Path,
 ) -> Result<()> {
     let (mut config, tensors) = saved_form(model, name, config)?;
+    if let AdapterConfig::Lora(c) = &mut config {
+        // What PEFT makes of `all-linear` on this model, spelled out.
+        *c = for_model(c, &model.config);
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     files::write_safetensors(&dir.join(files::WEIGHTS_FILE), &tensors)?;
     if !model.config.skipped_towers.is_empty() {

@@ -76,7 +76,14 @@ impl Trainer {
         let base = Pretrained::load_quantized(&model_dir, kind, device, quantize.as_ref())?;
         let (train, eval, pad_id) = load_data(&cfg, &base)?;
         let mut model = base.model;
-        let adapter = cfg.adapter_config(&model_dir);
+        // `all-linear` resolved as PEFT resolves it on this model (a mixture
+        // of experts: the router and experts too), and saved that way.
+        let adapter = match cfg.adapter_config(&model_dir) {
+            peft_adapters::method::AdapterConfig::Lora(c) => {
+                peft_model::for_model(&c, &model.config).into()
+            }
+            other => other,
+        };
         with_torch_seed(cfg.seed, || {
             peft_model::inject_adapter(&mut model, DEFAULT_ADAPTER, &adapter)
         })?;

@@ -365,7 +365,12 @@ impl LoraConfig {
             if self.lora_dropout != 0.0 {
                 return bad(
                     "lora_dropout",
-                    format!("is {}: LoRA on `target_parameters` takes no dropout (PEFT refuses it as well)", self.lora_dropout),
+                    format!(
+                        "is {}: LoRA on `target_parameters` (a mixture of experts' router and experts, which \
+                         `all-linear` takes there) has no dropout, and PEFT refuses it as well; set it to 0 \
+                         (--lora-dropout 0) or name the modules to adapt",
+                        self.lora_dropout
+                    ),
                 );
             }
             if self.use_dora {

@@ -49,6 +49,41 @@ pub fn factor_shapes(shape: &[i64], r: i64) -> Result<([i64; 2], [i64; 2])> {
 }
 
 impl ParamLora {
+    /// A fresh adapter for a parameter of `shape` held in `base_kind`, as
+    /// PEFT's `ParamWrapper.update_layer` makes it: A kaiming-uniform (a = √5)
+    /// over `[r·experts, in]`, i.e. U(−1/√in, 1/√in), B zero (`init_lora_weights`
+    /// true), drawn on the CPU in fp32, rounded through the base's dtype (PEFT
+    /// moves adapters to it) and placed on `device` in fp32.
+    pub fn init(
+        shape: &[i64],
+        base_kind: Kind,
+        r: i64,
+        scaling: f64,
+        name: &str,
+        device: tch::Device,
+    ) -> Result<Self> {
+        let (experts, inp, out) = param_dims(shape)?;
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a = Tensor::empty([r * experts, inp], opts).uniform_(-bound, bound);
+        let b = Tensor::zeros([out, r * experts], opts);
+        let place = |t: Tensor| {
+            t.to_kind(base_kind)
+                .to_kind(Kind::Float)
+                .to_device(device)
+                .set_requires_grad(true)
+        };
+        Ok(Self {
+            a: place(a),
+            b: place(b),
+            scaling,
+            experts,
+            merged: false,
+            name: name.to_owned(),
+            active: true,
+        })
+    }
+
     /// Whether the forward pass adds this adapter (active, not merged).
     pub fn applies(&self) -> bool {
         self.active && !self.merged
