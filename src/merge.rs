@@ -123,11 +123,12 @@ impl Delta {
     }
 }
 
-/// The adapters, read and checked against the base, per module path.
 /// The adapters' LoRA factors on parameters (`target_parameters`: experts
 /// and routers), per parameter path.
 type ParamDeltas = BTreeMap<String, ParamLora>;
 
+/// The adapters, read and checked against the base: the deltas per module
+/// path, and those on parameters.
 fn plan_deltas(base: &Path, opts: &MergeOptions) -> Result<(BTreeMap<String, Delta>, ParamDeltas)> {
     let config = models::read_config(base)?;
     let modules = config.linear_modules();
