@@ -106,6 +106,7 @@ fn main() -> Result<()> {
     let opts = StepOptions {
         gradient_checkpointing: checkpointing,
         loss_chunk_size: LOSS_CHUNK_SIZE,
+        router_aux_loss_coef: None,
     };
     let mut step = |i: u64| -> Result<f64> {
         let mb = MicroBatch {

@@ -111,6 +111,7 @@ fn main() -> Result<()> {
     let opts = StepOptions {
         gradient_checkpointing: false,
         loss_chunk_size: LOSS_CHUNK_SIZE,
+        router_aux_loss_coef: None,
     };
     let mb = MicroBatch::single(0, batch.num_label_tokens as f64, 1.0);
 

@@ -15,8 +15,9 @@ use peft_rs::adapters::lora::{LoraConfig, TargetModules};
 use peft_rs::models::DecoderInput;
 use peft_rs::models::{self, LlamaForCausalLM};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
-use peft_rs::regularizers::ForwardHooks;
 use peft_rs::regularizers::RegularizerStack;
+use peft_rs::regularizers::{ForwardHooks, NoHooks};
+use peft_rs::train::router_loss::LoadBalancing;
 use peft_rs::train::StepOptions;
 use tch::{Kind, Tensor};
 
@@ -205,13 +206,19 @@ fn embedding_hook_parity(name: &str) {
 
 /// One training step's adapter gradients against PEFT's (fp32, no dropout).
 fn gradient_parity(name: &str, variant: &str) {
-    let dir = fx().join(name).join(variant);
-    let mut model = load(name);
-    peft_model::load_adapter(&mut model, &dir.join("train_adapter"), DEFAULT_ADAPTER).unwrap();
     let opts = StepOptions {
         gradient_checkpointing: false,
         loss_chunk_size: 7,
+        router_aux_loss_coef: None,
     };
+    gradient_parity_with(name, variant, opts);
+}
+
+/// [`gradient_parity`] with the step run as `opts` says.
+fn gradient_parity_with(name: &str, variant: &str, opts: StepOptions) {
+    let dir = fx().join(name).join(variant);
+    let mut model = load(name);
+    peft_model::load_adapter(&mut model, &dir.join("train_adapter"), DEFAULT_ADAPTER).unwrap();
     let batch = fx().join(name).join("batch.safetensors");
     let (grads, loss) =
         common::one_step_grads(&mut model, &batch, opts, &mut RegularizerStack::new());
@@ -239,8 +246,71 @@ fn gradient_parity(name: &str, variant: &str) {
         assert!(rel < 1e-4, "{name}/{variant}: {k}: relative error {rel}");
     }
     eprintln!(
-        "{name}/{variant}: loss {loss:.6} (PEFT {ref_loss:.6}), worst relative gradient error {worst:.2e}"
+        "{name}/{variant} (checkpointing {}): loss {loss:.6} (PEFT {ref_loss:.6}), worst relative gradient error {worst:.2e}",
+        opts.gradient_checkpointing
     );
+}
+
+/// The router's load-balancing loss, as transformers adds it when
+/// `output_router_logits` is set: its value on a right-padded batch, and
+/// one step's gradients of PEFT's all-linear adapter (attention, router,
+/// experts; gpt-oss: attention) with the loss weighted 0.5, with and without
+/// gradient checkpointing (which adds each layer's share when it recomputes it).
+#[test]
+fn moe_router_load_balancing_loss_matches_transformers() {
+    for name in ["qwen3_moe", "mixtral", "gpt_oss"] {
+        let dir = fx().join(name).join("experts_aux");
+        let aux: serde_json::Value = common::read_json(&dir.join("aux.json"));
+        let (want, coef) = (
+            aux["aux_loss"].as_f64().unwrap(),
+            aux["router_aux_loss_coef"].as_f64().unwrap(),
+        );
+        // The value, from the router logits of a forward pass.
+        let mut model = load(name);
+        peft_model::load_adapter(&mut model, &dir.join("train_adapter"), DEFAULT_ADAPTER).unwrap();
+        let b = common::tensors(&fx().join(name).join("batch.safetensors"));
+        let input = DecoderInput::causal(&b["input_ids"]);
+        let out = tch::no_grad(|| model.decode(&input, None, &mut NoHooks, false));
+        let top_k = model.config.moe.as_ref().unwrap().num_experts_per_tok as i64;
+        let ours = LoadBalancing::new(&out.router_logits, &b["attention_mask"], top_k)
+            .unwrap()
+            .value();
+        eprintln!("{name}: load-balancing loss {ours:.7} (transformers {want:.7})");
+        assert!(
+            (ours - want).abs() < 1e-5 * want,
+            "{name}: {ours} vs {want}"
+        );
+        // The loss moves the gradients: without it they are another step's.
+        let with = read(&dir.join("grads.safetensors"));
+        let mut model = load(name);
+        peft_model::load_adapter(&mut model, &dir.join("train_adapter"), DEFAULT_ADAPTER).unwrap();
+        let plain = StepOptions {
+            gradient_checkpointing: false,
+            loss_chunk_size: 7,
+            router_aux_loss_coef: None,
+        };
+        let batch = fx().join(name).join("batch.safetensors");
+        let (without, _) =
+            common::one_step_grads(&mut model, &batch, plain, &mut RegularizerStack::new());
+        let moved = with
+            .iter()
+            .map(|(k, g)| {
+                (&without[k] - g).abs().max().double_value(&[]) / g.abs().max().double_value(&[])
+            })
+            .fold(0.0, f64::max);
+        assert!(
+            moved > 1e-2,
+            "{name}: the aux loss moves the gradients by only {moved}"
+        );
+        for gradient_checkpointing in [false, true] {
+            let opts = StepOptions {
+                gradient_checkpointing,
+                loss_chunk_size: 7,
+                router_aux_loss_coef: Some(coef),
+            };
+            gradient_parity_with(name, "experts_aux", opts);
+        }
+    }
 }
 
 macro_rules! arch_tests {
@@ -291,6 +361,7 @@ arch_tests!(phi3_longrope);
 arch_tests!(gemma3_mm);
 arch_tests!(qwen3_moe);
 arch_tests!(mixtral);
+arch_tests!(gpt_oss);
 
 /// LongRoPE switches from the short to the long factors when the sequence
 /// is longer than `original_max_position_embeddings` (20 here): logits of
@@ -411,6 +482,39 @@ fn moe_peft_adapters_on_experts_and_router_match_peft() {
     }
 }
 
+/// gpt-oss stores its experts `[experts, in, out]` (transformers'
+/// `is_transposed`), and PEFT's all-linear there is the attention: a PEFT
+/// adapter on attention, router and experts named in `target_parameters` (as
+/// in PEFT's own gpt-oss example) loads with PEFT's logits, merges in memory
+/// and by `peft-rs merge` as `merge_and_unload`, and gives PEFT's gradients;
+/// one peft-rs makes the same way loads in PEFT with peft-rs's logits.
+#[test]
+fn gpt_oss_adapters_on_transposed_experts_match_peft() {
+    let name = "gpt_oss";
+    let adapter = fx().join(name).join("experts/adapter");
+    let config: serde_json::Value = common::read_json(&adapter.join("adapter_config.json"));
+    let params = config["target_parameters"]
+        .as_array()
+        .expect("target_parameters");
+    assert_eq!(params.len(), 3, "{config}");
+    peft_adapter_parity(name, "experts");
+    gradient_parity(name, "experts");
+    let (inputs_path, ids, mask) = inputs(name);
+    let ours = LoraConfig {
+        target_modules: TargetModules::AllLinear,
+        target_parameters: params
+            .iter()
+            .map(|p| p.as_str().unwrap().to_owned())
+            .collect(),
+        ..common::lora(4, 12.0)
+    };
+    let pairs =
+        common::our_adapters_in_peft(|| load(name), &[ours], &model_dir(name), &inputs_path, &ids);
+    let d = masked_max_diff(&pairs[0].0, &pairs[0].1, &mask);
+    eprintln!("{name}: peft-rs adapter on attention, router and experts in PEFT: max diff {d:.2e}");
+    assert!(d < 1e-4, "{name}: {d}");
+}
+
 /// LoRA adapters peft-rs makes with `all-linear` on a mixture of experts
 /// (attention, router, experts; random B) load in PEFT, every key and value,
 /// and give PEFT peft-rs's logits.
@@ -492,6 +596,7 @@ fn frozen_bytes_count_every_tensor_read() {
         "gemma3_mm",
         "qwen3_moe",
         "mixtral",
+        "gpt_oss",
     ] {
         let model = load(name);
         let stored: usize = read(&model_dir(name).join("model.safetensors"))
@@ -506,9 +611,9 @@ fn frozen_bytes_count_every_tensor_read() {
 /// A mixture-of-experts model trains from the command line, with named
 /// targets or with `all-linear` as PEFT resolves it there (the router and
 /// the experts too, saved as `target_parameters`); `all-linear` for another
-/// method and `output_router_logits` (which makes transformers add the
-/// router's load-balancing loss) are refused by name, not run to something
-/// other than what PEFT + transformers would do.
+/// method is refused by name, not run to something other than what PEFT +
+/// transformers would do; `output_router_logits` in config.json adds the
+/// router's load-balancing loss, reported in the metrics.
 #[test]
 fn moe_models_train_and_refuse_what_they_would_do_differently() {
     let tmp = tempfile::tempdir().unwrap();
@@ -587,13 +692,69 @@ fn moe_models_train_and_refuse_what_they_would_do_differently() {
     json["output_router_logits"] = true.into();
     std::fs::remove_file(&config).unwrap();
     std::fs::write(&config, json.to_string()).unwrap();
-    let refused = train(&with_loss, "refused", attention);
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
+    // The config's output_router_logits: the load-balancing loss is part of
+    // the loss, and reported beside it.
+    let run = train(&with_loss, "with_router_loss_run", attention);
     assert!(
-        err.contains("field `output_router_logits` is true"),
-        "{err}"
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
     );
-    assert!(err.contains("config.json"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    let metrics =
+        std::fs::read_to_string(tmp.path().join("with_router_loss_run/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    let aux = first["router_aux_loss"]
+        .as_f64()
+        .expect("router_aux_loss reported");
+    // About top_k (2) when the routing is balanced, at most 4 (every row on
+    // the same two experts).
+    assert!((0.5..4.01).contains(&aux), "{first}");
+    // gpt-oss: all-linear is its attention, as in PEFT (no conversion of
+    // its experts), here trained with the load-balancing loss on by flag.
+    let gpt = Cmd::new("train --device cpu --dtype fp32 --batch-size 4 --max-seq-len 48 --lora-rank 4 --max-steps 2 --output-router-logits")
+        .path("--model", &model_dir("gpt_oss"))
+        .path("--data", &data)
+        .path("--output", &tmp.path().join("gpt_oss"))
+        .args("--target-modules all-linear")
+        .run();
+    assert!(
+        gpt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gpt.stderr)
+    );
+    let saved: serde_json::Value =
+        common::read_json(&tmp.path().join("gpt_oss/adapter_config.json"));
+    assert!(
+        saved["target_parameters"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
+        "{saved}"
+    );
+    let metrics = std::fs::read_to_string(tmp.path().join("gpt_oss/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"router_aux_loss\""), "{metrics}");
+    // A coefficient with the loss off, or either flag on a dense model, is refused by name.
+    let refuse = |model: &std::path::Path, out: &str, flags: &str, want: &str| {
+        let r = Cmd::new("train --device cpu --dtype fp32 --batch-size 4 --max-seq-len 48 --lora-rank 4 --max-steps 1")
+            .path("--model", model)
+            .path("--data", &data)
+            .path("--output", &tmp.path().join(out))
+            .args(flags)
+            .run();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{flags}");
+        assert!(err.contains(want), "{flags}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    refuse(
+        &model_dir("mixtral"),
+        "coef_off",
+        "--router-aux-loss-coef 0.01",
+        "add --output-router-logits",
+    );
+    refuse(
+        &model_dir("qwen3"),
+        "dense",
+        "--output-router-logits",
+        "is not a mixture of experts",
+    );
 }

@@ -81,7 +81,7 @@ fn unsupported_architecture() {
             "config.json",
             "model_type",
             "gpt2",
-            "llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, gemma3_text, gemma3 (text tower), phi3",
+            "llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, gpt_oss, gemma3_text, gemma3 (text tower), phi3",
         ],
     );
 }

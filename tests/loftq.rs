@@ -105,6 +105,7 @@ fn gradients_at_initialisation_match_peft() {
     let opts = StepOptions {
         gradient_checkpointing: false,
         loss_chunk_size: 7,
+        router_aux_loss_coef: None,
     };
     for base in BASES {
         let d = dir(base, 1);

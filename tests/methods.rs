@@ -334,6 +334,7 @@ fn gradients_match_peft() {
     let opts = StepOptions {
         gradient_checkpointing: false,
         loss_chunk_size: 7,
+        router_aux_loss_coef: None,
     };
     each(|method, base, d| {
         let mut model = with_peft_adapter(method, base);

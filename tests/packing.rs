@@ -71,6 +71,7 @@ fn grads_and_loss(
     let opts = StepOptions {
         gradient_checkpointing: false,
         loss_chunk_size: 1024,
+        router_aux_loss_coef: None,
     };
     let loss = forward_backward(m, regs, &trainable, batch, &mb, opts).unwrap();
     let grads = params

@@ -192,6 +192,7 @@ fn grads(variant: &str, gradient_checkpointing: bool) -> (HashMap<String, Tensor
     let opts = StepOptions {
         gradient_checkpointing,
         loss_chunk_size: 7,
+        router_aux_loss_coef: None,
     };
     common::one_step_grads(
         &mut model,

@@ -156,6 +156,7 @@ fn fp16_loss_scaling_keeps_small_gradients() {
         let opts = StepOptions {
             gradient_checkpointing: false,
             loss_chunk_size: 1024,
+            router_aux_loss_coef: None,
         };
         forward_backward(
             &model,

@@ -39,6 +39,7 @@ fn grads_with(
 const PLAIN: StepOptions = StepOptions {
     gradient_checkpointing: false,
     loss_chunk_size: 7,
+    router_aux_loss_coef: None,
 };
 
 #[test]

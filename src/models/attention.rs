@@ -135,6 +135,9 @@ pub struct Attention {
     pub q_norm: Option<RmsNorm>,
     /// `k_norm`, over each key head (Qwen3, Gemma 3).
     pub k_norm: Option<RmsNorm>,
+    /// `sinks`, `[heads]`: one more logit in each softmax row, whose
+    /// probability is dropped (gpt-oss).
+    pub sinks: Option<Tensor>,
     pub(crate) num_heads: i64,
     pub(crate) num_kv_heads: i64,
     pub(crate) head_dim: i64,
@@ -191,32 +194,84 @@ impl Attention {
         }
         let path = AttentionPath::choose(self.num_heads, self.num_kv_heads, t, mask.is_some());
         let scale = Some(self.scale);
-        let y = match path {
-            AttentionPath::Masked { expand_kv } => {
-                if expand_kv {
-                    let rep = self.num_heads / self.num_kv_heads;
-                    k = k.repeat_interleave_self_int(rep, 1, None);
-                    v = v.repeat_interleave_self_int(rep, 1, None);
+        let y = match (&self.sinks, path) {
+            (Some(sinks), _) => self.attention_with_sinks(&q, &k, &v, mask, sinks),
+            (None, path) => match path {
+                AttentionPath::Masked { expand_kv } => {
+                    if expand_kv {
+                        let rep = self.num_heads / self.num_kv_heads;
+                        k = k.repeat_interleave_self_int(rep, 1, None);
+                        v = v.repeat_interleave_self_int(rep, 1, None);
+                    }
+                    Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, scale, false)
                 }
-                Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, scale, false)
-            }
-            AttentionPath::CausalGrouped | AttentionPath::Causal | AttentionPath::Full => {
-                Tensor::scaled_dot_product_attention(
-                    &q,
-                    &k,
-                    &v,
-                    None::<&Tensor>,
-                    0.0,
-                    path != AttentionPath::Full,
-                    scale,
-                    self.num_kv_heads != self.num_heads,
-                )
-            }
+                AttentionPath::CausalGrouped | AttentionPath::Causal | AttentionPath::Full => {
+                    Tensor::scaled_dot_product_attention(
+                        &q,
+                        &k,
+                        &v,
+                        None::<&Tensor>,
+                        0.0,
+                        path != AttentionPath::Full,
+                        scale,
+                        self.num_kv_heads != self.num_heads,
+                    )
+                }
+            },
         };
         let y = y
             .transpose(1, 2)
             .reshape([b, t, self.num_heads * self.head_dim]);
         self.o_proj.forward(&y)
+    }
+}
+
+impl Attention {
+    /// Attention with a sink logit per head, as transformers' gpt-oss eager
+    /// attention computes it (no fused kernel takes sinks): scores in the
+    /// model dtype, masked, the head's sink appended to every row, the row
+    /// maximum subtracted, softmax, the sink's column dropped. `mask`
+    /// (`true`: may attend) is `None` where the causal rule alone applies.
+    fn attention_with_sinks(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        sinks: &Tensor,
+    ) -> Tensor {
+        let rep = self.num_heads / self.num_kv_heads;
+        let (k, v) = if rep > 1 {
+            (
+                k.repeat_interleave_self_int(rep, 1, None),
+                v.repeat_interleave_self_int(rep, 1, None),
+            )
+        } else {
+            (k.shallow_clone(), v.shallow_clone())
+        };
+        let scores = q.matmul(&k.transpose(2, 3)) * self.scale;
+        let (b, h, t, total) = scores.size4().expect("[batch, heads, queries, keys]");
+        let causal;
+        let allowed = match mask {
+            Some(m) => Some(m),
+            None if t > 1 => {
+                causal = Tensor::ones([t, total], (Kind::Bool, q.device())).tril(total - t);
+                Some(&causal)
+            }
+            None => None,
+        };
+        let scores = match allowed {
+            Some(m) => scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY),
+            None => scores,
+        };
+        let sink = sinks
+            .to_kind(scores.kind())
+            .reshape([1, h, 1, 1])
+            .expand([b, h, t, 1], false);
+        let combined = Tensor::cat(&[scores, sink], -1);
+        let combined = &combined - combined.amax([-1].as_slice(), true);
+        let probs = combined.softmax(-1, combined.kind()).narrow(-1, 0, total);
+        probs.to_kind(v.kind()).matmul(&v)
     }
 }
 

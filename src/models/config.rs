@@ -8,6 +8,7 @@ use anyhow::Result;
 use super::mlp::Activation;
 use super::rope::{rope, RopeScaling};
 use crate::config_json::RawConfig;
+use peft_adapters::lora::param::ParamShape;
 
 /// The output projection's module path (excluded by `all-linear`).
 pub const OUTPUT_HEAD: &str = "lm_head";
@@ -54,6 +55,11 @@ pub struct LlamaConfig {
     pub hidden_act: Activation,
     /// Gemma's RMS norms: weight stored as `w` and applied as `(1 + w)`, in fp32.
     pub gemma_norms: bool,
+    /// RMS norms whose weight is held in fp32 and multiplies before the cast
+    /// back to the model dtype (gpt-oss keeps its norms in fp32).
+    pub fp32_norms: bool,
+    /// A learned sink logit per attention head (`self_attn.sinks`, gpt-oss).
+    pub attention_sinks: bool,
     /// Gemma 3's four norms per layer: the attention and MLP outputs are
     /// normed before the residual add (`post_attention_layernorm`,
     /// `post_feedforward_layernorm`), the MLP input by `pre_feedforward_layernorm`.
@@ -132,6 +138,67 @@ pub struct MoeConfig {
     /// Whether the routing weights are cast back to the model dtype before
     /// they scale the experts' outputs (Qwen3-MoE) or stay fp32 (Mixtral).
     pub routing_weights_in_model_dtype: bool,
+    /// How the router and the experts compute and are stored.
+    pub style: ExpertStyle,
+}
+
+/// The two families of sparse MLPs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExpertStyle {
+    /// Qwen3-MoE and Mixtral: the router `mlp.gate` takes a softmax over
+    /// every expert, then the top k; experts `[experts, out, in]` with gate
+    /// and up as the two halves of `gate_up_proj`, SiLU-gated, no biases.
+    SwiGlu,
+    /// gpt-oss: the router `mlp.router` (with a bias) takes the top k logits,
+    /// then a softmax over them; experts stored `[experts, in, out]` with
+    /// biases, gate and up interleaved, and the clamped SwiGLU
+    /// `(clamp(up, ±limit) + 1) · g·σ(alpha·g)` with `g = min(gate, limit)`.
+    GptOss {
+        /// `swiglu_alpha`.
+        alpha: f64,
+        /// `swiglu_limit`.
+        limit: f64,
+    },
+}
+
+impl MoeConfig {
+    /// The router's module name under `mlp`.
+    pub fn router_name(&self) -> &'static str {
+        match self.style {
+            ExpertStyle::SwiGlu => "gate",
+            ExpertStyle::GptOss { .. } => "router",
+        }
+    }
+}
+
+/// Which layers use a sliding window, from `layer_types`
+/// (`sliding_attention` / `full_attention`, one per layer) or else every
+/// layer but each `sliding_window_pattern`-th (`default_pattern` when absent:
+/// Gemma 3's 6, gpt-oss's 2).
+pub fn sliding_layers(raw: &RawConfig, n: usize, default_pattern: usize) -> Result<Vec<bool>> {
+    match raw.json.get("layer_types") {
+        Some(serde_json::Value::Array(a)) => {
+            raw.ensure(a.len() == n, "layer_types", "must list one type per layer")?;
+            a.iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => anyhow::bail!(
+                        "{}: field `layer_types` holds {t}; supported: sliding_attention, full_attention",
+                        raw.path.display()
+                    ),
+                })
+                .collect()
+        }
+        _ => {
+            let pattern = raw
+                .opt_usize("sliding_window_pattern")?
+                .or(raw.opt_usize("_sliding_window_pattern")?)
+                .unwrap_or(default_pattern);
+            raw.ensure(pattern > 0, "sliding_window_pattern", "must be positive")?;
+            Ok((0..n).map(|i| (i + 1) % pattern != 0).collect())
+        }
+    }
 }
 
 impl MoeConfig {
@@ -177,6 +244,7 @@ impl MoeConfig {
             output_router_logits: raw.opt_bool("output_router_logits")?.unwrap_or(false),
             per_expert_names: ("mlp", "gate_proj", "up_proj", "down_proj"),
             routing_weights_in_model_dtype: true,
+            style: ExpertStyle::SwiGlu,
         })
     }
 }
@@ -275,6 +343,8 @@ impl LlamaConfig {
             qk_norm: false,
             hidden_act: Activation::Silu,
             gemma_norms: false,
+            fp32_norms: false,
+            attention_sinks: false,
             sandwich_norms: false,
             embed_scale: None,
             attention_scale: None,
@@ -348,10 +418,11 @@ impl LlamaConfig {
     }
 
     /// The parameters an adapter may target directly (PEFT's
-    /// `target_parameters`) as (path, shape): per sparse layer the router's
-    /// weight, then the experts' `gate_up_proj` and `down_proj` (the order
-    /// transformers registers the experts' two).
-    pub fn adaptable_parameters(&self) -> Vec<(String, Vec<i64>)> {
+    /// `target_parameters`) with their stored shapes: per sparse layer the
+    /// router's weight, then the experts' `gate_up_proj` and `down_proj` (the
+    /// order transformers registers them; gpt-oss stores its experts
+    /// `[experts, in, out]`).
+    pub fn adaptable_parameters(&self) -> Vec<ParamShape> {
         let Some(moe) = &self.moe else {
             return Vec::new();
         };
@@ -360,14 +431,29 @@ impl LlamaConfig {
             self.hidden_size as i64,
             moe.moe_intermediate_size as i64,
         );
+        let transposed = moe.style != ExpertStyle::SwiGlu;
+        let (gate_up, down) = if transposed {
+            (vec![e, h, 2 * i], vec![e, i, h])
+        } else {
+            (vec![e, 2 * i, h], vec![e, h, i])
+        };
+        let param = |path: String, shape: &Vec<i64>, transposed| ParamShape {
+            path,
+            shape: shape.clone(),
+            transposed,
+        };
         (0..self.num_hidden_layers)
             .filter(|&l| self.is_sparse(l))
             .flat_map(|l| {
                 let m = format!("{}.layers.{l}.mlp", self.decoder_path);
                 [
-                    (format!("{m}.gate.weight"), vec![e, h]),
-                    (format!("{m}.experts.gate_up_proj"), vec![e, 2 * i, h]),
-                    (format!("{m}.experts.down_proj"), vec![e, h, i]),
+                    param(
+                        format!("{m}.{}.weight", moe.router_name()),
+                        &vec![e, h],
+                        false,
+                    ),
+                    param(format!("{m}.experts.gate_up_proj"), &gate_up, transposed),
+                    param(format!("{m}.experts.down_proj"), &down, transposed),
                 ]
             })
             .collect()
@@ -390,10 +476,12 @@ impl LlamaConfig {
         }
         let mlp = format!("{}.layers.{layer}.mlp", self.decoder_path);
         let whole = |p: &str| Some((format!("{mlp}.{p}"), None, None));
-        match rest {
-            "mlp.gate.weight" => return whole("gate.weight"),
-            "mlp.experts.gate_up_proj" => return whole("experts.gate_up_proj"),
-            "mlp.experts.down_proj" => return whole("experts.down_proj"),
+        let router = format!("{}.weight", moe.router_name());
+        match rest.strip_prefix("mlp.") {
+            Some(p) if p == router || p == "experts.gate_up_proj" || p == "experts.down_proj" => {
+                return whole(p)
+            }
+            _ if moe.style != ExpertStyle::SwiGlu => return None,
             _ => {}
         }
         let (block, gate, up, down) = moe.per_expert_names;

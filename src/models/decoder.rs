@@ -52,6 +52,10 @@ pub struct DecoderOutput {
     pub hidden: Tensor,
     /// With gradient checkpointing: what the backward pass rebuilds the layers from.
     pub recompute: Option<Recompute>,
+    /// The router logits `[batch·seq, experts]` of each sparse (mixture-of-experts)
+    /// layer, in layer order (transformers' `router_logits`); without an
+    /// autograd graph under gradient checkpointing.
+    pub router_logits: Vec<Tensor>,
 }
 
 /// The saved inputs of each decoder layer, for gradient checkpointing.
@@ -66,7 +70,15 @@ impl Recompute {
     /// Once the gradient has reached the last layer's output (backward from
     /// the loss through the final norm), recomputes each layer, last to
     /// first, with the same seeds and hooks, and backpropagates through it.
-    pub fn backward(self, model: &LlamaForCausalLM, hooks: &mut dyn ForwardHooks) {
+    /// `router_loss` maps a sparse layer's recomputed router logits to its
+    /// share of a loss on them (the load-balancing loss), backpropagated
+    /// with the layer.
+    pub fn backward(
+        self,
+        model: &LlamaForCausalLM,
+        hooks: &mut dyn ForwardHooks,
+        router_loss: Option<&dyn Fn(&Tensor) -> Tensor>,
+    ) {
         let mut grad = self.top.grad();
         for i in (0..self.inputs.len()).rev() {
             // The first layer's input (the embeddings) needs no gradient.
@@ -75,9 +87,14 @@ impl Recompute {
             } else {
                 self.inputs[i].shallow_clone()
             };
-            let out = model.run_layer(i, &input, &self.rope, self.masks[i].as_ref(), None, &*hooks);
+            let (out, logits) =
+                model.run_layer(i, &input, &self.rope, self.masks[i].as_ref(), None, &*hooks);
             let out = hooks.layer_output(i, out);
-            (out * &grad).sum(Kind::Float).backward();
+            let mut total = (out * &grad).sum(Kind::Float);
+            if let (Some(f), Some(logits)) = (router_loss, logits) {
+                total += f(&logits);
+            }
+            total.backward();
             if i > 0 {
                 grad = input.grad();
             }
@@ -118,14 +135,14 @@ impl DecoderLayer {
         .flatten()
     }
 
-    /// One pre-norm residual block.
+    /// One pre-norm residual block; a sparse layer's router logits beside it.
     fn forward(
         &self,
         x: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Tensor {
+    ) -> (Tensor, Option<Tensor>) {
         let a = self
             .self_attn
             .forward(&self.input_layernorm.forward(x), rope, mask, cache);
@@ -135,12 +152,12 @@ impl DecoderLayer {
         ) {
             // Gemma 3: attention and MLP outputs are normed before each residual add.
             let h = x + self.post_attention_layernorm.forward(&a);
-            let out = post.forward(&self.mlp.forward(&pre.forward(&h)));
-            return h + out;
+            let (out, logits) = self.mlp.forward(&pre.forward(&h));
+            return (h + post.forward(&out), logits);
         }
         let h = x + a;
-        let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
-        h + out
+        let (out, logits) = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
+        (h + out, logits)
     }
 }
 
@@ -234,6 +251,7 @@ impl LlamaForCausalLM {
             })
             .collect();
         let mut inputs = Vec::new();
+        let mut router_logits = Vec::new();
         {
             let _no_grad = recompute.then(tch::no_grad_guard);
             for (i, mask) in layer_masks.iter().enumerate() {
@@ -241,14 +259,16 @@ impl LlamaForCausalLM {
                     inputs.push(x.detach());
                 }
                 let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-                x = self.run_layer(i, &x, &rope, mask.as_ref(), slot, &*hooks);
-                x = hooks.layer_output(i, x);
+                let (out, logits) = self.run_layer(i, &x, &rope, mask.as_ref(), slot, &*hooks);
+                router_logits.extend(logits);
+                x = hooks.layer_output(i, out);
             }
         }
         if !recompute {
             return DecoderOutput {
                 hidden: self.model.norm.forward(&x),
                 recompute: None,
+                router_logits,
             };
         }
         let top = x.detach().set_requires_grad(true);
@@ -260,6 +280,7 @@ impl LlamaForCausalLM {
                 rope,
                 masks: layer_masks,
             }),
+            router_logits,
         }
     }
 
@@ -284,7 +305,7 @@ impl LlamaForCausalLM {
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         hooks: &dyn ForwardHooks,
-    ) -> Tensor {
+    ) -> (Tensor, Option<Tensor>) {
         let layer = &self.model.layers[i];
         let rope = &rope[usize::from(layer.local_rope)];
         match hooks.layer_seed(i) {
@@ -345,10 +366,11 @@ impl LlamaForCausalLM {
     /// [`LlamaConfig::adaptable_parameters`], with its adapter slot.
     pub fn parameter_adapters(&self) -> Vec<(String, &Tensor, &Option<ParamLora>)> {
         let mut out = Vec::new();
+        let router = self.config.moe.as_ref().map_or("gate", |m| m.router_name());
         for (i, l) in self.model.layers.iter().enumerate() {
             let m = format!("{}.layers.{i}.mlp", self.config.decoder_path);
             if let Some(g) = &l.mlp.gate {
-                out.push((format!("{m}.gate.weight"), &g.weight, &g.lora));
+                out.push((format!("{m}.{router}.weight"), &g.weight, &g.lora));
             }
             if let Some(x) = &l.mlp.experts {
                 out.push((
@@ -366,10 +388,11 @@ impl LlamaForCausalLM {
     pub fn parameter_adapters_mut(&mut self) -> Vec<(String, &mut Tensor, &mut Option<ParamLora>)> {
         let mut out = Vec::new();
         let decoder = &self.config.decoder_path;
+        let router = self.config.moe.as_ref().map_or("gate", |m| m.router_name());
         for (i, l) in self.model.layers.iter_mut().enumerate() {
             let m = format!("{decoder}.layers.{i}.mlp");
             if let Some(g) = l.mlp.gate.as_mut() {
-                out.push((format!("{m}.gate.weight"), &mut g.weight, &mut g.lora));
+                out.push((format!("{m}.{router}.weight"), &mut g.weight, &mut g.lora));
             }
             if let Some(x) = l.mlp.experts.as_mut() {
                 let super::moe::Experts {
@@ -377,6 +400,7 @@ impl LlamaForCausalLM {
                     down_proj,
                     gate_up_lora,
                     down_lora,
+                    ..
                 } = x;
                 out.push((
                     format!("{m}.experts.gate_up_proj"),
@@ -469,6 +493,7 @@ impl LlamaForCausalLM {
                 }
             }
             all += l.norms().map(|n| dense(&n.weight)).sum::<usize>();
+            all += l.self_attn.sinks.as_ref().map_or(0, dense);
             all += l.mlp.sparse_tensors().map(dense).sum::<usize>();
         }
         if !self.config.tie_word_embeddings {
@@ -497,6 +522,7 @@ impl LlamaForCausalLM {
                 .map(|(_, lin)| numel(lin))
                 .sum::<i64>();
             n += l.norms().map(|n| n.weight.numel() as i64).sum::<i64>();
+            n += l.self_attn.sinks.as_ref().map_or(0, |s| s.numel() as i64);
         }
         if !c.tie_word_embeddings {
             n += v * h;

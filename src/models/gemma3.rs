@@ -10,7 +10,7 @@
 use anyhow::{bail, Result};
 use serde_json::Value;
 
-use super::config::LlamaConfig;
+use super::config::{sliding_layers, LlamaConfig};
 use super::mlp::Activation;
 use super::rope::{rope_from, RopeScaling};
 use crate::config_json::RawConfig;
@@ -103,29 +103,7 @@ pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {
 
     // Which layers slide: `layer_types`, else every `sliding_window_pattern`-th is global.
     let n = c.num_hidden_layers;
-    let sliding: Vec<bool> = match raw.json.get("layer_types") {
-        Some(Value::Array(a)) => {
-            raw.ensure(a.len() == n, "layer_types", "must list one type per layer")?;
-            a.iter()
-                .map(|t| match t.as_str() {
-                    Some("sliding_attention") => Ok(true),
-                    Some("full_attention") => Ok(false),
-                    _ => bail!(
-                        "{}: field `layer_types` holds {t}; supported: sliding_attention, full_attention",
-                        raw.path.display()
-                    ),
-                })
-                .collect::<Result<_>>()?
-        }
-        _ => {
-            let pattern = raw
-                .opt_usize("sliding_window_pattern")?
-                .or(raw.opt_usize("_sliding_window_pattern")?)
-                .unwrap_or(6);
-            raw.ensure(pattern > 0, "sliding_window_pattern", "must be positive")?;
-            (0..n).map(|i| (i + 1) % pattern != 0).collect()
-        }
-    };
+    let sliding = sliding_layers(raw, n, 6)?;
     let window = raw.opt_usize("sliding_window")?.unwrap_or(4096);
     raw.ensure(window > 0, "sliding_window", "must be positive")?;
     c.sliding_window = sliding.iter().map(|&s| s.then_some(window)).collect();

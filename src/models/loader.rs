@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::attention::Attention;
-use super::config::{LlamaConfig, MoeConfig};
+use super::config::{ExpertStyle, LlamaConfig, MoeConfig};
 use super::decoder::{layer_linears, DecoderLayer, LlamaForCausalLM, LlamaModel};
 use super::mlp::Mlp;
 use super::moe::{Experts, TopKRouter};
@@ -144,6 +144,19 @@ impl<'a> Weights<'a> {
         Ok(t)
     }
 
+    /// Loads `prefix + name` in `kind` rather than the model's dtype.
+    pub fn get_kind(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        let full = self.path(name);
+        let t = self.files.tensor(&full, shape, kind, self.device)?;
+        self.used.borrow_mut().insert(full);
+        Ok(t)
+    }
+
+    /// The tensor-name prefix of this view (`model.layers.3.`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Loads the linear layer `prefix + name` (`.weight`, and `.bias` when `bias`).
     pub fn linear(&self, name: &str, in_dim: i64, out_dim: i64, bias: bool) -> Result<Linear> {
         let w = self.pp(name);
@@ -213,9 +226,14 @@ impl LlamaForCausalLM {
 }
 
 /// The RMS norm `name` of width `width`; Gemma's stored `w` becomes `1 + w`
-/// in fp32 once here, as its forward computes it each time.
+/// in fp32 once here, as its forward computes it each time; gpt-oss's
+/// weight stays fp32 (transformers keeps those norms in fp32).
 fn rms_norm(c: &LlamaConfig, w: &Weights, name: &str, width: i64) -> Result<RmsNorm> {
-    let weight = w.get(&format!("{name}.weight"), &[width])?;
+    let weight = if c.fp32_norms {
+        w.get_kind(&format!("{name}.weight"), &[width], Kind::Float)?
+    } else {
+        w.get(&format!("{name}.weight"), &[width])?
+    };
     Ok(RmsNorm {
         weight: if c.gemma_norms {
             weight.to_kind(Kind::Float) + 1.0
@@ -223,7 +241,7 @@ fn rms_norm(c: &LlamaConfig, w: &Weights, name: &str, width: i64) -> Result<RmsN
             weight
         },
         eps: c.rms_norm_eps,
-        scale_in_fp32: c.gemma_norms,
+        scale_in_fp32: c.gemma_norms || c.fp32_norms,
     })
 }
 
@@ -253,6 +271,10 @@ fn load_layer(
             qkv_proj: empty(),
             q_norm: optional(c.qk_norm, &attn, "q_norm", hd)?,
             k_norm: optional(c.qk_norm, &attn, "k_norm", hd)?,
+            sinks: c
+                .attention_sinks
+                .then(|| attn.get("sinks", &[c.num_attention_heads as i64]))
+                .transpose()?,
             num_heads: c.num_attention_heads as i64,
             num_kv_heads: c.num_key_value_heads as i64,
             head_dim: hd,
@@ -309,6 +331,9 @@ fn load_experts(c: &LlamaConfig, moe: &MoeConfig, l: &Weights) -> Result<(TopKRo
         c.hidden_size as i64,
         moe.moe_intermediate_size as i64,
     );
+    if let ExpertStyle::GptOss { .. } = moe.style {
+        return load_gpt_oss_experts(moe, h, i, l);
+    }
     let (block, gate_name, up_name, down_name) = moe.per_expert_names;
     let fused = l.pp("mlp");
     let (router, gate_up_proj, down_proj) = if l.contains("mlp.experts.gate_up_proj")
@@ -337,6 +362,8 @@ fn load_experts(c: &LlamaConfig, moe: &MoeConfig, l: &Weights) -> Result<(TopKRo
     };
     let gate = TopKRouter {
         weight: router,
+        bias: None,
+        style: moe.style,
         top_k: moe.num_experts_per_tok as i64,
         norm_topk_prob: moe.norm_topk_prob,
         weights_in_model_dtype: moe.routing_weights_in_model_dtype,
@@ -347,8 +374,51 @@ fn load_experts(c: &LlamaConfig, moe: &MoeConfig, l: &Weights) -> Result<(TopKRo
         Experts {
             gate_up_proj,
             down_proj,
+            gate_up_proj_bias: None,
+            down_proj_bias: None,
+            style: moe.style,
             gate_up_lora: None,
             down_lora: None,
         },
     ))
+}
+
+/// gpt-oss's router (`mlp.router`, with a bias) and experts, stored as the
+/// module holds them: `[experts, in, out]` with biases. A checkpoint with
+/// MXFP4 experts (`gate_up_proj_blocks`) is refused by name.
+fn load_gpt_oss_experts(
+    moe: &MoeConfig,
+    h: i64,
+    i: i64,
+    l: &Weights,
+) -> Result<(TopKRouter, Experts)> {
+    let e = moe.num_experts as i64;
+    if l.contains("mlp.experts.gate_up_proj_blocks") && !l.contains("mlp.experts.gate_up_proj") {
+        bail!(
+            "{}: the experts are stored in MXFP4 (`mlp.experts.gate_up_proj_blocks`), which peft-rs does \
+             not read; use a bf16 copy of the model (transformers writes one with \
+             `Mxfp4Config(dequantize=True)` and `save_pretrained`)",
+            l.prefix()
+        );
+    }
+    let m = l.pp("mlp");
+    let gate = TopKRouter {
+        weight: m.get("router.weight", &[e, h])?,
+        bias: Some(m.get("router.bias", &[e])?),
+        style: moe.style,
+        top_k: moe.num_experts_per_tok as i64,
+        norm_topk_prob: false,
+        weights_in_model_dtype: true,
+        lora: None,
+    };
+    let experts = Experts {
+        gate_up_proj: m.get("experts.gate_up_proj", &[e, h, 2 * i])?,
+        down_proj: m.get("experts.down_proj", &[e, i, h])?,
+        gate_up_proj_bias: Some(m.get("experts.gate_up_proj_bias", &[e, 2 * i])?),
+        down_proj_bias: Some(m.get("experts.down_proj_bias", &[e, h])?),
+        style: moe.style,
+        gate_up_lora: None,
+        down_lora: None,
+    };
+    Ok((gate, experts))
 }

@@ -37,17 +37,24 @@ pub struct Mlp {
 impl Mlp {
     /// The router's and experts' tensors of a mixture-of-experts layer.
     pub fn sparse_tensors(&self) -> impl Iterator<Item = &Tensor> {
-        let gate = self.gate.iter().map(|g| &g.weight);
-        let experts = self
-            .experts
+        let gate = self
+            .gate
             .iter()
-            .flat_map(|e| [&e.gate_up_proj, &e.down_proj]);
+            .flat_map(|g| std::iter::once(&g.weight).chain(g.bias.as_ref()));
+        let experts = self.experts.iter().flat_map(|e| {
+            [&e.gate_up_proj, &e.down_proj]
+                .into_iter()
+                .chain(e.gate_up_proj_bias.as_ref())
+                .chain(e.down_proj_bias.as_ref())
+        });
         gate.chain(experts)
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
+    /// The MLP's output, and a sparse layer's router logits (`[rows, experts]`).
+    pub(crate) fn forward(&self, x: &Tensor) -> (Tensor, Option<Tensor>) {
         if let (Some(router), Some(experts)) = (&self.gate, &self.experts) {
-            return super::moe::forward(router, experts, x);
+            let (out, logits) = super::moe::forward(router, experts, x);
+            return (out, Some(logits));
         }
         let (gate, up) = if self.fused {
             let gu = self.gate_up_proj.forward(x);
@@ -61,6 +68,6 @@ impl Mlp {
             Activation::Silu => gate.silu(),
             Activation::GeluTanh => gate.gelu("tanh"),
         };
-        self.down_proj.forward(&(gate * up))
+        (self.down_proj.forward(&(gate * up)), None)
     }
 }

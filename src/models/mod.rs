@@ -12,6 +12,7 @@ pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod gemma3;
+pub mod gpt_oss;
 pub mod llama;
 pub mod loader;
 pub mod mistral;
@@ -48,6 +49,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen3",
     "qwen3_moe",
     "mixtral",
+    "gpt_oss",
     "gemma3_text",
     "gemma3 (text tower)",
     "phi3",
@@ -63,6 +65,7 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
         "qwen3" => qwen3::config(&raw),
         "qwen3_moe" => qwen3_moe::config(&raw),
         "mixtral" => mixtral::config(&raw),
+        "gpt_oss" => gpt_oss::config(&raw),
         "gemma3_text" => gemma3::config(&raw),
         "gemma3" => gemma3::multimodal_config(&raw),
         "phi3" => phi3::config(&raw),

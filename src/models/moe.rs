@@ -12,10 +12,17 @@
 use peft_adapters::lora::param::ParamLora;
 use tch::{Kind, Tensor};
 
-/// `mlp.gate`: scores every expert, keeps the top `top_k`.
+use super::config::ExpertStyle;
+
+/// `mlp.gate` (`mlp.router` in gpt-oss): scores every expert, keeps the top `top_k`.
 pub struct TopKRouter {
     /// `weight`, `[experts, hidden]`.
     pub weight: Tensor,
+    /// `bias`, `[experts]` (gpt-oss).
+    pub bias: Option<Tensor>,
+    /// Softmax over all experts then top k, or (gpt-oss) top k logits then
+    /// a softmax over those.
+    pub(crate) style: ExpertStyle,
     pub(crate) top_k: i64,
     /// Renormalize the kept probabilities to sum to 1.
     pub(crate) norm_topk_prob: bool,
@@ -37,13 +44,22 @@ pub struct Routing {
 }
 
 impl TopKRouter {
-    /// Routes `[tokens, hidden]` rows; the softmax is taken in fp32.
+    /// Routes `[tokens, hidden]` rows; the softmax is taken in fp32 (over
+    /// the top k logits in the model dtype for gpt-oss).
     pub fn forward(&self, x: &Tensor) -> Routing {
-        let plain = x.linear::<Tensor>(&self.weight, None);
+        let plain = x.linear(&self.weight, self.bias.as_ref());
         let logits = match self.lora.as_ref().filter(|l| l.applies()) {
             Some(l) => plain + l.forward(0, x),
             None => plain,
         };
+        if let ExpertStyle::GptOss { .. } = self.style {
+            let (top, experts) = logits.topk(self.top_k, -1, true, true);
+            return Routing {
+                weights: top.softmax(1, top.kind()),
+                experts,
+                logits,
+            };
+        }
         let probs = logits.softmax(-1, Kind::Float);
         let (mut top, experts) = probs.topk(self.top_k, -1, true, true);
         if self.norm_topk_prob {
@@ -65,10 +81,16 @@ impl TopKRouter {
 /// `mlp.experts`: SwiGLU experts stacked along the first dimension.
 pub struct Experts {
     /// `gate_up_proj`, `[experts, 2·inter, hidden]`: each expert's gate
-    /// projection, then its up projection.
+    /// projection, then its up projection. gpt-oss: `[experts, hidden,
+    /// 2·inter]`, gate and up interleaved column by column.
     pub gate_up_proj: Tensor,
-    /// `down_proj`, `[experts, hidden, inter]`.
+    /// `down_proj`, `[experts, hidden, inter]` (gpt-oss: `[experts, inter, hidden]`).
     pub down_proj: Tensor,
+    /// `gate_up_proj_bias`, `[experts, 2·inter]` (gpt-oss).
+    pub gate_up_proj_bias: Option<Tensor>,
+    /// `down_proj_bias`, `[experts, hidden]` (gpt-oss).
+    pub down_proj_bias: Option<Tensor>,
+    pub(crate) style: ExpertStyle,
     /// LoRA on `gate_up_proj` (PEFT's `target_parameters`).
     pub gate_up_lora: Option<ParamLora>,
     /// LoRA on `down_proj`.
@@ -108,29 +130,57 @@ impl Experts {
         x.zeros_like().index_add(0, &token, &out.to_kind(x.kind()))
     }
 
-    /// Expert `e` on its rows: `down(silu(gate(x)) · up(x))`, each
+    /// Expert `e` on its rows: `down(act(gate(x), up(x)))`, each
     /// projection with its LoRA (as PEFT applies it: W + ΔW) if it has one.
     fn expert(&self, e: i64, x: &Tensor) -> Tensor {
-        let project = |w: &Tensor, lora: &Option<ParamLora>, x: &Tensor| {
-            let y = x.linear::<Tensor>(&w.get(e), None);
+        let transposed = matches!(self.style, ExpertStyle::GptOss { .. });
+        let project = |w: &Tensor, b: &Option<Tensor>, lora: &Option<ParamLora>, x: &Tensor| {
+            let w = w.get(e);
+            let y = if transposed {
+                x.matmul(&w)
+            } else {
+                x.linear::<Tensor>(&w, None)
+            };
+            let y = match b {
+                Some(b) => y + b.get(e),
+                None => y,
+            };
             match lora.as_ref().filter(|l| l.applies()) {
                 Some(l) => y + l.forward(e, x),
                 None => y,
             }
         };
-        let gu = project(&self.gate_up_proj, &self.gate_up_lora, x);
-        let half = gu.size()[1] / 2;
-        let h = gu.narrow(1, 0, half).silu() * gu.narrow(1, half, half);
-        project(&self.down_proj, &self.down_lora, &h)
+        let gu = project(
+            &self.gate_up_proj,
+            &self.gate_up_proj_bias,
+            &self.gate_up_lora,
+            x,
+        );
+        let h = match self.style {
+            ExpertStyle::SwiGlu => {
+                let half = gu.size()[1] / 2;
+                gu.narrow(1, 0, half).silu() * gu.narrow(1, half, half)
+            }
+            ExpertStyle::GptOss { alpha, limit } => {
+                let gate = gu.slice(1, 0, None, 2).clamp_max(limit);
+                let up = gu.slice(1, 1, None, 2).clamp(-limit, limit);
+                let glu = &gate * (&gate * alpha).sigmoid();
+                (up + 1.0) * glu
+            }
+        };
+        project(&self.down_proj, &self.down_proj_bias, &self.down_lora, &h)
     }
 }
 
-/// Runs a sparse MLP on `[batch, seq, hidden]`.
-pub fn forward(gate: &TopKRouter, experts: &Experts, x: &Tensor) -> Tensor {
+/// Runs a sparse MLP on `[batch, seq, hidden]`: its output, and the router
+/// logits `[batch·seq, experts]` (transformers' `router_logits`, what the
+/// load-balancing loss reads).
+pub fn forward(gate: &TopKRouter, experts: &Experts, x: &Tensor) -> (Tensor, Tensor) {
     let shape = x.size();
     let rows = x.reshape([-1, *shape.last().expect("hidden")]);
     let routing = gate.forward(&rows);
-    experts.forward(&rows, &routing).reshape(shape)
+    let out = experts.forward(&rows, &routing).reshape(shape);
+    (out, routing.logits)
 }
 
 #[cfg(test)]
@@ -142,6 +192,8 @@ mod tests {
         let opts = (Kind::Float, Device::Cpu);
         let router = TopKRouter {
             weight: Tensor::randn([e, h], opts),
+            bias: None,
+            style: ExpertStyle::SwiGlu,
             top_k: 2,
             norm_topk_prob: true,
             weights_in_model_dtype: true,
@@ -150,6 +202,9 @@ mod tests {
         let experts = Experts {
             gate_up_proj: Tensor::randn([e, 2 * i, h], opts) * 0.3,
             down_proj: Tensor::randn([e, h, i], opts) * 0.3,
+            gate_up_proj_bias: None,
+            down_proj_bias: None,
+            style: ExpertStyle::SwiGlu,
             gate_up_lora: None,
             down_lora: None,
         };

@@ -43,6 +43,24 @@ pub enum RopeScaling {
         /// What cos and sin are multiplied by.
         attention_factor: f64,
     },
+    /// YaRN (gpt-oss; Qwen3 and others for long contexts): frequencies
+    /// blended between interpolated and extrapolated by a linear ramp over
+    /// the dimensions between the `beta_fast` and `beta_slow` rotation
+    /// counts, and cos/sin scaled by `attention_factor`.
+    Yarn {
+        /// The context extension factor.
+        factor: f64,
+        /// What cos and sin are multiplied by.
+        attention_factor: f64,
+        /// Rotations above which frequencies are kept (extrapolated).
+        beta_fast: f64,
+        /// Rotations below which frequencies are interpolated.
+        beta_slow: f64,
+        /// The context length the model was trained with.
+        original_max_position_embeddings: f64,
+        /// Whether the correction range is rounded to whole dimensions.
+        truncate: bool,
+    },
 }
 
 /// RoPE settings from `rope_parameters` (transformers 5) or
@@ -101,6 +119,7 @@ pub fn rope_from(
         "linear" => RopeScaling::Linear {
             factor: need("factor")?,
         },
+        "yarn" => yarn(raw, params, field)?,
         "llama3" => RopeScaling::Llama3 {
             factor: need("factor")?,
             low_freq_factor: need("low_freq_factor")?,
@@ -108,7 +127,7 @@ pub fn rope_from(
             original_max_position_embeddings: need("original_max_position_embeddings")?,
         },
         other => bail!(
-            "{}: field `{field}.rope_type` is `{other}`; supported: default, linear, llama3, longrope (phi3)",
+            "{}: field `{field}.rope_type` is `{other}`; supported: default, linear, llama3, yarn, longrope (phi3)",
             raw.path.display()
         ),
     };
@@ -120,6 +139,58 @@ pub fn rope_from(
 /// one inside the RoPE parameters, and the attention factor defaults to
 /// `sqrt(1 + ln(factor) / ln(original))` with `factor` =
 /// `max_position_embeddings / original` unless the parameters give one.
+/// `rope_type` yarn, with transformers' defaults (`_compute_yarn_parameters`):
+/// `factor` from the position counts when absent, `attention_factor` from
+/// `mscale`/`mscale_all_dim` or `0.1·ln(factor) + 1`, betas 32 and 1,
+/// `truncate` true.
+fn yarn(raw: &RawConfig, params: Option<&serde_json::Value>, field: &str) -> Result<RopeScaling> {
+    let number = |k: &str| raw.number_in(params, field, k);
+    let original = match number("original_max_position_embeddings")? {
+        Some(o) => o,
+        None => raw.opt_usize("max_position_embeddings")?.unwrap_or(4096) as f64,
+    };
+    let factor = match number("factor")? {
+        Some(f) => f,
+        None => raw.opt_usize("max_position_embeddings")?.unwrap_or(4096) as f64 / original,
+    };
+    raw.ensure(
+        factor.is_finite() && factor > 0.0 && original >= 1.0,
+        &format!("{field}.factor"),
+        "must be positive, with original_max_position_embeddings at least 1",
+    )?;
+    let get_mscale = |scale: f64, m: f64| {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
+        }
+    };
+    let attention_factor = match number("attention_factor")? {
+        Some(a) => a,
+        None => match (number("mscale")?, number("mscale_all_dim")?) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                get_mscale(factor, m) / get_mscale(factor, all)
+            }
+            _ => get_mscale(factor, 1.0),
+        },
+    };
+    let beta = |k: &str, default: f64| -> Result<f64> {
+        Ok(number(k)?.filter(|b| *b != 0.0).unwrap_or(default))
+    };
+    let truncate = params
+        .and_then(|p| p.get("truncate"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(true);
+    Ok(RopeScaling::Yarn {
+        factor,
+        attention_factor,
+        beta_fast: beta("beta_fast", 32.0)?,
+        beta_slow: beta("beta_slow", 1.0)?,
+        original_max_position_embeddings: original,
+        truncate,
+    })
+}
+
 fn long_rope(
     raw: &RawConfig,
     params: Option<&serde_json::Value>,
@@ -239,6 +310,38 @@ impl RotaryEmbedding {
                     .logical_not()
                     .logical_and(&wavelen.gt(low_wavelen).logical_not());
                 (smoothed.where_self(&medium, &scaled), None, 1.0)
+            }
+            &RopeScaling::Yarn {
+                factor,
+                attention_factor,
+                beta_fast,
+                beta_slow,
+                original_max_position_embeddings,
+                truncate,
+            } => {
+                // transformers' find_correction_range, in f64 as Python's math.
+                let correction = |rotations: f64| {
+                    d as f64
+                        * (original_max_position_embeddings
+                            / (rotations * 2.0 * std::f64::consts::PI))
+                            .ln()
+                        / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(d as f64 - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                let ramp = ((Tensor::arange(d / 2, (Kind::Float, Device::Cpu)) - low)
+                    / (high - low))
+                    .clamp(0.0, 1.0);
+                let extrapolation = 1.0 - ramp;
+                let interpolated = (&powers * factor).reciprocal();
+                let blended = interpolated * (1.0 - &extrapolation) + &inv_freq * &extrapolation;
+                (blended, None, attention_factor)
             }
             RopeScaling::LongRope {
                 short_factor,

@@ -51,7 +51,7 @@ fn selected_paths(
     targets: &TargetModules,
     choose: impl for<'a> FnOnce(&[&'a str]) -> Result<Vec<&'a str>>,
 ) -> Result<Vec<String>> {
-    if *targets == TargetModules::AllLinear && model.config.moe.is_some() {
+    if *targets == TargetModules::AllLinear && all_linear_takes_experts(&model.config) {
         // PEFT resolves `all-linear` on these models to the attention
         // projections plus the router and the experts as `target_parameters`
         // (peft.utils.transformers_weight_conversion); the same name must
@@ -125,7 +125,14 @@ pub fn inject(
 /// in PEFT, the dense MLPs of `mlp_only_layers` are not adapted.) Any other
 /// configuration is returned as it is.
 pub fn for_model(config: &LoraConfig, model: &crate::models::LlamaConfig) -> LoraConfig {
-    let Some(moe) = &model.moe else {
+    // PEFT adds the router and the experts only where transformers
+    // converts the checkpoint (Qwen3-MoE, Mixtral); gpt-oss's all-linear is
+    // its attention.
+    let Some(moe) = model
+        .moe
+        .as_ref()
+        .filter(|_| all_linear_takes_experts(model))
+    else {
         return config.clone();
     };
     if config.target_modules != TargetModules::AllLinear {
@@ -151,6 +158,17 @@ pub fn for_model(config: &LoraConfig, model: &crate::models::LlamaConfig) -> Lor
     c
 }
 
+/// Whether PEFT's `all-linear` on this model also means its router and
+/// experts: where transformers converts the checkpoint's experts
+/// (Qwen3-MoE, Mixtral; `peft.utils.transformers_weight_conversion`), not
+/// gpt-oss, whose checkpoints need no conversion.
+fn all_linear_takes_experts(model: &crate::models::LlamaConfig) -> bool {
+    model
+        .moe
+        .as_ref()
+        .is_some_and(|m| m.style == crate::models::config::ExpertStyle::SwiGlu)
+}
+
 /// Fresh LoRA factors on the parameters `config.target_parameters` names
 /// (after the linear modules, as PEFT injects them); their paths.
 fn inject_parameters(
@@ -168,18 +186,23 @@ fn inject_parameters(
         );
     }
     let device = model.device();
+    let shapes = model.config.adaptable_parameters();
     let mut chosen = Vec::new();
     for (path, w, slot) in model.parameter_adapters_mut() {
         if !peft_adapters::lora::param::targeted(&config.target_parameters, &path) {
             continue;
         }
+        let shape = shapes
+            .iter()
+            .find(|p| p.path == path)
+            .with_context(|| format!("internal: {path} is not an adaptable parameter"))?;
         if slot.is_some() {
             bail!("{path} already carries an adapter; peft-rs holds one adapter per parameter (`target_parameters`)");
         }
         let (r, alpha) = config.rank_and_alpha(&path);
         let scaling = config.scaling(r, alpha);
         *slot = Some(ParamLora::init(
-            &w.size(),
+            shape,
             w.kind(),
             r as i64,
             scaling,
@@ -190,7 +213,7 @@ fn inject_parameters(
     }
     if chosen.is_empty() {
         bail!(
-            "`target_parameters` {:?} match no parameter of this model (peft-rs adapts the experts and router of Qwen3-MoE and Mixtral models this way)",
+            "`target_parameters` {:?} match no parameter of this model (peft-rs adapts the experts and router of Qwen3-MoE, Mixtral and gpt-oss models this way)",
             config.target_parameters
         );
     }

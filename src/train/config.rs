@@ -223,6 +223,14 @@ pub struct TrainConfig {
     /// Peak learning rate.
     #[arg(long = "lr", alias = "learning-rate", value_name = "LR", default_value_t = defaults().learning_rate)]
     pub learning_rate: f64,
+    /// Mixtures of experts: add the router's load-balancing loss to the training
+    /// loss, as transformers does when the model's config sets it (default: config.json's).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL")]
+    pub output_router_logits: Option<bool>,
+    /// The load-balancing loss's weight (default: config.json's, e.g. 0.001 for Qwen3-MoE).
+    #[arg(long, value_name = "F")]
+    pub router_aux_loss_coef: Option<f64>,
     /// AdamW weight decay (decoupled).
     #[arg(long, default_value_t = defaults().weight_decay)]
     pub weight_decay: f64,
@@ -389,6 +397,8 @@ impl Default for TrainConfig {
             per_device_train_batch_size: 4,
             gradient_accumulation_steps: 1,
             learning_rate: 2e-4,
+            output_router_logits: None,
+            router_aux_loss_coef: None,
             weight_decay: 0.0,
             loraplus_lr_ratio: None,
             loraplus_weight_decay: 0.0,

@@ -19,6 +19,25 @@ pub fn chunked_cross_entropy(
     chunk: i64,
     backward_scale: Option<f64>,
 ) -> Result<f64> {
+    chunked_cross_entropy_with(model, hidden, labels, chunk, backward_scale, None)
+}
+
+/// [`chunked_cross_entropy`] whose backward pass (with `backward_scale`)
+/// also backpropagates `also`, a scalar on the same graph (the router's
+/// load-balancing loss): one pass through the model for both.
+pub fn chunked_cross_entropy_with(
+    model: &LlamaForCausalLM,
+    hidden: &Tensor,
+    labels: &Tensor,
+    chunk: i64,
+    backward_scale: Option<f64>,
+    also: Option<Tensor>,
+) -> Result<f64> {
+    let backward_also = |also: Option<Tensor>| {
+        if let Some(t) = also.filter(Tensor::requires_grad) {
+            t.backward();
+        }
+    };
     let (_, t, h) = hidden.size3()?;
     // Position i predicts token i+1.
     let hs = hidden.narrow(1, 0, t - 1).reshape([-1, h]);
@@ -26,6 +45,7 @@ pub fn chunked_cross_entropy(
     let idx = ys.ne(-100).nonzero().squeeze_dim(1);
     let n = idx.size()[0];
     if n == 0 {
+        backward_also(also);
         return Ok(0.0);
     }
     let sel = hs.index_select(0, &idx);
@@ -75,7 +95,13 @@ pub fn chunked_cross_entropy(
         }
     };
     if sel.requires_grad() {
-        (sel * grad).sum(Kind::Float).backward();
+        let mut pending = (sel * grad).sum(Kind::Float);
+        if let Some(t) = also.filter(Tensor::requires_grad) {
+            pending += t;
+        }
+        pending.backward();
+    } else {
+        backward_also(also);
     }
     Ok(total.double_value(&[]))
 }

@@ -18,6 +18,7 @@ pub mod optim;
 pub mod plan;
 pub mod progress;
 pub mod resume;
+pub mod router_loss;
 pub mod run;
 pub mod scaler;
 pub mod settings_file;
@@ -33,6 +34,9 @@ pub use loss::chunked_cross_entropy;
 pub use plan::EpochPlan;
 pub use run::Summary;
 pub use scaler::LossScaler;
-pub use step::{apply_loss_regularizers, forward_backward, MicroBatch, StepOptions, StepStats};
+pub use step::{
+    apply_loss_regularizers, forward_backward, forward_backward_parts, MicroBatch, MicroBatchLoss,
+    StepOptions, StepStats,
+};
 pub use trainer::Trainer;
 pub use validate::InvalidSetting;

@@ -270,6 +270,9 @@ impl Trainer {
             "step": done, "epoch": self.plan.epoch_after(done), "loss": s.loss, "lr": s.lr,
             "grad_norm": s.grad_norm, "tokens_per_second": tps,
         });
+        if let Some(aux) = s.router_aux_loss {
+            line["router_aux_loss"] = json!(aux);
+        }
         if let Some(sc) = &self.scaler {
             line["loss_scale"] = json!(sc.scale());
             line["skipped"] = json!(s.skipped);

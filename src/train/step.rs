@@ -5,8 +5,9 @@
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
-use super::loss::chunked_cross_entropy;
+use super::loss::chunked_cross_entropy_with;
 use super::optim::{self, clip_grads, grad_norm, lr_at};
+use super::router_loss::LoadBalancing;
 use super::{LossScaler, Trainer};
 use crate::data::Batch;
 use crate::models::LlamaForCausalLM;
@@ -32,6 +33,10 @@ pub struct StepStats {
     /// The signal every rank agreed to stop on after this step, if any
     /// rank received one.
     pub stop: Option<i32>,
+    /// The router's load-balancing loss, averaged over this process's
+    /// micro-batches, when it is part of the loss (`loss` includes it times
+    /// `router_aux_loss_coef` once per micro-batch).
+    pub router_aux_loss: Option<f64>,
 }
 
 /// How [`forward_backward`] runs.
@@ -41,6 +46,9 @@ pub struct StepOptions {
     pub gradient_checkpointing: bool,
     /// Rows of logits per cross-entropy chunk.
     pub loss_chunk_size: i64,
+    /// Add the router's load-balancing loss times this (a mixture of experts
+    /// with `output_router_logits`; transformers' `router_aux_loss_coef`).
+    pub router_aux_loss_coef: Option<f64>,
 }
 
 /// Which micro-batch of which step is computed, and how its loss is scaled.
@@ -92,8 +100,10 @@ impl Trainer {
         let opts = StepOptions {
             gradient_checkpointing: self.cfg.checkpointing(),
             loss_chunk_size: self.cfg.loss_chunk_size,
+            router_aux_loss_coef: self.router_aux_loss_coef,
         };
         let mut loss = 0.0;
+        let mut aux = Vec::new();
         for (micro, (batch, rows)) in batches.iter().enumerate() {
             let mb = MicroBatch {
                 index: micro,
@@ -102,7 +112,7 @@ impl Trainer {
                 row_seeds: self.row_seeds(step, rows),
                 ..MicroBatch::single(step, denom, loss_scale)
             };
-            loss += forward_backward(
+            let part = forward_backward_parts(
                 &self.model,
                 &mut self.regs,
                 &self.trainable,
@@ -110,6 +120,8 @@ impl Trainer {
                 &mb,
                 opts,
             )?;
+            loss += part.loss;
+            aux.extend(part.router_aux_loss);
         }
         let (loss, stop) = self.all_reduce(loss, step)?;
         let whole_step = MicroBatch {
@@ -128,6 +140,8 @@ impl Trainer {
         let mut stats = self.update(step, loss, loss_scale)?;
         stats.tokens = tokens;
         stats.stop = stop;
+        stats.router_aux_loss =
+            (!aux.is_empty()).then(|| aux.iter().sum::<f64>() / aux.len() as f64);
         Ok(stats)
     }
 
@@ -190,6 +204,7 @@ impl Trainer {
             tokens: 0,
             skipped,
             stop: None,
+            router_aux_loss: None,
         };
         if !norm.is_finite() || !loss.is_finite() {
             self.zero_grads();
@@ -216,7 +231,8 @@ impl Trainer {
 
 /// Forward and backward of one micro-batch, accumulating into the adapters'
 /// `.grad` (times `mb.loss_scale`); returns its share of the step loss
-/// (cross-entropy summed over its label tokens, divided by `mb.denom`).
+/// (cross-entropy summed over its label tokens, divided by `mb.denom`, plus
+/// the router's load-balancing loss times its coefficient when asked).
 pub fn forward_backward(
     model: &LlamaForCausalLM,
     regs: &mut RegularizerStack,
@@ -225,6 +241,33 @@ pub fn forward_backward(
     mb: &MicroBatch,
     opts: StepOptions,
 ) -> Result<f64> {
+    forward_backward_parts(model, regs, trainable, batch, mb, opts).map(|l| l.loss)
+}
+
+/// What [`forward_backward_parts`] computed for one micro-batch.
+#[derive(Debug, Clone, Copy)]
+pub struct MicroBatchLoss {
+    /// Its share of the step loss, the load-balancing loss (times its
+    /// coefficient) included.
+    pub loss: f64,
+    /// The router's load-balancing loss (transformers' `aux_loss`), when it
+    /// was added.
+    pub router_aux_loss: Option<f64>,
+}
+
+/// [`forward_backward`], with the parts of the loss.
+///
+/// The load-balancing loss is added per micro-batch, as transformers' model
+/// adds it to each forward pass's loss and the Trainer backpropagates each:
+/// with gradient accumulation (and across ranks) its gradients add up.
+pub fn forward_backward_parts(
+    model: &LlamaForCausalLM,
+    regs: &mut RegularizerStack,
+    trainable: &[(String, Tensor)],
+    batch: &Batch,
+    mb: &MicroBatch,
+    opts: StepOptions,
+) -> Result<MicroBatchLoss> {
     let device = model.device();
     let ids = batch.input_ids.to_device(device);
     let labels = batch.labels.to_device(device);
@@ -248,19 +291,49 @@ pub fn forward_backward(
     // Forward (with checkpointing, only the layers' inputs are kept), then the
     // cross-entropy in chunks, each backpropagated at once.
     let out = model.decode(&input, None, &mut hooks, opts.gradient_checkpointing);
-    let ce_sum = chunked_cross_entropy(
+    let balance = opts
+        .router_aux_loss_coef
+        .zip(model.config.moe.as_ref())
+        .and_then(|(coef, moe)| {
+            let lb = LoadBalancing::new(&out.router_logits, &mask, moe.num_experts_per_tok as i64)?;
+            Some((coef, lb))
+        });
+    let router_term = |logits: &Tensor| match &balance {
+        Some((coef, lb)) => lb.layer_term(logits) * (coef * mb.loss_scale),
+        None => Tensor::zeros([], (Kind::Float, device)),
+    };
+    // Without checkpointing the router logits still hold their graph: the
+    // load-balancing loss goes backward with the cross-entropy, in one pass.
+    let also = match (&balance, &out.recompute) {
+        (Some(_), None) => out
+            .router_logits
+            .iter()
+            .map(router_term)
+            .reduce(|a, b| a + b),
+        _ => None,
+    };
+    let ce_sum = chunked_cross_entropy_with(
         model,
         &out.hidden,
         &labels,
         opts.loss_chunk_size,
         Some(mb.denom / mb.loss_scale),
+        also,
     )?;
     // With checkpointing, the gradient stopped at the last layer's output:
-    // rebuild each layer and backpropagate through it.
+    // rebuild each layer and backpropagate through it (and through its
+    // share of the load-balancing loss, whose counts the forward pass fixed).
     if let Some(r) = out.recompute {
-        r.backward(model, &mut hooks);
+        let router_loss: Option<&dyn Fn(&Tensor) -> Tensor> =
+            balance.as_ref().map(|_| &router_term as _);
+        r.backward(model, &mut hooks, router_loss);
     }
-    Ok(ce_sum / mb.denom)
+    let router_aux_loss = balance.as_ref().map(|(_, lb)| lb.value());
+    let weighted = balance.as_ref().map_or(0.0, |(coef, lb)| coef * lb.value());
+    Ok(MicroBatchLoss {
+        loss: ce_sum / mb.denom + weighted,
+        router_aux_loss,
+    })
 }
 
 /// Runs the loss-point regularizers once for the whole step: they receive

@@ -20,6 +20,7 @@ const TAGS: &[(&str, &str)] = &[
     ("epoch", "train/epoch"),
     ("tokens_per_second", "train/tokens_per_second"),
     ("loss_scale", "train/loss_scale"),
+    ("router_aux_loss", "train/aux_loss"),
     ("eval_loss", "eval/loss"),
 ];
 

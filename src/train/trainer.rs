@@ -52,6 +52,8 @@ pub struct Trainer {
     pub all_reduce_seconds: f64,
     /// Time spent waiting for the slowest rank before it.
     pub wait_seconds: f64,
+    /// The weight of the router's load-balancing loss, when it is added.
+    pub router_aux_loss_coef: Option<f64>,
 }
 
 impl Trainer {
@@ -72,7 +74,7 @@ impl Trainer {
         let (device, kind) = (place.device, place.kind);
         let model_dir = cfg.model.clone().expect("resolved by claim_and_join");
         let quantize = cfg.quantization(kind, device);
-        refuse_router_aux_loss(&model_dir)?;
+        let router_aux_loss_coef = router_aux_loss_coef(&cfg, &model_dir)?;
         let base = Pretrained::load_quantized(&model_dir, kind, device, quantize.as_ref())?;
         let (train, eval, pad_id) = load_data(&cfg, &base)?;
         let mut model = base.model;
@@ -127,6 +129,7 @@ impl Trainer {
             group,
             all_reduce_seconds: 0.0,
             wait_seconds: 0.0,
+            router_aux_loss_coef,
             cfg,
             model,
             adapter,
@@ -422,19 +425,35 @@ fn join_process_group(
     Ok(group)
 }
 
-/// transformers adds the router's load-balancing loss in training when a
-/// mixture-of-experts config sets `output_router_logits`; peft-rs does not
-/// compute it yet, and says so instead of training to another loss.
-fn refuse_router_aux_loss(model_dir: &Path) -> Result<()> {
+/// The weight of the router's load-balancing loss, when training adds it:
+/// as transformers, when a mixture of experts' `output_router_logits` is
+/// true (config.json's, or the flag's), times `router_aux_loss_coef`.
+/// Either flag on a dense model, or a coefficient with the loss off, is
+/// refused by name rather than ignored.
+fn router_aux_loss_coef(cfg: &TrainConfig, model_dir: &Path) -> Result<Option<f64>> {
     let config = crate::models::read_config(model_dir)?;
-    if let Some(moe) = config.moe.filter(|m| m.output_router_logits) {
-        bail!(
-            "{}: field `output_router_logits` is true: transformers adds the router's load-balancing \
-             loss (× router_aux_loss_coef {}) to the training loss, which peft-rs does not compute yet; \
-             set it to false to train on the language-model loss alone",
-            model_dir.join("config.json").display(),
-            moe.router_aux_loss_coef
-        );
+    let Some(moe) = config.moe else {
+        if cfg.output_router_logits.is_some() || cfg.router_aux_loss_coef.is_some() {
+            bail!(
+                "--output-router-logits / --router-aux-loss-coef: {} is not a mixture of experts \
+                 (no router to balance); leave them out",
+                model_dir.display()
+            );
+        }
+        return Ok(None);
+    };
+    let on = cfg.output_router_logits.unwrap_or(moe.output_router_logits);
+    let coef = cfg.router_aux_loss_coef.unwrap_or(moe.router_aux_loss_coef);
+    if !coef.is_finite() || coef < 0.0 {
+        bail!("--router-aux-loss-coef {coef}: expected a finite number >= 0");
     }
-    Ok(())
+    match (on, cfg.router_aux_loss_coef) {
+        (true, _) => Ok(Some(coef)),
+        (false, Some(c)) => bail!(
+            "--router-aux-loss-coef {c} is set but the load-balancing loss is off \
+             (`output_router_logits` is false in {}); add --output-router-logits",
+            model_dir.join("config.json").display()
+        ),
+        (false, None) => Ok(None),
+    }
 }

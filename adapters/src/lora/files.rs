@@ -296,7 +296,7 @@ pub type CheckedAdapter = (
 pub fn read_checked_with_params(
     dir: &Path,
     modules: &[(String, i64, i64)],
-    params: &[(String, Vec<i64>)],
+    params: &[super::param::ParamShape],
     output_head: &str,
     tied_head: bool,
     device: Device,
@@ -314,13 +314,13 @@ pub fn read_checked_with_params(
             config_file.display()
         );
     }
-    let chosen_params: Vec<&(String, Vec<i64>)> = params
+    let chosen_params: Vec<&super::param::ParamShape> = params
         .iter()
-        .filter(|(p, _)| super::param::targeted(&config.target_parameters, p))
+        .filter(|p| super::param::targeted(&config.target_parameters, &p.path))
         .collect();
     if !config.target_parameters.is_empty() && chosen_params.is_empty() {
         bail!(
-            "{}: `target_parameters` {:?} match no parameter of this base model (peft-rs adapts the experts and router of Qwen3-MoE and Mixtral models this way)",
+            "{}: `target_parameters` {:?} match no parameter of this base model (peft-rs adapts the experts and router of Qwen3-MoE, Mixtral and gpt-oss models this way)",
             config_file.display(),
             config.target_parameters
         );
@@ -328,7 +328,7 @@ pub fn read_checked_with_params(
     let stems = super::param::key_stems(
         &chosen_params
             .iter()
-            .map(|(p, _)| p.as_str())
+            .map(|p| p.path.as_str())
             .collect::<Vec<_>>(),
     );
     let mut tensors = read_weights(dir)?;
@@ -337,9 +337,9 @@ pub fn read_checked_with_params(
         .filter(|(p, _, _)| chosen.contains(&p.as_str()))
         .flat_map(|(p, i, o)| expected_tensors(&config, p, *i, *o))
         .collect();
-    for ((path, shape), stem) in chosen_params.iter().zip(&stems) {
-        let (r, _) = config.rank_and_alpha(path);
-        let (a, b) = super::param::factor_shapes(shape, r as i64)?;
+    for (param, stem) in chosen_params.iter().zip(&stems) {
+        let (r, _) = config.rank_and_alpha(&param.path);
+        let (a, b) = param.factor_shapes(r as i64)?;
         expected.push((key(stem, "lora_A.weight"), a.to_vec()));
         expected.push((key(stem, "lora_B.weight"), b.to_vec()));
     }
@@ -355,7 +355,8 @@ pub fn read_checked_with_params(
         out.push((path.clone(), w));
     }
     let mut param_out = Vec::with_capacity(chosen_params.len());
-    for ((path, shape), stem) in chosen_params.into_iter().zip(&stems) {
+    for (param, stem) in chosen_params.into_iter().zip(&stems) {
+        let path = &param.path;
         let mut take = |suffix: &str| -> Result<Tensor> {
             let k = key(stem, suffix);
             let t = tensors
@@ -372,7 +373,7 @@ pub fn read_checked_with_params(
                 .set_requires_grad(true))
         };
         let (r, alpha) = config.rank_and_alpha(path);
-        let (experts, _, _) = super::param::param_dims(shape)?;
+        let (experts, _, _) = param.dims()?;
         param_out.push((
             path.clone(),
             super::param::ParamLora {
@@ -380,6 +381,7 @@ pub fn read_checked_with_params(
                 b: take("lora_B.weight")?,
                 scaling: config.scaling(r, alpha),
                 experts,
+                transposed: param.transposed,
                 merged: false,
                 name: String::new(),
                 active: true,

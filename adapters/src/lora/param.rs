@@ -8,7 +8,9 @@
 //! transformers' experts are not `is_transposed`, swaps the two: `lora_A` is
 //! `[r·E, d2]` and `lora_B` `[d1, r·E]`. Expert `e`'s factors are rows
 //! `e·r .. e·r + r` of A and, of B seen as `[d1, r, E]`, the slice `[:, :, e]`;
-//! ΔW = scaling · `einsum("o r e, e r i -> e o i")`. A 2D parameter is
+//! ΔW = scaling · `einsum("o r e, e r i -> e o i")`. Experts stored
+//! `[E, in, out]` (gpt-oss's, `is_transposed` in transformers) are read
+//! as they are, and their ΔW is `[E, in, out]` too. A 2D parameter is
 //! plain LoRA. PEFT refuses dropout, DoRA and a LoRA bias on these.
 
 use anyhow::{bail, Result};
@@ -24,6 +26,8 @@ pub struct ParamLora {
     pub scaling: f64,
     /// Experts stacked in the parameter (1 for a 2D parameter).
     pub experts: i64,
+    /// Whether the parameter is stored `[experts, in, out]` (gpt-oss).
+    pub transposed: bool,
     /// Whether ΔW is folded into the parameter (the forward then skips it).
     pub merged: bool,
     /// The adapter's name (`default`).
@@ -32,37 +36,52 @@ pub struct ParamLora {
     pub active: bool,
 }
 
-/// `(experts, in, out)` of a parameter of `shape` as PEFT's `ParamWrapper`
-/// reads it (see the module documentation).
-pub fn param_dims(shape: &[i64]) -> Result<(i64, i64, i64)> {
-    match *shape {
-        [out, inp] => Ok((1, inp, out)),
-        [e, out, inp] => Ok((e, inp, out)),
-        _ => bail!("only 2D and 3D parameters take LoRA (found {shape:?})"),
+/// A parameter an adapter may target: its path, its stored shape, and
+/// whether a 3D one is stored `[experts, in, out]` (gpt-oss's experts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamShape {
+    /// The parameter's path (`model.layers.0.mlp.experts.gate_up_proj`).
+    pub path: String,
+    /// Its shape as stored.
+    pub shape: Vec<i64>,
+    /// `[experts, in, out]` rather than `[experts, out, in]`.
+    pub transposed: bool,
+}
+
+impl ParamShape {
+    /// `(experts, in, out)` as PEFT's `ParamWrapper` reads the parameter
+    /// (see the module documentation).
+    pub fn dims(&self) -> Result<(i64, i64, i64)> {
+        match (self.shape.as_slice(), self.transposed) {
+            (&[out, inp], false) => Ok((1, inp, out)),
+            (&[e, out, inp], false) => Ok((e, inp, out)),
+            (&[e, inp, out], true) => Ok((e, inp, out)),
+            (shape, _) => bail!("only 2D and 3D parameters take LoRA (found {shape:?})"),
+        }
+    }
+
+    /// The shapes of `lora_A` and `lora_B` at rank `r`.
+    pub fn factor_shapes(&self, r: i64) -> Result<([i64; 2], [i64; 2])> {
+        let (e, inp, out) = self.dims()?;
+        Ok(([r * e, inp], [out, r * e]))
     }
 }
 
-/// The shapes of `lora_A` and `lora_B` for a parameter of `shape` at rank `r`.
-pub fn factor_shapes(shape: &[i64], r: i64) -> Result<([i64; 2], [i64; 2])> {
-    let (e, inp, out) = param_dims(shape)?;
-    Ok(([r * e, inp], [out, r * e]))
-}
-
 impl ParamLora {
-    /// A fresh adapter for a parameter of `shape` held in `base_kind`, as
+    /// A fresh adapter for the parameter `param` held in `base_kind`, as
     /// PEFT's `ParamWrapper.update_layer` makes it: A kaiming-uniform (a = √5)
     /// over `[r·experts, in]`, i.e. U(−1/√in, 1/√in), B zero (`init_lora_weights`
     /// true), drawn on the CPU in fp32, rounded through the base's dtype (PEFT
     /// moves adapters to it) and placed on `device` in fp32.
     pub fn init(
-        shape: &[i64],
+        param: &ParamShape,
         base_kind: Kind,
         r: i64,
         scaling: f64,
         name: &str,
         device: tch::Device,
     ) -> Result<Self> {
-        let (experts, inp, out) = param_dims(shape)?;
+        let (experts, inp, out) = param.dims()?;
         let opts = (Kind::Float, tch::Device::Cpu);
         let bound = 1.0 / (inp as f64).sqrt();
         let a = Tensor::empty([r * experts, inp], opts).uniform_(-bound, bound);
@@ -78,6 +97,7 @@ impl ParamLora {
             b: place(b),
             scaling,
             experts,
+            transposed: param.transposed,
             merged: false,
             name: name.to_owned(),
             active: true,
@@ -125,7 +145,8 @@ impl ParamLora {
         }
     }
 
-    /// ΔW in fp32, shaped as the parameter: `[out, in]`, or `[E, out, in]`.
+    /// ΔW in fp32, shaped as the parameter: `[out, in]`, `[E, out, in]`, or
+    /// `[E, in, out]` when the parameter is stored transposed.
     pub fn delta(&self) -> Tensor {
         let (a, b) = (self.a.to_kind(Kind::Float), self.b.to_kind(Kind::Float));
         if self.experts == 1 {
@@ -134,7 +155,12 @@ impl ParamLora {
         let (r, out, inp) = (self.rank(), b.size()[0], a.size()[1]);
         let a = a.reshape([self.experts, r, inp]);
         let b = b.reshape([out, r, self.experts]).permute([2, 0, 1]);
-        b.matmul(&a) * self.scaling
+        let delta = b.matmul(&a) * self.scaling;
+        if self.transposed {
+            delta.transpose(1, 2)
+        } else {
+            delta
+        }
     }
 }
 
@@ -203,6 +229,7 @@ mod tests {
             b: Tensor::randn([out, r * e], opts),
             scaling: 0.5,
             experts: e,
+            transposed: false,
             merged: false,
             name: "default".into(),
             active: true,
@@ -217,6 +244,22 @@ mod tests {
             let thin = l.forward(k, &x);
             assert!((thin - x.matmul(&want.tr())).abs().max().double_value(&[]) < 1e-5);
         }
+        // Stored [E, in, out] (gpt-oss): the same factors, ΔW laid out as the parameter.
+        let t = ParamLora {
+            a: l.a.shallow_clone(),
+            b: l.b.shallow_clone(),
+            transposed: true,
+            name: "t".into(),
+            ..l
+        };
+        assert_eq!(t.delta().size(), vec![e, inp, out]);
+        assert_eq!(
+            (t.delta() - delta.transpose(1, 2))
+                .abs()
+                .max()
+                .double_value(&[]),
+            0.0
+        );
         assert!(targeted(
             &["gate_up_proj".into()],
             "m.l.0.mlp.experts.gate_up_proj"
