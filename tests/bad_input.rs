@@ -91,11 +91,11 @@ fn config_fields_that_change_the_math_are_refused_by_name() {
     type Edit = fn(&mut serde_json::Value);
     let cases: [(Edit, &[&str]); 8] = [
         (
-            |c| c["rope_parameters"]["rope_type"] = "yarn".into(),
+            |c| c["rope_parameters"]["rope_type"] = "dynamic".into(),
             &[
                 "rope_parameters.rope_type",
-                "yarn",
-                "supported: default, linear, llama3",
+                "dynamic",
+                "supported: default, linear, llama3, yarn",
             ],
         ),
         (
