@@ -732,6 +732,34 @@ fn moe_models_train_and_refuse_what_they_would_do_differently() {
     );
     let metrics = std::fs::read_to_string(tmp.path().join("gpt_oss/metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"router_aux_loss\""), "{metrics}");
+    // Its router and experts by name (--target-parameters), as PEFT's gpt-oss example.
+    let named = "mlp.router.weight,mlp.experts.gate_up_proj,mlp.experts.down_proj";
+    let experts = Cmd::new("train --device cpu --dtype fp32 --batch-size 4 --max-seq-len 48 --lora-rank 4 --max-steps 2 --lora-dropout 0")
+        .path("--model", &model_dir("gpt_oss"))
+        .path("--data", &data)
+        .path("--output", &tmp.path().join("gpt_oss_experts"))
+        .args("--target-modules all-linear --target-parameters")
+        .arg(named)
+        .run();
+    assert!(
+        experts.status.success(),
+        "{}",
+        String::from_utf8_lossy(&experts.stderr)
+    );
+    let saved: serde_json::Value =
+        common::read_json(&tmp.path().join("gpt_oss_experts/adapter_config.json"));
+    assert_eq!(
+        saved["target_parameters"],
+        serde_json::json!(named.split(',').collect::<Vec<_>>())
+    );
+    let keys = read(&tmp.path().join("gpt_oss_experts/adapter_model.safetensors"));
+    for k in [
+        "base_model.model.model.layers.2.mlp.experts.base_layer.lora_A.weight",
+        "base_model.model.model.layers.2.mlp.experts.lora_B.weight",
+        "base_model.model.model.layers.2.mlp.router.lora_A.weight",
+    ] {
+        assert!(keys.contains_key(k), "{k} missing: {:?}", keys.keys());
+    }
     // A coefficient with the loss off, or either flag on a dense model, is refused by name.
     let refuse = |model: &std::path::Path, out: &str, flags: &str, want: &str| {
         let r = Cmd::new("train --device cpu --dtype fp32 --batch-size 4 --max-seq-len 48 --lora-rank 4 --max-steps 1")

@@ -424,3 +424,73 @@ fn adapter_trained_on_4bit_base_loads_in_peft_on_4bit_and_full_bases() {
         assert!(d < LOGIT_TOL, "{name}: {d}");
     }
 }
+
+/// QLoRA on a mixture of experts as transformers + bitsandbytes + PEFT run
+/// it (`tests/fixtures/qlora_moe_reference.py`, the tiny Qwen3-MoE of
+/// `arch_reference.py`): `--quantize nf4` makes the linear layers 4-bit
+/// (attention, the dense layer's MLP) and keeps the router and the 3D
+/// experts dense, as bitsandbytes leaves what is not `nn.Linear`; the 4-bit
+/// model's logits, PEFT's all-linear adapter on it (attention, router,
+/// experts) and one step's gradients.
+#[test]
+fn moe_4bit_base_and_expert_adapters_match_bitsandbytes_and_peft() {
+    let moe = common::arch_reference().join("models/qwen3_moe");
+    let fx = common::fixture("qlora_moe_reference.py", &[], &[&moe]);
+    let batch = fx.join("batch.safetensors");
+    let ids = read(&batch)["input_ids"].shallow_clone();
+    let load = || models::load_quantized(&moe, Kind::Float, Device::Cpu, Some(&nf4_dq())).unwrap();
+    let model = load();
+    // Exactly the linear modules are 4-bit: every one but lm_head.
+    let linear: i64 = model
+        .config
+        .linear_modules()
+        .iter()
+        .filter(|(p, _, _)| p != models::OUTPUT_HEAD)
+        .map(|(_, i, o)| i * o)
+        .sum();
+    assert_eq!(model.frozen_bytes().2, linear, "quantized parameters");
+    let (d, scale) = diff(
+        &tch::no_grad(|| model.forward(&ids)),
+        &read(&fx.join("logits.safetensors"))["logits"],
+    );
+    eprintln!("qwen3_moe nf4_dq: max |logit diff| {d:.3e} (max |logit| {scale:.2})");
+    assert!(d < LOGIT_TOL, "{d}");
+
+    let dir = fx.join("experts");
+    let mut model = load();
+    peft_model::load_adapter(&mut model, &dir.join("adapter"), DEFAULT_ADAPTER).unwrap();
+    let (d, _) = diff(
+        &tch::no_grad(|| model.forward(&ids)),
+        &read(&dir.join("logits.safetensors"))["logits"],
+    );
+    eprintln!(
+        "qwen3_moe nf4_dq with PEFT's all-linear adapter (attention, router, experts): {d:.3e}"
+    );
+    assert!(d < LOGIT_TOL, "adapter: {d}");
+    let opts = StepOptions {
+        gradient_checkpointing: false,
+        loss_chunk_size: 7,
+        router_aux_loss_coef: None,
+    };
+    let (ours, loss) =
+        common::one_step_grads(&mut model, &batch, opts, &mut RegularizerStack::new());
+    let theirs = read(&dir.join("grads.safetensors"));
+    let ref_loss = ref_loss(&dir);
+    assert!(
+        (loss - ref_loss).abs() < 1e-5 * ref_loss.abs(),
+        "loss {loss} vs {ref_loss}"
+    );
+    assert_eq!(ours.len(), theirs.len());
+    assert!(
+        theirs.keys().any(|k| k.contains("mlp.experts.")),
+        "experts adapted"
+    );
+    let mut worst: f64 = 0.0;
+    for (k, g) in &theirs {
+        let (d, scale) = diff(&ours[k], g);
+        assert!(scale > 0.0, "{k} has zero reference gradient");
+        worst = worst.max(d / scale);
+    }
+    eprintln!("qwen3_moe nf4_dq all-linear: loss {loss:.6} (PEFT {ref_loss:.6}), worst relative gradient error {worst:.2e}");
+    assert!(worst < 1e-3, "{worst}");
+}

@@ -199,8 +199,15 @@ pub struct LoraConfig {
     /// Parameters adapted directly rather than through a linear module
     /// (PEFT's `target_parameters`): a mixture of experts' 3D expert tensors
     /// (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) and its router
-    /// (`mlp.gate.weight`). See [`super::param`].
-    #[arg(skip)]
+    /// (`mlp.gate.weight`; gpt-oss's `mlp.router.weight`). See [`super::param`].
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "NAMES",
+        long_help = "Parameters adapted directly (PEFT's target_parameters), comma-separated: a mixture \
+of experts' mlp.experts.gate_up_proj, mlp.experts.down_proj and its router (mlp.gate.weight; \
+gpt-oss: mlp.router.weight), or one layer's (7.mlp.experts.gate_up_proj). Needs --lora-dropout 0."
+    )]
     pub target_parameters: Vec<String>,
     /// Per-module rank overrides: pattern (suffix regex) -> r.
     #[arg(skip)]
