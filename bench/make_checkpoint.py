@@ -9,7 +9,8 @@ meaningless, the shapes, bytes and layout are those of the real model.
 
 SHAPE: llama-3.2-1b, qwen3-1.7b, llama-2-7b, llama-3.1-8b, qwen3-moe-small
 (a small mixture of experts: 8 experts, top 2, hidden 512; stored with the
-experts fused, as transformers 5's state dict names them).
+experts fused, as transformers 5's state dict names them), gpt-oss-small (the
+same size in gpt-oss's layout).
 """
 import json
 import shutil
@@ -44,6 +45,13 @@ SHAPES = {
                             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768, norm_topk_prob=True,
                             tie_word_embeddings=True, max_position_embeddings=32768, rms_norm_eps=1e-6,
                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # gpt-oss's layout at the size of the small MoE above: attention sinks,
+    # sliding and full layers alternating (window 128), YaRN (the config's
+    # default), transposed experts with biases.
+    "gpt-oss-small": dict(model_type="gpt_oss", hidden_size=512, intermediate_size=768, num_hidden_layers=8,
+                          num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=49152,
+                          num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
+                          max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=128),
 }
 SHARD_BYTES = 5 * 10**9
 

@@ -17,8 +17,8 @@
 # baseline of a process that loaded libtorch (`peft-rs env`).
 #
 #   ./bench/sizes.sh [SHAPE...]      (default: llama-3.2-1b llama-3.1-8b)
-# SHAPE: llama-3.2-1b, qwen3-1.7b, llama-2-7b, llama-3.1-8b, qwen3-moe-small
-# (bench/make_checkpoint.py).
+# SHAPE: llama-3.2-1b, qwen3-1.7b, llama-2-7b, llama-3.1-8b, qwen3-moe-small,
+# gpt-oss-small (bench/make_checkpoint.py).
 # Environment: SIZES_TOKENS ("512 2048"), SIZES_STEPS (3), SIZES_CACHE (where
 # checkpoints are kept and reused: ~/.cache/peft-rs/bench-checkpoints; each
 # takes its bf16 size on disk: 2.5 GB for 1B, 13.5 GB for 7B, 16 GB for 8B,
@@ -26,7 +26,7 @@
 # checkpoint after use, SIZES_SKIP ("" or words: hf, qlora, merge, generate,
 # lora-bf16, no-ckpt) leaves parts out, SIZES_TARGETS (all-linear, or a
 # comma list such as q_proj,k_proj,v_proj,o_proj: the LoRA targets of both
-# stacks; a mixture of experts needs named targets).
+# stacks; all-linear on Qwen3-MoE adapts the router and experts too, as PEFT does).
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 shapes=${*:-llama-3.2-1b llama-3.1-8b}

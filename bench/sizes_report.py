@@ -16,6 +16,7 @@ them (bf16 base; h hidden, kv key/value width, i intermediate size):
     layer's activations during its recompute.
 """
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,13 +65,18 @@ for shape in shapes:
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv, vocab = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd, cfg["vocab_size"]
     r = 16
-    if cfg.get("num_experts"):
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    if experts:
         # A mixture of experts: the parameters a token passes through (its
-        # top-k experts and the router), and LoRA on attention only (both
-        # stacks' targets, SIZES_TARGETS).
-        i = cfg["num_experts_per_tok"] * cfg["moe_intermediate_size"]
-        linear = L * (h * q + 2 * h * kv + q * h + 3 * h * i + h * cfg["num_experts"]) + h * vocab
+        # top-k experts and the router). LoRA on attention, and with
+        # all-linear on Qwen3-MoE/Mixtral (as PEFT resolves it there) on the
+        # router and every expert too (gate_up_proj at rank 2r).
+        width = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+        i = cfg["num_experts_per_tok"] * width
+        linear = L * (h * q + 2 * h * kv + q * h + 3 * h * i + h * experts) + h * vocab
         lora = L * r * ((h + q) + 2 * (h + kv) + (q + h))
+        if os.environ.get("SIZES_TARGETS", "all-linear") == "all-linear" and cfg["model_type"] != "gpt_oss":
+            lora += L * r * ((h + experts) + 2 * experts * (h + 2 * width) + experts * (width + h))
     else:
         linear = L * (h * q + 2 * h * kv + q * h + 3 * h * i) + h * vocab  # incl. lm_head
         lora = L * r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))

@@ -117,24 +117,46 @@ impl Experts {
         if flat.numel() == 0 {
             return x.zeros_like();
         }
+        // One split (and each adapter's factors unbound once): slicing per
+        // expert would make autograd build a full-size gradient per expert.
+        let kind = x.kind();
+        let factors = |l: &Option<ParamLora>| {
+            l.as_ref()
+                .filter(|l| l.applies())
+                .map(|l| l.expert_factors(kind))
+        };
+        let (gate_up, down) = (factors(&self.gate_up_lora), factors(&self.down_lora));
         let mut outs = Vec::new();
-        let mut start = 0;
-        for (e, &n) in counts.iter().enumerate() {
-            if n == 0 {
+        for (e, part) in rows.split_with_sizes(&counts, 0).iter().enumerate() {
+            if counts[e] == 0 {
                 continue;
             }
-            outs.push(self.expert(e as i64, &rows.narrow(0, start, n)));
-            start += n;
+            let (gu, dn) = (
+                gate_up.as_ref().map(|f| &f[e]),
+                down.as_ref().map(|f| &f[e]),
+            );
+            outs.push(self.expert(e as i64, part, gu, dn));
         }
         let out = Tensor::cat(&outs, 0) * weights.unsqueeze(-1);
         x.zeros_like().index_add(0, &token, &out.to_kind(x.kind()))
     }
 
     /// Expert `e` on its rows: `down(act(gate(x), up(x)))`, each
-    /// projection with its LoRA (as PEFT applies it: W + ΔW) if it has one.
-    fn expert(&self, e: i64, x: &Tensor) -> Tensor {
+    /// projection with its LoRA (as PEFT applies it: W + ΔW) if it has one,
+    /// given as that expert's factors ([`ParamLora::expert_factors`]).
+    fn expert(
+        &self,
+        e: i64,
+        x: &Tensor,
+        gate_up: Option<&(Tensor, Tensor)>,
+        down: Option<&(Tensor, Tensor)>,
+    ) -> Tensor {
         let transposed = matches!(self.style, ExpertStyle::GptOss { .. });
-        let project = |w: &Tensor, b: &Option<Tensor>, lora: &Option<ParamLora>, x: &Tensor| {
+        let project = |w: &Tensor,
+                       b: &Option<Tensor>,
+                       lora: &Option<ParamLora>,
+                       factors: Option<&(Tensor, Tensor)>,
+                       x: &Tensor| {
             let w = w.get(e);
             let y = if transposed {
                 x.matmul(&w)
@@ -145,15 +167,16 @@ impl Experts {
                 Some(b) => y + b.get(e),
                 None => y,
             };
-            match lora.as_ref().filter(|l| l.applies()) {
-                Some(l) => y + l.forward(e, x),
-                None => y,
+            match (lora, factors) {
+                (Some(l), Some(f)) => y + l.forward_with(f, x),
+                _ => y,
             }
         };
         let gu = project(
             &self.gate_up_proj,
             &self.gate_up_proj_bias,
             &self.gate_up_lora,
+            gate_up,
             x,
         );
         let h = match self.style {
@@ -168,7 +191,13 @@ impl Experts {
                 (up + 1.0) * glu
             }
         };
-        project(&self.down_proj, &self.down_proj_bias, &self.down_lora, &h)
+        project(
+            &self.down_proj,
+            &self.down_proj_bias,
+            &self.down_lora,
+            down,
+            &h,
+        )
     }
 }
 
@@ -226,7 +255,7 @@ mod tests {
             for k in 0..2 {
                 let e = routing.experts.int64_value(&[t, k]);
                 let w = routing.weights.double_value(&[t, k]);
-                want += experts.expert(e, &row) * w;
+                want += experts.expert(e, &row, None, None) * w;
             }
             let d = (grouped.narrow(0, t, 1) - want)
                 .abs()

@@ -133,6 +133,29 @@ impl ParamLora {
             * self.scaling
     }
 
+    /// Every expert's `(A_e [r, in], B_e [out, r])` in `kind`, made once
+    /// per forward pass: `unbind` backpropagates into A and B in one step,
+    /// where indexing each expert's slice would build a full-size gradient
+    /// per expert.
+    pub fn expert_factors(&self, kind: Kind) -> Vec<(Tensor, Tensor)> {
+        let (r, out, inp) = (self.rank(), self.b.size()[0], self.a.size()[1]);
+        let a = self.a.to_kind(kind).view([self.experts, r, inp]).unbind(0);
+        let b = self
+            .b
+            .to_kind(kind)
+            .view([out, r, self.experts])
+            .permute([2, 0, 1])
+            .contiguous()
+            .unbind(0);
+        a.into_iter().zip(b).collect()
+    }
+
+    /// `scaling · x Aᵀ Bᵀ` with one expert's factors from
+    /// [`ParamLora::expert_factors`] (in `x`'s dtype).
+    pub fn forward_with(&self, (a, b): &(Tensor, Tensor), x: &Tensor) -> Tensor {
+        x.linear::<Tensor>(a, None).linear::<Tensor>(b, None) * self.scaling
+    }
+
     /// Expert `e`'s ΔW `[out, in]` in fp32 (rows `rows` = (start, count)
     /// of it when given: a per-expert checkpoint stores the gate and up
     /// halves of `gate_up_proj` as two tensors).
