@@ -117,69 +117,50 @@ impl Experts {
         if flat.numel() == 0 {
             return x.zeros_like();
         }
-        // One split (and each adapter's factors unbound once): slicing per
-        // expert would make autograd build a full-size gradient per expert.
-        let kind = x.kind();
-        let factors = |l: &Option<ParamLora>| {
-            l.as_ref()
-                .filter(|l| l.applies())
-                .map(|l| l.expert_factors(kind))
-        };
-        let (gate_up, down) = (factors(&self.gate_up_lora), factors(&self.down_lora));
-        let mut outs = Vec::new();
-        for (e, part) in rows.split_with_sizes(&counts, 0).iter().enumerate() {
-            if counts[e] == 0 {
-                continue;
-            }
-            let (gu, dn) = (
-                gate_up.as_ref().map(|f| &f[e]),
-                down.as_ref().map(|f| &f[e]),
-            );
-            outs.push(self.expert(e as i64, part, gu, dn));
-        }
-        let out = Tensor::cat(&outs, 0) * weights.unsqueeze(-1);
-        x.zeros_like().index_add(0, &token, &out.to_kind(x.kind()))
-    }
-
-    /// Expert `e` on its rows: `down(act(gate(x), up(x)))`, each
-    /// projection with its LoRA (as PEFT applies it: W + ΔW) if it has one,
-    /// given as that expert's factors ([`ParamLora::expert_factors`]).
-    fn expert(
-        &self,
-        e: i64,
-        x: &Tensor,
-        gate_up: Option<&(Tensor, Tensor)>,
-        down: Option<&(Tensor, Tensor)>,
-    ) -> Tensor {
-        let transposed = matches!(self.style, ExpertStyle::GptOss { .. });
-        let project = |w: &Tensor,
-                       b: &Option<Tensor>,
-                       lora: &Option<ParamLora>,
-                       factors: Option<&(Tensor, Tensor)>,
-                       x: &Tensor| {
-            let w = w.get(e);
-            let y = if transposed {
-                x.matmul(&w)
+        // Every expert's rows in one grouped matmul per product where
+        // libtorch can (see [`Groups::matmul`]); the rows are sorted by expert.
+        let groups = Groups::new(&counts, x.device());
+        let expert_of_row = flat.index_select(0, &order);
+        let project = |w: &Tensor, b: &Option<Tensor>, lora: &Option<ParamLora>, x: &Tensor| {
+            let w = if self.transposed() {
+                w.shallow_clone()
             } else {
-                x.linear::<Tensor>(&w, None)
+                w.transpose(1, 2)
             };
+            let y = groups.matmul(x, &w);
             let y = match b {
-                Some(b) => y + b.get(e),
+                Some(b) => y + b.index_select(0, &expert_of_row),
                 None => y,
             };
-            match (lora, factors) {
-                (Some(l), Some(f)) => y + l.forward_with(f, x),
-                _ => y,
+            match lora.as_ref().filter(|l| l.applies()) {
+                Some(l) => {
+                    let (a, b) = l.grouped_factors(x.kind());
+                    y + groups.matmul(&groups.matmul(x, &a), &b) * l.scaling
+                }
+                None => y,
             }
         };
         let gu = project(
             &self.gate_up_proj,
             &self.gate_up_proj_bias,
             &self.gate_up_lora,
-            gate_up,
-            x,
+            &rows,
         );
-        let h = match self.style {
+        let h = self.activation(&gu);
+        let out = project(&self.down_proj, &self.down_proj_bias, &self.down_lora, &h);
+        let out = out * weights.unsqueeze(-1);
+        x.zeros_like().index_add(0, &token, &out.to_kind(x.kind()))
+    }
+
+    /// Whether the experts are stored `[experts, in, out]` (gpt-oss).
+    fn transposed(&self) -> bool {
+        matches!(self.style, ExpertStyle::GptOss { .. })
+    }
+
+    /// The gated activation of `gate_up` rows: SiLU(gate) · up over the two
+    /// halves, or gpt-oss's clamped SwiGLU over interleaved columns.
+    fn activation(&self, gu: &Tensor) -> Tensor {
+        match self.style {
             ExpertStyle::SwiGlu => {
                 let half = gu.size()[1] / 2;
                 gu.narrow(1, 0, half).silu() * gu.narrow(1, half, half)
@@ -190,14 +171,79 @@ impl Experts {
                 let glu = &gate * (&gate * alpha).sigmoid();
                 (up + 1.0) * glu
             }
+        }
+    }
+
+    /// Expert `e` on its rows, one product at a time (`x Wᵀ` per
+    /// projection plus its LoRA's `s·x Aᵀ Bᵀ`): the reference the grouped
+    /// computation is tested against.
+    #[cfg(test)]
+    fn expert(&self, e: i64, x: &Tensor) -> Tensor {
+        let project = |w: &Tensor, b: &Option<Tensor>, lora: &Option<ParamLora>, x: &Tensor| {
+            let w = w.get(e);
+            let y = if self.transposed() {
+                x.matmul(&w)
+            } else {
+                x.linear::<Tensor>(&w, None)
+            };
+            let y = match b {
+                Some(b) => y + b.get(e),
+                None => y,
+            };
+            match lora.as_ref().filter(|l| l.applies()) {
+                Some(l) => y + l.forward(e, x),
+                None => y,
+            }
         };
-        project(
-            &self.down_proj,
-            &self.down_proj_bias,
-            &self.down_lora,
-            down,
-            &h,
-        )
+        let gu = project(
+            &self.gate_up_proj,
+            &self.gate_up_proj_bias,
+            &self.gate_up_lora,
+            x,
+        );
+        let h = self.activation(&gu);
+        project(&self.down_proj, &self.down_proj_bias, &self.down_lora, &h)
+    }
+}
+
+/// Rows sorted by expert, in groups of `counts`: what a grouped matmul needs.
+struct Groups<'a> {
+    counts: &'a [i64],
+    /// The end of each group (int32), as `_grouped_mm` takes them.
+    offs: Tensor,
+}
+
+impl<'a> Groups<'a> {
+    fn new(counts: &'a [i64], device: tch::Device) -> Self {
+        let offs = Tensor::from_slice(counts)
+            .cumsum(0, Kind::Int)
+            .to_device(device);
+        Self { counts, offs }
+    }
+
+    /// Each group's rows of `x` `[rows, k]` times its expert's matrix of
+    /// `w` `[experts, k, n]`: libtorch's `_grouped_mm` (one kernel for all
+    /// experts, as transformers' default experts implementation) where its
+    /// operands qualify (16-byte aligned strides), else one matmul per
+    /// expert (an adapter of rank 4 in bf16 has 8-byte rows).
+    fn matmul(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        let aligned = |t: &Tensor| {
+            let bytes = t.kind().elt_size_in_bytes() as i64;
+            let (size, stride) = (t.size(), t.stride());
+            let (m, n) = (size.len() - 2, size.len() - 1);
+            let one_unit = stride[m] == 1 || stride[n] == 1;
+            one_unit && stride.iter().all(|&st| st == 1 || (st * bytes) % 16 == 0)
+        };
+        if aligned(x) && aligned(w) {
+            return x.internal_grouped_mm(w, Some(&self.offs), None::<&Tensor>, None);
+        }
+        let parts: Vec<Tensor> = x
+            .split_with_sizes(self.counts, 0)
+            .iter()
+            .zip(w.unbind(0))
+            .map(|(rows, m)| rows.matmul(&m))
+            .collect();
+        Tensor::cat(&parts, 0)
     }
 }
 
@@ -245,27 +291,31 @@ mod tests {
     #[test]
     fn grouped_experts_equal_a_token_by_token_sum() {
         tch::manual_seed(3);
-        let (router, experts) = experts(5, 8, 6);
-        let x = Tensor::randn([13, 8], (Kind::Float, Device::Cpu));
-        let routing = router.forward(&x);
-        let grouped = experts.forward(&x, &routing);
-        for t in 0..13 {
-            let row = x.narrow(0, t, 1);
-            let mut want = row.zeros_like();
-            for k in 0..2 {
-                let e = routing.experts.int64_value(&[t, k]);
-                let w = routing.weights.double_value(&[t, k]);
-                want += experts.expert(e, &row, None, None) * w;
+        // Hidden 8 and width 6 in fp32 leave 24-byte rows (one matmul per
+        // expert); 16 and 8 qualify for libtorch's grouped matmul.
+        for (h, i) in [(8, 6), (16, 8)] {
+            let (router, experts) = experts(5, h, i);
+            let x = Tensor::randn([13, h], (Kind::Float, Device::Cpu));
+            let routing = router.forward(&x);
+            let grouped = experts.forward(&x, &routing);
+            for t in 0..13 {
+                let row = x.narrow(0, t, 1);
+                let mut want = row.zeros_like();
+                for k in 0..2 {
+                    let e = routing.experts.int64_value(&[t, k]);
+                    let w = routing.weights.double_value(&[t, k]);
+                    want += experts.expert(e, &row) * w;
+                }
+                let d = (grouped.narrow(0, t, 1) - want)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(d < 1e-5, "hidden {h}, token {t}: {d}");
             }
-            let d = (grouped.narrow(0, t, 1) - want)
-                .abs()
-                .max()
-                .double_value(&[]);
-            assert!(d < 1e-5, "token {t}: {d}");
+            // norm_topk_prob: each token's weights sum to 1.
+            let sums = routing.weights.sum_dim_intlist(-1, false, Kind::Float);
+            assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-6);
         }
-        // norm_topk_prob: each token's weights sum to 1.
-        let sums = routing.weights.sum_dim_intlist(-1, false, Kind::Float);
-        assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-6);
     }
 
     /// No rows (an empty batch) give no rows, not a panic.

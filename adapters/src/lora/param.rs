@@ -133,27 +133,24 @@ impl ParamLora {
             * self.scaling
     }
 
-    /// Every expert's `(A_e [r, in], B_e [out, r])` in `kind`, made once
-    /// per forward pass: `unbind` backpropagates into A and B in one step,
-    /// where indexing each expert's slice would build a full-size gradient
-    /// per expert.
-    pub fn expert_factors(&self, kind: Kind) -> Vec<(Tensor, Tensor)> {
+    /// The factors of every expert as grouped-matmul operands in `kind`:
+    /// `A` as `[experts, in, r]` and `B` as `[experts, r, out]`, so that
+    /// `x A_e` then `· B_e` is expert e's thin product (views of the
+    /// parameters: autograd flows back into A and B in one step).
+    pub fn grouped_factors(&self, kind: Kind) -> (Tensor, Tensor) {
         let (r, out, inp) = (self.rank(), self.b.size()[0], self.a.size()[1]);
-        let a = self.a.to_kind(kind).view([self.experts, r, inp]).unbind(0);
+        let a = self
+            .a
+            .to_kind(kind)
+            .view([self.experts, r, inp])
+            .transpose(1, 2);
         let b = self
             .b
             .to_kind(kind)
             .view([out, r, self.experts])
-            .permute([2, 0, 1])
-            .contiguous()
-            .unbind(0);
-        a.into_iter().zip(b).collect()
-    }
-
-    /// `scaling · x Aᵀ Bᵀ` with one expert's factors from
-    /// [`ParamLora::expert_factors`] (in `x`'s dtype).
-    pub fn forward_with(&self, (a, b): &(Tensor, Tensor), x: &Tensor) -> Tensor {
-        x.linear::<Tensor>(a, None).linear::<Tensor>(b, None) * self.scaling
+            .permute([2, 1, 0])
+            .contiguous();
+        (a, b)
     }
 
     /// Expert `e`'s ΔW `[out, in]` in fp32 (rows `rows` = (start, count)
