@@ -227,14 +227,8 @@ impl<'a> Groups<'a> {
     /// operands qualify (16-byte aligned strides), else one matmul per
     /// expert (an adapter of rank 4 in bf16 has 8-byte rows).
     fn matmul(&self, x: &Tensor, w: &Tensor) -> Tensor {
-        let aligned = |t: &Tensor| {
-            let bytes = t.kind().elt_size_in_bytes() as i64;
-            let (size, stride) = (t.size(), t.stride());
-            let (m, n) = (size.len() - 2, size.len() - 1);
-            let one_unit = stride[m] == 1 || stride[n] == 1;
-            one_unit && stride.iter().all(|&st| st == 1 || (st * bytes) % 16 == 0)
-        };
-        if aligned(x) && aligned(w) {
+        let bytes = x.kind().elt_size_in_bytes() as i64;
+        if grouped_kernel_fits(x.device(), bytes, &x.stride(), &w.stride()) {
             return x.internal_grouped_mm(w, Some(&self.offs), None::<&Tensor>, None);
         }
         let parts: Vec<Tensor> = x
@@ -245,6 +239,20 @@ impl<'a> Groups<'a> {
             .collect();
         Tensor::cat(&parts, 0)
     }
+}
+
+/// Whether libtorch's `_grouped_mm` takes operands of these strides (in
+/// elements of `bytes` bytes) on `device`: on the CPU, every stride 1 or a
+/// multiple of 16 bytes and one of the last two dimensions unit-strided.
+/// Its CUDA kernels want bf16 on recent GPUs only, so CUDA keeps one
+/// matmul per expert.
+fn grouped_kernel_fits(device: tch::Device, bytes: i64, x: &[i64], w: &[i64]) -> bool {
+    let fits = |stride: &[i64]| {
+        let n = stride.len();
+        (stride[n - 2] == 1 || stride[n - 1] == 1)
+            && stride.iter().all(|&st| st == 1 || (st * bytes) % 16 == 0)
+    };
+    device == tch::Device::Cpu && fits(x) && fits(w)
 }
 
 /// Runs a sparse MLP on `[batch, seq, hidden]`: its output, and the router
@@ -316,6 +324,19 @@ mod tests {
             let sums = routing.weights.sum_dim_intlist(-1, false, Kind::Float);
             assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-6);
         }
+    }
+
+    /// The grouped kernel: CPU operands with aligned rows only.
+    #[test]
+    fn grouped_kernel_only_where_it_takes_the_operands() {
+        let x = [512, 1]; // [rows, 512] contiguous
+        let w = [512 * 1536, 1, 512]; // [experts, 1536, 512] seen transposed
+        assert!(grouped_kernel_fits(Device::Cpu, 2, &x, &w));
+        assert!(!grouped_kernel_fits(Device::Cuda(0), 2, &x, &w));
+        // Rank 4 in bf16: 8-byte rows.
+        assert!(!grouped_kernel_fits(Device::Cpu, 2, &[4, 1], &w));
+        // Strided along both of the last dimensions.
+        assert!(!grouped_kernel_fits(Device::Cpu, 4, &x, &[96, 4, 32]));
     }
 
     /// No rows (an empty batch) give no rows, not a panic.
