@@ -237,20 +237,65 @@ fn serve_in_llama_cpp(base: &Path, adapter: &Path, answers: &Answers, tmp: &Path
     assert!(merged < LOGIT_TOLERANCE, "merged: {merged:.2e}");
 }
 
-/// A tiny model, with `adapter` or a random one made here. llama.cpp's
-/// llama, qwen2 and qwen3 attend over the whole context (the export warns
-/// about a sliding window), and the fixtures' Mistral and Qwen3 have a
-/// window of 5 tokens, so both sides run a copy without it.
-fn tiny_in_llama_cpp(src: &Path, adapter: Option<PathBuf>) {
-    let tmp = tempfile::tempdir().unwrap();
-    let base = common::copy_dir(src, &tmp.path().join("model"));
-    common::edit_json(&base.join("config.json"), |c| {
-        c["use_sliding_window"] = false.into();
-        c["sliding_window"] = Value::Null;
-        if let Some(types) = c["layer_types"].as_array_mut() {
-            types.iter_mut().for_each(|t| *t = "full_attention".into());
+/// A copy of the tiny model `src` in `dst` that llama.cpp computes as
+/// transformers does. llama.cpp's llama, qwen2, qwen3 and qwen3moe attend
+/// over the whole context (the export warns about a sliding window), and
+/// the fixtures' Mistral, Mixtral and Qwen3s have a window of 5 tokens, so
+/// the copy has none; gpt-oss keeps its sliding layers (llama.cpp's have
+/// them). What llama.cpp fixes and the fixtures vary (the export refuses
+/// it by name) is set to llama.cpp's: Qwen3-MoE's dense layer 1 becomes a
+/// sparse one (layer 0's router and experts, negated) with `norm_topk_prob`;
+/// gpt-oss gets `swiglu_limit` 7 and YaRN's default `truncate`.
+fn servable_copy(src: &Path, dst: &Path) -> PathBuf {
+    let base = common::copy_dir(src, dst);
+    let config = base.join("config.json");
+    let model_type = common::read_json::<Value>(&config)["model_type"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    common::edit_json(&config, |c| match model_type.as_str() {
+        "gpt_oss" => {
+            c["swiglu_limit"] = 7.0.into();
+            c["rope_parameters"]
+                .as_object_mut()
+                .unwrap()
+                .remove("truncate");
+        }
+        _ => {
+            c["use_sliding_window"] = false.into();
+            c["sliding_window"] = Value::Null;
+            if let Some(types) = c["layer_types"].as_array_mut() {
+                types.iter_mut().for_each(|t| *t = "full_attention".into());
+            }
+            if model_type == "qwen3_moe" {
+                c["mlp_only_layers"] = serde_json::json!([]);
+                c["norm_topk_prob"] = true.into();
+            }
         }
     });
+    if model_type == "qwen3_moe" {
+        let file = base.join("model.safetensors");
+        let tensors = Tensor::read_safetensors(&file).unwrap();
+        let mut out: Vec<(String, Tensor)> = tensors
+            .iter()
+            .filter(|(k, _)| !k.starts_with("model.layers.1.mlp."))
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
+            .collect();
+        for (k, t) in &tensors {
+            if k.starts_with("model.layers.0.mlp.") {
+                out.push((k.replace("layers.0.", "layers.1."), -t));
+            }
+        }
+        Tensor::write_safetensors(&out, &file).unwrap();
+    }
+    base
+}
+
+/// A tiny model, with `adapter` or a random one made here, on the
+/// [`servable_copy`] of `src`.
+fn tiny_in_llama_cpp(src: &Path, adapter: Option<PathBuf>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = servable_copy(src, &tmp.path().join("model"));
     let model = match adapter {
         Some(a) => {
             let mut model = common::load(&base);
@@ -282,6 +327,23 @@ fn tiny_qwen3_ggufs_answer_as_peft_rs_in_llama_cpp() {
         &arch_reference().join("models/qwen3"),
         Some(arch_reference().join("qwen3/lora/adapter")),
     );
+}
+
+#[test]
+fn tiny_moe_ggufs_with_expert_adapters_answer_as_peft_rs_in_llama_cpp() {
+    // Experts, routers and attention adapted: PEFT-made adapters
+    // (`target_parameters`) for Mixtral and gpt-oss (sinks, sliding layers,
+    // YaRN, biases, transposed interleaved experts), and peft-rs's
+    // all-linear (experts and router included, as PEFT's) for Qwen3-MoE.
+    tiny_in_llama_cpp(
+        &arch_reference().join("models/mixtral"),
+        Some(arch_reference().join("mixtral/experts/adapter")),
+    );
+    tiny_in_llama_cpp(
+        &arch_reference().join("models/gpt_oss"),
+        Some(arch_reference().join("gpt_oss/experts/adapter")),
+    );
+    tiny_in_llama_cpp(&arch_reference().join("models/qwen3_moe"), None);
 }
 
 #[test]
@@ -368,9 +430,13 @@ fn json_file(dir: &Path, name: &str, value: &Value) -> PathBuf {
 
 #[test]
 fn ggufs_equal_what_llama_cpp_converters_write() {
-    // Models and adapters; for Phi-3 (fused qkv_proj and gate_up_proj),
-    // Gemma 3 (text and multimodal layouts) and the mixtures of experts
-    // (attention adapters), adapters.
+    // Models and adapters; for Phi-3 (fused qkv_proj and gate_up_proj) and
+    // Gemma 3 (text and multimodal layouts), adapters. The mixtures of
+    // experts' models are their servable copies (see `servable_copy`: the
+    // Hub's per-expert layout for Qwen3-MoE and Mixtral, gpt-oss's fused
+    // and transposed one); their adapters (attention) are the fixtures'.
+    // llama.cpp's converters take no adapter on experts (`target_parameters`);
+    // the llama.cpp test above checks ours.
     let models = [
         ("llama32", true),
         ("qwen3", true),
@@ -378,8 +444,9 @@ fn ggufs_equal_what_llama_cpp_converters_write() {
         ("phi3_longrope", false),
         ("gemma3", false),
         ("gemma3_mm", false),
-        ("qwen3_moe", false),
-        ("mixtral", false),
+        ("qwen3_moe", true),
+        ("mixtral", true),
+        ("gpt_oss", true),
     ];
     // (model, kind, outtype): an adapter GGUF ("lora") or the model's ("model").
     let mut cases: Vec<(&str, &str, &str)> = Vec::new();
@@ -395,6 +462,16 @@ fn ggufs_equal_what_llama_cpp_converters_write() {
     }
     let conv = converters();
     let tmp = tempfile::tempdir().unwrap();
+    for name in ["qwen3_moe", "mixtral", "gpt_oss"] {
+        servable_copy(
+            &arch_reference().join("models").join(name),
+            &tmp.path().join("servable").join(name),
+        );
+    }
+    let model = |name: &str| match tmp.path().join("servable").join(name) {
+        copy if copy.exists() => copy,
+        _ => arch_reference().join("models").join(name),
+    };
     let base = |name: &str| arch_reference().join("models").join(name);
     let adapter = |name: &str| arch_reference().join(name).join("lora/adapter");
     let path = |who: &str, (name, kind, t): (&str, &str, &str)| {
@@ -414,7 +491,7 @@ fn ggufs_equal_what_llama_cpp_converters_write() {
                 }),
                 _ => serde_json::json!({
                     "script": "convert_hf_to_gguf.py",
-                    "args": [s(&base(name)), "--outfile", s(&theirs), "--outtype", t],
+                    "args": [s(&model(name)), "--outfile", s(&theirs), "--outtype", t],
                 }),
             }
         })
@@ -424,7 +501,12 @@ fn ggufs_equal_what_llama_cpp_converters_write() {
         let converting = scope.spawn(|| fixture(&["convert-batch", s(&conv), s(&jobs)]));
         for &c in &cases {
             let (name, kind, t) = c;
-            let (b, a, ours) = (base(name), adapter(name), path("ours", c));
+            let (a, ours) = (adapter(name), path("ours", c));
+            let b = if kind == "lora" {
+                base(name)
+            } else {
+                model(name)
+            };
             let mut args = vec!["--model", s(&b)];
             if kind == "lora" {
                 args.extend(["--adapter", s(&a), "--adapter-only"]);
@@ -525,6 +607,45 @@ fn export_refuses_what_llama_cpp_cannot_serve_by_name() {
         ]),
         &["phi3", "convert_hf_to_gguf.py"],
     );
+    // Mixtures of experts that llama.cpp's graphs would compute otherwise:
+    // a dense layer in Qwen3-MoE, top-k weights not renormalized, gpt-oss's
+    // SwiGLU with other constants. Their adapters are written, with the
+    // same lines as warnings.
+    common::assert_user_error(
+        &run(&[
+            "--model",
+            s(&fx.join("models/qwen3_moe")),
+            "--output",
+            s(&tmp.path().join("q.gguf")),
+        ]),
+        &["layers [1] are dense", "mlp_only_layers", "qwen3_moe"],
+    );
+    common::assert_user_error(
+        &run(&[
+            "--model",
+            s(&fx.join("models/gpt_oss")),
+            "--output",
+            s(&tmp.path().join("g.gguf")),
+        ]),
+        &["swiglu_limit", "7.0"],
+    );
+    let warned = run(&[
+        "--model",
+        s(&fx.join("models/qwen3_moe")),
+        "--adapter",
+        s(&fx.join("qwen3_moe/experts/adapter")),
+        "--adapter-only",
+        "--output",
+        s(&tmp.path().join("q-lora.gguf")),
+    ]);
+    common::assert_ok(&warned);
+    for line in ["are dense", "`norm_topk_prob` is false"] {
+        assert!(
+            common::stderr(&warned).contains(line),
+            "{}",
+            common::stderr(&warned)
+        );
+    }
     // A sliding window llama.cpp does not apply is said, not hidden.
     let out2 = common::peft_rs(&[
         "export",

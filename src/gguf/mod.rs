@@ -7,6 +7,7 @@
 //! tests check both against them and against llama.cpp's answers. Tensors
 //! are read, merged, converted and written one at a time.
 
+mod experts;
 pub mod file;
 mod vocab;
 
@@ -20,6 +21,7 @@ use tch::{Device, Kind, Tensor};
 use crate::models::{self, LlamaConfig, OUTPUT_HEAD};
 use crate::weights::WeightFiles;
 pub use file::{TensorEntry, TensorType, Value};
+use peft_adapters::lora::param::ParamLora;
 use peft_adapters::lora::{files, LoraLayer, LoraWeights};
 use peft_adapters::LinearAdapter;
 
@@ -69,30 +71,36 @@ struct Arch {
 }
 
 /// llama.cpp's architecture for `config`. Adapters need only tensor names,
-/// so Phi-3, Gemma 3, Qwen3-MoE and Mixtral adapters are written; their
-/// models (Gemma 3's shifted norms and local RoPE, Phi-3's LongRoPE factors
-/// and SentencePiece vocabularies, the experts) not yet.
+/// so Phi-3 and Gemma 3 adapters are written; their models (Gemma 3's
+/// shifted norms and local RoPE, Phi-3's LongRoPE factors and SentencePiece
+/// vocabularies) not yet.
 fn arch_of(config: &LlamaConfig, dir: &Path, adapter_only: bool) -> Result<Arch> {
+    let arch = |name, permute_qk| Arch { name, permute_qk };
     Ok(match config.model_type.as_str() {
-        "llama" | "mistral" => Arch { name: "llama", permute_qk: true },
-        "qwen2" => Arch { name: "qwen2", permute_qk: false },
-        "qwen3" => Arch { name: "qwen3", permute_qk: false },
-        "phi3" if adapter_only => Arch { name: "phi3", permute_qk: false },
-        "gemma3" | "gemma3_text" if adapter_only => Arch { name: "gemma3", permute_qk: false },
+        "llama" | "mistral" => arch("llama", true),
         // llama.cpp's Mixtral is its `llama` with experts.
-        "mixtral" if adapter_only => Arch { name: "llama", permute_qk: true },
-        "qwen3_moe" if adapter_only => Arch { name: "qwen3moe", permute_qk: false },
+        "mixtral" => arch("llama", true),
+        "qwen2" => arch("qwen2", false),
+        "qwen3" => arch("qwen3", false),
+        "qwen3_moe" => arch("qwen3moe", false),
+        "gpt_oss" => arch("gpt-oss", false),
+        "phi3" if adapter_only => arch("phi3", false),
+        "gemma3" | "gemma3_text" if adapter_only => arch("gemma3", false),
         other => bail!(
-            "{}: model_type {other}: export gguf writes llama, mistral, qwen2 and qwen3 models (and phi3, gemma3, qwen3_moe and mixtral adapters with --adapter-only) so far; \
+            "{}: model_type {other}: export gguf writes llama, mistral, mixtral, qwen2, qwen3, qwen3_moe and gpt_oss models (and phi3 and gemma3 adapters with --adapter-only) so far; \
              for this model run `peft-rs merge` and llama.cpp's convert_hf_to_gguf.py on the merged folder",
             dir.join("config.json").display()
         ),
     })
 }
 
+/// The adapters' LoRA factors on parameters (`target_parameters`: experts
+/// and routers), per parameter path.
+type ParamDeltas = BTreeMap<String, ParamLora>;
+
 /// The GGUF name of the module path or tensor name `hf` (`.weight` and
 /// `.bias` kept); `None` for tensors llama.cpp does not read.
-fn gguf_name(config: &LlamaConfig, hf: &str) -> Result<Option<String>> {
+fn gguf_name(arch: &Arch, config: &LlamaConfig, hf: &str) -> Result<Option<String>> {
     let hf = config.module_name(hf);
     if hf.ends_with("rotary_emb.inv_freq") {
         return Ok(None);
@@ -123,7 +131,13 @@ fn gguf_name(config: &LlamaConfig, hf: &str) -> Result<Option<String>> {
     };
     let part = match rest {
         "input_layernorm" => "attn_norm",
+        // gpt-oss's norm before its experts, under llama.cpp's name for it.
+        "post_attention_layernorm" if arch.name == "gpt-oss" => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
+        // A bare parameter; llama.cpp's converter names it as a weight.
+        "self_attn.sinks" => return Ok(Some(format!("blk.{i}.attn_sinks.weight"))),
+        // The routers of Qwen3-MoE, Mixtral and gpt-oss.
+        "mlp.gate" | "block_sparse_moe.gate" | "mlp.router" => "ffn_gate_inp",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
@@ -140,12 +154,20 @@ fn gguf_name(config: &LlamaConfig, hf: &str) -> Result<Option<String>> {
     Ok(Some(format!("blk.{i}.{part}{suffix}")))
 }
 
-/// The storage type of a tensor of `shape` under `outtype`: 1-D tensors
-/// (norms, biases, RoPE factors) in f32; q8_0 falls back to f16 for rows
-/// that are not whole blocks, as llama.cpp's converter does.
-fn storage_type(shape: &[usize], outtype: TensorType) -> TensorType {
+/// The storage type of the tensor `name` of `shape` under `outtype`, as
+/// llama.cpp's converter chooses it: f32 for 1-D tensors (norms, biases,
+/// RoPE factors), norms, biases of any shape (gpt-oss's experts') and the
+/// routers (`ffn_gate_inp.weight`); q8_0 falls back to f16 for rows that
+/// are not whole blocks.
+fn storage_type(name: &str, shape: &[usize], outtype: TensorType) -> TensorType {
+    let kept_f32 = name.ends_with("_norm.weight")
+        || name.ends_with(".ffn_gate_inp.weight")
+        || ![".weight", ".lora_a", ".lora_b"]
+            .iter()
+            .any(|x| name.ends_with(x));
     match shape {
         [] | [_] => TensorType::F32,
+        _ if kept_f32 => TensorType::F32,
         [.., row] if !outtype.fits_row(*row) => TensorType::F16,
         _ => outtype,
     }
@@ -181,10 +203,16 @@ fn general(
     kv
 }
 
-/// The architecture's hyperparameters under `{arch}.*`.
-fn hparams(arch: &Arch, c: &LlamaConfig) -> Vec<(String, Value)> {
+/// The architecture's hyperparameters under `{arch}.*`; `raw` is
+/// config.json, for what the converter writes only when the file has it.
+fn hparams(
+    arch: &Arch,
+    c: &LlamaConfig,
+    raw: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<(String, Value)> {
     let a = arch.name;
     let u = |k: &str, v: usize| (format!("{a}.{k}"), Value::U32(v as u32));
+    let f = |k: &str, v: f64| (format!("{a}.{k}"), Value::F32(v as f32));
     let mut kv = vec![
         u("block_count", c.num_hidden_layers),
         u("context_length", c.max_position_embeddings.unwrap_or(2048)),
@@ -200,9 +228,25 @@ fn hparams(arch: &Arch, c: &LlamaConfig) -> Vec<(String, Value)> {
             format!("{a}.attention.layer_norm_rms_epsilon"),
             Value::F32(c.rms_norm_eps as f32),
         ),
-        u("attention.key_length", c.head_dim),
-        u("attention.value_length", c.head_dim),
     ];
+    if raw.get("head_dim").is_some_and(|h| !h.is_null()) {
+        kv.push(u("attention.key_length", c.head_dim));
+        kv.push(u("attention.value_length", c.head_dim));
+    }
+    if let Some(m) = &c.moe {
+        kv.push(u("expert_count", m.num_experts));
+        kv.push(u("expert_used_count", m.num_experts_per_tok));
+        // llama.cpp's `llama` (Mixtral) reads the experts' width from
+        // feed_forward_length.
+        if a != "llama" {
+            kv.push(u("expert_feed_forward_length", m.moe_intermediate_size));
+        }
+    }
+    if a == "gpt-oss" {
+        if let Some(w) = c.sliding_window.iter().flatten().min() {
+            kv.push(u("attention.sliding_window", *w));
+        }
+    }
     // llama.cpp's converter writes these for llama only (other
     // architectures take the vocabulary from the token list and the rotary
     // dimension from the head size).
@@ -210,15 +254,40 @@ fn hparams(arch: &Arch, c: &LlamaConfig) -> Vec<(String, Value)> {
         kv.push(u("vocab_size", c.vocab_size));
         kv.push(u("rope.dimension_count", c.rotary_dim));
     }
-    if let models::rope::RopeScaling::Linear { factor } = c.rope_scaling {
-        kv.push((
-            format!("{a}.rope.scaling.type"),
-            Value::Str("linear".into()),
-        ));
-        kv.push((
-            format!("{a}.rope.scaling.factor"),
-            Value::F32(factor as f32),
-        ));
+    let scaling_type = |t: &str| (format!("{a}.rope.scaling.type"), Value::Str(t.into()));
+    match c.rope_scaling {
+        models::rope::RopeScaling::Linear { factor } => {
+            kv.push(scaling_type("linear"));
+            kv.push(f("rope.scaling.factor", factor));
+        }
+        models::rope::RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            ..
+        } => {
+            kv.push(scaling_type("yarn"));
+            kv.push(f("rope.scaling.factor", factor));
+            kv.push(u(
+                "rope.scaling.original_context_length",
+                original_max_position_embeddings as usize,
+            ));
+            // The rest only where config.json sets it (llama.cpp's defaults
+            // are transformers').
+            let params = raw
+                .get("rope_parameters")
+                .or_else(|| raw.get("rope_scaling"));
+            for (key, gguf) in [
+                ("extrapolation_factor", "rope.scaling.yarn_ext_factor"),
+                ("attention_factor", "rope.scaling.yarn_attn_factor"),
+                ("beta_fast", "rope.scaling.yarn_beta_fast"),
+                ("beta_slow", "rope.scaling.yarn_beta_slow"),
+            ] {
+                if let Some(v) = params.and_then(|p| p.get(key)).and_then(|v| v.as_f64()) {
+                    kv.push(f(gguf, v));
+                }
+            }
+        }
+        _ => {}
     }
     kv
 }
@@ -226,10 +295,10 @@ fn hparams(arch: &Arch, c: &LlamaConfig) -> Vec<(String, Value)> {
 /// What llama.cpp does not do that the model does, as warnings.
 fn warnings(c: &LlamaConfig, arch: &Arch, dir: &Path) -> Vec<String> {
     let mut warnings = Vec::new();
-    // Gemma 3's local layers are llama.cpp's too.
+    // Gemma 3's and gpt-oss's local layers are llama.cpp's too.
     if let (Some(w), false) = (
         c.sliding_window.iter().flatten().min(),
-        arch.name == "gemma3",
+        ["gemma3", "gpt-oss"].contains(&arch.name),
     ) {
         warnings.push(format!(
             "{}: sliding_window {w}: llama.cpp's {} attends over the whole context, so answers differ once a sequence is longer than {w} tokens",
@@ -237,12 +306,60 @@ fn warnings(c: &LlamaConfig, arch: &Arch, dir: &Path) -> Vec<String> {
             arch.name
         ));
     }
+    if let models::rope::RopeScaling::Yarn {
+        truncate: false, ..
+    } = c.rope_scaling
+    {
+        warnings.push(format!(
+            "{}: YaRN with `truncate` false: llama.cpp rounds the correction range to whole dimensions (truncate true), so its rotations differ slightly from transformers'",
+            dir.join("config.json").display()
+        ));
+    }
     warnings
+}
+
+/// What llama.cpp's graph for a mixture of experts fixes that `c` sets
+/// otherwise, one line each: llama.cpp would compute another model.
+fn unservable_experts(c: &LlamaConfig, dir: &Path) -> Vec<String> {
+    let Some(m) = &c.moe else {
+        return Vec::new();
+    };
+    let config = dir.join("config.json");
+    let mut out = Vec::new();
+    let dense: Vec<usize> = (0..c.num_hidden_layers)
+        .filter(|&l| !c.is_sparse(l))
+        .collect();
+    if !dense.is_empty() {
+        out.push(format!(
+            "{}: layers {dense:?} are dense (`mlp_only_layers` / `decoder_sparse_step`); llama.cpp's {} has experts in every layer",
+            config.display(),
+            c.model_type
+        ));
+    }
+    if !m.norm_topk_prob {
+        out.push(format!(
+            "{}: `norm_topk_prob` is false; llama.cpp always renormalizes the top-k routing weights",
+            config.display()
+        ));
+    }
+    if let models::config::ExpertStyle::GptOss { alpha, limit } = m.style {
+        // llama.cpp's constants, as f32.
+        if alpha as f32 != 1.702 || limit as f32 != 7.0 {
+            out.push(format!(
+                "{}: `swiglu_alpha` {alpha}, `swiglu_limit` {limit}; llama.cpp's gpt-oss computes with 1.702 and 7.0",
+                config.display()
+            ));
+        }
+    }
+    out
 }
 
 /// Refuses a base model the export cannot write.
 fn refuse_model(c: &LlamaConfig, dir: &Path) -> Result<()> {
     let config = dir.join("config.json");
+    if let Some(first) = unservable_experts(c, dir).into_iter().next() {
+        bail!("{first}; export gguf does not write a model llama.cpp would compute differently");
+    }
     if matches!(c.rope_scaling, models::rope::RopeScaling::LongRope { .. }) {
         bail!(
             "{}: LongRoPE is not written by export gguf",
@@ -391,7 +508,7 @@ fn check_signals(output: &Path) -> Result<()> {
 fn export_adapter(opts: &ExportOptions, dir: &Path) -> Result<ExportReport> {
     let config = models::read_config(&opts.model)?;
     let arch = arch_of(&config, &opts.model, true)?;
-    let (lora, weights) = read_adapter(&config, dir)?;
+    let (lora, weights, params) = read_adapter(&config, dir)?;
     if lora.use_dora {
         bail!(
             "{}: use_dora is true; llama.cpp has no DoRA — merge it (`peft-rs export gguf --model ... --adapter {}` without --adapter-only) to serve it",
@@ -408,28 +525,49 @@ fn export_adapter(opts: &ExportOptions, dir: &Path) -> Result<ExportReport> {
         warnings: warnings(&config, &arch, &opts.model),
         seconds: 0.0,
     };
+    report
+        .warnings
+        .extend(unservable_experts(&config, &opts.model));
+    // What llama.cpp multiplies B by (alpha / r), against PEFT's scaling:
+    // the ratio is folded into B where they differ.
+    let mut fold = |scaling: f64, r: i64| {
+        let llama_scale = if alpha == 0.0 { 1.0 } else { alpha / r as f64 };
+        let ratio = scaling / llama_scale;
+        if (ratio - 1.0).abs() > 1e-12 {
+            report.folded_scalings += 1;
+            ratio
+        } else {
+            1.0
+        }
+    };
     let mut tensors = Vec::new();
     for (path, w) in weights {
-        let base = gguf_name(&config, &format!("{path}.weight"))?.context("adapter module")?;
-        let r = w.a.size()[0] as f64;
-        let llama_scale = if alpha == 0.0 { 1.0 } else { alpha / r };
-        let mut b = w.b.shallow_clone();
-        if (w.scaling / llama_scale - 1.0).abs() > 1e-12 {
-            b = &b * (w.scaling / llama_scale);
-            report.folded_scalings += 1;
-        }
+        let base =
+            gguf_name(&arch, &config, &format!("{path}.weight"))?.context("adapter module")?;
+        let mut b = &w.b * fold(w.scaling, w.a.size()[0]);
         if let Some(heads) = permuted_heads(&arch, &config, &base) {
             b = permute_rows(&b, heads);
         }
         tensors.push((format!("{base}.lora_a"), w.a));
         tensors.push((format!("{base}.lora_b"), b));
     }
+    for (path, l) in &params {
+        let ratio = fold(l.scaling, l.rank());
+        if l.experts == 1 {
+            // A router: plain LoRA on its 2D weight.
+            let base = gguf_name(&arch, &config, path)?.context("adapted parameter")?;
+            tensors.push((format!("{base}.lora_a"), l.a.shallow_clone()));
+            tensors.push((format!("{base}.lora_b"), &l.b * ratio));
+        } else {
+            tensors.extend(experts::lora_tensors(&config, path, l, ratio)?);
+        }
+    }
     let entries: Vec<TensorEntry> = tensors
         .iter()
         .map(|(name, t)| {
             let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
             TensorEntry {
-                ty: storage_type(&shape, opts.outtype),
+                ty: storage_type(name, &shape, opts.outtype),
                 name: name.clone(),
                 shape,
             }
@@ -456,21 +594,28 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
     let base = &opts.model;
     let files_in = WeightFiles::from_model_dir(base)?;
     let config = models::read_config(base)?.with_stored_names(|n| files_in.contains(n));
+    let raw = crate::config_json::RawConfig::read(base)?.json;
     let arch = arch_of(&config, base, false)?;
     refuse_model(&config, base)?;
     let warnings = warnings(&config, &arch, base);
-    let mut deltas = plan_deltas(&config, &opts.adapters)?;
-    // The plan: every tensor llama.cpp reads, in checkpoint order.
-    let mut plan: Vec<(String, String, Vec<usize>)> = Vec::new();
+    let (mut deltas, params) = plan_deltas(&config, &opts.adapters)?;
+    // The plan: every tensor llama.cpp reads, the experts by layer.
+    let mut plan: Vec<(Source, String, Vec<usize>)> = Vec::new();
     for name in files_in.names() {
         if config.tie_word_embeddings && config.module_name(name) == format!("{OUTPUT_HEAD}.weight")
         {
             continue;
         }
-        if let Some(g) = gguf_name(&config, name)? {
-            let (shape, _) = files_in.info(name).expect("listed");
-            plan.push((name.to_owned(), g, shape.to_vec()));
+        if experts::is_expert_tensor(&config, name) {
+            continue;
         }
+        if let Some(g) = gguf_name(&arch, &config, name)? {
+            let (shape, _) = files_in.info(name).expect("listed");
+            plan.push((Source::Stored(name.to_owned()), g, shape.to_vec()));
+        }
+    }
+    for (g, shape, part) in experts::tensors(&config) {
+        plan.push((Source::Experts(part), g, shape));
     }
     plan.sort_by_key(|(_, g, _)| gguf_order(g));
     let rope = rope_factors(&config);
@@ -479,7 +624,7 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
         .map(|(_, g, shape)| TensorEntry {
             name: g.clone(),
             shape: shape.clone(),
-            ty: storage_type(shape, opts.outtype),
+            ty: storage_type(g, shape, opts.outtype),
         })
         .collect();
     if let Some(f) = &rope {
@@ -493,7 +638,7 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
         );
     }
     let mut kv = general(&arch, "model", &display_name(base), Some(opts.outtype));
-    kv.extend(hparams(&arch, &config));
+    kv.extend(hparams(&arch, &config, &raw));
     kv.extend(vocab::metadata(base, config.vocab_size)?);
     let mut writer = file::GgufWriter::create(&opts.output, &kv, entries)?;
     let mut report = ExportReport {
@@ -508,21 +653,39 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
         writer.write("rope_freqs.weight", f)?;
         report.tensors += 1;
     }
+    let mut params_done = std::collections::BTreeSet::new();
     let bar = progress(opts.progress, plan.len());
-    for (name, g, shape) in &plan {
+    for (source, g, shape) in &plan {
         check_signals(&opts.output)?;
-        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        let mut t = files_in.load(name, &dims, Kind::Float, Device::Cpu)?;
-        // The copy is ours: the checkpoint's pages can go before it is converted.
-        files_in.release(name);
-        if let Some(w) = name
-            .strip_suffix(".weight")
-            .and_then(|m| deltas.remove(&config.module_name(m)))
-        {
-            LoraLayer::new("merge", w)
-                .merge(&mut t)
-                .with_context(|| name.clone())?;
-        }
+        let mut t = match source {
+            Source::Experts(part) => {
+                let t = experts::load(&files_in, &config, *part, &params)?;
+                params_done.extend(experts::parameter(&config, *part));
+                t
+            }
+            Source::Stored(name) => {
+                let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                let mut t = files_in.load(name, &dims, Kind::Float, Device::Cpu)?;
+                // The copy is ours: the checkpoint's pages can go before it is converted.
+                files_in.release(name);
+                if let Some(w) = name
+                    .strip_suffix(".weight")
+                    .and_then(|m| deltas.remove(&config.module_name(m)))
+                {
+                    LoraLayer::new("merge", w)
+                        .merge(&mut t)
+                        .with_context(|| name.clone())?;
+                }
+                // A router adapted as a parameter.
+                if let Some((p, _, _)) = config.parameter_part(name) {
+                    if let Some(l) = params.get(&p) {
+                        t += l.delta();
+                        params_done.insert(p);
+                    }
+                }
+                t
+            }
+        };
         if let Some(heads) = permuted_heads(&arch, &config, g) {
             t = permute_rows(&t, heads);
         }
@@ -538,8 +701,19 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
             config.stored_name(left)
         );
     }
+    if let Some(left) = params.keys().find(|p| !params_done.contains(*p)) {
+        bail!("{}: no tensor {left} to merge into", base.display());
+    }
     report.bytes = writer.finish()?;
     Ok(report)
+}
+
+/// Where a GGUF tensor of a model comes from.
+enum Source {
+    /// One tensor of the checkpoint, under its stored name.
+    Stored(String),
+    /// A projection of one layer's experts (see [`experts`]).
+    Experts(experts::Part),
 }
 
 /// Sort key putting tensors in llama.cpp's converter order: the embedding,
@@ -556,11 +730,9 @@ fn gguf_order(g: &str) -> (usize, usize) {
     }
 }
 
-/// The adapter in `dir`, checked against the base `config` (fp32, CPU).
-fn read_adapter(
-    config: &LlamaConfig,
-    dir: &Path,
-) -> Result<(peft_adapters::lora::LoraConfig, Vec<(String, LoraWeights)>)> {
+/// The adapter in `dir`, checked against the base `config` (fp32, CPU):
+/// its configuration, its linear modules' weights and its parameters' factors.
+fn read_adapter(config: &LlamaConfig, dir: &Path) -> Result<files::CheckedAdapter> {
     let adapter = peft_adapters::method::AdapterConfig::read(dir)?;
     if adapter.as_method().is_some() {
         let m = adapter.method();
@@ -572,20 +744,32 @@ fn read_adapter(
     files::read_checked_plain(
         dir,
         &config.linear_modules(),
+        &config.adaptable_parameters(),
         OUTPUT_HEAD,
         config.tie_word_embeddings,
         Device::Cpu,
     )
 }
 
-/// The adapters to merge, per module path, read and checked against the base.
+/// The adapters to merge, per module path and per adapted parameter, read
+/// and checked against the base.
 fn plan_deltas(
     config: &LlamaConfig,
     adapters: &[PathBuf],
-) -> Result<BTreeMap<String, LoraWeights>> {
+) -> Result<(BTreeMap<String, LoraWeights>, ParamDeltas)> {
     let mut out = BTreeMap::new();
+    let mut on_params = ParamDeltas::new();
     for dir in adapters {
-        let (_, weights) = read_adapter(config, dir)?;
+        let (_, weights, params) = read_adapter(config, dir)?;
+        for (path, l) in params {
+            if on_params.contains_key(&path) {
+                bail!(
+                    "{}: {path} is adapted by an earlier --adapter too; merge several adapters into one folder with `peft-rs merge` first",
+                    dir.display()
+                );
+            }
+            on_params.insert(path, l);
+        }
         for (path, w) in weights {
             if out.contains_key(&path) {
                 bail!(
@@ -596,7 +780,7 @@ fn plan_deltas(
             out.insert(path, LoraWeights { dropout: 0.0, ..w });
         }
     }
-    Ok(out)
+    Ok((out, on_params))
 }
 
 #[cfg(test)]
@@ -614,9 +798,35 @@ mod tests {
 
     #[test]
     fn storage_type_keeps_vectors_f32_and_whole_blocks_for_q8_0() {
-        assert_eq!(storage_type(&[64], TensorType::Q8_0), TensorType::F32);
-        assert_eq!(storage_type(&[64, 64], TensorType::Q8_0), TensorType::Q8_0);
-        assert_eq!(storage_type(&[64, 16], TensorType::Q8_0), TensorType::F16);
-        assert_eq!(storage_type(&[64, 16], TensorType::BF16), TensorType::BF16);
+        let w = "blk.0.attn_q.weight";
+        assert_eq!(storage_type(w, &[64], TensorType::Q8_0), TensorType::F32);
+        assert_eq!(
+            storage_type(w, &[64, 64], TensorType::Q8_0),
+            TensorType::Q8_0
+        );
+        assert_eq!(
+            storage_type(w, &[64, 16], TensorType::Q8_0),
+            TensorType::F16
+        );
+        assert_eq!(
+            storage_type(w, &[64, 16], TensorType::BF16),
+            TensorType::BF16
+        );
+        let lora = "blk.0.ffn_up_exps.weight.lora_b";
+        assert_eq!(
+            storage_type(lora, &[4, 64, 32], TensorType::Q8_0),
+            TensorType::Q8_0
+        );
+        // Routers and biases of any shape stay f32.
+        let router = "blk.0.ffn_gate_inp.weight";
+        assert_eq!(
+            storage_type(router, &[4, 64], TensorType::Q8_0),
+            TensorType::F32
+        );
+        let bias = "blk.0.ffn_up_exps.bias";
+        assert_eq!(
+            storage_type(bias, &[4, 64], TensorType::BF16),
+            TensorType::F32
+        );
     }
 }

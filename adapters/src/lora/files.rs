@@ -215,19 +215,20 @@ pub fn take_weights(
     })
 }
 
-/// [`read_checked`] for tools that apply an adapter to the original base
-/// weights as they stream past (merge, GGUF export): an adapter saved
-/// unconverted from a PiSSA or OLoRA start, which applies only over a
+/// [`read_checked_with_params`] for tools that apply an adapter to the
+/// original base weights as they stream past (GGUF export): an adapter
+/// saved unconverted from a PiSSA or OLoRA start, which applies only over a
 /// residual base, or one from a LoftQ start (over its quantized base), is
 /// refused with the fix.
 pub fn read_checked_plain(
     dir: &Path,
     modules: &[(String, i64, i64)],
+    params: &[super::param::ParamShape],
     output_head: &str,
     tied_head: bool,
     device: Device,
-) -> Result<(super::LoraConfig, Vec<(String, super::LoraWeights)>)> {
-    let read = read_checked(dir, modules, output_head, tied_head, device)?;
+) -> Result<CheckedAdapter> {
+    let read = read_checked_with_params(dir, modules, params, output_head, tied_head, device)?;
     let init = read.0.init_lora_weights;
     refuse_unconverted(dir, init)?;
     if let super::InitLoraWeights::Loftq { .. } = init {
