@@ -245,7 +245,9 @@ fn serve_in_llama_cpp(base: &Path, adapter: &Path, answers: &Answers, tmp: &Path
 /// them). What llama.cpp fixes and the fixtures vary (the export refuses
 /// it by name) is set to llama.cpp's: Qwen3-MoE's dense layer 1 becomes a
 /// sparse one (layer 0's router and experts, negated) with `norm_topk_prob`;
-/// gpt-oss gets `swiglu_limit` 7 and YaRN's default `truncate`.
+/// gpt-oss gets `swiglu_limit` 7 and YaRN's default `truncate`. Phi-3's
+/// tokenizer_config.json names GPT2Tokenizer, as Phi-4-mini's does (the
+/// converter reads a BPE vocabulary only then, SentencePiece otherwise).
 fn servable_copy(src: &Path, dst: &Path) -> PathBuf {
     let base = common::copy_dir(src, dst);
     let config = base.join("config.json");
@@ -273,6 +275,11 @@ fn servable_copy(src: &Path, dst: &Path) -> PathBuf {
             }
         }
     });
+    if model_type == "phi3" {
+        common::edit_json(&base.join("tokenizer_config.json"), |c| {
+            c["tokenizer_class"] = "GPT2Tokenizer".into();
+        });
+    }
     if model_type == "qwen3_moe" {
         let file = base.join("model.safetensors");
         let tensors = Tensor::read_safetensors(&file).unwrap();
@@ -326,6 +333,17 @@ fn tiny_qwen3_ggufs_answer_as_peft_rs_in_llama_cpp() {
     tiny_in_llama_cpp(
         &arch_reference().join("models/qwen3"),
         Some(arch_reference().join("qwen3/lora/adapter")),
+    );
+}
+
+#[test]
+fn tiny_phi3_ggufs_answer_as_peft_rs_in_llama_cpp() {
+    // Fused qkv_proj and gate_up_proj, partial rotary dimensions; a
+    // PEFT-made adapter. (LongRoPE is checked against the converter only:
+    // llama.cpp picks its factors by context size, transformers by length.)
+    tiny_in_llama_cpp(
+        &arch_reference().join("models/phi3"),
+        Some(arch_reference().join("phi3/lora/adapter")),
     );
 }
 
@@ -430,18 +448,19 @@ fn json_file(dir: &Path, name: &str, value: &Value) -> PathBuf {
 
 #[test]
 fn ggufs_equal_what_llama_cpp_converters_write() {
-    // Models and adapters; for Phi-3 (fused qkv_proj and gate_up_proj) and
-    // Gemma 3 (text and multimodal layouts), adapters. The mixtures of
-    // experts' models are their servable copies (see `servable_copy`: the
-    // Hub's per-expert layout for Qwen3-MoE and Mixtral, gpt-oss's fused
-    // and transposed one); their adapters (attention) are the fixtures'.
+    // Models and adapters; for Gemma 3 (text and multimodal layouts),
+    // adapters. The models of Phi-3 (fused qkv_proj and gate_up_proj, also
+    // with LongRoPE) and the mixtures of experts are their servable copies
+    // (see `servable_copy`: the Hub's per-expert layout for Qwen3-MoE and
+    // Mixtral, gpt-oss's fused and transposed one); their adapters are the
+    // fixtures'.
     // llama.cpp's converters take no adapter on experts (`target_parameters`);
     // the llama.cpp test above checks ours.
     let models = [
         ("llama32", true),
         ("qwen3", true),
-        ("phi3", false),
-        ("phi3_longrope", false),
+        ("phi3", true),
+        ("phi3_longrope", true),
         ("gemma3", false),
         ("gemma3_mm", false),
         ("qwen3_moe", true),
@@ -462,7 +481,7 @@ fn ggufs_equal_what_llama_cpp_converters_write() {
     }
     let conv = converters();
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["qwen3_moe", "mixtral", "gpt_oss"] {
+    for name in ["phi3", "phi3_longrope", "qwen3_moe", "mixtral", "gpt_oss"] {
         servable_copy(
             &arch_reference().join("models").join(name),
             &tmp.path().join("servable").join(name),
@@ -601,11 +620,11 @@ fn export_refuses_what_llama_cpp_cannot_serve_by_name() {
     common::assert_user_error(
         &run(&[
             "--model",
-            s(&fx.join("models/phi3")),
+            s(&fx.join("models/gemma3")),
             "--output",
             s(&tmp.path().join("p.gguf")),
         ]),
-        &["phi3", "convert_hf_to_gguf.py"],
+        &["gemma3", "convert_hf_to_gguf.py"],
     );
     // Mixtures of experts that llama.cpp's graphs would compute otherwise:
     // a dense layer in Qwen3-MoE, top-k weights not renormalized, gpt-oss's

@@ -71,9 +71,8 @@ struct Arch {
 }
 
 /// llama.cpp's architecture for `config`. Adapters need only tensor names,
-/// so Phi-3 and Gemma 3 adapters are written; their models (Gemma 3's
-/// shifted norms and local RoPE, Phi-3's LongRoPE factors and SentencePiece
-/// vocabularies) not yet.
+/// so Gemma 3 adapters are written; its models (shifted norms, local RoPE,
+/// a SentencePiece vocabulary) not yet.
 fn arch_of(config: &LlamaConfig, dir: &Path, adapter_only: bool) -> Result<Arch> {
     let arch = |name, permute_qk| Arch { name, permute_qk };
     Ok(match config.model_type.as_str() {
@@ -84,10 +83,10 @@ fn arch_of(config: &LlamaConfig, dir: &Path, adapter_only: bool) -> Result<Arch>
         "qwen3" => arch("qwen3", false),
         "qwen3_moe" => arch("qwen3moe", false),
         "gpt_oss" => arch("gpt-oss", false),
-        "phi3" if adapter_only => arch("phi3", false),
+        "phi3" => arch("phi3", false),
         "gemma3" | "gemma3_text" if adapter_only => arch("gemma3", false),
         other => bail!(
-            "{}: model_type {other}: export gguf writes llama, mistral, mixtral, qwen2, qwen3, qwen3_moe and gpt_oss models (and phi3 and gemma3 adapters with --adapter-only) so far; \
+            "{}: model_type {other}: export gguf writes llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe and gpt_oss models (and gemma3 adapters with --adapter-only) so far; \
              for this model run `peft-rs merge` and llama.cpp's convert_hf_to_gguf.py on the merged folder",
             dir.join("config.json").display()
         ),
@@ -210,6 +209,9 @@ fn hparams(
     c: &LlamaConfig,
     raw: &serde_json::Map<String, serde_json::Value>,
 ) -> Vec<(String, Value)> {
+    if arch.name == "phi3" {
+        return phi3_hparams(c, raw);
+    }
     let a = arch.name;
     let u = |k: &str, v: usize| (format!("{a}.{k}"), Value::U32(v as u32));
     let f = |k: &str, v: f64| (format!("{a}.{k}"), Value::F32(v as f32));
@@ -292,6 +294,58 @@ fn hparams(
     kv
 }
 
+/// Phi-3's hyperparameters, as llama.cpp's converter writes them (its own
+/// list: the original context length always, the sliding window as 0 when
+/// there is none, LongRoPE's attention factor computed from the lengths).
+fn phi3_hparams(
+    c: &LlamaConfig,
+    raw: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<(String, Value)> {
+    let u = |k: &str, v: usize| (format!("phi3.{k}"), Value::U32(v as u32));
+    let f = |k: &str, v: f64| (format!("phi3.{k}"), Value::F32(v as f32));
+    let context = c.max_position_embeddings.unwrap_or(2048);
+    let rope = raw
+        .get("rope_parameters")
+        .or_else(|| raw.get("rope_scaling"));
+    // The converter reads the top-level value first.
+    let original = raw
+        .get("original_max_position_embeddings")
+        .or_else(|| rope.and_then(|r| r.get("original_max_position_embeddings")))
+        .and_then(|v| v.as_u64())
+        .map_or(context, |v| v as usize);
+    let mut kv = vec![
+        u("context_length", context),
+        u("rope.scaling.original_context_length", original),
+        u("embedding_length", c.hidden_size),
+        u("feed_forward_length", c.intermediate_size),
+        u("block_count", c.num_hidden_layers),
+        u("attention.head_count", c.num_attention_heads),
+        u("attention.head_count_kv", c.num_key_value_heads),
+        f("attention.layer_norm_rms_epsilon", c.rms_norm_eps),
+        u("rope.dimension_count", c.rotary_dim),
+        f("rope.freq_base", c.rope_theta),
+        u(
+            "attention.sliding_window",
+            c.sliding_window
+                .iter()
+                .flatten()
+                .min()
+                .copied()
+                .unwrap_or(0),
+        ),
+    ];
+    if matches!(c.rope_scaling, models::rope::RopeScaling::LongRope { .. }) {
+        let scale = context as f64 / original as f64;
+        let attn = if scale > 1.0 {
+            (1.0 + scale.ln() / (original as f64).ln()).sqrt()
+        } else {
+            1.0
+        };
+        kv.push(f("rope.scaling.attn_factor", attn));
+    }
+    kv
+}
+
 /// What llama.cpp does not do that the model does, as warnings.
 fn warnings(c: &LlamaConfig, arch: &Arch, dir: &Path) -> Vec<String> {
     let mut warnings = Vec::new();
@@ -304,6 +358,16 @@ fn warnings(c: &LlamaConfig, arch: &Arch, dir: &Path) -> Vec<String> {
             "{}: sliding_window {w}: llama.cpp's {} attends over the whole context, so answers differ once a sequence is longer than {w} tokens",
             dir.join("config.json").display(),
             arch.name
+        ));
+    }
+    if let models::rope::RopeScaling::LongRope {
+        original_max_position_embeddings: o,
+        ..
+    } = c.rope_scaling
+    {
+        warnings.push(format!(
+            "{}: LongRoPE: llama.cpp picks the long or the short factors once, by the context size it runs with (above {o}: long), transformers by each sequence's length, so short prompts run with other rotations there",
+            dir.join("config.json").display()
         ));
     }
     if let models::rope::RopeScaling::Yarn {
@@ -360,7 +424,9 @@ fn refuse_model(c: &LlamaConfig, dir: &Path) -> Result<()> {
     if let Some(first) = unservable_experts(c, dir).into_iter().next() {
         bail!("{first}; export gguf does not write a model llama.cpp would compute differently");
     }
-    if matches!(c.rope_scaling, models::rope::RopeScaling::LongRope { .. }) {
+    if matches!(c.rope_scaling, models::rope::RopeScaling::LongRope { .. })
+        && c.model_type != "phi3"
+    {
         bail!(
             "{}: LongRoPE is not written by export gguf",
             config.display()
@@ -375,12 +441,30 @@ fn refuse_model(c: &LlamaConfig, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Llama 3's RoPE scaling as llama.cpp takes it: one divisor per frequency
-/// (`rope_freqs.weight`), the ratio of the unscaled to the scaled frequency.
-fn rope_factors(c: &LlamaConfig) -> Option<Tensor> {
-    if !matches!(c.rope_scaling, models::rope::RopeScaling::Llama3 { .. }) {
-        return None;
+/// The RoPE scalings llama.cpp takes as tensors: Llama 3's one divisor per
+/// frequency (`rope_freqs.weight`, the ratio of the unscaled to the scaled
+/// frequency), LongRoPE's two lists of divisors as config.json gives them.
+fn rope_factors(c: &LlamaConfig) -> Vec<(String, Tensor)> {
+    match &c.rope_scaling {
+        models::rope::RopeScaling::Llama3 { .. } => {
+            vec![("rope_freqs.weight".into(), llama3_rope_freqs(c))]
+        }
+        models::rope::RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } => {
+            let list = |f: &[f64]| Tensor::from_slice(f).to_kind(Kind::Float);
+            vec![
+                ("rope_factors_long.weight".into(), list(long_factor)),
+                ("rope_factors_short.weight".into(), list(short_factor)),
+            ]
+        }
+        _ => Vec::new(),
     }
+}
+
+fn llama3_rope_freqs(c: &LlamaConfig) -> Tensor {
     let plain = models::rope::RotaryEmbedding::new(
         c.rotary_dim,
         c.rope_theta,
@@ -393,7 +477,7 @@ fn rope_factors(c: &LlamaConfig) -> Option<Tensor> {
         &c.rope_scaling,
         Device::Cpu,
     );
-    Some(plain.inv_freq() / scaled.inv_freq())
+    plain.inv_freq() / scaled.inv_freq()
 }
 
 /// HF's q/k rows (per head: the first half of the rotary dimensions, then
@@ -627,11 +711,11 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
             ty: storage_type(g, shape, opts.outtype),
         })
         .collect();
-    if let Some(f) = &rope {
+    for (i, (name, f)) in rope.iter().enumerate() {
         entries.insert(
-            0,
+            i,
             TensorEntry {
-                name: "rope_freqs.weight".into(),
+                name: name.clone(),
                 shape: vec![f.size()[0] as usize],
                 ty: TensorType::F32,
             },
@@ -649,8 +733,8 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
         warnings,
         seconds: 0.0,
     };
-    if let Some(f) = &rope {
-        writer.write("rope_freqs.weight", f)?;
+    for (name, f) in &rope {
+        writer.write(name, f)?;
         report.tensors += 1;
     }
     let mut params_done = std::collections::BTreeSet::new();
