@@ -36,6 +36,8 @@ pub enum Value {
     I32s(Vec<i32>),
     /// `ARRAY` of `FLOAT32`.
     F32s(Vec<f32>),
+    /// `ARRAY` of `BOOL`.
+    Bools(Vec<bool>),
 }
 
 impl Value {
@@ -45,7 +47,7 @@ impl Value {
             Value::F32(_) => 6,
             Value::Bool(_) => 7,
             Value::Str(_) => 8,
-            Value::Strs(_) | Value::I32s(_) | Value::F32s(_) => 9,
+            Value::Strs(_) | Value::I32s(_) | Value::F32s(_) | Value::Bools(_) => 9,
         }
     }
 
@@ -70,6 +72,11 @@ impl Value {
                 out.write_all(&6u32.to_le_bytes())?;
                 out.write_all(&(v.len() as u64).to_le_bytes())?;
                 v.iter().try_for_each(|x| out.write_all(&x.to_le_bytes()))
+            }
+            Value::Bools(v) => {
+                out.write_all(&7u32.to_le_bytes())?;
+                out.write_all(&(v.len() as u64).to_le_bytes())?;
+                v.iter().try_for_each(|x| out.write_all(&[u8::from(*x)]))
             }
         }
     }

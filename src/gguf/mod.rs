@@ -70,10 +70,8 @@ struct Arch {
     permute_qk: bool,
 }
 
-/// llama.cpp's architecture for `config`. Adapters need only tensor names,
-/// so Gemma 3 adapters are written; its models (shifted norms, local RoPE,
-/// a SentencePiece vocabulary) not yet.
-fn arch_of(config: &LlamaConfig, dir: &Path, adapter_only: bool) -> Result<Arch> {
+/// llama.cpp's architecture for `config`.
+fn arch_of(config: &LlamaConfig, dir: &Path) -> Result<Arch> {
     let arch = |name, permute_qk| Arch { name, permute_qk };
     Ok(match config.model_type.as_str() {
         "llama" | "mistral" => arch("llama", true),
@@ -84,9 +82,9 @@ fn arch_of(config: &LlamaConfig, dir: &Path, adapter_only: bool) -> Result<Arch>
         "qwen3_moe" => arch("qwen3moe", false),
         "gpt_oss" => arch("gpt-oss", false),
         "phi3" => arch("phi3", false),
-        "gemma3" | "gemma3_text" if adapter_only => arch("gemma3", false),
+        "gemma3" | "gemma3_text" => arch("gemma3", false),
         other => bail!(
-            "{}: model_type {other}: export gguf writes llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe and gpt_oss models (and gemma3 adapters with --adapter-only) so far; \
+            "{}: model_type {other}: export gguf writes llama, mistral, mixtral, phi3, qwen2, qwen3, gemma3, qwen3_moe and gpt_oss models and adapters so far; \
              for this model run `peft-rs merge` and llama.cpp's convert_hf_to_gguf.py on the merged folder",
             dir.join("config.json").display()
         ),
@@ -130,9 +128,14 @@ fn gguf_name(arch: &Arch, config: &LlamaConfig, hf: &str) -> Result<Option<Strin
     };
     let part = match rest {
         "input_layernorm" => "attn_norm",
-        // gpt-oss's norm before its experts, under llama.cpp's name for it.
-        "post_attention_layernorm" if arch.name == "gpt-oss" => "post_attention_norm",
+        // gpt-oss's norm before its experts and Gemma 3's on the attention
+        // output, under llama.cpp's name for them.
+        "post_attention_layernorm" if ["gpt-oss", "gemma3"].contains(&arch.name) => {
+            "post_attention_norm"
+        }
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
         // A bare parameter; llama.cpp's converter names it as a weight.
         "self_attn.sinks" => return Ok(Some(format!("blk.{i}.attn_sinks.weight"))),
         // The routers of Qwen3-MoE, Mixtral and gpt-oss.
@@ -231,7 +234,7 @@ fn hparams(
             Value::F32(c.rms_norm_eps as f32),
         ),
     ];
-    if raw.get("head_dim").is_some_and(|h| !h.is_null()) {
+    if raw.get("head_dim").is_some_and(|h| !h.is_null()) && a != "gemma3" {
         kv.push(u("attention.key_length", c.head_dim));
         kv.push(u("attention.value_length", c.head_dim));
     }
@@ -248,6 +251,12 @@ fn hparams(
         if let Some(w) = c.sliding_window.iter().flatten().min() {
             kv.push(u("attention.sliding_window", *w));
         }
+    }
+    if let Some((theta, _)) = &c.local_rope {
+        kv.push(f("rope.freq_base_swa", *theta));
+    }
+    if a == "gemma3" {
+        kv.extend(gemma3_hparams(c));
     }
     // llama.cpp's converter writes these for llama only (other
     // architectures take the vocabulary from the token list and the rotary
@@ -290,6 +299,44 @@ fn hparams(
             }
         }
         _ => {}
+    }
+    kv
+}
+
+/// What Gemma 3 adds to the common hyperparameters: the key and value
+/// length always, the final soft cap, the sliding window, and the layers'
+/// pattern where it is not llama.cpp's default (five sliding layers, then
+/// a full one), which the converter leaves out.
+fn gemma3_hparams(c: &LlamaConfig) -> Vec<(String, Value)> {
+    let mut kv = vec![
+        (
+            "gemma3.attention.key_length".into(),
+            Value::U32(c.head_dim as u32),
+        ),
+        (
+            "gemma3.attention.value_length".into(),
+            Value::U32(c.head_dim as u32),
+        ),
+    ];
+    if let Some(cap) = c.final_logit_softcapping.filter(|&x| x != 0.0) {
+        kv.push((
+            "gemma3.final_logit_softcapping".into(),
+            Value::F32(cap as f32),
+        ));
+    }
+    if let Some(w) = c.sliding_window.iter().flatten().min() {
+        kv.push((
+            "gemma3.attention.sliding_window".into(),
+            Value::U32(*w as u32),
+        ));
+        let sliding: Vec<bool> = c.sliding_window.iter().map(Option::is_some).collect();
+        let default: Vec<bool> = (0..sliding.len()).map(|l| l % 6 < 5).collect();
+        if sliding != default {
+            kv.push((
+                "gemma3.attention.sliding_window_pattern".into(),
+                Value::Bools(sliding),
+            ));
+        }
     }
     kv
 }
@@ -382,14 +429,34 @@ fn warnings(c: &LlamaConfig, arch: &Arch, dir: &Path) -> Vec<String> {
     warnings
 }
 
-/// What llama.cpp's graph for a mixture of experts fixes that `c` sets
-/// otherwise, one line each: llama.cpp would compute another model.
-fn unservable_experts(c: &LlamaConfig, dir: &Path) -> Vec<String> {
-    let Some(m) = &c.moe else {
-        return Vec::new();
-    };
+/// What llama.cpp's graphs fix that `c` sets otherwise, one line each:
+/// llama.cpp would compute another model.
+fn unservable(c: &LlamaConfig, dir: &Path) -> Vec<String> {
     let config = dir.join("config.json");
     let mut out = Vec::new();
+    if c.model_type.starts_with("gemma3") {
+        // llama.cpp's Gemma 3 scales scores by 1/√head_dim, or by
+        // 1/√(hidden / heads) for the 62-layer 27B, whatever
+        // query_pre_attn_scalar says.
+        let theirs = if c.num_hidden_layers == 62 {
+            (c.hidden_size / c.num_attention_heads) as f64
+        } else {
+            c.head_dim as f64
+        };
+        let ours = c
+            .attention_scale
+            .unwrap_or(1.0 / (c.head_dim as f64).sqrt());
+        if (ours as f32) != (1.0 / theirs.sqrt()) as f32 {
+            out.push(format!(
+                "{}: `query_pre_attn_scalar` {}: llama.cpp's gemma3 scales attention by 1/√{theirs}",
+                config.display(),
+                (1e6 / (ours * ours)).round() / 1e6
+            ));
+        }
+    }
+    let Some(m) = &c.moe else {
+        return out;
+    };
     let dense: Vec<usize> = (0..c.num_hidden_layers)
         .filter(|&l| !c.is_sparse(l))
         .collect();
@@ -421,7 +488,7 @@ fn unservable_experts(c: &LlamaConfig, dir: &Path) -> Vec<String> {
 /// Refuses a base model the export cannot write.
 fn refuse_model(c: &LlamaConfig, dir: &Path) -> Result<()> {
     let config = dir.join("config.json");
-    if let Some(first) = unservable_experts(c, dir).into_iter().next() {
+    if let Some(first) = unservable(c, dir).into_iter().next() {
         bail!("{first}; export gguf does not write a model llama.cpp would compute differently");
     }
     if matches!(c.rope_scaling, models::rope::RopeScaling::LongRope { .. })
@@ -591,7 +658,7 @@ fn check_signals(output: &Path) -> Result<()> {
 /// ratio is folded into `lora_b`, which gives the same product.
 fn export_adapter(opts: &ExportOptions, dir: &Path) -> Result<ExportReport> {
     let config = models::read_config(&opts.model)?;
-    let arch = arch_of(&config, &opts.model, true)?;
+    let arch = arch_of(&config, &opts.model)?;
     let (lora, weights, params) = read_adapter(&config, dir)?;
     if lora.use_dora {
         bail!(
@@ -609,9 +676,7 @@ fn export_adapter(opts: &ExportOptions, dir: &Path) -> Result<ExportReport> {
         warnings: warnings(&config, &arch, &opts.model),
         seconds: 0.0,
     };
-    report
-        .warnings
-        .extend(unservable_experts(&config, &opts.model));
+    report.warnings.extend(unservable(&config, &opts.model));
     // What llama.cpp multiplies B by (alpha / r), against PEFT's scaling:
     // the ratio is folded into B where they differ.
     let mut fold = |scaling: f64, r: i64| {
@@ -679,10 +744,11 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
     let files_in = WeightFiles::from_model_dir(base)?;
     let config = models::read_config(base)?.with_stored_names(|n| files_in.contains(n));
     let raw = crate::config_json::RawConfig::read(base)?.json;
-    let arch = arch_of(&config, base, false)?;
+    let arch = arch_of(&config, base)?;
     refuse_model(&config, base)?;
-    let warnings = warnings(&config, &arch, base);
+    let mut warnings = warnings(&config, &arch, base);
     let (mut deltas, params) = plan_deltas(&config, &opts.adapters)?;
+    let mut left_out = 0;
     // The plan: every tensor llama.cpp reads, the experts by layer.
     let mut plan: Vec<(Source, String, Vec<usize>)> = Vec::new();
     for name in files_in.names() {
@@ -693,6 +759,15 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
         if experts::is_expert_tensor(&config, name) {
             continue;
         }
+        let module = config.module_name(name);
+        if !module.starts_with(&format!("{}.", config.decoder_path))
+            && !module.starts_with(OUTPUT_HEAD)
+        {
+            // A multimodal checkpoint's vision tower and projector: llama.cpp
+            // reads them from a separate mmproj file.
+            left_out += 1;
+            continue;
+        }
         if let Some(g) = gguf_name(&arch, &config, name)? {
             let (shape, _) = files_in.info(name).expect("listed");
             plan.push((Source::Stored(name.to_owned()), g, shape.to_vec()));
@@ -700,6 +775,12 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
     }
     for (g, shape, part) in experts::tensors(&config) {
         plan.push((Source::Experts(part), g, shape));
+    }
+    if left_out > 0 {
+        warnings.push(format!(
+            "{}: {left_out} tensors outside the text model (a vision tower, a projector) are not written; llama.cpp reads them from an mmproj file (convert_hf_to_gguf.py --mmproj)",
+            base.display()
+        ));
     }
     plan.sort_by_key(|(_, g, _)| gguf_order(g));
     let rope = rope_factors(&config);
@@ -759,6 +840,10 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
                     LoraLayer::new("merge", w)
                         .merge(&mut t)
                         .with_context(|| name.clone())?;
+                }
+                // Gemma's norms multiply by 1 + weight; llama.cpp's by the weight.
+                if arch.name == "gemma3" && g.ends_with("norm.weight") {
+                    t += 1.0;
                 }
                 // A router adapted as a parameter.
                 if let Some((p, _, _)) = config.parameter_part(name) {
