@@ -67,7 +67,13 @@ impl Tokenizer {
         };
         let chat_template = read_chat_template(dir, &config)?;
         let mut special_tokens = serde_json::Map::new();
-        for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        for key in [
+            "bos_token",
+            "eos_token",
+            "unk_token",
+            "pad_token",
+            "mask_token",
+        ] {
             let token = match config.get(key) {
                 Some(Value::String(s)) => Some(s.clone()),
                 // Older files store `AddedToken` objects.

@@ -387,6 +387,31 @@ fn tiny_gemma3_ggufs_answer_as_peft_rs_in_llama_cpp() {
 }
 
 #[test]
+fn sentencepiece_vocabularies_equal_the_converters_and_tokenize_as_peft_rs_in_llama_cpp() {
+    // Tiny Llama 2 style and Gemma 3 models with SentencePiece vocabularies
+    // (600 BPE pieces with byte fallback, trained by the fixture on Alpaca
+    // text; tokenizer.json as transformers converts it): the model GGUF
+    // (tokens, scores, types) equals the converter's, and llama.cpp's
+    // tokenization of the prompts (non-ASCII text through byte pieces)
+    // and its answers equal peft-rs's.
+    let tmp = tempfile::tempdir().unwrap();
+    let conv = converters();
+    let alpaca = common::shared("data/alpaca_5000.json");
+    for kind in ["llama", "gemma3"] {
+        let dir = tmp.path().join(kind);
+        fixture(&["spm-model", s(&dir), kind, s(&alpaca)]);
+        let ours = tmp.path().join(format!("ours-{kind}.gguf"));
+        let theirs = tmp.path().join(format!("ref-{kind}.gguf"));
+        fixture(&["convert-model", s(&conv), s(&dir), s(&theirs), "f32"]);
+        export(&["--model", s(&dir), "--output", s(&ours), "--outtype", "f32"]);
+        let dumped = dump(&ours);
+        assert_eq!(dumped["kv"]["tokenizer.ggml.model"], "llama", "{kind}");
+        assert_same_gguf(&ours, &dumped, &dump(&theirs));
+        tiny_in_llama_cpp(&dir, None);
+    }
+}
+
+#[test]
 fn tiny_phi3_ggufs_answer_as_peft_rs_in_llama_cpp() {
     // Fused qkv_proj and gate_up_proj, partial rotary dimensions; a
     // PEFT-made adapter. (LongRoPE is checked against the converter only:

@@ -9,6 +9,7 @@
 
 mod experts;
 pub mod file;
+mod sentencepiece;
 mod vocab;
 
 use std::collections::BTreeMap;
@@ -804,7 +805,7 @@ fn export_model(opts: &ExportOptions) -> Result<ExportReport> {
     }
     let mut kv = general(&arch, "model", &display_name(base), Some(opts.outtype));
     kv.extend(hparams(&arch, &config, &raw));
-    kv.extend(vocab::metadata(base, config.vocab_size)?);
+    kv.extend(vocab::metadata(base, config.vocab_size, arch.name)?);
     let mut writer = file::GgufWriter::create(&opts.output, &kv, entries)?;
     let mut report = ExportReport {
         tensors: 0,

@@ -33,10 +33,13 @@ const SPLIT_REGEXES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The `tokenizer.*` metadata of the model in `dir`, for a vocabulary of
-/// `vocab_size` ids (the embedding's rows: ids past the tokenizer's are
-/// padding tokens, as llama.cpp's converter names them).
-pub fn metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+/// The `tokenizer.*` metadata of the model in `dir` for llama.cpp's
+/// architecture `arch`, for a vocabulary of `vocab_size` ids (the
+/// embedding's rows: ids past the tokenizer's are padding tokens, as
+/// llama.cpp's converter names them). A SentencePiece model
+/// (`tokenizer.model`) is written as such where the converter does so
+/// (Llama 2 and Mistral v0.1 style `llama`, Phi-3-mini, Gemma 3).
+pub fn metadata(dir: &Path, vocab_size: usize, arch: &str) -> Result<Vec<(String, Value)>> {
     let path = dir.join("tokenizer.json");
     let text = peft_adapters::fsio::read_regular_string(
         &path,
@@ -45,10 +48,66 @@ pub fn metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
     )?;
     let json: Json = serde_json::from_str(&text)
         .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let tokenizer_config = read_tokenizer_config(dir)?;
+    let mut kv = Vec::new();
+    // llama.cpp's converter takes this from tokenizer_config.json for llama.
+    if let (Some(prefix), "llama") = (tokenizer_config["add_prefix_space"].as_bool(), arch) {
+        kv.push((
+            "tokenizer.ggml.add_space_prefix".to_owned(),
+            Value::Bool(prefix),
+        ));
+    }
+    let gpt2_class = tokenizer_config["tokenizer_class"] == "GPT2Tokenizer";
+    let sentencepiece = dir.join("tokenizer.model").is_file()
+        && matches!(arch, "llama" | "gemma3" | "phi3")
+        && !(arch == "phi3" && gpt2_class);
+    if sentencepiece {
+        let (tokens, scores, types) = super::sentencepiece::vocab(dir, vocab_size)?;
+        kv.extend([
+            (
+                "tokenizer.ggml.model".to_owned(),
+                Value::Str("llama".into()),
+            ),
+            (
+                "tokenizer.ggml.pre".to_owned(),
+                Value::Str("default".into()),
+            ),
+            ("tokenizer.ggml.tokens".to_owned(), Value::Strs(tokens)),
+            ("tokenizer.ggml.scores".to_owned(), Value::F32s(scores)),
+            ("tokenizer.ggml.token_type".to_owned(), Value::I32s(types)),
+        ]);
+        if arch == "gemma3" {
+            kv.push((
+                "tokenizer.ggml.add_space_prefix".to_owned(),
+                Value::Bool(false),
+            ));
+        }
+    } else {
+        kv.extend(byte_level_bpe(&json, vocab_size, &path)?);
+    }
+    kv.extend(special_tokens(dir)?);
+    Ok(kv)
+}
+
+/// `tokenizer_config.json` (an empty object when there is none).
+fn read_tokenizer_config(dir: &Path) -> Result<Json> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(Json::Object(Default::default()));
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
+/// A byte-level BPE vocabulary: tokens, types, merges and the
+/// pre-tokenizer by llama.cpp's name.
+fn byte_level_bpe(json: &Json, vocab_size: usize, path: &Path) -> Result<Vec<(String, Value)>> {
     let model = &json["model"];
     if model["type"].as_str() != Some("BPE") || !is_byte_level(&json["pre_tokenizer"]) {
         bail!(
-            "{}: a {} tokenizer; export gguf writes byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, GPT-2 style) — \
+            "{}: a {} tokenizer without a SentencePiece tokenizer.model beside it; export gguf writes byte-level BPE \
+             tokenizers (Llama 3, Qwen, SmolLM, GPT-2 style) and SentencePiece models — \
              convert this model with llama.cpp's convert_hf_to_gguf.py after `peft-rs merge`",
             path.display(),
             model["type"].as_str().unwrap_or("non-BPE")
@@ -62,16 +121,22 @@ pub fn metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
             json["pre_tokenizer"]
         )
     })?;
-    let tokenizer = Tokenizer::from_model_dir(dir)?;
-    let (tokens, types) = tokens_and_types(&json, vocab_size, &path)?;
-    let merges = merges(model, &path)?;
-    let mut kv = vec![
+    let (tokens, types) = tokens_and_types(json, vocab_size, path)?;
+    let merges = merges(model, path)?;
+    Ok(vec![
         ("tokenizer.ggml.model".to_owned(), Value::Str("gpt2".into())),
         ("tokenizer.ggml.pre".to_owned(), Value::Str(pre.into())),
         ("tokenizer.ggml.tokens".to_owned(), Value::Strs(tokens)),
         ("tokenizer.ggml.token_type".to_owned(), Value::I32s(types)),
         ("tokenizer.ggml.merges".to_owned(), Value::Strs(merges)),
-    ];
+    ])
+}
+
+/// The special token ids, whether a BOS and an EOS are added, and the chat
+/// template.
+fn special_tokens(dir: &Path) -> Result<Vec<(String, Value)>> {
+    let tokenizer = Tokenizer::from_model_dir(dir)?;
+    let mut kv = Vec::new();
     let (adds_bos, adds_eos) = added_specials(&tokenizer)?;
     let config_ids = config_token_ids(dir)?;
     for (key, gguf) in [
@@ -79,6 +144,7 @@ pub fn metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
         ("eos_token", "eos_token_id"),
         ("unk_token", "unknown_token_id"),
         ("pad_token", "padding_token_id"),
+        ("mask_token", "mask_token_id"),
     ] {
         // The BOS the tokenizer's post-processor adds is the one llama.cpp must add.
         let id = match (key, adds_bos) {
