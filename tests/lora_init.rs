@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use common::{assert_user_error, logits, masked_max_diff, tensors as read, Cmd};
-use peft_rs::adapters::lora::LoraConfig;
+use peft_rs::adapters::lora::{LoraConfig, TargetModules};
 use peft_rs::models::LlamaForCausalLM;
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::RegularizerStack;
@@ -25,7 +25,13 @@ const SEED: i64 = 21;
 
 fn fx() -> &'static Path {
     let (llama, qwen2) = (common::model_dir("llama"), common::model_dir("qwen2"));
-    common::fixture("init_reference.py", &[], &[&llama, &qwen2])
+    let moe = ["qwen3_moe", "mixtral", "gpt_oss"]
+        .map(|m| common::arch_reference().join("models").join(m));
+    common::fixture(
+        "init_reference.py",
+        &[],
+        &[&llama, &qwen2, &moe[0], &moe[1], &moe[2]],
+    )
 }
 
 fn config(init: &str) -> LoraConfig {
@@ -73,6 +79,61 @@ fn inputs(base: &str) -> (PathBuf, Tensor, Tensor) {
     let p = fx().join(base).join("inputs.safetensors");
     let (ids, mask) = common::ids_and_mask(&p);
     (p, ids, mask)
+}
+
+/// One seed gives PEFT's initial adapter, bit for bit: peft-rs draws what
+/// PEFT's `nn.Linear` constructors draw before `init_lora_weights`
+/// re-draws A (true, gaussian) or keeps them (false), module by module in
+/// PEFT's order, and on a mixture of experts the routers' and experts'
+/// adapters after the linear modules', in the order each sparse block
+/// registers them (Qwen3-MoE its experts first, Mixtral and gpt-oss their
+/// router).
+#[test]
+fn one_seed_draws_peft_initial_adapter_bit_for_bit() {
+    let mut cases: Vec<(String, PathBuf, &str, LoraConfig)> = Vec::new();
+    for base in BASES {
+        for init in ["true", "gaussian", "false"] {
+            cases.push((base.into(), common::model_dir(base), init, config(init)));
+        }
+    }
+    let experts: [(&str, &[&str]); 3] = [
+        ("qwen3_moe", &["gate_up_proj", "down_proj", "gate.weight"]),
+        ("mixtral", &["gate_up_proj", "down_proj", "gate.weight"]),
+        (
+            "gpt_oss",
+            &[
+                "mlp.router.weight",
+                "mlp.experts.gate_up_proj",
+                "mlp.experts.down_proj",
+            ],
+        ),
+    ];
+    for (name, params) in experts {
+        let config = LoraConfig {
+            target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+            target_parameters: params.iter().map(|p| p.to_string()).collect(),
+            ..common::lora(4, 8.0)
+        };
+        let dir = common::arch_reference().join("models").join(name);
+        cases.push((name.into(), dir, "true", config));
+    }
+    for (name, dir, init, config) in cases {
+        let mut model = common::load(&dir);
+        tch::manual_seed(SEED);
+        peft_model::inject(&mut model, DEFAULT_ADAPTER, &config).unwrap();
+        let expected = read(
+            &fx()
+                .join("seeded")
+                .join(&name)
+                .join(format!("{init}.safetensors")),
+        );
+        let what = format!("{name}, init_lora_weights {init}");
+        assert_eq!(worst(&trainable(&model), &expected, &what), 0.0, "{what}");
+        eprintln!(
+            "{what}: {} tensors equal PEFT's bit for bit",
+            expected.len()
+        );
+    }
 }
 
 /// A and B agree with PEFT's to 2e-5 of their largest value, and so does

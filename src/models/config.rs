@@ -140,6 +140,10 @@ pub struct MoeConfig {
     pub routing_weights_in_model_dtype: bool,
     /// How the router and the experts compute and are stored.
     pub style: ExpertStyle,
+    /// Whether the sparse block registers its router before its experts
+    /// (Mixtral, gpt-oss) or after them (Qwen3-MoE): the order PEFT
+    /// creates, and draws, adapters on them.
+    pub router_first: bool,
 }
 
 /// The two families of sparse MLPs.
@@ -245,6 +249,7 @@ impl MoeConfig {
             per_expert_names: ("mlp", "gate_proj", "up_proj", "down_proj"),
             routing_weights_in_model_dtype: true,
             style: ExpertStyle::SwiGlu,
+            router_first: false,
         })
     }
 }
@@ -446,15 +451,22 @@ impl LlamaConfig {
             .filter(|&l| self.is_sparse(l))
             .flat_map(|l| {
                 let m = format!("{}.layers.{l}.mlp", self.decoder_path);
-                [
-                    param(
-                        format!("{m}.{}.weight", moe.router_name()),
-                        &vec![e, h],
-                        false,
-                    ),
+                let router = param(
+                    format!("{m}.{}.weight", moe.router_name()),
+                    &vec![e, h],
+                    false,
+                );
+                let experts = [
                     param(format!("{m}.experts.gate_up_proj"), &gate_up, transposed),
                     param(format!("{m}.experts.down_proj"), &down, transposed),
-                ]
+                ];
+                let mut all = vec![router];
+                if moe.router_first {
+                    all.extend(experts);
+                } else {
+                    all.splice(0..0, experts);
+                }
+                all
             })
             .collect()
     }

@@ -367,8 +367,10 @@ impl LlamaForCausalLM {
     pub fn parameter_adapters(&self) -> Vec<(String, &Tensor, &Option<ParamLora>)> {
         let mut out = Vec::new();
         let router = self.config.moe.as_ref().map_or("gate", |m| m.router_name());
+        let router_first = self.config.moe.as_ref().is_some_and(|m| m.router_first);
         for (i, l) in self.model.layers.iter().enumerate() {
             let m = format!("{}.layers.{i}.mlp", self.config.decoder_path);
+            let first = out.len();
             if let Some(g) = &l.mlp.gate {
                 out.push((format!("{m}.{router}.weight"), &g.weight, &g.lora));
             }
@@ -380,6 +382,9 @@ impl LlamaForCausalLM {
                 ));
                 out.push((format!("{m}.experts.down_proj"), &x.down_proj, &x.down_lora));
             }
+            if !router_first && out.len() == first + 3 {
+                out[first..].rotate_left(1);
+            }
         }
         out
     }
@@ -389,8 +394,11 @@ impl LlamaForCausalLM {
         let mut out = Vec::new();
         let decoder = &self.config.decoder_path;
         let router = self.config.moe.as_ref().map_or("gate", |m| m.router_name());
+        let router_first = self.config.moe.as_ref().is_some_and(|m| m.router_first);
         for (i, l) in self.model.layers.iter_mut().enumerate() {
             let m = format!("{decoder}.layers.{i}.mlp");
+            // In the order the sparse block registers them (PEFT's order).
+            let first = out.len();
             if let Some(g) = l.mlp.gate.as_mut() {
                 out.push((format!("{m}.{router}.weight"), &mut g.weight, &mut g.lora));
             }
@@ -408,6 +416,9 @@ impl LlamaForCausalLM {
                     gate_up_lora,
                 ));
                 out.push((format!("{m}.experts.down_proj"), down_proj, down_lora));
+            }
+            if !router_first && out.len() == first + 3 {
+                out[first..].rotate_left(1);
             }
         }
         out

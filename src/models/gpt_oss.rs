@@ -75,6 +75,7 @@ pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {
         "swiglu_alpha and swiglu_limit must be finite, the limit positive",
     )?;
     moe.style = ExpertStyle::GptOss { alpha, limit };
+    moe.router_first = true;
     moe.routing_weights_in_model_dtype = true;
     c.moe = Some(moe);
     Ok(c)

@@ -17,6 +17,7 @@ pub fn config(raw: &RawConfig) -> Result<LlamaConfig> {
     let mut moe = MoeConfig::from_raw(raw, (8, 2), c.intermediate_size, c.num_hidden_layers)?;
     moe.per_expert_names = ("block_sparse_moe", "w1", "w3", "w2");
     moe.routing_weights_in_model_dtype = false;
+    moe.router_first = true;
     let jitter = raw.opt_f64("router_jitter_noise")?.unwrap_or(0.0);
     raw.ensure(
         jitter == 0.0,

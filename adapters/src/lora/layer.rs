@@ -50,13 +50,18 @@ impl LoraWeights {
             let bound = 1.0 / (fan_in as f64).sqrt();
             Tensor::empty([rows, fan_in], opts).uniform_(-bound, bound)
         };
+        // PEFT builds lora_A and lora_B as nn.Linear, whose constructors
+        // draw their weights, and then re-initialises A (and zeroes B) unless
+        // `init_lora_weights` is false: the same draws give PEFT's adapter for
+        // one seed.
+        let (ctor_a, ctor_b) = (kaiming(r, in_f), kaiming(out_f, r));
         let (a, b) = match init {
             InitLoraWeights::Default => (kaiming(r, in_f), Tensor::zeros([out_f, r], opts)),
             InitLoraWeights::Gaussian => (
                 Tensor::empty([r, in_f], opts).normal_(0.0, 1.0 / r as f64),
                 Tensor::zeros([out_f, r], opts),
             ),
-            InitLoraWeights::Random => (kaiming(r, in_f), kaiming(out_f, r)),
+            InitLoraWeights::Random => (ctor_a, ctor_b),
             base_reading => {
                 panic!("{base_reading} reads the base weight: use LoraWeights::from_initial")
             }

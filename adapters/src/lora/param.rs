@@ -83,8 +83,14 @@ impl ParamLora {
     ) -> Result<Self> {
         let (experts, inp, out) = param.dims()?;
         let opts = (Kind::Float, tch::Device::Cpu);
-        let bound = 1.0 / (inp as f64).sqrt();
-        let a = Tensor::empty([r * experts, inp], opts).uniform_(-bound, bound);
+        let kaiming = |rows: i64, fan_in: i64| {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            Tensor::empty([rows, fan_in], opts).uniform_(-bound, bound)
+        };
+        // The draws of the two nn.Linear constructors PEFT runs first, so
+        // that one seed gives PEFT's adapter.
+        let _ = (kaiming(r * experts, inp), kaiming(out, r * experts));
+        let a = kaiming(r * experts, inp);
         let b = Tensor::zeros([out, r * experts], opts);
         let place = |t: Tensor| {
             t.to_kind(base_kind)
