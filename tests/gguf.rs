@@ -281,11 +281,7 @@ fn servable_copy(src: &Path, dst: &Path) -> PathBuf {
     common::edit_json(&config, |c| match model_type.as_str() {
         "gemma3_text" | "gemma3" => {
             let is_multimodal = c.get("text_config").is_some();
-            let text = if is_multimodal {
-                &mut c["text_config"]
-            } else {
-                c
-            };
+            let text = text_config(c);
             text["query_pre_attn_scalar"] = text["head_dim"].clone();
             if is_multimodal {
                 // transformers' Gemma3ForConditionalGeneration caps no
@@ -356,22 +352,33 @@ fn tiny_in_llama_cpp(src: &Path, adapter: Option<PathBuf>) {
     serve_in_llama_cpp(&base, &tmp.path().join("adapter"), &answers, tmp.path());
 }
 
+/// A config's text model: its `text_config` (a multimodal checkpoint's), or itself.
+fn text_config(c: &mut Value) -> &mut Value {
+    if c.get("text_config").is_some() {
+        &mut c["text_config"]
+    } else {
+        c
+    }
+}
+
+/// [`tiny_in_llama_cpp`] on the arch fixture's model `name`, with its
+/// PEFT-made adapter of `kind` (`lora`, `experts`) or a random one.
+fn fixture_in_llama_cpp(name: &str, kind: Option<&str>) {
+    let fx = arch_reference();
+    let adapter = kind.map(|k| fx.join(name).join(k).join("adapter"));
+    tiny_in_llama_cpp(&fx.join("models").join(name), adapter);
+}
+
 #[test]
 fn tiny_llama32_ggufs_answer_as_peft_rs_in_llama_cpp() {
     // Llama 3.2 style: Llama 3 RoPE scaling (rope_freqs), tied head; a PEFT-made adapter.
-    tiny_in_llama_cpp(
-        &arch_reference().join("models/llama32"),
-        Some(arch_reference().join("llama32/lora/adapter")),
-    );
+    fixture_in_llama_cpp("llama32", Some("lora"));
 }
 
 #[test]
 fn tiny_qwen3_ggufs_answer_as_peft_rs_in_llama_cpp() {
     // q/k norms, head_dim apart from hidden / heads; a PEFT-made adapter.
-    tiny_in_llama_cpp(
-        &arch_reference().join("models/qwen3"),
-        Some(arch_reference().join("qwen3/lora/adapter")),
-    );
+    fixture_in_llama_cpp("qwen3", Some("lora"));
 }
 
 #[test]
@@ -380,10 +387,7 @@ fn tiny_gemma3_ggufs_answer_as_peft_rs_in_llama_cpp() {
     // embeddings, local and global RoPE (linear scaling on the global
     // layers only), sliding and full layers in a pattern not llama.cpp's
     // default, final logit soft-capping, tied head; a PEFT-made adapter.
-    tiny_in_llama_cpp(
-        &arch_reference().join("models/gemma3"),
-        Some(arch_reference().join("gemma3/lora/adapter")),
-    );
+    fixture_in_llama_cpp("gemma3", Some("lora"));
 }
 
 #[test]
@@ -416,10 +420,7 @@ fn tiny_phi3_ggufs_answer_as_peft_rs_in_llama_cpp() {
     // Fused qkv_proj and gate_up_proj, partial rotary dimensions; a
     // PEFT-made adapter. (LongRoPE is checked against the converter only:
     // llama.cpp picks its factors by context size, transformers by length.)
-    tiny_in_llama_cpp(
-        &arch_reference().join("models/phi3"),
-        Some(arch_reference().join("phi3/lora/adapter")),
-    );
+    fixture_in_llama_cpp("phi3", Some("lora"));
 }
 
 #[test]
@@ -428,15 +429,9 @@ fn tiny_moe_ggufs_with_expert_adapters_answer_as_peft_rs_in_llama_cpp() {
     // (`target_parameters`) for Mixtral and gpt-oss (sinks, sliding layers,
     // YaRN, biases, transposed interleaved experts), and peft-rs's
     // all-linear (experts and router included, as PEFT's) for Qwen3-MoE.
-    tiny_in_llama_cpp(
-        &arch_reference().join("models/mixtral"),
-        Some(arch_reference().join("mixtral/experts/adapter")),
-    );
-    tiny_in_llama_cpp(
-        &arch_reference().join("models/gpt_oss"),
-        Some(arch_reference().join("gpt_oss/experts/adapter")),
-    );
-    tiny_in_llama_cpp(&arch_reference().join("models/qwen3_moe"), None);
+    fixture_in_llama_cpp("mixtral", Some("experts"));
+    fixture_in_llama_cpp("gpt_oss", Some("experts"));
+    fixture_in_llama_cpp("qwen3_moe", None);
 }
 
 #[test]
@@ -573,11 +568,7 @@ fn ggufs_equal_what_llama_cpp_converters_write() {
         );
         if name.starts_with("gemma3") {
             common::edit_json(&copy.join("config.json"), |c| {
-                let text = if c.get("text_config").is_some() {
-                    &mut c["text_config"]
-                } else {
-                    c
-                };
+                let text = text_config(c);
                 let layers = text["num_hidden_layers"].as_u64().unwrap();
                 text["layer_types"] = (0..layers)
                     .map(|l| {
