@@ -654,6 +654,51 @@ fn ggufs_equal_what_llama_cpp_converters_write() {
 }
 
 #[test]
+fn both_expert_layouts_write_the_same_gguf() {
+    // The Hub's tensor per expert and transformers 5's fused gate_up_proj
+    // (the fixtures' `_fused` models hold the same weights), each with
+    // PEFT's Mixtral adapter on attention, router and experts merged (its
+    // delta split per expert in one case, whole in the other): the same
+    // tensors, byte for byte, and the same metadata.
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = arch_reference();
+    let mut pairs = Vec::new();
+    for (name, adapter) in [("mixtral", Some("mixtral")), ("qwen3_moe", None)] {
+        let mut files = Vec::new();
+        for layout in [name.to_owned(), format!("{name}_fused")] {
+            let model = servable_copy(&fx.join("models").join(&layout), &tmp.path().join(&layout));
+            let out = tmp.path().join(format!("{layout}.gguf"));
+            let mut args = vec![
+                "--model",
+                s(&model),
+                "--output",
+                s(&out),
+                "--outtype",
+                "f32",
+            ];
+            let adapter_dir = adapter.map(|a| fx.join(a).join("experts/adapter"));
+            if let Some(a) = &adapter_dir {
+                args.extend(["--adapter", s(a)]);
+            }
+            export(&args);
+            files.push(out);
+        }
+        pairs.push(files);
+    }
+    let dumps: Vec<Value> = pairs
+        .iter()
+        .flatten()
+        .map(|g| serde_json::json!([s(g), s(&g.with_extension("json"))]))
+        .collect();
+    let dumps = json_file(tmp.path(), "dump.json", &Value::from(dumps));
+    fixture(&["dump-batch", s(&dumps)]);
+    for pair in &pairs {
+        let read = |g: &PathBuf| -> Value { common::read_json(&g.with_extension("json")) };
+        assert_same_gguf(&pair[1], &read(&pair[1]), &read(&pair[0]));
+    }
+}
+
+#[test]
 fn export_refuses_what_llama_cpp_cannot_serve_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.gguf");
