@@ -381,9 +381,13 @@ fn init_is_drawn_on_the_cpu_and_rounded_through_a_16_bit_base_dtype() {
     let weight = Tensor::ones([48, 64], (Kind::Float, Device::Cpu));
     let fp32 = init_on(&weight);
     // The same draws as libtorch's CPU generator gives for that seed, so
-    // any device that receives them gets the same adapter.
+    // any device that receives them gets the same adapter: PEFT's two
+    // nn.Linear constructors (A [8, 64], B [48, 8]), then A again.
     let by_hand = peft_rs::adapters::rng::with_torch_seed(7, || {
-        Tensor::empty([8, 64], (Kind::Float, Device::Cpu)).uniform_(-0.125, 0.125)
+        let cpu = (Kind::Float, Device::Cpu);
+        let _ = Tensor::empty([8, 64], cpu).uniform_(-0.125, 0.125);
+        let _ = Tensor::empty([48, 8], cpu).uniform_(-(8f64.sqrt().recip()), 8f64.sqrt().recip());
+        Tensor::empty([8, 64], cpu).uniform_(-0.125, 0.125)
     });
     assert!(fp32.a.equal(&by_hand));
     assert_eq!(fp32.a.kind(), Kind::Float);
