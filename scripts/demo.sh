@@ -55,15 +55,18 @@ echo "   $run/loss.png"
 
 echo
 echo "== merging the adapter into the base weights"
-$bin merge --adapter "$run/lora-r16-neftune5" --output "$run/merged" --overwrite > /dev/null
-$bin generate --prompts "$run/show.jsonl" --adapter "$run/lora-r16-neftune5" --max-new-tokens 24 --json 2>/dev/null > "$run/answers_adapter.jsonl"
-$bin generate --prompts "$run/show.jsonl" --model "$run/merged" --max-new-tokens 24 --json 2>/dev/null > "$run/answers_merged.jsonl"
+# In fp32, so that the merged weights equal base + adapter to float
+# rounding: a bf16 merge rounds W + ΔW to bf16, which can flip a near-tie in
+# a greedy answer (`merge --verify` measures that).
+$bin merge --adapter "$run/lora-r16-neftune5" --output "$run/merged" --overwrite --dtype fp32 > /dev/null
+$bin generate --prompts "$run/show.jsonl" --adapter "$run/lora-r16-neftune5" --max-new-tokens 24 --json --dtype fp32 2>/dev/null > "$run/answers_adapter.jsonl"
+$bin generate --prompts "$run/show.jsonl" --model "$run/merged" --max-new-tokens 24 --json --dtype fp32 2>/dev/null > "$run/answers_merged.jsonl"
 "$PYTHON" - "$run" <<'PY'
 import json, sys, pathlib
 run = pathlib.Path(sys.argv[1])
 ids = lambda f: [json.loads(l)["token_ids"] for l in (run / f).read_text().splitlines()]
 same = ids("answers_adapter.jsonl") == ids("answers_merged.jsonl")
-print(f"   merged model's greedy answers {'equal' if same else 'DIFFER FROM'} base+adapter's on {len(ids('answers_merged.jsonl'))} prompts")
+print(f"   merged model's greedy answers {'equal' if same else 'DIFFER FROM'} base+adapter's on {len(ids('answers_merged.jsonl'))} prompts (both fp32)")
 sys.exit(0 if same else 1)
 PY
 
