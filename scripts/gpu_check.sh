@@ -21,8 +21,8 @@
 # tokens/s, MFU and peak memory, the Llama-3.1-8B shape of bench/sizes.sh, the same with packing (the masked attention
 # path), LoRA compute dtype fp32 vs bf16 and TF32, transformers + PEFT on the
 # same step when the machine has them, QLoRA (when built in), NCCL with one
-# rank (when built in), placement (with two GPUs a 2-process NCCL run against
-# one process; with one, two local processes refused), a QLoRA adapter's
+# rank (when built in), placement (with two GPUs a 2-process NCCL run and a
+# 2-process --fsdp run against one process; with one, two local processes refused), a QLoRA adapter's
 # greedy answers on the GPU against the CPU's, generation tokens/s at batch 1
 # and 16, load times.
 set -uo pipefail
@@ -207,6 +207,16 @@ import json, sys
 a, b = ([json.loads(l)["loss"] for l in open(p) if '"loss"' in l] for p in sys.argv[1:])
 print(f"- 2 ranks x 2 (NCCL) vs 1 x 4: {len(a)} steps, largest loss difference {max(abs(x - y) for x, y in zip(a, b)):.2e}"
       " (bf16 base; attention's backward is not deterministic on CUDA, so expect ~1e-3, not 0)")
+PY
+    # The base sharded over the two GPUs (--fsdp, NCCL all-gathers): the same curve again.
+    step nccl-fsdp 180 "$bin/peft-rs" train "${same[@]}" --output "$out/nccl-fsdp" --batch-size 2 --nproc 2 --fsdp
+    "$py" - "$out/nccl-one/metrics.jsonl" "$out/nccl-fsdp/metrics.jsonl" "$out/nccl-fsdp/train_summary.json" <<'PY' | tee -a "$report"
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p) if '"loss"' in l] for p in sys.argv[1:3])
+f = json.load(open(sys.argv[3])).get("fsdp") or {}
+print(f"- 2 sharded ranks x 2 (--fsdp, NCCL) vs 1 x 4: {len(a)} steps, largest loss difference "
+      f"{max(abs(x - y) for x, y in zip(a, b)):.2e}; rank 0 holds {f.get('held_fraction')} of the sharded bytes, "
+      f"waited {f.get('gather_wait_seconds')} s for {f.get('gathers')} gathers")
 PY
   fi
   if [ "$gpus" -ge 1 ]; then

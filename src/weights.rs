@@ -221,6 +221,63 @@ impl WeightFiles {
     }
 }
 
+impl WeightFiles {
+    /// Elements `run` of the flattened tensor `name` (which must have
+    /// `shape`), converted to `kind` on `device`: only those bytes of the
+    /// file are read (a rank's slice of a frozen tensor under `--fsdp`).
+    pub fn load_run(
+        &self,
+        name: &str,
+        shape: &[i64],
+        kind: Kind,
+        device: Device,
+        run: std::ops::Range<i64>,
+    ) -> Result<Tensor> {
+        let Some(&i) = self.location.get(name) else {
+            bail!("tensor {name} is missing from the checkpoint");
+        };
+        let shard = &self.shards[i];
+        let info = &shard.tensors[name];
+        let found: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        if found != shape {
+            bail!(
+                "{}: tensor {name} has shape {found:?}, but the model config implies {shape:?}",
+                shard.path.display()
+            );
+        }
+        let file_kind = kind_of(info.dtype).with_context(|| {
+            format!(
+                "{}: tensor {name} has dtype {:?}",
+                shard.path.display(),
+                info.dtype
+            )
+        })?;
+        let elt = file_kind.elt_size_in_bytes();
+        let start = shard.data_start + info.data_offsets.0;
+        let (from, to) = (
+            start + run.start as usize * elt,
+            start + run.end as usize * elt,
+        );
+        if to > shard.data_start + info.data_offsets.1 {
+            bail!(
+                "{}: tensor {name} is shorter than its shape",
+                shard.path.display()
+            );
+        }
+        let host = host_copy(
+            &shard.mmap[from..to],
+            &[run.end - run.start],
+            file_kind,
+            device,
+        )
+        .with_context(|| format!("{}: tensor {name}", shard.path.display()))?;
+        release_range(&shard.mmap, from, to);
+        Ok(host
+            .f_to_device_(device, file_kind, false, false)?
+            .to_kind(kind))
+    }
+}
+
 /// The file's bytes copied once from the mapping into a host tensor: in
 /// page-locked memory when `device` is a GPU (the copy to it then runs by
 /// DMA, without the staging copy a pageable source costs), in ordinary
@@ -423,20 +480,7 @@ impl WeightFiles {
         };
         let shard = &self.shards[i];
         let (s, e) = shard.tensors[name].data_offsets;
-        let page = 4096;
-        let start = (shard.data_start + s).div_ceil(page) * page;
-        let end = (shard.data_start + e) / page * page;
-        if end > start {
-            // SAFETY: the mapping is private and read-only; dropped pages are
-            // read back from the file if touched again.
-            let _ = unsafe {
-                shard.mmap.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    start,
-                    end - start,
-                )
-            };
-        }
+        release_range(&shard.mmap, shard.data_start + s, shard.data_start + e);
     }
 
     /// The raw bytes of a tensor as stored (no copy: a view of the mapping).
@@ -445,5 +489,19 @@ impl WeightFiles {
         let shard = &self.shards[i];
         let (s, e) = shard.tensors[name].data_offsets;
         Some(&shard.mmap[shard.data_start + s..shard.data_start + e])
+    }
+}
+
+/// Lets the kernel drop the whole pages of `mmap[from..to]`.
+fn release_range(mmap: &Mmap, from: usize, to: usize) {
+    let page = 4096;
+    let start = from.div_ceil(page) * page;
+    let end = to / page * page;
+    if end > start {
+        // SAFETY: the mapping is private and read-only; dropped pages are
+        // read back from the file if touched again.
+        let _ = unsafe {
+            mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
     }
 }

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::{Backend, DistEnv};
 
@@ -29,6 +29,20 @@ mod ffi {
             tensor: *mut c_void,
             err: *mut *mut c_char,
         ) -> c_int;
+        pub fn peft_c10d_all_gather_start(
+            group: *mut c_void,
+            output: *mut c_void,
+            input: *mut c_void,
+            err: *mut *mut c_char,
+        ) -> *mut c_void;
+        pub fn peft_c10d_all_gather_parts_start(
+            group: *mut c_void,
+            outputs: *mut *mut c_void,
+            inputs: *mut *mut c_void,
+            count: c_int,
+            err: *mut *mut c_char,
+        ) -> *mut c_void;
+        pub fn peft_c10d_work_wait(work: *mut c_void, err: *mut *mut c_char) -> c_int;
         pub fn peft_c10d_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
         pub fn peft_c10d_store_set(
             group: *mut c_void,
@@ -60,11 +74,14 @@ pub struct ProcessGroup {
     world_size: usize,
     timeout: Duration,
     /// What this rank last announced it was waiting for (see [`ProcessGroup::at`]).
-    at: String,
+    at: std::sync::Mutex<String>,
 }
 
-// c10d's process groups are used from one thread at a time here.
+// c10d's process groups are used from one thread at a time here (the
+// trainer's, which also runs the model's FSDP gathers); Gloo's own worker
+// threads only touch the tensors of a started collective.
 unsafe impl Send for ProcessGroup {}
+unsafe impl Sync for ProcessGroup {}
 
 #[cfg(peft_rs_c10d)]
 fn take_message(err: *mut std::os::raw::c_char) -> String {
@@ -170,7 +187,7 @@ impl ProcessGroup {
                 rank,
                 world_size: world,
                 timeout,
-                at: String::new(),
+                at: Default::default(),
             })
         }
         #[cfg(not(peft_rs_c10d))]
@@ -201,12 +218,119 @@ impl ProcessGroup {
     /// Announces in the store what this rank waits for next (`what`, e.g.
     /// "the all-reduce of step 4"): when a collective fails, the others read
     /// it to name the rank that never arrived.
-    pub fn at(&mut self, what: &str) -> Result<()> {
-        if self.at != what {
+    pub fn at(&self, what: &str) -> Result<()> {
+        if *self.last_at() != what {
             self.store_set(&format!("peft-rs/at/{}", self.rank), what.as_bytes())?;
-            self.at = what.to_owned();
+            *self.last_at() = what.to_owned();
         }
         Ok(())
+    }
+
+    fn last_at(&self) -> std::sync::MutexGuard<'_, String> {
+        self.at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts gathering every rank's `local` (a contiguous 1-D tensor of
+    /// the same size on each rank) into a `[world, len]` tensor, rank r's in
+    /// row r. The collective runs on c10d's threads until
+    /// [`PendingGather::wait`]; every rank must start the same gathers in
+    /// the same order.
+    pub fn all_gather_start(&self, local: &Tensor) -> Result<PendingGather> {
+        let mut out = Tensor::empty(
+            [self.world_size as i64, local.numel() as i64],
+            (local.kind(), local.device()),
+        );
+        #[cfg(peft_rs_c10d)]
+        {
+            let mut input = local.shallow_clone();
+            let mut err = std::ptr::null_mut();
+            // SAFETY: both are live tensors (tch's C_tensor is an at::Tensor*);
+            // `PendingGather` keeps them alive until the work is waited for.
+            let work = unsafe {
+                ffi::peft_c10d_all_gather_start(
+                    self.ptr,
+                    out.as_mut_ptr() as *mut _,
+                    input.as_mut_ptr() as *mut _,
+                    &mut err,
+                )
+            };
+            if work.is_null() {
+                let message = take_message(err);
+                bail!("{}", self.explain_failure("all-gather", &message));
+            }
+            Ok(PendingGather {
+                work,
+                out: Some(out),
+                parts: None,
+                _input: input,
+                _inputs: Vec::new(),
+            })
+        }
+        #[cfg(not(peft_rs_c10d))]
+        {
+            let _ = &mut out;
+            unreachable!("no process group exists without c10d")
+        }
+    }
+
+    /// Starts gathering every rank's `parts` (1-D contiguous tensors, the
+    /// same sizes and dtypes on each rank) in one collective: for each part
+    /// a `[world · len]` tensor with rank r's at `r·len..`, written in place
+    /// (no staging copy). See [`ProcessGroup::all_gather_start`].
+    pub fn all_gather_parts_start(&self, parts: &[Tensor]) -> Result<PendingGather> {
+        let world = self.world_size as i64;
+        let outs: Vec<Tensor> = parts
+            .iter()
+            .map(|p| Tensor::empty([world * p.numel() as i64], (p.kind(), p.device())))
+            .collect();
+        #[cfg(peft_rs_c10d)]
+        {
+            let mut inputs: Vec<Tensor> = parts.iter().map(Tensor::shallow_clone).collect();
+            let mut outputs: Vec<Tensor> = outs.iter().map(Tensor::shallow_clone).collect();
+            let mut out_ptrs: Vec<*mut std::os::raw::c_void> = outputs
+                .iter_mut()
+                .map(|t| t.as_mut_ptr() as *mut _)
+                .collect();
+            let mut in_ptrs: Vec<*mut std::os::raw::c_void> = inputs
+                .iter_mut()
+                .map(|t| t.as_mut_ptr() as *mut _)
+                .collect();
+            let mut err = std::ptr::null_mut();
+            // SAFETY: live tensors (at::Tensor*), `count` of each; `PendingGather`
+            // keeps them alive until the work is waited for.
+            let work = unsafe {
+                ffi::peft_c10d_all_gather_parts_start(
+                    self.ptr,
+                    out_ptrs.as_mut_ptr(),
+                    in_ptrs.as_mut_ptr(),
+                    parts.len() as _,
+                    &mut err,
+                )
+            };
+            if work.is_null() {
+                let message = take_message(err);
+                bail!("{}", self.explain_failure("all-gather", &message));
+            }
+            Ok(PendingGather {
+                work,
+                out: None,
+                parts: Some(outs),
+                _input: Tensor::empty([0], (Kind::Uint8, tch::Device::Cpu)),
+                _inputs: inputs,
+            })
+        }
+        #[cfg(not(peft_rs_c10d))]
+        {
+            let _ = outs;
+            unreachable!("no process group exists without c10d")
+        }
+    }
+
+    /// [`ProcessGroup::all_gather_start`], waited for.
+    pub fn all_gather(&self, local: &Tensor) -> Result<Tensor> {
+        self.all_gather_start(local)?.wait(self)
     }
 
     /// Sums `t` over all ranks, in place (every rank gets the total).
@@ -314,14 +438,15 @@ impl ProcessGroup {
         // before taking part in it (stopped between the announcement and the
         // send). The ranks that merely waited fail too, within about the
         // same timeout, and say so here: the one that stays silent is named.
-        let _ = self.store_set(&format!("peft-rs/failed/{}", self.rank), self.at.as_bytes());
+        let at = self.last_at().clone();
+        let _ = self.store_set(&format!("peft-rs/failed/{}", self.rank), at.as_bytes());
         let mut behind = Vec::new();
         let mut silent_store = false;
         for r in (0..self.world_size).filter(|&r| r != self.rank) {
             match self.store_get(&format!("peft-rs/at/{r}"), DIAGNOSE_WAIT) {
                 Ok(v) => {
                     let theirs = String::from_utf8_lossy(&v).into_owned();
-                    if theirs != self.at {
+                    if theirs != at {
                         behind.push(format!("rank {r} (last at {theirs})"));
                     } else if self
                         .store_get(&format!("peft-rs/failed/{r}"), DIAGNOSE_WAIT)
@@ -352,8 +477,62 @@ impl ProcessGroup {
         format!(
             "rank {}: {what} at {} failed: {who} (c10d: {c10d}); the last complete checkpoint, if any, is intact",
             self.rank,
-            if self.at.is_empty() { "the start" } else { &self.at },
+            if at.is_empty() { "the start" } else { &at },
         )
+    }
+}
+
+/// An all-gather under way (see [`ProcessGroup::all_gather_start`]).
+pub struct PendingGather {
+    #[cfg(peft_rs_c10d)]
+    work: *mut std::os::raw::c_void,
+    out: Option<Tensor>,
+    parts: Option<Vec<Tensor>>,
+    _input: Tensor,
+    _inputs: Vec<Tensor>,
+}
+
+impl PendingGather {
+    /// Waits for the gather started on `group`: `[world, len]`, rank r's
+    /// tensor in row r.
+    pub fn wait(mut self, group: &ProcessGroup) -> Result<Tensor> {
+        if let Err(message) = self.finish() {
+            bail!("{}", group.explain_failure("all-gather", &message));
+        }
+        Ok(self.out.take().expect("taken once"))
+    }
+
+    /// Waits for a gather of parts ([`ProcessGroup::all_gather_parts_start`]).
+    pub fn wait_parts(mut self, group: &ProcessGroup) -> Result<Vec<Tensor>> {
+        if let Err(message) = self.finish() {
+            bail!("{}", group.explain_failure("all-gather", &message));
+        }
+        Ok(self.parts.take().expect("a gather of parts"))
+    }
+
+    /// Waits for the work; the c10d message on failure.
+    fn finish(&mut self) -> std::result::Result<(), String> {
+        #[cfg(peft_rs_c10d)]
+        {
+            if self.work.is_null() {
+                return Ok(());
+            }
+            let mut err = std::ptr::null_mut();
+            // SAFETY: the work came from peft_c10d_all_gather_start; waited for and freed once.
+            let rc = unsafe { ffi::peft_c10d_work_wait(self.work, &mut err) };
+            self.work = std::ptr::null_mut();
+            if rc != 0 {
+                return Err(take_message(err));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PendingGather {
+    fn drop(&mut self) {
+        // c10d's threads write into `out` until the work ends.
+        let _ = self.finish();
     }
 }
 

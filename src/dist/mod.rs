@@ -10,13 +10,14 @@
 //! the ranks must agree on.
 
 pub mod agree;
+pub mod fsdp;
 pub mod group;
 pub mod launch;
 pub mod reduce;
 
 use anyhow::{bail, Context, Result};
 
-pub use group::{capabilities, ProcessGroup};
+pub use group::{capabilities, PendingGather, ProcessGroup};
 pub use launch::launch_local;
 
 use crate::device::LocalRank;

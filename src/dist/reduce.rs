@@ -29,7 +29,7 @@ pub struct Reduced {
 /// process; and every rank learns the same stop decision. The summed
 /// gradients replace each parameter's `.grad`.
 pub fn all_reduce_gradients(
-    group: &mut ProcessGroup,
+    group: &ProcessGroup,
     params: &BTreeMap<String, Tensor>,
     loss: f64,
     pending: Option<i32>,

@@ -16,6 +16,9 @@ use super::attention::{AttentionLayout, DecoderInput, KvCache, Masks};
 use super::config::{LlamaConfig, OUTPUT_HEAD};
 use super::mlp::Mlp;
 use super::rope::RotaryEmbedding;
+use std::sync::Arc;
+
+use crate::dist::fsdp::{Fsdp, Gathered, ShardedUnits, ShardedWeight, UnitId};
 use crate::nn::{Linear, RmsNorm};
 use crate::quant::FrozenWeight;
 use peft_adapters::lora::param::ParamLora;
@@ -87,6 +90,7 @@ impl Recompute {
             } else {
                 self.inputs[i].shallow_clone()
             };
+            let _whole = model.gather_layer(i, true);
             let (out, logits) =
                 model.run_layer(i, &input, &self.rope, self.masks[i].as_ref(), None, &*hooks);
             let out = hooks.layer_output(i, out);
@@ -185,6 +189,10 @@ pub struct LlamaForCausalLM {
     pub lm_head: Linear,
     pub(crate) kind: Kind,
     pub(crate) device: Device,
+    /// The embeddings' slice, when the base was loaded sharded (`--fsdp`).
+    pub(crate) sharded_embedding: Option<Arc<ShardedWeight>>,
+    /// The sharded base's gathers, once [`LlamaForCausalLM::start_fsdp`] ran.
+    pub(crate) fsdp: Option<Fsdp>,
 }
 
 impl LlamaForCausalLM {
@@ -204,7 +212,15 @@ impl LlamaForCausalLM {
     /// `Gemma3TextScaledWordEmbedding` does: what a hook on `embed_tokens`
     /// (NEFTune) sees is the scaled embedding.
     pub fn embed(&self, input_ids: &Tensor) -> Tensor {
-        let x = Tensor::embedding(&self.model.embed_tokens, input_ids, -1, false, false);
+        let x = match &self.fsdp {
+            None => Tensor::embedding(&self.model.embed_tokens, input_ids, -1, false, false),
+            Some(f) => {
+                let first = (!self.model.layers.is_empty()).then_some(UnitId::Layer(0));
+                let _whole = f.gather(UnitId::Embedding, first);
+                let table = f.embedding_table();
+                Tensor::embedding(&table, input_ids, -1, false, false)
+            }
+        };
         match self.config.embed_scale {
             None => x,
             Some(scale) => {
@@ -259,6 +275,7 @@ impl LlamaForCausalLM {
                     inputs.push(x.detach());
                 }
                 let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                let _whole = self.gather_layer(i, false);
                 let (out, logits) = self.run_layer(i, &x, &rope, mask.as_ref(), slot, &*hooks);
                 router_logits.extend(logits);
                 x = hooks.layer_output(i, out);
@@ -295,6 +312,86 @@ impl LlamaForCausalLM {
             Some((_, original)) => past > 0 && past <= *original && past + len > *original,
             None => false,
         }
+    }
+
+    /// Layer `i`, whole while the guard lives (`--fsdp`); the gather of the
+    /// layer that runs next is started meanwhile: the next layer, or the
+    /// head after the last, or in the backward pass (`recomputing`) the
+    /// layer before.
+    fn gather_layer(&self, i: usize, recomputing: bool) -> Option<Gathered<'_>> {
+        let f = self.fsdp.as_ref()?;
+        let next = if recomputing {
+            i.checked_sub(1).map(UnitId::Layer)
+        } else if i + 1 < self.model.layers.len() {
+            Some(UnitId::Layer(i + 1))
+        } else {
+            Some(f.head_unit())
+        };
+        Some(f.gather(UnitId::Layer(i), next))
+    }
+
+    /// The output head, whole while the guard lives (`--fsdp`): taken
+    /// around the loss. With `then_recompute` the last layer's gather starts
+    /// meanwhile, for the checkpointed backward pass.
+    pub fn gather_head(&self, then_recompute: bool) -> Option<Gathered<'_>> {
+        let f = self.fsdp.as_ref()?;
+        let n = self.model.layers.len();
+        let next = (then_recompute && n > 0).then(|| UnitId::Layer(n - 1));
+        Some(f.gather(f.head_unit(), next))
+    }
+
+    /// The sharded base's gathers (`--fsdp`), if it is sharded.
+    pub fn fsdp(&self) -> Option<&Fsdp> {
+        self.fsdp.as_ref()
+    }
+
+    /// [`Self::fsdp`], mutable.
+    pub fn fsdp_mut(&mut self) -> Option<&mut Fsdp> {
+        self.fsdp.as_mut()
+    }
+
+    /// The first failed gather of the sharded base since the last call: the
+    /// pass that saw it computed on zeros and must be thrown away.
+    pub fn fsdp_error(&self) -> anyhow::Result<()> {
+        match self.fsdp.as_ref().and_then(Fsdp::take_error) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts gathering over `group` a base loaded sharded
+    /// ([`super::loader::Weights::sharded`]): each decoder layer is one
+    /// unit, the embeddings (with a tied head) another, an untied head a third.
+    pub fn start_fsdp(&mut self, group: Arc<crate::dist::ProcessGroup>) -> anyhow::Result<()> {
+        let Some(embedding) = self.sharded_embedding.clone() else {
+            anyhow::bail!("the base was not loaded sharded");
+        };
+        let sharded = |l: &Linear| match &l.weight {
+            FrozenWeight::Sharded(s) => Some(s.clone()),
+            _ => None,
+        };
+        let layers = (0..self.model.layers.len())
+            .map(|i| {
+                let names = self.layer_linear_names(i);
+                layer_linears!(self.model.layers[i])
+                    .into_iter()
+                    .filter(|(n, _)| names.contains(n))
+                    .filter_map(|(_, l)| sharded(l))
+                    .collect()
+            })
+            .collect();
+        let head = if self.config.tie_word_embeddings {
+            None
+        } else {
+            sharded(&self.lm_head)
+        };
+        let units = ShardedUnits {
+            layers,
+            embedding,
+            head,
+        };
+        self.fsdp = Some(Fsdp::new(group, units, self.device));
+        Ok(())
     }
 
     fn run_layer(
@@ -338,11 +435,17 @@ impl LlamaForCausalLM {
     /// The head's weight and bias when the logits are plainly `x Wᵀ + b`
     /// (a dense weight, no adapter, no soft-capping), so that callers may
     /// compute with it directly.
-    pub fn plain_lm_head(&self) -> Option<(&Tensor, Option<&Tensor>)> {
-        match (&self.lm_head.weight, &self.lm_head.adapter) {
-            (FrozenWeight::Dense(w), None) if self.config.final_logit_softcapping.is_none() => {
-                Some((w, self.lm_head.bias.as_ref()))
-            }
+    /// Under `--fsdp` the head's unit must be gathered ([`Self::gather_head`]).
+    pub fn plain_lm_head(&self) -> Option<(Tensor, Option<&Tensor>)> {
+        if self.lm_head.adapter.is_some() || self.config.final_logit_softcapping.is_some() {
+            return None;
+        }
+        match &self.lm_head.weight {
+            FrozenWeight::Dense(w) => Some((w.shallow_clone(), self.lm_head.bias.as_ref())),
+            FrozenWeight::Sharded(s) if !s.is_quantized() => Some((
+                s.with_whole(FrozenWeight::dense),
+                self.lm_head.bias.as_ref(),
+            )),
             _ => None,
         }
     }
@@ -487,6 +590,11 @@ impl LlamaForCausalLM {
     pub fn frozen_bytes(&self) -> (usize, usize, i64) {
         let dense = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
         let mut all = dense(&self.model.embed_tokens) + dense(&self.model.norm.weight);
+        // Sharded (`--fsdp`): this rank's slice, tied head included.
+        all += self
+            .sharded_embedding
+            .as_ref()
+            .map_or(0, |s| s.held_bytes());
         let (mut qbytes, mut qparams) = (0, 0);
         let mut count = |lin: &Linear, all: &mut usize| {
             let b = lin.weight.frozen_bytes();

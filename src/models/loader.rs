@@ -15,9 +15,11 @@ use super::decoder::{layer_linears, DecoderLayer, LlamaForCausalLM, LlamaModel};
 use super::mlp::Mlp;
 use super::moe::{Experts, TopKRouter};
 use super::rope::RotaryEmbedding;
+use crate::dist::fsdp::{self, ShardedWeight};
 use crate::nn::{Linear, RmsNorm};
 use crate::quant::{FrozenWeight, QuantPlan};
 use crate::weights::WeightFiles;
+use std::sync::Arc;
 
 /// Where a model's tensors come from: a checkpoint, or random values for
 /// benchmarks of shapes no checkpoint is at hand for.
@@ -29,6 +31,20 @@ pub trait TensorSource {
     /// layers are read from them directly).
     fn weight_files(&self) -> Option<&WeightFiles> {
         None
+    }
+
+    /// Elements `run` of the flattened tensor `name` of `shape`: a rank's
+    /// slice under `--fsdp` (a checkpoint reads only those bytes).
+    fn tensor_run(
+        &self,
+        name: &str,
+        shape: &[i64],
+        kind: Kind,
+        device: Device,
+        run: std::ops::Range<i64>,
+    ) -> Result<Tensor> {
+        let whole = self.tensor(name, shape, kind, device)?.reshape([-1]);
+        Ok(whole.narrow(0, run.start, run.end - run.start).contiguous())
     }
 
     /// Whether the source holds the tensor `name` (random weights hold any).
@@ -45,6 +61,17 @@ impl TensorSource for WeightFiles {
 
     fn weight_files(&self) -> Option<&WeightFiles> {
         Some(self)
+    }
+
+    fn tensor_run(
+        &self,
+        name: &str,
+        shape: &[i64],
+        kind: Kind,
+        device: Device,
+        run: std::ops::Range<i64>,
+    ) -> Result<Tensor> {
+        self.load_run(name, shape, kind, device, run)
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -78,6 +105,8 @@ pub struct Weights<'a> {
     device: Device,
     used: &'a RefCell<BTreeSet<String>>,
     quant: Option<&'a QuantPlan>,
+    /// `(rank, world)`: keep only this rank's slice of each frozen weight (`--fsdp`).
+    shard: Option<(usize, usize)>,
 }
 
 impl<'a> Weights<'a> {
@@ -95,7 +124,15 @@ impl<'a> Weights<'a> {
             device,
             used,
             quant: None,
+            shard: None,
         }
+    }
+
+    /// The same root, keeping only `rank`'s slice of every linear layer's
+    /// weight and of the embeddings (see [`crate::dist::fsdp`]).
+    pub fn sharded(mut self, rank: usize, world: usize) -> Self {
+        self.shard = Some((rank, world));
+        self
     }
 
     /// The same root, loading linear layers as `plan` says (quantized at
@@ -114,6 +151,7 @@ impl<'a> Weights<'a> {
             device: self.device,
             used: self.used,
             quant: self.quant,
+            shard: self.shard,
         }
     }
 
@@ -174,7 +212,16 @@ impl<'a> Weights<'a> {
                 self.used.borrow_mut().extend(used);
                 weight
             }
-            _ => FrozenWeight::Dense(w.get("weight", &[out_dim, in_dim])?),
+            _ => match self.shard {
+                Some(_) => return self.sharded_linear(name, in_dim, out_dim, bias),
+                None => FrozenWeight::Dense(w.get("weight", &[out_dim, in_dim])?),
+            },
+        };
+        let weight = match self.shard {
+            Some((rank, world)) => {
+                FrozenWeight::Sharded(ShardedWeight::from_whole(&weight, rank, world))
+            }
+            None => weight,
         };
         let bias = if bias {
             Some(w.get("bias", &[out_dim])?)
@@ -185,19 +232,63 @@ impl<'a> Weights<'a> {
     }
 }
 
+impl Weights<'_> {
+    /// This rank's slice of the dense tensor `prefix + name` of `shape`,
+    /// read alone, as a sharded weight.
+    fn sharded_dense(&self, name: &str, shape: &[i64]) -> Result<Arc<ShardedWeight>> {
+        let (rank, world) = self.shard.expect("called when sharding");
+        let full = self.path(name);
+        let numel = shape.iter().product();
+        let run = fsdp::run_of(numel, rank, world);
+        let t = self
+            .files
+            .tensor_run(&full, shape, self.kind, self.device, run)?;
+        self.used.borrow_mut().insert(full);
+        // Only the shape and dtype of the whole are read from this stand-in.
+        let stand_in = Tensor::zeros([1, 1], (self.kind, tch::Device::Cpu)).expand(shape, false);
+        let run = fsdp::pad_run(&t, world, &stand_in);
+        Ok(ShardedWeight::from_runs(
+            &FrozenWeight::Dense(stand_in),
+            vec![run],
+            world,
+        ))
+    }
+
+    fn sharded_linear(&self, name: &str, in_dim: i64, out_dim: i64, bias: bool) -> Result<Linear> {
+        let w = self.pp(name);
+        let weight = w.sharded_dense("weight", &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(w.get("bias", &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Linear::with_weight(FrozenWeight::Sharded(weight), bias))
+    }
+}
+
 impl LlamaForCausalLM {
     /// Builds the model from checkpoint tensors, checking every shape against the config.
     pub fn load(config: LlamaConfig, w: &Weights) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size as i64;
         let m = w.pp(&c.stored_decoder);
-        let embed_tokens = m.get("embed_tokens.weight", &[c.vocab_size as i64, h])?;
+        let embed_shape = [c.vocab_size as i64, h];
+        let (embed_tokens, sharded_embedding) = match w.shard {
+            None => (m.get("embed_tokens.weight", &embed_shape)?, None),
+            Some(_) => {
+                let s = m.sharded_dense("embed_tokens.weight", &embed_shape)?;
+                (Tensor::empty([0], (w.kind(), w.device())), Some(s))
+            }
+        };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for (i, window) in c.sliding_window.iter().enumerate() {
             layers.push(load_layer(c, i, &m.pp(&format!("layers.{i}")), *window)?);
         }
         let lm_head = if c.tie_word_embeddings {
-            Linear::new(embed_tokens.shallow_clone(), None)
+            match &sharded_embedding {
+                Some(s) => Linear::with_weight(FrozenWeight::Sharded(s.clone()), None),
+                None => Linear::new(embed_tokens.shallow_clone(), None),
+            }
         } else {
             w.linear(&c.stored_head, h, c.vocab_size as i64, false)?
         };
@@ -221,6 +312,8 @@ impl LlamaForCausalLM {
             config,
             model,
             lm_head,
+            sharded_embedding,
+            fsdp: None,
         })
     }
 }

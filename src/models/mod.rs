@@ -82,7 +82,7 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
 ///
 /// Weights are converted to `kind` on `device` and never require grad.
 pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<LlamaForCausalLM> {
-    load_with_config(dir, read_config(dir)?, kind, device, None)
+    load_with_config(dir, read_config(dir)?, kind, device, None, None)
 }
 
 /// [`load`], with the linear layers quantized as `quantize` asks
@@ -94,7 +94,7 @@ pub fn load_quantized(
     device: Device,
     quantize: Option<&BnbQuantization>,
 ) -> Result<LlamaForCausalLM> {
-    load_with_config(dir, read_config(dir)?, kind, device, quantize)
+    load_with_config(dir, read_config(dir)?, kind, device, quantize, None)
 }
 
 /// A random model (see [`random`]) whose linear layers are quantized as `quantize` asks.
@@ -127,6 +127,7 @@ fn load_with_config(
     kind: Kind,
     device: Device,
     quantize: Option<&BnbQuantization>,
+    shard: Option<(usize, usize)>,
 ) -> Result<LlamaForCausalLM> {
     let files = WeightFiles::from_model_dir(dir)?;
     let config = config.with_stored_names(|n| files.contains(n));
@@ -134,10 +135,11 @@ fn load_with_config(
     let stored = crate::quant::read_quantization(dir)?;
     let plan = QuantPlan::choose(stored, quantize, &dir.join("config.json"))?;
     let used = RefCell::new(BTreeSet::new());
-    let model = LlamaForCausalLM::load(
-        config,
-        &Weights::new(&files, kind, device, &used).with_quantization(plan.as_ref()),
-    )?;
+    let mut weights = Weights::new(&files, kind, device, &used).with_quantization(plan.as_ref());
+    if let Some((rank, world)) = shard {
+        weights = weights.sharded(rank, world);
+    }
+    let model = LlamaForCausalLM::load(config, &weights)?;
     let used = used.into_inner();
     let head = format!("{}.weight", model.config.stored_head);
     let ignorable = |n: &str| n == head || n.ends_with("rotary_emb.inv_freq");
@@ -248,11 +250,24 @@ impl Pretrained {
         device: Device,
         quantize: Option<&BnbQuantization>,
     ) -> Result<Self> {
+        Self::load_sharded(dir, kind, device, quantize, None)
+    }
+
+    /// [`Pretrained::load_quantized`], keeping only the slice `(rank, world)`
+    /// of each frozen linear weight and of the embeddings when `shard` is
+    /// given (`--fsdp`, see [`crate::dist::fsdp`]).
+    pub fn load_sharded(
+        dir: &Path,
+        kind: Kind,
+        device: Device,
+        quantize: Option<&BnbQuantization>,
+        shard: Option<(usize, usize)>,
+    ) -> Result<Self> {
         let config = read_config(dir)?;
         let tokenizer = crate::tokenizer::Tokenizer::from_model_dir(dir)?;
         // Checked before the weights are read: a mismatch names the cause, not a shape.
         tokenizer.check_fits(config.vocab_size, &dir.join("config.json"))?;
-        let model = load_with_config(dir, config, kind, device, quantize)?;
+        let model = load_with_config(dir, config, kind, device, quantize, shard)?;
         let mut eos = generation_eos(dir)?;
         if eos.is_empty() {
             eos = model.config.eos_token_ids.clone();

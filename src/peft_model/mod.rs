@@ -98,8 +98,14 @@ pub fn inject(
             keep_initial(lin, name, init, initial).with_context(|| path.clone())?;
             continue;
         }
+        let base = match &lin.weight {
+            // A sharded base (`--fsdp`) is not whole here: LoRA reads only
+            // its shape and dtype, DoRA its values.
+            crate::quant::FrozenWeight::Sharded(s) if !config.use_dora => s.stand_in(device),
+            _ => lin.weight.dense(),
+        };
         let w = LoraWeights::init(
-            &lin.weight.dense(),
+            &base,
             r,
             scaling,
             config.lora_dropout,
@@ -277,6 +283,9 @@ fn init_from_base(
     init: InitLoraWeights,
     device: tch::Device,
 ) -> Result<(LoraWeights, LoraWeights)> {
+    if matches!(lin.weight, crate::quant::FrozenWeight::Sharded(_)) {
+        bail!("`init_lora_weights` = {init} reads the whole base weight, which a base sharded over ranks (--fsdp) does not hold");
+    }
     if lin.weight.is_quantized() && matches!(init, InitLoraWeights::Pissa { .. }) {
         bail!("`init_lora_weights` = {init} needs a 16- or 32-bit base weight, as in PEFT: train without 4/8-bit quantization (and quantize the merged model afterwards), or use olora");
     }

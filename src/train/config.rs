@@ -73,6 +73,8 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "nproc",
     "dist_backend",
     "dist_timeout",
+    "fsdp",
+    "fsdp_prefetch",
 ];
 
 /// Fields that `training_args.json` records about how a run was made, which
@@ -342,6 +344,17 @@ pub struct TrainConfig {
     /// Seconds a rank waits for the others in a collective before the whole run stops.
     #[arg(long, value_name = "SECONDS", default_value_t = defaults().dist_timeout)]
     pub dist_timeout: u64,
+    /// Shard the frozen base over the ranks, as PyTorch's FSDP does: each rank holds
+    /// 1/N of every frozen weight (4-bit ones as packed bytes) and gathers a decoder
+    /// layer just before it runs. Turns gradient checkpointing on by default, so that
+    /// the backward pass gathers each layer again instead of keeping it.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().fsdp)]
+    pub fsdp: bool,
+    /// With --fsdp, gather the next layer while the current one computes.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().fsdp_prefetch)]
+    pub fsdp_prefetch: bool,
     /// Rows of logits per cross-entropy chunk (each chunk holds two
     /// [N, vocab] fp32 tensors at its peak).
     #[arg(long, value_name = "N", default_value_t = defaults().loss_chunk_size)]
@@ -427,6 +440,8 @@ impl Default for TrainConfig {
             nproc: 1,
             dist_backend: crate::dist::Backend::Auto,
             dist_timeout: 600,
+            fsdp: false,
+            fsdp_prefetch: true,
             loss_chunk_size: LOSS_CHUNK_SIZE,
             logging_steps: 1,
             report_to: ReportTo::None,
@@ -538,10 +553,10 @@ impl TrainConfig {
     }
 
     /// Whether each decoder layer is recomputed in the backward pass: as
-    /// asked, else with a quantized base only.
+    /// asked, else with a quantized or sharded (`--fsdp`) base only.
     pub fn checkpointing(&self) -> bool {
         self.gradient_checkpointing
-            .unwrap_or(self.quantize.is_some())
+            .unwrap_or(self.quantize.is_some() || self.fsdp)
     }
 
     /// The dtype of the LoRA matmuls on `device` over a frozen base whose

@@ -78,6 +78,16 @@ fn loss_sum(
     let mut order: Vec<usize> = (0..ds.examples.len()).collect();
     order.sort_by_key(|&i| ds.examples[i].input_ids.len());
     let mine = &order[crate::dist::shard(order.len(), rank, world)];
+    // A sharded base (`--fsdp`): every rank runs as many passes as rank 0,
+    // which has the most records, so that the layer gathers pair up.
+    if let Some(f) = model.fsdp() {
+        let most = crate::dist::shard(order.len(), 0, world)
+            .len()
+            .div_ceil(batch_size);
+        for _ in mine.len().div_ceil(batch_size)..most {
+            f.idle_pass(false);
+        }
+    }
     let (mut sum, mut count) = (0.0, 0i64);
     for chunk_idx in mine.chunks(batch_size) {
         let ex: Vec<&data::Example> = chunk_idx.iter().map(|&i| &ds.examples[i]).collect();
@@ -99,8 +109,11 @@ fn loss_sum(
             },
         };
         let hidden = model.forward_hidden(&b.decoder_input(&ids, None), None, &mut hooks);
+        let head = model.gather_head(false);
         sum += chunked_cross_entropy(model, &hidden, &b.labels.to_device(device), chunk, None)?;
+        drop(head);
         count += b.num_label_tokens;
     }
+    model.fsdp_error()?;
     Ok((sum, count))
 }

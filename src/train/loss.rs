@@ -72,7 +72,7 @@ pub fn chunked_cross_entropy_with(
             for (s, m) in chunks {
                 let (loss, g) = cross_entropy_and_input_grad(
                     &sel.narrow(0, s, m),
-                    w,
+                    &w,
                     bias,
                     &targets.narrow(0, s, m),
                     scale,

@@ -80,7 +80,7 @@ impl Trainer {
         } else {
             Ok(PathBuf::new())
         };
-        let dir = agree::fail_together(self.group.as_ref(), "to save the checkpoint", saved)?;
+        let dir = agree::fail_together(self.group.as_deref(), "to save the checkpoint", saved)?;
         let message = match &self.group {
             Some(g) if g.rank() != 0 => {
                 let dir =
@@ -125,7 +125,7 @@ impl Trainer {
         } else {
             Ok(0)
         };
-        let step = agree::fail_together(self.group.as_ref(), "to resume", local)?;
+        let step = agree::fail_together(self.group.as_deref(), "to resume", local)?;
         let Some(g) = &self.group else {
             return Ok(step);
         };

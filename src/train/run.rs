@@ -58,6 +58,15 @@ impl Summary {
             "quantized_bytes_per_param": self.quantized_bytes_per_param,
             "peak_rss_bytes": self.memory.peak, "max_rss_anon_bytes": self.memory.max_anon,
             "max_rss_file_bytes": self.memory.max_file,
+            "fsdp": trainer.model.fsdp().map(|f| {
+                let (held, whole) = f.held_and_whole_bytes();
+                json!({
+                    "sharded_bytes_held": held, "sharded_bytes_whole": whole,
+                    "held_fraction": held as f64 / whole.max(1) as f64,
+                    "gathers": f.stats().gathers, "gathered_bytes": f.stats().bytes,
+                    "gather_wait_seconds": f.stats().wait_seconds,
+                })
+            }),
         })
     }
 }
@@ -92,7 +101,7 @@ impl Trainer {
             metrics = metrics.with_tensorboard(&self.cfg.output.join("runs"), start_step)?;
         }
         // A signal that arrived while loading stops every rank before the first step.
-        if let Some(sig) = agree::agree(self.group.as_ref(), true, signals::pending())?.stop {
+        if let Some(sig) = agree::agree(self.group.as_deref(), true, signals::pending())?.stop {
             self.stop_on(sig, start_step, false)?;
         }
         let eval_before = match start_step {
@@ -161,7 +170,11 @@ impl Trainer {
         } else {
             Ok(())
         };
-        agree::fail_together(self.group.as_ref(), "to start a run in its --output", fresh)?;
+        agree::fail_together(
+            self.group.as_deref(),
+            "to start a run in its --output",
+            fresh,
+        )?;
         if writer {
             let _ = std::fs::remove_file(metrics_path);
             remove_event_files(&output.join("runs"));

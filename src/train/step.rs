@@ -104,6 +104,7 @@ impl Trainer {
         };
         let mut loss = 0.0;
         let mut aux = Vec::new();
+        self.idle_fsdp_passes(step, batches.len(), opts.gradient_checkpointing)?;
         for (micro, (batch, rows)) in batches.iter().enumerate() {
             let mb = MicroBatch {
                 index: micro,
@@ -120,6 +121,7 @@ impl Trainer {
                 &mb,
                 opts,
             )?;
+            self.model.fsdp_error()?;
             loss += part.loss;
             aux.extend(part.router_aux_loss);
         }
@@ -145,6 +147,22 @@ impl Trainer {
         Ok(stats)
     }
 
+    /// With a sharded base (`--fsdp`), the gathers of the step's
+    /// micro-batches this rank has no rows for (the last, short batch of an
+    /// epoch), so that every rank runs the same gathers; and the step is
+    /// announced for a failure's diagnosis.
+    fn idle_fsdp_passes(&mut self, step: u64, local: usize, recompute: bool) -> Result<()> {
+        let (Some(f), Some(g)) = (self.model.fsdp(), self.group.as_deref()) else {
+            return Ok(());
+        };
+        g.at(&format!("the layer gathers of step {}", step + 1))?;
+        let global = self.plan.micro_batches(step).1.count();
+        for _ in local..global {
+            f.idle_pass(recompute);
+        }
+        self.model.fsdp_error()
+    }
+
     /// The seed of micro-batch `micro`'s draws (dropout): each rank draws
     /// its own, and rank 0 draws what a single process draws.
     fn micro_batch_seed(&self, step: u64, micro: usize) -> u64 {
@@ -168,7 +186,7 @@ impl Trainer {
     /// process's own.
     fn all_reduce(&mut self, loss: f64, step: u64) -> Result<(f64, Option<i32>)> {
         let pending = crate::signals::pending();
-        let Some(group) = self.group.as_mut() else {
+        let Some(group) = self.group.as_deref() else {
             return Ok((loss, pending));
         };
         let r =
@@ -291,6 +309,8 @@ pub fn forward_backward_parts(
     // Forward (with checkpointing, only the layers' inputs are kept), then the
     // cross-entropy in chunks, each backpropagated at once.
     let out = model.decode(&input, None, &mut hooks, opts.gradient_checkpointing);
+    // A sharded base's head is gathered for the whole loss (`--fsdp`).
+    let head = model.gather_head(opts.gradient_checkpointing);
     let balance = opts
         .router_aux_loss_coef
         .zip(model.config.moe.as_ref())
@@ -320,6 +340,7 @@ pub fn forward_backward_parts(
         Some(mb.denom / mb.loss_scale),
         also,
     )?;
+    drop(head);
     // With checkpointing, the gradient stopped at the last layer's output:
     // rebuild each layer and backpropagate through it (and through its
     // share of the load-balancing loss, whose counts the forward pass fixed).

@@ -47,7 +47,7 @@ pub struct Trainer {
     /// Held by the one process that writes (rank 0, or the only process).
     pub(crate) lock: Option<outputs::OutputLock>,
     /// The c10d process group of a multi-process run.
-    pub(crate) group: Option<crate::dist::ProcessGroup>,
+    pub(crate) group: Option<std::sync::Arc<crate::dist::ProcessGroup>>,
     /// Time spent in the gradient all-reduce, after every rank arrived.
     pub all_reduce_seconds: f64,
     /// Time spent waiting for the slowest rank before it.
@@ -71,13 +71,27 @@ impl Trainer {
             crate::device::allow_tf32();
         }
         let (place, group, lock) = claim_and_join(&mut cfg)?;
+        let group = group.map(std::sync::Arc::new);
         let (device, kind) = (place.device, place.kind);
         let model_dir = cfg.model.clone().expect("resolved by claim_and_join");
         let quantize = cfg.quantization(kind, device);
         let router_aux_loss_coef = router_aux_loss_coef(&cfg, &model_dir)?;
-        let base = Pretrained::load_quantized(&model_dir, kind, device, quantize.as_ref())?;
+        let shard = group
+            .as_ref()
+            .filter(|_| cfg.fsdp)
+            .map(|g| (g.rank(), g.world_size()));
+        if shard.is_some() {
+            check_fsdp_settings(&cfg, &model_dir)?;
+        }
+        let base = Pretrained::load_sharded(&model_dir, kind, device, quantize.as_ref(), shard)?;
         let (train, eval, pad_id) = load_data(&cfg, &base)?;
         let mut model = base.model;
+        if let (Some(g), Some(_)) = (&group, shard) {
+            model.start_fsdp(g.clone())?;
+            if let Some(f) = model.fsdp_mut() {
+                f.set_prefetch(cfg.fsdp_prefetch);
+            }
+        }
         // `all-linear` resolved as PEFT resolves it on this model (a mixture
         // of experts: the router and experts too), and saved that way.
         let adapter = match cfg.adapter_config(&model_dir) {
@@ -395,6 +409,30 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// Refuses what `--fsdp` cannot do yet, by name, before anything loads:
+/// adapter methods other than LoRA, and LoRA settings that read the whole
+/// base weight when the adapter is made (DoRA, PiSSA/OLoRA/LoftQ-style inits).
+fn check_fsdp_settings(cfg: &TrainConfig, model_dir: &std::path::Path) -> Result<()> {
+    match cfg.adapter_config(model_dir) {
+        peft_adapters::method::AdapterConfig::Lora(c) => {
+            if c.use_dora {
+                bail!("--fsdp with use_dora: DoRA reads each whole base weight when it is made; train DoRA without --fsdp");
+            }
+            if c.init_lora_weights.mutates_base() {
+                bail!(
+                    "--fsdp with init_lora_weights = {}: that initialisation reads and changes each whole base weight; use the default init with --fsdp",
+                    c.init_lora_weights
+                );
+            }
+            Ok(())
+        }
+        other => bail!(
+            "--fsdp supports LoRA adapters; {} is not supported with it yet (train it without --fsdp)",
+            other.to_json()["peft_type"].as_str().unwrap_or("this adapter method")
+        ),
+    }
 }
 
 /// Joins the c10d process group torchrun's variables (or `--nproc`'s

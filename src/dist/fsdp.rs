@@ -1,0 +1,517 @@
+//! The frozen base sharded over the ranks (`--fsdp`), as PyTorch's FSDP
+//! keeps it: each rank holds 1/N of every frozen tensor between uses, and a
+//! whole decoder layer (one *unit*) is all-gathered just before it runs and
+//! dropped after, in the forward pass and again in the backward pass.
+//!
+//! Every frozen tensor a unit holds, dense or the packed bytes and
+//! quantization state of a 4-bit weight, is cut into N equal runs of its
+//! flat elements (the last padded); a unit's runs travel as one byte buffer,
+//! so that one all-gather brings a whole layer, quantized or not (FSDP-QLoRA's
+//! `bnb_4bit_quant_storage` idea). The gathered bytes are rebuilt into the
+//! weights the model computes with ([`FrozenWeight::Sharded`] reads them), and
+//! a 4-bit weight is dequantized only after the gather.
+//!
+//! The model code calls [`Fsdp::gather_layer`] around each layer and never
+//! sees a shard. Every rank must run the same gathers in the same order:
+//! a rank with no rows in a step or an evaluation batch runs
+//! [`Fsdp::idle_pass`] instead of a forward pass.
+
+use std::cell::{Cell, RefCell};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Result;
+use tch::{Kind, Tensor};
+
+use super::{PendingGather, ProcessGroup};
+use crate::quant::FrozenWeight;
+
+/// Elements per rank of a tensor of `numel` elements over `world` ranks:
+/// rounded up to a multiple of 8, so that every run is whole 8-byte words
+/// in any dtype and the runs of a unit stay aligned in its byte buffer.
+pub fn run_len(numel: i64, world: usize) -> i64 {
+    let per_rank = (numel + world as i64 - 1) / world as i64;
+    (per_rank + 7) / 8 * 8
+}
+
+/// The elements of a `numel`-element tensor that `rank` of `world` holds
+/// (a run of [`run_len`], cut at the end; empty past it).
+pub fn run_of(numel: i64, rank: usize, world: usize) -> Range<i64> {
+    let len = run_len(numel, world);
+    let start = (rank as i64 * len).min(numel);
+    start..(start + len).min(numel)
+}
+
+/// One stored tensor of a sharded weight: its whole shape and dtype.
+#[derive(Debug, Clone)]
+struct Part {
+    shape: Vec<i64>,
+    kind: Kind,
+}
+
+impl Part {
+    fn numel(&self) -> i64 {
+        self.shape.iter().product()
+    }
+    /// Bytes of this rank's (padded) run.
+    fn run_bytes(&self, world: usize) -> i64 {
+        run_len(self.numel(), world) * self.kind.elt_size_in_bytes() as i64
+    }
+}
+
+/// A frozen weight of which this rank holds one run of each stored tensor.
+pub struct ShardedWeight {
+    /// The weight as it is when whole, with empty tensors for its parts
+    /// (kept for what is not a tensor: quantization type, shape, dtypes).
+    template: FrozenWeight,
+    parts: Vec<Part>,
+    world: usize,
+    /// This rank's runs until [`Fsdp::new`] moves them into the unit's buffer.
+    runs: Mutex<Option<Vec<Tensor>>>,
+    /// The whole weight while its unit is gathered.
+    whole: Mutex<Option<FrozenWeight>>,
+}
+
+impl ShardedWeight {
+    /// Keeps `rank`'s run of each part of `whole` (which is then dropped).
+    pub fn from_whole(whole: &FrozenWeight, rank: usize, world: usize) -> Arc<Self> {
+        let runs = whole
+            .parts()
+            .into_iter()
+            .map(|t| {
+                let flat = t.reshape([-1]);
+                let r = run_of(flat.numel() as i64, rank, world);
+                pad_run(&flat.narrow(0, r.start, r.end - r.start), world, t)
+            })
+            .collect();
+        Self::from_runs(whole, runs, world)
+    }
+
+    /// A sharded weight shaped as `whole` (whose parts may be placeholders
+    /// of the right shape and dtype), holding `runs`, this rank's padded
+    /// runs of each part (read straight from the checkpoint).
+    pub fn from_runs(whole: &FrozenWeight, runs: Vec<Tensor>, world: usize) -> Arc<Self> {
+        let parts: Vec<Part> = whole
+            .parts()
+            .iter()
+            .map(|t| Part {
+                shape: t.size(),
+                kind: t.kind(),
+            })
+            .collect();
+        let empty = parts
+            .iter()
+            .map(|p| Tensor::empty([0], (p.kind, tch::Device::Cpu)))
+            .collect();
+        Arc::new(Self {
+            template: whole.with_parts(empty),
+            parts,
+            world,
+            runs: Mutex::new(Some(runs)),
+            whole: Mutex::new(None),
+        })
+    }
+
+    /// `[out_features, in_features]`.
+    pub fn size(&self) -> Vec<i64> {
+        match &self.template {
+            FrozenWeight::FourBit { q, .. } => q.shape.clone(),
+            _ => self.parts[0].shape.clone(),
+        }
+    }
+
+    /// Whether the weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.template.is_quantized()
+    }
+
+    /// The dtype the layer computes in.
+    pub fn compute_kind(&self) -> Kind {
+        match &self.template {
+            FrozenWeight::Dense(_) => self.parts[0].kind,
+            t => t.compute_kind(),
+        }
+    }
+
+    /// A tensor of the whole weight's shape and compute dtype that holds
+    /// one value (zero, broadcast): for code that reads only those.
+    pub fn stand_in(&self, device: tch::Device) -> Tensor {
+        Tensor::zeros([1, 1], (self.compute_kind(), device)).expand(self.size(), false)
+    }
+
+    /// Bytes this rank holds of the weight between gathers.
+    pub fn held_bytes(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| p.run_bytes(self.world))
+            .sum::<i64>() as usize
+    }
+
+    /// Bytes of the whole weight.
+    pub fn whole_bytes(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| p.numel() as usize * p.kind.elt_size_in_bytes())
+            .sum()
+    }
+
+    /// `f` on the whole weight; its unit must be gathered (a bug otherwise:
+    /// the model ran a layer outside [`Fsdp::gather_layer`]).
+    pub fn with_whole<T>(&self, f: impl FnOnce(&FrozenWeight) -> T) -> T {
+        let whole = lock(&self.whole);
+        let w = whole.as_ref().expect(
+            "a sharded weight was used outside its gathered unit (FSDP gathers each layer before it runs)",
+        );
+        f(w)
+    }
+
+    /// Makes the weight whole from its gathered parts (each the bytes of
+    /// `[world · run]`, the runs in rank order, so the whole tensor is their
+    /// start): views, no copy.
+    fn rebuild(&self, gathered: impl Iterator<Item = Tensor>) {
+        let whole = self
+            .parts
+            .iter()
+            .zip(gathered)
+            .map(|(p, g)| {
+                g.view_dtype(p.kind)
+                    .narrow(0, 0, p.numel())
+                    .view(p.shape.as_slice())
+            })
+            .collect();
+        *lock(&self.whole) = Some(self.template.with_parts(whole));
+    }
+
+    /// Zeros in place of the whole weight: what a unit holds after a failed
+    /// gather, so that the pass ends and the error is reported (see
+    /// [`Fsdp::take_error`]).
+    fn fill_zeros(&self, device: tch::Device) {
+        let zeros = self
+            .parts
+            .iter()
+            .map(|p| Tensor::zeros(p.shape.as_slice(), (p.kind, device)))
+            .collect();
+        *lock(&self.whole) = Some(self.template.with_parts(zeros));
+    }
+
+    fn release(&self) {
+        *lock(&self.whole) = None;
+    }
+}
+
+// The template's tensors are empty and never written; the rest is behind mutexes.
+unsafe impl Sync for ShardedWeight {}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `run` padded with zeros to the run length of `whole`'s part over `world`.
+pub fn pad_run(run: &Tensor, world: usize, whole: &Tensor) -> Tensor {
+    let len = run_len(whole.numel() as i64, world);
+    let have = run.numel() as i64;
+    if have == len {
+        return run.contiguous();
+    }
+    let pad = Tensor::zeros([len - have], (run.kind(), run.device()));
+    Tensor::cat(&[run.reshape([-1]), pad], 0)
+}
+
+/// Weights gathered and dropped together: a decoder layer, the embeddings.
+struct Unit {
+    weights: Vec<Arc<ShardedWeight>>,
+    /// This rank's run of every part of every weight, in order, as bytes
+    /// (c10d's coalesced gather on Gloo takes one dtype).
+    local: Vec<Tensor>,
+    device: tch::Device,
+}
+
+impl Unit {
+    fn new(weights: Vec<Arc<ShardedWeight>>, device: tch::Device) -> Self {
+        let local = weights
+            .iter()
+            .flat_map(|w| lock(&w.runs).take().unwrap_or_default())
+            .map(|r| r.to_device(device).contiguous().view_dtype(Kind::Uint8))
+            .collect();
+        Self {
+            weights,
+            local,
+            device,
+        }
+    }
+
+    /// Bytes of this rank's runs.
+    fn local_bytes(&self) -> usize {
+        self.local
+            .iter()
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
+    }
+
+    /// Makes every weight whole from the gathered parts, in order.
+    fn rebuild(&self, gathered: Vec<Tensor>) {
+        let mut parts = gathered.into_iter();
+        for w in &self.weights {
+            w.rebuild(parts.by_ref().take(w.parts.len()));
+        }
+    }
+}
+
+/// Which unit: a decoder layer, or the embeddings (with the tied head), or
+/// an untied output head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitId {
+    /// `model.embed_tokens` (and `lm_head` when tied).
+    Embedding,
+    /// `model.layers.N`.
+    Layer(usize),
+    /// An untied `lm_head`.
+    Head,
+}
+
+/// What the gathers of a run cost, for `train_summary.json`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct GatherStats {
+    /// All-gathers run.
+    pub gathers: u64,
+    /// Bytes received (the whole units, less this rank's own runs).
+    pub bytes: f64,
+    /// Seconds the compute waited for a gather (what prefetch did not hide).
+    pub wait_seconds: f64,
+}
+
+/// The sharded frozen base of one rank, and the process group it gathers over.
+pub struct Fsdp {
+    group: Arc<ProcessGroup>,
+    layers: Vec<Unit>,
+    embedding: Unit,
+    head: Option<Unit>,
+    /// Start the next unit's gather while this one computes.
+    prefetch: bool,
+    pending: RefCell<Option<(UnitId, PendingGather)>>,
+    stats: Cell<GatherStats>,
+    error: RefCell<Option<anyhow::Error>>,
+}
+
+/// The sharded weights of a model, by unit, as [`Fsdp::new`] takes them.
+pub struct ShardedUnits {
+    /// Per decoder layer.
+    pub layers: Vec<Vec<Arc<ShardedWeight>>>,
+    /// The embeddings (the tied head is the same weight).
+    pub embedding: Arc<ShardedWeight>,
+    /// An untied head.
+    pub head: Option<Arc<ShardedWeight>>,
+}
+
+impl Fsdp {
+    /// Builds each unit's byte buffer from the runs its weights hold.
+    pub fn new(group: Arc<ProcessGroup>, units: ShardedUnits, device: tch::Device) -> Self {
+        Self {
+            layers: units
+                .layers
+                .into_iter()
+                .map(|w| Unit::new(w, device))
+                .collect(),
+            embedding: Unit::new(vec![units.embedding], device),
+            head: units.head.map(|h| Unit::new(vec![h], device)),
+            group,
+            prefetch: true,
+            pending: RefCell::new(None),
+            stats: Cell::new(GatherStats::default()),
+            error: RefCell::new(None),
+        }
+    }
+
+    /// Turns prefetching of the next unit on or off (to measure what it hides).
+    pub fn set_prefetch(&mut self, on: bool) {
+        self.prefetch = on;
+    }
+
+    fn unit(&self, id: UnitId) -> &Unit {
+        match id {
+            UnitId::Embedding => &self.embedding,
+            UnitId::Layer(i) => &self.layers[i],
+            UnitId::Head => self.head.as_ref().unwrap_or(&self.embedding),
+        }
+    }
+
+    /// The unit that holds the output head.
+    pub fn head_unit(&self) -> UnitId {
+        if self.head.is_some() {
+            UnitId::Head
+        } else {
+            UnitId::Embedding
+        }
+    }
+
+    /// Gathers unit `id` (waiting for its prefetch if one is under way),
+    /// then starts the gather of `next`, if any. The unit is whole until
+    /// the returned guard drops.
+    pub fn gather(&self, id: UnitId, next: Option<UnitId>) -> Gathered<'_> {
+        let started = Instant::now();
+        let pending = self.pending.borrow_mut().take();
+        let work = match pending {
+            Some((p, work)) if p == id => Ok(work),
+            other => {
+                // A prefetch nobody used is finished first (collectives run in order).
+                if let Some((_, w)) = other {
+                    let _ = w.wait(&self.group);
+                }
+                self.start(id)
+            }
+        };
+        let gathered = work.and_then(|w| w.wait_parts(&self.group));
+        let mut stats = self.stats.get();
+        stats.wait_seconds += started.elapsed().as_secs_f64();
+        self.stats.set(stats);
+        let unit = self.unit(id);
+        match gathered {
+            Ok(parts) => unit.rebuild(parts),
+            Err(e) => {
+                self.fail(e);
+                for w in &unit.weights {
+                    w.fill_zeros(unit.device);
+                }
+            }
+        }
+        if let (true, Some(next)) = (self.prefetch, next) {
+            match self.start(next) {
+                Ok(work) => *self.pending.borrow_mut() = Some((next, work)),
+                Err(e) => self.fail(e),
+            }
+        }
+        Gathered { unit }
+    }
+
+    fn start(&self, id: UnitId) -> Result<PendingGather> {
+        if let Some(e) = self.error.borrow().as_ref() {
+            anyhow::bail!("{e:#}");
+        }
+        let unit = self.unit(id);
+        let mut stats = self.stats.get();
+        stats.gathers += 1;
+        stats.bytes += (unit.local_bytes() * (self.group.world_size().saturating_sub(1))) as f64;
+        self.stats.set(stats);
+        self.group.all_gather_parts_start(&unit.local)
+    }
+
+    fn fail(&self, e: anyhow::Error) {
+        let mut slot = self.error.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+
+    /// The first failed gather since the last call: the pass that saw it
+    /// ran on zeros and must be thrown away.
+    pub fn take_error(&self) -> Option<anyhow::Error> {
+        self.error.borrow_mut().take()
+    }
+
+    /// The gathers of one forward pass (and, with `recompute`, of its
+    /// checkpointed backward pass) without computing anything: what a rank
+    /// without rows runs so that the others' gathers find a partner.
+    pub fn idle_pass(&self, recompute: bool) {
+        let n = self.layers.len();
+        drop(self.gather(UnitId::Embedding, (n > 0).then_some(UnitId::Layer(0))));
+        for i in 0..n {
+            let next = if i + 1 < n {
+                UnitId::Layer(i + 1)
+            } else {
+                self.head_unit()
+            };
+            drop(self.gather(UnitId::Layer(i), Some(next)));
+        }
+        let after_head = (recompute && n > 0).then(|| UnitId::Layer(n - 1));
+        drop(self.gather(self.head_unit(), after_head));
+        if recompute {
+            for i in (0..n).rev() {
+                drop(self.gather(UnitId::Layer(i), i.checked_sub(1).map(UnitId::Layer)));
+            }
+        }
+    }
+
+    /// Bytes of frozen weights this rank holds between gathers, and of the
+    /// whole sharded base.
+    pub fn held_and_whole_bytes(&self) -> (usize, usize) {
+        let units = self
+            .layers
+            .iter()
+            .chain(std::iter::once(&self.embedding))
+            .chain(self.head.iter());
+        units
+            .flat_map(|u| u.weights.iter())
+            .fold((0, 0), |(h, w), s| {
+                (h + s.held_bytes(), w + s.whole_bytes())
+            })
+    }
+
+    /// The whole embedding table; the embeddings' unit must be gathered.
+    pub fn embedding_table(&self) -> Tensor {
+        self.embedding.weights[0].with_whole(FrozenWeight::dense)
+    }
+
+    /// The gathers so far.
+    pub fn stats(&self) -> GatherStats {
+        self.stats.get()
+    }
+
+    /// The number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+/// A gathered unit; dropping it frees the whole weights (autograd keeps
+/// what a graph still needs).
+pub struct Gathered<'a> {
+    unit: &'a Unit,
+}
+
+impl Drop for Gathered<'_> {
+    fn drop(&mut self) {
+        for w in &self.unit.weights {
+            w.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_cover_each_tensor_once_in_whole_words() {
+        for numel in [0i64, 1, 7, 8, 9, 64, 1000, 1001] {
+            for world in 1..5 {
+                let all: Vec<i64> = (0..world).flat_map(|r| run_of(numel, r, world)).collect();
+                assert_eq!(all, (0..numel).collect::<Vec<_>>(), "{numel} over {world}");
+                assert_eq!(run_len(numel, world) % 8, 0);
+                assert!(run_len(numel, world) * world as i64 >= numel);
+            }
+        }
+    }
+
+    #[test]
+    fn a_weight_rebuilds_from_the_runs_of_every_rank() {
+        let w = Tensor::randn([5, 7], (Kind::Float, tch::Device::Cpu));
+        let whole = FrozenWeight::Dense(w.shallow_clone());
+        let world = 3;
+        let shards: Vec<_> = (0..world)
+            .map(|r| ShardedWeight::from_whole(&whole, r, world))
+            .collect();
+        // What the all-gather delivers: every rank's run, in rank order.
+        let runs: Vec<Tensor> = shards
+            .iter()
+            .map(|s| Unit::new(vec![s.clone()], tch::Device::Cpu).local.remove(0))
+            .collect();
+        let len = runs[0].numel();
+        assert!(runs.iter().all(|r| r.numel() == len));
+        assert_eq!(shards[1].held_bytes(), len);
+        shards[1].rebuild(std::iter::once(Tensor::cat(&runs, 0)));
+        let back = shards[1].with_whole(FrozenWeight::dense);
+        assert!(back.equal(&w));
+        assert_eq!(shards[1].size(), vec![5, 7]);
+    }
+}
