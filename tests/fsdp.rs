@@ -15,10 +15,11 @@ use peft_rs::models::LlamaForCausalLM;
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use tch::{Device, Kind, Tensor};
 
+const LINE: &str = "train --device cpu --dtype fp32 --max-seq-len 64 --lora-rank 4 --lr 1e-3 \
+    --seed 7 --group-by-length false --dist-timeout 20 --lora-dropout 0 --neftune-alpha 5";
+
 fn args(data: &Path, out: &Path, extra: &[&str]) -> Cmd {
-    let line = "train --device cpu --dtype fp32 --max-seq-len 64 --lora-rank 4 --lr 1e-3 --seed 7 \
-                --group-by-length false --dist-timeout 20 --lora-dropout 0 --neftune-alpha 5";
-    Cmd::train_tiny(line, data, out).all(extra)
+    Cmd::train_tiny(LINE, data, out).all(extra)
 }
 
 fn train(data: &Path, out: &Path, extra: &[&str]) {
@@ -33,6 +34,28 @@ fn train(data: &Path, out: &Path, extra: &[&str]) {
 /// Runs one process with `--batch-size 4` and two sharded ranks with 2
 /// each for every variant of `extra`, and checks that each matches.
 fn sharded_equals_one_process(tag: &str, common_args: &[&str], variants: &[&[&str]]) {
+    sharded_equals_one_process_of(&common::tiny(), tag, common_args, variants)
+}
+
+fn sharded_equals_one_process_of(
+    model: &Path,
+    tag: &str,
+    common_args: &[&str],
+    variants: &[&[&str]],
+) {
+    let train = |data: &Path, out: &Path, extra: &[&str]| {
+        let r = Cmd::new(LINE)
+            .path("--model", model)
+            .path("--data", data)
+            .path("--output", out)
+            .all(extra)
+            .run();
+        assert!(
+            r.status.success(),
+            "{tag}: train {extra:?} failed: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    };
     let tmp = tempfile::tempdir().unwrap();
     // 17 training records: the last global batch of 4 has one row, so
     // rank 1 has none and must still join rank 0's gathers.
@@ -90,6 +113,17 @@ fn two_sharded_ranks_equal_one_process() {
             &["--fsdp-prefetch", "false"],
         ],
     );
+}
+
+/// The embeddings and head are used sharded by vocabulary, untied (the
+/// tiny Llama) and tied (the tiny Mistral); a head with an adapter is
+/// gathered whole for the loss instead.
+#[test]
+fn sharded_heads_tied_untied_and_adapted_equal_one_process() {
+    let steps = ["--max-steps", "6", "--eval-holdout", "5"];
+    sharded_equals_one_process_of(&common::model_dir("mistral"), "tied head", &steps, &[&[]]);
+    let with_head = [&steps[..], &["--target-modules", "q_proj,v_proj,lm_head"]].concat();
+    sharded_equals_one_process("adapter on lm_head", &with_head, &[&[]]);
 }
 
 #[test]

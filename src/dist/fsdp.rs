@@ -27,27 +27,38 @@ use tch::{Kind, Tensor};
 use super::{PendingGather, ProcessGroup};
 use crate::quant::FrozenWeight;
 
-/// Elements per rank of a tensor of `numel` elements over `world` ranks:
-/// rounded up to a multiple of 8, so that every run is whole 8-byte words
-/// in any dtype and the runs of a unit stay aligned in its byte buffer.
-pub fn run_len(numel: i64, world: usize) -> i64 {
-    let per_rank = (numel + world as i64 - 1) / world as i64;
-    (per_rank + 7) / 8 * 8
+/// Elements per rank of a tensor of `numel` elements cut into rows of
+/// `row` elements over `world` ranks: whole rows, as even as possible (a
+/// matrix's rank holds a block of its rows, which is what the embeddings
+/// and the output head are used as, sharded by vocabulary).
+pub fn run_len(numel: i64, world: usize, row: i64) -> i64 {
+    let rows = (numel + row - 1) / row;
+    (rows + world as i64 - 1) / world as i64 * row
 }
 
 /// The elements of a `numel`-element tensor that `rank` of `world` holds
 /// (a run of [`run_len`], cut at the end; empty past it).
-pub fn run_of(numel: i64, rank: usize, world: usize) -> Range<i64> {
-    let len = run_len(numel, world);
+pub fn run_of(numel: i64, rank: usize, world: usize, row: i64) -> Range<i64> {
+    let len = run_len(numel, world, row);
     let start = (rank as i64 * len).min(numel);
     start..(start + len).min(numel)
 }
 
-/// One stored tensor of a sharded weight: its whole shape and dtype.
+/// The row length a tensor is sharded by: a matrix's rows, else elements.
+pub fn row_of(shape: &[i64]) -> i64 {
+    match shape {
+        [_, cols] => (*cols).max(1),
+        _ => 1,
+    }
+}
+
+/// One stored tensor of a sharded weight: its whole shape and dtype, and
+/// the elements of each rank's (padded) run.
 #[derive(Debug, Clone)]
 struct Part {
     shape: Vec<i64>,
     kind: Kind,
+    run: i64,
 }
 
 impl Part {
@@ -55,8 +66,8 @@ impl Part {
         self.shape.iter().product()
     }
     /// Bytes of this rank's (padded) run.
-    fn run_bytes(&self, world: usize) -> i64 {
-        run_len(self.numel(), world) * self.kind.elt_size_in_bytes() as i64
+    fn run_bytes(&self) -> i64 {
+        self.run * self.kind.elt_size_in_bytes() as i64
     }
 }
 
@@ -66,7 +77,6 @@ pub struct ShardedWeight {
     /// (kept for what is not a tensor: quantization type, shape, dtypes).
     template: FrozenWeight,
     parts: Vec<Part>,
-    world: usize,
     /// This rank's runs until [`Fsdp::new`] moves them into the unit's buffer.
     runs: Mutex<Option<Vec<Tensor>>>,
     /// The whole weight while its unit is gathered.
@@ -81,23 +91,27 @@ impl ShardedWeight {
             .into_iter()
             .map(|t| {
                 let flat = t.reshape([-1]);
-                let r = run_of(flat.numel() as i64, rank, world);
-                pad_run(&flat.narrow(0, r.start, r.end - r.start), world, t)
+                let row = row_of(&t.size());
+                let r = run_of(flat.numel() as i64, rank, world, row);
+                let len = run_len(flat.numel() as i64, world, row);
+                pad_run(&flat.narrow(0, r.start, r.end - r.start), len)
             })
             .collect();
-        Self::from_runs(whole, runs, world)
+        Self::from_runs(whole, runs)
     }
 
     /// A sharded weight shaped as `whole` (whose parts may be placeholders
     /// of the right shape and dtype), holding `runs`, this rank's padded
     /// runs of each part (read straight from the checkpoint).
-    pub fn from_runs(whole: &FrozenWeight, runs: Vec<Tensor>, world: usize) -> Arc<Self> {
+    pub fn from_runs(whole: &FrozenWeight, runs: Vec<Tensor>) -> Arc<Self> {
         let parts: Vec<Part> = whole
             .parts()
             .iter()
-            .map(|t| Part {
+            .zip(&runs)
+            .map(|(t, r)| Part {
                 shape: t.size(),
                 kind: t.kind(),
+                run: r.numel() as i64,
             })
             .collect();
         let empty = parts
@@ -107,7 +121,6 @@ impl ShardedWeight {
         Arc::new(Self {
             template: whole.with_parts(empty),
             parts,
-            world,
             runs: Mutex::new(Some(runs)),
             whole: Mutex::new(None),
         })
@@ -142,10 +155,7 @@ impl ShardedWeight {
 
     /// Bytes this rank holds of the weight between gathers.
     pub fn held_bytes(&self) -> usize {
-        self.parts
-            .iter()
-            .map(|p| p.run_bytes(self.world))
-            .sum::<i64>() as usize
+        self.parts.iter().map(Part::run_bytes).sum::<i64>() as usize
     }
 
     /// Bytes of the whole weight.
@@ -207,9 +217,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// `run` padded with zeros to the run length of `whole`'s part over `world`.
-pub fn pad_run(run: &Tensor, world: usize, whole: &Tensor) -> Tensor {
-    let len = run_len(whole.numel() as i64, world);
+/// `run` (1-D) padded with zeros to `len` elements.
+pub fn pad_run(run: &Tensor, len: i64) -> Tensor {
     let have = run.numel() as i64;
     if have == len {
         return run.contiguous();
@@ -268,6 +277,21 @@ pub enum UnitId {
     Layer(usize),
     /// An untied `lm_head`.
     Head,
+}
+
+/// How the loss of a pass uses the output head (see [`Fsdp::idle_pass`]).
+#[derive(Debug, Clone, Copy)]
+pub enum IdleHead {
+    /// Gathered whole (a head with an adapter or soft-capping).
+    Gathered,
+    /// Sharded by vocabulary ([`Fsdp::cross_entropy`]), `chunk` rows at a
+    /// time, with the gradient when `training`.
+    VocabParallel {
+        /// Rows per chunk.
+        chunk: i64,
+        /// Whether the gradient is computed (a training pass).
+        training: bool,
+    },
 }
 
 /// What the gathers of a run cost, for `train_summary.json`.
@@ -384,6 +408,40 @@ impl Fsdp {
         Gathered { unit }
     }
 
+    /// Starts gathering the first decoder layer, unless a gather is under
+    /// way (prefetch on): called before the embeddings are looked up.
+    pub(crate) fn prefetch_first_layer(&self) {
+        if !self.prefetch || self.layers.is_empty() || self.pending.borrow().is_some() {
+            return;
+        }
+        match self.start(UnitId::Layer(0)) {
+            Ok(work) => *self.pending.borrow_mut() = Some((UnitId::Layer(0), work)),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// The process group the base is sharded over.
+    pub(crate) fn group(&self) -> &ProcessGroup {
+        &self.group
+    }
+
+    /// This rank's block of rows of unit `id`'s first weight (a matrix
+    /// sharded by rows): the real rows `[rows, cols]` (the padding of the
+    /// last block left out) and the index of the first.
+    pub(crate) fn row_block(&self, id: UnitId) -> (Tensor, i64) {
+        let unit = self.unit(id);
+        let p = &unit.weights[0].parts[0];
+        let cols = p.shape[1];
+        let per = p.run / cols;
+        let start = self.group.rank() as i64 * per;
+        let real = (p.shape[0] - start).clamp(0, per);
+        let block = unit.local[0]
+            .view_dtype(p.kind)
+            .view([per, cols])
+            .narrow(0, 0, real);
+        (block, start)
+    }
+
     fn start(&self, id: UnitId) -> Result<PendingGather> {
         if let Some(e) = self.error.borrow().as_ref() {
             anyhow::bail!("{e:#}");
@@ -396,7 +454,7 @@ impl Fsdp {
         self.group.all_gather_parts_start(&unit.local)
     }
 
-    fn fail(&self, e: anyhow::Error) {
+    pub(crate) fn fail(&self, e: anyhow::Error) {
         let mut slot = self.error.borrow_mut();
         if slot.is_none() {
             *slot = Some(e);
@@ -409,22 +467,33 @@ impl Fsdp {
         self.error.borrow_mut().take()
     }
 
-    /// The gathers of one forward pass (and, with `recompute`, of its
-    /// checkpointed backward pass) without computing anything: what a rank
-    /// without rows runs so that the others' gathers find a partner.
-    pub fn idle_pass(&self, recompute: bool) {
+    /// The collectives of one forward pass, its loss (`head`) and, with
+    /// `recompute`, its checkpointed backward pass, on no rows: what a rank
+    /// without rows runs so that the others' collectives find a partner.
+    pub fn idle_pass(&self, recompute: bool, head: IdleHead) {
         let n = self.layers.len();
-        drop(self.gather(UnitId::Embedding, (n > 0).then_some(UnitId::Layer(0))));
+        let (table, _) = self.row_block(UnitId::Embedding);
+        drop(self.embed(&Tensor::zeros([0], (Kind::Int64, table.device()))));
         for i in 0..n {
-            let next = if i + 1 < n {
-                UnitId::Layer(i + 1)
-            } else {
-                self.head_unit()
+            let next = match (i + 1 < n, head) {
+                (true, _) => Some(UnitId::Layer(i + 1)),
+                (false, IdleHead::Gathered) => Some(self.head_unit()),
+                (false, IdleHead::VocabParallel { .. }) => None,
             };
-            drop(self.gather(UnitId::Layer(i), Some(next)));
+            drop(self.gather(UnitId::Layer(i), next));
         }
-        let after_head = (recompute && n > 0).then(|| UnitId::Layer(n - 1));
-        drop(self.gather(self.head_unit(), after_head));
+        match head {
+            IdleHead::Gathered => {
+                let after_head = (recompute && n > 0).then(|| UnitId::Layer(n - 1));
+                drop(self.gather(self.head_unit(), after_head));
+            }
+            IdleHead::VocabParallel { chunk, training } => {
+                let (w, _) = self.row_block(self.head_unit());
+                let x = Tensor::zeros([0, w.size()[1]], (w.kind(), w.device()));
+                let t = Tensor::zeros([0], (Kind::Int64, w.device()));
+                drop(self.cross_entropy(&x, &t, chunk, training.then_some(1.0)));
+            }
+        }
         if recompute {
             for i in (0..n).rev() {
                 drop(self.gather(UnitId::Layer(i), i.checked_sub(1).map(UnitId::Layer)));
@@ -483,12 +552,22 @@ mod tests {
 
     #[test]
     fn runs_cover_each_tensor_once_in_whole_words() {
-        for numel in [0i64, 1, 7, 8, 9, 64, 1000, 1001] {
+        for (numel, row) in [
+            (0i64, 1i64),
+            (1, 1),
+            (7, 1),
+            (9, 1),
+            (1001, 1),
+            (12, 3),
+            (35, 7),
+        ] {
             for world in 1..5 {
-                let all: Vec<i64> = (0..world).flat_map(|r| run_of(numel, r, world)).collect();
+                let all: Vec<i64> = (0..world)
+                    .flat_map(|r| run_of(numel, r, world, row))
+                    .collect();
                 assert_eq!(all, (0..numel).collect::<Vec<_>>(), "{numel} over {world}");
-                assert_eq!(run_len(numel, world) % 8, 0);
-                assert!(run_len(numel, world) * world as i64 >= numel);
+                assert_eq!(run_len(numel, world, row) % row, 0, "whole rows");
+                assert!(run_len(numel, world, row) * world as i64 >= numel);
             }
         }
     }

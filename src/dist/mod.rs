@@ -14,6 +14,7 @@ pub mod fsdp;
 pub mod group;
 pub mod launch;
 pub mod reduce;
+pub mod vocab_parallel;
 
 use anyhow::{bail, Context, Result};
 

@@ -18,7 +18,7 @@ use super::mlp::Mlp;
 use super::rope::RotaryEmbedding;
 use std::sync::Arc;
 
-use crate::dist::fsdp::{Fsdp, Gathered, ShardedUnits, ShardedWeight, UnitId};
+use crate::dist::fsdp::{Fsdp, Gathered, IdleHead, ShardedUnits, ShardedWeight, UnitId};
 use crate::nn::{Linear, RmsNorm};
 use crate::quant::FrozenWeight;
 use peft_adapters::lora::param::ParamLora;
@@ -214,12 +214,8 @@ impl LlamaForCausalLM {
     pub fn embed(&self, input_ids: &Tensor) -> Tensor {
         let x = match &self.fsdp {
             None => Tensor::embedding(&self.model.embed_tokens, input_ids, -1, false, false),
-            Some(f) => {
-                let first = (!self.model.layers.is_empty()).then_some(UnitId::Layer(0));
-                let _whole = f.gather(UnitId::Embedding, first);
-                let table = f.embedding_table();
-                Tensor::embedding(&table, input_ids, -1, false, false)
-            }
+            // Sharded (`--fsdp`): looked up where the rows lie.
+            Some(f) => f.embed(input_ids),
         };
         match self.config.embed_scale {
             None => x,
@@ -324,6 +320,8 @@ impl LlamaForCausalLM {
             i.checked_sub(1).map(UnitId::Layer)
         } else if i + 1 < self.model.layers.len() {
             Some(UnitId::Layer(i + 1))
+        } else if self.vocab_parallel_head().is_some() {
+            None
         } else {
             Some(f.head_unit())
         };
@@ -335,9 +333,37 @@ impl LlamaForCausalLM {
     /// meanwhile, for the checkpointed backward pass.
     pub fn gather_head(&self, then_recompute: bool) -> Option<Gathered<'_>> {
         let f = self.fsdp.as_ref()?;
+        if self.vocab_parallel_head().is_some() {
+            return None;
+        }
         let n = self.model.layers.len();
         let next = (then_recompute && n > 0).then(|| UnitId::Layer(n - 1));
         Some(f.gather(f.head_unit(), next))
+    }
+
+    /// The sharded base (`--fsdp`) when its output head is used sharded by
+    /// vocabulary ([`Fsdp::cross_entropy`]): a plain head, without adapter,
+    /// bias or soft-capping; other heads are gathered whole for the loss.
+    pub fn vocab_parallel_head(&self) -> Option<&Fsdp> {
+        let plain = self.lm_head.adapter.is_none()
+            && self.lm_head.bias.is_none()
+            && self.config.final_logit_softcapping.is_none();
+        self.fsdp.as_ref().filter(|_| plain)
+    }
+
+    /// With a sharded base (`--fsdp`), the collectives of one pass on no
+    /// rows (see [`Fsdp::idle_pass`]): `training` with `recompute`
+    /// (gradient checkpointing), or an evaluation pass; `chunk` is the
+    /// loss's rows per chunk.
+    pub fn fsdp_idle_pass(&self, training: bool, recompute: bool, chunk: i64) {
+        let Some(f) = self.fsdp.as_ref() else {
+            return;
+        };
+        let head = match self.vocab_parallel_head() {
+            Some(_) => IdleHead::VocabParallel { chunk, training },
+            None => IdleHead::Gathered,
+        };
+        f.idle_pass(training && recompute, head);
     }
 
     /// The sharded base's gathers (`--fsdp`), if it is sharded.

@@ -239,18 +239,18 @@ impl Weights<'_> {
         let (rank, world) = self.shard.expect("called when sharding");
         let full = self.path(name);
         let numel = shape.iter().product();
-        let run = fsdp::run_of(numel, rank, world);
+        let row = fsdp::row_of(shape);
+        let run = fsdp::run_of(numel, rank, world, row);
         let t = self
             .files
             .tensor_run(&full, shape, self.kind, self.device, run)?;
         self.used.borrow_mut().insert(full);
         // Only the shape and dtype of the whole are read from this stand-in.
         let stand_in = Tensor::zeros([1, 1], (self.kind, tch::Device::Cpu)).expand(shape, false);
-        let run = fsdp::pad_run(&t, world, &stand_in);
+        let run = fsdp::pad_run(&t, fsdp::run_len(numel, world, row));
         Ok(ShardedWeight::from_runs(
             &FrozenWeight::Dense(stand_in),
             vec![run],
-            world,
         ))
     }
 

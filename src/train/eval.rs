@@ -80,12 +80,12 @@ fn loss_sum(
     let mine = &order[crate::dist::shard(order.len(), rank, world)];
     // A sharded base (`--fsdp`): every rank runs as many passes as rank 0,
     // which has the most records, so that the layer gathers pair up.
-    if let Some(f) = model.fsdp() {
+    if model.fsdp().is_some() {
         let most = crate::dist::shard(order.len(), 0, world)
             .len()
             .div_ceil(batch_size);
         for _ in mine.len().div_ceil(batch_size)..most {
-            f.idle_pass(false);
+            model.fsdp_idle_pass(false, false, chunk);
         }
     }
     let (mut sum, mut count) = (0.0, 0i64);

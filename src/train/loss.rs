@@ -44,6 +44,22 @@ pub fn chunked_cross_entropy_with(
     let ys = labels.narrow(1, 1, t - 1).reshape([-1]);
     let idx = ys.ne(-100).nonzero().squeeze_dim(1);
     let n = idx.size()[0];
+    // A sharded base's plain head (`--fsdp`): every rank takes part, rows or not.
+    if let Some(f) = model.vocab_parallel_head() {
+        let sel = hs.index_select(0, &idx);
+        let (loss, grad) = f.cross_entropy(&sel, &ys.index_select(0, &idx), chunk, backward_scale);
+        match grad {
+            Some(grad) if sel.requires_grad() => {
+                let mut pending = (sel * grad).sum(Kind::Float);
+                if let Some(t) = also.filter(Tensor::requires_grad) {
+                    pending += t;
+                }
+                pending.backward();
+            }
+            _ => backward_also(also),
+        }
+        return Ok(loss);
+    }
     if n == 0 {
         backward_also(also);
         return Ok(0.0);

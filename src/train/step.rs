@@ -157,8 +157,10 @@ impl Trainer {
         };
         g.at(&format!("the layer gathers of step {}", step + 1))?;
         let global = self.plan.micro_batches(step).1.count();
+        let _ = f;
         for _ in local..global {
-            f.idle_pass(recompute);
+            self.model
+                .fsdp_idle_pass(true, recompute, self.cfg.loss_chunk_size);
         }
         self.model.fsdp_error()
     }
