@@ -9,19 +9,20 @@ Per rank, with N ranks and gradient checkpointing (the --fsdp default):
   gathered layers    two whole decoder layers (the one computing and the next,
                      prefetched) plus the gather buffer of one; a 4-bit layer is
                      gathered packed and dequantized one linear at a time
-  gathered head      the whole output head (and the embeddings, when tied)
-                     while the loss runs
+  embeddings, head   never whole: used sharded by vocabulary rows; the rows of
+                     every rank travel instead (N x batch x seq x hidden, bf16,
+                     and the exchanged hidden rows' fp32 gradient)
   adapters           LoRA r=16 on every linear layer, fp32: weights, gradients
                      and AdamW's two moments (16 bytes per parameter), on every rank
   activations        each layer's input (batch x seq x hidden, bf16) kept for the
                      recompute, one layer's activations while it is recomputed
                      (34 x batch x seq x hidden bytes, Korthikanti et al. with a
                      fused attention, no seq^2 term), and the cross-entropy's two
-                     fp32 chunks of 256 rows x vocab
+                     fp32 chunks of 256 rows x vocab / N
   runtime            CUDA context and allocator slack, 1.5 GB (an assumption)
 Communication per rank and micro-batch: an all-gather receives (N-1)/N of
-each unit: every layer twice (forward and recompute), the embeddings once
-and the head once.
+each unit, every layer twice (forward and recompute); the embedding lookup
+and the loss move every rank's rows (a few MB).
   python3 bench/fsdp_memory_model.py
 """
 
@@ -48,14 +49,15 @@ def per_rank(name, world, seq, batch=1, quant=False):
     frozen = (layers * layer_params * bpp + embed + head) / world
     largest_linear = max(a * b for a, b in lin) * 2.0
     gathered = 3 * layer_params * bpp + (largest_linear if quant else 0.0)
-    gathered_head = embed
+    tokens = batch * seq
+    exchanged = world * tokens * h * (2.0 + 4.0) if world > 1 else 0.0
     if world == 1:  # nothing is sharded, nothing gathered
-        gathered = gathered_head = 0.0
+        gathered = 0.0
     adapters = layers * sum(RANK * (a + b) for a, b in lin) * 16.0
-    acts = layers * batch * seq * h * 2.0 + 34 * batch * seq * h + 2 * 256 * vocab * 4.0
-    total = frozen + gathered + gathered_head + adapters + acts + RUNTIME
-    moved = (world - 1) / world * (2 * layers * layer_params * bpp + embed + (head or embed))
-    return dict(frozen=frozen, gathered=gathered + gathered_head, adapters=adapters,
+    acts = layers * tokens * h * 2.0 + 34 * tokens * h + 2 * 256 * vocab / world * 4.0 + exchanged
+    total = frozen + gathered + adapters + acts + RUNTIME
+    moved = (world - 1) / world * 2 * layers * layer_params * bpp + exchanged
+    return dict(frozen=frozen, gathered=gathered, adapters=adapters,
                 acts=acts, total=total, moved=moved, flops=6 * batch * seq * (layers * layer_params))
 
 
@@ -75,7 +77,7 @@ def main():
                 print(f"{name:16}{'nf4' if quant else 'bf16':6}{seq:6}" + "".join(f"{v:8.1f}" for v in row)
                       + "   " + " ".join(fits))
     print()
-    print("Where it goes, N=2, seq 2048 (GB): frozen shards / gathered (layers + head) / adapters+AdamW / activations")
+    print("Where it goes, N=2, seq 2048 (GB): frozen shards / gathered layers / adapters+AdamW / activations")
     for name in MODELS:
         for quant in (False, True):
             r = per_rank(name, 2, 2048, quant=quant)

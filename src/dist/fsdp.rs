@@ -411,11 +411,19 @@ impl Fsdp {
     /// Starts gathering the first decoder layer, unless a gather is under
     /// way (prefetch on): called before the embeddings are looked up.
     pub(crate) fn prefetch_first_layer(&self) {
-        if !self.prefetch || self.layers.is_empty() || self.pending.borrow().is_some() {
+        if !self.layers.is_empty() {
+            self.prefetch(UnitId::Layer(0));
+        }
+    }
+
+    /// Starts gathering unit `id`, unless prefetching is off or a gather
+    /// is under way; [`Fsdp::gather`] of `id` then waits for it.
+    pub fn prefetch(&self, id: UnitId) {
+        if !self.prefetch || self.pending.borrow().is_some() {
             return;
         }
-        match self.start(UnitId::Layer(0)) {
-            Ok(work) => *self.pending.borrow_mut() = Some((UnitId::Layer(0), work)),
+        match self.start(id) {
+            Ok(work) => *self.pending.borrow_mut() = Some((id, work)),
             Err(e) => self.fail(e),
         }
     }
@@ -442,10 +450,16 @@ impl Fsdp {
         (block, start)
     }
 
-    fn start(&self, id: UnitId) -> Result<PendingGather> {
-        if let Some(e) = self.error.borrow().as_ref() {
-            anyhow::bail!("{e:#}");
+    /// The recorded failure, if a collective of this pass failed.
+    pub(crate) fn check(&self) -> Result<()> {
+        match self.error.borrow().as_ref() {
+            Some(e) => anyhow::bail!("{e:#}"),
+            None => Ok(()),
         }
+    }
+
+    fn start(&self, id: UnitId) -> Result<PendingGather> {
+        self.check()?;
         let unit = self.unit(id);
         let mut stats = self.stats.get();
         stats.gathers += 1;
@@ -488,6 +502,9 @@ impl Fsdp {
                 drop(self.gather(self.head_unit(), after_head));
             }
             IdleHead::VocabParallel { chunk, training } => {
+                if recompute && n > 0 {
+                    self.prefetch(UnitId::Layer(n - 1));
+                }
                 let (w, _) = self.row_block(self.head_unit());
                 let x = Tensor::zeros([0, w.size()[1]], (w.kind(), w.device()));
                 let t = Tensor::zeros([0], (Kind::Int64, w.device()));
@@ -514,11 +531,6 @@ impl Fsdp {
             .fold((0, 0), |(h, w), s| {
                 (h + s.held_bytes(), w + s.whole_bytes())
             })
-    }
-
-    /// The whole embedding table; the embeddings' unit must be gathered.
-    pub fn embedding_table(&self) -> Tensor {
-        self.embedding.weights[0].with_whole(FrozenWeight::dense)
     }
 
     /// The gathers so far.

@@ -46,6 +46,9 @@ impl Fsdp {
     /// Gathers every rank's `x` (`[n, ...]`, n may differ per rank), padded
     /// to the largest n.
     pub(crate) fn exchange(&self, x: &Tensor) -> Result<Exchanged> {
+        // After a failed collective the pass runs on to its end without
+        // waiting for a rank that is gone.
+        self.check()?;
         let g = self.group();
         let n = x.size()[0];
         let counts = g.all_gather(&Tensor::from_slice(&[n]).to_device(x.device()))?;

@@ -333,10 +333,15 @@ impl LlamaForCausalLM {
     /// meanwhile, for the checkpointed backward pass.
     pub fn gather_head(&self, then_recompute: bool) -> Option<Gathered<'_>> {
         let f = self.fsdp.as_ref()?;
+        let n = self.model.layers.len();
         if self.vocab_parallel_head().is_some() {
+            // The loss needs no gather: the checkpointed backward's first
+            // layer (the last) is gathered meanwhile.
+            if then_recompute && n > 0 {
+                f.prefetch(UnitId::Layer(n - 1));
+            }
             return None;
         }
-        let n = self.model.layers.len();
         let next = (then_recompute && n > 0).then(|| UnitId::Layer(n - 1));
         Some(f.gather(f.head_unit(), next))
     }

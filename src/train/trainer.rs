@@ -82,6 +82,8 @@ impl Trainer {
             .map(|g| (g.rank(), g.world_size()));
         if shard.is_some() {
             check_fsdp_settings(&cfg, &model_dir)?;
+        } else if cfg.fsdp {
+            eprintln!("note: --fsdp with one process: nothing to shard, the whole base is loaded (start several with --nproc N or torchrun)");
         }
         let base = Pretrained::load_sharded(&model_dir, kind, device, quantize.as_ref(), shard)?;
         let (train, eval, pad_id) = load_data(&cfg, &base)?;
