@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The sharded base (`--fsdp`) against data parallel, 2 ranks over Gloo on
-# 127.0.0.1, on the default model (SmolLM2-135M), LoRA r=16 all-linear,
-# batch BATCH x LEN tokens per rank, STEPS steps, one thread per rank:
+# 127.0.0.1, on the default model (SmolLM2-135M), LoRA r=16 on TARGETS
+# (default all-linear), batch BATCH x LEN tokens per rank, STEPS steps, one
+# thread per rank:
 #  - memory: each run's largest rank peak RSS minus a process that only
 #    loaded libtorch (`peft-rs env`), fp32 and nf4 + double quantization,
 #    data parallel with gradient checkpointing (as --fsdp runs by default)
@@ -10,10 +11,10 @@
 #  - time: what the layer gathers cost, with and without prefetching the
 #    next layer (the time the compute waited for gathers, and the step time).
 # Alternated, twice; the smaller peak and the shorter time of each are kept.
-#   ./bench/fsdp.sh [BATCH] [LEN] [STEPS]
+#   ./bench/fsdp.sh [BATCH] [LEN] [STEPS] [TARGETS]
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
-B=${1:-1}; LEN=${2:-64}; STEPS=${3:-6}
+B=${1:-1}; LEN=${2:-64}; STEPS=${3:-6}; TARGETS=${4:-all-linear}
 cargo build --release --quiet --bin peft-rs
 bin=target/release/peft-rs
 alpaca_records $((2 * B * STEPS)) "$out/data.json"
@@ -25,7 +26,7 @@ peak() { # name command...: peak RSS (KiB) of the process and the ranks it waite
 train() { # name flags...
   local name=$1; shift
   OMP_NUM_THREADS=1 peak "$name" "$bin" train --model "$model" --data "$out/data.json" \
-    --output "$out/run-$name" --device cpu --lora-rank 16 --target-modules all-linear \
+    --output "$out/run-$name" --device cpu --lora-rank 16 --target-modules "$TARGETS" \
     --batch-size "$B" --max-seq-len "$LEN" --max-steps "$STEPS" --group-by-length false \
     --nproc 2 "$@"
 }
@@ -39,14 +40,14 @@ for round in 1 2; do
     train "$q-fsdp-noprefetch-$round" "${qf[@]}" --fsdp --fsdp-prefetch false
   done
 done
-"$PYTHON" - "$out" "$B" "$LEN" "$STEPS" <<'PY'
+"$PYTHON" - "$out" "$B" "$LEN" "$STEPS" "$TARGETS" <<'PY'
 import json, sys, pathlib
 d = pathlib.Path(sys.argv[1])
 mib = lambda n: min(int((d / f"{n}-{r}.kib").read_text().split()[-1]) for r in (1, 2)) / 1024
 summ = lambda n, r: json.loads((d / f"run-{n}-{r}" / "train_summary.json").read_text())
 best = lambda n: min((summ(n, r) for r in (1, 2)), key=lambda s: s["seconds"])
 base = mib("baseline")
-print(f"--fsdp vs data parallel: SmolLM2-135M, 2 ranks (Gloo, 1 thread each), LoRA r=16 all-linear, "
+print(f"--fsdp vs data parallel: SmolLM2-135M, 2 ranks (Gloo, 1 thread each), LoRA r=16 on {sys.argv[5]}, "
       f"batch {sys.argv[2]} x {sys.argv[3]} per rank, {sys.argv[4]} steps; baseline (libtorch loaded) {base:.0f} MiB")
 print(f"{'':34}{'peak MiB':>9}{'above base':>11}{'vs DP ckpt':>11}{'vs DP':>7}{'seconds':>9}")
 for q in ("fp32", "nf4"):

@@ -24,6 +24,7 @@ pub mod qwen2;
 pub mod qwen3;
 pub mod qwen3_moe;
 pub mod rope;
+mod sharded;
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
