@@ -4,7 +4,9 @@
 # (default all-linear), batch BATCH x LEN tokens per rank, STEPS steps, one
 # thread per rank:
 #  - memory: each run's largest rank peak RSS minus a process that only
-#    loaded libtorch (`peft-rs env`), fp32 and nf4 + double quantization,
+#    loaded libtorch (`peft-rs env`, whose CPU probe's buffers count in its
+#    own peak), and rank 0's peak minus its resident set before the base
+#    loaded (train_summary.json), fp32 and nf4 + double quantization,
 #    data parallel with gradient checkpointing (as --fsdp runs by default)
 #    and at its own default, against --fsdp;
 #  - the frozen bytes rank 0 holds between layers (train_summary.json);
@@ -49,13 +51,17 @@ best = lambda n: min((summ(n, r) for r in (1, 2)), key=lambda s: s["seconds"])
 base = mib("baseline")
 print(f"--fsdp vs data parallel: SmolLM2-135M, 2 ranks (Gloo, 1 thread each), LoRA r=16 on {sys.argv[5]}, "
       f"batch {sys.argv[2]} x {sys.argv[3]} per rank, {sys.argv[4]} steps; baseline (libtorch loaded) {base:.0f} MiB")
-print(f"{'':34}{'peak MiB':>9}{'above base':>11}{'vs DP ckpt':>11}{'vs DP':>7}{'seconds':>9}")
+# Rank 0's own: its peak above its resident set before the base loaded.
+own = lambda n: min((s["peak_rss_bytes"] - s["rss_before_load_bytes"]) / 2**20 for s in (summ(n, r) for r in (1, 2)))
+print(f"{'':34}{'peak MiB':>9}{'above base':>11}{'vs DP ckpt':>11}{'vs DP':>7}"
+      f"{'rank 0 above own start':>24}{'vs DP ckpt':>11}{'seconds':>9}")
 for q in ("fp32", "nf4"):
     dp, dpc = mib(f"{q}-dp") - base, mib(f"{q}-dp-ckpt") - base
     for k, name in ((f"{q}-dp", f"{q} data parallel (default)"), (f"{q}-dp-ckpt", f"{q} data parallel, checkpointing"),
                     (f"{q}-fsdp", f"{q} --fsdp (checkpointing)"), (f"{q}-fsdp-noprefetch", f"{q} --fsdp, no prefetch")):
         a = mib(k) - base
-        print(f"{name:34}{mib(k):9.0f}{a:11.0f}{a / dpc:10.2f}x{a / dp:6.2f}x{best(k)['seconds']:9.1f}")
+        print(f"{name:34}{mib(k):9.0f}{a:11.0f}{a / dpc:10.2f}x{a / dp:6.2f}x"
+              f"{own(k):24.0f}{own(k) / own(f'{q}-dp-ckpt'):10.2f}x{best(k)['seconds']:9.1f}")
     f = best(f"{q}-fsdp")["fsdp"]
     nf = best(f"{q}-fsdp-noprefetch")["fsdp"]
     print(f"  {q}: rank 0 holds {f['sharded_bytes_held'] / 2**20:.1f} of {f['sharded_bytes_whole'] / 2**20:.1f} MiB sharded "

@@ -58,6 +58,7 @@ impl Summary {
             "quantized_bytes_per_param": self.quantized_bytes_per_param,
             "peak_rss_bytes": self.memory.peak, "max_rss_anon_bytes": self.memory.max_anon,
             "max_rss_file_bytes": self.memory.max_file,
+            "rss_before_load_bytes": trainer.rss_before_load,
             "fsdp": trainer.model.fsdp().map(|f| {
                 let (held, whole) = f.held_and_whole_bytes();
                 json!({

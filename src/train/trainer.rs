@@ -54,6 +54,9 @@ pub struct Trainer {
     pub wait_seconds: f64,
     /// The weight of the router's load-balancing loss, when it is added.
     pub router_aux_loss_coef: Option<f64>,
+    /// This process's resident memory before the base was loaded (libtorch,
+    /// the process group): what the run's own memory is counted above.
+    pub rss_before_load: u64,
 }
 
 impl Trainer {
@@ -85,6 +88,7 @@ impl Trainer {
         } else if cfg.fsdp {
             eprintln!("note: --fsdp with one process: nothing to shard, the whole base is loaded (start several with --nproc N or torchrun)");
         }
+        let before_load = crate::memory::MemoryUsage::now();
         let base = Pretrained::load_sharded(&model_dir, kind, device, quantize.as_ref(), shard)?;
         let (train, eval, pad_id) = load_data(&cfg, &base)?;
         let mut model = base.model;
@@ -146,6 +150,7 @@ impl Trainer {
             all_reduce_seconds: 0.0,
             wait_seconds: 0.0,
             router_aux_loss_coef,
+            rss_before_load: before_load.anon + before_load.file,
             cfg,
             model,
             adapter,
