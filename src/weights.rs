@@ -181,47 +181,12 @@ impl WeightFiles {
 
     /// Builds the tensor `name`, checking its shape, converted to `kind` on `device`.
     pub fn load(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
-        let Some(&i) = self.location.get(name) else {
-            let files: Vec<String> = self
-                .shards
-                .iter()
-                .map(|s| s.path.display().to_string())
-                .collect();
-            bail!("tensor {name} is missing from {}", files.join(", "));
-        };
-        let shard = &self.shards[i];
-        let info = &shard.tensors[name];
-        let found: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        if found != shape {
-            bail!(
-                "{}: tensor {name} has shape {found:?}, but the model config implies {shape:?}",
-                shard.path.display()
-            );
-        }
-        let file_kind = kind_of(info.dtype).with_context(|| {
-            format!(
-                "{}: tensor {name} has dtype {:?}",
-                shard.path.display(),
-                info.dtype
-            )
-        })?;
-        let (start, end) = info.data_offsets;
-        let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
-        let host = host_copy(bytes, &found, file_kind, device)
-            .with_context(|| format!("{}: tensor {name}", shard.path.display()))?;
-        // The mapped pages are copied: let them go, so that the resident set
-        // holds the model once, not the model and the file it came from.
-        self.release(name);
-        // To the device first, then converted there: a bf16 file moves half
-        // the bytes of an fp32 model. From page-locked memory the copy is
-        // asynchronous; the caching host allocator keeps the block until it is done.
-        Ok(host
-            .f_to_device_(device, file_kind, device.is_cuda(), false)?
-            .to_kind(kind))
+        let numel = shape.iter().product();
+        Ok(self
+            .load_run(name, shape, kind, device, 0..numel)?
+            .view(shape))
     }
-}
 
-impl WeightFiles {
     /// Elements `run` of the flattened tensor `name` (which must have
     /// `shape`), converted to `kind` on `device`: only those bytes of the
     /// file are read (a rank's slice of a frozen tensor under `--fsdp`).
@@ -234,7 +199,12 @@ impl WeightFiles {
         run: std::ops::Range<i64>,
     ) -> Result<Tensor> {
         let Some(&i) = self.location.get(name) else {
-            bail!("tensor {name} is missing from the checkpoint");
+            let files: Vec<String> = self
+                .shards
+                .iter()
+                .map(|s| s.path.display().to_string())
+                .collect();
+            bail!("tensor {name} is missing from {}", files.join(", "));
         };
         let shard = &self.shards[i];
         let info = &shard.tensors[name];
@@ -271,9 +241,14 @@ impl WeightFiles {
             device,
         )
         .with_context(|| format!("{}: tensor {name}", shard.path.display()))?;
+        // The mapped pages are copied: let them go, so that the resident set
+        // holds the model once, not the model and the file it came from.
         release_range(&shard.mmap, from, to);
+        // To the device first, then converted there: a bf16 file moves half
+        // the bytes of an fp32 model. From page-locked memory the copy is
+        // asynchronous; the caching host allocator keeps the block until it is done.
         Ok(host
-            .f_to_device_(device, file_kind, false, false)?
+            .f_to_device_(device, file_kind, device.is_cuda(), false)?
             .to_kind(kind))
     }
 }

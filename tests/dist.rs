@@ -6,9 +6,8 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use common::{children, losses, max_adapter_diff, max_diff, rank_of, read_json, series, Cmd};
+use common::{losses, max_adapter_diff, max_diff, read_json, series, Cmd};
 
 fn args(data: &Path, out: &Path, extra: &[&str]) -> Cmd {
     let line = "train --device cpu --dtype fp32 --max-seq-len 64 --lora-rank 4 --lr 1e-3 --seed 7 \
@@ -125,31 +124,7 @@ fn a_dying_rank_ends_the_run_naming_it() {
     let data = common::alpaca(tmp.path(), 64);
     let out = tmp.path().join("run");
     let a = args(&data, &out, &[]).args("--max-steps 40 --batch-size 2 --nproc 2 --save-steps 2");
-    let mut launcher = a.spawn(&[]);
-    // Wait for the first checkpoint, then kill rank 1 as the OOM killer would.
-    let start = Instant::now();
-    while !out.join("checkpoint-2").exists() {
-        assert!(start.elapsed() < Duration::from_secs(300), "no checkpoint");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let rank1 = children(launcher.id())
-        .into_iter()
-        .find(|&p| rank_of(p).as_deref() == Some("1"))
-        .expect("rank 1 worker");
-    let killed = Instant::now();
-    Command::new("kill")
-        .args(["-9", &rank1.to_string()])
-        .status()
-        .unwrap();
-    let status = launcher.wait().unwrap();
-    let waited = killed.elapsed();
-    let mut err = String::new();
-    std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut err).unwrap();
-    eprintln!("launcher ended {waited:?} after rank 1 was killed");
-    assert!(!status.success());
-    assert!(waited < Duration::from_secs(30), "took {waited:?}");
-    assert!(err.contains("rank 1"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    common::kill_rank_1_after_the_first_checkpoint(&a, &out);
     // The last checkpoint is whole: resume continues from it.
     let last = std::fs::read_dir(&out)
         .unwrap()

@@ -1,7 +1,7 @@
 // The few calls of PyTorch's c10d that peft-rs needs, with a C interface:
 // a TCPStore rendezvous (and its key-value store), a Gloo (CPU) or NCCL
 // (CUDA) process group, an in-place sum all-reduce, an asynchronous
-// all-gather and a barrier. Everything c10d throws is caught and
+// (coalesced) all-gather and a barrier. Everything c10d throws is caught and
 // returned as a message; nothing crosses the FFI boundary as an exception.
 // The implementation is libtorch's own (libtorch_cpu.so / libtorch_cuda.so).
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -81,28 +81,6 @@ int peft_c10d_all_reduce_sum(void* group, void* tensor, char** err) {
   }
 }
 
-// Starts gathering every rank's `input` (an at::Tensor*, the same number
-// of bytes on each rank) into `output` (world x input, contiguous): rank r's
-// part lands at output[r]. Returns the c10d Work to wait for, or null with
-// *err set. Gloo runs it on its own threads, so the caller can compute
-// meanwhile (FSDP's prefetch of the next layer).
-void* peft_c10d_all_gather_start(void* group, void* output, void* input, char** err) {
-  try {
-    auto g = static_cast<Group*>(group);
-    auto& out = *static_cast<at::Tensor*>(output);
-    auto& in = *static_cast<at::Tensor*>(input);
-    std::vector<at::Tensor> parts;
-    for (int64_t r = 0; r < out.size(0); ++r) parts.push_back(out[r]);
-    std::vector<std::vector<at::Tensor>> outputs{parts};
-    std::vector<at::Tensor> inputs{in};
-    auto work = g->backend->allgather(outputs, inputs);
-    return new c10::intrusive_ptr<c10d::Work>(std::move(work));
-  } catch (const std::exception& e) {
-    *err = copy_message(e);
-    return nullptr;
-  }
-}
-
 // Starts gathering `count` tensors at once: every rank's `inputs[i]` into
 // `outputs[i]` (world x inputs[i], flat, contiguous), rank r's at
 // outputs[i][r * len .. (r + 1) * len]. One collective for all of them, each
@@ -124,7 +102,7 @@ void* peft_c10d_all_gather_parts_start(void* group, void** outputs, void** input
   }
 }
 
-// Waits for a Work from peft_c10d_all_gather_start and frees it (also on error).
+// Waits for a Work from peft_c10d_all_gather_parts_start and frees it (also on error).
 int peft_c10d_work_wait(void* work, char** err) {
   auto w = static_cast<c10::intrusive_ptr<c10d::Work>*>(work);
   try {

@@ -385,7 +385,7 @@ impl Fsdp {
                 self.start(id)
             }
         };
-        let gathered = work.and_then(|w| w.wait_parts(&self.group));
+        let gathered = work.and_then(|w| w.wait(&self.group));
         let mut stats = self.stats.get();
         stats.wait_seconds += started.elapsed().as_secs_f64();
         self.stats.set(stats);

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::{Backend, DistEnv};
 
@@ -29,12 +29,6 @@ mod ffi {
             tensor: *mut c_void,
             err: *mut *mut c_char,
         ) -> c_int;
-        pub fn peft_c10d_all_gather_start(
-            group: *mut c_void,
-            output: *mut c_void,
-            input: *mut c_void,
-            err: *mut *mut c_char,
-        ) -> *mut c_void;
         pub fn peft_c10d_all_gather_parts_start(
             group: *mut c_void,
             outputs: *mut *mut c_void,
@@ -232,53 +226,12 @@ impl ProcessGroup {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Starts gathering every rank's `local` (a contiguous 1-D tensor of
-    /// the same size on each rank) into a `[world, len]` tensor, rank r's in
-    /// row r. The collective runs on c10d's threads until
-    /// [`PendingGather::wait`]; every rank must start the same gathers in
-    /// the same order.
-    pub fn all_gather_start(&self, local: &Tensor) -> Result<PendingGather> {
-        let mut out = Tensor::empty(
-            [self.world_size as i64, local.numel() as i64],
-            (local.kind(), local.device()),
-        );
-        #[cfg(peft_rs_c10d)]
-        {
-            let mut input = local.shallow_clone();
-            let mut err = std::ptr::null_mut();
-            // SAFETY: both are live tensors (tch's C_tensor is an at::Tensor*);
-            // `PendingGather` keeps them alive until the work is waited for.
-            let work = unsafe {
-                ffi::peft_c10d_all_gather_start(
-                    self.ptr,
-                    out.as_mut_ptr() as *mut _,
-                    input.as_mut_ptr() as *mut _,
-                    &mut err,
-                )
-            };
-            if work.is_null() {
-                let message = take_message(err);
-                bail!("{}", self.explain_failure("all-gather", &message));
-            }
-            Ok(PendingGather {
-                work,
-                out: Some(out),
-                parts: None,
-                _input: input,
-                _inputs: Vec::new(),
-            })
-        }
-        #[cfg(not(peft_rs_c10d))]
-        {
-            let _ = &mut out;
-            unreachable!("no process group exists without c10d")
-        }
-    }
-
     /// Starts gathering every rank's `parts` (1-D contiguous tensors, the
     /// same sizes and dtypes on each rank) in one collective: for each part
     /// a `[world · len]` tensor with rank r's at `r·len..`, written in place
-    /// (no staging copy). See [`ProcessGroup::all_gather_start`].
+    /// (no staging copy). The collective runs on c10d's threads until
+    /// [`PendingGather::wait`]; every rank must start the same gathers
+    /// in the same order.
     pub fn all_gather_parts_start(&self, parts: &[Tensor]) -> Result<PendingGather> {
         let world = self.world_size as i64;
         let outs: Vec<Tensor> = parts
@@ -315,9 +268,7 @@ impl ProcessGroup {
             }
             Ok(PendingGather {
                 work,
-                out: None,
                 parts: Some(outs),
-                _input: Tensor::empty([0], (Kind::Uint8, tch::Device::Cpu)),
                 _inputs: inputs,
             })
         }
@@ -328,9 +279,14 @@ impl ProcessGroup {
         }
     }
 
-    /// [`ProcessGroup::all_gather_start`], waited for.
+    /// Every rank's `local` (a contiguous 1-D tensor of the same size on
+    /// each rank) as a `[world, len]` tensor, rank r's in row r.
     pub fn all_gather(&self, local: &Tensor) -> Result<Tensor> {
-        self.all_gather_start(local)?.wait(self)
+        let len = local.numel() as i64;
+        let mut parts = self
+            .all_gather_parts_start(std::slice::from_ref(local))?
+            .wait(self)?;
+        Ok(parts.remove(0).view([self.world_size as i64, len]))
     }
 
     /// Sums `t` over all ranks, in place (every rank gets the total).
@@ -482,28 +438,17 @@ impl ProcessGroup {
     }
 }
 
-/// An all-gather under way (see [`ProcessGroup::all_gather_start`]).
+/// An all-gather under way (see [`ProcessGroup::all_gather_parts_start`]).
 pub struct PendingGather {
     #[cfg(peft_rs_c10d)]
     work: *mut std::os::raw::c_void,
-    out: Option<Tensor>,
     parts: Option<Vec<Tensor>>,
-    _input: Tensor,
     _inputs: Vec<Tensor>,
 }
 
 impl PendingGather {
-    /// Waits for the gather started on `group`: `[world, len]`, rank r's
-    /// tensor in row r.
-    pub fn wait(mut self, group: &ProcessGroup) -> Result<Tensor> {
-        if let Err(message) = self.finish() {
-            bail!("{}", group.explain_failure("all-gather", &message));
-        }
-        Ok(self.out.take().expect("taken once"))
-    }
-
-    /// Waits for a gather of parts ([`ProcessGroup::all_gather_parts_start`]).
-    pub fn wait_parts(mut self, group: &ProcessGroup) -> Result<Vec<Tensor>> {
+    /// Waits for the gather: each part's `[world · len]` tensor.
+    pub fn wait(mut self, group: &ProcessGroup) -> Result<Vec<Tensor>> {
         if let Err(message) = self.finish() {
             bail!("{}", group.explain_failure("all-gather", &message));
         }
@@ -518,7 +463,7 @@ impl PendingGather {
                 return Ok(());
             }
             let mut err = std::ptr::null_mut();
-            // SAFETY: the work came from peft_c10d_all_gather_start; waited for and freed once.
+            // SAFETY: the work came from peft_c10d_all_gather_parts_start; waited for and freed once.
             let rc = unsafe { ffi::peft_c10d_work_wait(self.work, &mut err) };
             self.work = std::ptr::null_mut();
             if rc != 0 {
@@ -531,7 +476,7 @@ impl PendingGather {
 
 impl Drop for PendingGather {
     fn drop(&mut self) {
-        // c10d's threads write into `out` until the work ends.
+        // c10d's threads write into the outputs until the work ends.
         let _ = self.finish();
     }
 }

@@ -850,3 +850,35 @@ pub fn greedy_rows(model: &LlamaForCausalLM, ids: &Tensor, n: usize) -> Vec<Vec<
         })
         .collect()
 }
+
+/// Starts `run` (a 2-process `train` saving a checkpoint every 2 steps into
+/// `out`), kills rank 1 with SIGKILL once the first checkpoint exists, as
+/// the OOM killer would, and checks that the launcher fails within 30 s
+/// naming rank 1, without a panic.
+pub fn kill_rank_1_after_the_first_checkpoint(run: &Cmd, out: &Path) {
+    use std::time::{Duration, Instant};
+    let mut launcher = run.spawn(&[]);
+    let start = Instant::now();
+    while !out.join("checkpoint-2").exists() {
+        assert!(start.elapsed() < Duration::from_secs(300), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rank1 = children(launcher.id())
+        .into_iter()
+        .find(|&p| rank_of(p).as_deref() == Some("1"))
+        .expect("rank 1 worker");
+    let killed = Instant::now();
+    Command::new("kill")
+        .args(["-9", &rank1.to_string()])
+        .status()
+        .unwrap();
+    let status = launcher.wait().unwrap();
+    let waited = killed.elapsed();
+    let mut err = String::new();
+    std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut err).unwrap();
+    eprintln!("launcher ended {waited:?} after rank 1 was killed");
+    assert!(!status.success());
+    assert!(waited < Duration::from_secs(30), "took {waited:?}");
+    assert!(err.contains("rank 1"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
