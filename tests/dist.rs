@@ -124,31 +124,7 @@ fn a_dying_rank_ends_the_run_naming_it() {
     let data = common::alpaca(tmp.path(), 64);
     let out = tmp.path().join("run");
     let a = args(&data, &out, &[]).args("--max-steps 40 --batch-size 2 --nproc 2 --save-steps 2");
-    common::kill_rank_1_after_the_first_checkpoint(&a, &out);
-    // The last checkpoint is whole: resume continues from it.
-    let last = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()?
-                .strip_prefix("checkpoint-")?
-                .parse::<u64>()
-                .ok()
-        })
-        .max()
-        .unwrap();
-    assert!(out
-        .join(format!("checkpoint-{last}"))
-        .join("COMPLETE")
-        .exists());
-    let r = a.arg("--resume").run();
-    assert!(
-        r.status.success(),
-        "resume failed: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    assert!(out.join("adapter_model.safetensors").exists());
+    common::kill_rank_1_then_resume(&a, &out);
 }
 
 /// Where libtorch has CUDA (the cu13 wheel set-up installs, GPU or not), the

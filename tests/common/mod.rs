@@ -854,8 +854,9 @@ pub fn greedy_rows(model: &LlamaForCausalLM, ids: &Tensor, n: usize) -> Vec<Vec<
 /// Starts `run` (a 2-process `train` saving a checkpoint every 2 steps into
 /// `out`), kills rank 1 with SIGKILL once the first checkpoint exists, as
 /// the OOM killer would, and checks that the launcher fails within 30 s
-/// naming rank 1, without a panic.
-pub fn kill_rank_1_after_the_first_checkpoint(run: &Cmd, out: &Path) {
+/// naming rank 1, without a panic; that the last checkpoint is whole; and
+/// that `run --resume` continues from it to the final adapter.
+pub fn kill_rank_1_then_resume(run: &Cmd, out: &Path) {
     use std::time::{Duration, Instant};
     let mut launcher = run.spawn(&[]);
     let start = Instant::now();
@@ -881,4 +882,27 @@ pub fn kill_rank_1_after_the_first_checkpoint(run: &Cmd, out: &Path) {
     assert!(waited < Duration::from_secs(30), "took {waited:?}");
     assert!(err.contains("rank 1"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    let last = std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap();
+    assert!(out
+        .join(format!("checkpoint-{last}"))
+        .join("COMPLETE")
+        .exists());
+    let r = run.clone().arg("--resume").run();
+    assert!(
+        r.status.success(),
+        "resume failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(out.join("adapter_model.safetensors").exists());
 }
