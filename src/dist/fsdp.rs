@@ -537,11 +537,6 @@ impl Fsdp {
     pub fn stats(&self) -> GatherStats {
         self.stats.get()
     }
-
-    /// The number of decoder layers.
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
 }
 
 /// A gathered unit; dropping it frees the whole weights (autograd keeps

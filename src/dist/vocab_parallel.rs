@@ -49,10 +49,20 @@ impl Fsdp {
         // After a failed collective the pass runs on to its end without
         // waiting for a rank that is gone.
         self.check()?;
+        let n = x.size()[0];
+        let counts = self
+            .group()
+            .all_gather(&Tensor::from_slice(&[n]).to_device(x.device()))?;
+        let counts = Vec::<i64>::try_from(counts.reshape([-1]).to_device(tch::Device::Cpu))?;
+        self.exchange_counted(x, counts)
+    }
+
+    /// [`Fsdp::exchange`] of rows whose counts per rank are known (those
+    /// of rows exchanged before, such as the targets of exchanged hidden rows).
+    fn exchange_counted(&self, x: &Tensor, counts: Vec<i64>) -> Result<Exchanged> {
+        self.check()?;
         let g = self.group();
         let n = x.size()[0];
-        let counts = g.all_gather(&Tensor::from_slice(&[n]).to_device(x.device()))?;
-        let counts = Vec::<i64>::try_from(counts.reshape([-1]).to_device(tch::Device::Cpu))?;
         let width = counts.iter().copied().max().unwrap_or(0);
         let mut size = x.size();
         size[0] = width - n;
@@ -72,17 +82,11 @@ impl Fsdp {
         })
     }
 
-    /// This rank's block of the rows of unit `id`'s (first) weight: the
-    /// real rows `[rows, cols]` and the index of the first.
-    pub(crate) fn vocab_block(&self, id: UnitId) -> (Tensor, i64) {
-        self.row_block(id)
-    }
-
     /// `embed_tokens(input_ids)` (`[..., hidden]` for `[...]` ids) with the
     /// table sharded by rows. A failed collective is recorded (see
     /// [`Fsdp::take_error`]) and zeros are returned.
     pub fn embed(&self, input_ids: &Tensor) -> Tensor {
-        let (table, start) = self.vocab_block(UnitId::Embedding);
+        let (table, start) = self.row_block(UnitId::Embedding);
         let hidden = table.size()[1];
         let mut out_size = input_ids.size();
         out_size.push(hidden);
@@ -137,10 +141,10 @@ impl Fsdp {
         chunk: i64,
         scale: Option<f64>,
     ) -> Result<(f64, Option<Tensor>)> {
-        let (w, start) = self.vocab_block(self.head_unit());
+        let (w, start) = self.row_block(self.head_unit());
         let g = self.group();
         let xs = self.exchange(&x.detach().to_kind(w.kind()))?;
-        let ts = self.exchange(&targets.reshape([-1, 1]))?;
+        let ts = self.exchange_counted(&targets.reshape([-1, 1]), xs.counts.clone())?;
         let (real, ts) = (xs.real(), ts.rows.reshape([-1]));
         let total = xs.rows.size()[0];
         let device = w.device();

@@ -152,12 +152,11 @@ impl Trainer {
     /// epoch), so that every rank runs the same gathers; and the step is
     /// announced for a failure's diagnosis.
     fn idle_fsdp_passes(&mut self, step: u64, local: usize, recompute: bool) -> Result<()> {
-        let (Some(f), Some(g)) = (self.model.fsdp(), self.group.as_deref()) else {
+        let (Some(_), Some(g)) = (self.model.fsdp(), self.group.as_deref()) else {
             return Ok(());
         };
         g.at(&format!("the layer gathers of step {}", step + 1))?;
         let global = self.plan.micro_batches(step).1.count();
-        let _ = f;
         for _ in local..global {
             self.model
                 .fsdp_idle_pass(true, recompute, self.cfg.loss_chunk_size);
