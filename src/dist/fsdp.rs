@@ -94,7 +94,8 @@ impl ShardedWeight {
                 let row = row_of(&t.size());
                 let r = run_of(flat.numel() as i64, rank, world, row);
                 let len = run_len(flat.numel() as i64, world, row);
-                pad_run(&flat.narrow(0, r.start, r.end - r.start), len)
+                // A copy: the run must not keep the whole tensor's storage.
+                pad_run(&flat.narrow(0, r.start, r.end - r.start).copy(), len)
             })
             .collect();
         Self::from_runs(whole, runs)
