@@ -91,12 +91,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Like [`write_atomic`], with the content written by `write`.
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
+    write_atomic_at(path, |tmp| {
+        let mut f = File::create(tmp)?;
+        write(&mut f)?;
+        f.sync_all().map_err(Into::into)
+    })
+}
+
+/// Like [`write_atomic`], with the temporary file written at the path
+/// `write` is given (by a writer that opens files itself); it is synced
+/// and renamed here.
+pub fn write_atomic_at(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = tmp_path(path);
     let result = (|| -> Result<()> {
-        let mut f = File::create(&tmp)?;
-        write(&mut f)?;
-        f.sync_all()?;
-        drop(f);
+        write(&tmp)?;
+        File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, path)?;
         Ok(())
     })();

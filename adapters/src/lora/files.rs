@@ -67,13 +67,27 @@ pub fn read_weights(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(out)
 }
 
-struct Bytes {
+/// A tensor as safetensors writes it: its bytes are read from the tensor
+/// only when written, borrowed where it is a contiguous CPU tensor (no copy)
+/// and copied one tensor at a time otherwise, so that writing an adapter or
+/// an optimizer state never holds a second copy of it whole.
+struct TensorView {
+    tensor: Tensor,
     dtype: Dtype,
     shape: Vec<usize>,
-    data: Vec<u8>,
 }
 
-impl View for &Bytes {
+impl TensorView {
+    fn new(t: &Tensor) -> Result<Self> {
+        Ok(Self {
+            dtype: crate::dtype::dtype_of(t.kind())?,
+            shape: t.size().iter().map(|&d| d as usize).collect(),
+            tensor: t.detach(),
+        })
+    }
+}
+
+impl View for &TensorView {
     fn dtype(&self) -> Dtype {
         self.dtype
     }
@@ -81,48 +95,55 @@ impl View for &Bytes {
         &self.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
+        let t = &self.tensor;
+        let n = self.data_len();
+        if n == 0 {
+            return std::borrow::Cow::Borrowed(&[]);
+        }
+        if t.device() == Device::Cpu && t.is_contiguous() {
+            // SAFETY: a contiguous CPU tensor's `n` bytes start at its data
+            // pointer and live as long as `self.tensor`, which this borrows.
+            let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) };
+            return std::borrow::Cow::Borrowed(bytes);
+        }
+        let t = t.to_device(Device::Cpu).contiguous();
+        let mut data = vec![0u8; n];
+        t.copy_data_u8(&mut data, t.numel());
+        std::borrow::Cow::Owned(data)
     }
     fn data_len(&self) -> usize {
-        self.data.len()
+        self.tensor.numel() * self.tensor.kind().elt_size_in_bytes()
     }
-}
-
-fn to_bytes(t: &Tensor) -> Result<Bytes> {
-    let dtype = crate::dtype::dtype_of(t.kind())?;
-    let t = t.detach().to_device(Device::Cpu).contiguous();
-    let n = t.numel() * t.kind().elt_size_in_bytes();
-    let mut data = vec![0u8; n];
-    t.f_copy_data_u8(&mut data, t.numel())?;
-    Ok(Bytes {
-        dtype,
-        shape: t.size().iter().map(|&d| d as usize).collect(),
-        data,
-    })
 }
 
 /// Writes `path` as safetensors with PEFT's metadata, through a temporary
 /// file in the same directory that is synced and renamed, so that a crash
-/// never leaves half a file.
+/// never leaves half a file. Tensors stream to the file one at a time.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let bytes: Vec<(String, Bytes)> = tensors
+    let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(k, t)| {
             Ok((
                 k.clone(),
-                to_bytes(t).with_context(|| format!("tensor {k}"))?,
+                TensorView::new(t).with_context(|| format!("tensor {k}"))?,
             ))
         })
         .collect::<Result<_>>()?;
     let mut seen = std::collections::BTreeSet::new();
-    for (k, _) in &bytes {
+    for (k, _) in &views {
         if !seen.insert(k) {
             bail!("tensor {k} would be written twice to {}", path.display());
         }
     }
     let metadata: HashMap<String, String> = [("format".to_owned(), "pt".to_owned())].into();
-    let buf = safetensors::serialize(bytes.iter().map(|(k, b)| (k.as_str(), b)), Some(metadata))?;
-    write_atomic(path, &buf)
+    crate::fsio::write_atomic_at(path, |tmp| {
+        safetensors::serialize_to_file(
+            views.iter().map(|(k, v)| (k.as_str(), v)),
+            Some(metadata),
+            tmp,
+        )
+        .map_err(Into::into)
+    })
 }
 
 pub use crate::fsio::write_atomic;
