@@ -412,3 +412,34 @@ pub fn read_checked_with_params(
     }
     Ok((config, out, param_out))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// Streamed tensors read back as they were: contiguous ones (borrowed),
+    /// views that are not contiguous and other dtypes (copied), empty ones.
+    #[test]
+    fn streamed_tensors_read_back_equal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let a = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([3, 4]);
+        let tensors = vec![
+            ("a".to_owned(), a.shallow_clone()),
+            ("a_t".to_owned(), a.tr()),
+            ("half".to_owned(), a.to_kind(Kind::BFloat16)),
+            ("empty".to_owned(), Tensor::zeros([0, 4], (Kind::Float, Device::Cpu))),
+        ];
+        write_safetensors(&path, &tensors).unwrap();
+        let back: HashMap<String, Tensor> =
+            Tensor::read_safetensors(&path).unwrap().into_iter().collect();
+        assert_eq!(back.len(), tensors.len());
+        for (k, t) in &tensors {
+            assert_eq!(back[k].size(), t.size(), "{k}");
+            assert_eq!(back[k].kind(), t.kind(), "{k}");
+            assert!(back[k].equal(t), "{k} differs");
+        }
+        assert!(!crate::fsio::tmp_path(&path).exists(), "the temporary file is left");
+    }
+}
