@@ -163,3 +163,69 @@ fn nccl_is_built_and_linked_where_libtorch_has_cuda() {
     assert!(unresolved.is_empty(), "unresolved: {unresolved:?}");
     eprintln!("{} ProcessGroupNCCL symbols, all resolved", nccl.len());
 }
+
+/// ZeRO stage 1 (`--shard-optimizer-state`): each of two ranks keeps and
+/// updates the AdamW moments of about half the adapter tensors. The run
+/// takes the replicated optimizer's steps; its checkpoint holds the same
+/// whole state (the moments travel to rank 0); and a sharded run resumes
+/// from a replicated run's checkpoint (the moments travel to their owners)
+/// and ends where the replicated run ended.
+#[test]
+fn a_sharded_optimizer_state_takes_the_same_steps_and_checkpoints_it_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::alpaca(tmp.path(), 22);
+    let steps = "--max-steps 6 --lora-dropout 0 --neftune-alpha 5 --batch-size 2 --nproc 2 \
+                 --save-steps 3 --target-modules all-linear";
+    let run = |name: &str, extra: &str| {
+        let out = tmp.path().join(name);
+        let r = args(&data, &out, &[]).args(steps).args(extra).run();
+        assert!(r.status.success(), "{name}: {}", common::stderr(&r));
+        out
+    };
+    let replicated = run("replicated", "");
+    let sharded = run("sharded", "--shard-optimizer-state");
+    let curve = max_diff(&losses(&replicated), &losses(&sharded));
+    let adapter = max_adapter_diff(&replicated, &sharded);
+    let state = |out: &Path| common::tensors(&out.join("checkpoint-3/optimizer.safetensors"));
+    let (a, b) = (state(&replicated), state(&sharded));
+    assert_eq!(
+        a.keys().collect::<std::collections::BTreeSet<_>>(),
+        b.keys().collect(),
+        "the checkpoints hold other tensors"
+    );
+    let moments = a
+        .iter()
+        .map(|(k, t)| common::tensor_diff(t, &b[k]).0)
+        .fold(0.0, f64::max);
+    let bytes = |out: &Path| {
+        let s: serde_json::Value = read_json(&out.join("train_summary.json"));
+        s["optimizer_state_bytes"].as_f64().unwrap()
+    };
+    let held = bytes(&sharded) / bytes(&replicated);
+    eprintln!(
+        "sharded vs replicated optimizer state: curve {curve:.2e}, adapter {adapter:.2e}, \
+         checkpointed moments {moments:.2e}; rank 0 holds {held:.3} of the moments"
+    );
+    assert!(curve < 1e-6 && adapter < 1e-6, "{curve} {adapter}");
+    assert!(moments < 1e-7, "checkpointed moments differ by {moments}");
+    assert!(
+        (0.4..0.6).contains(&held),
+        "rank 0 holds {held} of the moments"
+    );
+
+    // The replicated run's folder as it was after step 3.
+    let resumed = common::copy_dir(&replicated, &tmp.path().join("resumed"));
+    common::copy_dir(
+        &replicated.join("checkpoint-3"),
+        &resumed.join("checkpoint-3"),
+    );
+    std::fs::remove_file(resumed.join("adapter_model.safetensors")).unwrap();
+    let r = args(&data, &resumed, &[])
+        .args(steps)
+        .args("--shard-optimizer-state --resume")
+        .run();
+    assert!(r.status.success(), "resume: {}", common::stderr(&r));
+    let d = max_adapter_diff(&replicated, &resumed);
+    eprintln!("sharded run resumed from a replicated run's checkpoint: adapter {d:.2e}");
+    assert!(d < 1e-6, "resumed adapter differs by {d}");
+}

@@ -94,6 +94,11 @@ fn sharded_equals_one_process_of(
         // Half, up to each tensor's padding to whole 8-element runs.
         assert!((0.5..0.502).contains(&held), "{tag}: rank 0 holds {held}");
         assert!(f["gathers"].as_u64().unwrap() > 0);
+        let sharded_state = !extra.contains(&"--shard-optimizer-state");
+        assert_eq!(
+            summary["optimizer_state_sharded"], sharded_state,
+            "{tag} {extra:?}"
+        );
     }
 }
 
@@ -109,6 +114,8 @@ fn two_sharded_ranks_equal_one_process() {
             &[],
             &["--gradient-checkpointing", "false"],
             &["--fsdp-prefetch", "false"],
+            // The AdamW moments are sharded by default with --fsdp.
+            &["--shard-optimizer-state", "false"],
         ],
     );
 }

@@ -15,6 +15,7 @@ pub mod group;
 pub mod launch;
 pub mod reduce;
 pub mod vocab_parallel;
+pub mod zero;
 
 use anyhow::{bail, Context, Result};
 

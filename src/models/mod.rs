@@ -264,44 +264,95 @@ impl Pretrained {
         quantize: Option<&BnbQuantization>,
         shard: Option<(usize, usize)>,
     ) -> Result<Self> {
+        ModelFiles::read(dir)?.load_weights(kind, device, quantize, shard)
+    }
+
+    /// The token appended to completions and texts in training data (see
+    /// [`ModelFiles::completion_eos`]).
+    pub fn completion_eos(&self) -> Result<i64> {
+        completion_eos(&self.tokenizer, &self.eos_token_ids, &self.dir)
+    }
+}
+
+/// What a model directory holds besides the weights, read and checked
+/// first: the config, the tokenizer (which must fit the config's
+/// vocabulary) and the ids that end generation. Training reads its data
+/// with these before the weights load, so that a bad record is reported
+/// at once and the data's memory is not counted as the model's.
+pub struct ModelFiles {
+    /// The model directory.
+    pub dir: std::path::PathBuf,
+    /// Its config.json.
+    pub config: LlamaConfig,
+    /// Its tokenizer and chat template.
+    pub tokenizer: crate::tokenizer::Tokenizer,
+    /// As [`Pretrained::eos_token_ids`].
+    pub eos_token_ids: Vec<i64>,
+}
+
+impl ModelFiles {
+    /// Reads the config, the tokenizer and the generation config of `dir`.
+    pub fn read(dir: &Path) -> Result<Self> {
         let config = read_config(dir)?;
         let tokenizer = crate::tokenizer::Tokenizer::from_model_dir(dir)?;
         // Checked before the weights are read: a mismatch names the cause, not a shape.
         tokenizer.check_fits(config.vocab_size, &dir.join("config.json"))?;
-        let model = load_with_config(dir, config, kind, device, quantize, shard)?;
         let mut eos = generation_eos(dir)?;
         if eos.is_empty() {
-            eos = model.config.eos_token_ids.clone();
+            eos = config.eos_token_ids.clone();
         }
         if eos.is_empty() {
             eos.extend(tokenizer.eos_token_id().map(i64::from));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            model,
+            config,
             tokenizer,
             eos_token_ids: eos,
         })
     }
-}
 
-impl Pretrained {
+    /// Loads the weights (see [`Pretrained::load_sharded`]).
+    pub fn load_weights(
+        self,
+        kind: Kind,
+        device: Device,
+        quantize: Option<&BnbQuantization>,
+        shard: Option<(usize, usize)>,
+    ) -> Result<Pretrained> {
+        let model = load_with_config(&self.dir, self.config, kind, device, quantize, shard)?;
+        Ok(Pretrained {
+            dir: self.dir,
+            model,
+            tokenizer: self.tokenizer,
+            eos_token_ids: self.eos_token_ids,
+        })
+    }
+
     /// The token appended to completions and texts in training data:
     /// `tokenizer.eos_token`, as TRL appends it, else the first id of
     /// `generation_config.eos_token_id`. (Llama-3-Instruct's generation config
     /// starts with `<|end_of_text|>` while its tokenizer's EOS is
     /// `<|eot_id|>`, the token that ends a turn.)
     pub fn completion_eos(&self) -> Result<i64> {
-        match self.tokenizer.eos_token_id() {
-            Some(id) => Ok(i64::from(id)),
-            None => self.eos_token_ids.first().copied().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{}: the model defines no EOS token (tokenizer_config.json `eos_token`, \
-                     generation_config.json or config.json `eos_token_id`)",
-                    self.dir.display()
-                )
-            }),
-        }
+        completion_eos(&self.tokenizer, &self.eos_token_ids, &self.dir)
+    }
+}
+
+fn completion_eos(
+    tokenizer: &crate::tokenizer::Tokenizer,
+    eos_token_ids: &[i64],
+    dir: &Path,
+) -> Result<i64> {
+    match tokenizer.eos_token_id() {
+        Some(id) => Ok(i64::from(id)),
+        None => eos_token_ids.first().copied().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: the model defines no EOS token (tokenizer_config.json `eos_token`, \
+                 generation_config.json or config.json `eos_token_id`)",
+                dir.display()
+            )
+        }),
     }
 }
 

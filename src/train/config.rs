@@ -75,6 +75,7 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "dist_timeout",
     "fsdp",
     "fsdp_prefetch",
+    "shard_optimizer_state",
 ];
 
 /// Fields that `training_args.json` records about how a run was made, which
@@ -355,6 +356,12 @@ pub struct TrainConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().fsdp_prefetch)]
     pub fsdp_prefetch: bool,
+    /// With several processes, keep the AdamW moments of 1/N of the adapter tensors on
+    /// each rank (ZeRO stage 1: each rank updates those tensors and sends them to the
+    /// others) instead of all of them on every rank. Default: on with --fsdp.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL")]
+    pub shard_optimizer_state: Option<bool>,
     /// Rows of logits per cross-entropy chunk (each chunk holds two
     /// [N, vocab] fp32 tensors at its peak).
     #[arg(long, value_name = "N", default_value_t = defaults().loss_chunk_size)]
@@ -442,6 +449,7 @@ impl Default for TrainConfig {
             dist_timeout: 600,
             fsdp: false,
             fsdp_prefetch: true,
+            shard_optimizer_state: None,
             loss_chunk_size: LOSS_CHUNK_SIZE,
             logging_steps: 1,
             report_to: ReportTo::None,
@@ -557,6 +565,12 @@ impl TrainConfig {
     pub fn checkpointing(&self) -> bool {
         self.gradient_checkpointing
             .unwrap_or(self.quantize.is_some() || self.fsdp)
+    }
+
+    /// Whether the optimizer state is sharded over the ranks: as asked,
+    /// else with a sharded base (`--fsdp`) only.
+    pub fn shards_optimizer_state(&self) -> bool {
+        self.shard_optimizer_state.unwrap_or(self.fsdp)
     }
 
     /// The dtype of the LoRA matmuls on `device` over a frozen base whose

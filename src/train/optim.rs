@@ -61,6 +61,15 @@ impl AdamW {
         }
     }
 
+    /// Bytes of the moments this optimizer holds.
+    pub fn state_bytes(&self) -> usize {
+        self.exp_avg
+            .values()
+            .chain(self.exp_avg_sq.values())
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
+    }
+
     /// One update with learning rate `lr` from the parameters' `.grad`.
     pub fn step(&mut self, params: &BTreeMap<String, Tensor>, lr: f64) {
         let _g = tch::no_grad_guard();
@@ -70,13 +79,16 @@ impl AdamW {
         let bc2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
         for (k, p) in params {
             let g = p.grad();
-            if !g.defined() {
+            // A tensor whose moments another rank keeps is updated there.
+            let (Some(m), Some(v), true) =
+                (self.exp_avg.get(k), self.exp_avg_sq.get(k), g.defined())
+            else {
                 continue;
-            }
+            };
             let lr = lr * self.lr_scale.get(k).copied().unwrap_or(1.0);
             let mut p = p.shallow_clone();
-            let mut m = self.exp_avg[k].shallow_clone();
-            let mut v = self.exp_avg_sq[k].shallow_clone();
+            let mut m = m.shallow_clone();
+            let mut v = v.shallow_clone();
             if self.weight_decay != 0.0 {
                 let _ = p.f_mul_scalar_(1.0 - lr * self.weight_decay);
             }
@@ -101,45 +113,56 @@ impl AdamW {
         v
     }
 
-    /// The first and second moments, as the tensors the optimizer updates
-    /// (a copy into them changes the state).
-    pub fn moments(&self) -> Vec<Tensor> {
-        self.exp_avg
-            .values()
-            .chain(self.exp_avg_sq.values())
-            .map(Tensor::shallow_clone)
-            .collect()
-    }
-
-    /// Restores the state written by [`AdamW::state`].
-    pub fn load_state(&mut self, mut state: BTreeMap<String, Tensor>) -> Result<()> {
+    /// Restores the state written by [`AdamW::state`] (checked with
+    /// [`check_state`] first) for the tensors this optimizer updates.
+    pub fn load_state(&mut self, state: BTreeMap<String, Tensor>) -> Result<()> {
         let _g = tch::no_grad_guard();
-        for (prefix, map) in [
-            ("exp_avg", &mut self.exp_avg),
-            ("exp_avg_sq", &mut self.exp_avg_sq),
-        ] {
-            for (k, t) in map.iter_mut() {
+        for (prefix, map) in [("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)] {
+            for (k, t) in map {
                 let key = format!("{prefix}.{k}");
-                let Some(s) = state.remove(&key) else {
+                let Some(s) = state.get(&key) else {
                     bail!("optimizer state lacks {key}");
                 };
-                if s.size() != t.size() {
-                    bail!(
-                        "optimizer state {key} has shape {:?}, expected {:?}",
-                        s.size(),
-                        t.size()
-                    );
-                }
-                t.copy_(&s.to_kind(Kind::Float));
+                check_shape(&key, s, &t.size())?;
+                t.shallow_clone().copy_(&s.to_kind(Kind::Float));
             }
         }
-        let step = state
-            .remove("step")
-            .map(|s| s.int64_value(&[0]))
-            .unwrap_or(0);
-        self.step = step as u64;
+        self.step = state_step(&state);
         Ok(())
     }
+}
+
+/// Checks that `state` (as [`AdamW::state`] writes it) holds both moments
+/// of every tensor of `params`, each of its shape.
+pub fn check_state(
+    state: &BTreeMap<String, Tensor>,
+    params: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    for (k, p) in params {
+        for prefix in ["exp_avg", "exp_avg_sq"] {
+            let key = format!("{prefix}.{k}");
+            let Some(s) = state.get(&key) else {
+                bail!("optimizer state lacks {key}");
+            };
+            check_shape(&key, s, &p.size())?;
+        }
+    }
+    Ok(())
+}
+
+fn check_shape(key: &str, t: &Tensor, expected: &[i64]) -> Result<()> {
+    if t.size() != expected {
+        bail!(
+            "optimizer state {key} has shape {:?}, expected {expected:?}",
+            t.size()
+        );
+    }
+    Ok(())
+}
+
+/// The optimizer steps taken, as [`AdamW::state`] records them (0 if absent).
+pub fn state_step(state: &BTreeMap<String, Tensor>) -> u64 {
+    state.get("step").map_or(0, |s| s.int64_value(&[0]) as u64)
 }
 
 /// transformers' schedule multipliers (`get_linear_schedule_with_warmup` and

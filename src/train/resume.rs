@@ -1,14 +1,16 @@
 //! Checkpoints of a run in progress: saving one, stopping on a signal every
 //! rank agreed on (with a checkpoint), and resuming from rank 0's newest.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use tch::Tensor;
 
-use super::checkpoint;
+use super::{checkpoint, optim};
 use super::{LossScaler, Trainer, TrainerState};
 use crate::dist::agree;
+use crate::dist::zero::OptimizerShards;
 use crate::peft_model::{self, DEFAULT_ADAPTER};
 use crate::signals::{self, Interrupted};
 
@@ -41,17 +43,32 @@ impl Trainer {
         }
     }
 
+    /// Saves a checkpoint after `step` steps (rank 0 writes it; every rank
+    /// takes part, as a sharded optimizer state travels to rank 0).
     pub(crate) fn save_checkpoint(&mut self, step: u64) -> Result<PathBuf> {
+        let optim = self.optimizer_state()?;
+        self.write_checkpoint(step, &optim)
+    }
+
+    /// The whole optimizer state, on rank 0 (with a sharded state every
+    /// rank must call this; the others get nothing).
+    fn optimizer_state(&self) -> Result<Vec<(String, Tensor)>> {
+        match (&self.optim_shards, self.group.as_deref()) {
+            (Some(z), Some(g)) => z.gather_state(g, &self.optim, &self.params),
+            _ => Ok(self.optim.state()),
+        }
+    }
+
+    fn write_checkpoint(&mut self, step: u64, optim: &[(String, Tensor)]) -> Result<PathBuf> {
         self.check_finite()?;
         if !self.is_writer() {
             return Ok(self.cfg.output.join(format!("checkpoint-{step}")));
         }
         let state = self.state(step);
-        let optim = self.optim.state();
         let output = self.cfg.output.clone();
         let model = &mut self.model;
         let adapter = &self.adapter;
-        let dir = checkpoint::save(&output, step, &optim, &state, |d| {
+        let dir = checkpoint::save(&output, step, optim, &state, |d| {
             peft_model::save_adapter_of(model, DEFAULT_ADAPTER, adapter, d)
         })?;
         checkpoint::prune(&output, self.cfg.save_total_limit)?;
@@ -72,14 +89,16 @@ impl Trainer {
             }
             .into());
         }
-        let saved = if self.is_writer() {
+        // Gathered on every rank: only rank 0 knows whether it saved this step already.
+        let saved = self.optimizer_state().and_then(|optim| {
+            if !self.is_writer() {
+                return Ok(PathBuf::new());
+            }
             match checkpoint::list(&self.cfg.output).last() {
                 Some((s, d)) if *s == step => Ok(d.clone()),
-                _ => self.save_checkpoint(step),
+                _ => self.write_checkpoint(step, &optim),
             }
-        } else {
-            Ok(PathBuf::new())
-        };
+        });
         let dir = agree::fail_together(self.group.as_deref(), "to save the checkpoint", saved)?;
         let message = match &self.group {
             Some(g) if g.rank() != 0 => {
@@ -123,12 +142,16 @@ impl Trainer {
         let local = if self.is_writer() {
             self.load_newest_checkpoint()
         } else {
-            Ok(0)
+            Ok((0, BTreeMap::new()))
         };
-        let step = agree::fail_together(self.group.as_deref(), "to resume", local)?;
-        let Some(g) = &self.group else {
+        let (step, optim) = agree::fail_together(self.group.as_deref(), "to resume", local)?;
+        let Some(g) = self.group.clone() else {
+            self.optim.load_state(optim)?;
             return Ok(step);
         };
+        if g.rank() == 0 {
+            self.optim.step = optim::state_step(&optim);
+        }
         let mine = Resumed {
             step,
             optimizer_step: self.optim.step,
@@ -136,22 +159,24 @@ impl Trainer {
             loss_scaler: self.scaler.clone(),
         };
         let theirs: Resumed = serde_json::from_slice(&agree::share_from_rank0(
-            g,
+            &g,
             "resume",
             &serde_json::to_vec(&mine)?,
         )?)?;
         self.optim.step = theirs.optimizer_step;
         self.skipped_steps = theirs.skipped_steps;
         self.scaler = theirs.loss_scaler;
-        let mut tensors: Vec<Tensor> = self.params.values().map(Tensor::shallow_clone).collect();
-        tensors.extend(self.optim.moments());
-        agree::broadcast_tensors(g, &tensors)?;
+        let params: Vec<Tensor> = self.params.values().map(Tensor::shallow_clone).collect();
+        agree::broadcast_tensors(&g, &params)?;
+        // Each moment from rank 0 to the ranks that keep it (every rank, unless sharded).
+        OptimizerShards::scatter_state(&g, &optim, &mut self.optim, &self.params)?;
         Ok(theirs.step)
     }
 
     /// Loads the newest complete checkpoint of this rank's --output into
-    /// the adapter and the optimizer; returns its step.
-    fn load_newest_checkpoint(&mut self) -> Result<u64> {
+    /// the adapter; returns its step and its optimizer state, checked
+    /// against the adapter.
+    fn load_newest_checkpoint(&mut self) -> Result<(u64, BTreeMap<String, Tensor>)> {
         let Some((step, dir)) = checkpoint::list(&self.cfg.output).pop() else {
             bail!(
                 "--resume: no complete checkpoint in {}",
@@ -202,12 +227,14 @@ impl Trainer {
         })?;
         let optim = Tensor::read_safetensors(dir.join(checkpoint::OPTIMIZER_FILE))
             .with_context(|| format!("{}: cannot read optimizer state", dir.display()))?;
-        self.optim.load_state(optim.into_iter().collect())?;
+        let optim: BTreeMap<String, Tensor> = optim.into_iter().collect();
+        optim::check_state(&optim, &self.params)
+            .with_context(|| format!("{}", dir.join(checkpoint::OPTIMIZER_FILE).display()))?;
         self.skipped_steps = state.skipped_steps;
         if self.scaler.is_some() {
             self.scaler = state.loss_scaler;
         }
-        Ok(step)
+        Ok((step, optim))
     }
 }
 

@@ -59,6 +59,8 @@ impl Summary {
             "peak_rss_bytes": self.memory.peak, "max_rss_anon_bytes": self.memory.max_anon,
             "max_rss_file_bytes": self.memory.max_file,
             "rss_before_load_bytes": trainer.rss_before_load,
+            "optimizer_state_bytes": trainer.optim.state_bytes(),
+            "optimizer_state_sharded": trainer.optim_shards.is_some(),
             "fsdp": trainer.model.fsdp().map(|f| {
                 let (held, whole) = f.held_and_whole_bytes();
                 json!({

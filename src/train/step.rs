@@ -240,6 +240,9 @@ impl Trainer {
         }
         clip_grads(&self.params, self.cfg.max_grad_norm, norm);
         self.optim.step(&self.params, lr);
+        if let (Some(z), Some(g)) = (&self.optim_shards, self.group.as_deref()) {
+            z.share_params(g, &self.params)?;
+        }
         self.zero_grads();
         if let Some(s) = self.scaler.as_mut() {
             s.update(false);

@@ -13,7 +13,7 @@ use super::{EpochPlan, LossScaler, TrainConfig};
 use crate::data::{self, Batch, DataOptions, Dataset};
 use crate::device::resolve_model_dir;
 use crate::dist::agree;
-use crate::models::{LlamaForCausalLM, Pretrained};
+use crate::models::{LlamaForCausalLM, ModelFiles};
 use crate::outputs;
 use crate::peft_model::{self, DEFAULT_ADAPTER};
 use peft_adapters::method::AdapterConfig;
@@ -33,6 +33,9 @@ pub struct Trainer {
     pub(crate) params: BTreeMap<String, Tensor>,
     pub(crate) trainable: Vec<(String, Tensor)>,
     pub(crate) optim: AdamW,
+    /// Which rank keeps each adapter tensor's optimizer state, when it is
+    /// sharded (`--shard-optimizer-state`, on with `--fsdp`).
+    pub(crate) optim_shards: Option<crate::dist::zero::OptimizerShards>,
     pub(crate) scaler: Option<LossScaler>,
     pub(crate) skipped_steps: u64,
     pub(crate) train: Dataset,
@@ -55,7 +58,8 @@ pub struct Trainer {
     /// The weight of the router's load-balancing loss, when it is added.
     pub router_aux_loss_coef: Option<f64>,
     /// This process's resident memory before the base was loaded (libtorch,
-    /// the process group): what the run's own memory is counted above.
+    /// the process group, the tokenizer and the tokenized data): what the
+    /// run's own memory is counted above.
     pub rss_before_load: u64,
 }
 
@@ -88,10 +92,14 @@ impl Trainer {
         } else if cfg.fsdp {
             eprintln!("note: --fsdp with one process: nothing to shard, the whole base is loaded (start several with --nproc N or torchrun)");
         }
+        // The data first: a bad record is reported before the weights load,
+        // and what the tokenizer and the data hold is not the model's memory.
+        let files = ModelFiles::read(&model_dir)?;
+        let (train, eval, pad_id) = load_data(&cfg, &files)?;
         let before_load = crate::memory::MemoryUsage::now();
-        let base = Pretrained::load_sharded(&model_dir, kind, device, quantize.as_ref(), shard)?;
-        let (train, eval, pad_id) = load_data(&cfg, &base)?;
-        let mut model = base.model;
+        let mut model = files
+            .load_weights(kind, device, quantize.as_ref(), shard)?
+            .model;
         if let (Some(g), Some(_)) = (&group, shard) {
             model.start_fsdp(g.clone())?;
             if let Some(f) = model.fsdp_mut() {
@@ -124,8 +132,24 @@ impl Trainer {
             .iter()
             .map(|(k, t)| (k.clone(), t.shallow_clone()))
             .collect();
+        let optim_shards = group
+            .as_ref()
+            .filter(|_| cfg.shards_optimizer_state())
+            .map(|g| {
+                let numels = params
+                    .iter()
+                    .map(|(k, t)| (k.clone(), t.numel() as i64))
+                    .collect();
+                crate::dist::zero::OptimizerShards::new(&numels, g.rank(), g.world_size())
+            });
+        // Moments for the tensors this rank updates (all of them unless sharded).
+        let updated: BTreeMap<String, Tensor> = params
+            .iter()
+            .filter(|(k, _)| optim_shards.as_ref().is_none_or(|z| z.owns(k)))
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
+            .collect();
         let mut optim = AdamW::new(
-            &params,
+            &updated,
             (cfg.adam_beta1, cfg.adam_beta2),
             cfg.adam_epsilon,
             cfg.weight_decay,
@@ -158,6 +182,7 @@ impl Trainer {
             params,
             trainable,
             optim,
+            optim_shards,
             scaler,
             skipped_steps: 0,
             train,
@@ -307,7 +332,7 @@ fn claim_and_join(
 
 /// The training data (packed when asked), the evaluation data (a file, or
 /// records held out of the training data), and the padding token.
-fn load_data(cfg: &TrainConfig, base: &Pretrained) -> Result<(Dataset, Option<Dataset>, i64)> {
+fn load_data(cfg: &TrainConfig, base: &ModelFiles) -> Result<(Dataset, Option<Dataset>, i64)> {
     let eos = base.completion_eos()?;
     let opts = DataOptions {
         format: cfg.format,
