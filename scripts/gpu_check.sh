@@ -22,7 +22,8 @@
 # path), LoRA compute dtype fp32 vs bf16 and TF32, transformers + PEFT on the
 # same step when the machine has them, QLoRA (when built in), NCCL with one
 # rank (when built in), placement (with two GPUs a 2-process NCCL run and a
-# 2-process --fsdp run against one process; with one, two local processes refused), a QLoRA adapter's
+# 2-process --fsdp run against one process, and a Llama-3.1-8B-shaped run sharded over
+# two GPUs with each GPU's peak, bf16 and nf4; with one, two local processes refused), a QLoRA adapter's
 # greedy answers on the GPU against the CPU's, generation tokens/s at batch 1
 # and 16, load times.
 set -uo pipefail
@@ -75,6 +76,8 @@ JSON
                      "low_freq_factor": 1.0, "original_max_position_embeddings": 8192},
  "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"}
 JSON
+  # A real tokenizer for peft-rs train on that shape (its ids fit the big vocabulary).
+  cp models/SmolLM2-135M-Instruct/{tokenizer.json,tokenizer_config.json,chat_template.jinja} "$carry/models/llama3.1-8b-shape/"
   du -sh "$carry"
   echo "carry: $carry   then: ./scripts/gpu_check.sh run   (OUT=<folder for the report>)"
 }
@@ -98,15 +101,16 @@ run() {
     say "- $name: exit $rc in $(( $(date +%s) - t0 )) s (output: $name.txt)"
     return $rc
   }
-  # Peak GPU memory of a command, from nvidia-smi every 100 ms.
+  # Peak GPU memory of a command (the largest GPU's), from nvidia-smi every
+  # 100 ms; $out/name.mem keeps "index, MiB" lines for each GPU.
   with_memory() { # name, seconds, command...
     local name=$1; shift
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/$name.mem" 2>/dev/null &
+    nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 100 > "$out/$name.mem" 2>/dev/null &
     local poll=$!
     step "$name" "$@"
     local rc=$?
     kill "$poll" 2>/dev/null; wait "$poll" 2>/dev/null
-    say "  peak GPU memory: $(sort -n "$out/$name.mem" | tail -n 1) MiB"
+    say "  peak GPU memory: $(cut -d, -f2 "$out/$name.mem" | sort -n | tail -n 1) MiB"
     return $rc
   }
 
@@ -217,6 +221,33 @@ f = json.load(open(sys.argv[3])).get("fsdp") or {}
 print(f"- 2 sharded ranks x 2 (--fsdp, NCCL) vs 1 x 4: {len(a)} steps, largest loss difference "
       f"{max(abs(x - y) for x, y in zip(a, b)):.2e}; rank 0 holds {f.get('held_fraction')} of the sharded bytes, "
       f"waited {f.get('gather_wait_seconds')} s for {f.get('gathers')} gathers")
+PY
+    # A sharded Llama-3.1-8B-shaped run (random bf16 weights written here,
+    # 16 GB; rows packed to 2048 tokens, LoRA r=16 all-linear, 3 steps): each
+    # GPU's peak memory, one process against two sharded ranks, bf16 and nf4.
+    ckpt8=${GPU_CHECK_TMP:-/tmp}/llama3.1-8b-shape
+    step write-8b 300 "$py" scripts/random_checkpoint.py "$carry/models/llama3.1-8b-shape" "$ckpt8"
+    long=(--model "$ckpt8" --data data/dates/train.jsonl --packing --max-seq-len 2048 --batch-size 1
+          --max-steps 3 --lora-rank 16 --target-modules all-linear --dtype bf16 --group-by-length false)
+    with_memory fsdp-8b-one 300 "$bin/peft-rs" train "${long[@]}" --output "$out/fsdp-8b-one" --gradient-checkpointing true
+    with_memory fsdp-8b-two 300 "$bin/peft-rs" train "${long[@]}" --output "$out/fsdp-8b-two" --nproc 2 --fsdp
+    with_memory fsdp-8b-two-nf4 300 "$bin/peft-rs" train "${long[@]}" --output "$out/fsdp-8b-two-nf4" --nproc 2 --fsdp \
+      --quantize nf4 --bnb-4bit-use-double-quant
+    rm -rf "$ckpt8"
+    "$py" - "$out" <<'PY' | tee -a "$report"
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for name in ("fsdp-8b-one", "fsdp-8b-two", "fsdp-8b-two-nf4"):
+    per_gpu = {}
+    for line in (out / f"{name}.mem").read_text().splitlines():
+        i, used = (int(x) for x in line.split(","))
+        per_gpu[i] = max(per_gpu.get(i, 0), used)
+    s = out / name / "train_summary.json"
+    s = json.loads(s.read_text()) if s.exists() else {}
+    f = s.get("fsdp") or {}
+    print(f"- {name}: peak MiB per GPU {per_gpu}; {s.get('tokens_per_second', 0):.0f} tokens/s; "
+          f"rank 0 holds {f.get('held_fraction')} of the sharded base, waited {f.get('gather_wait_seconds')} s "
+          f"for gathers; optimizer state {s.get('optimizer_state_bytes', 0) / 2**20:.0f} MiB on rank 0")
 PY
   fi
   if [ "$gpus" -ge 1 ]; then
