@@ -122,7 +122,9 @@ pub fn random(config: LlamaConfig, kind: Kind, device: Device) -> Result<LlamaFo
     LlamaForCausalLM::load(config, &Weights::new(&source, kind, device, &used))
 }
 
-fn load_with_config(
+/// The weights of model directory `dir` whose config is `config` (see
+/// [`Pretrained::load_sharded`]).
+pub fn load_with_config(
     dir: &Path,
     config: LlamaConfig,
     kind: Kind,

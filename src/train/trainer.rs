@@ -96,10 +96,11 @@ impl Trainer {
         // and what the tokenizer and the data hold is not the model's memory.
         let files = ModelFiles::read(&model_dir)?;
         let (train, eval, pad_id) = load_data(&cfg, &files)?;
+        // The tokenizer is not needed past the data.
+        let ModelFiles { dir, config, .. } = files;
         let before_load = crate::memory::MemoryUsage::now();
-        let mut model = files
-            .load_weights(kind, device, quantize.as_ref(), shard)?
-            .model;
+        let mut model =
+            crate::models::load_with_config(&dir, config, kind, device, quantize.as_ref(), shard)?;
         if let (Some(g), Some(_)) = (&group, shard) {
             model.start_fsdp(g.clone())?;
             if let Some(f) = model.fsdp_mut() {

@@ -429,17 +429,25 @@ mod tests {
             ("a".to_owned(), a.shallow_clone()),
             ("a_t".to_owned(), a.tr()),
             ("half".to_owned(), a.to_kind(Kind::BFloat16)),
-            ("empty".to_owned(), Tensor::zeros([0, 4], (Kind::Float, Device::Cpu))),
+            (
+                "empty".to_owned(),
+                Tensor::zeros([0, 4], (Kind::Float, Device::Cpu)),
+            ),
         ];
         write_safetensors(&path, &tensors).unwrap();
-        let back: HashMap<String, Tensor> =
-            Tensor::read_safetensors(&path).unwrap().into_iter().collect();
+        let back: HashMap<String, Tensor> = Tensor::read_safetensors(&path)
+            .unwrap()
+            .into_iter()
+            .collect();
         assert_eq!(back.len(), tensors.len());
         for (k, t) in &tensors {
             assert_eq!(back[k].size(), t.size(), "{k}");
             assert_eq!(back[k].kind(), t.kind(), "{k}");
             assert!(back[k].equal(t), "{k} differs");
         }
-        assert!(!crate::fsio::tmp_path(&path).exists(), "the temporary file is left");
+        assert!(
+            !crate::fsio::tmp_path(&path).exists(),
+            "the temporary file is left"
+        );
     }
 }
