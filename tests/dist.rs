@@ -113,9 +113,7 @@ fn two_ranks_equal_one_process_with_the_same_global_batch() {
         .args("--max-steps 8 --lora-dropout 0 --neftune-alpha 5 --eval-holdout 5")
         .args("--batch-size 2 --resume")
         .run();
-    let err = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success());
-    assert!(err.contains("world_size"), "{err}");
+    common::assert_user_error(&r, &["world_size"]);
 }
 
 #[test]

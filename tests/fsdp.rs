@@ -211,9 +211,7 @@ fn a_killed_sharded_rank_ends_the_run_and_it_resumes() {
     let r = args(&data, &out, &[])
         .args("--max-steps 44 --batch-size 4 --fsdp --resume")
         .run();
-    let e = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success());
-    assert!(e.contains("world_size"), "{e}");
+    common::assert_user_error(&r, &["world_size"]);
 }
 
 /// What `--fsdp` cannot do yet is refused by name before anything loads.
