@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::ProcessGroup;
 
@@ -79,15 +79,6 @@ pub fn fail_together<T>(group: Option<&ProcessGroup>, what: &str, local: Result<
             g.rank()
         ),
     }
-}
-
-/// Makes `t` on every rank equal rank 0's (the other ranks' values are
-/// discarded): a sum over ranks of which only rank 0's is not zero.
-pub fn broadcast_from_rank0(group: &ProcessGroup, t: &mut Tensor) -> Result<()> {
-    if group.rank() != 0 {
-        let _ = t.zero_();
-    }
-    group.all_reduce_sum(t)
 }
 
 /// Sends `bytes` from rank 0 to every rank through the rendezvous store
@@ -178,27 +169,16 @@ pub fn differences(
         .collect()
 }
 
-/// The f32 vectors of `tensors` laid end to end, made equal to rank 0's on
-/// every rank, and copied back into place.
+/// Makes every tensor of `tensors` equal to rank 0's on every rank (in
+/// buckets, see [`super::reduce::sum_in_buckets`]).
 pub fn broadcast_tensors(group: &ProcessGroup, tensors: &[Tensor]) -> Result<()> {
-    if tensors.is_empty() {
-        return Ok(());
-    }
     let _g = tch::no_grad_guard();
-    let parts: Vec<Tensor> = tensors
-        .iter()
-        .map(|t| t.to_kind(Kind::Float).flatten(0, -1))
-        .collect();
-    let mut flat = Tensor::cat(&parts, 0);
-    broadcast_from_rank0(group, &mut flat)?;
-    let mut offset = 0;
-    for t in tensors {
-        let n = t.numel() as i64;
-        let part = flat.narrow(0, offset, n).view(t.size().as_slice());
-        t.shallow_clone().copy_(&part);
-        offset += n;
-    }
-    Ok(())
+    let shapes: Vec<Vec<i64>> = tensors.iter().map(Tensor::size).collect();
+    let device = tensors.first().map_or(tch::Device::Cpu, Tensor::device);
+    let from_rank0 = |i: usize| (group.rank() == 0).then(|| tensors[i].shallow_clone());
+    super::reduce::sum_in_buckets(group, device, &shapes, from_rank0, |i, sum| {
+        tensors[i].shallow_clone().copy_(sum);
+    })
 }
 
 #[cfg(test)]

@@ -11,35 +11,13 @@
 //! whether (or over how many ranks) the state was sharded.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 
 use anyhow::Result;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
+use super::reduce::sum_in_buckets;
 use super::ProcessGroup;
 use crate::train::optim::AdamW;
-
-/// Largest number of fp32 elements summed over the ranks in one collective
-/// (4 MiB): what a bucket costs in memory beyond the tensors themselves.
-pub const BUCKET_ELEMENTS: i64 = 1 << 20;
-
-/// Consecutive runs of `numels` of at most `cap` elements in all (a tensor
-/// larger than `cap` alone), in order.
-pub fn buckets(numels: &[i64], cap: i64) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
-    let (mut start, mut size) = (0, 0);
-    for (i, &n) in numels.iter().enumerate() {
-        if i > start && size + n > cap {
-            out.push(start..i);
-            (start, size) = (i, 0);
-        }
-        size += n;
-    }
-    if start < numels.len() {
-        out.push(start..numels.len());
-    }
-    out
-}
 
 /// Which rank keeps the optimizer state of each adapter tensor.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,7 +58,7 @@ impl OptimizerShards {
         let _g = tch::no_grad_guard();
         let items: Vec<(&String, &Tensor)> = params.iter().collect();
         let shapes: Vec<Vec<i64>> = items.iter().map(|(_, t)| t.size()).collect();
-        send(
+        sum_in_buckets(
             group,
             device_of(params),
             &shapes,
@@ -115,7 +93,7 @@ impl OptimizerShards {
             map.get(k).map(Tensor::shallow_clone)
         };
         let mut out = Vec::new();
-        send(group, device_of(params), &shapes, held, |i, value| {
+        sum_in_buckets(group, device_of(params), &shapes, held, |i, value| {
             if group.rank() == 0 {
                 let t = held(i).unwrap_or_else(|| value.copy());
                 out.push((state_key(&keys[i]), t));
@@ -144,7 +122,7 @@ impl OptimizerShards {
                 .then(|| state.get(&state_key(&keys[i])).map(Tensor::shallow_clone))
                 .flatten()
         };
-        send(group, device_of(params), &shapes, from_rank0, |i, value| {
+        sum_in_buckets(group, device_of(params), &shapes, from_rank0, |i, value| {
             let (first, k) = &keys[i];
             let map = if *first {
                 &optim.exp_avg
@@ -177,49 +155,9 @@ fn state_key((first, k): &(bool, String)) -> String {
     format!("{}.{k}", if *first { "exp_avg" } else { "exp_avg_sq" })
 }
 
-/// Sends tensor i (of `shapes[i]`) from the one rank where `source(i)` is
-/// `Some` to every rank, which receives it as `deliver(i, value)`: fp32
-/// sums over the ranks of buckets of at most [`BUCKET_ELEMENTS`], zeros
-/// standing in for the tensors a rank does not send.
-fn send(
-    group: &ProcessGroup,
-    device: tch::Device,
-    shapes: &[Vec<i64>],
-    source: impl Fn(usize) -> Option<Tensor>,
-    mut deliver: impl FnMut(usize, &Tensor),
-) -> Result<()> {
-    let numels: Vec<i64> = shapes.iter().map(|s| s.iter().product()).collect();
-    for bucket in buckets(&numels, BUCKET_ELEMENTS) {
-        let parts: Vec<Tensor> = bucket
-            .clone()
-            .map(|i| match source(i) {
-                Some(t) => t.to_kind(Kind::Float).reshape([-1]),
-                None => Tensor::zeros([numels[i]], (Kind::Float, device)),
-            })
-            .collect();
-        let mut flat = Tensor::cat(&parts, 0);
-        drop(parts);
-        group.all_reduce_sum(&mut flat)?;
-        let mut offset = 0;
-        for i in bucket {
-            let value = flat.narrow(0, offset, numels[i]).view(shapes[i].as_slice());
-            deliver(i, &value);
-            offset += numels[i];
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn buckets_hold_at_most_the_cap_unless_one_tensor_is_larger() {
-        assert_eq!(buckets(&[3, 3, 3, 10, 1], 6), vec![0..2, 2..3, 3..4, 4..5]);
-        assert_eq!(buckets(&[], 6), Vec::<Range<usize>>::new());
-        assert_eq!(buckets(&[1, 1, 1], 6), vec![0..3]);
-    }
 
     #[test]
     fn owners_split_the_elements_evenly_and_every_tensor_has_one() {
