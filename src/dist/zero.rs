@@ -83,15 +83,7 @@ impl OptimizerShards {
         let _g = tch::no_grad_guard();
         let keys = moment_keys(params);
         let shapes: Vec<Vec<i64>> = keys.iter().map(|(_, k)| params[k].size()).collect();
-        let held = |i: usize| {
-            let (first, k) = &keys[i];
-            let map = if *first {
-                &optim.exp_avg
-            } else {
-                &optim.exp_avg_sq
-            };
-            map.get(k).map(Tensor::shallow_clone)
-        };
+        let held = |i: usize| moment(optim, &keys[i]).map(Tensor::shallow_clone);
         let mut out = Vec::new();
         sum_in_buckets(group, device_of(params), &shapes, held, |i, value| {
             if group.rank() == 0 {
@@ -111,7 +103,7 @@ impl OptimizerShards {
     pub fn scatter_state(
         group: &ProcessGroup,
         state: &BTreeMap<String, Tensor>,
-        optim: &mut AdamW,
+        optim: &AdamW,
         params: &BTreeMap<String, Tensor>,
     ) -> Result<()> {
         let _g = tch::no_grad_guard();
@@ -123,13 +115,7 @@ impl OptimizerShards {
                 .flatten()
         };
         sum_in_buckets(group, device_of(params), &shapes, from_rank0, |i, value| {
-            let (first, k) = &keys[i];
-            let map = if *first {
-                &optim.exp_avg
-            } else {
-                &optim.exp_avg_sq
-            };
-            if let Some(m) = map.get(k) {
+            if let Some(m) = moment(optim, &keys[i]) {
                 m.shallow_clone().copy_(value);
             }
         })
@@ -142,6 +128,14 @@ fn moment_keys(params: &BTreeMap<String, Tensor>) -> Vec<(bool, String)> {
         .into_iter()
         .flat_map(|first| params.keys().map(move |k| (first, k.clone())))
         .collect()
+}
+
+/// The moment `key` names, if this rank's optimizer keeps it.
+fn moment<'a>(optim: &'a AdamW, (first, k): &(bool, String)) -> Option<&'a Tensor> {
+    match first {
+        true => optim.exp_avg.get(k),
+        false => optim.exp_avg_sq.get(k),
+    }
 }
 
 fn device_of(params: &BTreeMap<String, Tensor>) -> tch::Device {

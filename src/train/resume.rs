@@ -169,7 +169,7 @@ impl Trainer {
         let params: Vec<Tensor> = self.params.values().map(Tensor::shallow_clone).collect();
         agree::broadcast_tensors(&g, &params)?;
         // Each moment from rank 0 to the ranks that keep it (every rank, unless sharded).
-        OptimizerShards::scatter_state(&g, &optim, &mut self.optim, &self.params)?;
+        OptimizerShards::scatter_state(&g, &optim, &self.optim, &self.params)?;
         Ok(theirs.step)
     }
 
