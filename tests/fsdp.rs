@@ -65,8 +65,13 @@ fn sharded_equals_one_process_of(
     assert_eq!(e1.len(), 2, "eval before and after");
     for (i, extra) in variants.iter().enumerate() {
         let two = tmp.path().join(format!("two{i}"));
-        let flags = ["--batch-size", "2", "--nproc", "2", "--fsdp"];
-        train(&data, &two, &[common_args, &flags, extra].concat());
+        // Two rows per rank, in one micro-batch unless the variant says otherwise.
+        let batch: &[&str] = match extra.contains(&"--batch-size") {
+            true => &[],
+            false => &["--batch-size", "2"],
+        };
+        let flags = ["--nproc", "2", "--fsdp"];
+        train(&data, &two, &[common_args, batch, &flags, extra].concat());
         let curve = max_diff(&l1, &losses(&two));
         let eval = max_diff(&e1, &series(&two, "eval_loss"));
         let adapter = max_adapter_diff(&one, &two);
@@ -99,6 +104,14 @@ fn sharded_equals_one_process_of(
             summary["optimizer_state_sharded"], sharded_state,
             "{tag} {extra:?}"
         );
+        // ZeRO-2: the gradients are summed layer by layer during the
+        // checkpointed backward pass, and sharded with the state.
+        let checkpointing = !extra.contains(&"--gradient-checkpointing");
+        assert_eq!(
+            summary["gradients_sharded"],
+            sharded_state && checkpointing,
+            "{tag} {extra:?}"
+        );
     }
 }
 
@@ -114,8 +127,11 @@ fn two_sharded_ranks_equal_one_process() {
             &[],
             &["--gradient-checkpointing", "false"],
             &["--fsdp-prefetch", "false"],
-            // The AdamW moments are sharded by default with --fsdp.
+            // The AdamW moments are sharded by default with --fsdp, and
+            // with checkpointing the gradients too.
             &["--shard-optimizer-state", "false"],
+            // Sharded gradients summed over two micro-batches per step.
+            &["--batch-size", "1", "--gradient-accumulation-steps", "2"],
         ],
     );
 }

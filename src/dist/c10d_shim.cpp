@@ -160,6 +160,18 @@ int peft_c10d_store_get(void* group, const char* key, long timeout_ms, unsigned 
 
 // c10's log threshold (0 INFO, 1 WARNING, 2 ERROR, 3 FATAL): c10d logs each
 // retry of a rendezvous with a C++ backtrace; peft-rs reports failures itself.
+// Makes `grad` (an at::Tensor*) the .grad of `tensor`, or leaves `tensor`
+// without one when `grad` is null, as `param.grad = g` / `param.grad = None`
+// do in Python: tch can only zero a gradient in place, which keeps its memory.
+void peft_c10d_set_grad(void* tensor, void* grad) {
+  auto& slot = static_cast<at::Tensor*>(tensor)->mutable_grad();
+  if (grad) {
+    slot = *static_cast<at::Tensor*>(grad);
+  } else {
+    slot.reset();
+  }
+}
+
 void peft_c10d_set_log_level(int level) { FLAGS_caffe2_log_level = level; }
 
 int peft_c10d_has_nccl() {

@@ -18,6 +18,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::ops::Range;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -317,6 +318,16 @@ pub struct Fsdp {
     pending: RefCell<Option<(UnitId, PendingGather)>>,
     stats: Cell<GatherStats>,
     error: RefCell<Option<anyhow::Error>>,
+    /// What runs after each layer of the checkpointed backward pass.
+    after_layer_backward: Option<Rc<dyn LayerBackward>>,
+}
+
+/// Work on a decoder layer once the checkpointed backward pass has left it
+/// (its gradients are complete), run by every rank in the same order as the
+/// gathers, idle ranks included: ZeRO-2's per-layer gradient sum.
+pub trait LayerBackward {
+    /// Layer `layer`'s backward pass is done on this rank.
+    fn layer_done(&self, group: &ProcessGroup, layer: usize) -> Result<()>;
 }
 
 /// The sharded weights of a model, by unit, as [`Fsdp::new`] takes them.
@@ -345,6 +356,22 @@ impl Fsdp {
             pending: RefCell::new(None),
             stats: Cell::new(GatherStats::default()),
             error: RefCell::new(None),
+            after_layer_backward: None,
+        }
+    }
+
+    /// Sets what runs after each layer of the checkpointed backward pass.
+    pub fn set_after_layer_backward(&mut self, work: Rc<dyn LayerBackward>) {
+        self.after_layer_backward = Some(work);
+    }
+
+    /// The checkpointed backward pass left layer `layer`: runs what was set
+    /// for it (a failure is recorded, as a failed gather is).
+    pub fn layer_backward_done(&self, layer: usize) {
+        if let Some(work) = &self.after_layer_backward {
+            if let Err(e) = work.layer_done(&self.group, layer) {
+                self.fail(e);
+            }
         }
     }
 
@@ -515,6 +542,7 @@ impl Fsdp {
         if recompute {
             for i in (0..n).rev() {
                 drop(self.gather(UnitId::Layer(i), i.checked_sub(1).map(UnitId::Layer)));
+                self.layer_backward_done(i);
             }
         }
     }

@@ -57,6 +57,28 @@ mod ffi {
         pub fn peft_c10d_set_log_level(level: c_int);
         pub fn peft_c10d_free(group: *mut c_void);
         pub fn peft_c10d_free_message(message: *mut c_void);
+        pub fn peft_c10d_set_grad(tensor: *mut c_void, grad: *mut c_void);
+    }
+}
+
+/// Makes `grad` the `.grad` of `t`, or leaves `t` without one (`None`),
+/// which frees the gradient's memory where zeroing it would keep it.
+pub fn set_grad(t: &Tensor, grad: Option<&Tensor>) {
+    #[cfg(peft_rs_c10d)]
+    {
+        let mut t = t.shallow_clone();
+        let mut g = grad.map(Tensor::shallow_clone);
+        let g = g
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |g| g.as_mut_ptr() as *mut _);
+        // SAFETY: both are live tensors (tch's C_tensor is an at::Tensor*);
+        // `t`'s clone shares its TensorImpl, whose gradient slot is set.
+        unsafe { ffi::peft_c10d_set_grad(t.as_mut_ptr() as *mut _, g) }
+    }
+    #[cfg(not(peft_rs_c10d))]
+    {
+        let _ = (t, grad);
+        unreachable!("gradients are only handed over between ranks, with c10d")
     }
 }
 

@@ -9,12 +9,21 @@
 //! state: the moments travel to rank 0 when it writes one, and from rank 0
 //! to their owners when a run resumes, so a checkpoint does not depend on
 //! whether (or over how many ranks) the state was sharded.
+//!
+//! With a sharded base (`--fsdp`) and gradient checkpointing, the gradients
+//! are sharded too (ZeRO stage 2, [`GradShards`]): each decoder layer's
+//! adapter gradients are summed over the ranks as soon as the checkpointed
+//! backward pass leaves the layer, kept by their owner and dropped by the
+//! others, so a rank holds its own share of the gradients and one layer's.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
+use super::fsdp::LayerBackward;
+use super::group::set_grad;
 use super::reduce::sum_in_buckets;
 use super::ProcessGroup;
 use crate::train::optim::AdamW;
@@ -122,6 +131,132 @@ impl OptimizerShards {
     }
 }
 
+/// The adapter gradients sharded over the ranks (ZeRO stage 2): summed
+/// layer by layer during the checkpointed backward pass ([`LayerBackward`]),
+/// each kept only by the rank that owns the tensor's optimizer state.
+pub struct GradShards {
+    shards: OptimizerShards,
+    /// Each decoder layer's adapter tensors (`model.layers.N.…`).
+    layers: Vec<Vec<(String, Tensor)>>,
+    /// The tensors outside every layer: summed with the loss at the end of
+    /// the step, as without sharding.
+    pub rest: BTreeMap<String, Tensor>,
+    /// The owned gradients summed so far in this step (over the ranks and
+    /// the micro-batches).
+    owned: RefCell<BTreeMap<String, Tensor>>,
+}
+
+impl GradShards {
+    /// The tensors of `params` by decoder layer (of `layers`).
+    pub fn new(shards: &OptimizerShards, params: &BTreeMap<String, Tensor>, layers: usize) -> Self {
+        let mut by_layer: Vec<Vec<(String, Tensor)>> = (0..layers).map(|_| Vec::new()).collect();
+        let mut rest = BTreeMap::new();
+        for (k, t) in params {
+            match layer_of(k).filter(|&i| i < layers) {
+                Some(i) => by_layer[i].push((k.clone(), t.shallow_clone())),
+                None => {
+                    rest.insert(k.clone(), t.shallow_clone());
+                }
+            }
+        }
+        Self {
+            shards: shards.clone(),
+            layers: by_layer,
+            rest,
+            owned: RefCell::new(BTreeMap::new()),
+        }
+    }
+
+    /// Once every pass of the step ran: the owned tensors' `.grad` become
+    /// their sums (the others have none).
+    pub fn hand_over(&self) {
+        let owned = self.owned.take();
+        for (k, t) in self.layers.iter().flatten() {
+            if let Some(g) = owned.get(k) {
+                set_grad(t, Some(g));
+            }
+        }
+    }
+
+    /// The global norm of the step's gradients, as
+    /// [`crate::train::optim::grad_norm`] gives it unsharded: each rank's
+    /// owned layer gradients, summed over the ranks, and the rest (whole on
+    /// every rank). NaN or inf when any gradient is.
+    pub fn grad_norm(&self, group: &ProcessGroup) -> Result<f64> {
+        let _g = tch::no_grad_guard();
+        let squares = |ts: &mut dyn Iterator<Item = &Tensor>| -> f64 {
+            ts.map(Tensor::grad)
+                .filter(Tensor::defined)
+                .map(|g| g.norm().to_kind(Kind::Double).double_value(&[]).powi(2))
+                .sum()
+        };
+        let owned = squares(
+            &mut self
+                .layers
+                .iter()
+                .flatten()
+                .filter(|(k, _)| self.shards.owns(k))
+                .map(|(_, t)| t),
+        );
+        let mut sum = Tensor::from_slice(&[owned]);
+        group.all_reduce_sum(&mut sum)?;
+        let rest = squares(&mut self.rest.values());
+        Ok((sum.double_value(&[0]) + rest).sqrt())
+    }
+
+    /// Leaves every adapter tensor without a gradient (after the update).
+    pub fn clear(&self) {
+        for (_, t) in self.layers.iter().flatten() {
+            set_grad(t, None);
+        }
+    }
+}
+
+impl LayerBackward for GradShards {
+    /// Sums layer `layer`'s gradients over the ranks (zeros where a rank has
+    /// none: it had no rows), adds each owned one to the step's sum, and
+    /// drops them all from the tensors.
+    fn layer_done(&self, group: &ProcessGroup, layer: usize) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        let Some(items) = self.layers.get(layer).filter(|v| !v.is_empty()) else {
+            return Ok(());
+        };
+        let shapes: Vec<Vec<i64>> = items.iter().map(|(_, t)| t.size()).collect();
+        let device = items[0].1.device();
+        let mut owned = self.owned.borrow_mut();
+        let local = |i: usize| Some(items[i].1.grad()).filter(Tensor::defined);
+        sum_in_buckets(group, device, &shapes, local, |i, sum| {
+            let k = &items[i].0;
+            if self.shards.owns(k) {
+                match owned.get(k) {
+                    Some(acc) => {
+                        let _ = acc.shallow_clone().f_add_(sum);
+                    }
+                    None => {
+                        // A copy: a view would keep the whole bucket.
+                        owned.insert(k.clone(), sum.to_dtype(items[i].1.kind(), false, true));
+                    }
+                }
+            }
+        })?;
+        for (_, t) in items {
+            set_grad(t, None);
+        }
+        Ok(())
+    }
+}
+
+/// The decoder layer a parameter belongs to (`….layers.N.…`).
+fn layer_of(name: &str) -> Option<usize> {
+    let mut parts = name.split('.');
+    while let Some(p) = parts.next() {
+        if p == "layers" {
+            return parts.next()?.parse().ok();
+        }
+    }
+    None
+}
+
 /// (first moment?, parameter name) of every moment, in [`AdamW::state`]'s order.
 fn moment_keys(params: &BTreeMap<String, Tensor>) -> Vec<(bool, String)> {
     [true, false]
@@ -152,6 +287,18 @@ fn state_key((first, k): &(bool, String)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tensor_belongs_to_the_layer_its_module_path_names() {
+        let lora = "base_model.model.model.layers.12.self_attn.q_proj.lora_A.weight";
+        assert_eq!(layer_of(lora), Some(12));
+        assert_eq!(
+            layer_of("model.layers.0.mlp.experts.3.w1.lora_B.weight"),
+            Some(0)
+        );
+        assert_eq!(layer_of("base_model.model.lm_head.lora_A.weight"), None);
+        assert_eq!(layer_of("model.layers.norm.weight"), None);
+    }
 
     #[test]
     fn owners_split_the_elements_evenly_and_every_tensor_has_one() {

@@ -90,7 +90,7 @@ impl Recompute {
             } else {
                 self.inputs[i].shallow_clone()
             };
-            let _whole = model.gather_layer(i, true);
+            let whole = model.gather_layer(i, true);
             let (out, logits) =
                 model.run_layer(i, &input, &self.rope, self.masks[i].as_ref(), None, &*hooks);
             let out = hooks.layer_output(i, out);
@@ -99,6 +99,10 @@ impl Recompute {
                 total += f(&logits);
             }
             total.backward();
+            drop(whole);
+            if let Some(f) = model.fsdp() {
+                f.layer_backward_done(i);
+            }
             if i > 0 {
                 grad = input.grad();
             }

@@ -61,6 +61,7 @@ impl Summary {
             "rss_before_load_bytes": trainer.rss_before_load,
             "optimizer_state_bytes": trainer.optim.state_bytes(),
             "optimizer_state_sharded": trainer.optim_shards.is_some(),
+            "gradients_sharded": trainer.grad_shards.is_some(),
             "fsdp": trainer.model.fsdp().map(|f| {
                 let (held, whole) = f.held_and_whole_bytes();
                 json!({

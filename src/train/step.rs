@@ -125,6 +125,9 @@ impl Trainer {
             loss += part.loss;
             aux.extend(part.router_aux_loss);
         }
+        if let Some(gs) = &self.grad_shards {
+            gs.hand_over();
+        }
         let (loss, stop) = self.all_reduce(loss, step)?;
         let whole_step = MicroBatch {
             index: batches.len().saturating_sub(1),
@@ -190,8 +193,12 @@ impl Trainer {
         let Some(group) = self.group.as_deref() else {
             return Ok((loss, pending));
         };
-        let r =
-            crate::dist::reduce::all_reduce_gradients(group, &self.params, loss, pending, step)?;
+        // Sharded gradients were summed layer by layer; the rest are summed here.
+        let params = self
+            .grad_shards
+            .as_ref()
+            .map_or(&self.params, |gs| &gs.rest);
+        let r = crate::dist::reduce::all_reduce_gradients(group, params, loss, pending, step)?;
         self.wait_seconds += r.waited_seconds;
         self.all_reduce_seconds += r.moved_seconds;
         Ok((r.loss, r.stop))
@@ -215,7 +222,10 @@ impl Trainer {
         if loss_scale != 1.0 {
             optim::scale_grads(&self.params, 1.0 / loss_scale);
         }
-        let norm = grad_norm(&self.params);
+        let norm = match (&self.grad_shards, self.group.as_deref()) {
+            (Some(gs), Some(g)) => gs.grad_norm(g)?,
+            _ => grad_norm(&self.params),
+        };
         let stats = |skipped| StepStats {
             loss,
             lr,

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
@@ -36,6 +37,9 @@ pub struct Trainer {
     /// Which rank keeps each adapter tensor's optimizer state, when it is
     /// sharded (`--shard-optimizer-state`, on with `--fsdp`).
     pub(crate) optim_shards: Option<crate::dist::zero::OptimizerShards>,
+    /// The gradients sharded with it, layer by layer (with `--fsdp` and
+    /// gradient checkpointing).
+    pub(crate) grad_shards: Option<Rc<crate::dist::zero::GradShards>>,
     pub(crate) scaler: Option<LossScaler>,
     pub(crate) skipped_steps: u64,
     pub(crate) train: Dataset,
@@ -143,6 +147,16 @@ impl Trainer {
                     .collect();
                 crate::dist::zero::OptimizerShards::new(&numels, g.rank(), g.world_size())
             });
+        let grad_shards = optim_shards
+            .as_ref()
+            .filter(|_| cfg.checkpointing() && model.fsdp().is_some())
+            .map(|z| {
+                let layers = model.model.layers.len();
+                Rc::new(crate::dist::zero::GradShards::new(z, &params, layers))
+            });
+        if let (Some(gs), Some(f)) = (&grad_shards, model.fsdp_mut()) {
+            f.set_after_layer_backward(gs.clone());
+        }
         // Moments for the tensors this rank updates (all of them unless sharded).
         let updated: BTreeMap<String, Tensor> = params
             .iter()
@@ -184,6 +198,7 @@ impl Trainer {
             trainable,
             optim,
             optim_shards,
+            grad_shards,
             scaler,
             skipped_steps: 0,
             train,
@@ -257,6 +272,10 @@ impl Trainer {
     pub(crate) fn zero_grads(&mut self) {
         for p in self.params.values_mut() {
             p.zero_grad();
+        }
+        // Sharded gradients are freed, not zeroed: each step's are new.
+        if let Some(gs) = &self.grad_shards {
+            gs.clear();
         }
     }
 
