@@ -153,7 +153,10 @@ impl Fsdp {
         let rows = w.size()[0];
         for s in (0..total).step_by(chunk.max(1) as usize) {
             let m = chunk.min(total - s);
-            let logits = xs
+            // The chunk's logits are one [rows, vocab/N] tensor, worked on
+            // in place from the max on: the largest buffer of the loss (one
+            // more lives while its exponentials are summed).
+            let mut logits = xs
                 .rows
                 .narrow(0, s, m)
                 .linear::<Tensor>(&w, None)
@@ -175,10 +178,11 @@ impl Fsdp {
             } else {
                 Tensor::zeros([m], (Kind::Float, device))
             };
-            let shifted = logits - max.unsqueeze(1);
+            // logit - max, in place.
+            let _ = logits.f_sub_(&max.unsqueeze(1))?;
             let mut sums = Tensor::cat(
                 &[
-                    shifted
+                    logits
                         .exp()
                         .sum_dim_intlist([1].as_slice(), false, Kind::Float),
                     target_logit,
@@ -193,15 +197,17 @@ impl Fsdp {
                 .narrow(0, s, m)
                 .copy_(&(&lse - target).masked_fill(&keep.logical_not(), 0.0));
             if let (Some(scale), Some(grads)) = (scale, &grads) {
+                // d loss / d logits = softmax - one-hot(target), in place.
                 let minus = mine.to_kind(Kind::Float).neg().unsqueeze(1);
-                let mut d = (shifted - sum_exp.log().unsqueeze(1)).exp();
-                let d = d
+                let _ = logits
+                    .f_sub_(&sum_exp.log().unsqueeze(1))?
+                    .exp_()
                     .scatter_add_(1, &t, &minus)
-                    .masked_fill(&keep.logical_not().unsqueeze(1), 0.0);
+                    .masked_fill_(&keep.logical_not().unsqueeze(1), 0.0);
                 let part = if w.kind() == Kind::Float {
-                    d.mm(&w) / scale
+                    logits.mm(&w) / scale
                 } else {
-                    (d * (1.0 / scale))
+                    (logits * (1.0 / scale))
                         .to_kind(w.kind())
                         .mm(&w)
                         .to_kind(Kind::Float)
