@@ -55,6 +55,7 @@ pub fn exit_with(registry: &crate::regularizers::Registry) -> ! {
     // A panic prints nothing itself; it is reported below as one line.
     std::panic::set_hook(Box::new(|_| {}));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| main_with(registry)));
+    crate::memory::release_freed_memory();
     let payload = match result {
         Ok(Ok(())) => std::process::exit(0),
         Ok(Err(e)) => {
