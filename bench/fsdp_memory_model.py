@@ -12,10 +12,12 @@ Per rank, with N ranks and gradient checkpointing (the --fsdp default):
   embeddings, head   never whole: used sharded by vocabulary rows; the rows of
                      every rank travel instead (N x batch x seq x hidden, bf16,
                      and the exchanged hidden rows' fp32 gradient)
-  adapters           LoRA r=16 on every linear layer, fp32: weights and gradients
-                     on every rank (8 bytes per parameter), AdamW's two moments
-                     sharded over the ranks (8/N bytes: --shard-optimizer-state,
-                     on with --fsdp)
+  adapters           LoRA r=16 on every linear layer, fp32: weights on every rank
+                     (4 bytes per parameter); gradients and AdamW's two moments
+                     sharded over the ranks (4/N + 8/N bytes: --shard-optimizer-state,
+                     on with --fsdp; with checkpointing each layer's gradients
+                     are summed as the backward pass leaves it, so one layer's
+                     whole gradients are in flight)
   activations        each layer's input (batch x seq x hidden, bf16) kept for the
                      recompute, one layer's activations while it is recomputed
                      (34 x batch x seq x hidden bytes, Korthikanti et al. with a
@@ -55,7 +57,9 @@ def per_rank(name, world, seq, batch=1, quant=False):
     exchanged = world * tokens * h * (2.0 + 4.0) if world > 1 else 0.0
     if world == 1:  # nothing is sharded, nothing gathered
         gathered = 0.0
-    adapters = layers * sum(RANK * (a + b) for a, b in lin) * (8.0 + 8.0 / world)
+    layer_adapter = sum(RANK * (a + b) for a, b in lin)
+    in_flight = layer_adapter * 4.0 if world > 1 else 0.0
+    adapters = layers * layer_adapter * (4.0 + 12.0 / world) + in_flight
     acts = layers * tokens * h * 2.0 + 34 * tokens * h + 2 * 256 * vocab / world * 4.0 + exchanged
     total = frozen + gathered + adapters + acts + RUNTIME
     moved = (world - 1) / world * 2 * layers * layer_params * bpp + exchanged

@@ -358,7 +358,8 @@ pub struct TrainConfig {
     pub fsdp_prefetch: bool,
     /// With several processes, keep the AdamW moments of 1/N of the adapter tensors on
     /// each rank (ZeRO stage 1: each rank updates those tensors and sends them to the
-    /// others) instead of all of them on every rank. Default: on with --fsdp.
+    /// others) instead of all of them on every rank. Default: on with --fsdp, where with
+    /// gradient checkpointing the gradients are sharded too (ZeRO stage 2).
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL")]
     pub shard_optimizer_state: Option<bool>,
