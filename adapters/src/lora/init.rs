@@ -28,7 +28,14 @@ pub struct FromBase {
 /// libtorch's CPU generator, after the draws of the two `nn.Linear`
 /// constructors PEFT runs before it, so that one seed gives PEFT's adapter.
 pub fn from_base(weight: &Tensor, r: i64, scaling: f64, init: InitLoraWeights) -> Result<FromBase> {
-    let w = weight.to_kind(Kind::Float);
+    // A fresh fp32 copy, as PEFT's weight always is: MKL's QR and GEMM round
+    // differently when the data does not start on a 16-byte boundary, which a
+    // weight read in place from a memory-mapped file need not.
+    let w = if weight.kind() == Kind::Float {
+        weight.copy()
+    } else {
+        weight.to_kind(Kind::Float)
+    };
     let (out_f, in_f) = (w.size()[0], w.size()[1]);
     if r > out_f.min(in_f) {
         bail!(
@@ -84,7 +91,14 @@ pub fn loftq(
     iters: u32,
     roundtrip: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<FromBase> {
-    let w = weight.to_kind(Kind::Float);
+    // A fresh fp32 copy, as PEFT's weight always is: MKL's QR and GEMM round
+    // differently when the data does not start on a 16-byte boundary, which a
+    // weight read in place from a memory-mapped file need not.
+    let w = if weight.kind() == Kind::Float {
+        weight.copy()
+    } else {
+        weight.to_kind(Kind::Float)
+    };
     let (out_f, in_f) = (w.size()[0], w.size()[1]);
     if r > out_f.min(in_f) {
         bail!(
