@@ -116,9 +116,11 @@ impl Trainer {
             metrics.write(&json!({"step": 0, "eval_loss": l}))?;
         }
         let mut p = self.progress(start_step);
+        let keep_pages = crate::memory::KeepFreedPages::new();
         for step in start_step..self.total_steps {
             self.one_step(step, &mut p, &mut metrics)?;
         }
+        drop(keep_pages);
         p.bar.finish_and_clear();
         self.write_adapter()?;
         let seconds = p.started.elapsed().as_secs_f64();
