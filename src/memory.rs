@@ -70,58 +70,51 @@ impl Drop for KeepFreedPages {
 
 /// jemalloc's delay for arenas made from now on (`arenas.dirty_decay_ms`).
 fn read_decay() -> Option<isize> {
-    let mut ms: isize = 0;
-    let mut len = std::mem::size_of::<isize>();
-    // SAFETY: an ssize_t control read into a buffer of its size.
-    let rc = unsafe {
-        tikv_jemalloc_sys::mallctl(
-            c"arenas.dirty_decay_ms".as_ptr(),
-            (&raw mut ms).cast(),
-            &raw mut len,
-            std::ptr::null_mut(),
-            0,
-        )
-    };
-    (rc == 0).then_some(ms)
+    read_control(c"arenas.dirty_decay_ms")
 }
 
 /// Sets the delay of every arena there is and of those made later (threads
 /// get theirs on first use).
 fn set_decay(ms: isize) {
-    let mut narenas: u32 = 0;
-    let mut len = std::mem::size_of::<u32>();
-    let write = |name: &std::ffi::CStr| {
-        let mut v = ms;
-        // SAFETY: an ssize_t control written from a value of its size.
-        unsafe {
-            tikv_jemalloc_sys::mallctl(
-                name.as_ptr(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                (&raw mut v).cast(),
-                std::mem::size_of::<isize>(),
-            );
+    write_control(c"arenas.dirty_decay_ms", ms);
+    for i in 0..read_control::<u32>(c"arenas.narenas").unwrap_or(0) {
+        // An arena not made yet answers with an error, which changes nothing.
+        if let Ok(name) = std::ffi::CString::new(format!("arena.{i}.dirty_decay_ms")) {
+            write_control(&name, ms);
         }
-    };
-    write(c"arenas.dirty_decay_ms");
-    // SAFETY: an unsigned control read into a buffer of its size.
+    }
+}
+
+/// A jemalloc control of type `T` (`ssize_t` is `isize`, `unsigned` `u32`).
+fn read_control<T: Copy + Default>(name: &std::ffi::CStr) -> Option<T> {
+    let mut v = T::default();
+    let mut len = std::mem::size_of::<T>();
+    // SAFETY: the control is read into a buffer of its type's size; jemalloc
+    // checks the size and returns an error code on a mismatch or unknown name.
     let rc = unsafe {
         tikv_jemalloc_sys::mallctl(
-            c"arenas.narenas".as_ptr(),
-            (&raw mut narenas).cast(),
+            name.as_ptr(),
+            (&raw mut v).cast(),
             &raw mut len,
             std::ptr::null_mut(),
             0,
         )
     };
-    if rc != 0 {
-        return;
-    }
-    for i in 0..narenas {
-        // An arena not made yet answers with an error, which changes nothing.
-        if let Ok(name) = std::ffi::CString::new(format!("arena.{i}.dirty_decay_ms")) {
-            write(&name);
-        }
+    (rc == 0).then_some(v)
+}
+
+/// Sets a jemalloc control of type `T`; an error code (unknown name, an
+/// arena not made yet) changes nothing and is ignored.
+fn write_control<T: Copy>(name: &std::ffi::CStr, mut v: T) {
+    // SAFETY: the value is written from a buffer of its type's size.
+    unsafe {
+        tikv_jemalloc_sys::mallctl(
+            name.as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            (&raw mut v).cast(),
+            std::mem::size_of::<T>(),
+        );
     }
 }
 
