@@ -28,14 +28,7 @@ pub struct FromBase {
 /// libtorch's CPU generator, after the draws of the two `nn.Linear`
 /// constructors PEFT runs before it, so that one seed gives PEFT's adapter.
 pub fn from_base(weight: &Tensor, r: i64, scaling: f64, init: InitLoraWeights) -> Result<FromBase> {
-    // A fresh fp32 copy, as PEFT's weight always is: MKL's QR and GEMM round
-    // differently when the data does not start on a 16-byte boundary, which a
-    // weight read in place from a memory-mapped file need not.
-    let w = if weight.kind() == Kind::Float {
-        weight.copy()
-    } else {
-        weight.to_kind(Kind::Float)
-    };
+    let w = fp32_copy(weight);
     let (out_f, in_f) = (w.size()[0], w.size()[1]);
     if r > out_f.min(in_f) {
         bail!(
@@ -91,14 +84,7 @@ pub fn loftq(
     iters: u32,
     roundtrip: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<FromBase> {
-    // A fresh fp32 copy, as PEFT's weight always is: MKL's QR and GEMM round
-    // differently when the data does not start on a 16-byte boundary, which a
-    // weight read in place from a memory-mapped file need not.
-    let w = if weight.kind() == Kind::Float {
-        weight.copy()
-    } else {
-        weight.to_kind(Kind::Float)
-    };
+    let w = fp32_copy(weight);
     let (out_f, in_f) = (w.size()[0], w.size()[1]);
     if r > out_f.min(in_f) {
         bail!(
@@ -134,6 +120,18 @@ fn low_rank_decomposition(w: &Tensor, r: i64) -> (Tensor, Tensor) {
     let l = u.matmul(&d.narrow(1, 0, r).sqrt());
     let rr = d.narrow(0, 0, r).sqrt().matmul(&vh);
     (l, rr)
+}
+
+/// `weight` in fp32, in memory of its own, as PEFT's weight always is:
+/// MKL's QR and GEMM round differently when the data does not start on a
+/// 16-byte boundary, which a weight read in place from a memory-mapped file
+/// need not.
+fn fp32_copy(weight: &Tensor) -> Tensor {
+    if weight.kind() == Kind::Float {
+        weight.copy()
+    } else {
+        weight.to_kind(Kind::Float)
+    }
 }
 
 /// `torch.svd_lowrank(a, q, niter)`: Halko et al.'s randomized SVD, with the
