@@ -24,7 +24,7 @@
 # takes its bf16 size on disk: 2.5 GB for 1B, 13.5 GB for 7B, 16 GB for 8B,
 # plus as much again while its merged copy exists), SIZES_KEEP=0 deletes each
 # checkpoint after use, SIZES_SKIP ("" or words: hf, qlora, merge, generate,
-# lora-bf16, no-ckpt) leaves parts out, SIZES_TARGETS (all-linear, or a
+# lora-fp32, lora-bf16, no-ckpt) leaves parts out, SIZES_TARGETS (all-linear, or a
 # comma list such as q_proj,k_proj,v_proj,o_proj: the LoRA targets of both
 # stacks; all-linear on Qwen3-MoE adapts the router and experts too, as PEFT does).
 set -euo pipefail
@@ -93,8 +93,10 @@ for shape in $shapes; do
     for gc in true false; do
       [ "$gc" = false ] && skipped no-ckpt && continue
       g=$([ "$gc" = true ] && echo 1 || echo 0)
-      rust_train "$shape.train.$t.gc$g.fp32" "$ckpt" "$t" "$gc" fp32
-      hf_train "$shape.hf-train.$t.gc$g.fp32" "$ckpt" "$t" "$g" 0 none
+      if ! skipped lora-fp32; then
+        rust_train "$shape.train.$t.gc$g.fp32" "$ckpt" "$t" "$gc" fp32
+        hf_train "$shape.hf-train.$t.gc$g.fp32" "$ckpt" "$t" "$g" 0 none
+      fi
       skipped lora-bf16 && continue
       rust_train "$shape.train.$t.gc$g.bf16" "$ckpt" "$t" "$gc" bf16
       hf_train "$shape.hf-train.$t.gc$g.bf16" "$ckpt" "$t" "$g" 1 none
@@ -107,6 +109,7 @@ for shape in $shapes; do
     hf_train "$shape.hf-qlora.$t0" "$ckpt" "$t0" 1 1 nf4
   fi
   adapter=$out/run-$shape.train.$t0.gc1.fp32
+  [ -d "$adapter" ] || adapter=$out/run-$shape.train.$t0.gc1.bf16
   if ! skipped merge && [ -f "$adapter/adapter_model.safetensors" ]; then
     measure "$shape.merge" "$bin" merge --model "$ckpt" --adapter "$adapter" --output "$out/merged" --overwrite
     rm -rf "$out/merged"

@@ -39,17 +39,28 @@ pub fn release_freed_memory() {
 /// more peak memory at 512 tokens, 18% at 2048. A `dirty_decay_ms` in
 /// `MALLOC_CONF` is the user's choice and is left alone.
 pub struct KeepFreedPages {
-    restore: Option<isize>,
+    restore: Option<Decays>,
+}
+
+/// jemalloc's decay delays as they were: the default for arenas made later
+/// and each existing arena's own (the huge arena, for buffers of 8 MiB or
+/// more, purges at once: 0, not the default's ten seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Decays {
+    default: isize,
+    arenas: Vec<(u32, isize)>,
 }
 
 impl KeepFreedPages {
     /// Keeps freed pages until this guard is dropped.
     pub fn new() -> Self {
         let chosen = std::env::var("MALLOC_CONF").is_ok_and(|c| c.contains("dirty_decay_ms"));
-        let restore = (!chosen)
-            .then(read_decay)
-            .flatten()
-            .inspect(|_| set_decay(-1));
+        let restore = (!chosen).then(read_decays).flatten().inspect(|d| {
+            write_control(c"arenas.dirty_decay_ms", -1isize);
+            for &(i, _) in &d.arenas {
+                write_control(&arena_decay(i), -1isize);
+            }
+        });
         Self { restore }
     }
 }
@@ -62,28 +73,41 @@ impl Default for KeepFreedPages {
 
 impl Drop for KeepFreedPages {
     fn drop(&mut self) {
-        if let Some(ms) = self.restore {
-            set_decay(ms);
+        if let Some(d) = &self.restore {
+            write_control(c"arenas.dirty_decay_ms", d.default);
+            // Arenas made while the guard lived (a new thread's) took the
+            // default then (-1); they get the default restored.
+            for i in 0..arena_count() {
+                let own = d
+                    .arenas
+                    .iter()
+                    .find(|a| a.0 == i)
+                    .map_or(d.default, |a| a.1);
+                write_control(&arena_decay(i), own);
+            }
             release_freed_memory();
         }
     }
 }
 
-/// jemalloc's delay for arenas made from now on (`arenas.dirty_decay_ms`).
-fn read_decay() -> Option<isize> {
-    read_control(c"arenas.dirty_decay_ms")
+/// The default delay and every existing arena's own; `None` when jemalloc
+/// does not answer.
+fn read_decays() -> Option<Decays> {
+    let default = read_control(c"arenas.dirty_decay_ms")?;
+    // An arena not made yet answers with an error and is left out.
+    let arenas = (0..arena_count())
+        .filter_map(|i| Some((i, read_control(&arena_decay(i))?)))
+        .collect();
+    Some(Decays { default, arenas })
 }
 
-/// Sets the delay of every arena there is and of those made later (threads
-/// get theirs on first use).
-fn set_decay(ms: isize) {
-    write_control(c"arenas.dirty_decay_ms", ms);
-    for i in 0..read_control::<u32>(c"arenas.narenas").unwrap_or(0) {
-        // An arena not made yet answers with an error, which changes nothing.
-        if let Ok(name) = std::ffi::CString::new(format!("arena.{i}.dirty_decay_ms")) {
-            write_control(&name, ms);
-        }
-    }
+fn arena_count() -> u32 {
+    read_control::<u32>(c"arenas.narenas").unwrap_or(0)
+}
+
+/// The control `arena.<i>.dirty_decay_ms`.
+fn arena_decay(i: u32) -> std::ffi::CString {
+    std::ffi::CString::new(format!("arena.{i}.dirty_decay_ms")).expect("no NUL in the name")
 }
 
 /// A jemalloc control of type `T` (`ssize_t` is `isize`, `unsigned` `u32`).
@@ -275,15 +299,30 @@ mod tests {
         if std::env::var("MALLOC_CONF").is_ok_and(|c| c.contains("dirty_decay_ms")) {
             return; // The user's setting wins; nothing to check.
         }
-        let before = read_decay().expect("jemalloc answers arenas.dirty_decay_ms");
         // A buffer this large is purged as soon as it is freed by default:
         // each of its 16384 pages faults in again.
         let eager = faults_of_a_second_buffer();
+        let before = read_decays().expect("jemalloc answers arenas.dirty_decay_ms");
+        // jemalloc's huge arena (made for the first buffer of 8 MiB or more)
+        // purges at once, the others after the default delay: each is given
+        // back its own.
+        assert!(
+            before.arenas.iter().any(|a| a.1 != before.default),
+            "{before:?}"
+        );
         let keep = KeepFreedPages::new();
-        assert_eq!(read_decay(), Some(-1));
+        let kept_decays = read_decays().unwrap();
+        assert!(
+            kept_decays.default == -1 && kept_decays.arenas.iter().all(|a| a.1 == -1),
+            "{kept_decays:?}"
+        );
         let kept = faults_of_a_second_buffer();
         drop(keep);
-        assert_eq!(read_decay(), Some(before));
+        let after = read_decays().unwrap();
+        assert_eq!(after.default, before.default);
+        for a in &before.arenas {
+            assert!(after.arenas.contains(a), "{a:?} not restored: {after:?}");
+        }
         assert!(eager > 10_000, "{eager} faults without keeping");
         assert!(
             kept < eager / 10,
