@@ -40,8 +40,9 @@ rust() { timed "$1" "$bin" generate --model "$ckpt" --prompts "$out/prompt.jsonl
   --dtype bf16 --max-new-tokens 1; }
 hf() { timed "$1" "$PYTHON" bench/sizes_hf.py generate "$ckpt" 1 1 "$out/$1.json"; }
 
-evict; timed cat-cold cat "${files[@]}"
-timed cat-warm cat "${files[@]}"
+read_once() { timed "$1" sh -c 'cat "$@" > /dev/null' sh "${files[@]}"; }
+evict; read_once cat-cold
+read_once cat-warm
 evict; rust rust-cold
 rust rust-warm
 if [ "${LOAD_SKIP_HF:-0}" != 1 ]; then

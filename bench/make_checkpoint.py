@@ -63,6 +63,13 @@ def main():
         print(f"{out}: reusing the checkpoint written earlier")
         return
     spec = dict(SHAPES[shape])
+    # The tokenizer's ids must index the embeddings: a shape whose vocabulary
+    # is smaller than the tokenizer's (Llama-2's 32,000 against SmolLM2's
+    # 49,152) takes the tokenizer's size, and says so.
+    tok_vocab = len(json.loads((tok / "tokenizer.json").read_text())["model"]["vocab"])
+    if spec["vocab_size"] < tok_vocab:
+        print(f"{shape}: vocab_size {spec['vocab_size']} raised to the tokenizer's {tok_vocab}")
+        spec["vocab_size"] = tok_vocab
     config = AutoConfig.for_model(spec.pop("model_type"), torch_dtype="bfloat16", bos_token_id=1,
                                   eos_token_id=2, pad_token_id=2, **spec)
     with torch.device("meta"):

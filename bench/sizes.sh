@@ -24,7 +24,8 @@
 # takes its bf16 size on disk: 2.5 GB for 1B, 13.5 GB for 7B, 16 GB for 8B,
 # plus as much again while its merged copy exists), SIZES_KEEP=0 deletes each
 # checkpoint after use, SIZES_SKIP ("" or words: hf, qlora, merge, generate,
-# lora-fp32, lora-bf16, no-ckpt) leaves parts out, SIZES_TARGETS (all-linear, or a
+# lora-fp32, lora-bf16, no-ckpt) leaves parts out, SIZES_BIN (another
+# peft-rs binary, an older build say, for a before/after in one run), SIZES_TARGETS (all-linear, or a
 # comma list such as q_proj,k_proj,v_proj,o_proj: the LoRA targets of both
 # stacks; all-linear on Qwen3-MoE adapts the router and experts too, as PEFT does).
 set -euo pipefail
@@ -35,7 +36,7 @@ steps=${SIZES_STEPS:-3}
 cache=${SIZES_CACHE:-$HOME/.cache/peft-rs/bench-checkpoints}
 skip=" ${SIZES_SKIP:-} "
 cargo build --release --quiet
-bin=$PWD/target/release/peft-rs
+bin=${SIZES_BIN:-$PWD/target/release/peft-rs}
 mkdir -p "$cache" "$out/results"
 skipped() { [[ "$skip" == *" $1 "* ]]; }
 
