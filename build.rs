@@ -31,6 +31,8 @@ fn main() {
     build_c10d_shim(&lib_dir);
     build_matmul_4bit(&lib_dir);
     build_fused_norm(&lib_dir);
+    build_unread_linear(&lib_dir);
+    build_mapped_tensor(&lib_dir);
 }
 
 /// Compiles `src/quant/matmul_4bit.cpp`, the 4-bit linear layer as one
@@ -50,6 +52,30 @@ fn build_matmul_4bit(lib_dir: &std::path::Path) {
 /// operation; without libtorch's headers the norm runs as ATen ops.
 fn build_fused_norm(lib_dir: &std::path::Path) {
     build_autograd_op(lib_dir, "src/fused_norm.cpp", "fused_norm", "RMS norms");
+}
+
+/// Compiles `src/unread_linear.cpp`, a frozen linear layer that only
+/// differentiates (a recomputed layer's last projection); without
+/// libtorch's headers that projection is computed as any other.
+fn build_unread_linear(lib_dir: &std::path::Path) {
+    build_autograd_op(
+        lib_dir,
+        "src/unread_linear.cpp",
+        "unread_linear",
+        "recomputed layers",
+    );
+}
+
+/// Compiles `src/mapped_tensor.cpp`, tensors over a memory-mapped
+/// checkpoint that keep the mapping alive; without libtorch's headers the
+/// weights are copied out of the mapping.
+fn build_mapped_tensor(lib_dir: &std::path::Path) {
+    build_autograd_op(
+        lib_dir,
+        "src/mapped_tensor.cpp",
+        "mapped_tensor",
+        "weights read in place",
+    );
 }
 
 /// Compiles `src/dist/c10d_shim.cpp` against the torch wheel's headers (c10d

@@ -16,6 +16,7 @@ pub mod fused_norm;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod mapped_tensor;
 pub mod memory;
 pub mod merge;
 pub mod models;
@@ -28,6 +29,7 @@ pub mod quant;
 pub mod signals;
 pub mod tokenizer;
 pub mod train;
+pub mod unread_linear;
 pub mod weights;
 
 pub use peft_adapters as adapters;

@@ -55,17 +55,51 @@ impl Linear {
         y
     }
 
+    /// The layer in a pass that differentiates its output but never reads
+    /// its value (the last projection of a layer recomputed under gradient
+    /// checkpointing): the frozen product `x Wᵀ` is left out where the
+    /// adapter's gradient does not depend on it (LoRA, no adapter; not
+    /// DoRA, IA³ or a 4-bit weight), so the value returned is only the
+    /// adapter's part. Gradients are those of [`Linear::forward`].
+    pub fn forward_unread(&self, x: &Tensor) -> Tensor {
+        let size = x.size();
+        let inner = size.last().copied().unwrap_or(1);
+        let rows = x.reshape([-1, inner]);
+        let y = self.forward_rows_with(&LayerInput::new(&rows), true);
+        let mut out = size;
+        if let (Some(last), Some(&o)) = (out.last_mut(), y.size().last()) {
+            *last = o;
+        }
+        y.reshape(out.as_slice())
+    }
+
     /// The layer on a `[tokens, in_features]` input shared with other layers.
     fn forward_rows(&self, input: &LayerInput) -> Tensor {
+        self.forward_rows_with(input, false)
+    }
+
+    /// [`Linear::forward_rows`]; with `unread`, as [`Linear::forward_unread`].
+    fn forward_rows_with(&self, input: &LayerInput, unread: bool) -> Tensor {
         // IA³ on a feed-forward module rescales what the frozen layer reads.
         let rescaled = self
             .adapter
             .as_ref()
             .and_then(|a| a.base_input(input.tensor()));
         let x = rescaled.as_ref().unwrap_or(input.tensor());
-        let base = match &self.weight {
-            FrozenWeight::Dense(w) => x.linear(w, self.bias.as_ref()),
-            q => {
+        let value_unused = unread
+            && rescaled.is_none()
+            && self
+                .adapter
+                .as_ref()
+                .is_none_or(|a| a.ignores_base_output_value());
+        let zeros = match &self.weight {
+            FrozenWeight::Dense(w) if value_unused => crate::unread_linear::unread_linear(x, w),
+            _ => None,
+        };
+        let base = match (&self.weight, zeros) {
+            (_, Some(zeros)) => zeros,
+            (FrozenWeight::Dense(w), None) => x.linear(w, self.bias.as_ref()),
+            (q, None) => {
                 let compute = q.compute_kind();
                 let bias = self.bias.as_ref().map(|b| b.to_kind(compute));
                 q.linear(&x.to_kind(compute), bias.as_ref())
@@ -141,6 +175,89 @@ impl RmsNorm {
             (h * &self.weight).to_kind(kind)
         } else {
             &self.weight * h.to_kind(kind)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peft_adapters::lora::layer::{LoraLayer, LoraWeights};
+    use tch::{Device, Kind};
+
+    /// `layer`'s output on `x` and the gradient of `<output, g>` for `x` and
+    /// for every trainable tensor, as [`Linear::forward`] or
+    /// [`Linear::forward_unread`] computes them.
+    fn run(layer: &Linear, x: &Tensor, g: &Tensor, unread: bool) -> (Tensor, Vec<Tensor>) {
+        let x = x.detach().set_requires_grad(true);
+        let y = if unread {
+            layer.forward_unread(&x)
+        } else {
+            layer.forward(&x)
+        };
+        (&y.to_kind(Kind::Float) * g).sum(Kind::Float).backward();
+        let mut grads = vec![x.grad()];
+        if let Some(a) = &layer.adapter {
+            grads.extend(a.trainable_tensors().iter().map(|(_, t)| t.grad()));
+        }
+        (y.detach(), grads)
+    }
+
+    fn lora(w: &Tensor, dora: bool, kind: Kind) -> Box<dyn LinearAdapter> {
+        // Random: B is not zero, so the adapter's part of the output is not either.
+        let init = peft_adapters::lora::config::InitLoraWeights::Random;
+        let weights = LoraWeights::init(w, 4, 2.0, 0.0, init, dora, Device::Cpu);
+        let mut layer = LoraLayer::new("default", weights);
+        layer.set_compute_kind(kind);
+        for (_, t) in layer.trainable_tensors() {
+            let _ = t.set_requires_grad(true);
+        }
+        Box::new(layer)
+    }
+
+    #[test]
+    fn an_unread_layer_skips_the_frozen_product_and_keeps_every_gradient() {
+        if !crate::unread_linear::AVAILABLE {
+            return;
+        }
+        tch::manual_seed(5);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let opts = (kind, Device::Cpu);
+            let w = Tensor::randn([12, 8], opts);
+            let bias = Tensor::randn([12], opts);
+            let x = Tensor::randn([3, 4, 8], opts);
+            let g = Tensor::randn([3, 4, 12], (Kind::Float, Device::Cpu));
+            let frozen = x.linear(&w, Some(&bias)).to_kind(Kind::Float);
+            for adapter in [None, Some(false), Some(true)] {
+                let mut layer = Linear::new(w.copy(), Some(bias.copy()));
+                layer.adapter = adapter.map(|dora| lora(&w, dora, kind));
+                let (full, full_grads) = run(&layer, &x, &g, false);
+                let (unread, unread_grads) = run(&layer, &x, &g, true);
+                let what = format!("{kind:?}, adapter {adapter:?} (Some(true): DoRA)");
+                for (a, b) in full_grads.iter().zip(&unread_grads) {
+                    assert!(a.equal(b), "{what}: gradients differ");
+                }
+                let full = full.to_kind(Kind::Float);
+                let unread = unread.to_kind(Kind::Float);
+                let max = |t: Tensor| t.abs().max().double_value(&[]);
+                if adapter == Some(true) {
+                    // DoRA reads the base output: it is computed.
+                    assert!(full.equal(&unread), "{what}");
+                } else {
+                    // Only the adapter's part is left (in the output's dtype).
+                    let adapter_part = &full - &frozen;
+                    let tol = if kind == Kind::Float { 1e-5 } else { 0.1 };
+                    assert!(
+                        max(&unread - &adapter_part)
+                            < tol * (1.0 + max(adapter_part.shallow_clone())),
+                        "{what}"
+                    );
+                    assert!(
+                        max(&full - &unread) > 0.1 * max(frozen.shallow_clone()),
+                        "{what}: the product was computed"
+                    );
+                }
+            }
         }
     }
 }

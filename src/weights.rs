@@ -11,9 +11,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use memmap2::Mmap;
+use memmap2::{MmapMut, MmapOptions};
 use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// The file name of an unsharded Hugging Face checkpoint.
@@ -23,7 +24,9 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    /// Private and copy-on-write: a weight read in place and changed (an
+    /// adapter merged into it) gets its own pages; the file never changes.
+    mmap: Arc<MmapMut>,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
 }
@@ -187,6 +190,42 @@ impl WeightFiles {
             .view(shape))
     }
 
+    /// [`WeightFiles::load`] for a tensor that is only read (a frozen
+    /// weight): where it is stored in `kind` and wanted on the CPU, the
+    /// tensor is the file's bytes in place, as transformers' memory-mapped
+    /// weights are. Nothing is copied: loading costs no time, and the
+    /// resident set holds the weight once, as file-backed pages the kernel
+    /// can read again. The tensor keeps the mapping alive; a write to it
+    /// (an adapter merged in) copies the pages it touches, never the file.
+    pub fn load_in_place(
+        &self,
+        name: &str,
+        shape: &[i64],
+        kind: Kind,
+        device: Device,
+    ) -> Result<Tensor> {
+        let in_place = || {
+            let shard = &self.shards[*self.location.get(name)?];
+            let info = &shard.tensors[name];
+            let found: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+            let file_kind = kind_of(info.dtype).ok()?;
+            if device != Device::Cpu || file_kind != kind || found != shape {
+                return None;
+            }
+            let (s, e) = info.data_offsets;
+            let (from, to) = (shard.data_start + s, shard.data_start + e);
+            let numel: i64 = shape.iter().product();
+            if to - from != numel as usize * kind.elt_size_in_bytes() || to > shard.mmap.len() {
+                return None;
+            }
+            crate::mapped_tensor::tensor_in(&shard.mmap, from, shape, kind)
+        };
+        match in_place() {
+            Some(t) => Ok(t),
+            None => self.load(name, shape, kind, device),
+        }
+    }
+
     /// Elements `run` of the flattened tensor `name` (which must have
     /// `shape`), converted to `kind` on `device`: only those bytes of the
     /// file are read (a rank's slice of a frozen tensor under `--fsdp`).
@@ -283,9 +322,11 @@ pub fn host_copy(bytes: &[u8], shape: &[i64], kind: Kind, device: Device) -> Res
 impl Shard {
     fn open(path: &Path) -> Result<Self> {
         let (file, _) = peft_adapters::fsio::open_regular(path, "weights file")?;
-        // SAFETY: the mapping is read-only and the file is not modified while we hold it;
-        // every slice taken from it is bounds-checked against the validated header.
-        let mmap = unsafe { Mmap::map(&file) }
+        // SAFETY: the mapping is private (writes never reach the file) and the
+        // file is not modified while we hold it; every slice taken from it is
+        // bounds-checked against the validated header.
+        let mmap = unsafe { MmapOptions::new().map_copy(&file) }
+            .map(Arc::new)
             .with_context(|| format!("{}: cannot map into memory", path.display()))?;
         let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             anyhow::anyhow!(
@@ -468,7 +509,7 @@ impl WeightFiles {
 }
 
 /// Lets the kernel drop the whole pages of `mmap[from..to]`.
-fn release_range(mmap: &Mmap, from: usize, to: usize) {
+fn release_range(mmap: &MmapMut, from: usize, to: usize) {
     let page = 4096;
     let start = from.div_ceil(page) * page;
     let end = to / page * page;
@@ -478,5 +519,63 @@ fn release_range(mmap: &Mmap, from: usize, to: usize) {
         let _ = unsafe {
             mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frozen_weight_is_read_in_place_and_a_write_to_it_stays_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SINGLE_FILE);
+        let w = Tensor::arange(32, (Kind::Float, Device::Cpu))
+            .to_kind(Kind::BFloat16)
+            .view([4, 8]);
+        let plan = vec![("w".to_string(), Dtype::BF16, vec![4, 8])];
+        let mut out = StreamingWriter::create(&path, &plan, None).unwrap();
+        out.write("w", &tensor_bytes(&w).unwrap()).unwrap();
+        out.finish().unwrap();
+        let file_before = std::fs::read(&path).unwrap();
+
+        let files = WeightFiles::from_files(std::slice::from_ref(&path)).unwrap();
+        let t = files
+            .load_in_place("w", &[4, 8], Kind::BFloat16, Device::Cpu)
+            .unwrap();
+        assert!(t.equal(&w));
+        let in_file = files.raw("w").unwrap().as_ptr() as usize;
+        if crate::mapped_tensor::AVAILABLE {
+            assert_eq!(
+                t.data_ptr() as usize,
+                in_file,
+                "the file's bytes, not a copy"
+            );
+        }
+        // In another dtype it is a converted copy.
+        let f = files
+            .load_in_place("w", &[4, 8], Kind::Float, Device::Cpu)
+            .unwrap();
+        assert_ne!(f.data_ptr() as usize, in_file);
+        assert!(f.equal(&w.to_kind(Kind::Float)));
+        // A wrong shape is refused as `load` refuses it.
+        let err = files
+            .load_in_place("w", &[8, 4], Kind::BFloat16, Device::Cpu)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("has shape [4, 8]"), "{err:#}");
+
+        // The tensor keeps the mapping alive after the files are dropped,
+        // and a write to it (a merge) changes neither the file nor what a
+        // new reader of it sees.
+        drop(files);
+        assert!(t.equal(&w));
+        let _ = t.shallow_clone().fill_(3.0);
+        assert_eq!(t.double_value(&[1, 2]), 3.0);
+        assert_eq!(std::fs::read(&path).unwrap(), file_before);
+        let again = WeightFiles::from_files(&[path])
+            .unwrap()
+            .load("w", &[4, 8], Kind::BFloat16, Device::Cpu)
+            .unwrap();
+        assert!(again.equal(&w));
     }
 }

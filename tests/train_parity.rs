@@ -220,3 +220,52 @@ fn gradient_checkpointing_with_dropout_and_neftune_gives_identical_gradients() {
         "NEFTune changes the gradients"
     );
 }
+
+/// Squashes a decoder layer's output (a regularizer that reads its value).
+struct Squash(usize);
+
+impl peft_rs::regularizers::Regularizer for Squash {
+    fn name(&self) -> String {
+        "squash".into()
+    }
+    fn hook_points(&self) -> Vec<peft_rs::regularizers::HookPoint> {
+        vec![peft_rs::regularizers::HookPoint::DecoderLayerOutput(self.0)]
+    }
+    fn apply(
+        &mut self,
+        _point: peft_rs::regularizers::HookPoint,
+        value: Tensor,
+        _ctx: &peft_rs::regularizers::HookContext,
+    ) -> Tensor {
+        value.tanh()
+    }
+}
+
+/// A recomputed layer skips its output's value (the MLP's last frozen
+/// product) only where no hook reads it: with a hook that does, the
+/// gradients are still those of the plain pass, and different from those
+/// without the hook.
+#[test]
+fn gradient_checkpointing_with_a_hook_reading_a_layer_output_gives_identical_gradients() {
+    let dir = fx().join("lora").join("adapter");
+    let squash = || {
+        let mut r = RegularizerStack::new();
+        r.push(Box::new(Squash(0)));
+        r
+    };
+    let ckpt = StepOptions {
+        gradient_checkpointing: true,
+        ..PLAIN
+    };
+    let (plain, l1) = grads_with(&dir, Kind::Float, PLAIN, squash());
+    let (recomputed, l2) = grads_with(&dir, Kind::Float, ckpt, squash());
+    assert_eq!(l1, l2, "same loss with checkpointing");
+    for (k, g) in &plain {
+        assert!(g.equal(&recomputed[k]), "{k} differs with checkpointing");
+    }
+    let (clean, _) = grads_with(&dir, Kind::Float, PLAIN, RegularizerStack::new());
+    assert!(
+        worst_error(&plain, &clean) > 1e-3,
+        "the hook changes the gradients"
+    );
+}

@@ -94,6 +94,16 @@ pub trait LinearAdapter: Send {
     /// `base_output = x Wᵀ + b`, which the adapter owns and may change in place.
     fn forward(&self, x: &LayerInput, base_output: Tensor, base: &BaseLinear) -> Tensor;
 
+    /// Whether [`LinearAdapter::forward`] adds terms that do not read
+    /// `base_output`'s value to it (LoRA without DoRA), so that its gradient
+    /// with respect to `x` is the same whatever that value is. A pass that
+    /// only differentiates the layer (a recomputed layer's last projection
+    /// under gradient checkpointing) then hands in zeros instead of
+    /// computing `x Wᵀ`. The default says no: the base output is computed.
+    fn ignores_base_output_value(&self) -> bool {
+        false
+    }
+
     /// The trainable tensors with their names in PEFT's file format
     /// (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`), for the
     /// active adapter(s).

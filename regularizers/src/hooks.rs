@@ -15,6 +15,14 @@ pub trait ForwardHooks {
     fn layer_output(&mut self, _i: usize, x: Tensor) -> Tensor {
         x
     }
+    /// Whether [`ForwardHooks::layer_output`] may read the value of layer
+    /// `i`'s output (do anything but return it unchanged). Where it does
+    /// not, a layer recomputed under gradient checkpointing, which exists
+    /// only to be backpropagated through, need not compute that value. The
+    /// default says it may.
+    fn reads_layer_output(&self, _i: usize) -> bool {
+        true
+    }
     /// The seed of layer `i`'s random draws (adapter dropout). With one, the
     /// layer runs inside [`crate::rng::with_torch_seed`], so a recomputed
     /// layer (gradient checkpointing) draws the same masks.
@@ -26,4 +34,8 @@ pub trait ForwardHooks {
 /// No hooks.
 pub struct NoHooks;
 
-impl ForwardHooks for NoHooks {}
+impl ForwardHooks for NoHooks {
+    fn reads_layer_output(&self, _i: usize) -> bool {
+        false
+    }
+}

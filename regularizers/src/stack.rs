@@ -86,6 +86,11 @@ impl ForwardHooks for StackHooks<'_> {
         self.apply(HookPoint::DecoderLayerOutput(i), x)
     }
 
+    fn reads_layer_output(&self, i: usize) -> bool {
+        self.regs
+            .wants(HookPoint::DecoderLayerOutput(i), self.ctx.training)
+    }
+
     fn layer_seed(&self, i: usize) -> Option<u64> {
         self.ctx
             .training

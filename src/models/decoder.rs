@@ -91,8 +91,14 @@ impl Recompute {
                 self.inputs[i].shallow_clone()
             };
             let whole = model.gather_layer(i, true);
-            let (out, logits) =
-                model.run_layer(i, &input, &self.rope, self.masks[i].as_ref(), None, &*hooks);
+            let (out, logits) = model.run_layer(
+                i,
+                &input,
+                &self.rope,
+                self.masks[i].as_ref(),
+                LayerPass::Recompute,
+                &*hooks,
+            );
             let out = hooks.layer_output(i, out);
             let mut total = (out * &grad).sum(Kind::Float);
             if let (Some(f), Some(logits)) = (router_loss, logits) {
@@ -108,6 +114,14 @@ impl Recompute {
             }
         }
     }
+}
+
+/// What a layer is run for.
+enum LayerPass<'a> {
+    /// The forward pass, with the layer's generation cache if there is one.
+    Forward(Option<&'a mut Option<(Tensor, Tensor)>>),
+    /// Recomputed in the backward pass (gradient checkpointing).
+    Recompute,
 }
 
 /// `model.layers.N`.
@@ -144,12 +158,17 @@ impl DecoderLayer {
     }
 
     /// One pre-norm residual block; a sparse layer's router logits beside it.
+    /// With `unread`, the block is only backpropagated through and its
+    /// output's value is not needed (a recomputed layer whose output hook
+    /// does not read it): the MLP's last frozen product is skipped where the
+    /// output is a plain residual sum.
     fn forward(
         &self,
         x: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        unread: bool,
     ) -> (Tensor, Option<Tensor>) {
         let a = self
             .self_attn
@@ -160,11 +179,14 @@ impl DecoderLayer {
         ) {
             // Gemma 3: attention and MLP outputs are normed before each residual add.
             let h = x + self.post_attention_layernorm.forward(&a);
-            let (out, logits) = self.mlp.forward(&pre.forward(&h));
+            // The post-norm reads the MLP's output: it is computed.
+            let (out, logits) = self.mlp.forward(&pre.forward(&h), false);
             return (h + post.forward(&out), logits);
         }
         let h = x + a;
-        let (out, logits) = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
+        let (out, logits) = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h), unread);
         (h + out, logits)
     }
 }
@@ -276,7 +298,8 @@ impl LlamaForCausalLM {
                 }
                 let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
                 let _whole = self.gather_layer(i, false);
-                let (out, logits) = self.run_layer(i, &x, &rope, mask.as_ref(), slot, &*hooks);
+                let pass = LayerPass::Forward(slot);
+                let (out, logits) = self.run_layer(i, &x, &rope, mask.as_ref(), pass, &*hooks);
                 router_logits.extend(logits);
                 x = hooks.layer_output(i, out);
             }
@@ -320,14 +343,20 @@ impl LlamaForCausalLM {
         x: &Tensor,
         rope: &[(Tensor, Tensor)],
         mask: Option<&Tensor>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        pass: LayerPass,
         hooks: &dyn ForwardHooks,
     ) -> (Tensor, Option<Tensor>) {
         let layer = &self.model.layers[i];
         let rope = &rope[usize::from(layer.local_rope)];
+        let (cache, unread) = match pass {
+            LayerPass::Forward(cache) => (cache, false),
+            // Only backpropagated through: its output's value is needed
+            // only where a hook reads it.
+            LayerPass::Recompute => (None, !hooks.reads_layer_output(i)),
+        };
         match hooks.layer_seed(i) {
-            Some(seed) => with_torch_seed(seed, || layer.forward(x, rope, mask, cache)),
-            None => layer.forward(x, rope, mask, cache),
+            Some(seed) => with_torch_seed(seed, || layer.forward(x, rope, mask, cache, unread)),
+            None => layer.forward(x, rope, mask, cache, unread),
         }
     }
 

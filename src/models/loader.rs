@@ -47,6 +47,18 @@ pub trait TensorSource {
         Ok(whole.narrow(0, run.start, run.end - run.start).contiguous())
     }
 
+    /// [`TensorSource::tensor`] for a tensor that is only read (a frozen
+    /// weight): a checkpoint may hand out its bytes in place.
+    fn frozen_tensor(
+        &self,
+        name: &str,
+        shape: &[i64],
+        kind: Kind,
+        device: Device,
+    ) -> Result<Tensor> {
+        self.tensor(name, shape, kind, device)
+    }
+
     /// Whether the source holds the tensor `name` (random weights hold any).
     fn contains(&self, name: &str) -> bool {
         let _ = name;
@@ -57,6 +69,16 @@ pub trait TensorSource {
 impl TensorSource for WeightFiles {
     fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
         self.load(name, shape, kind, device)
+    }
+
+    fn frozen_tensor(
+        &self,
+        name: &str,
+        shape: &[i64],
+        kind: Kind,
+        device: Device,
+    ) -> Result<Tensor> {
+        self.load_in_place(name, shape, kind, device)
     }
 
     fn weight_files(&self) -> Option<&WeightFiles> {
@@ -182,6 +204,17 @@ impl<'a> Weights<'a> {
         Ok(t)
     }
 
+    /// [`Weights::get`] for a frozen weight, which is only read: it may be
+    /// the checkpoint's bytes in place ([`WeightFiles::load_in_place`]).
+    pub fn get_frozen(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let full = self.path(name);
+        let t = self
+            .files
+            .frozen_tensor(&full, shape, self.kind, self.device)?;
+        self.used.borrow_mut().insert(full);
+        Ok(t)
+    }
+
     /// Loads `prefix + name` in `kind` rather than the model's dtype.
     pub fn get_kind(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
         let full = self.path(name);
@@ -214,7 +247,7 @@ impl<'a> Weights<'a> {
             }
             _ => match self.shard {
                 Some(_) => return self.sharded_linear(name, in_dim, out_dim, bias),
-                None => FrozenWeight::Dense(w.get("weight", &[out_dim, in_dim])?),
+                None => FrozenWeight::Dense(w.get_frozen("weight", &[out_dim, in_dim])?),
             },
         };
         let weight = match self.shard {
@@ -274,7 +307,7 @@ impl LlamaForCausalLM {
         let m = w.pp(&c.stored_decoder);
         let embed_shape = [c.vocab_size as i64, h];
         let (embed_tokens, sharded_embedding) = match w.shard {
-            None => (m.get("embed_tokens.weight", &embed_shape)?, None),
+            None => (m.get_frozen("embed_tokens.weight", &embed_shape)?, None),
             Some(_) => {
                 let s = m.sharded_dense("embed_tokens.weight", &embed_shape)?;
                 (Tensor::empty([0], (w.kind(), w.device())), Some(s))

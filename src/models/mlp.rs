@@ -51,7 +51,10 @@ impl Mlp {
     }
 
     /// The MLP's output, and a sparse layer's router logits (`[rows, experts]`).
-    pub(crate) fn forward(&self, x: &Tensor) -> (Tensor, Option<Tensor>) {
+    /// With `unread`, the output is only backpropagated through, never read
+    /// (a layer recomputed under gradient checkpointing): the down
+    /// projection's frozen product is skipped ([`Linear::forward_unread`]).
+    pub(crate) fn forward(&self, x: &Tensor, unread: bool) -> (Tensor, Option<Tensor>) {
         if let (Some(router), Some(experts)) = (&self.gate, &self.experts) {
             let (out, logits) = super::moe::forward(router, experts, x);
             return (out, Some(logits));
@@ -68,6 +71,12 @@ impl Mlp {
             Activation::Silu => gate.silu(),
             Activation::GeluTanh => gate.gelu("tanh"),
         };
-        (self.down_proj.forward(&(gate * up)), None)
+        let h = gate * up;
+        let out = if unread {
+            self.down_proj.forward_unread(&h)
+        } else {
+            self.down_proj.forward(&h)
+        };
+        (out, None)
     }
 }

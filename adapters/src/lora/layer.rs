@@ -387,6 +387,11 @@ impl LoraLayer {
 }
 
 impl LinearAdapter for LoraLayer {
+    fn ignores_base_output_value(&self) -> bool {
+        // DoRA rescales the base output by its magnitude over the weight's norm.
+        !self.active_unmerged().any(|w| w.magnitude.is_some())
+    }
+
     fn forward(&self, input: &LayerInput, base_output: Tensor, base: &BaseLinear) -> Tensor {
         let kind = base_output.kind();
         let mut active = self.active_unmerged().peekable();

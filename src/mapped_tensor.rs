@@ -1,0 +1,87 @@
+//! CPU tensors over the bytes of a memory-mapped checkpoint
+//! (`src/mapped_tensor.cpp`), each holding the mapping alive until
+//! libtorch frees its storage: a frozen bf16 weight read in place instead
+//! of copied, as transformers reads its memory-mapped safetensors. At a
+//! Llama-3.1-8B shape the copy cost 16 s of a load (16 GB faulted into
+//! fresh memory page by page); in place it costs nothing until the first
+//! forward pass reads the pages.
+
+use std::sync::Arc;
+
+use memmap2::MmapMut;
+use tch::{Device, Kind, Tensor};
+
+#[cfg(peft_rs_mapped_tensor)]
+unsafe extern "C" {
+    fn peft_tensor_from_mapping(
+        data: *mut std::ffi::c_void,
+        sizes: *const i64,
+        ndim: usize,
+        like: *mut std::ffi::c_void,
+        owner: *mut std::ffi::c_void,
+        release: extern "C" fn(*mut std::ffi::c_void),
+        err: *mut *mut std::ffi::c_char,
+    ) -> *mut std::ffi::c_void;
+}
+
+/// Whether this build has the operation (libtorch's headers were found).
+pub const AVAILABLE: bool = cfg!(peft_rs_mapped_tensor);
+
+/// Drops the mapping's reference a tensor's storage held.
+#[cfg(peft_rs_mapped_tensor)]
+extern "C" fn release(owner: *mut std::ffi::c_void) {
+    // SAFETY: `owner` is the Box<Arc<MmapMut>> leaked in `tensor_in`, and
+    // libtorch calls the deleter once.
+    drop(unsafe { Box::from_raw(owner.cast::<Arc<MmapMut>>()) });
+}
+
+/// The `kind` tensor of `shape` whose bytes start at `mmap[from]`, in
+/// place; `None` without the operation or where the bytes are not aligned
+/// to the element size. The caller checks that the bytes lie in the mapping.
+pub fn tensor_in(mmap: &Arc<MmapMut>, from: usize, shape: &[i64], kind: Kind) -> Option<Tensor> {
+    let numel: i64 = shape.iter().product();
+    let len = numel as usize * kind.elt_size_in_bytes();
+    let data = mmap.get(from..from + len)?.as_ptr();
+    if !AVAILABLE || !(data as usize).is_multiple_of(kind.elt_size_in_bytes()) || len == 0 {
+        return None;
+    }
+    #[cfg(peft_rs_mapped_tensor)]
+    {
+        let like = Tensor::empty([0], (kind, Device::Cpu));
+        let owner = Box::into_raw(Box::new(Arc::clone(mmap))).cast::<std::ffi::c_void>();
+        let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: `data..data + len` lies in the mapping, which `owner` keeps
+        // alive until libtorch calls `release`; the mapping is private and
+        // writable, so writes through the tensor are allowed. `like` is a
+        // live at::Tensor borrowed for the call.
+        let out = unsafe {
+            peft_tensor_from_mapping(
+                data.cast_mut().cast(),
+                shape.as_ptr(),
+                shape.len(),
+                like.as_ptr() as *mut std::ffi::c_void,
+                owner,
+                release,
+                &mut err,
+            )
+        };
+        if out.is_null() {
+            // The owner may or may not have been handed to libtorch: left
+            // alone (the mapping then stays until exit), the message passed on.
+            // SAFETY: set by the C++ side with strdup.
+            let message = unsafe { std::ffi::CStr::from_ptr(err) }
+                .to_string_lossy()
+                .into_owned();
+            unsafe { libc::free(err.cast()) };
+            eprintln!("note: a weight is copied out of its file: {message}");
+            return None;
+        }
+        // SAFETY: a new at::Tensor* that the returned Tensor owns.
+        Some(unsafe { Tensor::from_ptr(out.cast()) })
+    }
+    #[cfg(not(peft_rs_mapped_tensor))]
+    {
+        let _ = (data, Device::Cpu);
+        None
+    }
+}
