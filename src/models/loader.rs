@@ -47,18 +47,6 @@ pub trait TensorSource {
         Ok(whole.narrow(0, run.start, run.end - run.start).contiguous())
     }
 
-    /// [`TensorSource::tensor`] for a tensor that is only read (a frozen
-    /// weight): a checkpoint may hand out its bytes in place.
-    fn frozen_tensor(
-        &self,
-        name: &str,
-        shape: &[i64],
-        kind: Kind,
-        device: Device,
-    ) -> Result<Tensor> {
-        self.tensor(name, shape, kind, device)
-    }
-
     /// Whether the source holds the tensor `name` (random weights hold any).
     fn contains(&self, name: &str) -> bool {
         let _ = name;
@@ -69,16 +57,6 @@ pub trait TensorSource {
 impl TensorSource for WeightFiles {
     fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
         self.load(name, shape, kind, device)
-    }
-
-    fn frozen_tensor(
-        &self,
-        name: &str,
-        shape: &[i64],
-        kind: Kind,
-        device: Device,
-    ) -> Result<Tensor> {
-        self.load_in_place(name, shape, kind, device)
     }
 
     fn weight_files(&self) -> Option<&WeightFiles> {
@@ -208,9 +186,11 @@ impl<'a> Weights<'a> {
     /// the checkpoint's bytes in place ([`WeightFiles::load_in_place`]).
     pub fn get_frozen(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
         let full = self.path(name);
-        let t = self
-            .files
-            .frozen_tensor(&full, shape, self.kind, self.device)?;
+        let (kind, device) = (self.kind, self.device);
+        let t = match self.files.weight_files() {
+            Some(files) => files.load_in_place(&full, shape, kind, device)?,
+            None => self.files.tensor(&full, shape, kind, device)?,
+        };
         self.used.borrow_mut().insert(full);
         Ok(t)
     }
