@@ -9,12 +9,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use memmap2::{MmapMut, MmapOptions};
 use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
-use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// The file name of an unsharded Hugging Face checkpoint.
