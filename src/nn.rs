@@ -62,24 +62,13 @@ impl Linear {
     /// DoRA, IA³ or a 4-bit weight), so the value returned is only the
     /// adapter's part. Gradients are those of [`Linear::forward`].
     pub fn forward_unread(&self, x: &Tensor) -> Tensor {
-        let size = x.size();
-        let inner = size.last().copied().unwrap_or(1);
-        let rows = x.reshape([-1, inner]);
-        let y = self.forward_rows_with(&LayerInput::new(&rows), true);
-        let mut out = size;
-        if let (Some(last), Some(&o)) = (out.last_mut(), y.size().last()) {
-            *last = o;
-        }
-        y.reshape(out.as_slice())
+        let [y] = forward_rows_of([self], x, true);
+        y
     }
 
-    /// The layer on a `[tokens, in_features]` input shared with other layers.
-    fn forward_rows(&self, input: &LayerInput) -> Tensor {
-        self.forward_rows_with(input, false)
-    }
-
-    /// [`Linear::forward_rows`]; with `unread`, as [`Linear::forward_unread`].
-    fn forward_rows_with(&self, input: &LayerInput, unread: bool) -> Tensor {
+    /// The layer on a `[tokens, in_features]` input shared with other
+    /// layers; with `unread`, as [`Linear::forward_unread`].
+    fn forward_rows(&self, input: &LayerInput, unread: bool) -> Tensor {
         // IA³ on a feed-forward module rescales what the frozen layer reads.
         let rescaled = self
             .adapter
@@ -130,12 +119,17 @@ impl Linear {
 /// their output into the base output's storage (a view would make autograd
 /// copy the whole gradient in backward).
 pub fn forward_same_input<const N: usize>(layers: [&Linear; N], x: &Tensor) -> [Tensor; N] {
+    forward_rows_of(layers, x, false)
+}
+
+/// [`forward_same_input`]; with `unread`, each layer as [`Linear::forward_unread`].
+fn forward_rows_of<const N: usize>(layers: [&Linear; N], x: &Tensor, unread: bool) -> [Tensor; N] {
     let size = x.size();
     let inner = size.last().copied().unwrap_or(1);
     let rows = x.reshape([-1, inner]);
     let input = LayerInput::new(&rows);
     layers.map(|layer| {
-        let y = layer.forward_rows(&input);
+        let y = layer.forward_rows(&input, unread);
         let mut out = size.clone();
         if let (Some(last), Some(&o)) = (out.last_mut(), y.size().last()) {
             *last = o;
