@@ -65,19 +65,16 @@ pub fn tensor_in(mmap: &Arc<MmapMut>, from: usize, shape: &[i64], kind: Kind) ->
                 &mut err,
             )
         };
-        if out.is_null() {
-            // The owner may or may not have been handed to libtorch: left
-            // alone (the mapping then stays until exit), the message passed on.
-            // SAFETY: set by the C++ side with strdup.
-            let message = unsafe { std::ffi::CStr::from_ptr(err) }
-                .to_string_lossy()
-                .into_owned();
-            unsafe { libc::free(err.cast()) };
-            eprintln!("note: a weight is copied out of its file: {message}");
-            return None;
+        // SAFETY: `out` and `err` are what the C++ side just returned. On an
+        // error the owner may or may not have been handed to libtorch: it is
+        // left alone (the mapping then stays until exit).
+        match unsafe { peft_adapters::ffi::try_take_tensor(out, err) } {
+            Ok(t) => Some(t),
+            Err(message) => {
+                eprintln!("note: a weight is copied out of its file: {message}");
+                None
+            }
         }
-        // SAFETY: a new at::Tensor* that the returned Tensor owns.
-        Some(unsafe { Tensor::from_ptr(out.cast()) })
     }
     #[cfg(not(peft_rs_mapped_tensor))]
     {

@@ -8,21 +8,34 @@ use tch::Tensor;
 /// panics with the operation's own message, prefixed by `what`.
 ///
 /// # Safety
-/// `out` is null or a new `at::Tensor*` that nothing else owns; where it is
-/// null, `err` points to a NUL-terminated string allocated with `malloc`.
+/// As [`try_take_tensor`].
 pub unsafe fn take_tensor(
     out: *mut std::ffi::c_void,
     err: *mut std::ffi::c_char,
     what: &str,
 ) -> Tensor {
+    // SAFETY: the caller's contract.
+    unsafe { try_take_tensor(out, err) }.unwrap_or_else(|message| panic!("{what}: {message}"))
+}
+
+/// The tensor a C++ operation returned, owned from here on, or the
+/// operation's own message where it returned null.
+///
+/// # Safety
+/// `out` is null or a new `at::Tensor*` that nothing else owns; where it is
+/// null, `err` points to a NUL-terminated string allocated with `malloc`.
+pub unsafe fn try_take_tensor(
+    out: *mut std::ffi::c_void,
+    err: *mut std::ffi::c_char,
+) -> Result<Tensor, String> {
     if out.is_null() {
         // SAFETY: the caller's contract: set by the C++ side with strdup.
         let message = unsafe { std::ffi::CStr::from_ptr(err) }
             .to_string_lossy()
             .into_owned();
         unsafe { libc::free(err.cast()) };
-        panic!("{what}: {message}");
+        return Err(message);
     }
     // SAFETY: the caller's contract: a new at::Tensor*, owned from here on.
-    unsafe { Tensor::from_ptr(out.cast()) }
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
 }
