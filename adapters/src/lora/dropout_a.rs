@@ -91,7 +91,8 @@ mod tests {
                 let a = (Tensor::randn([4, *shape.last().unwrap()], (Kind::Float, Device::Cpu))
                     * 0.1)
                     .to_kind(kind);
-                for (p, seed) in [(0.1, 11u64), (0.5, 12)] {
+                // p = 1 rounds to a threshold above every 16-bit draw.
+                for (p, seed) in [(0.1, 11u64), (0.5, 12), (1.0, 13)] {
                     let [(h, gx, ga), (h_ref, gx_ref, ga_ref)] = both(&x, &a, p, seed);
                     let what = format!("{kind:?} {shape:?} p {p}");
                     assert!(h.equal(&h_ref), "{what}: product");
@@ -101,7 +102,7 @@ mod tests {
                     let dropped = gx.eq(0.0).to_kind(Kind::Float).mean(Kind::Float);
                     let sd = (p * (1.0 - p) / x.numel() as f64).sqrt();
                     assert!(
-                        (dropped.double_value(&[]) - p).abs() < 5.0 * sd,
+                        (dropped.double_value(&[]) - p).abs() <= 5.0 * sd,
                         "{what}: dropped {dropped}"
                     );
                 }
