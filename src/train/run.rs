@@ -116,9 +116,10 @@ impl Trainer {
             metrics.write(&json!({"step": 0, "eval_loss": l}))?;
         }
         let mut p = self.progress(start_step);
-        let keep_pages = crate::memory::KeepFreedPages::new();
+        let mut keep_pages = crate::memory::KeepFreedPages::new();
         for step in start_step..self.total_steps {
             self.one_step(step, &mut p, &mut metrics)?;
+            keep_pages.after_step();
         }
         drop(keep_pages);
         p.bar.finish_and_clear();
