@@ -599,9 +599,10 @@ fn shard_plan(
 /// A change made to a base tensor in fp32 (an adapter merged into it).
 type TensorChange<'a> = dyn FnMut(&mut Tensor) -> Result<()> + 'a;
 
-/// Tensor `n` as the output holds it (contiguous, on the CPU): dequantized (a quantized layer),
-/// with `delta` merged in (in fp32), converted to `out_dtype` and checked
-/// finite there; `None` when the base's bytes are written as they are.
+/// Tensor `n` as the output holds it (contiguous, on the CPU): dequantized
+/// (a quantized layer), with `delta` merged in (in fp32), converted to
+/// `out_dtype` and checked finite there; `None` when the base's bytes are
+/// written as they are.
 fn merged_tensor(
     files_in: &WeightFiles,
     quantized: Option<&QuantizedLayers>,
