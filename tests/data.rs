@@ -710,6 +710,25 @@ fn batch_order_is_a_seeded_partition() {
     check_partition(&batch_order(&[3, 1, 2], 8, true, 0, 0), 3, 8);
 }
 
+#[test]
+fn grouped_batches_start_with_the_longest_example() {
+    let n = 1003;
+    let lengths: Vec<usize> = (0..n).map(|i| (i * 7919) % 500 + 5).collect();
+    let longest = *lengths.iter().max().unwrap();
+    for seed in 0..20 {
+        let grouped = batch_order(&lengths, 4, true, seed, 0);
+        assert_eq!(lengths[grouped[0][0]], longest, "seed {seed}");
+        // Still shuffled: the other batches do not follow their lengths.
+        let firsts: Vec<usize> = grouped[1..].iter().map(|b| lengths[b[0]]).collect();
+        assert!(firsts.windows(2).any(|w| w[0] < w[1]), "seed {seed}");
+    }
+    // Without grouping the order is the shuffle's alone.
+    let plain: Vec<bool> = (0..20)
+        .map(|seed| lengths[batch_order(&lengths, 4, false, seed, 0)[0][0]] == longest)
+        .collect();
+    assert!(plain.iter().any(|&first| !first));
+}
+
 fn padding(lengths: &[usize], batches: &[Vec<usize>]) -> usize {
     batches
         .iter()

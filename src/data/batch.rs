@@ -111,7 +111,11 @@ pub fn collate(examples: &[&Example], pad_id: i64) -> Batch {
 /// cut into mega-batches of 50 batches, each sorted by length (longest
 /// first) and cut into batches, as transformers' `LengthGroupedSampler`
 /// does, so that a batch holds examples of similar length and little
-/// padding; the batch order is then shuffled. The last batch may be smaller.
+/// padding; the batch order is then shuffled, and the batch holding the
+/// longest example goes first, as transformers' sampler puts it: a run that
+/// will run out of memory does so at its first step, and the memory that
+/// step leaves bounds the steps after it (see
+/// [`crate::memory::KeepFreedPages`]). The last batch may be smaller.
 ///
 /// # Panics
 /// If `batch_size` is 0.
@@ -139,5 +143,12 @@ pub fn batch_order(
         batches.extend(mega.chunks(batch_size).map(<[usize]>::to_vec));
     }
     rng.shuffle(&mut batches);
+    // Each batch is sorted, longest first; the first longest wins a tie.
+    let longest = (0..batches.len())
+        .rev()
+        .max_by_key(|&b| lengths[batches[b][0]]);
+    if let Some(b) = longest {
+        batches.swap(0, b);
+    }
     batches
 }
