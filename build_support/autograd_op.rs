@@ -6,6 +6,12 @@
 /// `cfg(peft_rs_NAME)` when it builds; `what` names the layers that fall
 /// back to plain autograd otherwise. Always optimised: a debug build of the
 /// tests runs it too, on every step.
+///
+/// `at::parallel_for` is a header template whose threads come from an
+/// `omp parallel` pragma: compiled without OpenMP it runs on one thread
+/// while libtorch's other threads spin. So where libtorch ships its OpenMP
+/// runtime (`libgomp.so.1`, as the torch wheels do) the operation is built
+/// with `-fopenmp` and linked to that same runtime, one thread pool for both.
 pub fn build_autograd_op(lib_dir: &std::path::Path, file: &str, name: &str, what: &str) {
     println!("cargo:rustc-check-cfg=cfg(peft_rs_{name})");
     println!("cargo:rerun-if-changed={file}");
@@ -21,7 +27,9 @@ pub fn build_autograd_op(lib_dir: &std::path::Path, file: &str, name: &str, what
         );
         return;
     }
-    let built = cc::Build::new()
+    let openmp = lib_dir.join("libgomp.so.1").exists();
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .std("c++17")
         .opt_level(3)
@@ -31,10 +39,24 @@ pub fn build_autograd_op(lib_dir: &std::path::Path, file: &str, name: &str, what
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")
-        .warnings(false)
-        .try_compile(&format!("peft_{name}"));
+        .warnings(false);
+    if openmp {
+        build.flag("-fopenmp");
+    }
+    let built = build.try_compile(&format!("peft_{name}"));
     match built {
-        Ok(()) => println!("cargo:rustc-cfg=peft_rs_{name}"),
+        Ok(()) => {
+            println!("cargo:rustc-cfg=peft_rs_{name}");
+            // Once per build script: rustc refuses the same library twice
+            // with a modifier.
+            static LINK_OPENMP: std::sync::Once = std::sync::Once::new();
+            if openmp {
+                LINK_OPENMP.call_once(|| {
+                    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+                    println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
+                });
+            }
+        }
         Err(e) => println!("cargo:warning={what} without their autograd function: {e}"),
     }
 }
