@@ -24,7 +24,9 @@ if "--dtype" in sys.argv:
 torch.manual_seed(0)
 if "--random-weights" in sys.argv:
     from transformers import AutoConfig
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+    # Initialised where it runs (a 7B model's random init on the host takes longer than the benchmark).
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
 else:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
 model.to(device)

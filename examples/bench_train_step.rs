@@ -3,7 +3,7 @@
 //! own `forward_backward`, clipping and AdamW.
 //!
 //! cargo run --release --example bench_train_step -- MODEL_DIR BATCH SEQ STEPS [--gradient-checkpointing] [--random-weights]
-//!     [--packed] [--lora-compute-dtype bf16] [--tf32] [--dtype fp32|bf16|auto]
+//!     [--packed] [--lora-compute-dtype bf16] [--tf32] [--dtype fp32|bf16|auto] [--quantize nf4|fp4|int8]
 //!
 //! --packed packs two examples per row (block-diagonal causal mask), which
 //! sends attention through the masked path (keys and values expanded for
@@ -51,9 +51,22 @@ fn main() -> Result<()> {
     };
     // --random-weights: only config.json is read (a 7B-shaped model on a GPU
     // machine that has no checkpoint).
+    // --quantize nf4|fp4|int8: the frozen linear layers quantized at load
+    // (QLoRA), with the base dtype as compute dtype, as `peft-rs train`.
+    let quantize = match args.iter().position(|a| a == "--quantize") {
+        Some(i) => Some(
+            <peft_rs::quant::load::Quantize as clap::ValueEnum>::from_str(&args[i + 1], true)
+                .map_err(anyhow::Error::msg)?
+                .config(false, kind),
+        ),
+        None => None,
+    };
     let mut model = if args.iter().any(|a| a == "--random-weights") {
         let config = models::read_config(&model_dir)?;
-        with_torch_seed(5, || models::random(config, kind, device))?
+        match &quantize {
+            Some(q) => with_torch_seed(5, || models::random_quantized(config, kind, device, q))?,
+            None => with_torch_seed(5, || models::random(config, kind, device))?,
+        }
     } else {
         models::load(&model_dir, kind, device)?
     };
@@ -138,6 +151,10 @@ fn main() -> Result<()> {
     for i in 1..=steps as u64 {
         loss = step(i)?;
     }
+    if device != Device::Cpu {
+        // The last optimizer step is still queued on the device.
+        tch::Cuda::synchronize(0);
+    }
     let dt = t0.elapsed().as_secs_f64();
     let flops = step_flops(&model.config, batch, seq, 16);
     let kind = model.kind();
@@ -146,7 +163,7 @@ fn main() -> Result<()> {
         serde_json::json!({"stack": "peft-rs", "tokens_per_second": (batch * seq) as f64 * steps as f64 / dt,
             "seconds_per_step": dt / steps as f64, "loss": loss, "threads": tch::get_num_threads(),
             "gradient_checkpointing": checkpointing, "device": format!("{device:?}"),
-            "packed": packed, "lora_compute_dtype": peft_rs::device::dtype_name(lora_kind),
+            "packed": packed, "quantize": quantize.is_some(), "lora_compute_dtype": peft_rs::device::dtype_name(lora_kind),
             "flops_per_step": flops, "matmul_peak_flops": matmul_peak(&model.config, batch * seq, kind, device)})
     );
     Ok(())

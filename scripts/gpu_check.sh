@@ -14,18 +14,26 @@
 #       time limit and a failing step does not stop the others; the whole run
 #       stays under ten minutes on one H200.
 #
-# Steps: driver/capability/kernels (`peft-rs env`), the CUDA link and c10d
-# NCCL symbols, logits parity fp32 and bf16 against transformers' CPU logits
-# and greedy generation against our CPU path, a bf16 LoRA step of a
-# Llama-2-7B-shaped model (random weights, T=2048, batch 1, 2, 4) with
-# tokens/s, MFU and peak memory, the Llama-3.1-8B shape of bench/sizes.sh, the same with packing (the masked attention
-# path), LoRA compute dtype fp32 vs bf16 and TF32, transformers + PEFT on the
-# same step when the machine has them, QLoRA (when built in), NCCL with one
-# rank (when built in), placement (with two GPUs a 2-process NCCL run and a
-# 2-process --fsdp run against one process, and a Llama-3.1-8B-shaped run sharded over
-# two GPUs with each GPU's peak, bf16 and nf4; with one, two local processes refused), a QLoRA adapter's
-# greedy answers on the GPU against the CPU's, generation tokens/s at batch 1
-# and 16, load times.
+# Steps, the most telling first (GPU_CHECK_BUDGET seconds in all, default
+# 540; steps that would start after it are skipped and say so):
+# driver/capability/kernels (`peft-rs env`), the CUDA link and c10d's NCCL
+# symbols; logits parity fp32 and bf16 against transformers' CPU logits and
+# greedy generation against our CPU path; `peft-rs train` on the GPU against
+# the CPU (fp32, no noise: the loss curves must agree); a bf16 LoRA step of
+# the Llama-3.1-8B shape of bench/sizes.sh (T=512 and 2048, with and without
+# checkpointing) and of a Llama-2-7B shape (T=2048, batch 1, 2, 4) with
+# tokens/s, MFU and peak memory, next to transformers + PEFT on the same
+# steps when the machine has them; a QLoRA adapter's greedy answers on the
+# GPU against the CPU's; QLoRA training and the 8B step in nf4; NCCL with one
+# rank; placement (with two GPUs a 2-process NCCL run and a 2-process --fsdp
+# run against one process, and a Llama-3.1-8B-shaped run sharded over two
+# GPUs with each GPU's peak, bf16 and nf4; with one, two local processes
+# refused); the packed (masked attention) path, LoRA compute dtype bf16 and
+# TF32; generation tokens/s at batch 1 and 16.
+#
+# Where only a few files come back from the GPU machine, pack the rest, e.g.
+#   OUT=$OUT ./scripts/gpu_check.sh run; cd $OUT && tar czf /tmp/all.tgz --exclude='*.safetensors' . \
+#     && find . -mindepth 1 ! -name report.md -delete; mv /tmp/all.tgz $OUT/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 carry=.gpu-carry
@@ -93,9 +101,20 @@ run() {
   report=$out/report.md
   : > "$report"
   say() { echo "$*" | tee -a "$report"; }
+  # The whole run stays inside GPU_CHECK_BUDGET seconds (default 540, for a
+  # call of at most ten minutes): a step gets what is left of it, at most its
+  # own limit, and steps that would start with under 15 s left are skipped
+  # (and say so), so a hang costs its own step, not the report.
+  deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-540} ))
   step() { # name, seconds, command...: output to $out/name.txt, summary line in the report
     local name=$1 secs=$2; shift 2
     local t0; t0=$(date +%s)
+    local left=$(( deadline - t0 ))
+    if [ "$left" -lt 15 ]; then
+      say "- $name: skipped, the check's time budget is spent"
+      return 124
+    fi
+    [ "$secs" -gt "$left" ] && secs=$left
     timeout "$secs" "$@" > "$out/$name.txt" 2>&1
     local rc=$?
     say "- $name: exit $rc in $(( $(date +%s) - t0 )) s (output: $name.txt)"
@@ -115,6 +134,8 @@ run() {
   }
 
   for i in $(seq 1 16); do echo "{\"prompt\": \"Count from $i to $((i + 20)):\"}"; done > "$out/prompts.jsonl"
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+  [ -n "${GPU_CHECK_SMOKE:-}" ] && gpus=0
   say "# GPU check, $(date -u +%FT%TZ)"
   say
   say "## Machine"
@@ -134,56 +155,98 @@ run() {
   done
 
   say
-  say "## bf16 LoRA step, Llama-2-7B shape, random weights, T=2048 (r=16 all-linear, NEFTune 5)"
-  m7=$carry/models/llama2-7b-shape T=2048
-  # GPU_CHECK_SMOKE=1: the same steps on the tiny model with short rows, to try the script on a CPU.
-  [ -n "${GPU_CHECK_SMOKE:-}" ] && m7=$carry/models/mistral T=64
-  for b in 1 2 4; do
-    with_memory "step-7b-b$b" 150 "$bin/bench_train_step" "$m7" "$b" "$T" 3 --random-weights
-    grep '^{' "$out/step-7b-b$b.txt" | sed 's/^/    /' >> "$report"
+  say "## Training on the GPU against the CPU (tiny Mistral, fp32, no noise, no dropout: the same arithmetic)"
+  eq=(--model "$carry/models/mistral" --data data/dates/train.jsonl --max-steps 8 --batch-size 4 --max-seq-len 128
+      --lora-dropout 0 --neftune-alpha 0 --dtype fp32 --seed 3 --lr 1e-3 --group-by-length false)
+  for dev in cpu cuda; do
+    [ "$dev" = cuda ] && [ "$gpus" -lt 1 ] && continue
+    step "train-fp32-$dev" 120 "$bin/peft-rs" train "${eq[@]}" --device "$dev" --output "$out/train-fp32-$dev"
+    grep -E "^training on|peak" "$out/train-fp32-$dev.txt" | sed 's/^/    /' >> "$report"
   done
-  with_memory "step-7b-b4-checkpointing" 150 "$bin/bench_train_step" "$m7" 4 "$T" 3 --random-weights --gradient-checkpointing
-  grep '^{' "$out/step-7b-b4-checkpointing.txt" | sed 's/^/    /' >> "$report"
-  say "MFU = flops_per_step / seconds_per_step / peak; H200 dense bf16 peak 989 TFLOP/s; matmul_peak_flops is measured on the step's shapes."
+  "$py" - "$out/train-fp32-cpu/metrics.jsonl" "$out/train-fp32-cuda/metrics.jsonl" <<'PY' | tee -a "$report"
+import json, os, sys
+if all(os.path.exists(p) for p in sys.argv[1:]):
+    a, b = ([json.loads(l)["loss"] for l in open(p) if '"loss"' in l] for p in sys.argv[1:])
+    print(f"- {len(a)}/{len(b)} steps; losses cuda vs cpu, largest difference {max(abs(x - y) for x, y in zip(a, b)):.2e} "
+          f"(cpu {a[0]:.5f} -> {a[-1]:.5f}, cuda {b[0]:.5f} -> {b[-1]:.5f})")
+else:
+    print("- not compared: a run is missing")
+PY
 
+  m7=$carry/models/llama2-7b-shape m8=$carry/models/llama3.1-8b-shape T=2048
+  # GPU_CHECK_SMOKE=1: the same steps on the tiny model with short rows, to try the script on a CPU.
+  [ -n "${GPU_CHECK_SMOKE:-}" ] && m7=$carry/models/mistral m8=$carry/models/mistral T=64
+  hf=false
+  "$py" -c "import transformers, peft" 2>/dev/null && hf=true
+  # transformers + PEFT on the same step; its peak is read the same way (nvidia-smi).
+  hf_step() { # name, model, batch, seq, extra...
+    local name=$1 model=$2 b=$3 t=$4; shift 4
+    if $hf; then
+      with_memory "$name" 240 "$py" bench/train_step.py "$model" "$b" "$t" 3 --random-weights "$@"
+      grep '^{' "$out/$name.txt" | sed 's/^/    /' >> "$report"
+    else
+      say "- $name: not run, this machine's Python has no transformers/peft"
+    fi
+  }
   say
-  say "## The Llama-3.1-8B shape of bench/sizes.sh (batch 1, T=512 and 2048; with checkpointing at 2048)"
-  m8=$carry/models/llama3.1-8b-shape
-  [ -n "${GPU_CHECK_SMOKE:-}" ] && m8=$carry/models/mistral
+  say "## bf16 LoRA step (r=16 all-linear, NEFTune 5), random weights: the Llama-3.1-8B shape of bench/sizes.sh (batch 1, T=512 and 2048; with checkpointing at 2048)"
   for t in 512 $T; do
     with_memory "step-8b-t$t" 150 "$bin/bench_train_step" "$m8" 1 "$t" 3 --random-weights
     grep '^{' "$out/step-8b-t$t.txt" | sed 's/^/    /' >> "$report"
   done
   with_memory "step-8b-checkpointing" 150 "$bin/bench_train_step" "$m8" 1 "$T" 3 --random-weights --gradient-checkpointing
   grep '^{' "$out/step-8b-checkpointing.txt" | sed 's/^/    /' >> "$report"
+  for t in 512 $T; do hf_step "hf-step-8b-t$t" "$m8" 1 "$t"; done
 
   say
-  say "## Attention path, LoRA compute dtype, TF32 (batch 2, T=2048)"
-  with_memory step-7b-packed 150 "$bin/bench_train_step" "$m7" 2 "$T" 3 --random-weights --packed
-  with_memory step-7b-lora-bf16 150 "$bin/bench_train_step" "$m7" 2 "$T" 3 --random-weights --lora-compute-dtype bf16
-  with_memory step-7b-tf32 150 "$bin/bench_train_step" "$m7" 2 "$T" 3 --random-weights --tf32
-  for n in packed lora-bf16 tf32; do grep '^{' "$out/step-7b-$n.txt" | sed 's/^/    /' >> "$report"; done
+  say "## The same step, Llama-2-7B shape, T=2048, batch 1, 2, 4"
+  for b in 1 2 4; do
+    with_memory "step-7b-b$b" 150 "$bin/bench_train_step" "$m7" "$b" "$T" 3 --random-weights
+    grep '^{' "$out/step-7b-b$b.txt" | sed 's/^/    /' >> "$report"
+  done
+  with_memory "step-7b-b4-checkpointing" 150 "$bin/bench_train_step" "$m7" 4 "$T" 3 --random-weights --gradient-checkpointing
+  grep '^{' "$out/step-7b-b4-checkpointing.txt" | sed 's/^/    /' >> "$report"
+  for b in 1 4; do hf_step "hf-step-7b-b$b" "$m7" "$b" "$T"; done
+  say "MFU = flops_per_step / seconds_per_step / peak; H200 dense bf16 peak 989 TFLOP/s; matmul_peak_flops is measured on the step's shapes."
 
   say
-  say "## transformers + PEFT, the same step"
-  if "$py" -c "import transformers, peft" 2>/dev/null; then
-    for b in 1 4; do
-      step "hf-step-7b-b$b" 240 "$py" bench/train_step.py "$m7" "$b" "$T" 3 --random-weights
-      grep '^{' "$out/hf-step-7b-b$b.txt" | sed 's/^/    /' >> "$report"
+  say "## QLoRA generation keeps the adapter (as on the CPU)"
+  step qlora-adapter 300 "$bin/peft-rs" train --model "$carry/models/mistral" --data data/dates/train.jsonl \
+    --output "$out/qlora-adapter" --quantize nf4 --max-steps 30 --batch-size 4 --max-seq-len 128 --lr 3e-3 --device cpu
+  for dev in cpu cuda; do
+    [ "$dev" = cuda ] && [ "$gpus" -lt 1 ] && continue
+    for with in base adapter; do
+      extra=(); [ "$with" = adapter ] && extra=(--adapter "$out/qlora-adapter")
+      step "qlora-generate-$dev-$with" 120 "$bin/peft-rs" generate --model "$carry/models/mistral" --quantize nf4 \
+        --device "$dev" --prompts "$out/prompts.jsonl" --max-new-tokens 16 --json "${extra[@]}"
     done
-  else
-    say "- not run: this machine's Python has no transformers/peft"
-  fi
+  done
+  "$py" - "$out" <<'PY' | tee -a "$report"
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+def ids(name):
+    p = out / f"qlora-generate-{name}.txt"
+    return [json.loads(l)["token_ids"] for l in p.read_text().splitlines() if l.startswith("{")] if p.exists() else None
+for dev in ("cpu", "cuda"):
+    base, ad = ids(f"{dev}-base"), ids(f"{dev}-adapter")
+    if base and ad:
+        changed = [i for i, (x, y) in enumerate(zip(base, ad)) if x != y]
+        print(f"- {dev}: the adapter changes {len(changed)} of {len(base)} greedy answers: {changed}")
+cpu, cuda = ids("cpu-adapter"), ids("cuda-adapter")
+if cpu and cuda:
+    print(f"- cuda vs cpu answers with the adapter: {sum(x == y for x, y in zip(cpu, cuda))} of {len(cpu)} identical")
+PY
+
 
   say
-  say "## QLoRA and NCCL"
+  say "## QLoRA and NCCL (one rank)"
   if "$bin/peft-rs" train --help 2>/dev/null | grep -q -- "--quantize"; then
     with_memory qlora-tiny 120 "$bin/peft-rs" train --model "$carry/models/mistral" --data data/dates/train.jsonl \
       --output "$out/qlora-tiny" --quantize nf4 --max-steps 5 --batch-size 4 --max-seq-len 128
-    if "$bin/bench_train_step" --help 2>&1 | grep -q -- "--quantize"; then
-      with_memory step-7b-qlora 200 "$bin/bench_train_step" "$m7" 1 "$T" 3 --random-weights --quantize nf4
-      grep '^{' "$out/step-7b-qlora.txt" | sed 's/^/    /' >> "$report"
-    fi
+    grep -E "^training on|tok/s|peak" "$out/qlora-tiny.txt" | tail -n 3 | sed 's/^/    /' >> "$report"
+    # The 8B shape's step with its linear layers in nf4 (quantized on the device at load).
+    with_memory step-8b-qlora 200 "$bin/bench_train_step" "$m8" 1 "$T" 3 --random-weights --quantize nf4
+    grep '^{' "$out/step-8b-qlora.txt" | sed 's/^/    /' >> "$report"
   else
     say "- QLoRA: not in this build"
   fi
@@ -197,8 +260,6 @@ run() {
 
   say
   say "## Placement: each process on its own GPU"
-  gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
-  [ -n "${GPU_CHECK_SMOKE:-}" ] && gpus=0
   say "- visible GPUs: $gpus"
   same=(--model "$carry/models/mistral" --data data/dates/train.jsonl --max-steps 6 --max-seq-len 128
         --lora-dropout 0 --neftune-alpha 5 --group-by-length false --seed 3 --lr 1e-3)
@@ -258,33 +319,13 @@ PY
     CUDA_VISIBLE_DEVICES=0 "$bin/peft-rs" env 2>&1 | grep -E "cuda devices|auto picks" | sed 's/^/    /' >> "$report"
   fi
 
+
   say
-  say "## QLoRA generation keeps the adapter (as on the CPU)"
-  step qlora-adapter 300 "$bin/peft-rs" train --model "$carry/models/mistral" --data data/dates/train.jsonl \
-    --output "$out/qlora-adapter" --quantize nf4 --max-steps 30 --batch-size 4 --max-seq-len 128 --lr 3e-3 --device cpu
-  for dev in cpu cuda; do
-    [ "$dev" = cuda ] && [ "$gpus" -lt 1 ] && continue
-    for with in base adapter; do
-      extra=(); [ "$with" = adapter ] && extra=(--adapter "$out/qlora-adapter")
-      step "qlora-generate-$dev-$with" 120 "$bin/peft-rs" generate --model "$carry/models/mistral" --quantize nf4 \
-        --device "$dev" --prompts "$out/prompts.jsonl" --max-new-tokens 16 --json "${extra[@]}"
-    done
-  done
-  "$py" - "$out" <<'PY' | tee -a "$report"
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-def ids(name):
-    p = out / f"qlora-generate-{name}.txt"
-    return [json.loads(l)["token_ids"] for l in p.read_text().splitlines() if l.startswith("{")] if p.exists() else None
-for dev in ("cpu", "cuda"):
-    base, ad = ids(f"{dev}-base"), ids(f"{dev}-adapter")
-    if base and ad:
-        changed = [i for i, (x, y) in enumerate(zip(base, ad)) if x != y]
-        print(f"- {dev}: the adapter changes {len(changed)} of {len(base)} greedy answers: {changed}")
-cpu, cuda = ids("cpu-adapter"), ids("cuda-adapter")
-if cpu and cuda:
-    print(f"- cuda vs cpu answers with the adapter: {sum(x == y for x, y in zip(cpu, cuda))} of {len(cpu)} identical")
-PY
+  say "## Attention path, LoRA compute dtype, TF32 (batch 2, T=2048)"
+  with_memory step-7b-packed 150 "$bin/bench_train_step" "$m7" 2 "$T" 3 --random-weights --packed
+  with_memory step-7b-lora-bf16 150 "$bin/bench_train_step" "$m7" 2 "$T" 3 --random-weights --lora-compute-dtype bf16
+  with_memory step-7b-tf32 150 "$bin/bench_train_step" "$m7" 2 "$T" 3 --random-weights --tf32
+  for n in packed lora-bf16 tf32; do grep '^{' "$out/step-7b-$n.txt" | sed 's/^/    /' >> "$report"; done
 
   say
   say "## Generation (tiny Mistral, 16 prompts, 64 new tokens, greedy)"
