@@ -29,13 +29,24 @@ pub unsafe fn try_take_tensor(
     err: *mut std::ffi::c_char,
 ) -> Result<Tensor, String> {
     if out.is_null() {
-        // SAFETY: the caller's contract: set by the C++ side with strdup.
-        let message = unsafe { std::ffi::CStr::from_ptr(err) }
-            .to_string_lossy()
-            .into_owned();
-        unsafe { libc::free(err.cast()) };
-        return Err(message);
+        // SAFETY: the caller's contract.
+        return Err(unsafe { take_message(err) });
     }
     // SAFETY: the caller's contract: a new at::Tensor*, owned from here on.
     Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// The message a C++ operation left in `err`, freed.
+///
+/// # Safety
+/// `err` points to a NUL-terminated string allocated with `malloc`
+/// (`strdup`), which nothing else frees.
+pub unsafe fn take_message(err: *mut std::ffi::c_char) -> String {
+    // SAFETY: the caller's contract.
+    let message = unsafe { std::ffi::CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    // SAFETY: allocated with malloc, freed once here.
+    unsafe { libc::free(err.cast()) };
+    message
 }

@@ -26,6 +26,98 @@ pub struct AdamW {
     /// Per-parameter multipliers of the learning rate (absent: 1), as
     /// parameter groups with their own `lr` give them in PyTorch.
     pub lr_scale: BTreeMap<String, f64>,
+    /// Update with ATen's fused kernel where it applies (default); false:
+    /// ATen operations per tensor, `torch.optim.AdamW`'s for-loop.
+    pub fused: bool,
+}
+
+/// Whether this build has ATen's fused AdamW kernel (libtorch's headers were found).
+pub const FUSED_ADAMW_AVAILABLE: bool = cfg!(peft_rs_fused_adamw);
+
+/// ATen's fused AdamW kernel (`src/train/fused_adamw.cpp`).
+mod fused_adamw {
+    use tch::{Kind, Tensor};
+
+    #[cfg(peft_rs_fused_adamw)]
+    unsafe extern "C" {
+        fn peft_fused_adamw(
+            params: *mut *mut std::ffi::c_void,
+            grads: *mut *mut std::ffi::c_void,
+            exp_avgs: *mut *mut std::ffi::c_void,
+            exp_avg_sqs: *mut *mut std::ffi::c_void,
+            n: i64,
+            step: f64,
+            lr: f64,
+            beta1: f64,
+            beta2: f64,
+            weight_decay: f64,
+            eps: f64,
+            err: *mut *mut std::ffi::c_char,
+        ) -> std::ffi::c_int;
+    }
+
+    pub use super::FUSED_ADAMW_AVAILABLE as AVAILABLE;
+
+    /// Whether the kernel takes a parameter, its gradient and moments: one
+    /// floating dtype, one device, dense and contiguous.
+    pub fn applies(t: &[Tensor; 4]) -> bool {
+        let [p, ..] = t;
+        AVAILABLE
+            && matches!(
+                p.kind(),
+                Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double
+            )
+            && t.iter().all(|x| {
+                x.kind() == p.kind()
+                    && x.device() == p.device()
+                    && x.size() == p.size()
+                    && x.is_contiguous()
+            })
+    }
+
+    /// One step (the `step`-th) over `group`, [parameter, gradient,
+    /// exp_avg, exp_avg_sq] each, all on one device.
+    pub fn step(group: &[[Tensor; 4]], step: u64, lr: f64, o: &super::AdamW) -> Result<(), String> {
+        #[cfg(peft_rs_fused_adamw)]
+        {
+            let list = |i: usize| -> Vec<*mut std::ffi::c_void> {
+                group
+                    .iter()
+                    .map(|t| t[i].as_ptr() as *mut std::ffi::c_void)
+                    .collect()
+            };
+            let (mut p, mut g, mut m, mut v) = (list(0), list(1), list(2), list(3));
+            let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
+            // SAFETY: four arrays of `len` live at::Tensor pointers, borrowed
+            // for the call; `err` is set (malloc'ed) only on failure.
+            let rc = unsafe {
+                peft_fused_adamw(
+                    p.as_mut_ptr(),
+                    g.as_mut_ptr(),
+                    m.as_mut_ptr(),
+                    v.as_mut_ptr(),
+                    group.len() as i64,
+                    step as f64,
+                    lr,
+                    o.betas.0,
+                    o.betas.1,
+                    o.weight_decay,
+                    o.eps,
+                    &mut err,
+                )
+            };
+            if rc == 0 {
+                return Ok(());
+            }
+            // SAFETY: on failure the C++ side strdup'ed its message there.
+            Err(unsafe { peft_adapters::ffi::take_message(err) })
+        }
+        #[cfg(not(peft_rs_fused_adamw))]
+        {
+            let _ = (group, step, lr, o);
+            Err("not in this build".into())
+        }
+    }
 }
 
 /// LoRA+'s learning-rate multipliers, grouped as PEFT's
@@ -58,6 +150,7 @@ impl AdamW {
             exp_avg: params.iter().map(|(k, t)| (k.clone(), zeros(t))).collect(),
             exp_avg_sq: params.iter().map(|(k, t)| (k.clone(), zeros(t))).collect(),
             lr_scale: BTreeMap::new(),
+            fused: true,
         }
     }
 
@@ -70,13 +163,16 @@ impl AdamW {
             .sum()
     }
 
-    /// One update with learning rate `lr` from the parameters' `.grad`.
+    /// One update with learning rate `lr` from the parameters' `.grad`:
+    /// ATen's fused AdamW kernel where this build has it (what
+    /// `torch.optim.AdamW(fused=True)` runs, transformers' default), one
+    /// call per learning rate and device; ATen operations per tensor for
+    /// the rest.
     pub fn step(&mut self, params: &BTreeMap<String, Tensor>, lr: f64) {
         let _g = tch::no_grad_guard();
         self.step += 1;
-        let (b1, b2) = self.betas;
-        let bc1 = 1.0 - b1.powi(self.step as i32);
-        let bc2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
+        let mut fused: BTreeMap<(u64, String), Vec<[Tensor; 4]>> = BTreeMap::new();
+        let mut unfused = Vec::new();
         for (k, p) in params {
             let g = p.grad();
             // A tensor whose moments another rank keeps is updated there.
@@ -86,18 +182,42 @@ impl AdamW {
                 continue;
             };
             let lr = lr * self.lr_scale.get(k).copied().unwrap_or(1.0);
-            let mut p = p.shallow_clone();
-            let mut m = m.shallow_clone();
-            let mut v = v.shallow_clone();
-            if self.weight_decay != 0.0 {
-                let _ = p.f_mul_scalar_(1.0 - lr * self.weight_decay);
+            let tensors = [p.shallow_clone(), g, m.shallow_clone(), v.shallow_clone()];
+            if self.fused && fused_adamw::applies(&tensors) {
+                let key = (lr.to_bits(), format!("{:?}", p.device()));
+                fused.entry(key).or_default().push(tensors);
+            } else {
+                unfused.push((lr, tensors));
             }
-            let _ = m.lerp_(&g, 1.0 - b1);
-            let _ = v.f_mul_scalar_(b2);
-            let _ = v.f_add_(&(&g * &g * (1.0 - b2)));
-            let denom = v.sqrt() / bc2_sqrt + self.eps;
-            let _ = p.f_sub_(&(&m / denom * (lr / bc1)));
         }
+        for ((lr, _), group) in fused {
+            let lr = f64::from_bits(lr);
+            if let Err(e) = fused_adamw::step(&group, self.step, lr, self) {
+                // What it takes is checked before the call, and ATen checks
+                // before it writes: the tensors are as they were.
+                eprintln!("warning: AdamW's fused update refused these tensors ({e}); updating them one by one");
+                unfused.extend(group.into_iter().map(|t| (lr, t)));
+            }
+        }
+        for (lr, tensors) in unfused {
+            self.step_one(tensors, lr);
+        }
+    }
+
+    /// The update of one tensor as ATen operations (`torch.optim.AdamW`'s
+    /// for-loop implementation).
+    fn step_one(&self, [mut p, g, mut m, mut v]: [Tensor; 4], lr: f64) {
+        let (b1, b2) = self.betas;
+        let bc1 = 1.0 - b1.powi(self.step as i32);
+        let bc2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
+        if self.weight_decay != 0.0 {
+            let _ = p.f_mul_scalar_(1.0 - lr * self.weight_decay);
+        }
+        let _ = m.lerp_(&g, 1.0 - b1);
+        let _ = v.f_mul_scalar_(b2);
+        let _ = v.f_add_(&(&g * &g * (1.0 - b2)));
+        let denom = v.sqrt() / bc2_sqrt + self.eps;
+        let _ = p.f_sub_(&(&m / denom * (lr / bc1)));
     }
 
     /// The state as tensors (moments, and the step count) for a checkpoint.
