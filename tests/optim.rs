@@ -49,6 +49,12 @@ fn adamw_updates_are_torchs_fused_and_for_loop_ones() {
         final_diff > 0.0,
         "torch's two AdamWs agree here: the test tells nothing apart"
     );
+    // Built wherever the other C++ operations are (libtorch's headers).
+    assert_eq!(
+        peft_rs::train::optim::FUSED_ADAMW_AVAILABLE,
+        peft_rs::fused_norm::AVAILABLE,
+        "the fused AdamW kernel is built exactly where the fused norm is"
+    );
     for fused in [true, false] {
         let params: BTreeMap<String, Tensor> = (0..n)
             .map(|i| {
