@@ -33,7 +33,7 @@ fn main() {
     build_fused_norm(&lib_dir);
     build_unread_linear(&lib_dir);
     build_mapped_tensor(&lib_dir);
-    build_fused_adamw(&lib_dir);
+    build_optim_ops(&lib_dir);
 }
 
 /// Compiles `src/quant/matmul_4bit.cpp`, the 4-bit linear layer as one
@@ -203,14 +203,15 @@ fn wheel_cuda_include(torch: &std::path::Path) -> Option<PathBuf> {
         .find(|d| d.join("cuda_runtime_api.h").exists())
 }
 
-/// Compiles `src/train/fused_adamw.cpp`, AdamW's update as ATen's fused
-/// kernel (tch binds no operation on tensor lists); without libtorch's
-/// headers the update runs as ATen operations per tensor.
-fn build_fused_adamw(lib_dir: &std::path::Path) {
+/// Compiles `src/train/optim_ops.cpp`, AdamW's update as ATen's fused
+/// kernel and the clearing of gradients (tch binds no operation on tensor
+/// lists); without libtorch's headers the update runs as ATen operations
+/// per tensor and gradients are zeroed.
+fn build_optim_ops(lib_dir: &std::path::Path) {
     build_autograd_op(
         lib_dir,
-        "src/train/fused_adamw.cpp",
-        "fused_adamw",
+        "src/train/optim_ops.cpp",
+        "optim_ops",
         "AdamW updates",
     );
 }

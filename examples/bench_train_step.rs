@@ -131,9 +131,7 @@ fn main() -> Result<()> {
         let t1 = t.elapsed().as_secs_f64();
         clip_grad_norm(&params, 1.0);
         optim.step(&params, 2e-4);
-        for p in params.values() {
-            p.shallow_clone().zero_grad();
-        }
+        peft_rs::train::optim::clear_grads(params.values());
         if std::env::var_os("PEFT_RS_BENCH_VERBOSE").is_some() {
             eprintln!(
                 "fwd+bwd {t1:.3} s, optimizer {:.3} s",

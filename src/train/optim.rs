@@ -32,13 +32,36 @@ pub struct AdamW {
 }
 
 /// Whether this build has ATen's fused AdamW kernel (libtorch's headers were found).
-pub const FUSED_ADAMW_AVAILABLE: bool = cfg!(peft_rs_fused_adamw);
+pub const FUSED_ADAMW_AVAILABLE: bool = cfg!(peft_rs_optim_ops);
 
-/// ATen's fused AdamW kernel (`src/train/fused_adamw.cpp`).
+/// Sets every parameter's `.grad` to undefined, as PyTorch's
+/// `zero_grad()` (`set_to_none=True`) and Trainer do: the next backward
+/// pass hands its gradient over instead of adding it to zeros. Where this
+/// build lacks the operation, the gradients are zeroed.
+pub fn clear_grads<'a>(params: impl IntoIterator<Item = &'a Tensor>) {
+    #[cfg(peft_rs_optim_ops)]
+    {
+        unsafe extern "C" {
+            fn peft_clear_grads(ts: *mut *mut std::ffi::c_void, n: i64);
+        }
+        let mut ts: Vec<*mut std::ffi::c_void> = params
+            .into_iter()
+            .map(|t| t.as_ptr() as *mut std::ffi::c_void)
+            .collect();
+        // SAFETY: `ts.len()` live at::Tensor pointers, borrowed for the call.
+        unsafe { peft_clear_grads(ts.as_mut_ptr(), ts.len() as i64) };
+    }
+    #[cfg(not(peft_rs_optim_ops))]
+    for p in params {
+        p.shallow_clone().zero_grad();
+    }
+}
+
+/// ATen's fused AdamW kernel (`src/train/optim_ops.cpp`).
 mod fused_adamw {
     use tch::{Kind, Tensor};
 
-    #[cfg(peft_rs_fused_adamw)]
+    #[cfg(peft_rs_optim_ops)]
     unsafe extern "C" {
         fn peft_fused_adamw(
             params: *mut *mut std::ffi::c_void,
@@ -78,7 +101,7 @@ mod fused_adamw {
     /// One step (the `step`-th) over `group`, [parameter, gradient,
     /// exp_avg, exp_avg_sq] each, all on one device.
     pub fn step(group: &[[Tensor; 4]], step: u64, lr: f64, o: &super::AdamW) -> Result<(), String> {
-        #[cfg(peft_rs_fused_adamw)]
+        #[cfg(peft_rs_optim_ops)]
         {
             let list = |i: usize| -> Vec<*mut std::ffi::c_void> {
                 group
@@ -112,7 +135,7 @@ mod fused_adamw {
             // SAFETY: on failure the C++ side strdup'ed its message there.
             Err(unsafe { peft_adapters::ffi::take_message(err) })
         }
-        #[cfg(not(peft_rs_fused_adamw))]
+        #[cfg(not(peft_rs_optim_ops))]
         {
             let _ = (group, step, lr, o);
             Err("not in this build".into())

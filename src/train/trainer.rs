@@ -9,7 +9,7 @@ use std::rc::Rc;
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
-use super::optim::AdamW;
+use super::optim::{self, AdamW};
 use super::{EpochPlan, LossScaler, TrainConfig};
 use crate::data::{self, Batch, DataOptions, Dataset};
 use crate::device::resolve_model_dir;
@@ -270,9 +270,7 @@ impl Trainer {
     }
 
     pub(crate) fn zero_grads(&mut self) {
-        for p in self.params.values_mut() {
-            p.zero_grad();
-        }
+        optim::clear_grads(self.params.values());
         // Sharded gradients are freed, not zeroed: each step's are new.
         if let Some(gs) = &self.grad_shards {
             gs.clear();

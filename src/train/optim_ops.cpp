@@ -1,7 +1,9 @@
-// AdamW's update as ATen's fused kernel (`torch.optim.AdamW(fused=True)`,
-// the optimizer transformers' Trainer picks by default on torch >= 2.8):
-// one pass over each tensor instead of about ten ATen operations, each
-// with its own temporary. tch binds no operation that takes tensor lists.
+// The optimizer's operations on all adapter tensors at once, which tch
+// does not bind: AdamW's update as ATen's fused kernel
+// (`torch.optim.AdamW(fused=True)`, the optimizer transformers' Trainer
+// picks by default on torch >= 2.8), one pass over each tensor instead of
+// about ten ATen operations, each with its own temporary; and clearing the
+// gradients (`zero_grad(set_to_none=True)`, PyTorch's default).
 
 #include <ATen/ATen.h>
 
@@ -43,6 +45,13 @@ int peft_fused_adamw(void** params, void** grads, void** exp_avgs, void** exp_av
     *err = strdup(e.what());
     return -1;
   }
+}
+
+// Sets the `.grad` of `n` tensors (at::Tensor*, borrowed) to undefined, as
+// `zero_grad(set_to_none=True)`: the next backward pass hands its gradient
+// over instead of adding it to zeros.
+void peft_clear_grads(void** ts, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) static_cast<at::Tensor*>(ts[i])->mutable_grad().reset();
 }
 
 }  // extern "C"
