@@ -40,7 +40,8 @@ emb.register_forward_hook(neftune_post_forward_hook)
 model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 g = torch.Generator().manual_seed(1)
-ids = torch.randint(3, 40000, (batch, seq), generator=g).to(device)
+# Ids below 40000 (the same on both sides), and below the vocabulary (Llama 2's is 32000).
+ids = torch.randint(3, min(40000, model.config.vocab_size), (batch, seq), generator=g).to(device)
 mask = torch.ones_like(ids)
 
 

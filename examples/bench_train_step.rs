@@ -95,8 +95,11 @@ fn main() -> Result<()> {
         mode: NeftuneMode::Hf,
         noise: NoiseDistribution::Uniform,
     }));
+    // Ids below 40000 (the same on both sides), and below the vocabulary
+    // (Llama 2's is 32000).
+    let high = (model.config.vocab_size as i64).min(40000);
     let ids = with_torch_seed(1, || {
-        Tensor::randint_low(3, 40000, [batch, seq], (Kind::Int64, Device::Cpu))
+        Tensor::randint_low(3, high, [batch, seq], (Kind::Int64, Device::Cpu))
     });
     // Two examples per row: positions restart and segments do not see each other.
     let half = seq / 2;

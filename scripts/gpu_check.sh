@@ -15,7 +15,8 @@
 #       stays under ten minutes on one H200.
 #
 # Steps, the most telling first (GPU_CHECK_BUDGET seconds in all, default
-# 540; steps that would start after it are skipped and say so):
+# 540; steps that would start after it are skipped and say so;
+# GPU_CHECK_STEPS=REGEX runs only the steps whose names match):
 # driver/capability/kernels (`peft-rs env`), the CUDA link and c10d's NCCL
 # symbols; logits parity fp32 and bf16 against transformers' CPU logits and
 # greedy generation against our CPU path; `peft-rs train` on the GPU against
@@ -106,8 +107,12 @@ run() {
   # own limit, and steps that would start with under 15 s left are skipped
   # (and say so), so a hang costs its own step, not the report.
   deadline=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-540} ))
+  # GPU_CHECK_STEPS=REGEX runs only the steps whose names match (a rerun of
+  # some steps on a later machine).
+  wanted() { [ -z "${GPU_CHECK_STEPS:-}" ] || [[ $1 =~ $GPU_CHECK_STEPS ]]; }
   step() { # name, seconds, command...: output to $out/name.txt, summary line in the report
     local name=$1 secs=$2; shift 2
+    wanted "$name" || return 125
     local t0; t0=$(date +%s)
     local left=$(( deadline - t0 ))
     if [ "$left" -lt 15 ]; then
@@ -124,6 +129,7 @@ run() {
   # 100 ms; $out/name.mem keeps "index, MiB" lines for each GPU.
   with_memory() { # name, seconds, command...
     local name=$1; shift
+    wanted "$name" || return 125
     nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 100 > "$out/$name.mem" 2>/dev/null &
     local poll=$!
     step "$name" "$@"
@@ -140,6 +146,7 @@ run() {
   say
   say "## Machine"
   nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv | tee -a "$report"
+  say "- Python stack: $("$py" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")' 2>&1 | tail -n 1)"
   step env 60 "$bin/peft-rs" env
   sed 's/^/    /' "$out/env.txt" >> "$report"
   ldd "$bin/peft-rs" | grep -E "torch|c10" > "$out/ldd.txt"
