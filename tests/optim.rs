@@ -56,31 +56,9 @@ fn adamw_updates_are_torchs_fused_and_for_loop_ones() {
         "the fused AdamW kernel is built exactly where the fused norm is"
     );
     for fused in [true, false] {
-        let params: BTreeMap<String, Tensor> = (0..n)
-            .map(|i| {
-                (
-                    format!("p{i}"),
-                    t[&format!("long_p{i}")].copy().set_requires_grad(true),
-                )
-            })
-            .collect();
-        let mut opt = AdamW::new(
-            &params,
-            (
-                s["betas"][0].as_f64().unwrap(),
-                s["betas"][1].as_f64().unwrap(),
-            ),
-            f("eps"),
-            f("weight_decay"),
-        );
-        opt.fused = fused;
+        let (params, mut opt) = params_and_adamw(&t, "long_p", s, fused);
         for step in 0..s["steps"].as_u64().unwrap() {
-            for (i, p) in params.values().enumerate() {
-                p.shallow_clone().zero_grad();
-                (p * &t[&format!("long_g{step}_{i}")])
-                    .sum(Kind::Float)
-                    .backward();
-            }
+            feed_grads(&params, &t, &format!("long_g{step}_"));
             opt.step(&params, f("lr"));
         }
         let exact = fused && peft_rs::train::optim::FUSED_ADAMW_AVAILABLE;
@@ -99,36 +77,47 @@ fn adamw_updates_are_torchs_fused_and_for_loop_ones() {
     }
 }
 
+/// The fixture's three parameters `{prefix}{i}` (as `p{i}`), and AdamW
+/// with the betas, eps and weight decay of `s`.
+fn params_and_adamw(
+    t: &HashMap<String, Tensor>,
+    prefix: &str,
+    s: &Value,
+    fused: bool,
+) -> (BTreeMap<String, Tensor>, AdamW) {
+    let params: BTreeMap<String, Tensor> = (0..3)
+        .map(|i| {
+            let p = t[&format!("{prefix}{i}")].copy().set_requires_grad(true);
+            (format!("p{i}"), p)
+        })
+        .collect();
+    let beta = |i: usize| s["betas"][i].as_f64().unwrap();
+    let f = |k: &str| s[k].as_f64().unwrap();
+    let mut opt = AdamW::new(&params, (beta(0), beta(1)), f("eps"), f("weight_decay"));
+    opt.fused = fused;
+    (params, opt)
+}
+
+/// Gives parameter `p{i}` the fixture's gradient `{prefix}{i}`.
+fn feed_grads(params: &BTreeMap<String, Tensor>, t: &HashMap<String, Tensor>, prefix: &str) {
+    for (i, p) in params.values().enumerate() {
+        p.shallow_clone().zero_grad();
+        // d/dp sum(p * g) = g
+        (p * &t[&format!("{prefix}{i}")])
+            .sum(Kind::Float)
+            .backward();
+    }
+}
+
 fn adamw_steps(fused: bool) {
     let (t, j) = reference();
     let s = &j["settings"];
     let f = |k: &str| s[k].as_f64().unwrap();
-    let params: BTreeMap<String, Tensor> = (0..3)
-        .map(|i| {
-            let p = t[&format!("p{i}")].copy().set_requires_grad(true);
-            (format!("p{i}"), p)
-        })
-        .collect();
-    let mut opt = AdamW::new(
-        &params,
-        (
-            s["betas"][0].as_f64().unwrap(),
-            s["betas"][1].as_f64().unwrap(),
-        ),
-        f("eps"),
-        f("weight_decay"),
-    );
-    opt.fused = fused;
+    let (params, mut opt) = params_and_adamw(&t, "p", s, fused);
     let total = s["total"].as_u64().unwrap();
     let warmup = s["warmup"].as_u64().unwrap();
     for step in 0..total {
-        for (i, p) in params.values().enumerate() {
-            p.shallow_clone().zero_grad();
-            // d/dp sum(p * g) = g
-            (p * &t[&format!("g{step}_{i}")])
-                .sum(Kind::Float)
-                .backward();
-        }
+        feed_grads(&params, &t, &format!("g{step}_"));
         let norm = clip_grad_norm(&params, f("max_grad_norm"));
         let want_norm = j["norms"][step as usize].as_f64().unwrap();
         assert!(
