@@ -342,6 +342,7 @@ PY
     grep -E "loaded in|prompts/s|tokens/s" "$out/generate-b$bs.txt" | sed 's/^/    /' >> "$report"
   done
   say
+  say "- libtorch warnings printed in all outputs: $(cat "$out"/*.txt 2>/dev/null | grep -c '\] Warning:')"
   say "done: $report"
 }
 

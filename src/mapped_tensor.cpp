@@ -3,7 +3,8 @@
 // (a Rust `Arc` of the mapping, behind an opaque pointer) and hands it back
 // to `release` when libtorch frees the storage. tch binds `from_blob`
 // without a deleter only, which would leave a tensor pointing into a
-// mapping that may be gone.
+// mapping that may be gone. Also host tensors in page-locked memory, the
+// other source a load copies from.
 
 #include <ATen/ATen.h>
 
@@ -24,6 +25,21 @@ void* peft_tensor_from_mapping(void* data, const int64_t* sizes, size_t ndim, vo
         data, at::IntArrayRef(sizes, ndim), [owner, release](void*) { release(owner); },
         options);
     return new at::Tensor(std::move(t));
+  } catch (const std::exception& e) {
+    *err = strdup(e.what());
+    return nullptr;
+  }
+}
+
+// An uninitialised tensor of `sizes` (`ndim` of them) and the dtype of
+// `like` (at::Tensor*, borrowed) in page-locked host memory, for a copy to
+// a GPU by DMA. tch binds only `pin_memory(device)`, whose device argument
+// libtorch 2.11 deprecates with a warning on every call (two lines per
+// tensor loaded). Returns a new at::Tensor*, or null with `*err` set.
+void* peft_empty_pinned(const int64_t* sizes, size_t ndim, void* like, char** err) {
+  try {
+    auto options = static_cast<at::Tensor*>(like)->options().device(at::kCPU).pinned_memory(true);
+    return new at::Tensor(at::empty(at::IntArrayRef(sizes, ndim), options));
   } catch (const std::exception& e) {
     *err = strdup(e.what());
     return nullptr;

@@ -24,6 +24,45 @@ unsafe extern "C" {
     ) -> *mut std::ffi::c_void;
 }
 
+#[cfg(peft_rs_mapped_tensor)]
+unsafe extern "C" {
+    fn peft_empty_pinned(
+        sizes: *const i64,
+        ndim: usize,
+        like: *mut std::ffi::c_void,
+        err: *mut *mut std::ffi::c_char,
+    ) -> *mut std::ffi::c_void;
+}
+
+/// An uninitialised `kind` host tensor of `shape` in page-locked memory
+/// (the source of a DMA copy to a GPU), allocated so without the warning
+/// tch's `pin_memory(device)` makes libtorch print for every tensor; `None`
+/// without the operation, `Some(Err)` where libtorch cannot pin (no GPU).
+pub fn empty_pinned(shape: &[i64], kind: Kind) -> Option<Result<Tensor, String>> {
+    #[cfg(peft_rs_mapped_tensor)]
+    {
+        let like = Tensor::empty([0], (kind, Device::Cpu));
+        let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: `shape` and `like` are live for the call; the result is a
+        // new at::Tensor* or null with `err` set.
+        let out = unsafe {
+            peft_empty_pinned(
+                shape.as_ptr(),
+                shape.len(),
+                like.as_ptr() as *mut std::ffi::c_void,
+                &mut err,
+            )
+        };
+        // SAFETY: what the C++ side just returned.
+        Some(unsafe { peft_adapters::ffi::try_take_tensor(out, err) })
+    }
+    #[cfg(not(peft_rs_mapped_tensor))]
+    {
+        let _ = (shape, kind);
+        None
+    }
+}
+
 /// Whether this build has the operation (libtorch's headers were found).
 pub const AVAILABLE: bool = cfg!(peft_rs_mapped_tensor);
 
@@ -80,5 +119,32 @@ pub fn tensor_in(mmap: &Arc<MmapMut>, from: usize, shape: &[i64], kind: Kind) ->
     {
         let _ = (data, Device::Cpu);
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Page-locked where libtorch can use a GPU; elsewhere (this CPU
+    /// machine) an error naming why, never a panic or an ordinary tensor.
+    #[test]
+    fn empty_pinned_is_page_locked_where_a_gpu_is_usable_and_an_error_elsewhere() {
+        let Some(result) = empty_pinned(&[2, 3], Kind::BFloat16) else {
+            assert!(!std::hint::black_box(AVAILABLE));
+            return;
+        };
+        match (tch::Cuda::is_available(), result) {
+            (true, Ok(t)) => {
+                assert_eq!((t.size(), t.kind()), (vec![2, 3], Kind::BFloat16));
+                assert_eq!(t.device(), Device::Cpu);
+                assert!(t.is_pinned(Device::Cuda(0)), "not page-locked");
+            }
+            (false, Err(message)) => assert!(!message.is_empty()),
+            (gpu, result) => panic!(
+                "GPU usable: {gpu}, but empty_pinned gave {:?}",
+                result.map(|t| t.size())
+            ),
+        }
     }
 }

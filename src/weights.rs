@@ -297,11 +297,12 @@ impl WeightFiles {
 /// DMA, without the staging copy a pageable source costs), in ordinary
 /// memory otherwise. The same code on both: only the allocation differs.
 pub fn host_copy(bytes: &[u8], shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
-    let host = Tensor::f_empty(shape, (kind, Device::Cpu))?;
-    let host = if device.is_cuda() {
-        host.f_pin_memory(device)?
+    let host = if !device.is_cuda() {
+        Tensor::f_empty(shape, (kind, Device::Cpu))?
+    } else if let Some(pinned) = crate::mapped_tensor::empty_pinned(shape, kind) {
+        pinned.map_err(anyhow::Error::msg)?
     } else {
-        host
+        Tensor::f_empty(shape, (kind, Device::Cpu))?.f_pin_memory(device)?
     };
     let len = host.numel() * kind.elt_size_in_bytes();
     if len != bytes.len() {
