@@ -668,6 +668,50 @@ fn the_loss_and_its_gradient_computed_together_equal_autograd() {
     assert!(grad64.abs().sum(Kind::Double).double_value(&[]) > 0.0);
 }
 
+/// The gradient as the whole chunk's softmax gives it, every row at once:
+/// `((softmax − onehot) / scale)` cast to the head's dtype, times `W`
+/// (an fp32 head divides after the product), and the summed loss.
+fn whole_chunk_gradient(sel: &Tensor, w: &Tensor, targets: &Tensor, scale: f64) -> (f64, Tensor) {
+    let logp = sel
+        .linear::<Tensor>(w, None)
+        .to_kind(Kind::Float)
+        .log_softmax(-1, Kind::Float);
+    let t = targets.unsqueeze(1);
+    let loss = -logp.gather(1, &t, false).sum(Kind::Float);
+    let minus_one = Tensor::full([t.size()[0], 1], -1.0, (Kind::Float, Device::Cpu));
+    let d = logp.exp().scatter_add(1, &t, &minus_one);
+    let g = if w.kind() == Kind::Float {
+        d.mm(w) / scale
+    } else {
+        (d * (1.0 / scale)).to_kind(w.kind()).mm(w)
+    };
+    (loss.double_value(&[]), g)
+}
+
+#[test]
+fn the_loss_gradient_worked_out_a_few_rows_at_a_time_is_the_whole_chunks_bit_for_bit() {
+    use peft_rs::train::chunked_cross_entropy;
+    for kind in [Kind::BFloat16, Kind::Float] {
+        // 3 x 8 label rows of a 49,152-token vocabulary: blocks of 10 rows.
+        let (model, w, hidden, labels) = head_fixture(kind, 3);
+        let (rows, t, h) = hidden.size3().unwrap();
+        let scale = 24.0;
+        let sel = hidden.narrow(1, 0, t - 1).reshape([-1, h]);
+        let targets = labels.narrow(1, 1, t - 1).reshape([-1]);
+        let (want_loss, want) = whole_chunk_gradient(&sel, &w, &targets, scale);
+        let x = hidden.detach().set_requires_grad(true);
+        let loss = chunked_cross_entropy(&model, &x, &labels, 1024, Some(scale)).unwrap();
+        let got = x.grad().narrow(1, 0, t - 1).reshape([-1, h]);
+        assert_eq!(got.kind(), kind);
+        assert!(got.equal(&want), "{kind:?}: not the whole chunk's gradient");
+        assert_eq!(loss, want_loss, "{kind:?}: loss");
+        let last = x.grad().narrow(1, t - 1, 1);
+        assert_eq!(last.abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert!(want.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        assert_eq!(rows * (t - 1), 24);
+    }
+}
+
 #[test]
 fn an_fp16_head_gets_the_loss_scaled_gradient_autograd_gets() {
     use peft_rs::train::chunked_cross_entropy;

@@ -83,9 +83,10 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
 /// `--config` repeats the run with the process count of the command line).
 pub const RECORDED_FIELDS: &[&str] = &["world_size"];
 
-/// Rows of logits per cross-entropy chunk unless asked otherwise: two
-/// chunk-sized fp32 tensors at the peak (2 × 256 × 49152 × 4 bytes = 100 MB
-/// for SmolLM2), with matmuls still large enough to run at full speed.
+/// Rows of logits per cross-entropy chunk unless asked otherwise: in
+/// training, one chunk-sized tensor in the head's dtype at the peak
+/// (256 × 49152 × 2 bytes = 25 MB for SmolLM2 in bf16, 66 MB for Llama 3's
+/// vocabulary), with matmuls still large enough to run at full speed.
 pub const LOSS_CHUNK_SIZE: i64 = 256;
 
 fn defaults() -> TrainConfig {
@@ -363,8 +364,8 @@ pub struct TrainConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL")]
     pub shard_optimizer_state: Option<bool>,
-    /// Rows of logits per cross-entropy chunk (each chunk holds two
-    /// [N, vocab] fp32 tensors at its peak).
+    /// Rows of logits per cross-entropy chunk (in training each chunk holds one
+    /// [N, vocab] tensor in the head's dtype at its peak; in evaluation two fp32 ones).
     #[arg(long, value_name = "N", default_value_t = defaults().loss_chunk_size)]
     pub loss_chunk_size: i64,
     /// Write a metrics.jsonl line every N steps.

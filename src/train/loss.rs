@@ -127,9 +127,22 @@ fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
     logits.cross_entropy_loss::<Tensor>(targets, None, Reduction::Sum, -100, 0.0)
 }
 
+/// Logits a block of rows holds at most while its probabilities are
+/// worked out in fp32: 2 MB, so a block stays in the cache between the
+/// passes of log-softmax, exp and the cast back (4 rows of Llama 3's
+/// 128,256-token vocabulary, 10 of SmolLM2's 49,152).
+const PROBS_BLOCK_ELEMENTS: i64 = 1 << 19;
+
 /// The summed cross-entropy of `x Wᵀ + b` against `targets`, and the
 /// gradient of that sum divided by `scale` with respect to `x`:
 /// `(softmax − onehot) W / scale`, in the weight's dtype.
+///
+/// The logits' buffer becomes `softmax − onehot` in place, a few rows at a
+/// time: the chunk holds one `[rows, vocab]` tensor in the weight's dtype
+/// instead of that plus its fp32 copy, log-probabilities and their cast
+/// back (12 bytes an element for a bf16 head, 2 now), and each pass reads
+/// rows still in the cache. Every row goes through the same operations as
+/// when the whole chunk went at once, so the gradient is that one's bit for bit.
 fn cross_entropy_and_input_grad(
     x: &Tensor,
     w: &Tensor,
@@ -137,22 +150,32 @@ fn cross_entropy_and_input_grad(
     targets: &Tensor,
     scale: f64,
 ) -> (Tensor, Tensor) {
-    let mut logp = x
-        .linear(w, bias)
-        .to_kind(Kind::Float)
-        .log_softmax(-1, Kind::Float);
+    let logits = x.linear(w, bias);
+    let (rows, vocab) = logits.size2().expect("logits are [rows, vocab]");
     let t = targets.unsqueeze(1);
-    let loss = -logp.gather(1, &t, false).sum(Kind::Float);
-    let minus_one = Tensor::full([t.size()[0], 1], -1.0, (Kind::Float, x.device()));
-    let mut softmax = logp.exp_();
-    let mut d = softmax.scatter_add_(1, &t, &minus_one);
+    let device = x.device();
+    let picked = Tensor::empty([rows, 1], (Kind::Float, device));
+    let minus_one = Tensor::full([rows, 1], -1.0, (Kind::Float, device));
+    let block = (PROBS_BLOCK_ELEMENTS / vocab.max(1)).max(1);
+    for start in (0..rows).step_by(block as usize) {
+        let n = block.min(rows - start);
+        let (mut out, t) = (logits.narrow(0, start, n), t.narrow(0, start, n));
+        let mut logp = out.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+        picked.narrow(0, start, n).copy_(&logp.gather(1, &t, false));
+        let mut d = logp.exp_();
+        let _ = d.scatter_add_(1, &t, &minus_one.narrow(0, 0, n));
+        if w.kind() != Kind::Float {
+            // Scaled before the cast, as autograd would: an fp16 loss scale
+            // exists so that small probabilities survive the cast.
+            d *= 1.0 / scale;
+        }
+        out.copy_(&d);
+    }
+    let loss = -picked.sum(Kind::Float);
     let g = if w.kind() == Kind::Float {
-        d.mm(w) / scale
+        logits.mm(w) / scale
     } else {
-        // Scaled before the cast, as autograd would: an fp16 loss scale
-        // exists so that small probabilities survive the cast.
-        d *= 1.0 / scale;
-        d.to_kind(w.kind()).mm(w)
+        logits.mm(w)
     };
     (loss, g)
 }
