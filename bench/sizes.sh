@@ -78,6 +78,7 @@ rust_train() { # name ckpt_dir T checkpointing lora_dtype [extra...]
     --lora-rank 16 --lora-alpha 32 --lora-dropout 0 --target-modules "${SIZES_TARGETS:-all-linear}" --warmup-steps 0 \
     --gradient-checkpointing "$gc" --lora-compute-dtype "$ld" "$@"
   cp "$out/run-$name/train_summary.json" "$out/results/$name.json" 2>/dev/null || true
+  cp "$out/run-$name/training_args.json" "$out/results/$name.args.json" 2>/dev/null || true
 }
 hf_train() { # name ckpt_dir T checkpointing(0/1) lora_bf16(0/1) quantize
   skipped hf && return 0

@@ -4,7 +4,9 @@
 
 Theoretical training peak = baseline (a process that loaded libtorch) +
 weights (bf16, as stored) + adapters (fp32 parameter, gradient and two AdamW
-moments: 16 bytes each) + activations by formula + the loss's logits chunk.
+moments: 16 bytes each) + activations by formula + the loss's logits chunk
+(--loss-chunk-size rows of vocabulary-wide logits in bf16, which become their
+own gradient in place).
 Activations kept per token and decoder layer, in bytes, as peft-rs keeps
 them (bf16 base; h hidden, kv key/value width, i intermediate size):
   without checkpointing, fp32 adapters: 44 h + 4 kv + 12 i
@@ -25,7 +27,12 @@ import torch
 
 d, steps, shapes = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 GB = 1e9
-LOSS_CHUNK = 1024  # peft-rs's default --loss-chunk-size
+
+
+def loss_chunk(name):
+    """The run's --loss-chunk-size (peft-rs's default where the run kept no settings)."""
+    p = d / f"{name}.args.json"
+    return json.loads(p.read_text())["loss_chunk_size"] if p.exists() else 256
 
 
 def load(name):
@@ -93,7 +100,8 @@ for shape in shapes:
                     continue
                 per_layer = (44 * h + 4 * kv + 12 * i) if ld == "fp32" else (32 * h + 4 * kv + 8 * i)
                 acts = t * (L * 2 * h + per_layer) if gc else t * L * per_layer
-                theory = baseline + weights + 16 * lora + acts + 3 * 4 * min(t, LOSS_CHUNK) * vocab
+                chunk = loss_chunk(f"{shape}.train.{t}.gc{gc}.{ld}")
+                theory = baseline + weights + 16 * lora + acts + 2 * min(t, chunk) * vocab
                 flops_tok = (4 + 2 * gc) * linear + (3 + gc) * 2 * t * q * L
                 label = f"{t} tok, ckpt {'on' if gc else 'off'}, LoRA {ld}"
                 for stack, j in (("peft-rs", rust), ("HF+PEFT", hf)):
