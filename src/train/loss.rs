@@ -4,7 +4,7 @@
 //! gradient kept for a backward pass).
 
 use anyhow::Result;
-use tch::{Kind, Reduction, Tensor};
+use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::models::LlamaForCausalLM;
 
@@ -127,11 +127,15 @@ fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Tensor {
     logits.cross_entropy_loss::<Tensor>(targets, None, Reduction::Sum, -100, 0.0)
 }
 
-/// Logits a block of rows holds at most while its probabilities are
-/// worked out in fp32: 2 MB, so a block stays in the cache between the
-/// passes of log-softmax, exp and the cast back (4 rows of Llama 3's
-/// 128,256-token vocabulary, 10 of SmolLM2's 49,152).
-const PROBS_BLOCK_ELEMENTS: i64 = 1 << 19;
+/// Rows of `vocab`-wide logits whose probabilities are worked out in fp32
+/// at once: on the CPU 2 MB of them, so that a block stays in the cache
+/// between the passes of log-softmax, exp and the cast back (4 rows of
+/// Llama 3's 128,256-token vocabulary, 10 of SmolLM2's 49,152); on a GPU
+/// 64 MB, where each pass is a kernel launch and there is no cache to stay in.
+pub fn probs_block_rows(vocab: i64, device: Device) -> i64 {
+    let elements: i64 = if device.is_cuda() { 1 << 24 } else { 1 << 19 };
+    (elements / vocab.max(1)).max(1)
+}
 
 /// The summed cross-entropy of `x Wᵀ + b` against `targets`, and the
 /// gradient of that sum divided by `scale` with respect to `x`:
@@ -156,7 +160,7 @@ fn cross_entropy_and_input_grad(
     let device = x.device();
     let picked = Tensor::empty([rows, 1], (Kind::Float, device));
     let minus_one = Tensor::full([rows, 1], -1.0, (Kind::Float, device));
-    let block = (PROBS_BLOCK_ELEMENTS / vocab.max(1)).max(1);
+    let block = probs_block_rows(vocab, device);
     for start in (0..rows).step_by(block as usize) {
         let n = block.min(rows - start);
         let (mut out, t) = (logits.narrow(0, start, n), t.narrow(0, start, n));
@@ -178,4 +182,20 @@ fn cross_entropy_and_input_grad(
         logits.mm(w)
     };
     (loss, g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probability_blocks_fit_the_cache_on_the_cpu_and_cut_launches_on_a_gpu() {
+        assert_eq!(probs_block_rows(128_256, Device::Cpu), 4);
+        assert_eq!(probs_block_rows(49_152, Device::Cpu), 10);
+        assert_eq!(probs_block_rows(128_256, Device::Cuda(0)), 130);
+        assert_eq!(probs_block_rows(49_152, Device::Cuda(1)), 341);
+        // A vocabulary wider than a block still makes progress, a row at a time.
+        assert_eq!(probs_block_rows(1 << 20, Device::Cpu), 1);
+        assert_eq!(probs_block_rows(0, Device::Cpu), 1 << 19);
+    }
 }
