@@ -500,6 +500,67 @@ fn lora_compute_dtype_bf16_runs_the_adapter_as_autocast_does_with_fp32_gradients
     assert!(a.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
 }
 
+#[test]
+fn bf16_lora_compute_gradients_are_autocasts_bit_for_bit_whatever_the_scaling() {
+    use peft_rs::adapters::lora::{LoraLayer, LoraWeights};
+    use peft_rs::adapters::{BaseLinear, LayerInput, LinearAdapter};
+    let bf16 = (Kind::BFloat16, Device::Cpu);
+    let weight = with_torch_seed(5, || Tensor::randn([96, 40], bf16));
+    let x0 = with_torch_seed(6, || Tensor::randn([3, 7, 40], bf16));
+    let g = with_torch_seed(7, || Tensor::randn([3, 7, 96], bf16));
+    // 2 = 32 / 16 (the CLI's default), 0.25 (a power of two below one) and
+    // 0.75 (not one: scaled after the product, as autocast does).
+    for scaling in [2.0, 0.25, 0.75] {
+        let w = with_torch_seed(3, || {
+            LoraWeights::init(
+                &weight,
+                16,
+                scaling,
+                0.0,
+                InitLoraWeights::Random,
+                false,
+                Device::Cpu,
+            )
+        });
+        let (a, b) = (w.a.shallow_clone(), w.b.shallow_clone());
+        let mut layer = LoraLayer::new("default", w);
+        layer.set_training(true);
+        layer.set_compute_kind(Kind::BFloat16);
+        let x = x0.detach().set_requires_grad(true);
+        let base = x.linear::<Tensor>(&weight, None);
+        let y = layer.forward(
+            &LayerInput::new(&x),
+            base.shallow_clone(),
+            &BaseLinear {
+                weight: &|| weight.shallow_clone(),
+                bias: None,
+            },
+        );
+        (&y * &g).sum(Kind::Float).backward();
+        let ours = [y.detach(), x.grad(), a.grad(), b.grad()];
+        // Trainer's autocast, op by op: matmuls, scaling and sum in bf16.
+        let (a2, b2) = (
+            a.detach().set_requires_grad(true),
+            b.detach().set_requires_grad(true),
+        );
+        let x2 = x0.detach().set_requires_grad(true);
+        let base2 = x2.linear::<Tensor>(&weight, None);
+        let y2 = &base2
+            + x2.linear::<Tensor>(&a2.to_kind(Kind::BFloat16), None)
+                .linear::<Tensor>(&b2.to_kind(Kind::BFloat16), None)
+                * scaling;
+        (&y2 * &g).sum(Kind::Float).backward();
+        let theirs = [y2.detach(), x2.grad(), a2.grad(), b2.grad()];
+        for (name, (o, t)) in ["output", "x.grad", "A.grad", "B.grad"]
+            .iter()
+            .zip(ours.iter().zip(&theirs))
+        {
+            assert!(o.equal(t), "scaling {scaling}: {name} is not autocast's");
+        }
+        assert!(a.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+}
+
 /// Two LoRA layers with the same weights on one input, in training with
 /// dropout 0.5, and their outputs minus the base output.
 fn dropout_pair(shared: bool) -> (Tensor, Tensor, Tensor) {

@@ -254,6 +254,12 @@ pub fn dropout_factor(device: Device, p: f64) -> f64 {
     DropoutKernel::for_device(device).remaining_factor(p)
 }
 
+/// Whether `s` is 2^k for some integer k (a normal positive double whose
+/// mantissa bits are all zero).
+fn is_power_of_two(s: f64) -> bool {
+    s.is_normal() && s > 0.0 && s.to_bits() & ((1u64 << 52) - 1) == 0
+}
+
 /// The L2 norm of each row (PEFT's `get_weight_norm` over dim 1).
 fn row_norm(w: &Tensor) -> Tensor {
     w.norm_scalaropt_dim(2, [1i64].as_slice(), false)
@@ -373,8 +379,19 @@ impl LoraLayer {
         let ck = self.compute_kind;
         self.active_unmerged().fold(base_output, |out, w| {
             let (h, keep_scale) = self.first_product(input, w, ck);
+            let b = w.b.to_kind(ck);
+            // Multiplying by a power of two commutes with bf16's rounding
+            // (its exponent range is fp32's), so the scaling applied to the
+            // rank-r activations gives the bits autocast's scaling of the
+            // [tokens, out] product gives, in both passes, without a pass
+            // over that product each way.
+            if ck == Kind::BFloat16 && is_power_of_two(w.scaling) {
+                let factor = keep_scale * w.scaling;
+                let h = if factor != 1.0 { h * factor } else { h };
+                return out + h.linear::<Tensor>(&b, None);
+            }
             let h = if keep_scale != 1.0 { h * keep_scale } else { h };
-            out + h.linear::<Tensor>(&w.b.to_kind(ck), None) * w.scaling
+            out + h.linear::<Tensor>(&b, None) * w.scaling
         })
     }
 
@@ -583,6 +600,25 @@ impl LinearAdapter for LoraLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn powers_of_two_are_told_apart() {
+        for s in [1.0, 2.0, 0.25, 8.0, 1024.0, 0.5f64.powi(40)] {
+            assert!(is_power_of_two(s), "{s}");
+        }
+        for s in [
+            0.0,
+            -2.0,
+            3.0,
+            0.75,
+            32.0 / 3.0,
+            f64::INFINITY,
+            f64::NAN,
+            f64::MIN_POSITIVE / 2.0,
+        ] {
+            assert!(!is_power_of_two(s), "{s}");
+        }
+    }
 
     /// Both kernels, run here on the CPU, give inverted dropout once their
     /// remaining factor is applied: about p of the values zeroed and the
