@@ -450,16 +450,19 @@ fn the_regularizer_stack_returns_what_the_next_bf16_layer_expects() {
     );
 }
 
-#[test]
-fn lora_compute_dtype_bf16_runs_the_adapter_as_autocast_does_with_fp32_gradients() {
+/// A LoRA layer on `weight` with PEFT's random (non-zero B) initialisation
+/// from seed 3, no dropout, and its A and B.
+fn random_lora(
+    weight: &Tensor,
+    r: usize,
+    scaling: f64,
+) -> (peft_rs::adapters::lora::LoraLayer, Tensor, Tensor) {
     use peft_rs::adapters::lora::{LoraLayer, LoraWeights};
-    use peft_rs::adapters::{BaseLinear, LayerInput, LinearAdapter};
-    let weight = Tensor::randn([32, 48], (Kind::BFloat16, Device::Cpu));
     let w = with_torch_seed(3, || {
         LoraWeights::init(
-            &weight,
-            8,
-            2.0,
+            weight,
+            r,
+            scaling,
             0.0,
             InitLoraWeights::Random,
             false,
@@ -467,19 +470,31 @@ fn lora_compute_dtype_bf16_runs_the_adapter_as_autocast_does_with_fp32_gradients
         )
     });
     let (a, b) = (w.a.shallow_clone(), w.b.shallow_clone());
-    let mut layer = LoraLayer::new("default", w);
+    (LoraLayer::new("default", w), a, b)
+}
+
+/// `layer`'s output on `x` over the bias-free linear layer `weight`.
+fn lora_on(layer: &peft_rs::adapters::lora::LoraLayer, x: &Tensor, weight: &Tensor) -> Tensor {
+    use peft_rs::adapters::{BaseLinear, LayerInput, LinearAdapter};
+    layer.forward(
+        &LayerInput::new(x),
+        x.linear::<Tensor>(weight, None),
+        &BaseLinear {
+            weight: &|| weight.shallow_clone(),
+            bias: None,
+        },
+    )
+}
+
+#[test]
+fn lora_compute_dtype_bf16_runs_the_adapter_as_autocast_does_with_fp32_gradients() {
+    use peft_rs::adapters::LinearAdapter;
+    let weight = Tensor::randn([32, 48], (Kind::BFloat16, Device::Cpu));
+    let (mut layer, a, b) = random_lora(&weight, 8, 2.0);
     let x = Tensor::randn([2, 5, 48], (Kind::BFloat16, Device::Cpu));
     let base = x.linear::<Tensor>(&weight, None);
-    let run = |layer: &LoraLayer| {
-        let y = layer.forward(
-            &LayerInput::new(&x),
-            base.shallow_clone(),
-            &BaseLinear {
-                weight: &|| weight.shallow_clone(),
-                bias: None,
-            },
-        );
-        y.to_kind(Kind::Float)
+    let run = |layer: &peft_rs::adapters::lora::LoraLayer| {
+        lora_on(layer, &x, &weight).to_kind(Kind::Float)
     };
     let y32 = run(&layer);
     layer.set_compute_kind(Kind::BFloat16);
@@ -502,8 +517,7 @@ fn lora_compute_dtype_bf16_runs_the_adapter_as_autocast_does_with_fp32_gradients
 
 #[test]
 fn bf16_lora_compute_gradients_are_autocasts_bit_for_bit_whatever_the_scaling() {
-    use peft_rs::adapters::lora::{LoraLayer, LoraWeights};
-    use peft_rs::adapters::{BaseLinear, LayerInput, LinearAdapter};
+    use peft_rs::adapters::LinearAdapter;
     let bf16 = (Kind::BFloat16, Device::Cpu);
     let weight = with_torch_seed(5, || Tensor::randn([96, 40], bf16));
     let x0 = with_torch_seed(6, || Tensor::randn([3, 7, 40], bf16));
@@ -511,31 +525,11 @@ fn bf16_lora_compute_gradients_are_autocasts_bit_for_bit_whatever_the_scaling() 
     // 2 = 32 / 16 (the CLI's default), 0.25 (a power of two below one) and
     // 0.75 (not one: scaled after the product, as autocast does).
     for scaling in [2.0, 0.25, 0.75] {
-        let w = with_torch_seed(3, || {
-            LoraWeights::init(
-                &weight,
-                16,
-                scaling,
-                0.0,
-                InitLoraWeights::Random,
-                false,
-                Device::Cpu,
-            )
-        });
-        let (a, b) = (w.a.shallow_clone(), w.b.shallow_clone());
-        let mut layer = LoraLayer::new("default", w);
+        let (mut layer, a, b) = random_lora(&weight, 16, scaling);
         layer.set_training(true);
         layer.set_compute_kind(Kind::BFloat16);
         let x = x0.detach().set_requires_grad(true);
-        let base = x.linear::<Tensor>(&weight, None);
-        let y = layer.forward(
-            &LayerInput::new(&x),
-            base.shallow_clone(),
-            &BaseLinear {
-                weight: &|| weight.shallow_clone(),
-                bias: None,
-            },
-        );
+        let y = lora_on(&layer, &x, &weight);
         (&y * &g).sum(Kind::Float).backward();
         let ours = [y.detach(), x.grad(), a.grad(), b.grad()];
         // Trainer's autocast, op by op: matmuls, scaling and sum in bf16.
