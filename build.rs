@@ -32,6 +32,7 @@ fn main() {
     build_matmul_4bit(&lib_dir);
     build_fused_norm(&lib_dir);
     build_unread_linear(&lib_dir);
+    build_flash_attention(&lib_dir);
     build_mapped_tensor(&lib_dir);
     build_optim_ops(&lib_dir);
 }
@@ -53,6 +54,18 @@ fn build_matmul_4bit(lib_dir: &std::path::Path) {
 /// operation; without libtorch's headers the norm runs as ATen ops.
 fn build_fused_norm(lib_dir: &std::path::Path) {
     build_autograd_op(lib_dir, "src/fused_norm.cpp", "fused_norm", "RMS norms");
+}
+
+/// Compiles `src/flash_attention.cpp`, causal attention whose backward pass
+/// runs in fp32 on the CPU; without libtorch's headers attention is
+/// differentiated in the inputs' dtype.
+fn build_flash_attention(lib_dir: &std::path::Path) {
+    build_autograd_op(
+        lib_dir,
+        "src/flash_attention.cpp",
+        "flash_attention",
+        "attention layers",
+    );
 }
 
 /// Compiles `src/unread_linear.cpp`, a frozen linear layer that only

@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod dist;
+pub mod flash_attention;
 pub mod fused_norm;
 pub mod generate;
 pub mod gguf;

@@ -206,16 +206,23 @@ impl Attention {
                     Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, scale, false)
                 }
                 AttentionPath::CausalGrouped | AttentionPath::Causal | AttentionPath::Full => {
-                    Tensor::scaled_dot_product_attention(
-                        &q,
-                        &k,
-                        &v,
-                        None::<&Tensor>,
-                        0.0,
-                        path != AttentionPath::Full,
-                        scale,
-                        self.num_kv_heads != self.num_heads,
-                    )
+                    let causal = path != AttentionPath::Full;
+                    if let Some(y) =
+                        crate::flash_attention::attention(&q, &k, &v, causal, self.scale)
+                    {
+                        y
+                    } else {
+                        Tensor::scaled_dot_product_attention(
+                            &q,
+                            &k,
+                            &v,
+                            None::<&Tensor>,
+                            0.0,
+                            causal,
+                            scale,
+                            self.num_kv_heads != self.num_heads,
+                        )
+                    }
                 }
             },
         };
