@@ -18,6 +18,7 @@ use anyhow::Result;
 static GLOBAL: peft_rs::Jemalloc = peft_rs::Jemalloc;
 use peft_rs::adapters::lora::{LoraConfig, TargetModules};
 use peft_rs::data::Batch;
+use peft_rs::flash_attention;
 use peft_rs::models::DecoderInput;
 use peft_rs::models::{self, LlamaForCausalLM};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
@@ -235,24 +236,15 @@ fn main() -> Result<()> {
     let k = Tensor::randn([b, nkv, t, hd], opt).set_requires_grad(true);
     let v = Tensor::randn([b, nkv, t, hd], opt).set_requires_grad(true);
     let scale = 1.0 / (hd as f64).sqrt();
-    let sdpa = || {
-        Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<&Tensor>,
-            0.0,
-            true,
-            Some(scale),
-            nkv != nh,
-        )
-    };
     // As the model runs it: where it pays, the backward pass in fp32.
     let attention = time(repeats, || {
-        let y = peft_rs::flash_attention::attention(&q, &k, &v, true, scale).unwrap_or_else(sdpa);
+        let y = flash_attention::unmasked(&q, &k, &v, true, scale);
         y.sum(Kind::Float).backward();
     }) * layers;
-    let sdpa_attention = time(repeats, || sdpa().sum(Kind::Float).backward()) * layers;
+    let sdpa_attention = time(repeats, || {
+        let y = flash_attention::sdpa(&q, &k, &v, true, scale);
+        y.sum(Kind::Float).backward();
+    }) * layers;
     // The two RMS norms of one layer.
     let norm = &base.model.layers[0].input_layernorm;
     let norms = time(repeats, || {

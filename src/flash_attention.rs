@@ -94,6 +94,28 @@ pub fn attention(
     }
 }
 
+/// libtorch's `scaled_dot_product_attention` with no mask, grouped heads
+/// as they are (`h` a multiple of `h_kv`).
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, is_causal: bool, scale: f64) -> Tensor {
+    let grouped = k.size()[1] != q.size()[1];
+    Tensor::scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        None::<&Tensor>,
+        0.0,
+        is_causal,
+        Some(scale),
+        grouped,
+    )
+}
+
+/// Attention with no mask as the models run it: [`attention`] where it
+/// applies, [`sdpa`] elsewhere.
+pub fn unmasked(q: &Tensor, k: &Tensor, v: &Tensor, is_causal: bool, scale: f64) -> Tensor {
+    attention(q, k, v, is_causal, scale).unwrap_or_else(|| sdpa(q, k, v, is_causal, scale))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,25 +185,14 @@ mod tests {
             let k = Tensor::randn([2, s, h_kv, 16], opts).transpose(1, 2);
             let v = Tensor::randn([2, s, h_kv, 16], opts).transpose(1, 2);
             let g = Tensor::randn([2, h, t, 16], (Kind::Double, Device::Cpu));
-            let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| {
-                Tensor::scaled_dot_product_attention(
-                    q,
-                    k,
-                    v,
-                    None::<&Tensor>,
-                    0.0,
-                    causal,
-                    Some(scale),
-                    h != h_kv,
-                )
-            };
+            let theirs = |q: &Tensor, k: &Tensor, v: &Tensor| sdpa(q, k, v, causal, scale);
             let ours = |q: &Tensor, k: &Tensor, v: &Tensor| {
                 attention(q, k, v, causal, scale).expect("the operation applies")
             };
             let (y_ours, g_ours) = run(ours, [&q, &k, &v], &g);
-            let (y_sdpa, g_sdpa) = run(sdpa, [&q, &k, &v], &g);
+            let (y_sdpa, g_sdpa) = run(theirs, [&q, &k, &v], &g);
             let wide = [&q, &k, &v].map(|t| t.to_kind(Kind::Double));
-            let (y64, g64) = run(sdpa, [&wide[0], &wide[1], &wide[2]], &g);
+            let (y64, g64) = run(theirs, [&wide[0], &wide[1], &wide[2]], &g);
             let case = format!("{kind:?} {h}/{h_kv} heads, {t}x{s}, causal {causal}");
             let ulp = if kind == Kind::Half {
                 2f64.powi(-11)

@@ -207,22 +207,7 @@ impl Attention {
                 }
                 AttentionPath::CausalGrouped | AttentionPath::Causal | AttentionPath::Full => {
                     let causal = path != AttentionPath::Full;
-                    if let Some(y) =
-                        crate::flash_attention::attention(&q, &k, &v, causal, self.scale)
-                    {
-                        y
-                    } else {
-                        Tensor::scaled_dot_product_attention(
-                            &q,
-                            &k,
-                            &v,
-                            None::<&Tensor>,
-                            0.0,
-                            causal,
-                            scale,
-                            self.num_kv_heads != self.num_heads,
-                        )
-                    }
+                    crate::flash_attention::unmasked(&q, &k, &v, causal, self.scale)
                 }
             },
         };
