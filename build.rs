@@ -56,7 +56,7 @@ fn build_fused_norm(lib_dir: &std::path::Path) {
     build_autograd_op(lib_dir, "src/fused_norm.cpp", "fused_norm", "RMS norms");
 }
 
-/// Compiles `src/flash_attention.cpp`, causal attention whose backward pass
+/// Compiles `src/flash_attention.cpp`, attention whose backward pass
 /// runs in fp32 on the CPU; without libtorch's headers attention is
 /// differentiated in the inputs' dtype.
 fn build_flash_attention(lib_dir: &std::path::Path) {

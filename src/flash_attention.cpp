@@ -1,12 +1,12 @@
-// Causal attention on the CPU as one autograd operation: libtorch's flash
+// Attention without a mask on the CPU as one autograd operation: libtorch's flash
 // kernel forward in the inputs' dtype, its backward in fp32.
 //
 // For bf16 inputs the forward is the call scaled_dot_product_attention
 // makes (the same kernel, so the same bits as transformers' SDPA). Its
 // backward kernel, though, is slow on short sequences: at 64-128 keys it
-// takes twice as long in bf16 as the same kernel takes on fp32 copies of
-// its inputs, and its gradients are less accurate (the probabilities are
-// rounded to bf16 before they meet the output's gradient). So the backward
+// took up to 2.35 times as long in bf16 as on fp32 copies of its inputs,
+// and its gradients are less accurate (the probabilities are rounded to
+// bf16 before they meet the output's gradient). So the backward
 // pass upcasts what it reads (grad_out, q, k, v, the bf16 output) and runs
 // the fp32 kernel with the forward's fp32 log-sum-exp; the gradients are
 // rounded once, to the inputs' dtype, at the end. The caller decides where

@@ -1,11 +1,11 @@
-//! Causal attention on the CPU whose backward pass runs in fp32
+//! Attention without a mask on the CPU whose backward pass runs in fp32
 //! (`src/flash_attention.cpp`): libtorch's flash kernel forward in the
 //! inputs' dtype (the bits `scaled_dot_product_attention` gives, and so
 //! transformers' SDPA), its backward kernel on fp32 copies of what it reads.
 //!
 //! On short sequences libtorch's bf16 backward kernel is the slow one:
 //! measured on a 2-core AVX512-BF16 EPYC (libtorch 2.11, 2 threads), the
-//! fp32 backward (casts included) against the bf16 one took 0.43–0.66× the
+//! fp32 backward (casts included) against the bf16 one took 0.43–0.67× the
 //! time at 64 keys, 0.45–0.93× at 128, 0.86–0.98× at 192, 0.91–1.06× at 256
 //! and 1.1–1.5× at 512 and more (heads of 64 and 128). fp16's backward is
 //! emulated on CPUs without fp16 arithmetic: fp32 took 0.10–0.24× its time
