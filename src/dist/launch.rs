@@ -25,6 +25,48 @@ extern "C" fn remember(sig: libc::c_int) {
     SIGNALS.fetch_add(1, Ordering::SeqCst);
 }
 
+/// How one worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this status.
+    Code(i32),
+    /// A signal it did not handle ended it (a crash, the out-of-memory
+    /// killer, `kill -9`).
+    Signal(i32),
+}
+
+impl From<std::process::ExitStatus> for Exit {
+    fn from(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Exit::Code(code),
+            (None, Some(sig)) => Exit::Signal(sig),
+            (None, None) => Exit::Code(-1),
+        }
+    }
+}
+
+/// What a signal that ended a worker says about why, for its error line.
+pub fn killed_by(sig: i32) -> String {
+    match sig {
+        libc::SIGKILL => {
+            "killed by SIGKILL: the out-of-memory killer (lower --batch-size or --max-seq-len) or kill -9"
+                .into()
+        }
+        libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE | libc::SIGABRT => format!(
+            "crashed with {} (signal {sig}): a bug in peft-rs or libtorch; please report it with the command line",
+            match sig {
+                libc::SIGSEGV => "SIGSEGV",
+                libc::SIGBUS => "SIGBUS",
+                libc::SIGILL => "SIGILL",
+                libc::SIGFPE => "SIGFPE",
+                _ => "SIGABRT",
+            }
+        ),
+        _ => format!("killed by signal {sig}"),
+    }
+}
+
 /// How a finished set of workers ended, from their exit statuses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -38,10 +80,10 @@ pub enum Outcome {
 }
 
 /// What the exit statuses of workers say about the run, given as (rank,
-/// code) in the order the workers ended, without those the launcher stopped
-/// itself (`None`: killed by a signal it did not handle). The first failure
-/// is the one to blame. A pure function of the codes.
-pub fn outcome(ended: &[(usize, Option<i32>)]) -> Outcome {
+/// exit) in the order the workers ended, without those the launcher stopped
+/// itself. The first failure is the one to blame. A pure function of the
+/// exits.
+pub fn outcome(ended: &[(usize, Exit)]) -> Outcome {
     let stop_signal = |c: i32| {
         [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
             .into_iter()
@@ -50,10 +92,12 @@ pub fn outcome(ended: &[(usize, Option<i32>)]) -> Outcome {
     let mut stopped = None;
     for &(rank, code) in ended {
         match code {
-            Some(0) => {}
-            Some(c) if stop_signal(c).is_some() => stopped = stop_signal(c),
-            Some(c) => return Outcome::Failed(rank, format!("exit status {c}")),
-            None => return Outcome::Failed(rank, "killed by a signal".into()),
+            Exit::Code(0) => {}
+            Exit::Code(c) if stop_signal(c).is_some() => stopped = stop_signal(c),
+            Exit::Code(c) => {
+                return Outcome::Failed(rank, format!("exit status {c}; its error is above"))
+            }
+            Exit::Signal(sig) => return Outcome::Failed(rank, killed_by(sig)),
         }
     }
     stopped.map_or(Outcome::Success, Outcome::Stopped)
@@ -110,7 +154,7 @@ pub fn launch_local(nproc: usize) -> Result<()> {
         }
         .into()),
         Outcome::Failed(rank, why) => bail!(
-            "worker rank {rank} of {nproc} failed ({why}; its error is above); the other workers \
+            "worker rank {rank} of {nproc} failed ({why}); the other workers \
              were stopped (the last complete checkpoint, if any, is intact: rerun with --resume)"
         ),
     }
@@ -118,9 +162,9 @@ pub fn launch_local(nproc: usize) -> Result<()> {
 
 /// Waits for every worker; forwards the first signal the launcher gets,
 /// kills them all at the second, and stops the others when one fails.
-/// Returns (rank, exit code) of each worker that ended on its own, in the
+/// Returns (rank, exit) of each worker that ended on its own, in the
 /// order they ended.
-fn supervise(workers: &mut [Option<Child>]) -> Result<Vec<(usize, Option<i32>)>> {
+fn supervise(workers: &mut [Option<Child>]) -> Result<Vec<(usize, Exit)>> {
     let mut ended = Vec::with_capacity(workers.len());
     let mut forwarded = 0;
     loop {
@@ -144,7 +188,7 @@ fn supervise(workers: &mut [Option<Child>]) -> Result<Vec<(usize, Option<i32>)>>
         for (rank, slot) in workers.iter_mut().enumerate() {
             let Some(child) = slot.as_mut() else { continue };
             if let Some(status) = child.try_wait()? {
-                ended.push((rank, status.code()));
+                ended.push((rank, status.into()));
                 *slot = None;
             }
         }
@@ -206,24 +250,43 @@ mod tests {
 
     #[test]
     fn exit_statuses_tell_an_agreed_stop_from_a_failure() {
-        assert_eq!(outcome(&[(0, Some(0)), (1, Some(0))]), Outcome::Success);
+        use Exit::Code;
+        assert_eq!(outcome(&[(0, Code(0)), (1, Code(0))]), Outcome::Success);
         assert_eq!(
-            outcome(&[(1, Some(143)), (0, Some(143))]),
+            outcome(&[(1, Code(143)), (0, Code(143))]),
             Outcome::Stopped(15)
         );
         assert_eq!(
-            outcome(&[(0, Some(130)), (1, Some(0))]),
+            outcome(&[(0, Code(130)), (1, Code(0))]),
             Outcome::Stopped(2)
         );
         // The first to fail is blamed, not a rank that ended later or was stopped.
         assert_eq!(
-            outcome(&[(1, Some(1)), (0, Some(1))]),
-            Outcome::Failed(1, "exit status 1".into())
-        );
-        assert_eq!(
-            outcome(&[(1, None)]),
-            Outcome::Failed(1, "killed by a signal".into())
+            outcome(&[(1, Code(1)), (0, Code(1))]),
+            Outcome::Failed(1, "exit status 1; its error is above".into())
         );
         assert_eq!(outcome(&[]), Outcome::Success);
+    }
+
+    #[test]
+    fn a_worker_ended_by_a_signal_is_named_with_the_signal_and_its_likely_cause() {
+        use Exit::{Code, Signal};
+        let why = |sig| match outcome(&[(0, Code(0)), (1, Signal(sig))]) {
+            Outcome::Failed(1, why) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(why(libc::SIGSEGV).contains("crashed with SIGSEGV (signal 11)"));
+        assert!(why(libc::SIGABRT).contains("SIGABRT"));
+        assert!(why(libc::SIGKILL).contains("out-of-memory killer"));
+        // SIGTERM that ends a worker before its handler is in place is no agreed stop.
+        assert_eq!(why(libc::SIGTERM), "killed by signal 15");
+        // What the launcher reads from a real process.
+        let status = Command::new("sh")
+            .args(["-c", "kill -SEGV $$"])
+            .status()
+            .unwrap();
+        assert_eq!(Exit::from(status), Signal(libc::SIGSEGV));
+        let status = Command::new("sh").args(["-c", "exit 3"]).status().unwrap();
+        assert_eq!(Exit::from(status), Code(3));
     }
 }
