@@ -368,6 +368,11 @@ impl Fsdp {
     /// The checkpointed backward pass left layer `layer`: runs what was set
     /// for it (a failure is recorded, as a failed gather is).
     pub fn layer_backward_done(&self, layer: usize) {
+        // After a failed collective this rank starts no other: its partner
+        // may be waiting in a different one, which this one would then meet.
+        if self.check().is_err() {
+            return;
+        }
         if let Some(work) = &self.after_layer_backward {
             if let Err(e) = work.layer_done(&self.group, layer) {
                 self.fail(e);
@@ -606,6 +611,68 @@ mod tests {
                 assert!(run_len(numel, world, row) * world as i64 >= numel);
             }
         }
+    }
+
+    /// A one-rank Gloo group on 127.0.0.1 (`None` in a build without c10d).
+    fn one_rank_group() -> Option<Arc<ProcessGroup>> {
+        if !crate::dist::capabilities().0 {
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let env = crate::dist::DistEnv {
+            rank: 0,
+            world_size: 1,
+            local_rank: 0,
+            local_world_size: Some(1),
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        };
+        let timeout = std::time::Duration::from_secs(30);
+        Some(Arc::new(
+            ProcessGroup::join(&env, crate::dist::Backend::Gloo, timeout, None).unwrap(),
+        ))
+    }
+
+    struct CountLayers(Cell<usize>);
+
+    impl LayerBackward for CountLayers {
+        fn layer_done(&self, _: &ProcessGroup, _: usize) -> Result<()> {
+            self.0.set(self.0.get() + 1);
+            Ok(())
+        }
+    }
+
+    /// After a failed collective a rank starts no other one, the per-layer
+    /// gradient sum of the backward pass included: the other ranks may be
+    /// waiting in a different collective, which this one would meet.
+    #[test]
+    fn after_a_failed_collective_the_backward_pass_starts_no_gradient_sum() {
+        let Some(group) = one_rank_group() else {
+            return;
+        };
+        let w = FrozenWeight::Dense(Tensor::randn([4, 3], (Kind::Float, tch::Device::Cpu)));
+        let units = ShardedUnits {
+            layers: vec![vec![ShardedWeight::from_whole(&w, 0, 1)]],
+            embedding: ShardedWeight::from_whole(&w, 0, 1),
+            head: None,
+        };
+        let mut fsdp = Fsdp::new(group, units, tch::Device::Cpu);
+        let sums = Rc::new(CountLayers(Cell::new(0)));
+        fsdp.set_after_layer_backward(sums.clone());
+        fsdp.layer_backward_done(0);
+        assert_eq!(
+            sums.0.get(),
+            1,
+            "a healthy pass sums each layer's gradients"
+        );
+        fsdp.fail(anyhow::anyhow!("rank 1 does not answer"));
+        fsdp.layer_backward_done(0);
+        assert_eq!(sums.0.get(), 1, "a gradient sum started after the failure");
+        assert!(fsdp.take_error().is_some());
     }
 
     #[test]
