@@ -25,6 +25,19 @@ char* copy_message(const std::exception& e) { return strdup(e.what()); }
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
+  // How long a wait for a Gloo collective may last: the group's timeout
+  // plus a margin, so that Gloo's own (more precise) error comes first.
+  // Without it a collective whose transport got stuck hung the rank for
+  // good (seen: a Gloo thread spinning in a buffer's destructor after its
+  // connection failed). NCCL keeps none (0): a limit would make the CPU
+  // wait for the GPU, and NCCL's watchdog bounds its collectives itself.
+  std::chrono::milliseconds wait_limit{0};  // 0: kNoTimeout
+};
+
+// A started collective and how long a wait for it may last.
+struct Pending {
+  c10::intrusive_ptr<c10d::Work> work;
+  std::chrono::milliseconds wait_limit;
 };
 
 }  // namespace
@@ -48,6 +61,16 @@ void* peft_c10d_new(const char* host, int port, int rank, int world, int backend
     if (backend == 0) {
       auto o = c10d::ProcessGroupGloo::Options::create(timeout);
       o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+      // One worker thread: Gloo runs the collectives one at a time, in the
+      // order every rank started them. With its default two, --fsdp's
+      // prefetch (a whole layer's all-gather) ran beside the loss's small
+      // collectives on the same connection: the only mode that overlaps
+      // collectives, and the only one seen to fail (a resumed 2-rank run
+      // crashed on a corrupted heap; another hung with rank 0 past a
+      // collective that rank 1 still waited in). The prefetch still
+      // overlaps the model's compute.
+      o->threads = 1;
+      group->wait_limit = timeout + std::chrono::seconds(10);
       group->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(group->store, rank, world, o);
     } else {
 #ifdef PEFT_RS_NCCL
@@ -73,7 +96,7 @@ int peft_c10d_all_reduce_sum(void* group, void* tensor, char** err) {
   try {
     auto g = static_cast<Group*>(group);
     std::vector<at::Tensor> v{*static_cast<at::Tensor*>(tensor)};
-    g->backend->allreduce(v)->wait();
+    g->backend->allreduce(v)->wait(g->wait_limit);
     return 0;
   } catch (const std::exception& e) {
     *err = copy_message(e);
@@ -95,7 +118,7 @@ void* peft_c10d_all_gather_parts_start(void* group, void** outputs, void** input
       ins.push_back(*static_cast<at::Tensor*>(inputs[i]));
     }
     auto work = g->backend->allgather_into_tensor_coalesced(outs, ins);
-    return new c10::intrusive_ptr<c10d::Work>(std::move(work));
+    return new Pending{std::move(work), g->wait_limit};
   } catch (const std::exception& e) {
     *err = copy_message(e);
     return nullptr;
@@ -104,9 +127,9 @@ void* peft_c10d_all_gather_parts_start(void* group, void** outputs, void** input
 
 // Waits for a Work from peft_c10d_all_gather_parts_start and frees it (also on error).
 int peft_c10d_work_wait(void* work, char** err) {
-  auto w = static_cast<c10::intrusive_ptr<c10d::Work>*>(work);
+  auto w = static_cast<Pending*>(work);
   try {
-    (*w)->wait();
+    w->work->wait(w->wait_limit);
     delete w;
     return 0;
   } catch (const std::exception& e) {
@@ -118,7 +141,8 @@ int peft_c10d_work_wait(void* work, char** err) {
 
 int peft_c10d_barrier(void* group, char** err) {
   try {
-    static_cast<Group*>(group)->backend->barrier()->wait();
+    auto g = static_cast<Group*>(group);
+    g->backend->barrier()->wait(g->wait_limit);
     return 0;
   } catch (const std::exception& e) {
     *err = copy_message(e);
