@@ -55,13 +55,7 @@ pub fn killed_by(sig: i32) -> String {
         }
         libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE | libc::SIGABRT => format!(
             "crashed with {} (signal {sig}): a bug in peft-rs or libtorch; please report it with the command line",
-            match sig {
-                libc::SIGSEGV => "SIGSEGV",
-                libc::SIGBUS => "SIGBUS",
-                libc::SIGILL => "SIGILL",
-                libc::SIGFPE => "SIGFPE",
-                _ => "SIGABRT",
-            }
+            crate::signals::name(sig)
         ),
         _ => format!("killed by signal {sig}"),
     }
