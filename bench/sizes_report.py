@@ -15,7 +15,9 @@ them (bf16 base; h hidden, kv key/value width, i intermediate size):
     the adapters' fp32 copies of their inputs 12 h + 4 i)
   bf16 adapters: 32 h + 4 kv + 8 i (no fp32 copies)
   with checkpointing: each layer's input (2 h) for every layer, plus one
-    layer's activations during its recompute.
+    layer's activations during its recompute; keeping the MLP's frozen
+    products (--gradient-checkpointing-keep-mlp) adds the gate and up
+    products (4 i) for every layer.
 """
 import json
 import os
@@ -93,18 +95,26 @@ for shape in shapes:
     print(f"{'run':34}{'stack':10}{'tok/s':>8}{'MFU':>6}{'peak GB':>9}{'anon':>7}{'file':>7}{'theory':>8}"
           f"{'meas/th':>8}{'tok/s x':>9}{'peak x':>8}")
     for t in (512, 2048, 1024, 4096):
-        for gc in (1, 0):
+        for gc, keep in ((1, False), (1, True), (0, False)):
             for ld in ("fp32", "bf16"):
-                rust, hf = load(f"{shape}.train.{t}.gc{gc}.{ld}"), load(f"{shape}.hf-train.{t}.gc{gc}.{ld}")
-                if not rust and not hf:
+                suffix = ".keep" if keep else ""
+                rust = load(f"{shape}.train.{t}.gc{gc}.{ld}{suffix}")
+                hf = load(f"{shape}.hf-train.{t}.gc{gc}.{ld}")
+                if not rust and (keep or not hf):
                     continue
                 per_layer = (44 * h + 4 * kv + 12 * i) if ld == "fp32" else (32 * h + 4 * kv + 8 * i)
-                acts = t * (L * 2 * h + per_layer) if gc else t * L * per_layer
-                chunk = loss_chunk(f"{shape}.train.{t}.gc{gc}.{ld}")
+                saved = 2 * h + (4 * i if keep else 0)
+                acts = t * (L * saved + per_layer) if gc else t * L * per_layer
+                chunk = loss_chunk(f"{shape}.train.{t}.gc{gc}.{ld}{suffix}")
                 theory = baseline + weights + 16 * lora + acts + 2 * min(t, chunk) * vocab
-                flops_tok = (4 + 2 * gc) * linear + (3 + gc) * 2 * t * q * L
-                label = f"{t} tok, ckpt {'on' if gc else 'off'}, LoRA {ld}"
-                for stack, j in (("peft-rs", rust), ("HF+PEFT", hf)):
+                # The recompute of the kept gate and up products is not done.
+                recomputed = linear - h * vocab - (L * 2 * h * i if keep else 0)
+                flops_tok = 4 * linear + 2 * gc * recomputed + (3 + gc) * 2 * t * q * L
+                mode = "keep-mlp" if keep else ("on" if gc else "off")
+                label = f"{t} tok, ckpt {mode}, LoRA {ld}"
+                for stack, j in (("peft-rs", rust), ("HF+PEFT", None if keep else hf)):
+                    if keep and stack != "peft-rs":
+                        continue
                     if not j:
                         print(f"{label:34}{stack:10}{'failed (see .err)':>40}")
                         continue

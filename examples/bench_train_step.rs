@@ -121,6 +121,7 @@ fn main() -> Result<()> {
     };
     let opts = StepOptions {
         gradient_checkpointing: checkpointing,
+        keep_mlp_products: false,
         loss_chunk_size: LOSS_CHUNK_SIZE,
         router_aux_loss_coef: None,
     };

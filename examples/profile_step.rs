@@ -111,6 +111,7 @@ fn main() -> Result<()> {
     };
     let opts = StepOptions {
         gradient_checkpointing: false,
+        keep_mlp_products: false,
         loss_chunk_size: LOSS_CHUNK_SIZE,
         router_aux_loss_coef: None,
     };
@@ -147,6 +148,7 @@ fn main() -> Result<()> {
     let (plain_params, plain_trainable, mut plain_regs) = stepper(&mut plain, false);
     let checkpointed = StepOptions {
         gradient_checkpointing: true,
+        keep_mlp_products: false,
         ..opts
     };
     let run_with = |opts: StepOptions,

@@ -4,6 +4,10 @@
 //! its last projection, whose value feeds nothing, need not be computed.
 //! The operation's value is zeros; its backward pass gives the input the
 //! gradient a linear layer would (`dy W`).
+//!
+//! The same operation replays a frozen product kept from the forward pass
+//! ([`replayed_linear`]): its value is the kept product, its backward pass
+//! again `dy W`, so a recomputed layer need not multiply by the weight twice.
 
 use tch::Tensor;
 
@@ -12,6 +16,12 @@ unsafe extern "C" {
     fn peft_unread_linear(
         x: *mut std::ffi::c_void,
         weight: *mut std::ffi::c_void,
+        err: *mut *mut std::ffi::c_char,
+    ) -> *mut std::ffi::c_void;
+    fn peft_replayed_linear(
+        x: *mut std::ffi::c_void,
+        weight: *mut std::ffi::c_void,
+        value: *mut std::ffi::c_void,
         err: *mut *mut std::ffi::c_char,
     ) -> *mut std::ffi::c_void;
 }
@@ -35,6 +45,38 @@ pub fn unread_linear(x: &Tensor, weight: &Tensor) -> Option<Tensor> {
         let out = unsafe { peft_unread_linear(ptr(x), ptr(weight), &mut err) };
         // SAFETY: `out` and `err` are what the C++ side just returned.
         Some(unsafe { peft_adapters::ffi::take_tensor(out, err, "unread linear layer") })
+    }
+    #[cfg(not(peft_rs_unread_linear))]
+    {
+        None
+    }
+}
+
+/// `value`, the frozen product `x Wᵀ + b` that the forward pass kept (no
+/// graph), as the output of an operation whose backward pass gives `x` the
+/// gradient of `x Wᵀ`; `None` without the operation, where the weight would
+/// want a gradient, or where `value` is not of the product's dtype and shape
+/// (then the caller computes the product).
+pub fn replayed_linear(x: &Tensor, weight: &Tensor, value: Tensor) -> Option<Tensor> {
+    let mut shape = x.size();
+    *shape.last_mut()? = weight.size()[0];
+    if !AVAILABLE
+        || weight.requires_grad()
+        || weight.kind() != x.kind()
+        || value.kind() != x.kind()
+        || value.size() != shape
+    {
+        return None;
+    }
+    #[cfg(peft_rs_unread_linear)]
+    {
+        let ptr = |t: &Tensor| t.as_ptr() as *mut std::ffi::c_void;
+        let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: the three pointers are live at::Tensors borrowed for the
+        // call; the result is a new at::Tensor* that the returned Tensor owns.
+        let out = unsafe { peft_replayed_linear(ptr(x), ptr(weight), ptr(&value), &mut err) };
+        // SAFETY: `out` and `err` are what the C++ side just returned.
+        Some(unsafe { peft_adapters::ffi::take_tensor(out, err, "replayed linear layer") })
     }
     #[cfg(not(peft_rs_unread_linear))]
     {

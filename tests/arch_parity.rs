@@ -12,8 +12,8 @@ use std::path::PathBuf;
 
 use common::{arch_reference as fx, logits, masked_max_diff, ref_loss, tensors as read, Cmd};
 use peft_rs::adapters::lora::{LoraConfig, TargetModules};
-use peft_rs::models::DecoderInput;
 use peft_rs::models::{self, LlamaForCausalLM};
+use peft_rs::models::{Checkpointing, DecoderInput};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::RegularizerStack;
 use peft_rs::regularizers::{ForwardHooks, NoHooks};
@@ -208,6 +208,7 @@ fn embedding_hook_parity(name: &str) {
 fn gradient_parity(name: &str, variant: &str) {
     let opts = StepOptions {
         gradient_checkpointing: false,
+        keep_mlp_products: false,
         loss_chunk_size: 7,
         router_aux_loss_coef: None,
     };
@@ -270,7 +271,7 @@ fn moe_router_load_balancing_loss_matches_transformers() {
         peft_model::load_adapter(&mut model, &dir.join("train_adapter"), DEFAULT_ADAPTER).unwrap();
         let b = common::tensors(&fx().join(name).join("batch.safetensors"));
         let input = DecoderInput::causal(&b["input_ids"]);
-        let out = tch::no_grad(|| model.decode(&input, None, &mut NoHooks, false));
+        let out = tch::no_grad(|| model.decode(&input, None, &mut NoHooks, Checkpointing::Off));
         let top_k = model.config.moe.as_ref().unwrap().num_experts_per_tok as i64;
         let ours = LoadBalancing::new(&out.router_logits, &b["attention_mask"], top_k)
             .unwrap()
@@ -286,6 +287,7 @@ fn moe_router_load_balancing_loss_matches_transformers() {
         peft_model::load_adapter(&mut model, &dir.join("train_adapter"), DEFAULT_ADAPTER).unwrap();
         let plain = StepOptions {
             gradient_checkpointing: false,
+            keep_mlp_products: false,
             loss_chunk_size: 7,
             router_aux_loss_coef: None,
         };
@@ -305,6 +307,7 @@ fn moe_router_load_balancing_loss_matches_transformers() {
         for gradient_checkpointing in [false, true] {
             let opts = StepOptions {
                 gradient_checkpointing,
+                keep_mlp_products: false,
                 loss_chunk_size: 7,
                 router_aux_loss_coef: Some(coef),
             };

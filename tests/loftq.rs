@@ -104,6 +104,7 @@ fn loftq_starts_where_peft_starts() {
 fn gradients_at_initialisation_match_peft() {
     let opts = StepOptions {
         gradient_checkpointing: false,
+        keep_mlp_products: false,
         loss_chunk_size: 7,
         router_aux_loss_coef: None,
     };

@@ -191,6 +191,7 @@ fn pissa_and_olora_start_where_peft_starts() {
 fn gradients_at_initialisation_match_peft() {
     let opts = StepOptions {
         gradient_checkpointing: false,
+        keep_mlp_products: false,
         loss_chunk_size: 7,
         router_aux_loss_coef: None,
     };

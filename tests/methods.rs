@@ -333,6 +333,7 @@ fn merge_cli_matches_peft_merge_and_unload() {
 fn gradients_match_peft() {
     let opts = StepOptions {
         gradient_checkpointing: false,
+        keep_mlp_products: false,
         loss_chunk_size: 7,
         router_aux_loss_coef: None,
     };

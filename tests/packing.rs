@@ -70,6 +70,7 @@ fn grads_and_loss(
     };
     let opts = StepOptions {
         gradient_checkpointing: false,
+        keep_mlp_products: false,
         loss_chunk_size: 1024,
         router_aux_loss_coef: None,
     };

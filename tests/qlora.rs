@@ -191,6 +191,7 @@ fn grads(variant: &str, gradient_checkpointing: bool) -> (HashMap<String, Tensor
     peft_model::load_adapter(&mut model, &dir, DEFAULT_ADAPTER).unwrap();
     let opts = StepOptions {
         gradient_checkpointing,
+        keep_mlp_products: false,
         loss_chunk_size: 7,
         router_aux_loss_coef: None,
     };
@@ -469,6 +470,7 @@ fn moe_4bit_base_and_expert_adapters_match_bitsandbytes_and_peft() {
     assert!(d < LOGIT_TOL, "adapter: {d}");
     let opts = StepOptions {
         gradient_checkpointing: false,
+        keep_mlp_products: false,
         loss_chunk_size: 7,
         router_aux_loss_coef: None,
     };

@@ -283,6 +283,21 @@ fn bad_data_and_flags_are_clear_errors() {
         &train(&arr, "--target-modules q_proj,qkv"),
         &["qkv", "matches no linear layer"],
     );
+    // Keeping the MLP's products is part of checkpointing a dense base.
+    assert_user_error(
+        &train(&arr, "--gradient-checkpointing-keep-mlp"),
+        &[
+            "--gradient-checkpointing-keep-mlp",
+            "--gradient-checkpointing",
+        ],
+    );
+    assert_user_error(
+        &train(
+            &arr,
+            "--gradient-checkpointing-keep-mlp --quantize nf4 --gradient-checkpointing",
+        ),
+        &["--gradient-checkpointing-keep-mlp", "--quantize"],
+    );
 }
 
 #[test]

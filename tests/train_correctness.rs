@@ -155,6 +155,7 @@ fn fp16_loss_scaling_keeps_small_gradients() {
         let mb = MicroBatch::single(0, batch.num_label_tokens as f64 * 4096.0, loss_scale);
         let opts = StepOptions {
             gradient_checkpointing: false,
+            keep_mlp_products: false,
             loss_chunk_size: 1024,
             router_aux_loss_coef: None,
         };

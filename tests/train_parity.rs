@@ -38,6 +38,7 @@ fn grads_with(
 
 const PLAIN: StepOptions = StepOptions {
     gradient_checkpointing: false,
+    keep_mlp_products: false,
     loss_chunk_size: 7,
     router_aux_loss_coef: None,
 };
@@ -76,20 +77,49 @@ fn adapter_gradients_match_peft() {
 fn gradient_checkpointing_gives_identical_gradients() {
     for variant in ["lora", "dora"] {
         let (plain, l1) = our_grads(variant, PLAIN);
-        let (ckpt, l2) = our_grads(
-            variant,
-            StepOptions {
-                gradient_checkpointing: true,
-                ..PLAIN
-            },
-        );
-        assert_eq!(l1, l2);
-        for (k, g) in &plain {
-            assert!(
-                g.equal(&ckpt[k]),
-                "{variant}: {k} differs with checkpointing"
+        // Also when the MLP's frozen products are kept and replayed.
+        for keep_mlp_products in [false, true] {
+            let (ckpt, l2) = our_grads(
+                variant,
+                StepOptions {
+                    gradient_checkpointing: true,
+                    keep_mlp_products,
+                    ..PLAIN
+                },
             );
+            assert_eq!(l1, l2);
+            for (k, g) in &plain {
+                assert!(
+                    g.equal(&ckpt[k]),
+                    "{variant}: {k} differs with checkpointing (keeping the MLP's products: {keep_mlp_products})"
+                );
+            }
         }
+    }
+}
+
+/// On a bf16 base, keeping the MLP's products changes no bit of a
+/// checkpointed step's gradients either.
+#[test]
+fn keeping_the_mlp_products_gives_identical_gradients_on_a_bf16_base() {
+    let dir = fx().join("lora_bf16").join("adapter");
+    let ckpt = |keep_mlp_products| StepOptions {
+        gradient_checkpointing: true,
+        keep_mlp_products,
+        ..PLAIN
+    };
+    let run = |opts| grads_with(&dir, Kind::BFloat16, opts, RegularizerStack::new());
+    let (full, l1) = run(ckpt(false));
+    let (kept, l2) = run(ckpt(true));
+    let (plain, l3) = run(PLAIN);
+    assert_eq!(l1, l2);
+    assert_eq!(l1, l3);
+    for (k, g) in &full {
+        assert!(
+            g.equal(&kept[k]),
+            "{k} differs when the MLP's products are kept"
+        );
+        assert!(g.equal(&plain[k]), "{k} differs with checkpointing");
     }
 }
 
@@ -195,20 +225,26 @@ fn gradient_checkpointing_with_dropout_and_neftune_gives_identical_gradients() {
         r
     };
     let (plain, l1) = grads_with(tmp.path(), Kind::Float, PLAIN, regs());
-    let (ckpt, l2) = grads_with(
-        tmp.path(),
-        Kind::Float,
-        StepOptions {
-            gradient_checkpointing: true,
-            ..PLAIN
-        },
-        regs(),
-    );
-    let (no_noise, _) = grads_with(tmp.path(), Kind::Float, PLAIN, RegularizerStack::new());
-    assert_eq!(l1, l2, "same loss with checkpointing");
-    for (k, g) in &plain {
-        assert!(g.equal(&ckpt[k]), "{k} differs with checkpointing");
+    for keep_mlp_products in [false, true] {
+        let (ckpt, l2) = grads_with(
+            tmp.path(),
+            Kind::Float,
+            StepOptions {
+                gradient_checkpointing: true,
+                keep_mlp_products,
+                ..PLAIN
+            },
+            regs(),
+        );
+        assert_eq!(l1, l2, "same loss with checkpointing");
+        for (k, g) in &plain {
+            assert!(
+                g.equal(&ckpt[k]),
+                "{k} differs with checkpointing (keeping the MLP's products: {keep_mlp_products})"
+            );
+        }
     }
+    let (no_noise, _) = grads_with(tmp.path(), Kind::Float, PLAIN, RegularizerStack::new());
     // The test has teeth: the dropout and the noise do change the gradients.
     let (clean, _) = our_grads("lora", PLAIN);
     assert!(
@@ -253,15 +289,18 @@ fn gradient_checkpointing_with_a_hook_reading_a_layer_output_gives_identical_gra
         r.push(Box::new(Squash(0)));
         r
     };
-    let ckpt = StepOptions {
-        gradient_checkpointing: true,
-        ..PLAIN
-    };
     let (plain, l1) = grads_with(&dir, Kind::Float, PLAIN, squash());
-    let (recomputed, l2) = grads_with(&dir, Kind::Float, ckpt, squash());
-    assert_eq!(l1, l2, "same loss with checkpointing");
-    for (k, g) in &plain {
-        assert!(g.equal(&recomputed[k]), "{k} differs with checkpointing");
+    for keep_mlp_products in [false, true] {
+        let ckpt = StepOptions {
+            gradient_checkpointing: true,
+            keep_mlp_products,
+            ..PLAIN
+        };
+        let (recomputed, l2) = grads_with(&dir, Kind::Float, ckpt, squash());
+        assert_eq!(l1, l2, "same loss with checkpointing");
+        for (k, g) in &plain {
+            assert!(g.equal(&recomputed[k]), "{k} differs with checkpointing");
+        }
     }
     let (clean, _) = grads_with(&dir, Kind::Float, PLAIN, RegularizerStack::new());
     assert!(

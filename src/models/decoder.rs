@@ -19,7 +19,7 @@ use super::rope::RotaryEmbedding;
 use std::sync::Arc;
 
 use crate::dist::fsdp::{Fsdp, ShardedWeight};
-use crate::nn::{Linear, RmsNorm};
+use crate::nn::{Linear, Products, RmsNorm};
 use crate::quant::FrozenWeight;
 use peft_adapters::lora::param::ParamLora;
 use peft_regularizers::hooks::{ForwardHooks, NoHooks};
@@ -61,9 +61,38 @@ pub struct DecoderOutput {
     pub router_logits: Vec<Tensor>,
 }
 
+/// How [`LlamaForCausalLM::decode`] keeps what the backward pass needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// Every layer keeps its autograd graph.
+    Off,
+    /// Only each layer's input is kept; the backward pass recomputes the
+    /// layer (`--gradient-checkpointing`).
+    Full,
+    /// As `Full`, and each layer's MLP also keeps the frozen products of its
+    /// gate and up projections, which the recompute then replays instead of
+    /// multiplying by the weights again (`--gradient-checkpointing-keep-mlp`):
+    /// `2 · intermediate_size` values a token and layer for most of the
+    /// recompute's work.
+    KeepMlp,
+}
+
+impl Checkpointing {
+    /// From the two settings (keeping applies only with checkpointing).
+    pub fn new(gradient_checkpointing: bool, keep_mlp: bool) -> Self {
+        match (gradient_checkpointing, keep_mlp) {
+            (false, _) => Self::Off,
+            (true, false) => Self::Full,
+            (true, true) => Self::KeepMlp,
+        }
+    }
+}
+
 /// The saved inputs of each decoder layer, for gradient checkpointing.
 pub struct Recompute {
     inputs: Vec<Tensor>,
+    /// Each layer's kept MLP products (empty lists without keeping).
+    kept: Vec<Vec<Option<Tensor>>>,
     top: Tensor,
     rope: Vec<(Tensor, Tensor)>,
     masks: Vec<Option<Tensor>>,
@@ -83,6 +112,7 @@ impl Recompute {
         router_loss: Option<&dyn Fn(&Tensor) -> Tensor>,
     ) {
         let mut grad = self.top.grad();
+        let mut kept = self.kept;
         for i in (0..self.inputs.len()).rev() {
             // The first layer's input (the embeddings) needs no gradient.
             let input = if i > 0 {
@@ -96,7 +126,7 @@ impl Recompute {
                 &input,
                 &self.rope,
                 self.masks[i].as_ref(),
-                LayerPass::Recompute,
+                LayerPass::Recompute(kept.pop().unwrap_or_default()),
                 &*hooks,
             );
             let out = hooks.layer_output(i, out);
@@ -118,10 +148,15 @@ impl Recompute {
 
 /// What a layer is run for.
 enum LayerPass<'a> {
-    /// The forward pass, with the layer's generation cache if there is one.
-    Forward(Option<&'a mut Option<(Tensor, Tensor)>>),
-    /// Recomputed in the backward pass (gradient checkpointing).
-    Recompute,
+    /// The forward pass, with the layer's generation cache if there is one,
+    /// keeping the MLP's frozen products where a list is given.
+    Forward(
+        Option<&'a mut Option<(Tensor, Tensor)>>,
+        Option<&'a mut Vec<Option<Tensor>>>,
+    ),
+    /// Recomputed in the backward pass (gradient checkpointing), with the
+    /// MLP's frozen products the forward pass kept (empty if none).
+    Recompute(Vec<Option<Tensor>>),
 }
 
 /// `model.layers.N`.
@@ -161,13 +196,15 @@ impl DecoderLayer {
     /// With `unread`, the block is only backpropagated through and its
     /// output's value is not needed (a recomputed layer whose output hook
     /// does not read it): the MLP's last frozen product is skipped where the
-    /// output is a plain residual sum.
+    /// output is a plain residual sum. The MLP's frozen products are kept
+    /// or replayed as `products` says.
     fn forward(
         &self,
         x: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        products: &mut Products<'_>,
         unread: bool,
     ) -> (Tensor, Option<Tensor>) {
         let a = self
@@ -180,13 +217,13 @@ impl DecoderLayer {
             // Gemma 3: attention and MLP outputs are normed before each residual add.
             let h = x + self.post_attention_layernorm.forward(&a);
             // The post-norm reads the MLP's output: it is computed.
-            let (out, logits) = self.mlp.forward(&pre.forward(&h), false);
+            let (out, logits) = self.mlp.forward(&pre.forward(&h), products, false);
             return (h + post.forward(&out), logits);
         }
         let h = x + a;
-        let (out, logits) = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&h), unread);
+        let (out, logits) =
+            self.mlp
+                .forward(&self.post_attention_layernorm.forward(&h), products, unread);
         (h + out, logits)
     }
 }
@@ -258,16 +295,18 @@ impl LlamaForCausalLM {
     /// generation: embeddings, the embedding hook, each layer (seeded when
     /// the hooks give a seed) and its hook, the final norm.
     ///
-    /// With `recompute`, the layers run without an autograd graph and only
-    /// their inputs are kept (gradient checkpointing); the returned
-    /// [`Recompute`] rebuilds each layer during the backward pass.
+    /// With checkpointing, the layers run without an autograd graph and only
+    /// their inputs are kept (and the MLP's frozen products with
+    /// [`Checkpointing::KeepMlp`]); the returned [`Recompute`] rebuilds each
+    /// layer during the backward pass.
     pub fn decode(
         &self,
         input: &DecoderInput,
         mut cache: Option<&mut KvCache>,
         hooks: &mut dyn ForwardHooks,
-        recompute: bool,
+        checkpointing: Checkpointing,
     ) -> DecoderOutput {
+        let recompute = checkpointing != Checkpointing::Off;
         let mut x = hooks.embedding_output(self.embed(input.input_ids));
         let past = cache.as_deref().map_or(0, KvCache::len);
         let t = x.size()[1];
@@ -289,6 +328,7 @@ impl LlamaForCausalLM {
             })
             .collect();
         let mut inputs = Vec::new();
+        let mut kept = Vec::new();
         let mut router_logits = Vec::new();
         {
             let _no_grad = recompute.then(tch::no_grad_guard);
@@ -298,7 +338,11 @@ impl LlamaForCausalLM {
                 }
                 let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
                 let _whole = self.gather_layer(i, false);
-                let pass = LayerPass::Forward(slot);
+                let keep = (checkpointing == Checkpointing::KeepMlp).then(|| {
+                    kept.push(Vec::new());
+                    kept.last_mut().expect("just pushed")
+                });
+                let pass = LayerPass::Forward(slot, keep);
                 let (out, logits) = self.run_layer(i, &x, &rope, mask.as_ref(), pass, &*hooks);
                 router_logits.extend(logits);
                 x = hooks.layer_output(i, out);
@@ -316,6 +360,7 @@ impl LlamaForCausalLM {
             hidden: self.model.norm.forward(&top),
             recompute: Some(Recompute {
                 inputs,
+                kept,
                 top,
                 rope,
                 masks: layer_masks,
@@ -348,15 +393,22 @@ impl LlamaForCausalLM {
     ) -> (Tensor, Option<Tensor>) {
         let layer = &self.model.layers[i];
         let rope = &rope[usize::from(layer.local_rope)];
-        let (cache, unread) = match pass {
-            LayerPass::Forward(cache) => (cache, false),
+        let mut replayed;
+        let (cache, mut products, unread) = match pass {
+            LayerPass::Forward(cache, None) => (cache, Products::Computed, false),
+            LayerPass::Forward(cache, Some(kept)) => (cache, Products::Kept(kept), false),
             // Only backpropagated through: its output's value is needed
             // only where a hook reads it.
-            LayerPass::Recompute => (None, !hooks.reads_layer_output(i)),
+            LayerPass::Recompute(kept) => {
+                replayed = kept.into_iter();
+                let unread = !hooks.reads_layer_output(i);
+                (None, Products::Replayed(&mut replayed), unread)
+            }
         };
+        let run = || layer.forward(x, rope, mask, cache, &mut products, unread);
         match hooks.layer_seed(i) {
-            Some(seed) => with_torch_seed(seed, || layer.forward(x, rope, mask, cache, unread)),
-            None => layer.forward(x, rope, mask, cache, unread),
+            Some(seed) => with_torch_seed(seed, run),
+            None => run(),
         }
     }
 
@@ -368,7 +420,7 @@ impl LlamaForCausalLM {
         cache: Option<&mut KvCache>,
         hooks: &mut dyn ForwardHooks,
     ) -> Tensor {
-        self.decode(input, cache, hooks, false).hidden
+        self.decode(input, cache, hooks, Checkpointing::Off).hidden
     }
 
     /// `lm_head(hidden)`: `[..., hidden]` to `[..., vocab]` logits.

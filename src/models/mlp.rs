@@ -5,7 +5,7 @@
 use tch::Tensor;
 
 use super::moe::{Experts, TopKRouter};
-use crate::nn::{forward_same_input, Linear};
+use crate::nn::{forward_same_input_with, Linear, Products};
 
 /// The MLP's activation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -54,17 +54,24 @@ impl Mlp {
     /// With `unread`, the output is only backpropagated through, never read
     /// (a layer recomputed under gradient checkpointing): the down
     /// projection's frozen product is skipped ([`Linear::forward_unread`]).
-    pub(crate) fn forward(&self, x: &Tensor, unread: bool) -> (Tensor, Option<Tensor>) {
+    /// The gate and up projections' frozen products are kept or replayed as
+    /// `products` says (`--gradient-checkpointing-keep-mlp`).
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        products: &mut Products<'_>,
+        unread: bool,
+    ) -> (Tensor, Option<Tensor>) {
         if let (Some(router), Some(experts)) = (&self.gate, &self.experts) {
             let (out, logits) = super::moe::forward(router, experts, x);
             return (out, Some(logits));
         }
         let (gate, up) = if self.fused {
-            let gu = self.gate_up_proj.forward(x);
+            let [gu] = forward_same_input_with([&self.gate_up_proj], x, products);
             let half = gu.size().last().copied().unwrap_or(0) / 2;
             (gu.narrow(-1, 0, half), gu.narrow(-1, half, half))
         } else {
-            let [gate, up] = forward_same_input([&self.gate_proj, &self.up_proj], x);
+            let [gate, up] = forward_same_input_with([&self.gate_proj, &self.up_proj], x, products);
             (gate, up)
         };
         let gate = match self.act {

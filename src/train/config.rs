@@ -69,6 +69,7 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "save_steps",
     "save_total_limit",
     "gradient_checkpointing",
+    "gradient_checkpointing_keep_mlp",
     "loss_chunk_size",
     "nproc",
     "dist_backend",
@@ -322,6 +323,14 @@ pub struct TrainConfig {
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL")]
     pub gradient_checkpointing: Option<bool>,
+    /// With gradient checkpointing, keep the frozen products of each layer's MLP gate and
+    /// up projections from the forward pass, so that the recompute does not multiply by
+    /// those weights again: most of the recompute's work (a Llama-3.2-1B step about 12%
+    /// faster) for 2 · intermediate_size values a token and layer (bf16 at 1B: 0.27 GB
+    /// at 512 tokens). Same gradients. Dense weights only (not with --quantize or --fsdp).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", default_value_t = defaults().gradient_checkpointing_keep_mlp)]
+    pub gradient_checkpointing_keep_mlp: bool,
     /// Dtype of the LoRA matmuls. auto (default): the frozen base's compute dtype,
     /// as transformers' Trainer runs PEFT under autocast with bf16=True or fp16=True:
     /// a bf16 base gets bf16 LoRA matmuls, scaling and sum (adapter parameters,
@@ -444,6 +453,7 @@ impl Default for TrainConfig {
             bnb_4bit_use_double_quant: false,
             bnb_4bit_compute_dtype: None,
             gradient_checkpointing: None,
+            gradient_checkpointing_keep_mlp: false,
             lora_compute_dtype: DtypeArg::Auto,
             tf32: false,
             nproc: 1,

@@ -10,7 +10,7 @@ use super::optim::{self, clip_grads, grad_norm, lr_at};
 use super::router_loss::LoadBalancing;
 use super::{LossScaler, Trainer};
 use crate::data::Batch;
-use crate::models::LlamaForCausalLM;
+use crate::models::{Checkpointing, LlamaForCausalLM};
 use peft_regularizers::rng::mix;
 use peft_regularizers::{HookContext, HookPoint, RegularizerStack, StackHooks};
 
@@ -44,6 +44,9 @@ pub struct StepStats {
 pub struct StepOptions {
     /// Recompute each decoder layer in the backward pass.
     pub gradient_checkpointing: bool,
+    /// With `gradient_checkpointing`, keep each MLP's gate and up frozen
+    /// products from the forward pass for the recompute to replay.
+    pub keep_mlp_products: bool,
     /// Rows of logits per cross-entropy chunk.
     pub loss_chunk_size: i64,
     /// Add the router's load-balancing loss times this (a mixture of experts
@@ -99,6 +102,7 @@ impl Trainer {
         let loss_scale = self.scaler.as_ref().map_or(1.0, LossScaler::scale);
         let opts = StepOptions {
             gradient_checkpointing: self.cfg.checkpointing(),
+            keep_mlp_products: self.cfg.gradient_checkpointing_keep_mlp,
             loss_chunk_size: self.cfg.loss_chunk_size,
             router_aux_loss_coef: self.router_aux_loss_coef,
         };
@@ -322,7 +326,8 @@ pub fn forward_backward_parts(
     let input = batch.decoder_input(&ids, segments.as_ref());
     // Forward (with checkpointing, only the layers' inputs are kept), then the
     // cross-entropy in chunks, each backpropagated at once.
-    let out = model.decode(&input, None, &mut hooks, opts.gradient_checkpointing);
+    let checkpointing = Checkpointing::new(opts.gradient_checkpointing, opts.keep_mlp_products);
+    let out = model.decode(&input, None, &mut hooks, checkpointing);
     // A sharded base's head is gathered for the whole loss (`--fsdp`).
     let head = model.gather_head(opts.gradient_checkpointing);
     let balance = opts
