@@ -92,7 +92,7 @@ for shape in shapes:
     rate = bf16_rate(512, h, i)
     print(f"\n== {shape}: {weights / GB:.2f} GB bf16, {linear / 1e9:.2f} B linear parameters, "
           f"LoRA r=16 {lora / 1e6:.1f} M; bf16 matmul here on {512}x{h}x{i}: {rate:.0f} GFLOP/s")
-    print(f"{'run':34}{'stack':10}{'tok/s':>8}{'MFU':>6}{'peak GB':>9}{'anon':>7}{'file':>7}{'theory':>8}"
+    print(f"{'run':36}{'stack':10}{'tok/s':>8}{'MFU':>6}{'peak GB':>9}{'anon':>7}{'file':>7}{'theory':>8}"
           f"{'meas/th':>8}{'tok/s x':>9}{'peak x':>8}")
     for t in (512, 2048, 1024, 4096):
         for gc, keep in ((1, False), (1, True), (0, False)):
@@ -116,14 +116,14 @@ for shape in shapes:
                     if keep and stack != "peft-rs":
                         continue
                     if not j:
-                        print(f"{label:34}{stack:10}{'failed (see .err)':>40}")
+                        print(f"{label:36}{stack:10}{'failed (see .err)':>40}")
                         continue
                     tps = j["tokens_per_second"]
                     peak = j["peak_rss_bytes"]
                     ratio = ""
                     if stack == "peft-rs" and hf:
                         ratio = f"{tps / hf['tokens_per_second']:9.2f}{peak / hf['peak_rss_bytes']:8.2f}"
-                    print(f"{label:34}{stack:10}{tps:8.1f}{tps * flops_tok / (rate * 1e9):6.0%}{peak / GB:9.2f}"
+                    print(f"{label:36}{stack:10}{tps:8.1f}{tps * flops_tok / (rate * 1e9):6.0%}{peak / GB:9.2f}"
                           f"{j['max_rss_anon_bytes'] / GB:7.2f}{j['max_rss_file_bytes'] / GB:7.2f}"
                           f"{theory / GB:8.2f}{peak / theory:8.2f}{ratio}")
     for kind in ("qlora",):

@@ -7,7 +7,8 @@
 //!     [--dtype bf16] [--lora-compute-dtype bf16]
 //!
 //! Also times the whole step with gradient checkpointing, so the cost of
-//! the recompute is a row of its own.
+//! the recompute is a row of its own, and with the checkpointing that keeps
+//! the MLP's frozen products (`--gradient-checkpointing-keep-mlp`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -145,11 +146,16 @@ fn main() -> Result<()> {
     let (params, trainable, mut noisy) = stepper(&mut model, true);
     let (_, _, mut quiet) = stepper(&mut model, false);
     let (_, _, mut noisy_again) = stepper(&mut model, true);
+    let (_, _, mut noisy_kept) = stepper(&mut model, true);
     let (plain_params, plain_trainable, mut plain_regs) = stepper(&mut plain, false);
     let checkpointed = StepOptions {
         gradient_checkpointing: true,
         keep_mlp_products: false,
         ..opts
+    };
+    let keeping = StepOptions {
+        keep_mlp_products: true,
+        ..checkpointed
     };
     let run_with = |opts: StepOptions,
                     model: &LlamaForCausalLM,
@@ -183,6 +189,7 @@ fn main() -> Result<()> {
                 )
             },
             &mut || run_with(checkpointed, &model, &mut noisy_again, &trainable, &params),
+            &mut || run_with(keeping, &model, &mut noisy_kept, &trainable, &params),
             &mut || {
                 let normed =
                     base.forward_hidden(&DecoderInput::causal(&ids), None, &mut GradAtEmbeddings);
@@ -191,8 +198,8 @@ fn main() -> Result<()> {
             },
         ],
     );
-    let (full, no_noise, no_dropout, recomputed, base_step) =
-        (times[0], times[1], times[2], times[3], times[4]);
+    let (full, no_noise, no_dropout, recomputed, kept, base_step) =
+        (times[0], times[1], times[2], times[3], times[4], times[5]);
     let mut optim = AdamW::new(&params, (0.9, 0.999), 1e-8, 0.0);
     let optimizer = time(repeats, || {
         clip_grad_norm(&params, 1.0);
@@ -278,6 +285,10 @@ fn main() -> Result<()> {
         (
             "(not in the step) gradient checkpointing's recompute",
             recomputed - full,
+        ),
+        (
+            "(not in the step) the recompute, MLP products kept",
+            kept - full,
         ),
         (
             "(not in the step) attention, SDPA's own backward",

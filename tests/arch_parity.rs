@@ -204,15 +204,19 @@ fn embedding_hook_parity(name: &str) {
     assert!(d == 0.0, "{name}: {d}");
 }
 
-/// One training step's adapter gradients against PEFT's (fp32, no dropout).
+/// One training step's adapter gradients against PEFT's (fp32, no dropout),
+/// and again under checkpointing that keeps and replays the MLP's frozen
+/// products (Phi-3's fused gate_up_proj, Gemma 3's normed MLP output).
 fn gradient_parity(name: &str, variant: &str) {
-    let opts = StepOptions {
-        gradient_checkpointing: false,
-        keep_mlp_products: false,
-        loss_chunk_size: 7,
-        router_aux_loss_coef: None,
-    };
-    gradient_parity_with(name, variant, opts);
+    for (gradient_checkpointing, keep_mlp_products) in [(false, false), (true, true)] {
+        let opts = StepOptions {
+            gradient_checkpointing,
+            keep_mlp_products,
+            loss_chunk_size: 7,
+            router_aux_loss_coef: None,
+        };
+        gradient_parity_with(name, variant, opts);
+    }
 }
 
 /// [`gradient_parity`] with the step run as `opts` says.

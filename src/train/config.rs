@@ -325,9 +325,10 @@ pub struct TrainConfig {
     pub gradient_checkpointing: Option<bool>,
     /// With gradient checkpointing, keep the frozen products of each layer's MLP gate and
     /// up projections from the forward pass, so that the recompute does not multiply by
-    /// those weights again: most of the recompute's work (a Llama-3.2-1B step about 12%
-    /// faster) for 2 · intermediate_size values a token and layer (bf16 at 1B: 0.27 GB
-    /// at 512 tokens). Same gradients. Dense weights only (not with --quantize or --fsdp).
+    /// those weights again: most of the recompute's work (measured at 512 tokens: a
+    /// Llama-3.2-1B-shaped step about a fifth faster, a Llama-3.1-8B-shaped one a third)
+    /// for 2 · intermediate_size values a token and layer (bf16: 0.27 GB at 1B and 512
+    /// tokens). Same gradients. Dense weights only (not with --quantize or --fsdp).
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().gradient_checkpointing_keep_mlp)]
     pub gradient_checkpointing_keep_mlp: bool,
