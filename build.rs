@@ -1,9 +1,11 @@
 //! Link-time settings for the `peft-rs` binaries, tests and examples.
 //!
-//! Two things tch does not do for us:
-//! * the linker drops `libtorch_cuda.so` because no symbol of it is referenced
-//!   directly (`--as-needed`), after which CUDA is silently unavailable at run
-//!   time even on a GPU machine; `--no-as-needed` keeps it;
+//! * libtorch's CUDA half is not linked: `libtorch_cuda.so` and the CUDA
+//!   libraries it needs cost a process ~240 MB even where no GPU exists, so
+//!   peft-rs loads them at run time where a driver is found
+//!   (`src/cuda_library.rs`), and c10d's NCCL backend, which needs them, is a
+//!   small shared library of its own, built here and carried inside the
+//!   binary ([`build_nccl_backend`]);
 //! * the binary should find libtorch without the user setting
 //!   `LD_LIBRARY_PATH`, so we record the folder as a run path. The run path is
 //!   emitted as RUNPATH, so `LD_LIBRARY_PATH` still wins where it is set (as on
@@ -23,11 +25,6 @@ fn main() {
     };
     let lib_dir = PathBuf::from(lib_dir);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
-    if lib_dir.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
-    }
     build_c10d_shim(&lib_dir);
     build_matmul_4bit(&lib_dir);
     build_fused_norm(&lib_dir);
@@ -148,10 +145,21 @@ fn build_c10d_shim(lib_dir: &std::path::Path) {
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")
         .warnings(false);
-    // NCCL: the wheel has nccl.h and CUDA's runtime headers; CCCL's
-    // <nv/target> and the crt headers come from two small packages that
-    // scripts/setup.sh adds. PEFT_RS_CUDA_INCLUDE names a CUDA toolkit's
-    // include folder instead.
+    build.compile("peft_c10d_shim");
+    println!("cargo:rustc-cfg=peft_rs_c10d");
+    build_nccl_backend(&build, lib_dir, torch);
+}
+
+/// Builds `src/dist/nccl_backend.cpp` into `$OUT_DIR/libpeft_rs_nccl.so`,
+/// linked to libtorch_cuda, and sets `cfg(peft_rs_nccl)`; the binary carries
+/// it (`include_bytes!`) and loads it from memory when a run asks for NCCL.
+/// Needs a CUDA libtorch and the headers of NCCL (the wheel's) and of CUDA's
+/// runtime, CCCL's `<nv/target>` and crt (two small packages that
+/// `scripts/setup.sh` adds; `PEFT_RS_CUDA_INCLUDE` names a CUDA toolkit's
+/// include folder instead).
+fn build_nccl_backend(build: &cc::Build, lib_dir: &std::path::Path, torch: &std::path::Path) {
+    println!("cargo:rustc-check-cfg=cfg(peft_rs_nccl)");
+    println!("cargo:rerun-if-changed=src/dist/nccl_backend.cpp");
     println!("cargo:rerun-if-env-changed=PEFT_RS_CUDA_INCLUDE");
     let complete = |d: &PathBuf| {
         d.join("nv/target").exists()
@@ -166,27 +174,35 @@ fn build_c10d_shim(lib_dir: &std::path::Path) {
         .parent()
         .map(|p| p.join("nvidia/nccl/include"))
         .filter(|d| d.join("nccl.h").exists());
-    if let (Some(cuda), Some(nccl), true) = (cuda, nccl, lib_dir.join("libtorch_cuda.so").exists())
-    {
-        let mut with_nccl = build.clone();
-        with_nccl
-            .include(cuda)
-            .include(nccl)
-            .define("USE_C10D_NCCL", None)
-            .define("USE_CUDA", None)
-            .define("PEFT_RS_NCCL", None);
-        match with_nccl.try_compile("peft_c10d_shim") {
-            Ok(()) => {
-                // c10::cuda::set_device, which binds each rank to its GPU.
-                println!("cargo:rustc-link-lib=dylib=c10_cuda");
-                println!("cargo:rustc-cfg=peft_rs_c10d");
-                return;
-            }
-            Err(e) => println!("cargo:warning=c10d shim without NCCL: {e}"),
-        }
+    let (Some(cuda), Some(nccl), true) = (cuda, nccl, lib_dir.join("libtorch_cuda.so").exists())
+    else {
+        return;
+    };
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let library = out.join("libpeft_rs_nccl.so");
+    let mut cmd = build.get_compiler().to_command();
+    cmd.args(["-shared", "-fPIC", "-O2", "-DUSE_C10D_NCCL", "-DUSE_CUDA"])
+        .arg("-I")
+        .arg(&cuda)
+        .arg("-I")
+        .arg(&nccl)
+        .arg("src/dist/nccl_backend.cpp")
+        .arg("-o")
+        .arg(&library)
+        .arg(format!("-L{}", lib_dir.display()))
+        .args(["-ltorch_cuda", "-lc10_cuda", "-ltorch_cpu", "-lc10"])
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()));
+    match cmd.output() {
+        Ok(o) if o.status.success() => println!("cargo:rustc-cfg=peft_rs_nccl"),
+        Ok(o) => println!(
+            "cargo:warning=c10d without NCCL: {}",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .find(|l| l.contains("error"))
+                .unwrap_or("the NCCL backend did not compile")
+        ),
+        Err(e) => println!("cargo:warning=c10d without NCCL: {e}"),
     }
-    build.compile("peft_c10d_shim");
-    println!("cargo:rustc-cfg=peft_rs_c10d");
 }
 
 /// Where Gloo's headers are: `PEFT_RS_GLOO_INCLUDE`, else where

@@ -44,7 +44,11 @@ fn main() -> Result<()> {
         Some(i) => peft_rs::device::parse_dtype(&args[i + 1], Device::Cpu)?,
         None => Kind::Float,
     };
-    let device = Device::cuda_if_available();
+    let device = {
+        // libtorch's CUDA library is loaded at run time (peft_rs::cuda_library).
+        peft_rs::cuda_library::ensure_loaded();
+        Device::cuda_if_available()
+    };
     let kind = match args.iter().position(|a| a == "--dtype") {
         Some(i) => peft_rs::device::parse_dtype(&args[i + 1], device)?,
         None => peft_rs::device::DtypeArg::Auto.resolve(device),

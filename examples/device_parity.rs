@@ -25,7 +25,11 @@ fn main() -> Result<()> {
     let (model_dir, reference) = (PathBuf::from(&args[0]), PathBuf::from(&args[1]));
     let device = match args.iter().position(|a| a == "--device") {
         Some(i) => peft_rs::device::parse_device(&args[i + 1])?,
-        None => Device::cuda_if_available(),
+        None => {
+            // libtorch's CUDA library is loaded at run time (peft_rs::cuda_library).
+            peft_rs::cuda_library::ensure_loaded();
+            Device::cuda_if_available()
+        }
     };
     let r: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(reference.join("logits.safetensors"))

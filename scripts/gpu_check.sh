@@ -149,8 +149,8 @@ run() {
   say "- Python stack: $("$py" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")' 2>&1 | tail -n 1)"
   step env 60 "$bin/peft-rs" env
   sed 's/^/    /' "$out/env.txt" >> "$report"
-  ldd "$bin/peft-rs" | grep -E "torch|c10" > "$out/ldd.txt"
-  say "- libtorch_cuda linked: $(grep -c libtorch_cuda "$out/ldd.txt")"
+  # libtorch_cuda is loaded at run time where a driver is (src/cuda_library.rs), not linked.
+  say "- $(grep -m1 '^libtorch_cuda:' "$out/env.txt")"
   nm -D --defined-only "$lib/libtorch_cuda.so" 2>/dev/null | grep -c "ProcessGroupNCCL" > "$out/nccl_symbols.txt"
   say "- c10d ProcessGroupNCCL symbols exported by libtorch_cuda.so: $(cat "$out/nccl_symbols.txt")"
 

@@ -66,9 +66,27 @@ pub struct LocalRank {
     pub local_world_size: Option<usize>,
 }
 
+/// The folder of the `libtorch_cpu.so` a process has mapped, from its
+/// `/proc/self/maps`.
+pub fn libtorch_dir(maps: &str) -> Option<std::path::PathBuf> {
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+        .map(std::path::Path::new)
+        .and_then(std::path::Path::parent)
+        .map(std::path::Path::to_path_buf)
+}
+
+/// Whether libtorch can use CUDA here, after loading its CUDA library where
+/// that can help ([`crate::cuda_library::ensure_loaded`]).
+pub fn cuda_is_available() -> bool {
+    crate::cuda_library::ensure_loaded();
+    Cuda::is_available()
+}
+
 /// The CUDA devices libtorch can use here (0 without CUDA).
 pub fn visible_gpus() -> usize {
-    if Cuda::is_available() {
+    if cuda_is_available() {
         Cuda::device_count().max(0) as usize
     } else {
         0
@@ -241,12 +259,15 @@ impl NvidiaSmi {
 /// Why `--device auto` would run on the CPU although the machine has a GPU, in
 /// one line; `None` when it uses CUDA or no GPU is visible.
 pub fn cpu_fallback_reason(smi: Option<&NvidiaSmi>) -> Option<String> {
-    if Cuda::is_available() {
+    if cuda_is_available() {
         return None;
     }
     let smi = smi?;
     let driver_major: u32 = smi.driver.split('.').next()?.parse().ok()?;
-    let why = if driver_major < MIN_DRIVER_CUDA13 {
+    let library = crate::cuda_library::ensure_loaded();
+    let why = if let crate::cuda_library::CudaLibrary::Failed(_) = library {
+        format!("libtorch's CUDA library {library}")
+    } else if driver_major < MIN_DRIVER_CUDA13 {
         format!(
             "driver {} is older than the {MIN_DRIVER_CUDA13} this libtorch's CUDA 13.0 needs; \
              ./scripts/setup.sh installs the torch 2.11.0 build that matches the driver",
@@ -431,15 +452,10 @@ pub fn resolve_model_dir(model: Option<PathBuf>) -> Result<PathBuf> {
 /// The libtorch version, read from the installation that is loaded (the torch
 /// wheel's `version.py`, or a libtorch archive's `build-version`), and its folder.
 pub fn libtorch_version(maps: &str) -> (String, String) {
-    let Some(lib) = maps
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| p.ends_with("/libtorch_cpu.so"))
-        .map(std::path::Path::new)
-        .and_then(std::path::Path::parent)
-    else {
+    let Some(lib) = libtorch_dir(maps) else {
         return ("unknown".into(), "unknown".into());
     };
+    let lib = lib.as_path();
     let root = lib.parent().unwrap_or(lib);
     let version = std::fs::read_to_string(root.join("version.py"))
         .ok()

@@ -9,6 +9,7 @@ pub mod answers;
 pub mod cli;
 pub mod config_json;
 pub mod cpu;
+pub mod cuda_library;
 pub mod data;
 pub mod device;
 pub mod dist;

@@ -134,7 +134,7 @@ mod tests {
             assert!(!std::hint::black_box(AVAILABLE));
             return;
         };
-        match (tch::Cuda::is_available(), result) {
+        match (crate::device::cuda_is_available(), result) {
             (true, Ok(t)) => {
                 assert_eq!((t.size(), t.kind()), (vec![2, 3], Kind::BFloat16));
                 assert_eq!(t.device(), Device::Cpu);

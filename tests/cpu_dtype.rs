@@ -59,7 +59,7 @@ fn env_reports_both_rates_and_a_choice_that_follows_the_flags() {
     );
     assert!(
         text.contains(&format!("--device auto picks: device cpu, dtype {choice}"))
-            || tch::Cuda::is_available(),
+            || peft_rs::device::cuda_is_available(),
         "{text}"
     );
 }

@@ -6,19 +6,11 @@ use anyhow::Result;
 /// CUDA is usable, proved by running kernels on each GPU.
 pub fn run() -> Result<()> {
     println!("peft-rs {}", env!("CARGO_PKG_VERSION"));
-    // If the linker dropped libtorch_cuda, CUDA is silently unusable; say so.
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
     let (version, lib_dir) = crate::device::libtorch_version(&maps);
     println!("libtorch: {version} (tch 0.24), from {lib_dir}");
-    let cuda = tch::Cuda::is_available();
-    println!(
-        "libtorch_cuda linked: {}",
-        if maps.contains("libtorch_cuda.so") {
-            "yes"
-        } else {
-            "no"
-        }
-    );
+    let cuda = crate::device::cuda_is_available();
+    println!("libtorch_cuda: {}", crate::cuda_library::ensure_loaded());
     let smi = crate::device::NvidiaSmi::query();
     match &smi {
         Some(smi) => {
@@ -30,6 +22,18 @@ pub fn run() -> Result<()> {
         None => println!("nvidia driver: none found (no nvidia-smi)"),
     }
     println!("cuda usable: {cuda}");
+    if !cuda
+        && matches!(
+            crate::cuda_library::ensure_loaded(),
+            crate::cuda_library::CudaLibrary::Loaded(_)
+        )
+    {
+        // What CUDA's runtime says when asked for memory: the driver's own
+        // reason, now that libtorch's CUDA kernels are registered.
+        if let Err(e) = tch::Tensor::f_zeros([1], (tch::Kind::Float, tch::Device::Cuda(0))) {
+            println!("cuda:0: {}", first_line(&e.to_string()));
+        }
+    }
     if let Some(why) = crate::device::cpu_fallback_reason(smi.as_ref()) {
         println!("{why}");
     }
@@ -63,14 +67,16 @@ pub fn run() -> Result<()> {
     println!("devices: {}", devices.join(", "));
     println!("cpu threads: {}", tch::get_num_threads());
     let (c10d, nccl) = crate::dist::capabilities();
-    println!(
-        "multi-process training (c10d): {}",
-        match (c10d, nccl) {
-            (false, _) => "not built (Gloo's headers were missing: run ./scripts/setup.sh and rebuild)",
-            (true, false) => "gloo (NCCL not built: it needs a CUDA libtorch and CUDA's CCCL and crt headers; run ./scripts/setup.sh, or set PEFT_RS_CUDA_INCLUDE to a CUDA toolkit's include folder, and rebuild)",
-            (true, true) => "gloo, nccl",
-        }
-    );
+    let groups = match (c10d, nccl) {
+        (false, _) => "not built (Gloo's headers were missing: run ./scripts/setup.sh and rebuild)".to_owned(),
+        (true, false) => "gloo (NCCL not built: it needs a CUDA libtorch and CUDA's CCCL and crt headers; run ./scripts/setup.sh, or set PEFT_RS_CUDA_INCLUDE to a CUDA toolkit's include folder, and rebuild)".to_owned(),
+        // NCCL's library is loaded here as a run would load it.
+        (true, true) => match crate::cuda_library::nccl_backend() {
+            Ok(_) => "gloo, nccl".to_owned(),
+            Err(e) => format!("gloo; nccl built, not usable in this process: {e}"),
+        },
+    };
+    println!("multi-process training (c10d): {groups}");
     let auto = crate::device::place(
         crate::device::DeviceArg::Auto,
         None,

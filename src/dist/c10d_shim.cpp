@@ -3,13 +3,11 @@
 // (CUDA) process group, an in-place sum all-reduce, an asynchronous
 // (coalesced) all-gather and a barrier. Everything c10d throws is caught and
 // returned as a message; nothing crosses the FFI boundary as an exception.
-// The implementation is libtorch's own (libtorch_cpu.so / libtorch_cuda.so).
+// The implementation is libtorch's own (libtorch_cpu.so); NCCL's backend is
+// made by a function of a library loaded at run time (nccl_backend.cpp), so
+// that the binary links no CUDA library.
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#ifdef PEFT_RS_NCCL
-#include <c10/cuda/CUDAFunctions.h>
-#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
-#endif
 
 #include <c10/util/Logging.h>
 
@@ -44,11 +42,16 @@ struct Pending {
 
 extern "C" {
 
-// backend: 0 = gloo, 1 = nccl; device: this rank's CUDA device (NCCL), made
+// peft_nccl_backend's signature (nccl_backend.cpp).
+typedef void* (*NcclBackendFn)(void* store, int rank, int world, long timeout_ms, int device,
+                               char** err);
+
+// backend: 0 = gloo, 1 = nccl, made by `nccl` (peft_nccl_backend, from the
+// library loaded at run time); device: this rank's CUDA device (NCCL), made
 // the current device before the group exists and bound to it, as torch's
 // init_process_group(device_id=...) does. Returns a Group* or null with *err set.
 void* peft_c10d_new(const char* host, int port, int rank, int world, int backend,
-                    long timeout_ms, int device, char** err) {
+                    long timeout_ms, int device, void* nccl, char** err) {
   try {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions opts;
@@ -73,16 +76,20 @@ void* peft_c10d_new(const char* host, int port, int rank, int world, int backend
       group->wait_limit = timeout + std::chrono::seconds(10);
       group->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(group->store, rank, world, o);
     } else {
-#ifdef PEFT_RS_NCCL
-      c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
-      auto o = c10d::ProcessGroupNCCL::Options::create();
-      o->timeout = timeout;
-      group->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(group->store, rank, world, o);
-      group->backend->setBoundDeviceId(c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(device)));
-#else
-      delete group;
-      throw std::runtime_error("this build of peft-rs has no NCCL (built without the CUDA headers)");
-#endif
+      if (nccl == nullptr) {
+        delete group;
+        throw std::runtime_error("NCCL's library is not loaded");
+      }
+      char* nccl_err = nullptr;
+      void* made = reinterpret_cast<NcclBackendFn>(nccl)(&group->store, rank, world, timeout_ms,
+                                                          device, &nccl_err);
+      if (made == nullptr) {
+        delete group;
+        *err = nccl_err;
+        return nullptr;
+      }
+      group->backend =
+          c10::intrusive_ptr<c10d::Backend>::reclaim(static_cast<c10d::Backend*>(made));
     }
     return group;
   } catch (const std::exception& e) {
@@ -197,14 +204,6 @@ void peft_c10d_set_grad(void* tensor, void* grad) {
 }
 
 void peft_c10d_set_log_level(int level) { FLAGS_caffe2_log_level = level; }
-
-int peft_c10d_has_nccl() {
-#ifdef PEFT_RS_NCCL
-  return 1;
-#else
-  return 0;
-#endif
-}
 
 void peft_c10d_free(void* group) { delete static_cast<Group*>(group); }
 

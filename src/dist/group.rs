@@ -22,6 +22,7 @@ mod ffi {
             backend: c_int,
             timeout_ms: c_long,
             device: c_int,
+            nccl: *mut c_void,
             err: *mut *mut c_char,
         ) -> *mut c_void;
         pub fn peft_c10d_all_reduce_sum(
@@ -53,7 +54,6 @@ mod ffi {
             len: *mut c_long,
             err: *mut *mut c_char,
         ) -> c_int;
-        pub fn peft_c10d_has_nccl() -> c_int;
         pub fn peft_c10d_set_log_level(level: c_int);
         pub fn peft_c10d_free(group: *mut c_void);
         pub fn peft_c10d_free_message(message: *mut c_void);
@@ -135,9 +135,9 @@ impl ProcessGroup {
             quiet_c10d();
             let host = std::ffi::CString::new(env.master_addr.clone())?;
             let (rank, world, port) = (env.rank, env.world_size, env.master_port);
-            let code = match backend {
-                Backend::Nccl => 1,
-                _ => 0,
+            let (code, nccl) = match backend {
+                Backend::Nccl => (1, crate::cuda_library::nccl_backend()?),
+                _ => (0, 0),
             };
             let device = cuda_device.unwrap_or(0) as i32;
             let millis = timeout.as_millis().min(i64::MAX as u128) as i64;
@@ -154,6 +154,7 @@ impl ProcessGroup {
                         code,
                         millis as _,
                         device,
+                        nccl as *mut std::os::raw::c_void,
                         &mut err,
                     )
                 };
@@ -528,8 +529,7 @@ fn quiet_c10d() {
 pub fn capabilities() -> (bool, bool) {
     #[cfg(peft_rs_c10d)]
     {
-        // SAFETY: a constant query.
-        (true, unsafe { ffi::peft_c10d_has_nccl() } != 0)
+        (true, crate::cuda_library::nccl_built())
     }
     #[cfg(not(peft_rs_c10d))]
     {

@@ -132,6 +132,10 @@ pub fn load_with_config(
     quantize: Option<&BnbQuantization>,
     shard: Option<(usize, usize)>,
 ) -> Result<LlamaForCausalLM> {
+    if device.is_cuda() {
+        // A library caller may name a GPU without asking peft-rs about CUDA first.
+        crate::cuda_library::ensure_loaded();
+    }
     let files = WeightFiles::from_model_dir(dir)?;
     let config = config.with_stored_names(|n| files.contains(n));
     check_layer_count(dir, &config, &files)?;
