@@ -52,7 +52,17 @@ impl fmt::Display for DeviceArg {
 impl DeviceArg {
     /// The device this resolves to on this machine, for a single process.
     pub fn resolve(self) -> Result<Device> {
-        place(self, None, visible_gpus())
+        place(self, None, visible_gpus_for(self))
+    }
+}
+
+/// [`visible_gpus`] where `asked` may use one; none for `--device cpu`, which
+/// so never loads libtorch's CUDA library (a CPU run on a GPU machine keeps
+/// its 240 MB, [`crate::cuda_library`]).
+fn visible_gpus_for(asked: DeviceArg) -> usize {
+    match asked {
+        DeviceArg::Cpu => 0,
+        _ => visible_gpus(),
     }
 }
 
@@ -317,7 +327,7 @@ impl Placement {
         dtype: DtypeArg,
         local: Option<LocalRank>,
     ) -> Result<Self> {
-        let resolved = place(device, local, visible_gpus())?;
+        let resolved = place(device, local, visible_gpus_for(device))?;
         if device == DeviceArg::Auto && resolved == Device::Cpu {
             if let Some(why) = cpu_fallback_reason(NvidiaSmi::query().as_ref()) {
                 eprintln!("{why}");

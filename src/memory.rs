@@ -9,7 +9,8 @@ use std::fmt;
 
 /// Hands the pages jemalloc keeps for reuse (freed memory, kept about ten
 /// seconds) back to the kernel. Called before the process exits: libtorch
-/// then touches about 100 MiB of its (CUDA) libraries' pages, which would
+/// then touches pages of its libraries (about 100 MiB of its CUDA
+/// libraries', where [`crate::cuda_library`] loaded them), which would
 /// otherwise come on top of what the run freed but jemalloc still kept, and
 /// make the exit the process's peak.
 pub fn release_freed_memory() {
