@@ -9,7 +9,8 @@
 #     bf16 (Trainer's bf16 autocast): tokens/s, peak RSS (anonymous and
 #     file-backed), MFU against this machine's measured bf16 matmul rate;
 #     and peft-rs's checkpointing that keeps the MLP's frozen products
-#     (--gradient-checkpointing-keep-mlp, bf16 adapters) beside them;
+#     (--gradient-checkpointing-keep-mlp, bf16 adapters) and every frozen
+#     product (with --gradient-checkpointing-keep-attention too) beside them;
 #   * QLoRA: nf4 + double quant, bf16 compute, checkpointing (both stacks'
 #     defaults for it): load peak and tokens/s at the first TOKENS;
 #   * merge of the trained adapter into the base: time, peak RSS;
@@ -26,7 +27,7 @@
 # takes its bf16 size on disk: 2.5 GB for 1B, 13.5 GB for 7B, 16 GB for 8B,
 # plus as much again while its merged copy exists), SIZES_KEEP=0 deletes each
 # checkpoint after use, SIZES_SKIP ("" or words: hf, qlora, merge, generate,
-# lora-fp32, lora-bf16, no-ckpt, keep-mlp) leaves parts out, SIZES_BIN (another
+# lora-fp32, lora-bf16, no-ckpt, keep-mlp, keep-all) leaves parts out, SIZES_BIN (another
 # peft-rs binary, an older build say, for a before/after in one run), SIZES_TARGETS (all-linear, or a
 # comma list such as q_proj,k_proj,v_proj,o_proj: the LoRA targets of both
 # stacks; all-linear on Qwen3-MoE adapts the router and experts too, as PEFT does).
@@ -106,6 +107,10 @@ for shape in $shapes; do
       hf_train "$shape.hf-train.$t.gc$g.bf16" "$ckpt" "$t" "$g" 1 none
       if [ "$gc" = true ] && ! skipped keep-mlp; then
         rust_train "$shape.train.$t.gc1.bf16.keep" "$ckpt" "$t" true bf16 --gradient-checkpointing-keep-mlp
+      fi
+      if [ "$gc" = true ] && ! skipped keep-all; then
+        rust_train "$shape.train.$t.gc1.bf16.keepall" "$ckpt" "$t" true bf16 \
+          --gradient-checkpointing-keep-mlp --gradient-checkpointing-keep-attention
       fi
     done
   done

@@ -17,7 +17,9 @@ them (bf16 base; h hidden, kv key/value width, i intermediate size):
   with checkpointing: each layer's input (2 h) for every layer, plus one
     layer's activations during its recompute; keeping the MLP's frozen
     products (--gradient-checkpointing-keep-mlp) adds the gate and up
-    products (4 i) for every layer.
+    products (4 i) for every layer, keeping the attention's too
+    (--gradient-checkpointing-keep-attention) the q, k, v and o products
+    (2 q + 4 kv + 2 h).
 """
 import json
 import os
@@ -95,22 +97,25 @@ for shape in shapes:
     print(f"{'run':36}{'stack':10}{'tok/s':>8}{'MFU':>6}{'peak GB':>9}{'anon':>7}{'file':>7}{'theory':>8}"
           f"{'meas/th':>8}{'tok/s x':>9}{'peak x':>8}")
     for t in (512, 2048, 1024, 4096):
-        for gc, keep in ((1, False), (1, True), (0, False)):
+        # keep: None, "mlp" (--gradient-checkpointing-keep-mlp), "all" (and -keep-attention)
+        for gc, keep in ((1, None), (1, "mlp"), (1, "all"), (0, None)):
             for ld in ("fp32", "bf16"):
-                suffix = ".keep" if keep else ""
+                suffix = {None: "", "mlp": ".keep", "all": ".keepall"}[keep]
                 rust = load(f"{shape}.train.{t}.gc{gc}.{ld}{suffix}")
                 hf = load(f"{shape}.hf-train.{t}.gc{gc}.{ld}")
                 if not rust and (keep or not hf):
                     continue
                 per_layer = (44 * h + 4 * kv + 12 * i) if ld == "fp32" else (32 * h + 4 * kv + 8 * i)
-                saved = 2 * h + (4 * i if keep else 0)
+                saved = 2 * h + (4 * i if keep else 0) + (2 * q + 4 * kv + 2 * h if keep == "all" else 0)
                 acts = t * (L * saved + per_layer) if gc else t * L * per_layer
                 chunk = loss_chunk(f"{shape}.train.{t}.gc{gc}.{ld}{suffix}")
                 theory = baseline + weights + 16 * lora + acts + 2 * min(t, chunk) * vocab
-                # The recompute of the kept gate and up products is not done.
+                # The recompute of the kept products is not done.
                 recomputed = linear - h * vocab - (L * 2 * h * i if keep else 0)
+                if keep == "all":
+                    recomputed -= L * (h * q + 2 * h * kv + q * h)
                 flops_tok = 4 * linear + 2 * gc * recomputed + (3 + gc) * 2 * t * q * L
-                mode = "keep-mlp" if keep else ("on" if gc else "off")
+                mode = f"keep-{keep}" if keep else ("on" if gc else "off")
                 label = f"{t} tok, ckpt {mode}, LoRA {ld}"
                 for stack, j in (("peft-rs", rust), ("HF+PEFT", None if keep else hf)):
                     if keep and stack != "peft-rs":

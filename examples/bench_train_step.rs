@@ -21,7 +21,7 @@ use anyhow::Result;
 static GLOBAL: peft_rs::Jemalloc = peft_rs::Jemalloc;
 use peft_rs::adapters::lora::{LoraConfig, TargetModules};
 use peft_rs::data::Batch;
-use peft_rs::models;
+use peft_rs::models::{self, Checkpointing, KeptProducts};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::rng::with_torch_seed;
 use peft_rs::regularizers::{Neftune, NeftuneMode, NoiseDistribution, RegularizerStack};
@@ -124,8 +124,7 @@ fn main() -> Result<()> {
         num_label_tokens: batch * (seq - 1),
     };
     let opts = StepOptions {
-        gradient_checkpointing: checkpointing,
-        keep_mlp_products: false,
+        checkpointing: Checkpointing::new(checkpointing, KeptProducts::default()),
         loss_chunk_size: LOSS_CHUNK_SIZE,
         router_aux_loss_coef: None,
     };

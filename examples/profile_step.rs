@@ -20,8 +20,8 @@ static GLOBAL: peft_rs::Jemalloc = peft_rs::Jemalloc;
 use peft_rs::adapters::lora::{LoraConfig, TargetModules};
 use peft_rs::data::Batch;
 use peft_rs::flash_attention;
-use peft_rs::models::DecoderInput;
 use peft_rs::models::{self, LlamaForCausalLM};
+use peft_rs::models::{Checkpointing, DecoderInput, KeptProducts};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::rng::with_torch_seed;
 use peft_rs::regularizers::ForwardHooks;
@@ -111,8 +111,7 @@ fn main() -> Result<()> {
         segment_ids: None,
     };
     let opts = StepOptions {
-        gradient_checkpointing: false,
-        keep_mlp_products: false,
+        checkpointing: Checkpointing::Off,
         loss_chunk_size: LOSS_CHUNK_SIZE,
         router_aux_loss_coef: None,
     };
@@ -149,12 +148,14 @@ fn main() -> Result<()> {
     let (_, _, mut noisy_kept) = stepper(&mut model, true);
     let (plain_params, plain_trainable, mut plain_regs) = stepper(&mut plain, false);
     let checkpointed = StepOptions {
-        gradient_checkpointing: true,
-        keep_mlp_products: false,
+        checkpointing: Checkpointing::FULL,
         ..opts
     };
     let keeping = StepOptions {
-        keep_mlp_products: true,
+        checkpointing: Checkpointing::On(KeptProducts {
+            attention: false,
+            mlp: true,
+        }),
         ..checkpointed
     };
     let run_with = |opts: StepOptions,

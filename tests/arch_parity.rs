@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use common::{arch_reference as fx, logits, masked_max_diff, ref_loss, tensors as read, Cmd};
 use peft_rs::adapters::lora::{LoraConfig, TargetModules};
 use peft_rs::models::{self, LlamaForCausalLM};
-use peft_rs::models::{Checkpointing, DecoderInput};
+use peft_rs::models::{Checkpointing, DecoderInput, KeptProducts};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::RegularizerStack;
 use peft_rs::regularizers::{ForwardHooks, NoHooks};
@@ -205,13 +205,17 @@ fn embedding_hook_parity(name: &str) {
 }
 
 /// One training step's adapter gradients against PEFT's (fp32, no dropout),
-/// and again under checkpointing that keeps and replays the MLP's frozen
-/// products (Phi-3's fused gate_up_proj, Gemma 3's normed MLP output).
+/// and again under checkpointing that keeps and replays every frozen
+/// product (Phi-3's fused qkv_proj and gate_up_proj, Gemma 3's normed MLP
+/// output, Qwen3's per-head norms after the replayed projections).
 fn gradient_parity(name: &str, variant: &str) {
-    for (gradient_checkpointing, keep_mlp_products) in [(false, false), (true, true)] {
+    let keep_all = KeptProducts {
+        attention: true,
+        mlp: true,
+    };
+    for checkpointing in [Checkpointing::Off, Checkpointing::On(keep_all)] {
         let opts = StepOptions {
-            gradient_checkpointing,
-            keep_mlp_products,
+            checkpointing,
             loss_chunk_size: 7,
             router_aux_loss_coef: None,
         };
@@ -251,8 +255,8 @@ fn gradient_parity_with(name: &str, variant: &str, opts: StepOptions) {
         assert!(rel < 1e-4, "{name}/{variant}: {k}: relative error {rel}");
     }
     eprintln!(
-        "{name}/{variant} (checkpointing {}): loss {loss:.6} (PEFT {ref_loss:.6}), worst relative gradient error {worst:.2e}",
-        opts.gradient_checkpointing
+        "{name}/{variant} ({:?}): loss {loss:.6} (PEFT {ref_loss:.6}), worst relative gradient error {worst:.2e}",
+        opts.checkpointing
     );
 }
 
@@ -290,8 +294,7 @@ fn moe_router_load_balancing_loss_matches_transformers() {
         let mut model = load(name);
         peft_model::load_adapter(&mut model, &dir.join("train_adapter"), DEFAULT_ADAPTER).unwrap();
         let plain = StepOptions {
-            gradient_checkpointing: false,
-            keep_mlp_products: false,
+            checkpointing: Checkpointing::Off,
             loss_chunk_size: 7,
             router_aux_loss_coef: None,
         };
@@ -308,10 +311,9 @@ fn moe_router_load_balancing_loss_matches_transformers() {
             moved > 1e-2,
             "{name}: the aux loss moves the gradients by only {moved}"
         );
-        for gradient_checkpointing in [false, true] {
+        for checkpointing in [Checkpointing::Off, Checkpointing::FULL] {
             let opts = StepOptions {
-                gradient_checkpointing,
-                keep_mlp_products: false,
+                checkpointing,
                 loss_chunk_size: 7,
                 router_aux_loss_coef: Some(coef),
             };

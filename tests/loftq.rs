@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use common::{assert_user_error, logits, masked_max_diff, tensors as read, Cmd};
 use peft_rs::adapters::lora::{InitLoraWeights, LoraConfig};
 use peft_rs::adapters::method::AdapterConfig;
-use peft_rs::models::LlamaForCausalLM;
+use peft_rs::models::{Checkpointing, LlamaForCausalLM};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::RegularizerStack;
 use peft_rs::train::StepOptions;
@@ -103,8 +103,7 @@ fn loftq_starts_where_peft_starts() {
 #[test]
 fn gradients_at_initialisation_match_peft() {
     let opts = StepOptions {
-        gradient_checkpointing: false,
-        keep_mlp_products: false,
+        checkpointing: Checkpointing::Off,
         loss_chunk_size: 7,
         router_aux_loss_coef: None,
     };

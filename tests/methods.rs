@@ -20,7 +20,7 @@ use peft_rs::adapters::lora::TargetModules;
 use peft_rs::adapters::lycoris::LycorisConfig;
 use peft_rs::adapters::method::AdapterConfig;
 use peft_rs::adapters::vera::VeraConfig;
-use peft_rs::models::LlamaForCausalLM;
+use peft_rs::models::{Checkpointing, LlamaForCausalLM};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::RegularizerStack;
 use peft_rs::train::StepOptions;
@@ -332,8 +332,7 @@ fn merge_cli_matches_peft_merge_and_unload() {
 #[test]
 fn gradients_match_peft() {
     let opts = StepOptions {
-        gradient_checkpointing: false,
-        keep_mlp_products: false,
+        checkpointing: Checkpointing::Off,
         loss_chunk_size: 7,
         router_aux_loss_coef: None,
     };

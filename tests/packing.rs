@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use peft_rs::data::{collate, load_dataset, pack, DataOptions, Example};
-use peft_rs::models::{self, Pretrained};
+use peft_rs::models::{self, Checkpointing, Pretrained};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::NoHooks;
 use peft_rs::regularizers::{HookContext, HookPoint, Neftune, Regularizer, RegularizerStack};
@@ -69,8 +69,7 @@ fn grads_and_loss(
         ..MicroBatch::single(0, batch.num_label_tokens as f64, 1.0)
     };
     let opts = StepOptions {
-        gradient_checkpointing: false,
-        keep_mlp_products: false,
+        checkpointing: Checkpointing::Off,
         loss_chunk_size: 1024,
         router_aux_loss_coef: None,
     };

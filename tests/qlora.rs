@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use common::{load_tiny, peft_logits, read_json, ref_loss, tensor_diff as diff, tensors as read};
 use peft_rs::generate::{generate, GenerationConfig};
-use peft_rs::models::{self, LlamaForCausalLM, Pretrained};
+use peft_rs::models::{self, Checkpointing, KeptProducts, LlamaForCausalLM, Pretrained};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::quant::{BnbQuantization, Quantize};
 use peft_rs::regularizers::RegularizerStack;
@@ -190,8 +190,7 @@ fn grads(variant: &str, gradient_checkpointing: bool) -> (HashMap<String, Tensor
     let dir = fx().join("tiny").join(variant).join("adapter");
     peft_model::load_adapter(&mut model, &dir, DEFAULT_ADAPTER).unwrap();
     let opts = StepOptions {
-        gradient_checkpointing,
-        keep_mlp_products: false,
+        checkpointing: Checkpointing::new(gradient_checkpointing, KeptProducts::default()),
         loss_chunk_size: 7,
         router_aux_loss_coef: None,
     };
@@ -469,8 +468,7 @@ fn moe_4bit_base_and_expert_adapters_match_bitsandbytes_and_peft() {
     );
     assert!(d < LOGIT_TOL, "adapter: {d}");
     let opts = StepOptions {
-        gradient_checkpointing: false,
-        keep_mlp_products: false,
+        checkpointing: Checkpointing::Off,
         loss_chunk_size: 7,
         router_aux_loss_coef: None,
     };

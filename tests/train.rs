@@ -283,21 +283,20 @@ fn bad_data_and_flags_are_clear_errors() {
         &train(&arr, "--target-modules q_proj,qkv"),
         &["qkv", "matches no linear layer"],
     );
-    // Keeping the MLP's products is part of checkpointing a dense base.
-    assert_user_error(
-        &train(&arr, "--gradient-checkpointing-keep-mlp"),
-        &[
-            "--gradient-checkpointing-keep-mlp",
-            "--gradient-checkpointing",
-        ],
-    );
-    assert_user_error(
-        &train(
-            &arr,
-            "--gradient-checkpointing-keep-mlp --quantize nf4 --gradient-checkpointing",
-        ),
-        &["--gradient-checkpointing-keep-mlp", "--quantize"],
-    );
+    // Keeping frozen products is part of checkpointing a dense base.
+    for keep in [
+        "--gradient-checkpointing-keep-mlp",
+        "--gradient-checkpointing-keep-attention",
+    ] {
+        assert_user_error(&train(&arr, keep), &[keep, "--gradient-checkpointing"]);
+        assert_user_error(
+            &train(
+                &arr,
+                &format!("{keep} --quantize nf4 --gradient-checkpointing"),
+            ),
+            &[keep, "--quantize"],
+        );
+    }
 }
 
 #[test]

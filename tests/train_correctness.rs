@@ -12,7 +12,7 @@ use common::{assert_user_error, losses, metrics, tensors, tiny, train_tiny_small
 use peft_rs::adapters::lora::{InitLoraWeights, LoraConfig};
 use peft_rs::data::Batch;
 use peft_rs::device::DeviceArg;
-use peft_rs::models;
+use peft_rs::models::{self, Checkpointing};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use peft_rs::regularizers::rng::with_torch_seed;
 use peft_rs::regularizers::{HookContext, HookPoint, Registry, Regularizer, RegularizerStack};
@@ -154,8 +154,7 @@ fn fp16_loss_scaling_keeps_small_gradients() {
         let (params, trainable) = common::trainable(&model);
         let mb = MicroBatch::single(0, batch.num_label_tokens as f64 * 4096.0, loss_scale);
         let opts = StepOptions {
-            gradient_checkpointing: false,
-            keep_mlp_products: false,
+            checkpointing: Checkpointing::Off,
             loss_chunk_size: 1024,
             router_aux_loss_coef: None,
         };

@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use common::{edit_json, grad_reference as fx, ref_loss, tensors as read};
-use peft_rs::models;
+use peft_rs::models::{self, Checkpointing, DecoderInput};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
-use peft_rs::regularizers::{Neftune, RegularizerStack};
+use peft_rs::regularizers::{Neftune, NoHooks, RegularizerStack};
 use peft_rs::train::StepOptions;
 use tch::{Device, Kind, Tensor};
 
@@ -37,8 +37,7 @@ fn grads_with(
 }
 
 const PLAIN: StepOptions = StepOptions {
-    gradient_checkpointing: false,
-    keep_mlp_products: false,
+    checkpointing: Checkpointing::Off,
     loss_chunk_size: 7,
     router_aux_loss_coef: None,
 };
@@ -77,13 +76,12 @@ fn adapter_gradients_match_peft() {
 fn gradient_checkpointing_gives_identical_gradients() {
     for variant in ["lora", "dora"] {
         let (plain, l1) = our_grads(variant, PLAIN);
-        // Also when the MLP's frozen products are kept and replayed.
-        for keep_mlp_products in [false, true] {
+        // Also when frozen products are kept and replayed.
+        for checkpointing in common::every_checkpointing() {
             let (ckpt, l2) = our_grads(
                 variant,
                 StepOptions {
-                    gradient_checkpointing: true,
-                    keep_mlp_products,
+                    checkpointing,
                     ..PLAIN
                 },
             );
@@ -91,35 +89,72 @@ fn gradient_checkpointing_gives_identical_gradients() {
             for (k, g) in &plain {
                 assert!(
                     g.equal(&ckpt[k]),
-                    "{variant}: {k} differs with checkpointing (keeping the MLP's products: {keep_mlp_products})"
+                    "{variant}: {k} differs with {checkpointing:?}"
                 );
             }
         }
     }
 }
 
-/// On a bf16 base, keeping the MLP's products changes no bit of a
+/// Checkpointing keeps what it is asked to, no more: per token and layer,
+/// the q, k, v and o products (`q + 2 kv + hidden` values) and the gate and
+/// up products (`2 intermediate`), in the base's dtype.
+#[test]
+fn checkpointing_keeps_the_frozen_products_it_is_asked_for() {
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let model = models::load(&common::tiny(), kind, Device::Cpu).unwrap();
+        let c = &model.config;
+        let ids = Tensor::arange(14, (Kind::Int64, Device::Cpu)).view([2, 7]);
+        let per_token_layer = |values: usize| {
+            (14 * c.num_hidden_layers * values) as i64 * kind.elt_size_in_bytes() as i64
+        };
+        let (q, kv) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        for checkpointing in common::every_checkpointing() {
+            let Checkpointing::On(keep) = checkpointing else {
+                unreachable!("every choice checkpoints")
+            };
+            let out = model.decode(
+                &DecoderInput::causal(&ids),
+                None,
+                &mut NoHooks,
+                checkpointing,
+            );
+            let (attention, mlp) = out.recompute.expect("checkpointed").kept_bytes();
+            let want_attention = per_token_layer(q + 2 * kv + c.hidden_size);
+            let want_mlp = per_token_layer(2 * c.intermediate_size);
+            assert_eq!(
+                attention,
+                if keep.attention { want_attention } else { 0 },
+                "{kind:?} {checkpointing:?}"
+            );
+            assert_eq!(
+                mlp,
+                if keep.mlp { want_mlp } else { 0 },
+                "{kind:?} {checkpointing:?}"
+            );
+        }
+    }
+}
+
+/// On a bf16 base, keeping frozen products changes no bit of a
 /// checkpointed step's gradients either.
 #[test]
-fn keeping_the_mlp_products_gives_identical_gradients_on_a_bf16_base() {
+fn keeping_frozen_products_gives_identical_gradients_on_a_bf16_base() {
     let dir = fx().join("lora_bf16").join("adapter");
-    let ckpt = |keep_mlp_products| StepOptions {
-        gradient_checkpointing: true,
-        keep_mlp_products,
-        ..PLAIN
-    };
     let run = |opts| grads_with(&dir, Kind::BFloat16, opts, RegularizerStack::new());
-    let (full, l1) = run(ckpt(false));
-    let (kept, l2) = run(ckpt(true));
-    let (plain, l3) = run(PLAIN);
-    assert_eq!(l1, l2);
-    assert_eq!(l1, l3);
-    for (k, g) in &full {
-        assert!(
-            g.equal(&kept[k]),
-            "{k} differs when the MLP's products are kept"
-        );
-        assert!(g.equal(&plain[k]), "{k} differs with checkpointing");
+    let (plain, l1) = run(PLAIN);
+    for checkpointing in common::every_checkpointing() {
+        let (kept, l2) = run(StepOptions {
+            checkpointing,
+            ..PLAIN
+        });
+        assert_eq!(l1, l2, "{checkpointing:?}");
+        for (k, g) in &plain {
+            assert!(g.equal(&kept[k]), "{k} differs with {checkpointing:?}");
+        }
     }
 }
 
@@ -225,23 +260,19 @@ fn gradient_checkpointing_with_dropout_and_neftune_gives_identical_gradients() {
         r
     };
     let (plain, l1) = grads_with(tmp.path(), Kind::Float, PLAIN, regs());
-    for keep_mlp_products in [false, true] {
+    for checkpointing in common::every_checkpointing() {
         let (ckpt, l2) = grads_with(
             tmp.path(),
             Kind::Float,
             StepOptions {
-                gradient_checkpointing: true,
-                keep_mlp_products,
+                checkpointing,
                 ..PLAIN
             },
             regs(),
         );
         assert_eq!(l1, l2, "same loss with checkpointing");
         for (k, g) in &plain {
-            assert!(
-                g.equal(&ckpt[k]),
-                "{k} differs with checkpointing (keeping the MLP's products: {keep_mlp_products})"
-            );
+            assert!(g.equal(&ckpt[k]), "{k} differs with {checkpointing:?}");
         }
     }
     let (no_noise, _) = grads_with(tmp.path(), Kind::Float, PLAIN, RegularizerStack::new());
@@ -290,16 +321,18 @@ fn gradient_checkpointing_with_a_hook_reading_a_layer_output_gives_identical_gra
         r
     };
     let (plain, l1) = grads_with(&dir, Kind::Float, PLAIN, squash());
-    for keep_mlp_products in [false, true] {
+    for checkpointing in common::every_checkpointing() {
         let ckpt = StepOptions {
-            gradient_checkpointing: true,
-            keep_mlp_products,
+            checkpointing,
             ..PLAIN
         };
         let (recomputed, l2) = grads_with(&dir, Kind::Float, ckpt, squash());
         assert_eq!(l1, l2, "same loss with checkpointing");
         for (k, g) in &plain {
-            assert!(g.equal(&recomputed[k]), "{k} differs with checkpointing");
+            assert!(
+                g.equal(&recomputed[k]),
+                "{k} differs with {checkpointing:?}"
+            );
         }
     }
     let (clean, _) = grads_with(&dir, Kind::Float, PLAIN, RegularizerStack::new());

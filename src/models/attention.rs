@@ -5,7 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::rope::apply_rotary;
-use crate::nn::{forward_same_input, Linear, RmsNorm};
+use crate::nn::{forward_same_input_with, Linear, Products, RmsNorm};
 
 /// Keys and values of earlier positions, one entry per layer.
 pub struct KvCache {
@@ -147,12 +147,17 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Attention over `x` (normed hidden states). The frozen products of the
+    /// projections are kept or replayed as `products` says (under gradient
+    /// checkpointing that keeps them), queries, keys and values first, then
+    /// the output projection's.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        products: &mut Products<'_>,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden states are [batch, seq, hidden]");
         let (cos, sin) = rope;
@@ -166,7 +171,7 @@ impl Attention {
             .transpose(1, 2)
         };
         let (q, k, v) = if self.fused {
-            let qkv = self.qkv_proj.forward(x);
+            let [qkv] = forward_same_input_with([&self.qkv_proj], x, products);
             let (nq, nkv) = (
                 self.num_heads * self.head_dim,
                 self.num_kv_heads * self.head_dim,
@@ -177,7 +182,8 @@ impl Attention {
                 qkv.narrow(-1, nq + nkv, nkv),
             )
         } else {
-            let [q, k, v] = forward_same_input([&self.q_proj, &self.k_proj, &self.v_proj], x);
+            let qkv = [&self.q_proj, &self.k_proj, &self.v_proj];
+            let [q, k, v] = forward_same_input_with(qkv, x, products);
             (q, k, v)
         };
         let q = heads(q, self.num_heads, &self.q_norm);
@@ -214,7 +220,8 @@ impl Attention {
         let y = y
             .transpose(1, 2)
             .reshape([b, t, self.num_heads * self.head_dim]);
-        self.o_proj.forward(&y)
+        let [out] = forward_same_input_with([&self.o_proj], &y, products);
+        out
     }
 }
 

@@ -66,39 +66,83 @@ pub struct DecoderOutput {
 pub enum Checkpointing {
     /// Every layer keeps its autograd graph.
     Off,
-    /// Only each layer's input is kept; the backward pass recomputes the
-    /// layer (`--gradient-checkpointing`).
-    Full,
-    /// As `Full`, and each layer's MLP also keeps the frozen products of its
-    /// gate and up projections, which the recompute then replays instead of
-    /// multiplying by the weights again (`--gradient-checkpointing-keep-mlp`):
-    /// `2 · intermediate_size` values a token and layer for most of the
-    /// recompute's work.
-    KeepMlp,
+    /// Only each layer's input is kept, and the frozen products that
+    /// [`KeptProducts`] names; the backward pass recomputes the layer
+    /// (`--gradient-checkpointing`), replaying those products instead of
+    /// multiplying by the weights again.
+    On(KeptProducts),
+}
+
+/// Which frozen products (`x Wᵀ` of dense weights) a checkpointed layer
+/// keeps from its forward pass for the recompute to replay. Each kept value
+/// saves `hidden_size` multiply-adds of the recompute, whichever product it
+/// belongs to: the choice is only how much memory to spend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeptProducts {
+    /// The attention's query, key, value and output projections
+    /// (`--gradient-checkpointing-keep-attention`): `q + 2·kv + q` widths,
+    /// `2·hidden + 2·kv_heads·head_dim` values a token and layer at most.
+    pub attention: bool,
+    /// The MLP's gate and up projections (`--gradient-checkpointing-keep-mlp`):
+    /// `2 · intermediate_size` values a token and layer, most of the recompute's work.
+    pub mlp: bool,
 }
 
 impl Checkpointing {
-    /// From the two settings (keeping applies only with checkpointing).
-    pub fn new(gradient_checkpointing: bool, keep_mlp: bool) -> Self {
-        match (gradient_checkpointing, keep_mlp) {
-            (false, _) => Self::Off,
-            (true, false) => Self::Full,
-            (true, true) => Self::KeepMlp,
+    /// Recompute everything, keep nothing but each layer's input.
+    pub const FULL: Self = Self::On(KeptProducts {
+        attention: false,
+        mlp: false,
+    });
+
+    /// From the settings (what to keep applies only with checkpointing).
+    pub fn new(gradient_checkpointing: bool, keep: KeptProducts) -> Self {
+        if gradient_checkpointing {
+            Self::On(keep)
+        } else {
+            Self::Off
         }
     }
+
+    /// Whether layers are recomputed in the backward pass.
+    pub fn is_on(self) -> bool {
+        self != Self::Off
+    }
+}
+
+/// The frozen products one layer's forward pass kept, in the order the
+/// recompute asks for them.
+#[derive(Default)]
+struct LayerProducts {
+    attention: Vec<Option<Tensor>>,
+    mlp: Vec<Option<Tensor>>,
 }
 
 /// The saved inputs of each decoder layer, for gradient checkpointing.
 pub struct Recompute {
     inputs: Vec<Tensor>,
-    /// Each layer's kept MLP products (empty lists without keeping).
-    kept: Vec<Vec<Option<Tensor>>>,
+    /// Each layer's kept frozen products (empty lists without keeping).
+    kept: Vec<LayerProducts>,
     top: Tensor,
     rope: Vec<(Tensor, Tensor)>,
     masks: Vec<Option<Tensor>>,
 }
 
 impl Recompute {
+    /// Bytes of the frozen products kept for the recompute to replay: the
+    /// attention's, the MLP's.
+    pub fn kept_bytes(&self) -> (i64, i64) {
+        let bytes = |list: &[Option<Tensor>]| -> i64 {
+            list.iter()
+                .flatten()
+                .map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+                .sum()
+        };
+        self.kept.iter().fold((0, 0), |(a, m), l| {
+            (a + bytes(&l.attention), m + bytes(&l.mlp))
+        })
+    }
+
     /// Once the gradient has reached the last layer's output (backward from
     /// the loss through the final norm), recomputes each layer, last to
     /// first, with the same seeds and hooks, and backpropagates through it.
@@ -149,14 +193,14 @@ impl Recompute {
 /// What a layer is run for.
 enum LayerPass<'a> {
     /// The forward pass, with the layer's generation cache if there is one,
-    /// keeping the MLP's frozen products where a list is given.
+    /// keeping the frozen products that [`KeptProducts`] names in the lists.
     Forward(
         Option<&'a mut Option<(Tensor, Tensor)>>,
-        Option<&'a mut Vec<Option<Tensor>>>,
+        Option<(KeptProducts, &'a mut LayerProducts)>,
     ),
     /// Recomputed in the backward pass (gradient checkpointing), with the
-    /// MLP's frozen products the forward pass kept (empty if none).
-    Recompute(Vec<Option<Tensor>>),
+    /// frozen products the forward pass kept (empty lists if none).
+    Recompute(LayerProducts),
 }
 
 /// `model.layers.N`.
@@ -196,20 +240,26 @@ impl DecoderLayer {
     /// With `unread`, the block is only backpropagated through and its
     /// output's value is not needed (a recomputed layer whose output hook
     /// does not read it): the MLP's last frozen product is skipped where the
-    /// output is a plain residual sum. The MLP's frozen products are kept
-    /// or replayed as `products` says.
+    /// output is a plain residual sum. The attention's and the MLP's frozen
+    /// products are kept or replayed as `attention` and `mlp` say.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        products: &mut Products<'_>,
+        attention: &mut Products<'_>,
+        mlp: &mut Products<'_>,
         unread: bool,
     ) -> (Tensor, Option<Tensor>) {
-        let a = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x), rope, mask, cache);
+        let a = self.self_attn.forward(
+            &self.input_layernorm.forward(x),
+            rope,
+            mask,
+            cache,
+            attention,
+        );
         if let (Some(pre), Some(post)) = (
             &self.pre_feedforward_layernorm,
             &self.post_feedforward_layernorm,
@@ -217,13 +267,13 @@ impl DecoderLayer {
             // Gemma 3: attention and MLP outputs are normed before each residual add.
             let h = x + self.post_attention_layernorm.forward(&a);
             // The post-norm reads the MLP's output: it is computed.
-            let (out, logits) = self.mlp.forward(&pre.forward(&h), products, false);
+            let (out, logits) = self.mlp.forward(&pre.forward(&h), mlp, false);
             return (h + post.forward(&out), logits);
         }
         let h = x + a;
         let (out, logits) =
             self.mlp
-                .forward(&self.post_attention_layernorm.forward(&h), products, unread);
+                .forward(&self.post_attention_layernorm.forward(&h), mlp, unread);
         (h + out, logits)
     }
 }
@@ -296,9 +346,9 @@ impl LlamaForCausalLM {
     /// the hooks give a seed) and its hook, the final norm.
     ///
     /// With checkpointing, the layers run without an autograd graph and only
-    /// their inputs are kept (and the MLP's frozen products with
-    /// [`Checkpointing::KeepMlp`]); the returned [`Recompute`] rebuilds each
-    /// layer during the backward pass.
+    /// their inputs are kept (and the frozen products [`KeptProducts`]
+    /// names); the returned [`Recompute`] rebuilds each layer during the
+    /// backward pass.
     pub fn decode(
         &self,
         input: &DecoderInput,
@@ -306,7 +356,7 @@ impl LlamaForCausalLM {
         hooks: &mut dyn ForwardHooks,
         checkpointing: Checkpointing,
     ) -> DecoderOutput {
-        let recompute = checkpointing != Checkpointing::Off;
+        let recompute = checkpointing.is_on();
         let mut x = hooks.embedding_output(self.embed(input.input_ids));
         let past = cache.as_deref().map_or(0, KvCache::len);
         let t = x.size()[1];
@@ -338,10 +388,13 @@ impl LlamaForCausalLM {
                 }
                 let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
                 let _whole = self.gather_layer(i, false);
-                let keep = (checkpointing == Checkpointing::KeepMlp).then(|| {
-                    kept.push(Vec::new());
-                    kept.last_mut().expect("just pushed")
-                });
+                let keep = match checkpointing {
+                    Checkpointing::On(keep) if keep != KeptProducts::default() => {
+                        kept.push(LayerProducts::default());
+                        Some((keep, kept.last_mut().expect("just pushed")))
+                    }
+                    _ => None,
+                };
                 let pass = LayerPass::Forward(slot, keep);
                 let (out, logits) = self.run_layer(i, &x, &rope, mask.as_ref(), pass, &*hooks);
                 router_logits.extend(logits);
@@ -393,19 +446,36 @@ impl LlamaForCausalLM {
     ) -> (Tensor, Option<Tensor>) {
         let layer = &self.model.layers[i];
         let rope = &rope[usize::from(layer.local_rope)];
-        let mut replayed;
-        let (cache, mut products, unread) = match pass {
-            LayerPass::Forward(cache, None) => (cache, Products::Computed, false),
-            LayerPass::Forward(cache, Some(kept)) => (cache, Products::Kept(kept), false),
+        let (mut replayed_attention, mut replayed_mlp);
+        let keep_or_compute = |keep: bool, list| match keep {
+            true => Products::Kept(list),
+            false => Products::Computed,
+        };
+        let (cache, mut attention, mut mlp, unread) = match pass {
+            LayerPass::Forward(cache, None) => {
+                (cache, Products::Computed, Products::Computed, false)
+            }
+            LayerPass::Forward(cache, Some((keep, kept))) => (
+                cache,
+                keep_or_compute(keep.attention, &mut kept.attention),
+                keep_or_compute(keep.mlp, &mut kept.mlp),
+                false,
+            ),
             // Only backpropagated through: its output's value is needed
             // only where a hook reads it.
             LayerPass::Recompute(kept) => {
-                replayed = kept.into_iter();
+                replayed_attention = kept.attention.into_iter();
+                replayed_mlp = kept.mlp.into_iter();
                 let unread = !hooks.reads_layer_output(i);
-                (None, Products::Replayed(&mut replayed), unread)
+                (
+                    None,
+                    Products::Replayed(&mut replayed_attention),
+                    Products::Replayed(&mut replayed_mlp),
+                    unread,
+                )
             }
         };
-        let run = || layer.forward(x, rope, mask, cache, &mut products, unread);
+        let run = || layer.forward(x, rope, mask, cache, &mut attention, &mut mlp, unread);
         match hooks.layer_seed(i) {
             Some(seed) => with_torch_seed(seed, run),
             None => run(),

@@ -35,7 +35,7 @@ use tch::{Device, Kind};
 
 pub use attention::{AttentionLayout, DecoderInput, KvCache};
 pub use config::{LlamaConfig, OUTPUT_HEAD};
-pub use decoder::{Checkpointing, DecoderOutput, LlamaForCausalLM};
+pub use decoder::{Checkpointing, DecoderOutput, KeptProducts, LlamaForCausalLM};
 
 use crate::config_json::RawConfig;
 use crate::quant::{BnbQuantization, QuantPlan};

@@ -42,11 +42,9 @@ pub struct StepStats {
 /// How [`forward_backward`] runs.
 #[derive(Debug, Clone, Copy)]
 pub struct StepOptions {
-    /// Recompute each decoder layer in the backward pass.
-    pub gradient_checkpointing: bool,
-    /// With `gradient_checkpointing`, keep each MLP's gate and up frozen
-    /// products from the forward pass for the recompute to replay.
-    pub keep_mlp_products: bool,
+    /// Whether each decoder layer is recomputed in the backward pass, and
+    /// which frozen products the recompute replays.
+    pub checkpointing: Checkpointing,
     /// Rows of logits per cross-entropy chunk.
     pub loss_chunk_size: i64,
     /// Add the router's load-balancing loss times this (a mixture of experts
@@ -101,14 +99,13 @@ impl Trainer {
         let denom = label_tokens.max(1) as f64;
         let loss_scale = self.scaler.as_ref().map_or(1.0, LossScaler::scale);
         let opts = StepOptions {
-            gradient_checkpointing: self.cfg.checkpointing(),
-            keep_mlp_products: self.cfg.gradient_checkpointing_keep_mlp,
+            checkpointing: self.cfg.checkpointing_mode(),
             loss_chunk_size: self.cfg.loss_chunk_size,
             router_aux_loss_coef: self.router_aux_loss_coef,
         };
         let mut loss = 0.0;
         let mut aux = Vec::new();
-        self.idle_fsdp_passes(step, batches.len(), opts.gradient_checkpointing)?;
+        self.idle_fsdp_passes(step, batches.len(), opts.checkpointing.is_on())?;
         for (micro, (batch, rows)) in batches.iter().enumerate() {
             let mb = MicroBatch {
                 index: micro,
@@ -326,10 +323,9 @@ pub fn forward_backward_parts(
     let input = batch.decoder_input(&ids, segments.as_ref());
     // Forward (with checkpointing, only the layers' inputs are kept), then the
     // cross-entropy in chunks, each backpropagated at once.
-    let checkpointing = Checkpointing::new(opts.gradient_checkpointing, opts.keep_mlp_products);
-    let out = model.decode(&input, None, &mut hooks, checkpointing);
+    let out = model.decode(&input, None, &mut hooks, opts.checkpointing);
     // A sharded base's head is gathered for the whole loss (`--fsdp`).
-    let head = model.gather_head(opts.gradient_checkpointing);
+    let head = model.gather_head(opts.checkpointing.is_on());
     let balance = opts
         .router_aux_loss_coef
         .zip(model.config.moe.as_ref())

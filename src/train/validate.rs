@@ -361,20 +361,31 @@ impl TrainConfig {
             "bnb_4bit_use_double_quant",
             "and bnb_4bit_compute_dtype need quantize (nf4 or fp4)",
         )?;
-        // Keeping the MLP's products is part of checkpointing, and the
-        // recompute replays them against dense weights only.
-        check(
-            !self.gradient_checkpointing_keep_mlp || self.checkpointing(),
-            "gradient_checkpointing_keep_mlp",
-            "applies only with gradient checkpointing (without it every product is kept); \
-             add --gradient-checkpointing or drop this setting",
-        )?;
-        check(
-            !self.gradient_checkpointing_keep_mlp || (self.quantize.is_none() && !self.fsdp),
-            "gradient_checkpointing_keep_mlp",
-            "keeps the products of dense weights, which neither --quantize nor --fsdp has; \
-             drop this setting",
-        )?;
+        // Keeping products is part of checkpointing, and the recompute
+        // replays them against dense weights only.
+        for (kept, name) in [
+            (
+                self.gradient_checkpointing_keep_mlp,
+                "gradient_checkpointing_keep_mlp",
+            ),
+            (
+                self.gradient_checkpointing_keep_attention,
+                "gradient_checkpointing_keep_attention",
+            ),
+        ] {
+            check(
+                !kept || self.checkpointing(),
+                name,
+                "applies only with gradient checkpointing (without it every product is kept); \
+                 add --gradient-checkpointing or drop this setting",
+            )?;
+            check(
+                !kept || (self.quantize.is_none() && !self.fsdp),
+                name,
+                "keeps the products of dense weights, which neither --quantize nor --fsdp has; \
+                 drop this setting",
+            )?;
+        }
         Ok(())
     }
 }

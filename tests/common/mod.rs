@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
 
 use peft_rs::adapters::lora::{LoraConfig, TargetModules};
-use peft_rs::models::{self, LlamaForCausalLM};
+use peft_rs::models::{self, Checkpointing, KeptProducts, LlamaForCausalLM};
 use peft_rs::peft_model::{self, DEFAULT_ADAPTER};
 use tch::{Device, Kind, Tensor};
 
@@ -207,6 +207,15 @@ pub fn assert_user_error(out: &Output, needles: &[&str]) {
             errors[0]
         );
     }
+}
+
+/// Gradient checkpointing with every choice of kept frozen products:
+/// nothing, the MLP's, the attention's, both. Each must give the gradients
+/// of a step without checkpointing, bit for bit.
+#[allow(dead_code)]
+pub fn every_checkpointing() -> [Checkpointing; 4] {
+    [(false, false), (false, true), (true, false), (true, true)]
+        .map(|(attention, mlp)| Checkpointing::On(KeptProducts { attention, mlp }))
 }
 
 /// One training step's adapter gradients, the harness of the gradient parity
