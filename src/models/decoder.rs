@@ -80,8 +80,8 @@ pub enum Checkpointing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KeptProducts {
     /// The attention's query, key, value and output projections
-    /// (`--gradient-checkpointing-keep-attention`): `q + 2·kv + q` widths,
-    /// `2·hidden + 2·kv_heads·head_dim` values a token and layer at most.
+    /// (`--gradient-checkpointing-keep-attention`): their output widths,
+    /// `heads·head_dim + 2·kv_heads·head_dim + hidden` values a token and layer.
     pub attention: bool,
     /// The MLP's gate and up projections (`--gradient-checkpointing-keep-mlp`):
     /// `2 · intermediate_size` values a token and layer, most of the recompute's work.

@@ -341,8 +341,9 @@ pub struct TrainConfig {
     /// are about a third as many as its MLP's (2 · hidden + 2 · kv_heads · head_dim
     /// values a token and layer; bf16: 0.34 GB at the Llama-3.1-8B shape and 512
     /// tokens), for about a quarter of a recompute. Same gradients. Combines with
-    /// --gradient-checkpointing-keep-mlp (then only the norms, RoPE and attention itself
-    /// are recomputed). Dense weights only (not with --quantize or --fsdp).
+    /// --gradient-checkpointing-keep-mlp (then the recompute multiplies by no frozen
+    /// weight: norms, RoPE, attention and adapters are what is left of it). Dense weights
+    /// only (not with --quantize or --fsdp).
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
           value_name = "BOOL", default_value_t = defaults().gradient_checkpointing_keep_attention)]
     pub gradient_checkpointing_keep_attention: bool,
