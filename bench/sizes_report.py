@@ -9,11 +9,12 @@ moments: 16 bytes each) + activations by formula + the loss's logits chunk
 own gradient in place).
 Activations kept per token and decoder layer, in bytes, as peft-rs keeps
 them (bf16 base; h hidden, kv key/value width, i intermediate size):
-  without checkpointing, fp32 adapters: 44 h + 4 kv + 12 i
-    (two RMS norms in fp32 12 h each; the q/k/v, o, gate/up and down inputs;
-    rotated q and k, v; attention output; gate, up and their product;
-    the adapters' fp32 copies of their inputs 12 h + 4 i)
-  bf16 adapters: 32 h + 4 kv + 8 i (no fp32 copies)
+  without checkpointing, fp32 adapters: 24 h + 4 kv + 12 i
+    (two RMS norms, fused: their bf16 inputs 2 h each and one fp32 number a
+    row; the q/k/v, o, gate/up and down inputs; rotated q and k, v; attention
+    output; gate, up and their product; the adapters' fp32 copies of their
+    inputs 12 h + 4 i)
+  bf16 adapters: 12 h + 4 kv + 8 i (no fp32 copies)
   with checkpointing: each layer's input (2 h) for every layer, plus one
     layer's activations during its recompute; keeping the MLP's frozen
     products (--gradient-checkpointing-keep-mlp) adds the gate and up
@@ -105,7 +106,7 @@ for shape in shapes:
                 hf = load(f"{shape}.hf-train.{t}.gc{gc}.{ld}")
                 if not rust and (keep or not hf):
                     continue
-                per_layer = (44 * h + 4 * kv + 12 * i) if ld == "fp32" else (32 * h + 4 * kv + 8 * i)
+                per_layer = (24 * h + 4 * kv + 12 * i) if ld == "fp32" else (12 * h + 4 * kv + 8 * i)
                 saved = 2 * h + (4 * i if keep else 0) + (2 * q + 4 * kv + 2 * h if keep == "all" else 0)
                 acts = t * (L * saved + per_layer) if gc else t * L * per_layer
                 chunk = loss_chunk(f"{shape}.train.{t}.gc{gc}.{ld}{suffix}")
